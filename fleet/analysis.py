@@ -1,0 +1,99 @@
+"""Fleet judgement: consensus among devices of one fingerprint, and who is slow.
+
+Pure functions over typed results; no I/O. A probe measures, the fleet decides:
+- consensus: every device with the same fingerprint computing the same case from the same
+  inputs must produce the same bits. The majority hash (over more than half of the voters,
+  after removing devices their own oracles already caught) is right; a minority is `wrong`.
+  A group with no majority is reported as such and every member is `wrong`: never silently passed.
+- slow: a device's throughput against the median of its *peers* (the others of its
+  fingerprint), as a ratio per case; the device is slow when its median ratio over cases is at
+  least `min_gap` below 1 and, with enough peers, also a robust (median/MAD) outlier.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+
+from ..results import ConsensusGroup, Judgement, ProbeResult, Verdict
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SlowPolicy:
+    min_gap: float = 0.10
+    """Minimum relative shortfall against the peers' median (0.10 = 10% slower)."""
+    z: float = 3.5
+    """Robust z-score (|x - median| / (1.4826 MAD)) a slow device must also exceed, with >= 4 peers."""
+    metric: str = "tflops"
+    """Throughput metric compared (higher is better)."""
+
+
+def consensus(results: list[ProbeResult]) -> tuple[list[Judgement], list[ConsensusGroup]]:
+    groups: dict[tuple[str, str, str], list[ProbeResult]] = defaultdict(list)
+    for r in results:
+        if r.output_hash and r.error is None:
+            groups[(r.fingerprint, r.probe, r.case)].append(r)
+    judgements: list[Judgement] = []
+    summary: list[ConsensusGroup] = []
+    for (fp, probe, case), members in sorted(groups.items()):
+        if len(members) < 2:
+            continue
+        voters = [m for m in members if m.verdict is Verdict.PASS]
+        counts: dict[str, int] = defaultdict(int)
+        for m in voters:
+            counts[m.output_hash] += 1
+        top, n_top = max(counts.items(), key=lambda kv: kv[1], default=("", 0))
+        has_majority = len(voters) >= 2 and n_top * 2 > len(voters)
+        if has_majority:
+            dissent = [m for m in members if m.output_hash != top]
+        else:
+            dissent = list(voters)
+        for m in dissent:
+            if has_majority:
+                reason = (f"consensus: output bits differ from {n_top} of {len(voters)} peers with fingerprint "
+                          f"{fp} (hash {m.output_hash[:12]} vs {top[:12]})")
+            else:
+                reason = (f"consensus: no majority among {len(voters)} devices with fingerprint {fp} "
+                          f"({len(counts)} distinct outputs)")
+            if m.verdict is Verdict.PASS or has_majority:
+                judgements.append(Judgement(rank=m.rank, probe=probe, case=case, verdict=Verdict.WRONG, reason=reason,
+                                            metrics={"agree": float(n_top), "voters": float(len(voters))}))
+        summary.append(ConsensusGroup(fingerprint=fp, probe=probe, case=case, devices=len(members), majority_hash=top,
+                                      agree=n_top, no_majority=not has_majority,
+                                      dissenters=tuple(sorted(m.rank for m in dissent))))
+    return judgements, summary
+
+
+def slow(results: list[ProbeResult], policy: SlowPolicy = SlowPolicy()) -> list[Judgement]:
+    """Devices slower than their fingerprint peers, per probe (ratios over that probe's cases)."""
+    by_case: dict[tuple[str, str, str], dict[int, float]] = defaultdict(dict)
+    for r in results:
+        v = r.metrics.get(policy.metric)
+        if r.error is None and v is not None and v > 0:
+            by_case[(r.fingerprint, r.probe, r.case)][r.rank] = v
+    ratios: dict[tuple[int, str], list[float]] = defaultdict(list)
+    outlier: dict[tuple[int, str], list[bool]] = defaultdict(list)
+    for (_, probe, _case), vals in by_case.items():
+        if len(vals) < 2:
+            continue
+        for rank, v in vals.items():
+            peers = [x for r2, x in vals.items() if r2 != rank]
+            med = statistics.median(peers)
+            ratios[(rank, probe)].append(v / med)
+            if len(peers) >= 4:
+                mad = statistics.median(abs(x - med) for x in peers)
+                z = (med - v) / (1.4826 * mad) if mad > 0 else float("inf") if v < med else 0.0
+                outlier[(rank, probe)].append(z >= policy.z)
+            else:
+                outlier[(rank, probe)].append(True)
+    out = []
+    for (rank, probe), rs in sorted(ratios.items()):
+        ratio = statistics.median(rs)
+        flags = outlier[(rank, probe)]
+        if ratio <= 1.0 - policy.min_gap and sum(flags) * 2 > len(flags):
+            out.append(Judgement(rank=rank, probe=probe, case="*", verdict=Verdict.SLOW,
+                                 reason=(f"slow: {policy.metric} is {ratio:.2f}x the median of its fingerprint peers "
+                                         f"(median over {len(rs)} cases; threshold {1 - policy.min_gap:.2f}x)"),
+                                 metrics={"ratio_to_peers": ratio}))
+    return out

@@ -1,0 +1,197 @@
+"""The local launcher: one real worker process per device, a watchdog per probe case.
+
+Results are handed to `on_result` (which writes them to the store) the moment a worker sends
+them. A case that outlives its timeout has its worker killed and is recorded as `error`
+(timeout); a worker that dies is recorded as `error` (crash) with its exit status and the end
+of its log. The rest of that probe's cases on that device are recorded as not run, later
+probes get a fresh worker, and every other device carries on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..results import DeviceInfo, DeviceKind, ErrorInfo, ErrorKind, ProbeResult, Verdict
+from . import devices as devmod
+from .worker import WorkerPlan
+
+STARTUP_TIMEOUT_S = 180.0  # importing torch and initialising a device on a loaded host
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LaunchRequest:
+    run_id: str
+    devices: list[DeviceInfo]
+    probes: list[tuple[str, list[str]]]
+    profile: str
+    seed: int
+    timeout_s: float
+    inject: list[str] = field(default_factory=list)
+    duration_s: float = 0.0
+    master_port: int = 29500
+
+
+@dataclass
+class _Worker:
+    rank: int
+    info: DeviceInfo
+    todo: list[tuple[str, str]]  # (probe, case) not yet reported
+    proc: subprocess.Popen[bytes] | None = None
+    current: tuple[str, str] | None = None
+    since: float = 0.0
+    hello: bool = False
+    killed_for: ErrorKind | None = None
+    log_path: str = ""
+    done: bool = False
+
+
+def _error_result(req: LaunchRequest, w: _Worker, probe: str, case: str, kind: ErrorKind, msg: str) -> ProbeResult:
+    now = time.time()
+    return ProbeResult(run_id=req.run_id, host=w.info.host, rank=w.rank, device=w.info.label,
+                       fingerprint=w.info.fingerprint, probe=probe, case=case, verdict=Verdict.ERROR, seed=req.seed,
+                       error=ErrorInfo(kind=kind, message=msg), started=now, ended=now, device_uuid=w.info.uuid)
+
+
+def _tail(path: str, lines: int = 3) -> str:
+    try:
+        text = Path(path).read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(t.strip() for t in text[-lines:])
+
+
+def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
+              on_start: Callable[[int, str, str], None] | None = None) -> None:
+    """Run every planned case on every device; returns when each case has a result."""
+    workdir = tempfile.mkdtemp(prefix=f"chipcheck-{req.run_id}-")
+    lock_path = os.path.join(workdir, "timing.lock")
+    n_cpu = sum(1 for d in req.devices if d.kind is DeviceKind.CPU)
+    workers = [
+        _Worker(rank=r, info=d, todo=[(p, c) for p, cases in req.probes for c in cases])
+        for r, d in enumerate(req.devices)
+    ]
+    q: queue.Queue[tuple[int, dict[str, Any] | None]] = queue.Queue()
+
+    def start(w: _Worker) -> None:
+        remaining: list[tuple[str, list[str]]] = []
+        for p, c in w.todo:
+            if remaining and remaining[-1][0] == p:
+                remaining[-1][1].append(c)
+            else:
+                remaining.append((p, [c]))
+        plan = WorkerPlan(
+            run_id=req.run_id, device=w.info.to_dict(), probes=remaining, profile=req.profile, seed=req.seed,
+            inject=req.inject, duration_s=req.duration_s,
+            cpu_cores=devmod.cores_for(w.rank, n_cpu) if w.info.kind is DeviceKind.CPU else [],
+            cpu_threads=devmod.threads_per_cpu_worker(n_cpu) if n_cpu else 1,
+            lock_path=lock_path if w.info.kind is DeviceKind.CPU else "",
+        )
+        plan_path = os.path.join(workdir, f"plan-{w.rank}.json")
+        Path(plan_path).write_text(plan.to_json())
+        w.log_path = os.path.join(workdir, f"worker-{w.rank}.log")
+        env = {**os.environ, "RANK": str(w.rank), "LOCAL_RANK": str(w.rank), "WORLD_SIZE": str(len(workers)),
+               "LOCAL_WORLD_SIZE": str(len(workers)), "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(req.master_port), "OMP_NUM_THREADS": str(plan.cpu_threads)}
+        env.pop("CHIPCHECK_RESULT_FD", None)
+        with open(w.log_path, "ab") as log:
+            w.proc = subprocess.Popen([sys.executable, "-m", "chipcheck.worker", "--plan", plan_path],
+                                      stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env,
+                                      start_new_session=True)
+        w.current, w.since, w.hello, w.killed_for = None, time.monotonic(), False, None
+        threading.Thread(target=_reader, args=(w.rank, w.proc, q), daemon=True).start()
+
+    def kill(w: _Worker, why: ErrorKind) -> None:
+        w.killed_for = why
+        if w.proc and w.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(w.proc.pid, signal.SIGKILL)
+
+    def lost(w: _Worker) -> None:
+        """The worker is gone: record the case it was in and what it did not reach, then go on."""
+        assert w.proc is not None
+        code = w.proc.wait()
+        if not w.todo:
+            w.done = True
+            return
+        probe, case = w.current or w.todo[0]
+        if w.killed_for is ErrorKind.TIMEOUT:
+            kind, msg = ErrorKind.TIMEOUT, (f"{probe} {case} on {w.info.host} {w.info.label} (rank {w.rank}, seed "
+                                            f"{req.seed}) exceeded its {req.timeout_s:g}s watchdog; worker killed")
+        elif not w.hello and w.killed_for is None:
+            kind, msg = ErrorKind.CRASH, (f"worker for {w.info.label} on {w.info.host} died at start-up "
+                                          f"(exit {code}): {_tail(w.log_path)}")
+        else:
+            sig = f"signal {-code}" if code < 0 else f"exit {code}"
+            kind, msg = ErrorKind.CRASH, (f"worker for {w.info.label} on {w.info.host} died in {probe} {case} "
+                                          f"(rank {w.rank}, seed {req.seed}): {sig}. {_tail(w.log_path)}")
+        on_result(_error_result(req, w, probe, case, kind, msg))
+        w.todo.remove((probe, case))
+        for p, c in [t for t in w.todo if t[0] == probe]:
+            on_result(_error_result(req, w, p, c, ErrorKind.CRASH,
+                                    f"not run: the worker was lost in {probe} {case}"))
+            w.todo.remove((p, c))
+        if w.todo:
+            start(w)  # later probes get a fresh worker
+        else:
+            w.done = True
+
+    try:
+        for w in workers:
+            start(w)
+        while not all(w.done for w in workers):
+            try:
+                rank, msg = q.get(timeout=0.2)
+            except queue.Empty:
+                rank, msg = -1, None
+            if rank >= 0:
+                w = workers[rank]
+                if msg is None:
+                    lost(w)
+                elif msg["t"] == "hello":
+                    w.hello, w.since = True, time.monotonic()
+                elif msg["t"] == "start":
+                    w.current, w.since = (msg["probe"], msg["case"]), time.monotonic()
+                    if on_start:
+                        on_start(rank, msg["probe"], msg["case"])
+                elif msg["t"] == "result":
+                    res = ProbeResult.from_dict(msg["result"])
+                    with contextlib.suppress(ValueError):
+                        w.todo.remove((res.probe, res.case))
+                    w.current = None
+                    on_result(res)
+            now = time.monotonic()
+            for w in workers:
+                if w.done or w.killed_for is not None:
+                    continue
+                if not w.hello and now - w.since > max(STARTUP_TIMEOUT_S, req.timeout_s):
+                    kill(w, ErrorKind.TIMEOUT)
+                elif w.current is not None and now - w.since > req.timeout_s:
+                    kill(w, ErrorKind.TIMEOUT)
+    finally:
+        for w in workers:
+            if w.proc and w.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(w.proc.pid, signal.SIGKILL)
+
+
+def _reader(rank: int, proc: subprocess.Popen[bytes], q: queue.Queue[tuple[int, dict[str, Any] | None]]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        try:
+            q.put((rank, json.loads(line)))
+        except json.JSONDecodeError:
+            continue  # not ours: the protocol lines are the only JSON objects on this pipe
+    q.put((rank, None))

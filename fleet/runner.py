@@ -1,0 +1,139 @@
+"""`chipcheck run` as a library call: validate, discover, launch, store, judge, summarise.
+
+Everything that can be wrong with the user's input is checked before a worker starts, so a bad
+flag never leaves a half-written run behind.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..results import DeviceInfo, Judgement, ProbeResult, RunSummary
+from . import analysis, devices
+from .launch import LaunchRequest, run_local
+from .store import Store
+from .summary import summarize
+
+DEFAULT_TIMEOUT_S = {"quick": 120.0, "standard": 600.0, "nightly": 1800.0, "burnin": 0.0}
+PROFILES = tuple(DEFAULT_TIMEOUT_S)
+
+
+class UsageError(ValueError):
+    """Bad input: one line for the user, exit 2."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunOptions:
+    devices: str = "auto"
+    """`auto`, `cpu:N` or `cuda:0,3`."""
+    probes: tuple[str, ...] = ("matmul",)
+    """Probes to run, in order."""
+    profile: str = "quick"
+    """Time budget per device: quick, standard, nightly, burnin."""
+    seed: int = 0
+    """Base seed of every input (recorded with every result)."""
+    inject: tuple[str, ...] = ()
+    """Fault specs (see probes.faults)."""
+    timeout_s: float | None = None
+    """Watchdog per probe case; default by profile."""
+    duration_s: float = 0.0
+    """Total time for --profile burnin."""
+    min_gap: float = 0.10
+    """Relative throughput shortfall that counts as slow."""
+    argv: list[str] = field(default_factory=list)
+
+
+def validate(opts: RunOptions) -> None:
+    from ..probes import base, faults
+
+    if opts.profile not in PROFILES:
+        raise UsageError(f"unknown profile {opts.profile!r}; known: {', '.join(PROFILES)}")
+    if opts.profile == "burnin" and opts.duration_s <= 0:
+        raise UsageError("--profile burnin needs --duration, e.g. --duration 10m")
+    known = base.registry()
+    for p in opts.probes:
+        if p not in known:
+            raise UsageError(f"unknown probe {p!r}; known: {', '.join(sorted(known))}")
+    for spec in opts.inject:
+        try:
+            faults.parse(spec)
+        except faults.InjectSpecError as e:
+            raise UsageError(str(e)) from None
+    if opts.timeout_s is not None and opts.timeout_s <= 0:
+        raise UsageError("--timeout must be > 0 seconds")
+    if not 0.0 < opts.min_gap < 1.0:
+        raise UsageError("--min-gap must be between 0 and 1 (e.g. 0.1 for 10%)")
+    try:
+        devices.parse_spec(opts.devices)
+    except devices.DeviceSpecError as e:
+        raise UsageError(str(e)) from None
+
+
+def plan_probes(opts: RunOptions, devs: list[DeviceInfo]) -> list[tuple[str, list[str]]]:
+    """Cases per probe; all devices of a run share one kind, so one plan serves all."""
+    from ..probes import base
+
+    kind = devs[0].kind.value
+    caps = devices.capabilities(devs[0])
+    out = []
+    for name in opts.probes:
+        probe = base.get(name)
+        try:
+            cfg = probe.config(opts.profile, kind, caps)
+        except base.InvalidConfig as e:
+            raise UsageError(str(e)) from None
+        out.append((name, probe.cases(cfg)))
+    return out
+
+
+def execute(opts: RunOptions, store: Store, *, on_result: Callable[[ProbeResult], None] | None = None,
+            on_start: Callable[[int, str, str], None] | None = None) -> RunSummary:
+    """Run the probes on every device; every result is in `store` the moment it exists."""
+    validate(opts)
+    try:
+        devs = devices.discover(opts.devices)
+    except devices.DeviceSpecError as e:
+        raise UsageError(str(e)) from None
+    if len({d.kind for d in devs}) > 1:
+        raise UsageError("one run covers one device kind; run CPU and GPU devices separately")
+    probes = plan_probes(opts, devs)
+    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+    timeout = opts.timeout_s or DEFAULT_TIMEOUT_S[opts.profile] or max(600.0, opts.duration_s * 1.5)
+    host = socket.gethostname()
+    started = time.time()
+    store.begin_run(run_id, host=host, profile=opts.profile, seed=opts.seed, argv=opts.argv or sys.argv,
+                    config={"devices": opts.devices, "probes": list(opts.probes), "inject": list(opts.inject),
+                            "timeout_s": timeout, "duration_s": opts.duration_s, "min_gap": opts.min_gap,
+                            "pid": os.getpid()})
+    store.add_devices(run_id, enumerate(devs))
+    collected: list[ProbeResult] = []
+
+    def keep(r: ProbeResult) -> None:
+        store.add_result(r)
+        collected.append(r)
+        if on_result:
+            on_result(r)
+
+    req = LaunchRequest(run_id=run_id, devices=devs, probes=probes, profile=opts.profile, seed=opts.seed,
+                        timeout_s=timeout, inject=list(opts.inject), duration_s=opts.duration_s)
+    run_local(req, keep, on_start)
+    summary, judgements = judge(run_id, dict(enumerate(devs)), collected, opts, started)
+    store.add_judgements(run_id, judgements)
+    store.end_run(run_id, summary.verdict)
+    return summary
+
+
+def judge(run_id: str, devs: dict[int, DeviceInfo], results: list[ProbeResult], opts: RunOptions,
+          started: float) -> tuple[RunSummary, list[Judgement]]:
+    """Fleet analysis (consensus, slowness) and the per-device verdicts."""
+    cons, groups = analysis.consensus(results)
+    slow = analysis.slow(results, analysis.SlowPolicy(min_gap=opts.min_gap))
+    summary = summarize(run_id, devs, results, cons + slow, groups, profile=opts.profile, seed=opts.seed,
+                        started=started, ended=time.time())
+    return summary, cons + slow

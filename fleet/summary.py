@@ -1,0 +1,86 @@
+"""Fold case results and fleet judgements into one verdict per device and probe."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+from ..results import (
+    ConsensusGroup,
+    DeviceInfo,
+    DeviceSummary,
+    Judgement,
+    ProbeResult,
+    ProbeSummary,
+    RunSummary,
+    Verdict,
+)
+
+
+def summarize(run_id: str, devices: dict[int, DeviceInfo], results: list[ProbeResult], judgements: list[Judgement],
+              groups: list[ConsensusGroup], *, profile: str, seed: int, started: float, ended: float) -> RunSummary:
+    by_dev: dict[int, dict[str, list[ProbeResult]]] = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        by_dev[r.rank][r.probe].append(r)
+    judged: dict[int, dict[str, list[Judgement]]] = defaultdict(lambda: defaultdict(list))
+    for j in judgements:
+        judged[j.rank][j.probe].append(j)
+    out = []
+    for rank, info in sorted(devices.items()):
+        probes = []
+        names = list(dict.fromkeys(list(by_dev[rank]) + list(judged[rank])))
+        for name in names:
+            rs, js = by_dev[rank][name], judged[rank][name]
+            verdict = Verdict.worst([r.verdict for r in rs] + [j.verdict for j in js])
+            metrics: dict[str, float] = {}
+            for r in rs:
+                for k, v in r.metrics.items():
+                    metrics[f"{r.case}:{k}"] = v
+            for j in js:
+                for k, v in j.metrics.items():
+                    metrics[f"{j.case}:{k}"] = v
+            probes.append(ProbeSummary(probe=name, verdict=verdict, metrics=metrics, details=_details(rs, js)))
+        verdict = Verdict.worst([p.verdict for p in probes]) if probes else Verdict.ERROR
+        out.append(DeviceSummary(rank=rank, device=info.label, host=info.host, uuid=info.uuid,
+                                 fingerprint=info.fingerprint, verdict=verdict, probes=probes))
+    overall = Verdict.worst([d.verdict for d in out])
+    return RunSummary(run_id=run_id, verdict=overall, started=started, ended=ended, profile=profile, seed=seed,
+                      devices=out, groups=list(groups))
+
+
+def _details(rs: list[ProbeResult], js: list[Judgement]) -> dict[str, Any]:
+    cases = []
+    for r in rs:
+        c: dict[str, Any] = {"case": r.case, "verdict": r.verdict.value, "repeats": r.repeats,
+                             "repeats_bad": r.repeats_bad, "params": r.params}
+        if r.mismatches:
+            c["mismatches"] = [m.to_dict() for m in r.mismatches]
+        if r.error:
+            c["error"] = r.error.to_dict()
+        if r.output_hash:
+            c["output_hash"] = r.output_hash
+        cases.append(c)
+    d: dict[str, Any] = {"cases": cases}
+    if js:
+        d["fleet"] = [j.to_dict() for j in js]
+    reasons = [why for why in (explain(r) for r in rs) if why] + [j.reason for j in js]
+    if reasons:
+        d["reasons"] = reasons
+    return d
+
+
+def explain(r: ProbeResult) -> str:
+    """One line a person can act on: what went wrong in this case, on which device."""
+    where = f"{r.host} {r.device} {r.probe} {r.case}"
+    if r.error is not None:
+        return f"{where}: error ({r.error.kind.value}): {r.error.message}"
+    if r.verdict is Verdict.PASS:
+        return ""
+    parts = []
+    for m in r.mismatches:
+        bits = ",".join(str(b) for b in sorted(m.bit_histogram)) or "-"
+        first = m.first_indices[0] if m.first_indices else "?"
+        val = f" expected {m.expected[0]:.6g} got {m.actual[0]:.6g}" if m.expected and m.actual else ""
+        parts.append(f"{m.oracle.value}: {m.bad_elements}/{m.total_elements} elements of {m.tensor} bad, "
+                     f"first at {first}{val}, flipped bits [{bits}]")
+    return f"{where}: {r.verdict.value} in {r.repeats_bad} of {r.repeats} repeats; " + "; ".join(parts)

@@ -1,0 +1,216 @@
+"""The worker: one process per device, torchrun's environment, streaming typed results.
+
+The same entry point runs under the local launcher (fleet.launch), and later under torchrun,
+Slurm (srun) or a Kubernetes Indexed Job: it reads RANK / LOCAL_RANK / WORLD_SIZE /
+MASTER_ADDR / MASTER_PORT from the environment and its plan from a JSON file.
+
+Protocol: one JSON object per line on the file descriptor named by CHIPCHECK_RESULT_FD (the
+original stdout; the worker's own stdout is redirected to stderr so no stray print can
+corrupt the stream): `hello` (device and settings), `start` (probe, case) before each case —
+the launcher's watchdog times it —, `result` (a ProbeResult), `bye`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import IO, Any
+
+from ..results import DeviceInfo, ErrorInfo, ErrorKind, ProbeResult
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerPlan:
+    """What one worker runs. Written by the launcher, read by the worker."""
+
+    run_id: str
+    device: dict[str, Any]  # DeviceInfo.to_dict()
+    probes: list[tuple[str, list[str]]]  # (probe, cases) in order
+    profile: str
+    seed: int
+    inject: list[str] = field(default_factory=list)
+    cpu_cores: list[int] = field(default_factory=list)
+    cpu_threads: int = 1
+    lock_path: str = ""
+    duration_s: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerPlan:
+        d = json.loads(text)
+        d["probes"] = [(p, list(c)) for p, c in d["probes"]]
+        return cls(**d)
+
+
+def torchrun_env() -> dict[str, Any]:
+    return {
+        "rank": int(os.environ.get("RANK", "0")),
+        "local_rank": int(os.environ.get("LOCAL_RANK", "0")),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "master": f"{os.environ.get('MASTER_ADDR', '')}:{os.environ.get('MASTER_PORT', '')}",
+    }
+
+
+def apply_settings(device_kind: str, threads: int, cores: list[int]) -> dict[str, Any]:
+    """Set every knob that changes bits, and return them all for the record."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # must precede CUDA init
+    import numpy
+    import torch
+
+    if device_kind == "cpu":
+        if cores:
+            with contextlib.suppress(AttributeError, OSError):
+                os.sched_setaffinity(0, cores)
+        torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    # Reduced-precision split-K reductions round partial sums: the exact oracle forbids them.
+    torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    torch.set_float32_matmul_precision("highest")
+    s: dict[str, Any] = {
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "allow_tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+        "allow_tf32_cudnn": torch.backends.cudnn.allow_tf32,
+        "fp16_reduced_precision_reduction": torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction,
+        "bf16_reduced_precision_reduction": torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG", ""),
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [],
+        "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "python": sys.version.split()[0],
+        "cuda": str(torch.version.cuda),
+        "cudnn": str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else "n/a",
+        "mkldnn": torch.backends.mkldnn.is_available(),
+    }
+    return s
+
+
+class _HostLock:
+    """Serialises timed sections of CPU workers sharing a host (a file lock: real processes)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        with open(self.path, "a+") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _open_channel() -> IO[str]:
+    fd = int(os.environ.get("CHIPCHECK_RESULT_FD", "-1"))
+    if fd < 0:
+        # Standalone: keep stdout for results and send everything else to stderr.
+        fd = os.dup(1)
+    os.dup2(2, 1)  # stray prints from libraries go to stderr, never into the result stream
+    return os.fdopen(fd, "w", buffering=1)
+
+
+def run_plan(plan: WorkerPlan) -> int:
+    chan = _open_channel()
+    env = torchrun_env()
+    info = DeviceInfo.from_dict(plan.device)
+    rank = env["rank"]
+
+    def send(msg: dict[str, Any]) -> None:
+        chan.write(json.dumps(msg) + "\n")
+        chan.flush()
+
+    settings = apply_settings(info.kind.value, plan.cpu_threads, plan.cpu_cores)
+    settings.update({"world_size": env["world_size"], "local_rank": env["local_rank"]})
+    import torch
+
+    from ..probes import base, faults
+
+    if info.kind.value == "cuda":
+        torch.cuda.set_device(info.index)
+        device = torch.device("cuda", info.index)
+    else:
+        device = torch.device("cpu")
+    send({"t": "hello", "rank": rank, "pid": os.getpid(), "settings": settings})
+    fault_list = [f for spec in plan.inject for f in faults.parse(spec)]
+    lock = _HostLock(plan.lock_path) if plan.lock_path else None
+    timer = base.Timer(device, lock)
+    caps = _caps(info)
+    for probe_name, cases in plan.probes:
+        probe = base.get(probe_name)
+        cfg = probe.config(plan.profile, info.kind.value, caps)
+        injector = faults.make_injector(fault_list, rank, probe_name)
+        deadline = None
+        if plan.duration_s > 0:
+            deadline = time.monotonic() + plan.duration_s / max(1, sum(len(c) for _, c in plan.probes))
+        ctx = base.ProbeContext(device=device, device_kind=info.kind.value, seed=plan.seed, profile=plan.profile,
+                                timer=timer, under_test=injector or contextlib.nullcontext,
+                                deadline=deadline, capabilities=caps)
+        for case in cases:
+            send({"t": "start", "probe": probe_name, "case": case, "time": time.time()})
+            started = time.time()
+            try:
+                outcome = probe.run_case(ctx, cfg, case)
+            except base.Unsupported as e:
+                outcome = base.CaseOutcome(case=case, params={},
+                                           error=ErrorInfo(kind=ErrorKind.UNSUPPORTED, message=str(e)))
+            except base.InvalidConfig as e:
+                outcome = base.CaseOutcome(case=case, params={},
+                                           error=ErrorInfo(kind=ErrorKind.INVALID_CONFIG, message=str(e)))
+            except Exception as e:  # the harness is the one place that catches broadly
+                kind = ErrorKind.DEVICE_LOST if "CUDA error" in str(e) else ErrorKind.EXCEPTION
+                tb = traceback.format_exc(limit=4).strip().splitlines()
+                outcome = base.CaseOutcome(
+                    case=case, params={},
+                    error=ErrorInfo(kind=kind, message=f"{type(e).__name__}: {e} ({tb[-3] if len(tb) > 2 else ''})"))
+            result = ProbeResult(
+                run_id=plan.run_id, host=info.host, rank=rank, device=info.label, fingerprint=info.fingerprint,
+                probe=probe_name, case=case, verdict=outcome.verdict, seed=plan.seed, params=outcome.params,
+                metrics=outcome.metrics, mismatches=outcome.mismatches, repeats=outcome.repeats,
+                repeats_bad=outcome.repeats_bad, output_hash=outcome.output_hash, error=outcome.error,
+                settings={**settings, "inject": [f.spec() for f in fault_list if f.applies_to(rank, probe_name)]},
+                started=started, ended=time.time(), device_uuid=info.uuid,
+            )
+            send({"t": "result", "result": result.to_dict()})
+    send({"t": "bye"})
+    return 0
+
+
+def _caps(info: DeviceInfo) -> frozenset[str]:
+    from .devices import capabilities
+
+    return capabilities(info)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] != "--plan":
+        print("usage: python -m chipcheck.worker --plan PLAN.json", file=sys.stderr)
+        return 2
+    with open(argv[1]) as f:
+        plan = WorkerPlan.from_json(f.read())
+    return run_plan(plan)
+
+
+def hostname() -> str:
+    return socket.gethostname()

@@ -1,0 +1,157 @@
+"""The probe interface, its registry and the context the harness hands to a probe.
+
+The harness (fleet.worker) owns seeding, the watchdog, timing discipline and storage; a probe
+measures and checks, and returns typed `CaseOutcome`s. Probes never decide `slow`: that is a
+fleet judgement over many devices.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ..results import ErrorInfo, Mismatch, Verdict
+
+
+class ProbeError(Exception):
+    """A probe could not run (as opposed to: it ran and the chip was wrong)."""
+
+
+class InvalidConfig(ProbeError):
+    pass
+
+
+class Unsupported(ProbeError):
+    """The device lacks what this case needs (e.g. fp8 on a chip without fp8 units)."""
+
+
+@dataclass(slots=True)
+class CaseOutcome:
+    """What a probe measured and saw for one case; the harness stamps host/device/run on it."""
+
+    case: str
+    params: dict[str, Any]
+    metrics: dict[str, float] = field(default_factory=dict)
+    mismatches: list[Mismatch] = field(default_factory=list)
+    repeats: int = 0
+    repeats_bad: int = 0
+    nondeterministic: bool = False
+    output_hash: str = ""
+    error: ErrorInfo | None = None
+
+    @property
+    def verdict(self) -> Verdict:
+        """Local verdict: wrong in every repeat -> wrong; in some -> flaky; bits differ with no
+        oracle able to say which is right -> flaky (nondeterminism)."""
+        if self.error is not None:
+            return Verdict.ERROR
+        if self.repeats_bad and self.repeats_bad >= self.repeats:
+            return Verdict.WRONG
+        if self.repeats_bad or self.nondeterministic:
+            return Verdict.FLAKY
+        if self.mismatches:
+            return Verdict.WRONG
+        return Verdict.PASS
+
+
+class Timer:
+    """Times device work: CUDA events on GPUs, a monotonic clock (after sync) elsewhere.
+
+    On hosts whose virtual devices share CPU cores, `exclusive` serialises the timed sections of
+    all workers on the host through a file lock, so no device is called slow because its
+    neighbour was busy.
+    """
+
+    def __init__(self, device: Any, exclusive: Callable[[], contextlib.AbstractContextManager[Any]] | None = None):
+        self.device = device
+        self._exclusive = exclusive or contextlib.nullcontext
+
+    def sync(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._exclusive():
+            yield
+
+    def time(self, fn: Callable[[], Any]) -> tuple[Any, float]:
+        """Run `fn` once; return (its result, seconds)."""
+        import torch
+
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            end.synchronize()
+            return out, start.elapsed_time(end) / 1e3
+        self.sync()
+        t0 = time.perf_counter()
+        out = fn()
+        self.sync()
+        return out, time.perf_counter() - t0
+
+
+@dataclass(slots=True)
+class ProbeContext:
+    """Everything a probe may touch: its device, the seed, the profile, the fault injector."""
+
+    device: Any  # torch.device
+    device_kind: str
+    seed: int
+    profile: str
+    timer: Timer
+    under_test: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+    deadline: float | None = None  # monotonic time by which a time-budgeted probe must stop
+    capabilities: frozenset[str] = frozenset()
+
+
+class Probe(abc.ABC):
+    """A deterministic workload with its checkers. Subclasses nest a frozen `Config` dataclass."""
+
+    name: ClassVar[str] = ""
+
+    @abc.abstractmethod
+    def config(self, profile: str, device_kind: str, capabilities: frozenset[str]) -> Any:
+        """The Config for this profile and device kind."""
+
+    @abc.abstractmethod
+    def cases(self, cfg: Any) -> list[str]:
+        """The case names this config runs, in order (each is run, stored and judged alone)."""
+
+    @abc.abstractmethod
+    def run_case(self, ctx: ProbeContext, cfg: Any, case: str) -> CaseOutcome:
+        """Run one case on ctx.device; the only code that touches the device."""
+
+
+_REGISTRY: dict[str, type[Probe]] = {}
+
+
+def register(name: str) -> Callable[[type[Probe]], type[Probe]]:
+    def deco(cls: type[Probe]) -> type[Probe]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def registry() -> dict[str, type[Probe]]:
+    """Registered probes by name (importing the built-in probe modules first)."""
+    from . import matmul  # noqa: F401  (registers itself)
+
+    return dict(_REGISTRY)
+
+
+def get(name: str) -> Probe:
+    reg = registry()
+    if name not in reg:
+        raise InvalidConfig(f"unknown probe {name!r}; known: {', '.join(sorted(reg))}")
+    return reg[name]()

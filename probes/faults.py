@@ -1,0 +1,234 @@
+"""Fault injection: make one worker's kernels misbehave, so users can prove their checks catch it.
+
+Spec grammar (one fault per `--inject`, or several joined by ';'):
+
+    KIND:key=value,key=value
+
+    bitflip:rank=2,bit=20,rate=0.01   flip bit 20 of a fraction 0.01 of output elements
+                                      (no rate: exactly one element per call)
+    stuck:rank=0,bit=3,value=1        force bit 3 to `value` in a fraction `rate` (default 1e-3)
+    nan:rank=0                        one output element becomes NaN (rate= for more)
+    slow:rank=1,factor=1.3            every kernel takes `factor` times as long
+    hang:rank=3                       the kernel never returns (the watchdog must end it)
+    crash:rank=1                      the worker process dies (SIGKILL) inside the kernel
+
+Common keys: `rank` (one rank, or several as 1|3), `probe` (only inside that probe),
+`dtype` (only outputs of that dtype, e.g. bfloat16), `op` (aten op name, e.g. mm), `after`
+(leave the first N matching calls alone: a chip that fails after warming up), `seed`.
+
+The injector is a TorchDispatchMode entered only around the code under test (the probe's own
+checks run outside it), so faults land in real ATen kernels' outputs on that worker.
+A bit index counts from the least significant bit of the output dtype (fp32: 0..31, sign 31;
+bf16/fp16: 0..15); a bit beyond the dtype's width leaves that dtype alone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+KINDS = ("bitflip", "stuck", "nan", "slow", "hang", "crash")
+_KEYS = {
+    "bitflip": {"bit", "rate"},
+    "stuck": {"bit", "rate", "value"},
+    "nan": {"rate"},
+    "slow": {"factor"},
+    "hang": set(),
+    "crash": set(),
+}
+_COMMON = {"rank", "probe", "dtype", "op", "after", "seed"}
+# The compute kernels a fault lands in by default: GEMMs and attention, not the checks' helpers.
+DEFAULT_OPS = ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
+               "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+               "_scaled_dot_product_flash_attention_for_cpu", "convolution")
+
+
+class InjectSpecError(ValueError):
+    """A malformed --inject spec (the CLI turns it into a one-line message and exit 2)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Fault:
+    kind: str
+    ranks: tuple[int, ...] | None = None
+    bit: int | None = None
+    rate: float | None = None
+    value: int = 1
+    factor: float = 1.0
+    probe: str | None = None
+    dtype: str | None = None
+    op: str | None = None
+    after: int = 0
+    seed: int = 0
+
+    def applies_to(self, rank: int, probe: str) -> bool:
+        return (self.ranks is None or rank in self.ranks) and (self.probe is None or self.probe == probe)
+
+    def spec(self) -> str:
+        parts = []
+        if self.ranks is not None:
+            parts.append("rank=" + "|".join(str(r) for r in self.ranks))
+        for k in ("bit", "rate", "probe", "dtype", "op"):
+            v = getattr(self, k)
+            if v is not None:
+                parts.append(f"{k}={v}")
+        if self.kind == "stuck":
+            parts.append(f"value={self.value}")
+        if self.kind == "slow":
+            parts.append(f"factor={self.factor}")
+        if self.after:
+            parts.append(f"after={self.after}")
+        return self.kind + (":" + ",".join(parts) if parts else "")
+
+
+def parse(spec: str) -> list[Fault]:
+    """Parse one or more ';'-separated fault specs; raise InjectSpecError with a fix-it hint."""
+    faults = []
+    for one in (s.strip() for s in spec.split(";")):
+        if one:
+            faults.append(_parse_one(one))
+    if not faults:
+        raise InjectSpecError(f"empty --inject spec {spec!r}; e.g. bitflip:rank=0,bit=20")
+    return faults
+
+
+def _parse_one(spec: str) -> Fault:
+    kind, _, rest = spec.partition(":")
+    kind = kind.strip()
+    if kind not in KINDS:
+        raise InjectSpecError(f"unknown fault kind {kind!r} in --inject {spec!r}; known: {', '.join(KINDS)}")
+    kw: dict[str, Any] = {"kind": kind}
+    allowed = _KEYS[kind] | _COMMON
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        k, eq, v = item.partition("=")
+        if not eq or not v:
+            raise InjectSpecError(f"--inject {spec!r}: expected key=value, got {item!r}")
+        if k not in allowed:
+            raise InjectSpecError(f"--inject {spec!r}: key {k!r} is not valid for {kind}; valid: "
+                                  f"{', '.join(sorted(allowed))}")
+        try:
+            kw.update(_convert(k, v))
+        except ValueError as e:
+            raise InjectSpecError(f"--inject {spec!r}: bad value for {k}: {v!r} ({e})") from None
+    if kind in ("bitflip", "stuck") and kw.get("bit") is None:
+        raise InjectSpecError(f"--inject {spec!r}: {kind} needs bit=N (0 = least significant)")
+    if kind == "slow" and kw.get("factor", 1.0) <= 1.0:
+        raise InjectSpecError(f"--inject {spec!r}: slow needs factor > 1, e.g. factor=1.3")
+    if kind == "stuck" and kw.get("rate") is None:
+        kw["rate"] = 1e-3
+    return Fault(**kw)
+
+
+def _convert(k: str, v: str) -> dict[str, Any]:
+    if k == "rank":
+        ranks = tuple(int(x) for x in v.split("|"))
+        if any(r < 0 for r in ranks):
+            raise ValueError("ranks are >= 0")
+        return {"ranks": ranks}
+    if k in ("bit", "after", "seed", "value"):
+        n = int(v)
+        if n < 0 or (k == "bit" and n > 63) or (k == "value" and n not in (0, 1)):
+            raise ValueError("out of range")
+        return {k: n}
+    if k == "rate":
+        r = float(v)
+        if not 0.0 < r <= 1.0:
+            raise ValueError("rate must be in (0, 1]")
+        return {"rate": r}
+    if k == "factor":
+        return {"factor": float(v)}
+    if k == "dtype":
+        if v not in ("float32", "bfloat16", "float16", "float64", "float8_e4m3fn"):
+            raise ValueError("dtype must be float32, bfloat16, float16, float64 or float8_e4m3fn")
+        return {"dtype": v}
+    return {k: v}
+
+
+@dataclass(slots=True)
+class FaultState:
+    """Per-worker counters, so faults are deterministic per call."""
+
+    calls: dict[int, int] = field(default_factory=dict)
+
+
+def corrupt(fault: Fault, out: Any, call: int) -> None:
+    """Apply a value fault to tensor `out` in place (bitflip / stuck / nan)."""
+    import torch
+
+    width = out.element_size() * 8
+    if fault.kind in ("bitflip", "stuck") and (fault.bit is None or fault.bit >= width):
+        return
+    flat = out.view(-1)
+    gen = torch.Generator(device="cpu").manual_seed((fault.seed * 1_000_003 + call) & 0x7FFFFFFF)
+    n = flat.numel()
+    if fault.rate is None:
+        idx = torch.randint(0, n, (1,), generator=gen)
+    else:
+        mask = torch.rand(n, generator=gen) < fault.rate
+        idx = torch.nonzero(mask).reshape(-1)
+        if idx.numel() == 0:
+            return
+    idx = idx.to(out.device)
+    if fault.kind == "nan":
+        flat[idx] = float("nan")
+        return
+    ints = flat.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[out.element_size()])
+    assert fault.bit is not None
+    bit = 1 << fault.bit
+    if bit >= 1 << (width - 1):  # the sign bit, as a signed integer of this width
+        bit -= 1 << width
+    if fault.kind == "bitflip":
+        ints[idx] ^= bit
+    elif fault.value:
+        ints[idx] |= bit
+    else:
+        ints[idx] &= ~bit
+
+
+def make_injector(faults: list[Fault], rank: int, probe: str) -> Any:
+    """A context-manager factory that turns on these faults for code under test (or None)."""
+    active = [f for f in faults if f.applies_to(rank, probe)]
+    if not active:
+        return None
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    state = FaultState()
+
+    class _Injector(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            kwargs = kwargs or {}
+            name = func.overloadpacket.__name__
+            mine = [f for f in active if (f.op == name if f.op else name in DEFAULT_OPS)]
+            if not mine:
+                return func(*args, **kwargs)
+            t0 = time.perf_counter()
+            out = func(*args, **kwargs)
+            tensors = out if isinstance(out, (tuple, list)) else (out,)
+            first = next((t for t in tensors if hasattr(t, "dtype") and t.is_floating_point()), None)
+            for f in mine:
+                i = active.index(f)
+                if first is not None and f.dtype and str(first.dtype).removeprefix("torch.") != f.dtype:
+                    continue
+                n = state.calls.get(i, 0)
+                state.calls[i] = n + 1
+                if n < f.after:
+                    continue
+                if f.kind == "hang":
+                    while True:
+                        time.sleep(3600)
+                elif f.kind == "crash":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                elif f.kind == "slow":
+                    if first is not None and first.device.type == "cuda":
+                        import torch
+
+                        torch.cuda.synchronize(first.device)
+                    time.sleep((time.perf_counter() - t0) * (f.factor - 1.0))
+                elif first is not None:
+                    corrupt(f, first, n)
+            return out
+
+    return _Injector

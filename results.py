@@ -1,0 +1,267 @@
+"""Typed results that flow from probes to the store to the reports.
+
+Everything here is plain data (dataclasses and enums) with lossless JSON round-trips, so
+the worker can stream results over a pipe, the store can keep them in SQLite and the
+reports can render them without importing torch.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+class Verdict(str, enum.Enum):
+    """Outcome for one device (or link) and probe; ordered from best to worst by `SEVERITY`."""
+
+    PASS = "pass"
+    SLOW = "slow"
+    FLAKY = "flaky"
+    WRONG = "wrong"
+    ERROR = "error"
+
+    @staticmethod
+    def worst(verdicts: list[Verdict] | tuple[Verdict, ...]) -> Verdict:
+        """The most severe of `verdicts` (PASS for none)."""
+        return max(verdicts, key=lambda v: SEVERITY[v], default=Verdict.PASS)
+
+
+# `wrong` outranks `error`: a chip that computed wrong bits is worse news than one that
+# could not run a probe, and a run with both must lead with the corruption.
+SEVERITY = {Verdict.PASS: 0, Verdict.SLOW: 1, Verdict.FLAKY: 2, Verdict.ERROR: 3, Verdict.WRONG: 4}
+
+
+class ErrorKind(str, enum.Enum):
+    """Why a probe could not run: never confused with a wrong or slow chip."""
+
+    TIMEOUT = "timeout"
+    CRASH = "crash"
+    DEVICE_LOST = "device_lost"
+    INVALID_CONFIG = "invalid_config"
+    EXCEPTION = "exception"
+    UNSUPPORTED = "unsupported"
+
+
+class DeviceKind(str, enum.Enum):
+    CUDA = "cuda"
+    ROCM = "rocm"
+    CPU = "cpu"
+    TPU = "tpu"
+
+
+class Oracle(str, enum.Enum):
+    """Which independent check saw a problem."""
+
+    EXACT = "exact"
+    FREIVALDS = "freivalds"
+    REPEAT = "repeat"
+    CONSENSUS = "consensus"
+    REFERENCE = "fp64_reference"
+    NONFINITE = "nonfinite"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceInfo:
+    """One accelerator, or one virtual CPU device (a worker process on a CPU-only host)."""
+
+    index: int
+    kind: DeviceKind
+    name: str
+    memory_bytes: int
+    uuid: str
+    host: str
+    fingerprint: str
+    fingerprint_fields: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind.value}:{self.index}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["kind"] = self.kind.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DeviceInfo:
+        return cls(**{**d, "kind": DeviceKind(d["kind"])})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Mismatch:
+    """What exactly went wrong in one output tensor, against one oracle."""
+
+    oracle: Oracle
+    tensor: str
+    bad_elements: int
+    total_elements: int
+    first_indices: list[list[int]] = field(default_factory=list)
+    tiles: list[list[int]] = field(default_factory=list)
+    expected: list[float] = field(default_factory=list)
+    actual: list[float] = field(default_factory=list)
+    expected_bits: list[str] = field(default_factory=list)
+    actual_bits: list[str] = field(default_factory=list)
+    bit_histogram: dict[int, int] = field(default_factory=dict)
+    max_abs_error: float = 0.0
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["oracle"] = self.oracle.value
+        d["bit_histogram"] = {str(k): v for k, v in self.bit_histogram.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Mismatch:
+        return cls(
+            **{
+                **d,
+                "oracle": Oracle(d["oracle"]),
+                "bit_histogram": {int(k): v for k, v in d.get("bit_histogram", {}).items()},
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ErrorInfo:
+    kind: ErrorKind
+    message: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind.value, "message": self.message}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ErrorInfo:
+        return cls(kind=ErrorKind(d["kind"]), message=d["message"])
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProbeResult:
+    """One probe case (e.g. matmul / bfloat16 / random) on one device, as measured there.
+
+    The verdict here is the *local* one (the device's own oracles). Fleet judgements
+    (consensus, slowness) are made later over many results and stored as `Judgement`s.
+    """
+
+    run_id: str
+    host: str
+    rank: int
+    device: str
+    fingerprint: str
+    probe: str
+    case: str
+    verdict: Verdict
+    seed: int
+    params: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    mismatches: list[Mismatch] = field(default_factory=list)
+    repeats_bad: int = 0
+    repeats: int = 0
+    output_hash: str = ""
+    error: ErrorInfo | None = None
+    settings: dict[str, Any] = field(default_factory=dict)
+    started: float = 0.0
+    ended: float = 0.0
+    device_uuid: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["verdict"] = self.verdict.value
+        d["mismatches"] = [m.to_dict() for m in self.mismatches]
+        d["error"] = self.error.to_dict() if self.error else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ProbeResult:
+        return cls(
+            **{
+                **d,
+                "verdict": Verdict(d["verdict"]),
+                "mismatches": [Mismatch.from_dict(m) for m in d.get("mismatches", [])],
+                "error": ErrorInfo.from_dict(d["error"]) if d.get("error") else None,
+            }
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, allow_nan=True)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Judgement:
+    """A fleet-level finding about one device for one probe case (consensus or speed)."""
+
+    rank: int
+    probe: str
+    case: str
+    verdict: Verdict
+    reason: str
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["verdict"] = self.verdict.value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Judgement:
+        return cls(**{**d, "verdict": Verdict(d["verdict"])})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConsensusGroup:
+    """One (fingerprint, probe, case) vote: how many devices agreed on which bits."""
+
+    fingerprint: str
+    probe: str
+    case: str
+    devices: int
+    majority_hash: str
+    agree: int
+    no_majority: bool
+    dissenters: tuple[int, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dissenters"] = list(self.dissenters)
+        return d
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProbeSummary:
+    """One probe on one device after local and fleet judgement: what the reports show."""
+
+    probe: str
+    verdict: Verdict
+    metrics: dict[str, float]
+    details: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceSummary:
+    rank: int
+    device: str
+    host: str
+    uuid: str
+    fingerprint: str
+    verdict: Verdict
+    probes: list[ProbeSummary]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunSummary:
+    """The whole run after fleet analysis."""
+
+    run_id: str
+    verdict: Verdict
+    started: float
+    ended: float
+    profile: str
+    seed: int
+    devices: list[DeviceSummary]
+    groups: list[ConsensusGroup] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[DeviceSummary]:
+        return [d for d in self.devices if d.verdict is not Verdict.PASS]
