@@ -59,7 +59,7 @@ def list_cmd(devices: str, as_json: bool) -> None:
 
 @main.command()
 @click.option("--devices", default="auto", show_default=True, help="auto (every GPU, else CPU workers), cpu:N, cuda:0,3")
-@click.option("--probes", default="matmul", show_default=True, help="Comma-separated probes to run.")
+@click.option("--probes", default="", help="Comma-separated probes to run [default: every probe the devices allow].")
 @click.option("--profile", default="quick", show_default=True,
               help="Time budget per device: quick (seconds), standard (~2 min), nightly (~15 min), burnin (--duration).")
 @click.option("--duration", default=None, help="Total time for --profile burnin, e.g. 10m or 2h.")

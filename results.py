@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 
-class Verdict(str, enum.Enum):
+class Verdict(enum.StrEnum):
     """Outcome for one device (or link) and probe; ordered from best to worst by `SEVERITY`."""
 
     PASS = "pass"
@@ -33,7 +33,7 @@ class Verdict(str, enum.Enum):
 SEVERITY = {Verdict.PASS: 0, Verdict.SLOW: 1, Verdict.FLAKY: 2, Verdict.ERROR: 3, Verdict.WRONG: 4}
 
 
-class ErrorKind(str, enum.Enum):
+class ErrorKind(enum.StrEnum):
     """Why a probe could not run: never confused with a wrong or slow chip."""
 
     TIMEOUT = "timeout"
@@ -44,14 +44,14 @@ class ErrorKind(str, enum.Enum):
     UNSUPPORTED = "unsupported"
 
 
-class DeviceKind(str, enum.Enum):
+class DeviceKind(enum.StrEnum):
     CUDA = "cuda"
     ROCM = "rocm"
     CPU = "cpu"
     TPU = "tpu"
 
 
-class Oracle(str, enum.Enum):
+class Oracle(enum.StrEnum):
     """Which independent check saw a problem."""
 
     EXACT = "exact"

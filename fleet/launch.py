@@ -41,7 +41,7 @@ class LaunchRequest:
     timeout_s: float
     inject: list[str] = field(default_factory=list)
     duration_s: float = 0.0
-    master_port: int = 29500
+    master_port: int = 0  # 0: a free port on this host
 
 
 @dataclass
@@ -77,13 +77,15 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
               on_start: Callable[[int, str, str], None] | None = None) -> None:
     """Run every planned case on every device; returns when each case has a result."""
     workdir = tempfile.mkdtemp(prefix=f"chipcheck-{req.run_id}-")
-    lock_path = os.path.join(workdir, "timing.lock")
+    # Host-wide, not per run: two runs on one host must not time their CPU devices at once either.
+    lock_path = os.path.join(tempfile.gettempdir(), f"chipcheck-{os.getuid()}-cpu-timing.lock")
     n_cpu = sum(1 for d in req.devices if d.kind is DeviceKind.CPU)
     workers = [
         _Worker(rank=r, info=d, todo=[(p, c) for p, cases in req.probes for c in cases])
         for r, d in enumerate(req.devices)
     ]
     q: queue.Queue[tuple[int, dict[str, Any] | None]] = queue.Queue()
+    master_port = req.master_port or free_port()
 
     def start(w: _Worker) -> None:
         remaining: list[tuple[str, list[str]]] = []
@@ -104,7 +106,7 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
         w.log_path = os.path.join(workdir, f"worker-{w.rank}.log")
         env = {**os.environ, "RANK": str(w.rank), "LOCAL_RANK": str(w.rank), "WORLD_SIZE": str(len(workers)),
                "LOCAL_WORLD_SIZE": str(len(workers)), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(req.master_port), "OMP_NUM_THREADS": str(plan.cpu_threads)}
+               "MASTER_PORT": str(master_port), "OMP_NUM_THREADS": str(plan.cpu_threads)}
         env.pop("CHIPCHECK_RESULT_FD", None)
         with open(w.log_path, "ab") as log:
             w.proc = subprocess.Popen([sys.executable, "-m", "chipcheck.worker", "--plan", plan_path],
@@ -185,6 +187,14 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
             if w.proc and w.proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(w.proc.pid, signal.SIGKILL)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _reader(rank: int, proc: subprocess.Popen[bytes], q: queue.Queue[tuple[int, dict[str, Any] | None]]) -> None:

@@ -32,8 +32,8 @@ class UsageError(ValueError):
 class RunOptions:
     devices: str = "auto"
     """`auto`, `cpu:N` or `cuda:0,3`."""
-    probes: tuple[str, ...] = ("matmul",)
-    """Probes to run, in order."""
+    probes: tuple[str, ...] = ()
+    """Probes to run, in order (empty: every default probe the devices allow)."""
     profile: str = "quick"
     """Time budget per device: quick, standard, nightly, burnin."""
     seed: int = 0
@@ -81,8 +81,13 @@ def plan_probes(opts: RunOptions, devs: list[DeviceInfo]) -> list[tuple[str, lis
 
     kind = devs[0].kind.value
     caps = devices.capabilities(devs[0])
+    names = opts.probes or tuple(n for n, cls in base.registry().items()
+                                 if cls.default and cls.min_devices <= len(devs))
     out = []
-    for name in opts.probes:
+    for name in names:
+        if base.registry()[name].min_devices > len(devs):
+            raise UsageError(f"probe {name!r} needs at least {base.registry()[name].min_devices} devices; "
+                             f"--devices {opts.devices} gives {len(devs)}")
         probe = base.get(name)
         try:
             cfg = probe.config(opts.profile, kind, caps)

@@ -16,7 +16,6 @@ import contextlib
 import fcntl
 import json
 import os
-import socket
 import sys
 import time
 import traceback
@@ -153,9 +152,12 @@ def run_plan(plan: WorkerPlan) -> int:
         device = torch.device("cpu")
     send({"t": "hello", "rank": rank, "pid": os.getpid(), "settings": settings})
     fault_list = [f for spec in plan.inject for f in faults.parse(spec)]
+    # CPU workers share cores: a whole case runs alone on the host (the lock is host-wide), so
+    # no device is timed while a neighbour computes. Collective probes run on all ranks at once.
     lock = _HostLock(plan.lock_path) if plan.lock_path else None
-    timer = base.Timer(device, lock)
+    timer = base.Timer(device)
     caps = _caps(info)
+    group = _lazy_group(info.kind.value, env)
     for probe_name, cases in plan.probes:
         probe = base.get(probe_name)
         cfg = probe.config(plan.profile, info.kind.value, caps)
@@ -165,12 +167,15 @@ def run_plan(plan: WorkerPlan) -> int:
             deadline = time.monotonic() + plan.duration_s / max(1, sum(len(c) for _, c in plan.probes))
         ctx = base.ProbeContext(device=device, device_kind=info.kind.value, seed=plan.seed, profile=plan.profile,
                                 timer=timer, under_test=injector or contextlib.nullcontext,
-                                deadline=deadline, capabilities=caps)
+                                deadline=deadline, capabilities=caps, rank=rank,
+                                world_size=env["world_size"], group=group)
+        exclusive = lock if (lock is not None and not probe.collective) else contextlib.nullcontext
         for case in cases:
             send({"t": "start", "probe": probe_name, "case": case, "time": time.time()})
             started = time.time()
             try:
-                outcome = probe.run_case(ctx, cfg, case)
+                with exclusive():
+                    outcome = probe.run_case(ctx, cfg, case)
             except base.Unsupported as e:
                 outcome = base.CaseOutcome(case=case, params={},
                                            error=ErrorInfo(kind=ErrorKind.UNSUPPORTED, message=str(e)))
@@ -196,6 +201,24 @@ def run_plan(plan: WorkerPlan) -> int:
     return 0
 
 
+def _lazy_group(kind: str, env: dict[str, Any]) -> Any:
+    """A function that initialises torch.distributed (gloo on CPU, NCCL on GPUs) on first use."""
+
+    def get() -> Any:
+        import datetime
+
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            timeout = float(os.environ.get("CHIPCHECK_PG_TIMEOUT_S", "120"))
+            dist.init_process_group(backend="nccl" if kind == "cuda" else "gloo", init_method="env://",
+                                    rank=env["rank"], world_size=env["world_size"],
+                                    timeout=datetime.timedelta(seconds=timeout))
+        return dist.group.WORLD
+
+    return get
+
+
 def _caps(info: DeviceInfo) -> frozenset[str]:
     from .devices import capabilities
 
@@ -211,6 +234,3 @@ def main(argv: list[str] | None = None) -> int:
         plan = WorkerPlan.from_json(f.read())
     return run_plan(plan)
 
-
-def hostname() -> str:
-    return socket.gethostname()

@@ -111,12 +111,24 @@ class ProbeContext:
     under_test: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
     deadline: float | None = None  # monotonic time by which a time-budgeted probe must stop
     capabilities: frozenset[str] = frozenset()
+    rank: int = 0
+    world_size: int = 1
+    group: Callable[[], Any] | None = None
+    """Returns the torch.distributed default group (initialised on first call) for collective probes."""
 
 
 class Probe(abc.ABC):
     """A deterministic workload with its checkers. Subclasses nest a frozen `Config` dataclass."""
 
     name: ClassVar[str] = ""
+    order: ClassVar[int] = 100
+    """Position in a default run (cheap, local probes first)."""
+    default: ClassVar[bool] = True
+    """Part of `chipcheck run` when --probes is not given."""
+    min_devices: ClassVar[int] = 1
+    """Devices the probe needs (collectives: 2); with fewer it is left out of a default run."""
+    collective: ClassVar[bool] = False
+    """Runs on all ranks together (needs ctx.group()); never serialised by the host lock."""
 
     @abc.abstractmethod
     def config(self, profile: str, device_kind: str, capabilities: frozenset[str]) -> Any:
@@ -144,10 +156,27 @@ def register(name: str) -> Callable[[type[Probe]], type[Probe]]:
 
 
 def registry() -> dict[str, type[Probe]]:
-    """Registered probes by name (importing the built-in probe modules first)."""
-    from . import matmul  # noqa: F401  (registers itself)
+    """Registered probes by name, in registration order (built-in probe modules imported first).
 
-    return dict(_REGISTRY)
+    Every module of this package that defines a probe registers it on import; modules whose
+    name starts with an underscore, and the helpers listed in `_NOT_PROBES`, are not probes.
+    """
+    import importlib
+    import pkgutil
+
+    for mod in pkgutil.iter_modules(_package_path()):
+        if not mod.name.startswith("_") and mod.name not in _NOT_PROBES:
+            importlib.import_module(f"{__package__}.{mod.name}")
+    return dict(sorted(_REGISTRY.items(), key=lambda kv: kv[1].order))
+
+
+_NOT_PROBES = {"base", "generator", "oracles", "faults"}
+
+
+def _package_path() -> list[str]:
+    import os
+
+    return [os.path.dirname(__file__)]
 
 
 def get(name: str) -> Probe:

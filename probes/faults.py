@@ -198,6 +198,20 @@ def make_injector(faults: list[Fault], rank: int, probe: str) -> Any:
     state = FaultState()
 
     class _Injector(TorchDispatchMode):
+        """Value faults are applied when the code under test is left: the output tensors are the
+        same objects the probe checks next, and the corruption's own cost stays out of timing."""
+
+        def __enter__(self) -> Any:
+            self.pending: list[tuple[Fault, Any, int]] = []
+            return super().__enter__()
+
+        def __exit__(self, *exc: Any) -> Any:
+            out = super().__exit__(*exc)
+            for f, t, n in self.pending:
+                corrupt(f, t, n)
+            self.pending.clear()
+            return out
+
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             kwargs = kwargs or {}
             name = func.overloadpacket.__name__
@@ -226,9 +240,12 @@ def make_injector(faults: list[Fault], rank: int, probe: str) -> Any:
                         import torch
 
                         torch.cuda.synchronize(first.device)
-                    time.sleep((time.perf_counter() - t0) * (f.factor - 1.0))
+                    # Busy-wait, not sleep: a slow chip keeps its core, and sleep overshoots short kernels.
+                    until = time.perf_counter() + (time.perf_counter() - t0) * (f.factor - 1.0)
+                    while time.perf_counter() < until:
+                        pass
                 elif first is not None:
-                    corrupt(f, first, n)
+                    self.pending.append((f, first, n))
             return out
 
     return _Injector

@@ -42,6 +42,7 @@ def load_profiles() -> dict[str, Any]:
 
 @register("matmul")
 class MatmulProbe(Probe):
+    order = 10
     @dataclass(frozen=True, slots=True, kw_only=True)
     class Config:
         sizes: dict[str, int] = field(default_factory=lambda: {"float32": 256})
