@@ -143,6 +143,26 @@ class Probe(abc.ABC):
         """Run one case on ctx.device; the only code that touches the device."""
 
 
+def profile_table(probe: str, profile: str, device_kind: str) -> dict[str, Any]:
+    """The `[device_kind.profile]` table of probes/profiles/<probe>.toml (ROCm uses the cuda rows).
+
+    Shapes live in data files, fixed per (profile, device kind): every device of one fingerprint
+    computes the same thing, so fleet consensus can compare their bits.
+    """
+    import tomllib
+    from importlib import resources
+
+    try:
+        text = resources.files("chipcheck.probes").joinpath("profiles", f"{probe}.toml").read_text()
+    except FileNotFoundError:
+        raise InvalidConfig(f"probe {probe!r} has no profiles/{probe}.toml") from None
+    table = tomllib.loads(text)
+    kind = device_kind if device_kind in table else "cuda" if device_kind == "rocm" else "cpu"
+    if kind not in table or profile not in table[kind]:
+        raise InvalidConfig(f"{probe}: no {profile!r} profile for {device_kind} devices")
+    return dict(table[kind][profile])
+
+
 _REGISTRY: dict[str, type[Probe]] = {}
 
 

@@ -20,24 +20,19 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-import tomllib
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any
 
 from ..results import Mismatch, Oracle
 from . import generator as g
 from . import oracles
-from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, Unsupported, register
+from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, Unsupported, profile_table, register
 
 ALL_DTYPES = ("float32", "tf32", "bfloat16", "float16", "float8_e4m3fn")
 # dtypes that need a capability of the device (reported by fleet.devices)
 NEEDS = {"tf32": "tf32", "float8_e4m3fn": "fp8"}
 
 
-def load_profiles() -> dict[str, Any]:
-    text = resources.files("chipcheck.probes").joinpath("profiles.toml").read_text()
-    return tomllib.loads(text)
 
 
 @register("matmul")
@@ -59,11 +54,7 @@ class MatmulProbe(Probe):
         """Width of the statistical tolerance of Freivalds and the fp64 reference."""
 
     def config(self, profile: str, device_kind: str, capabilities: frozenset[str]) -> Config:
-        table = load_profiles()["matmul"]
-        kind = device_kind if device_kind in table else "cuda" if device_kind in ("rocm",) else "cpu"
-        if profile not in table[kind]:
-            raise InvalidConfig(f"unknown profile {profile!r}; known: {', '.join(table[kind])}")
-        p = table[kind][profile]
+        p = profile_table("matmul", profile, device_kind)
         sizes = {d: int(n) for d, n in p["sizes"].items() if d not in NEEDS or NEEDS[d] in capabilities}
         cfg = self.Config(sizes=sizes, repeats=int(p["repeats"]), max_repeats=int(p["max_repeats"]),
                           budget_s=float(p["budget_s"]))
