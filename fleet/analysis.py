@@ -25,8 +25,8 @@ class SlowPolicy:
     """Minimum relative shortfall against the peers' median (0.10 = 10% slower)."""
     z: float = 3.5
     """Robust z-score (|x - median| / (1.4826 MAD)) a slow device must also exceed, with >= 4 peers."""
-    metric: str = "tflops"
-    """Throughput metric compared (higher is better)."""
+    metric: str = "tflops_best"
+    """Throughput metric compared (higher is better): the best call's, which host noise cannot inflate."""
 
 
 def consensus(results: list[ProbeResult]) -> tuple[list[Judgement], list[ConsensusGroup]]:

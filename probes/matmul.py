@@ -323,5 +323,8 @@ def _finish(out: CaseOutcome, times: list[float], n: int) -> None:
     out.metrics["time_ms"] = med * 1e3
     out.metrics["tflops"] = 2.0 * n**3 / med / 1e12
     out.metrics["time_ms_min"] = min(times) * 1e3
+    # The best call is what the chip can do; interference from the host only ever adds time,
+    # so the fleet's slowness judgement uses this one.
+    out.metrics["tflops_best"] = 2.0 * n**3 / min(times) / 1e12
     out.metrics["time_ms_max"] = max(times) * 1e3
 
