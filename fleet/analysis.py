@@ -44,15 +44,16 @@ def consensus(results: list[ProbeResult]) -> tuple[list[Judgement], list[Consens
         for m in voters:
             counts[m.output_hash] += 1
         top, n_top = max(counts.items(), key=lambda kv: kv[1], default=("", 0))
-        has_majority = len(voters) >= 2 and n_top * 2 > len(voters)
+        # One distinct output among the voters is agreement, even with a single voter left.
+        has_majority = n_top * 2 > len(voters) or len(counts) <= 1
         if has_majority:
             dissent = [m for m in members if m.output_hash != top]
         else:
             dissent = list(voters)
         for m in dissent:
             if has_majority:
-                reason = (f"consensus: output bits differ from {n_top} of {len(voters)} peers with fingerprint "
-                          f"{fp} (hash {m.output_hash[:12]} vs {top[:12]})")
+                reason = (f"consensus: output bits differ from the majority ({n_top} of {len(voters)} devices "
+                          f"with fingerprint {fp} agree; hash {m.output_hash[:12]} vs {top[:12]})")
             else:
                 reason = (f"consensus: no majority among {len(voters)} devices with fingerprint {fp} "
                           f"({len(counts)} distinct outputs)")

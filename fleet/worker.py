@@ -171,23 +171,12 @@ def run_plan(plan: WorkerPlan) -> int:
                                 world_size=env["world_size"], group=group)
         exclusive = lock if (lock is not None and not probe.collective) else contextlib.nullcontext
         for case in cases:
-            send({"t": "start", "probe": probe_name, "case": case, "time": time.time()})
-            started = time.time()
-            try:
-                with exclusive():
-                    outcome = probe.run_case(ctx, cfg, case)
-            except base.Unsupported as e:
-                outcome = base.CaseOutcome(case=case, params={},
-                                           error=ErrorInfo(kind=ErrorKind.UNSUPPORTED, message=str(e)))
-            except base.InvalidConfig as e:
-                outcome = base.CaseOutcome(case=case, params={},
-                                           error=ErrorInfo(kind=ErrorKind.INVALID_CONFIG, message=str(e)))
-            except Exception as e:  # the harness is the one place that catches broadly
-                kind = ErrorKind.DEVICE_LOST if "CUDA error" in str(e) else ErrorKind.EXCEPTION
-                tb = traceback.format_exc(limit=4).strip().splitlines()
-                outcome = base.CaseOutcome(
-                    case=case, params={},
-                    error=ErrorInfo(kind=kind, message=f"{type(e).__name__}: {e} ({tb[-3] if len(tb) > 2 else ''})"))
+            with exclusive():
+                # `start` is sent once the host lock is held: the watchdog times the case, not the
+                # queue for the lock (whose holder, if hung, is killed by its own watchdog).
+                send({"t": "start", "probe": probe_name, "case": case, "time": time.time()})
+                started = time.time()
+                outcome = _run_one(probe, ctx, cfg, case)
             result = ProbeResult(
                 run_id=plan.run_id, host=info.host, rank=rank, device=info.label, fingerprint=info.fingerprint,
                 probe=probe_name, case=case, verdict=outcome.verdict, seed=plan.seed, params=outcome.params,
@@ -199,6 +188,24 @@ def run_plan(plan: WorkerPlan) -> int:
             send({"t": "result", "result": result.to_dict()})
     send({"t": "bye"})
     return 0
+
+
+def _run_one(probe: Any, ctx: Any, cfg: Any, case: str) -> Any:
+    """Run one case; any failure to run becomes an `error` outcome (the one broad catch)."""
+    from ..probes import base
+
+    try:
+        return probe.run_case(ctx, cfg, case)
+    except base.Unsupported as e:
+        return base.CaseOutcome(case=case, params={}, error=ErrorInfo(kind=ErrorKind.UNSUPPORTED, message=str(e)))
+    except base.InvalidConfig as e:
+        return base.CaseOutcome(case=case, params={}, error=ErrorInfo(kind=ErrorKind.INVALID_CONFIG, message=str(e)))
+    except Exception as e:
+        kind = ErrorKind.DEVICE_LOST if "CUDA error" in str(e) else ErrorKind.EXCEPTION
+        tb = traceback.format_exc(limit=4).strip().splitlines()
+        where = tb[-3].strip() if len(tb) > 2 else ""
+        return base.CaseOutcome(case=case, params={},
+                                error=ErrorInfo(kind=kind, message=f"{type(e).__name__}: {e} ({where})"))
 
 
 def _lazy_group(kind: str, env: dict[str, Any]) -> Any:

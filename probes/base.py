@@ -59,11 +59,12 @@ class CaseOutcome:
 
 
 class Timer:
-    """Times device work: CUDA events on GPUs, a monotonic clock (after sync) elsewhere.
+    """Times device work: CUDA events on GPUs; on CPU devices, the worker's CPU seconds.
 
-    On hosts whose virtual devices share CPU cores, `exclusive` serialises the timed sections of
-    all workers on the host through a file lock, so no device is called slow because its
-    neighbour was busy.
+    A virtual CPU device is a process sharing cores with others; wall time would charge it for
+    its neighbours' load. CPU time (all threads of the worker) measures what the device itself
+    spent, so a busy host never makes a device look slow, while a slow core still does.
+    `exclusive` optionally serialises timed sections across processes.
     """
 
     def __init__(self, device: Any, exclusive: Callable[[], contextlib.AbstractContextManager[Any]] | None = None):
@@ -92,6 +93,10 @@ class Timer:
             end.record()
             end.synchronize()
             return out, start.elapsed_time(end) / 1e3
+        if self.device.type == "cpu":
+            t0 = time.process_time()
+            out = fn()
+            return out, max(time.process_time() - t0, 1e-9)
         self.sync()
         t0 = time.perf_counter()
         out = fn()

@@ -1,0 +1,62 @@
+"""The --inject grammar: valid specs parse, malformed ones fail with a fix-it message."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from chipcheck.probes import faults
+
+
+def test_parse_examples_from_the_docs() -> None:
+    (f,) = faults.parse("bitflip:rank=2,bit=20,rate=0.01")
+    assert (f.kind, f.ranks, f.bit, f.rate) == ("bitflip", (2,), 20, 0.01)
+    (s,) = faults.parse("slow:rank=1,factor=1.3")
+    assert s.factor == 1.3 and s.applies_to(1, "matmul") and not s.applies_to(0, "matmul")
+    two = faults.parse("nan:rank=0; hang:rank=1|3")
+    assert [x.kind for x in two] == ["nan", "hang"] and two[1].ranks == (1, 3)
+    assert faults.parse("stuck:bit=3,value=0")[0].rate == 1e-3
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("explode:rank=1", "unknown fault kind"),
+    ("bitflip:rank=1", "needs bit"),
+    ("bitflip:bit=x", "bad value for bit"),
+    ("bitflip:bit=3,rate=2", "rate must be"),
+    ("slow:factor=0.5", "factor > 1"),
+    ("nan:colour=red", "not valid for nan"),
+    ("nan:rank", "expected key=value"),
+    ("", "empty"),
+])
+def test_malformed_specs_say_what_to_fix(spec: str, words: str) -> None:
+    with pytest.raises(faults.InjectSpecError, match=words):
+        faults.parse(spec)
+
+
+@pytest.mark.parametrize("dtype, bit", [(torch.float32, 31), (torch.float32, 0), (torch.bfloat16, 15),
+                                        (torch.float16, 10)])
+def test_bitflip_flips_exactly_that_bit_of_one_element(dtype: torch.dtype, bit: int) -> None:
+    t = torch.ones(100, dtype=dtype)
+    before = t.clone()
+    faults.corrupt(faults.Fault(kind="bitflip", bit=bit), t, call=0)
+    iv = {4: torch.int32, 2: torch.int16}[t.element_size()]
+    xor = (t.view(iv) ^ before.view(iv)).to(torch.int64) & ((1 << (8 * t.element_size())) - 1)
+    assert int((xor != 0).sum()) == 1
+    assert int(xor[xor != 0][0]) == 1 << bit
+
+
+def test_bit_beyond_the_dtype_leaves_it_alone() -> None:
+    t = torch.ones(10, dtype=torch.bfloat16)
+    faults.corrupt(faults.Fault(kind="bitflip", bit=20), t, call=0)
+    assert torch.equal(t, torch.ones(10, dtype=torch.bfloat16))
+
+
+def test_injector_corrupts_only_code_under_test_and_only_its_rank() -> None:
+    inj = faults.make_injector(faults.parse("bitflip:rank=1,bit=30"), 1, "matmul")
+    assert faults.make_injector(faults.parse("bitflip:rank=1,bit=30"), 0, "matmul") is None
+    a = torch.eye(8)
+    clean = a @ a
+    with inj():
+        bad = a @ a
+    assert not torch.equal(bad, clean)
+    assert torch.equal(a @ a, clean)  # outside the region nothing is touched
