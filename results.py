@@ -138,6 +138,35 @@ class ErrorInfo:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LinkResult:
+    """One direction of one link (src -> dst), as measured by one of its ends.
+
+    The sender measures latency and bandwidth; the receiver checks the payload bits. The two
+    halves are merged by the fleet analysis.
+    """
+
+    src: int
+    dst: int
+    measured_by: int
+    latency_us: float | None = None
+    gbps: float | None = None
+    bad_bytes: int = 0
+    total_bytes: int = 0
+    bit_histogram: dict[int, int] = field(default_factory=dict)
+    first_bad_offset: int | None = None
+    error: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["bit_histogram"] = {str(k): v for k, v in self.bit_histogram.items()}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LinkResult:
+        return cls(**{**d, "bit_histogram": {int(k): v for k, v in d.get("bit_histogram", {}).items()}})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ProbeResult:
     """One probe case (e.g. matmul / bfloat16 / random) on one device, as measured there.
 
@@ -165,11 +194,13 @@ class ProbeResult:
     started: float = 0.0
     ended: float = 0.0
     device_uuid: str = ""
+    links: list[LinkResult] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
         d["verdict"] = self.verdict.value
         d["mismatches"] = [m.to_dict() for m in self.mismatches]
+        d["links"] = [link.to_dict() for link in self.links]
         d["error"] = self.error.to_dict() if self.error else None
         return d
 
@@ -181,6 +212,7 @@ class ProbeResult:
                 "verdict": Verdict(d["verdict"]),
                 "mismatches": [Mismatch.from_dict(m) for m in d.get("mismatches", [])],
                 "error": ErrorInfo.from_dict(d["error"]) if d.get("error") else None,
+                "links": [LinkResult.from_dict(x) for x in d.get("links", [])],
             }
         )
 

@@ -41,6 +41,7 @@ class LaunchRequest:
     timeout_s: float
     inject: list[str] = field(default_factory=list)
     duration_s: float = 0.0
+    options: dict[str, str] = field(default_factory=dict)
     master_port: int = 0  # 0: a free port on this host
 
 
@@ -56,6 +57,7 @@ class _Worker:
     killed_for: ErrorKind | None = None
     log_path: str = ""
     done: bool = False
+    restarted: bool = False
 
 
 def _error_result(req: LaunchRequest, w: _Worker, probe: str, case: str, kind: ErrorKind, msg: str) -> ProbeResult:
@@ -86,6 +88,7 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
     ]
     q: queue.Queue[tuple[int, dict[str, Any] | None]] = queue.Queue()
     master_port = req.master_port or free_port()
+    dead: list[tuple[int, str, str]] = []  # ranks lost inside a collective probe: (rank, probe, case)
 
     def start(w: _Worker) -> None:
         remaining: list[tuple[str, list[str]]] = []
@@ -96,10 +99,11 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
                 remaining.append((p, [c]))
         plan = WorkerPlan(
             run_id=req.run_id, device=w.info.to_dict(), probes=remaining, profile=req.profile, seed=req.seed,
-            inject=req.inject, duration_s=req.duration_s,
+            inject=req.inject, duration_s=req.duration_s, options=dict(req.options),
             cpu_cores=devmod.cores_for(w.rank, n_cpu) if w.info.kind is DeviceKind.CPU else [],
             cpu_threads=devmod.threads_per_cpu_worker(n_cpu) if n_cpu else 1,
             lock_path=lock_path if w.info.kind is DeviceKind.CPU else "",
+            collectives_ok=not w.restarted and not dead,
         )
         plan_path = os.path.join(workdir, f"plan-{w.rank}.json")
         Path(plan_path).write_text(plan.to_json())
@@ -141,12 +145,15 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
                                           f"(rank {w.rank}, seed {req.seed}): {sig}. {_tail(w.log_path)}")
         on_result(_error_result(req, w, probe, case, kind, msg))
         w.todo.remove((probe, case))
+        if _is_collective(probe):
+            dead.append((w.rank, probe, case))
         for p, c in [t for t in w.todo if t[0] == probe]:
             on_result(_error_result(req, w, p, c, ErrorKind.CRASH,
                                     f"not run: the worker was lost in {probe} {case}"))
             w.todo.remove((p, c))
         if w.todo:
-            start(w)  # later probes get a fresh worker
+            w.restarted = True
+            start(w)  # later probes get a fresh worker (collective ones cannot rejoin the group)
         else:
             w.done = True
 
@@ -169,7 +176,7 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
                     if on_start:
                         on_start(rank, msg["probe"], msg["case"])
                 elif msg["t"] == "result":
-                    res = ProbeResult.from_dict(msg["result"])
+                    res = _name_the_lost(ProbeResult.from_dict(msg["result"]), dead, workers)
                     with contextlib.suppress(ValueError):
                         w.todo.remove((res.probe, res.case))
                     w.current = None
@@ -187,6 +194,25 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
             if w.proc and w.proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(w.proc.pid, signal.SIGKILL)
+
+
+def _is_collective(probe: str) -> bool:
+    from ..probes import base
+
+    cls = base.registry().get(probe)
+    return bool(cls and cls.collective)
+
+
+def _name_the_lost(res: ProbeResult, dead: list[tuple[int, str, str]], workers: list[_Worker]) -> ProbeResult:
+    """A collective that failed because a peer died says which rank it was."""
+    if res.error is None or not dead or not _is_collective(res.probe):
+        return res
+    import dataclasses
+
+    who = ", ".join(f"rank {r} ({workers[r].info.label} on {workers[r].info.host}, lost in {p} {c})"
+                    for r, p, c in dead)
+    err = dataclasses.replace(res.error, message=f"peer lost: {who}; {res.error.message}"[:600])
+    return dataclasses.replace(res, error=err)
 
 
 def free_port() -> int:

@@ -46,6 +46,8 @@ class RunOptions:
     """Total time for --profile burnin."""
     min_gap: float = 0.10
     """Relative throughput shortfall that counts as slow."""
+    options: dict[str, str] = field(default_factory=dict)
+    """Probe options (e.g. pairing for the links probe)."""
     argv: list[str] = field(default_factory=list)
 
 
@@ -126,7 +128,8 @@ def execute(opts: RunOptions, store: Store, *, on_result: Callable[[ProbeResult]
             on_result(r)
 
     req = LaunchRequest(run_id=run_id, devices=devs, probes=probes, profile=opts.profile, seed=opts.seed,
-                        timeout_s=timeout, inject=list(opts.inject), duration_s=opts.duration_s)
+                        timeout_s=timeout, inject=list(opts.inject), duration_s=opts.duration_s,
+                        options=dict(opts.options))
     run_local(req, keep, on_start)
     summary, judgements = judge(run_id, dict(enumerate(devs)), collected, opts, started)
     store.add_judgements(run_id, judgements)

@@ -40,6 +40,8 @@ class WorkerPlan:
     cpu_threads: int = 1
     lock_path: str = ""
     duration_s: float = 0.0
+    options: dict[str, str] = field(default_factory=dict)
+    collectives_ok: bool = True  # False for a worker restarted after a peer was lost
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -158,6 +160,7 @@ def run_plan(plan: WorkerPlan) -> int:
     timer = base.Timer(device)
     caps = _caps(info)
     group = _lazy_group(info.kind.value, env)
+    group_failure = "" if plan.collectives_ok else "a peer worker was lost before this worker started"
     for probe_name, cases in plan.probes:
         probe = base.get(probe_name)
         cfg = probe.config(plan.profile, info.kind.value, caps)
@@ -168,26 +171,43 @@ def run_plan(plan: WorkerPlan) -> int:
         ctx = base.ProbeContext(device=device, device_kind=info.kind.value, seed=plan.seed, profile=plan.profile,
                                 timer=timer, under_test=injector or contextlib.nullcontext,
                                 deadline=deadline, capabilities=caps, rank=rank,
-                                world_size=env["world_size"], group=group)
+                                world_size=env["world_size"], group=group, host=info.host,
+                                options=dict(plan.options))
         exclusive = lock if (lock is not None and not probe.collective) else contextlib.nullcontext
         for case in cases:
+            if probe.collective and group_failure:
+                # A failed collective leaves the process group unusable: say so, quickly.
+                outcome = base.CaseOutcome(case=case, params={}, error=ErrorInfo(
+                    kind=ErrorKind.CRASH, message=f"not run: the process group failed earlier ({group_failure})"))
+                send({"t": "start", "probe": probe_name, "case": case, "time": time.time()})
+                send({"t": "result", "result": _stamp(plan, info, rank, probe_name, case, outcome, settings,
+                                                      fault_list, time.time()).to_dict()})
+                continue
             with exclusive():
                 # `start` is sent once the host lock is held: the watchdog times the case, not the
                 # queue for the lock (whose holder, if hung, is killed by its own watchdog).
                 send({"t": "start", "probe": probe_name, "case": case, "time": time.time()})
                 started = time.time()
                 outcome = _run_one(probe, ctx, cfg, case)
-            result = ProbeResult(
-                run_id=plan.run_id, host=info.host, rank=rank, device=info.label, fingerprint=info.fingerprint,
-                probe=probe_name, case=case, verdict=outcome.verdict, seed=plan.seed, params=outcome.params,
-                metrics=outcome.metrics, mismatches=outcome.mismatches, repeats=outcome.repeats,
-                repeats_bad=outcome.repeats_bad, output_hash=outcome.output_hash, error=outcome.error,
-                settings={**settings, "inject": [f.spec() for f in fault_list if f.applies_to(rank, probe_name)]},
-                started=started, ended=time.time(), device_uuid=info.uuid,
-            )
+            result = _stamp(plan, info, rank, probe_name, case, outcome, settings, fault_list, started)
+            if probe.collective and outcome.error is not None and not group_failure:
+                group_failure = f"{case}: {outcome.error.message[:160]}"
             send({"t": "result", "result": result.to_dict()})
     send({"t": "bye"})
     return 0
+
+
+def _stamp(plan: WorkerPlan, info: DeviceInfo, rank: int, probe: str, case: str, outcome: Any,
+           settings: dict[str, Any], fault_list: list[Any], started: float) -> ProbeResult:
+    """The outcome as a ProbeResult, with where, when and under which settings it was measured."""
+    return ProbeResult(
+        run_id=plan.run_id, host=info.host, rank=rank, device=info.label, fingerprint=info.fingerprint,
+        probe=probe, case=case, verdict=outcome.verdict, seed=plan.seed, params=outcome.params,
+        metrics=outcome.metrics, mismatches=outcome.mismatches, repeats=outcome.repeats,
+        repeats_bad=outcome.repeats_bad, output_hash=outcome.output_hash, error=outcome.error,
+        settings={**settings, "inject": [f.spec() for f in fault_list if f.applies_to(rank, probe)]},
+        started=started, ended=time.time(), device_uuid=info.uuid, links=outcome.links,
+    )
 
 
 def _run_one(probe: Any, ctx: Any, cfg: Any, case: str) -> Any:

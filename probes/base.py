@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..results import ErrorInfo, Mismatch, Verdict
+from ..results import ErrorInfo, LinkResult, Mismatch, Verdict
 
 
 class ProbeError(Exception):
@@ -42,6 +42,7 @@ class CaseOutcome:
     nondeterministic: bool = False
     output_hash: str = ""
     error: ErrorInfo | None = None
+    links: list[LinkResult] = field(default_factory=list)
 
     @property
     def verdict(self) -> Verdict:
@@ -120,6 +121,9 @@ class ProbeContext:
     world_size: int = 1
     group: Callable[[], Any] | None = None
     """Returns the torch.distributed default group (initialised on first call) for collective probes."""
+    host: str = ""
+    options: dict[str, str] = field(default_factory=dict)
+    """Probe options from the command line (e.g. links: pairing=random:15)."""
 
 
 class Probe(abc.ABC):

@@ -14,7 +14,23 @@ Spec grammar (one fault per `--inject`, or several joined by ';'):
 
 Common keys: `rank` (one rank, or several as 1|3), `probe` (only inside that probe),
 `dtype` (only outputs of that dtype, e.g. bfloat16), `op` (aten op name, e.g. mm), `after`
-(leave the first N matching calls alone: a chip that fails after warming up), `seed`.
+(leave the first N matching calls alone: a chip that fails after warming up), `seed`,
+`output` (which floating-point output of the op to corrupt, counting from 0; default the first:
+e.g. `op=_scaled_dot_product_flash_attention_for_cpu_backward,output=2` hits dv of (dq, dk, dv)).
+Value faults (bitflip, stuck, nan) also take `index` (the flat element index, within each
+matching output, to hit on every call instead of random ones: a fixed, repeatable address, e.g.
+`stuck:rank=1,bit=3,value=1,index=1000,op=clone,probe=memory` is a stuck cell at byte 4000 of
+the memory probe's read-back; an index beyond the output leaves that output alone).
+`count` corrupts at most N matching calls after `after` (one bad call: count=1). `at` says when a
+value fault lands: `exit` corrupts the outputs when the code under test is left (the probe's
+checks see them; the corruption's cost stays out of timing), `call` corrupts an output as its
+kernel returns, so later kernels consume the bad bits, as on a real faulty chip. Without `at`,
+faults land at `call` in the probes listed in `CALL_TIME_PROBES` (training steps: their backward
+reads the forward's outputs, which are dead by the time the step is left) and at `exit` elsewhere.
+Collectives: with `op=` naming a c10d op (`send`, `allreduce_`, `broadcast_`, `_allgather_base_`,
+`_reduce_scatter_base_`, `alltoall_base_`), a value fault corrupts the *outgoing* payload before
+it leaves (a bad NIC or link), `slow` stretches the op, and `peer=N` limits a fault to sends to
+rank N: `bitflip:rank=1,bit=12,op=send,peer=2,probe=links` corrupts only the link 1 -> 2.
 
 The injector is a TorchDispatchMode entered only around the code under test (the probe's own
 checks run outside it), so faults land in real ATen kernels' outputs on that worker.
@@ -32,18 +48,23 @@ from typing import Any
 
 KINDS = ("bitflip", "stuck", "nan", "slow", "hang", "crash")
 _KEYS = {
-    "bitflip": {"bit", "rate"},
-    "stuck": {"bit", "rate", "value"},
-    "nan": {"rate"},
+    "bitflip": {"bit", "rate", "index"},
+    "stuck": {"bit", "rate", "value", "index"},
+    "nan": {"rate", "index"},
     "slow": {"factor"},
     "hang": set(),
     "crash": set(),
 }
-_COMMON = {"rank", "probe", "dtype", "op", "after", "seed"}
+_COMMON = {"rank", "probe", "dtype", "op", "after", "seed", "output", "count", "at", "peer"}
+# Probes whose code under test consumes its own kernels' outputs register here on import (see `at`).
+CALL_TIME_PROBES: set[str] = set()
 # The compute kernels a fault lands in by default: GEMMs and attention, not the checks' helpers.
 DEFAULT_OPS = ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "_scaled_dot_product_flash_attention",
                "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-               "_scaled_dot_product_flash_attention_for_cpu", "convolution")
+               "_scaled_dot_product_flash_attention_for_cpu", "convolution",
+               # attention backward kernels (first output: dq), so faults also land in gradients
+               "_scaled_dot_product_flash_attention_backward", "_scaled_dot_product_efficient_attention_backward",
+               "_scaled_dot_product_cudnn_attention_backward", "_scaled_dot_product_flash_attention_for_cpu_backward")
 
 
 class InjectSpecError(ValueError):
@@ -63,6 +84,11 @@ class Fault:
     op: str | None = None
     after: int = 0
     seed: int = 0
+    index: int | None = None
+    output: int | None = None
+    count: int = 0  # matching calls corrupted after `after` (0: all)
+    peer: int | None = None  # collectives: only sends to this rank
+    at: str | None = None  # exit | call | None (by probe: CALL_TIME_PROBES)
 
     def applies_to(self, rank: int, probe: str) -> bool:
         return (self.ranks is None or rank in self.ranks) and (self.probe is None or self.probe == probe)
@@ -71,7 +97,7 @@ class Fault:
         parts = []
         if self.ranks is not None:
             parts.append("rank=" + "|".join(str(r) for r in self.ranks))
-        for k in ("bit", "rate", "probe", "dtype", "op"):
+        for k in ("bit", "rate", "index", "probe", "dtype", "op", "output"):
             v = getattr(self, k)
             if v is not None:
                 parts.append(f"{k}={v}")
@@ -81,6 +107,10 @@ class Fault:
             parts.append(f"factor={self.factor}")
         if self.after:
             parts.append(f"after={self.after}")
+        if self.count:
+            parts.append(f"count={self.count}")
+        if self.at:
+            parts.append(f"at={self.at}")
         return self.kind + (":" + ",".join(parts) if parts else "")
 
 
@@ -128,9 +158,21 @@ def _convert(k: str, v: str) -> dict[str, Any]:
         if any(r < 0 for r in ranks):
             raise ValueError("ranks are >= 0")
         return {"ranks": ranks}
-    if k in ("bit", "after", "seed", "value"):
+    if k == "count":
+        if int(v) < 1:
+            raise ValueError("count must be >= 1 (leave it out to corrupt every matching call)")
+        return {"count": int(v)}
+    if k == "at":
+        if v not in ("exit", "call"):
+            raise ValueError("at must be exit or call")
+        return {"at": v}
+    if k == "peer":
+        if int(v) < 0:
+            raise ValueError("peer is a rank >= 0")
+        return {"peer": int(v)}
+    if k in ("bit", "after", "seed", "value", "index", "output"):
         n = int(v)
-        if n < 0 or (k == "bit" and n > 63) or (k == "value" and n not in (0, 1)):
+        if n < 0 or (k == "output" and n > 15) or (k == "bit" and n > 63) or (k == "value" and n not in (0, 1)):
             raise ValueError("out of range")
         return {k: n}
     if k == "rate":
@@ -164,7 +206,11 @@ def corrupt(fault: Fault, out: Any, call: int) -> None:
     flat = out.view(-1)
     gen = torch.Generator(device="cpu").manual_seed((fault.seed * 1_000_003 + call) & 0x7FFFFFFF)
     n = flat.numel()
-    if fault.rate is None:
+    if fault.index is not None:
+        if fault.index >= n:
+            return
+        idx = torch.tensor([fault.index])
+    elif fault.rate is None:
         idx = torch.randint(0, n, (1,), generator=gen)
     else:
         mask = torch.rand(n, generator=gen) < fault.rate
@@ -196,6 +242,7 @@ def make_injector(faults: list[Fault], rank: int, probe: str) -> Any:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     state = FaultState()
+    now = {i for i, f in enumerate(active) if f.at == "call" or (f.at is None and probe in CALL_TIME_PROBES)}
 
     class _Injector(TorchDispatchMode):
         """Value faults are applied when the code under test is left: the output tensors are the
@@ -218,17 +265,23 @@ def make_injector(faults: list[Fault], rank: int, probe: str) -> Any:
             mine = [f for f in active if (f.op == name if f.op else name in DEFAULT_OPS)]
             if not mine:
                 return func(*args, **kwargs)
+            if func.namespace == "c10d":
+                return self._collective(func, name, mine, args, kwargs)
             t0 = time.perf_counter()
             out = func(*args, **kwargs)
             tensors = out if isinstance(out, (tuple, list)) else (out,)
-            first = next((t for t in tensors if hasattr(t, "dtype") and t.is_floating_point()), None)
+            floats = [t for t in tensors if hasattr(t, "dtype") and t.is_floating_point()]
             for f in mine:
                 i = active.index(f)
+                k = f.output or 0
+                first = floats[k] if k < len(floats) else None  # the output this fault targets
+                if first is None and f.output is not None:
+                    continue  # the op has no such output: leave it alone
                 if first is not None and f.dtype and str(first.dtype).removeprefix("torch.") != f.dtype:
                     continue
                 n = state.calls.get(i, 0)
                 state.calls[i] = n + 1
-                if n < f.after:
+                if n < f.after or (f.count and n >= f.after + f.count):
                     continue
                 if f.kind == "hang":
                     while True:
@@ -244,8 +297,40 @@ def make_injector(faults: list[Fault], rank: int, probe: str) -> Any:
                     until = time.perf_counter() + (time.perf_counter() - t0) * (f.factor - 1.0)
                     while time.perf_counter() < until:
                         pass
+                elif first is not None and i in now:
+                    corrupt(f, first, n)
                 elif first is not None:
                     self.pending.append((f, first, n))
+            return out
+
+        def _collective(self, func: Any, name: str, mine: list[Fault], args: Any, kwargs: Any) -> Any:
+            """c10d ops (send, allreduce_, ...): a value fault corrupts the *outgoing* payload before
+            it leaves, as a bad NIC or link would; `peer` limits it to sends to one rank."""
+            payload = args[1] if name.endswith("_base_") else (args[0][0] if args and args[0] else None)
+            t0 = time.perf_counter()
+            slow = 1.0
+            for f in mine:
+                if f.peer is not None and (name != "send" or len(args) < 3 or args[2] != f.peer):
+                    continue
+                i = active.index(f)
+                n = state.calls.get(i, 0)
+                state.calls[i] = n + 1
+                if n < f.after or (f.count and n >= f.after + f.count):
+                    continue
+                if f.kind == "hang":
+                    while True:
+                        time.sleep(3600)
+                elif f.kind == "crash":
+                    os.kill(os.getpid(), signal.SIGKILL)
+                elif f.kind == "slow":
+                    slow = max(slow, f.factor)
+                elif payload is not None:
+                    corrupt(f, payload, n)
+            out = func(*args, **kwargs)
+            if slow > 1.0:
+                until = time.perf_counter() + (time.perf_counter() - t0) * (slow - 1.0)
+                while time.perf_counter() < until:
+                    pass
             return out
 
     return _Injector

@@ -8,6 +8,19 @@ _MARK = {Verdict.PASS: "PASS", Verdict.SLOW: "SLOW", Verdict.FLAKY: "FLAKY", Ver
          Verdict.ERROR: "ERROR"}
 
 
+MAX_REASONS = 4
+# The headline speed of each kind of probe, with its unit.
+_HEADLINE = (("tflops", "TFLOP/s"), ("busbw_gbps", "GB/s bus"), ("gbps", "GB/s"), ("tokens_per_s", "tok/s"))
+
+
+def _speed(metrics: dict[str, float], case: str) -> str:
+    for key, unit in _HEADLINE:
+        v = metrics.get(f"{case}:{key}")
+        if v is not None:
+            return f"{v:11.3f} {unit:<8}"
+    return " " * 20
+
+
 def render(s: RunSummary) -> str:
     lines = [f"chipcheck run {s.run_id}  profile={s.profile} seed={s.seed}  {len(s.devices)} device(s)", ""]
     for d in s.devices:
@@ -16,14 +29,13 @@ def render(s: RunSummary) -> str:
         for p in d.probes:
             cases = p.details.get("cases", [])
             for c in cases:
-                m = p.metrics
-                tf = m.get(f"{c['case']}:tflops")
-                ms = m.get(f"{c['case']}:time_ms")
-                speed = f"{tf:9.3f} TFLOP/s {ms:9.2f} ms" if tf is not None and ms is not None else " " * 29
-                lines.append(f"    {p.probe:<8} {c['case']:<24} {c['verdict']:<6} {speed}  "
+                lines.append(f"    {p.probe:<11} {c['case']:<24} {c['verdict']:<6} {_speed(p.metrics, c['case'])}  "
                              f"repeats {c['repeats_bad']}/{c['repeats']} bad")
-            for why in p.details.get("reasons", []):
+            reasons = p.details.get("reasons", [])
+            for why in reasons[:MAX_REASONS]:
                 lines.append(f"    ! {why}")
+            if len(reasons) > MAX_REASONS:
+                lines.append(f"    ! (+{len(reasons) - MAX_REASONS} more; see --json or the store)")
         lines.append("")
     failed = s.failed
     frac = len(failed) / len(s.devices) if s.devices else 0.0

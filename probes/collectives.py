@@ -1,0 +1,388 @@
+"""Collective probe: every collective the training stack uses, exact and timed as nccl-tests does.
+
+Catches: a rank whose contribution arrives wrong or not at all, misrouted chunks, corrupting
+NICs/NVLinks inside a collective, collectives far below their bus bandwidth.
+
+Each rank contributes integer patterns that encode its rank and the element index, chosen
+below the dtype's exact-integer limit, so the result is exact in any reduction order and a
+wrong element *decodes*: which rank's contribution is missing (sums carry 2**rank), which rank
+won a max it should not have, which source rank / destination / element a misrouted value
+came from (copies carry rank * M + index).
+
+Speed as nccl-tests reports it: time per op, algbw = bytes / time, busbw = algbw * factor
+(all_reduce 2(n-1)/n; all_gather, reduce_scatter, all_to_all (n-1)/n; broadcast and the
+send/recv ring 1), with sizes swept from `min_bytes` to `max_bytes` by `factor` (-b/-e/-f).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ..results import Mismatch, Oracle
+from . import oracles
+from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, Unsupported, profile_table, register
+
+OPS = ("all_reduce_sum", "all_reduce_max", "all_gather", "reduce_scatter", "broadcast", "all_to_all",
+       "sendrecv_ring")
+DTYPES = ("float32", "bfloat16", "int32")
+# Largest integer every value (and every partial sum) must stay below to be exact in the dtype.
+EXACT_LIMIT = {"float32": 2**24, "bfloat16": 2**8, "float16": 2**11, "int32": 2**31}
+
+
+def bus_factor(op: str, n: int) -> float:
+    """nccl-tests' busbw / algbw factor (doc/PERFORMANCE.md)."""
+    if op.startswith("all_reduce"):
+        return 2.0 * (n - 1) / n
+    if op in ("all_gather", "reduce_scatter", "all_to_all"):
+        return (n - 1) / n
+    return 1.0
+
+
+def _pow2_floor(x: float) -> int:
+    p = 1
+    while p * 2 <= x:
+        p *= 2
+    return p
+
+
+@dataclass(frozen=True, slots=True)
+class Code:
+    """How values encode (rank, index) for one op, world size and dtype, within the exact limit."""
+
+    n: int
+    limit: int
+    rank_bits: int  # sums: ranks below this contribute 2**rank
+    g_mod: int  # the index part cycles with this period
+    slot_mod: int = 1 << 62  # copies: the slot (source rank, ...) wraps here when the dtype is too narrow
+
+    @staticmethod
+    def for_sum(n: int, dtype: str) -> Code:
+        limit = EXACT_LIMIT[dtype]
+        rbits = min(n, max(1, limit.bit_length() - 2))
+        room = limit - (2**rbits - 1)
+        g = _pow2_floor(max(1, (room - 1) // n + 1)) if room > n else 1
+        while g > 1 and n * (g - 1) + 2**rbits - 1 >= limit:
+            g //= 2
+        return Code(n, limit, rbits, g)
+
+    @staticmethod
+    def for_copy(n: int, dtype: str, slots: int = 1) -> Code:
+        # value = slot * M + (i mod M) with slots = n (source rank) or n*n (source, destination)
+        limit = EXACT_LIMIT[dtype]
+        if limit >= slots:
+            return Code(n, limit, 0, _pow2_floor(limit // slots))
+        # Copies need no arithmetic, only representable values: wrap the slot (decoding becomes
+        # ambiguous modulo `limit`, the comparison stays exact).
+        return Code(n, limit, 0, 1, slot_mod=limit)
+
+
+@register("collectives")
+class CollectivesProbe(Probe):
+    order = 50
+    min_devices = 2
+    collective = True
+    speed_metric = "busbw_gbps_best"
+
+    @dataclass(frozen=True, slots=True, kw_only=True)
+    class Config:
+        ops: tuple[str, ...] = OPS
+        """Collectives to run."""
+        dtypes: tuple[str, ...] = DTYPES
+        """Element types (exact patterns in each)."""
+        min_bytes: int = 8
+        """Smallest message (nccl-tests -b)."""
+        max_bytes: int = 1 << 20
+        """Largest message (nccl-tests -e)."""
+        factor: int = 8
+        """Size multiplier between steps (nccl-tests -f)."""
+        iters: int = 5
+        """Timed ops per measurement."""
+        timed_loops: int = 3
+        """Measurements per size (the best is the chip's, the median is reported)."""
+        checks: int = 2
+        """Untimed, freshly initialised ops verified per size."""
+
+    def config(self, profile: str, device_kind: str, capabilities: frozenset[str]) -> Config:
+        p = profile_table("collectives", profile, device_kind)
+        cfg = self.Config(min_bytes=int(p["min_bytes"]), max_bytes=int(p["max_bytes"]), factor=int(p["factor"]),
+                          iters=int(p["iters"]), timed_loops=int(p.get("timed_loops", 3)),
+                          checks=int(p.get("checks", 2)))
+        if cfg.min_bytes < 1 or cfg.max_bytes < cfg.min_bytes or cfg.factor < 2:
+            raise InvalidConfig("collectives: need 1 <= min_bytes <= max_bytes and factor >= 2")
+        return cfg
+
+    def cases(self, cfg: Config) -> list[str]:
+        return [f"{op}/{dt}" for op in cfg.ops for dt in cfg.dtypes]
+
+    def run_case(self, ctx: ProbeContext, cfg: Config, case: str) -> CaseOutcome:
+        op, _, dtype = case.partition("/")
+        if op not in OPS or dtype not in EXACT_LIMIT:
+            raise InvalidConfig(f"unknown collectives case {case!r}")
+        if ctx.group is None:
+            raise InvalidConfig("collectives need a process group (run under the launcher or torchrun)")
+        import torch
+        import torch.distributed as dist
+
+        group = ctx.group()
+        n, r = dist.get_world_size(group), dist.get_rank(group)
+        tdt = getattr(torch, dtype)
+        esize = torch.empty((), dtype=tdt).element_size()
+        out = CaseOutcome(case=case, params={"op": op, "dtype": dtype, "world_size": n, "sizes": []})
+        best_bus, med_bus = 0.0, 0.0
+        size = cfg.min_bytes
+        while size <= cfg.max_bytes:
+            count = max(n, size // esize)
+            count -= count % n  # per-rank buffers split evenly into n chunks
+            step = _Step(op=op, n=n, r=r, count=count, dtype=dtype, tdt=tdt, device=ctx.device, group=group)
+            bad = False
+            for _ in range(cfg.checks):
+                step.init()
+                with ctx.under_test():
+                    step.run()
+                _sync(ctx)
+                bad |= _judge_check(out, step, group)
+            out.repeats += 1
+            out.repeats_bad += int(bad)
+            loops = []
+            for _ in range(cfg.timed_loops):
+                step.init()
+                dist.barrier(group)
+                t0 = time.perf_counter()
+                with ctx.under_test():
+                    for _ in range(cfg.iters):
+                        step.run()
+                _sync(ctx)
+                loops.append((time.perf_counter() - t0) / cfg.iters)
+            nbytes = count * esize
+            t_best, t_med = min(loops), statistics.median(loops)
+            bus_best = nbytes / t_best / 1e9 * bus_factor(op, n)
+            bus_med = nbytes / t_med / 1e9 * bus_factor(op, n)
+            out.params["sizes"].append(nbytes)
+            out.metrics[f"{nbytes}B:time_us"] = t_med * 1e6
+            out.metrics[f"{nbytes}B:algbw_gbps"] = nbytes / t_med / 1e9
+            out.metrics[f"{nbytes}B:busbw_gbps"] = bus_med
+            best_bus, med_bus = bus_best, bus_med
+            size *= cfg.factor
+        out.metrics["busbw_gbps"] = med_bus  # at the largest size, as nccl-tests' headline
+        out.metrics["busbw_gbps_best"] = best_bus
+        return out
+
+
+def _judge_check(out: CaseOutcome, step: _Step, group: Any) -> bool:
+    """Check this rank's output, then agree with every rank on who is to blame.
+
+    All ranks of a collective see a corrupted result; blaming all of them would drain innocent
+    nodes. Decoding names the source of bad data where the pattern allows (copies: the source
+    rank of the bad chunk; sums: ranks whose contribution is missing). A named rank is wrong;
+    a rank that only observed it records the observation and is not blamed. When nobody can
+    be named, every observer is wrong (and `chipcheck links` localises further).
+    """
+    import dataclasses
+
+    import torch.distributed as dist
+
+    m = step.check()
+    mine = step.suspects(m) if m is not None else []
+    views: list[Any] = [None] * step.n
+    dist.all_gather_object(views, (m is not None, mine), group=group)
+    blamed = sorted({s for bad, ss in views if bad for s in ss})
+    observers = [i for i, (bad, _) in enumerate(views) if bad]
+    if not observers:
+        return False
+    if blamed and step.r not in blamed:
+        if m is not None:
+            out.params.setdefault("observed", []).append(
+                f"saw {m.bad_elements} bad elements; decoding names rank(s) {blamed}; {m.note}")
+        return False
+    if m is None:  # blamed by others: e.g. the sender of the bad data, whose own view was fine
+        m = Mismatch(oracle=Oracle.EXACT, tensor=step.op, bad_elements=0, total_elements=step.count,
+                     note=f"named by rank(s) {observers} as the source of corrupted data")
+    else:
+        m = dataclasses.replace(m, note=f"{m.note}; blamed {blamed or 'nobody decodable: all observers wrong'}")
+    _keep(out, m)
+    return True
+
+
+def _sync(ctx: ProbeContext) -> None:
+    ctx.timer.sync()
+
+
+def _keep(out: CaseOutcome, m: Mismatch) -> None:
+    if not any(x.oracle == m.oracle and x.tensor == m.tensor for x in out.mismatches):
+        out.mismatches.append(m)
+
+
+@dataclass
+class _Step:
+    """One collective at one size: its inputs, the call, and the exact expected output."""
+
+    op: str
+    n: int
+    r: int
+    count: int
+    dtype: str
+    tdt: Any
+    device: Any
+    group: Any
+
+    def __post_init__(self) -> None:
+        import torch
+
+        self.idx = torch.arange(self.count, dtype=torch.int64, device=self.device)
+        chunk = self.count // self.n
+        if self.op in ("all_reduce_sum", "reduce_scatter"):
+            self.code = Code.for_sum(self.n, self.dtype)
+        elif self.op == "all_to_all":
+            self.code = Code.for_copy(self.n, self.dtype, slots=self.n * self.n)
+        else:
+            self.code = Code.for_copy(self.n, self.dtype, slots=self.n)
+        if self.op == "all_reduce_max" and self.n > self.code.limit:
+            raise Unsupported(f"all_reduce_max in {self.dtype} cannot encode {self.n} ranks exactly")
+        self.chunk = chunk
+
+    # ---- inputs ------------------------------------------------------------------------------
+
+    def _t(self, x: Any) -> Any:
+        return x.to(self.tdt)
+
+    def _sum_part(self, rank: int, j: Any) -> Any:
+        c = self.code
+        return (j % c.g_mod) + (2**rank if rank < c.rank_bits else 0)
+
+    def init(self) -> None:
+        import torch
+
+        c, n, r = self.code, self.n, self.r
+        if self.op == "all_reduce_sum":
+            self.buf = self._t(self._sum_part(r, self.idx))
+        elif self.op == "all_reduce_max":
+            self.buf = self._t(((self.idx + r) % n) * c.g_mod + self.idx % c.g_mod)
+        elif self.op == "reduce_scatter":
+            self.inp = self._t(self._sum_part(r, self.idx))
+            self.buf = torch.empty(self.chunk, dtype=self.tdt, device=self.device)
+        elif self.op == "all_gather":
+            self.inp = self._t((r % c.slot_mod) * c.g_mod + self.idx[: self.chunk] % c.g_mod)
+            self.buf = torch.empty(self.count, dtype=self.tdt, device=self.device)
+        elif self.op == "broadcast":
+            self.root = 0
+            self.buf = self._t((self.root % c.slot_mod) * c.g_mod + self.idx % c.g_mod) if r == self.root else \
+                torch.zeros(self.count, dtype=self.tdt, device=self.device)
+        elif self.op == "all_to_all":
+            dst = self.idx // self.chunk
+            self.inp = self._t(((r * n + dst) % c.slot_mod) * c.g_mod + (self.idx % self.chunk) % c.g_mod)
+            self.buf = torch.empty(self.count, dtype=self.tdt, device=self.device)
+        elif self.op == "sendrecv_ring":
+            self.inp = self._t((r % c.slot_mod) * c.g_mod + self.idx % c.g_mod)
+            self.buf = torch.zeros(self.count, dtype=self.tdt, device=self.device)
+
+    # ---- the collective ------------------------------------------------------------------------
+
+    def run(self) -> None:
+        import torch.distributed as dist
+
+        g = self.group
+        if self.op == "all_reduce_sum":
+            dist.all_reduce(self.buf, op=dist.ReduceOp.SUM, group=g)
+        elif self.op == "all_reduce_max":
+            dist.all_reduce(self.buf, op=dist.ReduceOp.MAX, group=g)
+        elif self.op == "reduce_scatter":
+            dist.reduce_scatter_tensor(self.buf, self.inp, op=dist.ReduceOp.SUM, group=g)
+        elif self.op == "all_gather":
+            dist.all_gather_into_tensor(self.buf, self.inp, group=g)
+        elif self.op == "broadcast":
+            dist.broadcast(self.buf, src=self.root, group=g)
+        elif self.op == "all_to_all":
+            dist.all_to_all_single(self.buf, self.inp, group=g)
+        elif self.op == "sendrecv_ring":
+            ops = [dist.P2POp(dist.isend, self.inp, (self.r + 1) % self.n, g),
+                   dist.P2POp(dist.irecv, self.buf, (self.r - 1) % self.n, g)]
+            for w in dist.batch_isend_irecv(ops):
+                w.wait()
+
+    # ---- the exact expected output and its decoding ---------------------------------------------
+
+    def expected(self) -> Any:
+        c, n = self.code, self.n
+        if self.op == "all_reduce_sum":
+            return self._t(n * (self.idx % c.g_mod) + (2 ** min(n, c.rank_bits) - 1))
+        if self.op == "reduce_scatter":
+            j = self.r * self.chunk + self.idx[: self.chunk]
+            return self._t(n * (j % c.g_mod) + (2 ** min(n, c.rank_bits) - 1))
+        if self.op == "all_reduce_max":
+            return self._t((n - 1) * c.g_mod + self.idx % c.g_mod)
+        if self.op == "all_gather":
+            return self._t(((self.idx // self.chunk) % c.slot_mod) * c.g_mod + (self.idx % self.chunk) % c.g_mod)
+        if self.op == "broadcast":
+            return self._t((self.root % c.slot_mod) * c.g_mod + self.idx % c.g_mod)
+        if self.op == "all_to_all":
+            src = self.idx // self.chunk
+            return self._t(((src * n + self.r) % c.slot_mod) * c.g_mod + (self.idx % self.chunk) % c.g_mod)
+        return self._t((((self.r - 1) % n) % c.slot_mod) * c.g_mod + self.idx % c.g_mod)  # sendrecv_ring
+
+    def check(self) -> Mismatch | None:
+        import dataclasses
+
+        exp = self.expected()
+        m = oracles.compare_bits(exp, self.buf, tensor=self.op, oracle=Oracle.EXACT, tile=max(1, self.chunk))
+        if m is None:
+            return None
+        return dataclasses.replace(m, note=(m.note + " " + self.decode(m)).strip())
+
+    def suspects(self, m: Mismatch) -> list[int]:
+        """Ranks the bad elements point at (empty when the pattern cannot say)."""
+        c, n = self.code, self.n
+        out: set[int] = set()
+        for (pos,), got in zip(m.first_indices, m.actual, strict=False):
+            if self.op in ("all_gather", "all_to_all"):
+                out.add(pos // self.chunk)
+            elif self.op == "broadcast":
+                out.add(self.root)
+            elif self.op == "sendrecv_ring":
+                out.add((self.r - 1) % n)
+            elif self.op in ("all_reduce_sum", "reduce_scatter") and got == got:
+                j = pos + (self.r * self.chunk if self.op == "reduce_scatter" else 0)
+                want = 2 ** min(n, c.rank_bits) - 1
+                resid = int(got) - n * (j % c.g_mod)
+                if 0 <= resid < want:
+                    out |= {k for k in range(min(n, c.rank_bits)) if not (resid >> k) & 1}
+        return sorted(out)
+
+    def decode(self, m: Mismatch) -> str:
+        """Say which rank / chunk the first wrong elements point at."""
+        c, n = self.code, self.n
+        notes = []
+        for (pos,), got in zip(m.first_indices[:4], m.actual[:4], strict=False):
+            if got != got:  # NaN
+                notes.append(f"[{pos}] NaN")
+                continue
+            v = int(got)
+            if self.op in ("all_reduce_sum", "reduce_scatter"):
+                j = pos + (self.r * self.chunk if self.op == "reduce_scatter" else 0)
+                resid = v - n * (j % c.g_mod)
+                want = 2 ** min(n, c.rank_bits) - 1
+                missing = [k for k in range(min(n, c.rank_bits)) if not (resid >> k) & 1] if 0 <= resid < 2 * want + 2 \
+                    else []
+                if 0 <= resid <= want and missing:
+                    notes.append(f"[{pos}] missing the contribution of rank(s) {missing}")
+                else:
+                    notes.append(f"[{pos}] off by {resid - want} (a corrupted contribution, not a missing one)")
+            elif self.op == "all_reduce_max":
+                q = (v - pos % c.g_mod) // c.g_mod
+                winner = (q - pos) % n
+                notes.append(f"[{pos}] max came from rank {winner}'s value, expected rank {(n - 1 - pos) % n}'s"
+                             if 0 <= q < n else f"[{pos}] value {v} decodes to no rank")
+            else:
+                slot, i = divmod(v, c.g_mod)
+                chunk = pos // self.chunk if self.op in ("all_gather", "all_to_all") else None
+                if self.op == "all_to_all":
+                    s, d = divmod(slot, n)
+                    notes.append(f"[{pos}] holds (src {s}, dst {d}, elem {i}); expected src {chunk} dst {self.r}")
+                elif self.op == "all_gather":
+                    notes.append(f"[{pos}] holds rank {slot}'s elem {i}; expected rank {chunk}'s")
+                else:
+                    src = self.root if self.op == "broadcast" else (self.r - 1) % n
+                    notes.append(f"[{pos}] holds rank {slot}'s elem {i}; expected rank {src}'s")
+        return "decoded: " + "; ".join(notes)
