@@ -66,11 +66,16 @@ def consensus(results: list[ProbeResult]) -> tuple[list[Judgement], list[Consens
     return judgements, summary
 
 
-def slow(results: list[ProbeResult], policy: SlowPolicy = SlowPolicy()) -> list[Judgement]:
-    """Devices slower than their fingerprint peers, per probe (ratios over that probe's cases)."""
+def slow(results: list[ProbeResult], policy: SlowPolicy = SlowPolicy(),
+         metric_by_probe: dict[str, str] | None = None) -> list[Judgement]:
+    """Devices slower than their fingerprint peers, per probe (ratios over that probe's cases).
+
+    `metric_by_probe` names each probe's speed metric (higher is better); others use policy.metric.
+    """
+    metric_by_probe = metric_by_probe or {}
     by_case: dict[tuple[str, str, str], dict[int, float]] = defaultdict(dict)
     for r in results:
-        v = r.metrics.get(policy.metric)
+        v = r.metrics.get(metric_by_probe.get(r.probe, policy.metric))
         if r.error is None and v is not None and v > 0:
             by_case[(r.fingerprint, r.probe, r.case)][r.rank] = v
     ratios: dict[tuple[int, str], list[float]] = defaultdict(list)
@@ -94,7 +99,8 @@ def slow(results: list[ProbeResult], policy: SlowPolicy = SlowPolicy()) -> list[
         flags = outlier[(rank, probe)]
         if ratio <= 1.0 - policy.min_gap and sum(flags) * 2 > len(flags):
             out.append(Judgement(rank=rank, probe=probe, case="*", verdict=Verdict.SLOW,
-                                 reason=(f"slow: {policy.metric} is {ratio:.2f}x the median of its fingerprint peers "
+                                 reason=(f"slow: {metric_by_probe.get(probe, policy.metric)} is {ratio:.2f}x the "
+                                         f"median of its fingerprint peers "
                                          f"(median over {len(rs)} cases; threshold {1 - policy.min_gap:.2f}x)"),
                                  metrics={"ratio_to_peers": ratio}))
     return out

@@ -141,7 +141,10 @@ def judge(run_id: str, devs: dict[int, DeviceInfo], results: list[ProbeResult], 
           started: float) -> tuple[RunSummary, list[Judgement]]:
     """Fleet analysis (consensus, slowness) and the per-device verdicts."""
     cons, groups = analysis.consensus(results)
-    slow = analysis.slow(results, analysis.SlowPolicy(min_gap=opts.min_gap))
+    from ..probes import base
+
+    metrics = {name: cls.speed_metric for name, cls in base.registry().items()}
+    slow = analysis.slow(results, analysis.SlowPolicy(min_gap=opts.min_gap), metrics)
     summary = summarize(run_id, devs, results, cons + slow, groups, profile=opts.profile, seed=opts.seed,
                         started=started, ended=time.time())
     return summary, cons + slow

@@ -138,6 +138,8 @@ class Probe(abc.ABC):
     """Devices the probe needs (collectives: 2); with fewer it is left out of a default run."""
     collective: ClassVar[bool] = False
     """Runs on all ranks together (needs ctx.group()); never serialised by the host lock."""
+    speed_metric: ClassVar[str] = "tflops_best"
+    """The metric (higher is better) the fleet compares to call a device slow."""
 
     @abc.abstractmethod
     def config(self, profile: str, device_kind: str, capabilities: frozenset[str]) -> Any:

@@ -1,0 +1,91 @@
+"""Collectives: exact patterns that decode to the guilty rank, nccl-tests bandwidth, lost peers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import device, run_json
+
+from chipcheck.probes.collectives import EXACT_LIMIT, Code, _Step, bus_factor
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int32"])
+@pytest.mark.parametrize("n", [2, 3, 4, 7, 8, 16, 33, 64])
+def test_sum_patterns_stay_exact(dtype: str, n: int) -> None:
+    c = Code.for_sum(n, dtype)
+    top = n * (c.g_mod - 1) + 2 ** min(n, c.rank_bits) - 1
+    assert top < EXACT_LIMIT[dtype] and c.g_mod >= 1
+
+
+def test_bus_factors_are_nccl_tests() -> None:
+    assert bus_factor("all_reduce_sum", 8) == 2 * 7 / 8
+    assert bus_factor("all_gather", 4) == bus_factor("reduce_scatter", 4) == bus_factor("all_to_all", 4) == 0.75
+    assert bus_factor("broadcast", 4) == bus_factor("sendrecv_ring", 4) == 1.0
+
+
+def _step(op: str, n: int = 4, r: int = 1, dtype: str = "float32") -> _Step:
+    s = _Step(op=op, n=n, r=r, count=64, dtype=dtype, tdt=getattr(torch, dtype), device=torch.device("cpu"),
+              group=None)
+    s.init()
+    return s
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int32"])
+def test_a_missing_contribution_names_its_rank(dtype: str) -> None:
+    s = _step("all_reduce_sum", dtype=dtype)
+    s.buf = s.expected().clone()
+    s.buf[5] -= 2**2  # rank 2's contribution never arrived at element 5
+    m = s.check()
+    assert m is not None and m.first_indices == [[5]]
+    assert s.suspects(m) == [2] and "missing the contribution of rank(s) [2]" in m.note
+
+
+def test_a_misrouted_chunk_decodes_to_its_source() -> None:
+    s = _step("all_gather")
+    s.buf = s.expected().clone()
+    s.buf[16 * 3 + 2] = s.buf[16 * 0 + 2]  # chunk 3 holds rank 0's element
+    m = s.check()
+    assert m is not None and s.suspects(m) == [3]
+    assert "holds rank 0's elem 2; expected rank 3's" in m.note
+
+
+def test_max_decodes_the_winner() -> None:
+    s = _step("all_reduce_max", n=4)
+    s.buf = s.expected().clone()
+    s.buf[1] = s.buf[1] - s.code.g_mod  # a value from the next rank down won
+    m = s.check()
+    assert m is not None and "max came from rank" in m.note
+
+
+def test_clean_collectives_pass_with_bandwidth(tmp_path: Path) -> None:
+    rc, data, out = run_json(tmp_path, "--probes", "collectives", "--devices", "cpu:3")
+    assert rc == 0, out
+    for d in data["devices"]:
+        (p,) = d["probes"]
+        assert p["verdict"] == "pass"
+        assert len(p["details"]["cases"]) == 21
+        assert all(p["metrics"][f"{c['case']}:busbw_gbps"] > 0 for c in p["details"]["cases"])
+
+
+def test_corrupted_payload_blames_the_sender_only(tmp_path: Path) -> None:
+    rc, data, out = run_json(tmp_path, "--probes", "collectives", "--devices", "cpu:3", "--inject",
+                             "bitflip:rank=2,bit=3,op=_allgather_base_")
+    assert rc == 1, out
+    assert {d["rank"]: d["verdict"] for d in data["devices"]} == {0: "pass", 1: "pass", 2: "wrong"}
+    (p0,) = device(data, 0)["probes"]
+    seen = [c for c in p0["details"]["cases"] if c["case"].startswith("all_gather")]
+    assert all("rank(s) [2]" in " ".join(c["params"]["observed"]) for c in seen)
+
+
+def test_a_rank_lost_mid_collective_is_named(tmp_path: Path) -> None:
+    rc, data, out = run_json(tmp_path, "--probes", "collectives", "--devices", "cpu:3", "--timeout", "60",
+                             "--inject", "crash:rank=1,op=allreduce_")
+    assert rc == 1, out
+    assert {d["rank"]: d["verdict"] for d in data["devices"]} == {0: "error", 1: "error", 2: "error"}
+    lost = device(data, 1)["probes"][0]["details"]["cases"][0]["error"]
+    assert lost["kind"] == "crash" and "signal 9" in lost["message"]
+    other = device(data, 0)["probes"][0]["details"]["cases"]
+    assert all("peer lost: rank 1" in c["error"]["message"] for c in other)
+    assert len(other) == 21  # every case is accounted for
