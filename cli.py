@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 import click
 
 from . import __version__
+from .reports.formats import FORMATS
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 
@@ -71,12 +72,16 @@ def list_cmd(devices: str, as_json: bool) -> None:
               help="SQLite results store [default: ~/.local/state/chipcheck/results.db].")
 @click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
               help="Write the run as JSON (schema chipcheck.run/1) to this file ('-' for stdout).")
+@click.option("--report", "reports", multiple=True, metavar="FORMAT=FILE",
+              help=f"Also write the run as FORMAT ({'|'.join(FORMATS)}) to FILE ('-' for stdout), e.g. "
+                   "--report html=run.html --report junit=run.xml (repeatable).")
 @click.option("--timeout", default=None, type=float, help="Watchdog per probe case, seconds [default by profile].")
 @click.option("--min-gap", default=0.10, show_default=True, type=float,
               help="Throughput shortfall vs fingerprint peers that counts as slow (0.1 = 10%).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
 def run(devices: str, probes: str, profile: str, duration: str | None, seed: int, inject: tuple[str, ...],
-        db_path: str | None, json_path: str | None, timeout: float | None, min_gap: float, quiet: bool) -> None:
+        db_path: str | None, json_path: str | None, reports: tuple[str, ...], timeout: float | None, min_gap: float,
+        quiet: bool) -> None:
     """Run the probes on every device and judge them: pass, wrong, slow, flaky or error."""
     from .fleet import runner
     from .fleet.store import Store, StoreError, default_path
@@ -91,6 +96,7 @@ def run(devices: str, probes: str, profile: str, duration: str | None, seed: int
         runner.validate(opts)
         if json_path and json_path != "-":
             _check_writable(Path(json_path))
+        outputs = _parse_reports(reports)
         store = Store(db_path or default_path())
     except (runner.UsageError, StoreError) as e:
         _fail(str(e))
@@ -121,19 +127,83 @@ def run(devices: str, probes: str, profile: str, duration: str | None, seed: int
             click.echo(text)
         else:
             Path(json_path).write_text(text + "\n")
+    _write_reports(summary, outputs)
     sys.exit(0 if summary.verdict.value == "pass" else 1)
 
 
-def _check_writable(p: Path) -> None:
+def _parse_reports(specs: tuple[str, ...]) -> list[tuple[str, str]]:
+    """`--report FORMAT=FILE` values -> (format, file), checked before anything runs."""
+    from .fleet.runner import UsageError
+
+    out = []
+    for spec in specs:
+        fmt, sep, dest = spec.partition("=")
+        fmt = fmt.strip().lower()
+        if not sep or not dest or fmt not in FORMATS:
+            raise UsageError(f"--report {spec!r}: expected FORMAT=FILE with FORMAT one of {', '.join(FORMATS)}, "
+                             f"e.g. --report html=run.html")
+        if dest != "-":
+            _check_writable(Path(dest), "--report")
+        out.append((fmt, dest))
+    return out
+
+
+def _write_reports(summary: Any, outputs: list[tuple[str, str]]) -> None:
+    from .reports import formats
+
+    for fmt, dest in outputs:
+        text = formats.render(summary, fmt)
+        if dest == "-":
+            click.echo(text, nl=False)
+        else:
+            Path(dest).write_text(text)
+
+
+@main.command()
+@click.argument("run_id", default="latest", metavar="[RUN_ID|latest]")
+@click.option("--db", "db_path", default=None, type=click.Path(dir_okay=False),
+              help="SQLite results store [default: ~/.local/state/chipcheck/results.db].")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True,
+              help="text (the terminal table), json (chipcheck.run/1), junit (XML for CI), html (self-contained).")
+@click.option("-o", "--output", default="-", show_default=True, help="File to write ('-' for stdout).")
+def report(run_id: str, db_path: str | None, fmt: str, output: str) -> None:
+    """Render a stored run (default: the latest) as text, JSON, JUnit XML or HTML.
+
+    Exits like `chipcheck run`: 0 when every device passed, 1 when any failed, 2 for a bad run id or store.
+    """
+    from .fleet import reload
+    from .fleet.runner import UsageError
+    from .fleet.store import StoreError, default_path
+    from .reports import formats
+
+    try:
+        if output != "-":
+            _check_writable(Path(output), "-o")
+        store = reload.open_existing(db_path or default_path())
+        try:
+            summary = reload.load(store, run_id)
+        finally:
+            store.close()
+    except (UsageError, StoreError, reload.RunNotFound) as e:
+        _fail(str(e))
+    text = formats.render(summary, fmt)
+    if output == "-":
+        click.echo(text, nl=False)
+    else:
+        Path(output).write_text(text)
+    sys.exit(0 if summary.verdict.value == "pass" else 1)
+
+
+def _check_writable(p: Path, flag: str = "--json") -> None:
     from .fleet.runner import UsageError
 
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
-        raise UsageError(f"--json {p}: directory {parent} does not exist")
+        raise UsageError(f"{flag} {p}: directory {parent} does not exist")
     import os
 
     if (p.exists() and not os.access(p, os.W_OK)) or not os.access(parent, os.W_OK):
-        raise UsageError(f"--json {p} is not writable")
+        raise UsageError(f"{flag} {p} is not writable")
 
 
 if __name__ == "__main__":

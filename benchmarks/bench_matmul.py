@@ -1,0 +1,160 @@
+"""Matmul probe benchmarks: checking overhead, detection per bit position, false positives, quick time.
+
+    python benchmarks/bench_matmul.py overhead     # probe with all oracles vs bare torch.matmul (ratio)
+    python benchmarks/bench_matmul.py detection    # fraction of single-bit flips caught, per bit position
+    python benchmarks/bench_matmul.py false-positives --runs 50   # clean device-runs (4 devices each)
+    python benchmarks/bench_matmul.py quick        # wall time of `chipcheck run --profile quick`
+    python benchmarks/bench_matmul.py all
+
+Ratios are measured in one process, one after the other, so a noisy shared machine moves both sides.
+Prints Markdown rows for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from chipcheck.probes import base, faults
+from chipcheck.probes.matmul import Kernel, MatmulProbe
+
+
+def _ctx(inject: str | None = None, seed: int = 0) -> base.ProbeContext:
+    inj = faults.make_injector(faults.parse(inject), 0, "matmul") if inject else None
+    cpu = torch.device("cpu")
+    return base.ProbeContext(device=cpu, device_kind="cpu", seed=seed, profile="standard", timer=base.Timer(cpu),
+                             under_test=inj or contextlib.nullcontext)
+
+
+def machine() -> str:
+    return f"{platform.node()} {platform.machine()} {torch.get_num_threads()} thread(s), torch {torch.__version__}"
+
+
+def overhead(rounds: int = 5) -> None:
+    """Whole probe (inputs, warm-up, repeats, every oracle) vs the same number of bare GEMMs."""
+    torch.set_num_threads(1)
+    p = MatmulProbe()
+    cfg = p.config("standard", "cpu", frozenset())
+    print(f"\n### Checking overhead (CPU standard profile, {machine()}, {time.strftime('%Y-%m-%d')})\n")
+    print("| dtype | n | bare GEMMs (ms) | probe, both cases (ms) | ratio |")
+    print("|---|---|---|---|---|")
+    for dtype, n in cfg.sizes.items():
+        kernel = Kernel.for_dtype(dtype, torch.device("cpu"))
+        a = torch.rand(n, n).to(kernel.in_dtype)
+        b = torch.rand(n, n).to(kernel.in_dtype)
+        calls = 2 * (1 + cfg.repeats)  # two cases, each: one warm-up + repeats
+        bare, probe = [], []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                kernel(a, b)
+            bare.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for case in (f"{dtype}/exact", f"{dtype}/random"):
+                out = p.run_case(_ctx(), cfg, case)
+                assert out.verdict.value == "pass"
+            probe.append(time.perf_counter() - t0)
+        b_ms, p_ms = 1e3 * statistics.median(bare), 1e3 * statistics.median(probe)
+        print(f"| {dtype} | {n} | {b_ms:.1f} | {p_ms:.1f} | {p_ms / b_ms:.3f} |")
+
+
+def detection(trials: int = 12) -> None:
+    """Single-bit flips, one element per call, at every bit position of fp32 and bf16 outputs.
+
+    'caught' = the device's verdict for the probe is not pass, counting the exact case, the random
+    case's own oracles and fleet consensus (its output hash against a clean device's).
+    'Freivalds alone' = the random case's Freivalds check fired.
+    """
+    torch.set_num_threads(1)
+    p = MatmulProbe()
+    sizes = {"float32": 128, "bfloat16": 128}
+    cfg = MatmulProbe.Config(sizes=sizes, repeats=3, max_repeats=3)
+    print(f"\n### Detection of single-bit flips ({trials} trials per position, n=128, {time.strftime('%Y-%m-%d')})\n")
+    print("| dtype | bits | caught (all oracles) | Freivalds alone | exact alone |")
+    print("|---|---|---|---|---|")
+    for dtype, width in (("float32", 32), ("bfloat16", 16)):
+        clean = {s: p.run_case(_ctx(seed=s), cfg, f"{dtype}/random").output_hash for s in range(trials)}
+        rows = []
+        for bit in range(width):
+            caught = fr = ex = 0
+            for s in range(trials):
+                spec = f"bitflip:rank=0,bit={bit},seed={s}"
+                e = p.run_case(_ctx(spec, seed=s), cfg, f"{dtype}/exact")
+                r = p.run_case(_ctx(spec, seed=s), cfg, f"{dtype}/random")
+                bad_exact = e.verdict.value != "pass"
+                bad_random = r.verdict.value != "pass" or r.output_hash != clean[s]
+                caught += bad_exact or bad_random
+                ex += bad_exact
+                fr += any(m.oracle.value == "freivalds" for m in r.mismatches)
+            rows.append((bit, caught / trials, fr / trials, ex / trials))
+        _rows(dtype, rows)
+
+
+def _rows(dtype: str, rows: list[tuple[int, float, float, float]]) -> None:
+    """Group consecutive bit positions with the same rates into one row."""
+    start = 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or rows[i][1:] != rows[start][1:]:
+            lo, hi = rows[start][0], rows[i - 1][0]
+            _, c, f, e = rows[start]
+            print(f"| {dtype} | {lo}-{hi} | {c:.0%} | {f:.0%} | {e:.0%} |")
+            start = i
+
+
+def false_positives(runs: int = 50, devices: int = 4) -> None:
+    """Clean `chipcheck run` invocations; every device must pass."""
+    bad = total = 0
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as d:
+        for i in range(runs):
+            out = Path(d) / f"r{i}.json"
+            subprocess.run([sys.executable, "-m", "chipcheck.cli", "run", "--devices", f"cpu:{devices}", "--probes",
+                            "matmul", "--seed", str(i), "--db", f"{d}/r.db", "--json", str(out), "-q"],
+                           capture_output=True, timeout=600)
+            data = json.loads(out.read_text())
+            for dev in data["devices"]:
+                total += 1
+                bad += dev["verdict"] != "pass"
+    print(f"\n### False positives ({time.strftime('%Y-%m-%d')})\n")
+    print(f"{bad} of {total} clean device-runs flagged ({runs} runs of cpu:{devices}, matmul quick, "
+          f"{time.time() - t0:.0f} s)")
+
+
+def quick(devices: str = "cpu:2") -> None:
+    with tempfile.TemporaryDirectory() as d:
+        t0 = time.perf_counter()
+        p = subprocess.run([sys.executable, "-m", "chipcheck.cli", "run", "--devices", devices, "--profile", "quick",
+                            "--db", f"{d}/r.db", "-q"], capture_output=True, text=True, timeout=1200)
+        dt = time.perf_counter() - t0
+    print(f"\n### `chipcheck run --devices {devices} --profile quick` ({time.strftime('%Y-%m-%d')})\n")
+    print(f"{dt:.1f} s wall, exit {p.returncode} ({p.stdout.strip().splitlines()[-1] if p.stdout else ''})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["overhead", "detection", "false-positives", "quick", "all"])
+    ap.add_argument("--runs", type=int, default=50)
+    ap.add_argument("--trials", type=int, default=12)
+    a = ap.parse_args()
+    if a.what in ("overhead", "all"):
+        overhead()
+    if a.what in ("detection", "all"):
+        detection(a.trials)
+    if a.what in ("false-positives", "all"):
+        false_positives(a.runs)
+    if a.what in ("quick", "all"):
+        quick()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,683 @@
+"""Fleet judgement of links: slow and corrupting links and endpoints, and topology from latency.
+
+Pure functions over measurements (no torch, no I/O). The links probe measures each scheduled
+pair in both directions (latency, bandwidth, a payload checksum); this module decides:
+- slow: a directed link's bandwidth against the median of *comparable* links (intra-host with
+  intra-host, inter-host with inter-host: NVLink and the network differ by 10x), by a minimum
+  relative gap and, with >= 5 comparable links, a robust median/MAD outlier test; or its latency
+  the same way, above the median;
+- localization: a problem seen on most links of one endpoint in one direction belongs to that
+  endpoint (a throttled NIC, a chip corrupting what it sends); a problem on one link whose ends
+  are otherwise fine belongs to the link (a cable, a port). Only the accused endpoint fails; its
+  innocent peers pass;
+- topology: average-linkage clustering of the latency matrix, cut where merge heights jump,
+  gives levels such as host, rack, building; compared with what the user declared.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..reports.extras import LinkSummary, Topology
+from ..results import SEVERITY, Verdict
+
+Matrix = list[list[float | None]]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LinkMeasurement:
+    """One direction src -> dst of one pair, as the links probe measured it."""
+
+    src: int
+    dst: int
+    latency_us: float | None
+    gbps: float | None
+    bad_bytes: int = 0
+    """Payload bytes that arrived different from what was sent."""
+    total_bytes: int = 0
+    """Payload bytes checked."""
+    error: str = ""
+    """Why the direction could not be measured (timeout, crash...); empty when it was."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LinkPolicy:
+    """Thresholds of the link judgement."""
+
+    min_gap: float = 0.25
+    """Minimum relative bandwidth shortfall against the comparable links' median (0.25 = 25% slower)."""
+    z: float = 3.5
+    """Robust z-score (|x - median| / (1.4826 MAD)) a slow link must also exceed, with >= 5 comparable links."""
+    latency_gap: float = 0.5
+    """Minimum relative latency excess over the comparable links' median (0.5 = 1.5x the median)."""
+    endpoint_share: float = 0.6
+    """Share of an endpoint's links in one direction (over >= 2 partners) that must fail to blame the endpoint."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LinkVerdict:
+    """One directed link after judgement."""
+
+    src: int
+    dst: int
+    verdict: Verdict
+    reason: str
+    """One actionable line; empty for a passing link."""
+    latency_us: float | None
+    gbps: float | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EndpointVerdict:
+    """One endpoint after localization: failing only when the problem is its own, not its peers'."""
+
+    endpoint: int
+    verdict: Verdict
+    reason: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LinkReport:
+    """All links and endpoints of one run, plus N x N matrices (row = src, column = dst)."""
+
+    links: list[LinkVerdict]
+    endpoints: list[EndpointVerdict]
+    latency: Matrix
+    """Microseconds; None where unmeasured (and on the diagonal)."""
+    bandwidth: Matrix
+    """Gbps; None where unmeasured."""
+    errors: list[list[int]]
+    """Corrupted payload bytes per direction (0 where clean or unmeasured)."""
+
+
+MIN_FOR_MAD = 5
+"""Comparable links needed before the robust outlier test applies (below it only the gap counts)."""
+
+
+@dataclass(slots=True)
+class _Link:
+    """A directed link with its attempts merged, and what the judgement found on it."""
+
+    src: int
+    dst: int
+    latency_us: float | None = None
+    gbps: float | None = None
+    bad_bytes: int = 0
+    total_bytes: int = 0
+    errors: list[str] = field(default_factory=list)
+    attempts: int = 0
+    bw_ratio: float | None = None
+    lat_ratio: float | None = None
+    slow_bw: bool = False
+    slow_lat: bool = False
+    cls: str = ""
+    """The links it is compared with (intra-host, inter-host, or inter-host at one placement depth)."""
+    path: str = ""
+    """"intra-host" or "inter-host": the hardware a problem can live in (NVLink vs NIC and network)."""
+
+    @property
+    def errored(self) -> bool:
+        # an attempt that produced numbers outweighs one that errored (a retry succeeded)
+        return bool(self.errors) and self.gbps is None and self.latency_us is None
+
+    @property
+    def slow(self) -> bool:
+        return self.slow_bw or self.slow_lat
+
+    @property
+    def wrong(self) -> bool:
+        return self.bad_bytes > 0
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or math.isnan(x) else float(x)
+
+
+def _merge(measurements: Iterable[LinkMeasurement], n: int) -> dict[tuple[int, int], _Link]:
+    """One record per direction; repeated attempts keep the best numbers (noise only ever slows a
+    transfer, like `tflops_best`) and add up the corrupted bytes (corruption is never averaged away)."""
+    links: dict[tuple[int, int], _Link] = {}
+    for m in measurements:
+        if not (0 <= m.src < n and 0 <= m.dst < n) or m.src == m.dst:
+            raise ValueError(f"link {m.src}->{m.dst} is not a link between two of the {n} endpoints")
+        rec = links.setdefault((m.src, m.dst), _Link(src=m.src, dst=m.dst))
+        rec.attempts += 1
+        rec.bad_bytes += m.bad_bytes
+        rec.total_bytes += m.total_bytes
+        if m.error:
+            rec.errors.append(m.error)
+            continue
+        lat, bw = _finite(m.latency_us), _finite(m.gbps)
+        if lat is not None:
+            rec.latency_us = lat if rec.latency_us is None else min(rec.latency_us, lat)
+        if bw is not None:
+            rec.gbps = bw if rec.gbps is None else max(rec.gbps, bw)
+    return links
+
+
+def _robust(values: list[float]) -> tuple[float, float]:
+    med = statistics.median(values)
+    return med, statistics.median(abs(v - med) for v in values)
+
+
+def _outlier(excess: float, mad: float, count: int, z: float) -> bool:
+    """Robust test on `excess` (distance from the median on the bad side), skipped for few links."""
+    if count < MIN_FOR_MAD:
+        return True
+    if mad == 0:
+        return excess > 0
+    return excess / (1.4826 * mad) >= z
+
+
+def _classify(links: dict[tuple[int, int], _Link], hosts: Mapping[int, str],
+              placement: Mapping[int, tuple[str, ...]] | None) -> None:
+    for (s, d), rec in links.items():
+        same_host = s in hosts and hosts.get(s) == hosts.get(d)
+        rec.path = rec.cls = "intra-host" if same_host else "inter-host"
+        if placement is not None and not same_host and s in placement and d in placement:
+            # links that leave a rack are compared with links that leave a rack: latency grows with distance
+            a, b = placement[s], placement[d]
+            depth = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+            rec.cls = f"inter-host (sharing {depth} placement level{'s' if depth != 1 else ''})"
+
+
+def _judge_speed(links: dict[tuple[int, int], _Link], policy: LinkPolicy) -> dict[str, dict[str, tuple[float, int]]]:
+    """Flag slow links; returns per class the (median, count) of bandwidth and latency for the reasons."""
+    by_cls: dict[str, list[_Link]] = defaultdict(list)
+    for rec in links.values():
+        by_cls[rec.cls].append(rec)
+    stats: dict[str, dict[str, tuple[float, int]]] = {}
+    for cls, recs in by_cls.items():
+        stats[cls] = {}
+        bws = [r.gbps for r in recs if r.gbps is not None]
+        if bws:
+            med, mad = _robust(bws)
+            stats[cls]["gbps"] = (med, len(bws))
+            for r in recs:
+                if r.gbps is not None and med > 0:
+                    r.bw_ratio = r.gbps / med
+                    r.slow_bw = r.bw_ratio <= 1 - policy.min_gap and _outlier(med - r.gbps, mad, len(bws), policy.z)
+        lats = [r.latency_us for r in recs if r.latency_us is not None]
+        if lats:
+            med, mad = _robust(lats)
+            stats[cls]["latency"] = (med, len(lats))
+            for r in recs:
+                if r.latency_us is not None and med > 0:
+                    r.lat_ratio = r.latency_us / med
+                    r.slow_lat = (r.lat_ratio >= 1 + policy.latency_gap
+                                  and _outlier(r.latency_us - med, mad, len(lats), policy.z))
+    return stats
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Blame:
+    """One endpoint blamed for one kind of problem in one direction on one path."""
+
+    verdict: Verdict
+    direction: str
+    """"sends", "receives", or "both" (an unreachable endpoint fails both ways at once)."""
+    path: str
+    bad: list[_Link]
+    total: int
+
+
+def _ratio_text(recs: list[_Link]) -> str:
+    parts = []
+    bw = [r.bw_ratio for r in recs if r.slow_bw and r.bw_ratio is not None]
+    if bw:
+        parts.append(f"bandwidth {statistics.median(bw):.2f}x the median")
+    lat = [r.lat_ratio for r in recs if r.slow_lat and r.lat_ratio is not None]
+    if lat:
+        parts.append(f"latency {statistics.median(lat):.2f}x the median")
+    return ", ".join(parts)
+
+
+def _share(bad: list[_Link], judged: list[_Link], partner: str, policy: LinkPolicy) -> bool:
+    # >= 2 partners: with one, a bad link and a bad endpoint look the same and the link is the
+    # cheaper explanation
+    partners = {getattr(r, partner) for r in bad}
+    return len(partners) >= 2 and len(bad) >= policy.endpoint_share * len(judged)
+
+
+def _blame(links: dict[tuple[int, int], _Link], n: int, policy: LinkPolicy) -> dict[int, list[_Blame]]:
+    """Which endpoints own their links' problems: most of one direction on one path, over >= 2 partners.
+
+    Counted per path (intra-host / inter-host) because a fault lives in one piece of hardware: a
+    throttled NIC slows every inter-host link of its endpoint and none of its NVLink links, and
+    on an 8-GPU host those 7 clean NVLink links would otherwise outvote the slow ones.
+    """
+    mine: dict[tuple[int, str], list[_Link]] = defaultdict(list)
+    for rec in links.values():
+        mine[(rec.src, rec.path)].append(rec)
+        mine[(rec.dst, rec.path)].append(rec)
+    blamed: dict[int, list[_Blame]] = defaultdict(list)
+    for (e, path), every in sorted(mine.items()):
+        dead = [r for r in every if r.errored]
+        partners = {r.dst if r.src == e else r.src for r in dead}
+        if len(partners) >= 2 and len(dead) >= policy.endpoint_share * len(every):
+            blamed[e].append(_Blame(verdict=Verdict.ERROR, direction="both", path=path, bad=dead, total=len(every)))
+        for direction, peer in (("sends", "dst"), ("receives", "src")):
+            recs = [r for r in every if (r.src if direction == "sends" else r.dst) == e]
+            checked = [r for r in recs if r.attempts > len(r.errors) or r.wrong]
+            bad = [r for r in checked if r.wrong]
+            if _share(bad, checked, peer, policy):
+                blamed[e].append(_Blame(verdict=Verdict.WRONG, direction=direction, path=path, bad=bad,
+                                        total=len(checked)))
+            measured = [r for r in recs if not r.errored]
+            bad = [r for r in measured if r.slow]
+            if _share(bad, measured, peer, policy):
+                blamed[e].append(_Blame(verdict=Verdict.SLOW, direction=direction, path=path, bad=bad,
+                                        total=len(measured)))
+    return blamed
+
+
+def _who(e: int, hosts: Mapping[int, str]) -> str:
+    return f"endpoint {e} ({hosts[e]})" if e in hosts else f"endpoint {e}"
+
+
+def _endpoint_reason(e: int, verdict: Verdict, blames: list[_Blame], hosts: Mapping[int, str],
+                     paths: set[str]) -> str:
+    """One line for all of an endpoint's blames of one verdict (per direction; paths named only when
+    the problem is on some of the endpoint's paths, not all)."""
+    by_dir: dict[str, list[_Blame]] = defaultdict(list)
+    for b in blames:
+        by_dir[b.direction].append(b)
+    parts = []
+    for direction, bs in by_dir.items():
+        bad = [r for b in bs for r in b.bad]
+        total = sum(b.total for b in bs)
+        on = "" if {b.path for b in bs} == paths else f"{' and '.join(sorted(b.path for b in bs))} "
+        counts = f"{len(bad)} of {total} {on}links"
+        if verdict is Verdict.ERROR:
+            parts.append(f"could not be measured on {counts} (first error: {bad[0].errors[0]})")
+        elif verdict is Verdict.WRONG:
+            parts.append(f"corrupts what it {direction[:-1]}s on {counts} "
+                         f"({sum(r.bad_bytes for r in bad)} corrupted bytes)")
+        else:
+            parts.append(f"{direction} at {_ratio_text(bad)} on {counts}")
+    text = f"{_who(e, hosts)} " + " and ".join(parts)
+    return text + {Verdict.ERROR: ": check that it is up and reachable", Verdict.WRONG: ": drain it, its peers are clean",
+                   Verdict.SLOW: "; its peers are fine"}[verdict]
+
+
+def _link_reasons(rec: _Link, blamed: dict[int, list[_Blame]], hosts: Mapping[int, str],
+                  stats: dict[str, dict[str, tuple[float, int]]]) -> list[tuple[Verdict, str]]:
+    """(verdict, one line) per problem on the link, blaming an endpoint where it owns the problem."""
+    s, d = rec.src, rec.dst
+    name = f"{s}->{d}"
+
+    def tail(verdict: Verdict, link_text: str) -> str:
+        # the sender owns the problems it has sending, the receiver those it has receiving
+        owners = []
+        for e, direction in ((s, "sends"), (d, "receives")):
+            if any(b.verdict is verdict and b.path == rec.path and b.direction in (direction, "both")
+                   for b in blamed.get(e, [])):
+                what = {Verdict.WRONG: f"corrupts what it {direction[:-1]}s", Verdict.ERROR: "is unreachable",
+                        Verdict.SLOW: f"is slow to {direction[:-1]}"}[verdict]
+                owners.append(f"{_who(e, hosts)} {what}")
+        return f"because {' and '.join(owners)}" if owners else link_text
+
+    out: list[tuple[Verdict, str]] = []
+    if rec.wrong:
+        frac = f"{rec.bad_bytes} of {rec.total_bytes}" if rec.total_bytes else f"{rec.bad_bytes}"
+        out.append((Verdict.WRONG, f"wrong: {frac} payload bytes corrupted on {name}, " + tail(
+            Verdict.WRONG, f"while {_who(s, hosts)} and {_who(d, hosts)} are clean on their other links: "
+                           f"suspect the link between them (cable, port, switch)")))
+    if rec.errored:
+        out.append((Verdict.ERROR, f"error: {name} could not be measured ({rec.errors[0]}), "
+                    + tail(Verdict.ERROR, "its endpoints measured fine on their other links")))
+    if rec.slow:
+        parts = []
+        st = stats[rec.cls]
+        if rec.slow_bw and rec.bw_ratio is not None and rec.gbps is not None:
+            med, cnt = st["gbps"]
+            parts.append(f"bandwidth {rec.gbps:.3g} Gbps is {rec.bw_ratio:.2f}x the median {med:.3g} Gbps "
+                         f"of {cnt} {rec.cls} links")
+        if rec.slow_lat and rec.lat_ratio is not None and rec.latency_us is not None:
+            med, cnt = st["latency"]
+            parts.append(f"latency {rec.latency_us:.3g} us is {rec.lat_ratio:.2f}x the median {med:.3g} us "
+                         f"of {cnt} {rec.cls} links")
+        out.append((Verdict.SLOW, f"slow: {name} " + " and ".join(parts) + ", " + tail(
+            Verdict.SLOW, f"while {_who(s, hosts)} and {_who(d, hosts)} are fine on their other links: "
+                          f"suspect the link between them")))
+    return out
+
+
+def judge_links(measurements: Iterable[LinkMeasurement], n: int, hosts: Mapping[int, str],
+                policy: LinkPolicy = LinkPolicy(), *,
+                placement: Mapping[int, tuple[str, ...]] | None = None) -> LinkReport:
+    """Judge every measured direction of every link and localize each problem to a link or an endpoint.
+
+    Links are compared only with comparable links: intra-host with intra-host, inter-host with
+    inter-host; `placement` (endpoint -> its groups outermost first, e.g. the inferred or declared
+    (rack, host)) further splits inter-host links by how far apart their ends sit, so cross-rack
+    latency is not read as slowness. An endpoint is blamed (and its peers cleared) when at least
+    `policy.endpoint_share` of its links in one direction, over >= 2 partners, show the problem.
+    An endpoint without any measured link (n >= 2) is an `error`: never a silent pass.
+    """
+    links = _merge(measurements, n)
+    _classify(links, hosts, placement)
+    stats = _judge_speed(links, policy)
+    blamed = _blame(links, n, policy)
+
+    verdicts = []
+    for key in sorted(links):
+        rec = links[key]
+        problems = _link_reasons(rec, blamed, hosts, stats)
+        verdict = Verdict.worst([v for v, _ in problems])
+        problems.sort(key=lambda p: -SEVERITY[p[0]])
+        verdicts.append(LinkVerdict(src=rec.src, dst=rec.dst, verdict=verdict,
+                                    reason="; ".join(text for _, text in problems),
+                                    latency_us=rec.latency_us, gbps=rec.gbps))
+
+    touched = {e for key in links for e in key}
+    paths: dict[int, set[str]] = defaultdict(set)
+    for rec in links.values():
+        paths[rec.src].add(rec.path)
+        paths[rec.dst].add(rec.path)
+    endpoints = []
+    for e in range(n):
+        by_verdict: dict[Verdict, list[_Blame]] = defaultdict(list)
+        for b in blamed.get(e, []):
+            by_verdict[b.verdict].append(b)
+        if by_verdict:
+            order = sorted(by_verdict, key=lambda v: -SEVERITY[v])
+            endpoints.append(EndpointVerdict(endpoint=e, verdict=order[0], reason="; ".join(
+                _endpoint_reason(e, v, by_verdict[v], hosts, paths[e]) for v in order)))
+        elif e not in touched and n >= 2:
+            endpoints.append(EndpointVerdict(endpoint=e, verdict=Verdict.ERROR,
+                                             reason=f"{_who(e, hosts)}: no link to or from it was measured"))
+        else:
+            endpoints.append(EndpointVerdict(endpoint=e, verdict=Verdict.PASS, reason=""))
+
+    latency: Matrix = [[None] * n for _ in range(n)]
+    bandwidth: Matrix = [[None] * n for _ in range(n)]
+    errors = [[0] * n for _ in range(n)]
+    for (s, d), rec in links.items():
+        latency[s][d], bandwidth[s][d], errors[s][d] = rec.latency_us, rec.gbps, rec.bad_bytes
+    return LinkReport(links=verdicts, endpoints=endpoints, latency=latency, bandwidth=bandwidth, errors=errors)
+
+
+# ---------------------------------------------------------------------------------------------
+# Topology from latency
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InferredTopology:
+    """Levels found in the latency matrix; level 0 is the outermost (coarsest)."""
+
+    levels: tuple[str, ...]
+    """Level names, outermost first: ("rack", "host"); names are guesses from the level count."""
+    groups: list[tuple[int, ...]]
+    """Per endpoint, its group id at each level (ids numbered in order of their smallest endpoint)."""
+    merge_heights: list[float]
+    """Every finite merge height of the dendrogram (microseconds), ascending."""
+    cuts: tuple[float, ...] = ()
+    """The height each level was cut at, outermost first: endpoints closer than it share a group."""
+
+
+_LEVEL_NAMES = ("building", "rack", "host")
+
+
+def _symmetrize(latency: Sequence[Sequence[float | None]]) -> np.ndarray:
+    n = len(latency)
+    m = np.full((n, n), np.nan)
+    for i, row in enumerate(latency):
+        if len(row) != n:
+            raise ValueError(f"latency matrix must be square: row {i} has {len(row)} entries, expected {n}")
+        for j, v in enumerate(row):
+            if v is not None and i != j:
+                m[i, j] = v
+    # the mean of both directions; the one measured alone when only one was
+    count = (~np.isnan(m)).astype(float) + (~np.isnan(m.T))
+    total = np.nan_to_num(m) + np.nan_to_num(m.T)
+    out = np.full((n, n), np.nan)
+    np.divide(total, count, out=out, where=count > 0)
+    return out
+
+
+def average_linkage(dist: np.ndarray) -> list[tuple[int, int, float]]:
+    """Agglomerative clustering, average linkage over the *measured* pairs (NaN = unmeasured).
+
+    Returns merges (a, b, height) in order, cluster ids as in scipy (leaves 0..n-1, merge k makes
+    n+k). With a complete matrix this is UPGMA (scipy's `average`); with gaps (random pairing
+    measures only K partners per endpoint) the distance of two clusters is the mean over the pairs
+    between them that were measured, which scipy cannot do. Clusters with no measured pair
+    between them never merge. O(n^2) memory; a nearest-neighbour cache keeps time near O(n^2).
+    """
+    n = dist.shape[0]
+    known = ~np.isnan(dist)
+    np.fill_diagonal(known, False)
+    total = np.where(known, dist, 0.0)
+    count = known.astype(np.int64)
+    ids = list(range(n))
+    active = np.ones(n, dtype=bool)
+
+    def row(i: int) -> np.ndarray:
+        r = np.full(n, np.inf)
+        ok = (count[i] > 0) & active
+        ok[i] = False
+        np.divide(total[i], count[i], out=r, where=ok)
+        return r
+
+    def nearest(i: int) -> tuple[float, int]:
+        r = row(i)
+        j = int(np.argmin(r))
+        return float(r[j]), j
+
+    near_d = np.full(n, np.inf)
+    near_j = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        near_d[i], near_j[i] = nearest(i)
+    merges: list[tuple[int, int, float]] = []
+    for _ in range(n - 1):
+        masked = np.where(active, near_d, np.inf)
+        i = int(np.argmin(masked))
+        if not math.isfinite(masked[i]):
+            break  # what is left was never measured against each other
+        j = int(near_j[i])
+        i, j = min(i, j), max(i, j)
+        merges.append((min(ids[i], ids[j]), max(ids[i], ids[j]), float(masked[i])))
+        total[i] += total[j]
+        count[i] += count[j]
+        total[:, i], count[:, i] = total[i], count[i]
+        active[j] = False
+        near_d[j] = np.inf
+        ids[i] = n + len(merges) - 1
+        new = row(i)
+        # rows whose nearest was i or j must look again (the merged cluster may be farther away);
+        # the others only need to know whether the merged cluster is nearer than their nearest
+        stale = np.flatnonzero(active & ((near_j == i) | (near_j == j)))
+        for k in stale:
+            near_d[k], near_j[k] = nearest(int(k))
+        closer = active & (new < near_d)
+        near_d[closer], near_j[closer] = new[closer], i
+        near_d[i], near_j[i] = nearest(i)
+    return merges
+
+
+def _cut_heights(heights: list[float], max_levels: int, jump: float) -> list[float]:
+    """Cut heights between consecutive merge heights that jump by more than `jump` x (the largest jumps)."""
+    hs = sorted(heights)
+    cands = []
+    for lo, hi in zip(hs, hs[1:], strict=False):
+        ratio = hi / lo if lo > 0 else (math.inf if hi > 0 else 1.0)
+        if ratio > jump:
+            cands.append((ratio, math.sqrt(lo * hi) if lo > 0 else hi / 2))
+    cands.sort(key=lambda c: -c[0])
+    return sorted((c for _, c in cands[:max_levels]), reverse=True)
+
+
+def _cut(merges: list[tuple[int, int, float]], heights: list[float], n: int, cut: float) -> list[int]:
+    """Group id per endpoint after applying every merge at or below `cut` (ids by smallest endpoint)."""
+    parent = list(range(n))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    leaf = list(range(n))  # one leaf of each dendrogram node, to union by
+    for (a, b, _), h in zip(merges, heights, strict=True):
+        leaf.append(leaf[a])
+        if h <= cut:
+            parent[find(leaf[b])] = find(leaf[a])
+    ids: dict[int, int] = {}
+    return [ids.setdefault(find(e), len(ids)) for e in range(n)]
+
+
+def infer_topology(latency: Sequence[Sequence[float | None]], max_levels: int = 3,
+                   jump: float = 2.0) -> InferredTopology:
+    """Topology levels from an N x N latency matrix (None = unmeasured; both directions averaged).
+
+    Average-linkage clustering, then the dendrogram is cut where consecutive merge heights jump by
+    more than `jump` (2x): latency comes in tiers (NVLink within a host, one switch within a rack,
+    more hops across racks), so merges within a tier sit close together and the tiers are far
+    apart. The `max_levels` largest jumps become levels, outermost first. No jump: no levels.
+    With sparse pairing (random:K) a group is only found where its members were measured against
+    each other: a host with no measured link into the rest of its rack stays a group of its own at
+    the rack level (at random:15 this starts around 2000 endpoints in 64-endpoint racks).
+    """
+    d = _symmetrize(latency)
+    n = d.shape[0]
+    merges = average_linkage(d) if n else []
+    # with gaps a merge can come out lower than an earlier one; lifting it to its children's height
+    # keeps the tree monotone, so one height cuts it cleanly
+    eff: list[float] = []
+    node_h = [0.0] * n
+    for a, b, h in merges:
+        node_h.append(max(h, node_h[a], node_h[b]))
+        eff.append(node_h[-1])
+    cuts = _cut_heights(eff, max_levels, jump) if max_levels > 0 else []
+    groups: list[list[int]] = [[] for _ in range(n)]
+    for cut in cuts:
+        for e, gid in enumerate(_cut(merges, eff, n, cut)):
+            groups[e].append(gid)
+    k = len(cuts)
+    names = _LEVEL_NAMES[-k:] if 0 < k <= len(_LEVEL_NAMES) else tuple(f"L{i + 1}" for i in range(k))
+    return InferredTopology(levels=tuple(names), groups=[tuple(g) for g in groups],
+                            merge_heights=sorted(eff), cuts=tuple(cuts))
+
+
+def render_topology(t: InferredTopology, labels: Mapping[int, str]) -> str:
+    """An indented text tree: one line per group, the finest groups listing their endpoints."""
+    n = len(t.groups)
+    head = (f"topology from latency: {' > '.join(f'{lv} (< {c:.3g} us)' for lv, c in zip(t.levels, t.cuts, strict=False))}"
+            if t.levels else "topology from latency: no levels (no jump in latency between endpoints)")
+    lines = [f"{head}; {n} endpoints"]
+
+    def name(e: int) -> str:
+        return labels.get(e, str(e))
+
+    def walk(members: list[int], level: int, indent: str) -> None:
+        if level == len(t.levels):
+            lines.append(f"{indent}{', '.join(name(e) for e in members)}")
+            return
+        by: dict[int, list[int]] = defaultdict(list)
+        for e in members:
+            by[t.groups[e][level]].append(e)
+        for gid in sorted(by):
+            sub = by[gid]
+            if level == len(t.levels) - 1:
+                lines.append(f"{indent}{t.levels[level]} {gid}: {', '.join(name(e) for e in sub)}")
+            else:
+                lines.append(f"{indent}{t.levels[level]} {gid} ({len(sub)} endpoints)")
+                walk(sub, level + 1, indent + "  ")
+
+    walk(list(range(n)), 0, "  " if t.levels else "  all: ")
+    return "\n".join(lines)
+
+
+def _few(es: Iterable[int], limit: int = 8) -> str:
+    es = sorted(es)
+    text = ", ".join(map(str, es[:limit]))
+    return text + (f" (+{len(es) - limit} more)" if len(es) > limit else "")
+
+
+def compare_declared(t: InferredTopology, declared: Mapping[int, tuple[str, ...]]) -> list[str]:
+    """One line per disagreement between declared labels (outermost first, e.g. (rack, host)) and `t`.
+
+    Levels are aligned from the finest (declared host vs measured finest level, then the next
+    coarser of each while both have one); a declared level is the label prefix, so host names may
+    repeat across racks. Within a level each measured group belongs to the declared label most of
+    its members carry, and each label lives in the group holding most of its members:
+    - endpoints in a group owned by another label, away from most of their own: mislabeled;
+    - a group holding most of two labels: declared apart but measured together;
+    - a label owning several groups: declared together but measured apart.
+    """
+    eps = sorted(e for e in declared if 0 <= e < len(t.groups))
+    if not t.levels:
+        places = {declared[e] for e in eps}
+        if len(places) > 1:
+            return [f"latency shows no structure, but the {len(eps)} endpoints are declared in "
+                    f"{len(places)} distinct places"]
+        return []
+    depth = min(len(t.levels), min((len(declared[e]) for e in eps), default=0))
+    lines: list[str] = []
+    for j in range(depth):
+        mlev = len(t.levels) - 1 - j
+        level = t.levels[mlev]
+        label = {e: declared[e][: len(declared[e]) - j] for e in eps}
+        group = {e: t.groups[e][mlev] for e in eps}
+        members: dict[int, list[int]] = defaultdict(list)
+        where: dict[tuple[str, ...], list[int]] = defaultdict(list)
+        for e in eps:
+            members[group[e]].append(e)
+            where[label[e]].append(e)
+        owner = {g: _mode(label[e] for e in ms) for g, ms in members.items()}
+        home = {lab: _mode(group[e] for e in ms) for lab, ms in where.items()}
+        strays: dict[tuple[tuple[str, ...], int], list[int]] = defaultdict(list)
+        merged: set[tuple[int, tuple[str, ...]]] = set()
+        for e in eps:
+            g, lab = group[e], label[e]
+            if owner[g] == lab:
+                continue
+            if home[lab] == g:
+                merged.add((g, lab))
+            else:
+                strays[(lab, g)].append(e)
+        for (lab, g), es in sorted(strays.items()):
+            who = f"endpoint {es[0]}" if len(es) == 1 else f"endpoints {_few(es)}"
+            own = [x for x in where[lab] if x not in es]
+            mates = [x for x in members[g] if label[x] == owner[g]]
+            lines.append(f"{who}: declared {level} {lab[-1]!r} (with {_few(own) or 'no one'}) but "
+                         f"measure{'s' if len(es) == 1 else ''} with {_few(mates)} (declared {level} "
+                         f"{owner[g][-1]!r})")
+        for g, lab in sorted(merged):
+            lines.append(f"declared {level}s {owner[g][-1]!r} and {lab[-1]!r} are measured as one {level}: "
+                         f"endpoints {_few(members[g])}")
+        for lab, ms in sorted(where.items()):
+            owned = sorted(g for g, o in owner.items() if o == lab)
+            if len(owned) > 1:
+                parts = "; ".join(_few(x for x in ms if group[x] == g) for g in owned)
+                lines.append(f"declared {level} {lab[-1]!r} is measured as {len(owned)} separate groups: {parts}")
+    return lines
+
+
+def _mode(items: Iterable[Any]) -> Any:
+    """Most common item; ties go to the smallest, so the answer does not depend on input order."""
+    counts = Counter(items)
+    best = max(counts.values())
+    return min(k for k, c in counts.items() if c == best)
+
+
+def to_report_extras(report: LinkReport, topology: InferredTopology,
+                     labels: Mapping[int, str]) -> tuple[list[LinkSummary], Topology]:
+    """The shapes the reports consume: one LinkSummary per directed link, and the placement per label."""
+
+    def name(e: int) -> str:
+        return labels.get(e, f"endpoint {e}")
+
+    links = [LinkSummary(src=name(lv.src), dst=name(lv.dst), verdict=lv.verdict, busbw_gbps=lv.gbps,
+                         latency_us=lv.latency_us, reason=lv.reason) for lv in report.links]
+    placement = {name(e): tuple(f"{lv} {gid}" for lv, gid in zip(topology.levels, g, strict=True))
+                 for e, g in enumerate(topology.groups)}
+    return links, Topology(levels=topology.levels, placement=placement)

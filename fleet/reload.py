@@ -1,0 +1,98 @@
+"""Rebuild a run's `RunSummary` from the results store, for `chipcheck report` (reports never read the store).
+
+The stored results and fleet judgements are the record; the summary is derived from them exactly as
+at the end of `chipcheck run` (fleet.summary.summarize), and the consensus groups are recounted from
+the stored output hashes (fleet.analysis.consensus). A run that was interrupted still loads: its
+devices without results read as `error`.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..results import RunSummary
+from . import analysis
+from .store import Store, StoreError
+from .summary import summarize
+
+LATEST = "latest"
+
+
+class RunNotFound(LookupError):
+    """The run id is not in the store (one line for the user, exit 2)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunRecord:
+    """The `runs` row of one run: what the summary needs beyond results and judgements."""
+
+    run_id: str
+    started: float
+    ended: float | None
+    profile: str
+    seed: int
+    min_gap: float
+
+
+def open_existing(path: str | Path) -> Store:
+    """Open a store that must already exist: reading a report never creates an empty database."""
+    p = Path(path)
+    if not p.is_file():
+        raise StoreError(f"no results store at {p}; run `chipcheck run` first or pass --db")
+    return Store(p)
+
+
+def resolve(store: Store, run_id: str) -> str:
+    """`latest` -> the newest run; an id prefix that names one run -> its full id."""
+    if run_id == LATEST:
+        latest = store.latest_run()
+        if latest is None:
+            raise RunNotFound(f"the store {store.path} holds no runs yet")
+        return latest
+    ids = [r for r, _, _ in store.runs()]
+    if run_id in ids:
+        return run_id
+    hits = [r for r in ids if r.startswith(run_id)] if run_id else []
+    if len(hits) == 1:
+        return hits[0]
+    if len(hits) > 1:
+        raise RunNotFound(f"run id {run_id!r} is ambiguous in {store.path}: {', '.join(hits[:5])}")
+    recent = ", ".join(r for r in ids[-3:]) or "none"
+    raise RunNotFound(f"no run {run_id!r} in {store.path} (latest: {recent}); try `latest`")
+
+
+def record(store: Store, run_id: str) -> RunRecord:
+    # the store has no typed accessor for one run's row yet; this is the only raw query here
+    try:
+        row = store.conn.execute("SELECT run_id, started, ended, profile, seed, config FROM runs WHERE run_id=?",
+                                 (run_id,)).fetchone()
+    except sqlite3.DatabaseError as e:
+        raise StoreError(f"{store.path} cannot be read ({e})") from None
+    if row is None:
+        raise RunNotFound(f"no run {run_id!r} in {store.path}")
+    try:
+        min_gap = float(json.loads(row[5]).get("min_gap", analysis.SlowPolicy().min_gap))
+    except (ValueError, AttributeError):
+        min_gap = analysis.SlowPolicy().min_gap
+    return RunRecord(run_id=row[0], started=row[1], ended=row[2], profile=row[3], seed=row[4], min_gap=min_gap)
+
+
+def load(store: Store, run_id: str = LATEST) -> RunSummary:
+    """The summary of one stored run (`latest` or an id, or a unique id prefix)."""
+    rec = record(store, resolve(store, run_id))
+    try:
+        results = store.results(rec.run_id)
+        judgements = store.judgements(rec.run_id)
+        devices = store.devices(rec.run_id)
+    except (sqlite3.DatabaseError, ValueError, KeyError) as e:
+        raise StoreError(f"run {rec.run_id} in {store.path} cannot be read ({e})") from None
+    cons, groups = analysis.consensus(results)
+    if rec.ended is None and not judgements:
+        # interrupted before the fleet judged it: judge what was measured, as the run would have
+        judgements = cons + analysis.slow(results, analysis.SlowPolicy(min_gap=rec.min_gap))
+    ended = rec.ended if rec.ended is not None else max((r.ended for r in results), default=rec.started)
+    return summarize(rec.run_id, devices, results, judgements, groups, profile=rec.profile, seed=rec.seed,
+                     started=rec.started, ended=ended)

@@ -1,0 +1,59 @@
+"""Optional report inputs that live outside `RunSummary`: links, inferred topology, device history.
+
+The link probes, the topology inference and the fleet history are built elsewhere (fleet/); the
+reports only need their results in these plain shapes. Every report renders without them and
+adds the matching section (link heatmap, topology, trend lines, JUnit link testcases) when they
+are given, so a producer only has to fill `ReportExtras`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..results import Verdict
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LinkSummary:
+    """One link (a pair of endpoints) after judgement."""
+
+    src: str
+    """Endpoint label, e.g. `node7 cuda:3` (the same text the device table shows)."""
+    dst: str
+    verdict: Verdict
+    busbw_gbps: float | None = None
+    """Measured bus bandwidth; None when the link could not be measured."""
+    latency_us: float | None = None
+    reason: str = ""
+    """One line a person can act on (empty for a passing link)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Topology:
+    """Where each endpoint sits, outermost level first (e.g. building, room, rack, node)."""
+
+    levels: tuple[str, ...]
+    """Level names, outermost first: ("room", "rack", "node")."""
+    placement: dict[str, tuple[str, ...]]
+    """Endpoint label -> its group at each level (same length as `levels`)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HistoryPoint:
+    """One past run of one device: what it was judged and how fast it was against its peers."""
+
+    run_id: str
+    started: float
+    verdict: Verdict
+    throughput_ratio: float | None = None
+    """Throughput relative to the fingerprint peers' median in that run (1.0 = typical)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReportExtras:
+    """Everything a report can show beyond the run itself; all of it optional."""
+
+    links: list[LinkSummary] = field(default_factory=list)
+    topology: Topology | None = None
+    history: dict[str, list[HistoryPoint]] = field(default_factory=dict)
+    """Device UUID -> its earlier runs, oldest first."""
