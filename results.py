@@ -282,6 +282,57 @@ class DeviceSummary:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class LinkJudgement:
+    """One direction of one link after the fleet's judgement."""
+
+    src: int
+    dst: int
+    verdict: Verdict
+    reason: str
+    latency_us: float | None = None
+    gbps: float | None = None
+    bad_bytes: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["verdict"] = self.verdict.value
+        return d
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LinksSummary:
+    """The link sweep: per-link verdicts, N x N matrices and the inferred topology."""
+
+    pairing: str
+    rounds: int
+    links: list[LinkJudgement]
+    latency_us: list[list[float | None]]
+    gbps: list[list[float | None]]
+    bad_bytes: list[list[int]]
+    topology_levels: list[str] = field(default_factory=list)
+    topology_groups: list[list[int]] = field(default_factory=list)
+    """Per endpoint, its group id at each level (outermost first)."""
+    topology_text: str = ""
+    disagreements: list[str] = field(default_factory=list)
+    """Where the measured grouping disagrees with the declared topology."""
+
+    @property
+    def failed(self) -> list[LinkJudgement]:
+        return [x for x in self.links if x.verdict is not Verdict.PASS]
+
+
+def links_to_dict(s: LinksSummary) -> dict[str, Any]:
+    d = asdict(s)
+    d["links"] = [x.to_dict() for x in s.links]
+    return d
+
+
+def links_from_dict(d: dict[str, Any]) -> LinksSummary:
+    links = [LinkJudgement(**{**x, "verdict": Verdict(x["verdict"])}) for x in d["links"]]
+    return LinksSummary(**{**d, "links": links})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RunSummary:
     """The whole run after fleet analysis."""
 
@@ -293,6 +344,7 @@ class RunSummary:
     seed: int
     devices: list[DeviceSummary]
     groups: list[ConsensusGroup] = field(default_factory=list)
+    links: LinksSummary | None = None
 
     @property
     def failed(self) -> list[DeviceSummary]:

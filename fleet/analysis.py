@@ -75,7 +75,10 @@ def slow(results: list[ProbeResult], policy: SlowPolicy = SlowPolicy(),
     metric_by_probe = metric_by_probe or {}
     by_case: dict[tuple[str, str, str], dict[int, float]] = defaultdict(dict)
     for r in results:
-        v = r.metrics.get(metric_by_probe.get(r.probe, policy.metric))
+        metric = metric_by_probe.get(r.probe, policy.metric)
+        if not metric:  # the probe's speed is judged elsewhere (links: over the link matrix)
+            continue
+        v = r.metrics.get(metric)
         if r.error is None and v is not None and v > 0:
             by_case[(r.fingerprint, r.probe, r.case)][r.rank] = v
     ratios: dict[tuple[int, str], list[float]] = defaultdict(list)

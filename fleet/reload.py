@@ -95,4 +95,4 @@ def load(store: Store, run_id: str = LATEST) -> RunSummary:
         judgements = cons + analysis.slow(results, analysis.SlowPolicy(min_gap=rec.min_gap))
     ended = rec.ended if rec.ended is not None else max((r.ended for r in results), default=rec.started)
     return summarize(rec.run_id, devices, results, judgements, groups, profile=rec.profile, seed=rec.seed,
-                     started=rec.started, ended=ended)
+                     started=rec.started, ended=ended, links=store.links(rec.run_id))

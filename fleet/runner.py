@@ -133,18 +133,38 @@ def execute(opts: RunOptions, store: Store, *, on_result: Callable[[ProbeResult]
     run_local(req, keep, on_start)
     summary, judgements = judge(run_id, dict(enumerate(devs)), collected, opts, started)
     store.add_judgements(run_id, judgements)
+    if summary.links is not None:
+        store.add_links(run_id, summary.links)
     store.end_run(run_id, summary.verdict)
     return summary
 
 
 def judge(run_id: str, devs: dict[int, DeviceInfo], results: list[ProbeResult], opts: RunOptions,
           started: float) -> tuple[RunSummary, list[Judgement]]:
-    """Fleet analysis (consensus, slowness) and the per-device verdicts."""
-    cons, groups = analysis.consensus(results)
+    """Fleet analysis (consensus, slowness, links) and the per-device verdicts."""
     from ..probes import base
+    from . import links_run
 
+    cons, groups = analysis.consensus(results)
     metrics = {name: cls.speed_metric for name, cls in base.registry().items()}
     slow = analysis.slow(results, analysis.SlowPolicy(min_gap=opts.min_gap), metrics)
-    summary = summarize(run_id, devs, results, cons + slow, groups, profile=opts.profile, seed=opts.seed,
-                        started=started, ended=time.time())
-    return summary, cons + slow
+    declared = load_declared(opts.options["declared"]) if opts.options.get("declared") else None
+    linked = links_run.analyze(results, devs, declared)
+    link_summary, link_js = linked if linked else (None, [])
+    judgements = cons + slow + link_js
+    summary = summarize(run_id, devs, results, judgements, groups, profile=opts.profile, seed=opts.seed,
+                        started=started, ended=time.time(), links=link_summary)
+    return summary, judgements
+
+
+def load_declared(path: str) -> dict[int, tuple[str, ...]]:
+    """A declared topology: TOML with a `[ranks]` table, rank -> [building, rack, host] (outermost first)."""
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        return {int(k): tuple(str(x) for x in v) for k, v in data["ranks"].items()}
+    except (OSError, KeyError, ValueError, TypeError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(f"--declared {path}: not a topology file ([ranks] rank = [\"rack\", \"host\"]): {e}") \
+            from None

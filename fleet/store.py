@@ -14,7 +14,15 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..results import DeviceInfo, Judgement, ProbeResult, Verdict
+from ..results import (
+    DeviceInfo,
+    Judgement,
+    LinksSummary,
+    ProbeResult,
+    Verdict,
+    links_from_dict,
+    links_to_dict,
+)
 
 SCHEMA_VERSION = 1
 
@@ -68,6 +76,21 @@ CREATE TABLE IF NOT EXISTS judgements (
     metrics TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS judgements_run ON judgements(run_id);
+CREATE TABLE IF NOT EXISTS links (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    src INTEGER NOT NULL,
+    dst INTEGER NOT NULL,
+    verdict TEXT NOT NULL,
+    latency_us REAL,
+    gbps REAL,
+    bad_bytes INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (run_id, src, dst)
+);
+CREATE TABLE IF NOT EXISTS link_sweeps (
+    run_id TEXT PRIMARY KEY REFERENCES runs(run_id),
+    body TEXT NOT NULL
+);
 """
 
 
@@ -142,6 +165,21 @@ class Store:
                 "INSERT INTO judgements VALUES (?,?,?,?,?,?,?)",
                 [(run_id, j.rank, j.probe, j.case, j.verdict.value, j.reason, json.dumps(j.metrics)) for j in js],
             )
+
+    def add_links(self, run_id: str, links: LinksSummary) -> None:
+        """The judged link matrix: a row per direction, and the whole sweep (matrices, topology)."""
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.executemany(
+                "INSERT OR REPLACE INTO links VALUES (?,?,?,?,?,?,?,?)",
+                [(run_id, x.src, x.dst, x.verdict.value, x.latency_us, x.gbps, x.bad_bytes, x.reason)
+                 for x in links.links])
+            self.conn.execute("INSERT OR REPLACE INTO link_sweeps VALUES (?,?)",
+                              (run_id, json.dumps(links_to_dict(links))))
+
+    def links(self, run_id: str) -> LinksSummary | None:
+        row = self.conn.execute("SELECT body FROM link_sweeps WHERE run_id=?", (run_id,)).fetchone()
+        return links_from_dict(json.loads(row[0])) if row else None
 
     def end_run(self, run_id: str, verdict: Verdict) -> None:
         self.conn.execute("UPDATE runs SET ended=?, verdict=? WHERE run_id=?", (time.time(), verdict.value, run_id))

@@ -10,6 +10,7 @@ from ..results import (
     DeviceInfo,
     DeviceSummary,
     Judgement,
+    LinksSummary,
     ProbeResult,
     ProbeSummary,
     RunSummary,
@@ -18,7 +19,8 @@ from ..results import (
 
 
 def summarize(run_id: str, devices: dict[int, DeviceInfo], results: list[ProbeResult], judgements: list[Judgement],
-              groups: list[ConsensusGroup], *, profile: str, seed: int, started: float, ended: float) -> RunSummary:
+              groups: list[ConsensusGroup], *, profile: str, seed: int, started: float, ended: float,
+              links: LinksSummary | None = None) -> RunSummary:
     by_dev: dict[int, dict[str, list[ProbeResult]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
         by_dev[r.rank][r.probe].append(r)
@@ -43,9 +45,9 @@ def summarize(run_id: str, devices: dict[int, DeviceInfo], results: list[ProbeRe
         verdict = Verdict.worst([p.verdict for p in probes]) if probes else Verdict.ERROR
         out.append(DeviceSummary(rank=rank, device=info.label, host=info.host, uuid=info.uuid,
                                  fingerprint=info.fingerprint, verdict=verdict, probes=probes))
-    overall = Verdict.worst([d.verdict for d in out])
+    overall = Verdict.worst([d.verdict for d in out] + ([x.verdict for x in links.links] if links else []))
     return RunSummary(run_id=run_id, verdict=overall, started=started, ended=ended, profile=profile, seed=seed,
-                      devices=out, groups=list(groups))
+                      devices=out, groups=list(groups), links=links)
 
 
 def _details(rs: list[ProbeResult], js: list[Judgement]) -> dict[str, Any]:

@@ -172,7 +172,7 @@ def run_plan(plan: WorkerPlan) -> int:
                                 timer=timer, under_test=injector or contextlib.nullcontext,
                                 deadline=deadline, capabilities=caps, rank=rank,
                                 world_size=env["world_size"], group=group, host=info.host,
-                                options=dict(plan.options))
+                                host_lock=lock or contextlib.nullcontext, options=dict(plan.options))
         exclusive = lock if (lock is not None and not probe.collective) else contextlib.nullcontext
         for case in cases:
             if probe.collective and group_failure:

@@ -122,6 +122,8 @@ class ProbeContext:
     group: Callable[[], Any] | None = None
     """Returns the torch.distributed default group (initialised on first call) for collective probes."""
     host: str = ""
+    host_lock: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
+    """Serialises timed work of devices sharing a host's CPU (collective probes take it per measurement)."""
     options: dict[str, str] = field(default_factory=dict)
     """Probe options from the command line (e.g. links: pairing=random:15)."""
 

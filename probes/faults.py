@@ -203,6 +203,9 @@ def corrupt(fault: Fault, out: Any, call: int) -> None:
     width = out.element_size() * 8
     if fault.kind in ("bitflip", "stuck") and (fault.bit is None or fault.bit >= width):
         return
+    if not out.is_contiguous():
+        # e.g. attention kernels return (b, h, s, d) views of (b, s, h, d) memory: walk it in memory order
+        out = out.permute(*sorted(range(out.dim()), key=lambda d: -out.stride(d)))
     flat = out.view(-1)
     gen = torch.Generator(device="cpu").manual_seed((fault.seed * 1_000_003 + call) & 0x7FFFFFFF)
     n = flat.numel()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..results import Verdict
+from ..results import RunSummary, Verdict
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,3 +57,18 @@ class ReportExtras:
     topology: Topology | None = None
     history: dict[str, list[HistoryPoint]] = field(default_factory=dict)
     """Device UUID -> its earlier runs, oldest first."""
+
+
+def from_links(s: RunSummary) -> ReportExtras:
+    """The link heatmap and topology sections from a run's judged link sweep."""
+    assert s.links is not None
+    label = {d.rank: f"{d.host} {d.device}" for d in s.devices}
+    links = [LinkSummary(src=label.get(x.src, str(x.src)), dst=label.get(x.dst, str(x.dst)), verdict=x.verdict,
+                         busbw_gbps=x.gbps, latency_us=x.latency_us, reason=x.reason) for x in s.links.links]
+    topology = None
+    if s.links.topology_levels:
+        topology = Topology(levels=tuple(s.links.topology_levels),
+                            placement={label.get(i, str(i)): tuple(f"{lvl} {g}" for lvl, g in
+                                                                   zip(s.links.topology_levels, grp, strict=False))
+                                       for i, grp in enumerate(s.links.topology_groups)})
+    return ReportExtras(links=links, topology=topology)

@@ -15,6 +15,10 @@ class UnknownFormat(ValueError):
 
 def render(s: RunSummary, fmt: str, extras: ReportExtras | None = None) -> str:
     """The report of `s` in `fmt` as text; HTML and JUnit pull in their libraries only when asked for."""
+    if extras is None and s.links is not None:
+        from .extras import from_links
+
+        extras = from_links(s)
     if fmt == "text":
         from . import terminal
 

@@ -35,12 +35,24 @@ def to_dict(s: RunSummary) -> dict[str, Any]:
             for d in s.devices
         ],
         "consensus": [g.to_dict() for g in s.groups],
+        **(_links(s) if s.links is not None else {}),
         "summary": {
             "devices": len(s.devices),
             "failed": len(s.failed),
             "failed_fraction": len(s.failed) / len(s.devices) if s.devices else 0.0,
             "by_verdict": _count(s),
         },
+    }
+
+
+def _links(s: RunSummary) -> dict[str, Any]:
+    assert s.links is not None
+    x = s.links
+    return {
+        "links": [link.to_dict() for link in x.links],
+        "link_matrices": {"latency_us": x.latency_us, "gbps": x.gbps, "bad_bytes": x.bad_bytes},
+        "link_sweep": {"pairing": x.pairing, "rounds": x.rounds, "failed": len(x.failed)},
+        "topology": {"levels": x.topology_levels, "groups": x.topology_groups, "disagreements": x.disagreements},
     }
 
 

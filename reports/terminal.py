@@ -45,6 +45,37 @@ def render(s: RunSummary) -> str:
         if g.no_majority:
             lines.append(f"consensus: NO MAJORITY for {g.probe} {g.case} among {g.devices} devices "
                          f"of fingerprint {g.fingerprint}")
+    if s.links is not None:
+        lines += _links(s)
+    link_part = ""
+    if s.links is not None and s.links.links:
+        nl = len(s.links.links)
+        link_part = f"; {len(s.links.failed)}/{nl} links = {len(s.links.failed) / nl:.1%} failing"
     lines.append(f"verdict: {_MARK[s.verdict]}  ({counts}; {len(failed)}/{len(s.devices)} devices = "
-                 f"{frac:.1%} failing)")
+                 f"{frac:.1%} failing{link_part})")
     return "\n".join(lines)
+
+
+def _links(s: RunSummary) -> list[str]:
+    """Bandwidth matrix (small sweeps), the failing links, and the inferred topology."""
+    x = s.links
+    assert x is not None
+    n = len(x.gbps)
+    out = [f"links: {len(x.links)} directions measured in {x.rounds} rounds (pairing {x.pairing}); "
+           f"{len(x.failed)} failing"]
+    if n <= 16:
+        out.append("  GB/s   " + "".join(f"{j:>8}" for j in range(n)))
+        for i in range(n):
+            cells = "".join(f"{v:8.2f}" if v is not None else "       -" for v in x.gbps[i])
+            out.append(f"  {i:>4}   {cells}")
+    for link in x.failed[:MAX_REASONS * 4]:
+        out.append(f"  ! link {link.src}->{link.dst} {link.verdict.value}: {link.reason}")
+    if len(x.failed) > MAX_REASONS * 4:
+        out.append(f"  ! (+{len(x.failed) - MAX_REASONS * 4} more failing links)")
+    if x.topology_text:
+        out.append("inferred topology:")
+        out += ["  " + line for line in x.topology_text.splitlines()]
+    for d in x.disagreements:
+        out.append(f"  ! topology: {d}")
+    out.append("")
+    return out

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from chipcheck.fleet import pairing
+from chipcheck.probes import pairing
 from chipcheck.fleet.links_analysis import (
     InferredTopology,
     LinkMeasurement,

@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from chipcheck.fleet import pairing
-from chipcheck.fleet.pairing import PairingKind, PairingSpecError
+from chipcheck.probes import pairing
+from chipcheck.probes.pairing import PairingKind, PairingSpecError
 
 SIZES = range(2, 41)
 

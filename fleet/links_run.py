@@ -1,0 +1,72 @@
+"""From the links probe's per-rank records to link verdicts, endpoint judgements and topology.
+
+Each direction src -> dst is measured by both ends: the sender times it (latency, bandwidth),
+the receiver checks the payload bits. They are merged here and judged over the whole matrix
+by fleet.links_analysis; a corrupting or slow *endpoint* becomes a Judgement on that device.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+
+from ..results import DeviceInfo, Judgement, LinkJudgement, LinksSummary, ProbeResult, Verdict
+from . import links_analysis as la
+
+
+def measurements(results: list[ProbeResult]) -> list[la.LinkMeasurement]:
+    """Merge the sender's and the receiver's halves of every measured direction (repeats kept)."""
+    halves: dict[tuple[int, int], list] = defaultdict(list)
+    for r in results:
+        for x in r.links:
+            halves[(x.src, x.dst)].append(x)
+    out = []
+    for (src, dst), xs in sorted(halves.items()):
+        send = [x for x in xs if x.measured_by == src]
+        recv = [x for x in xs if x.measured_by == dst]
+        for i in range(max(len(send), len(recv))):
+            s = send[i] if i < len(send) else None
+            v = recv[i] if i < len(recv) else None
+            errors = "; ".join(e for e in ((s.error if s else "missing sender record"),
+                                           (v.error if v else "missing receiver record")) if e)
+            out.append(la.LinkMeasurement(src=src, dst=dst, latency_us=s.latency_us if s else None,
+                                          gbps=s.gbps if s else None, bad_bytes=v.bad_bytes if v else 0,
+                                          total_bytes=v.total_bytes if v else 0, error=errors))
+    return out
+
+
+# Virtual CPU devices talk through the kernel's loopback or veth on shared cores: their latency
+# swings several-fold with scheduling, so only gross outliers count there.
+CPU_POLICY = la.LinkPolicy(min_gap=0.5, latency_gap=9.0)
+
+
+def analyze(results: list[ProbeResult], devs: Mapping[int, DeviceInfo],
+            declared: Mapping[int, tuple[str, ...]] | None = None,
+            policy: la.LinkPolicy | None = None) -> tuple[LinksSummary, list[Judgement]] | None:
+    """None when the run measured no links."""
+    if policy is None:
+        policy = CPU_POLICY if all(d.kind.value == "cpu" for d in devs.values()) else la.LinkPolicy()
+    link_results = [r for r in results if r.probe == "links" and r.links]
+    if not link_results:
+        return None
+    n = len(devs)
+    hosts = {rank: d.host for rank, d in devs.items()}
+    meas = measurements(link_results)
+    first = la.judge_links(meas, n, hosts, policy)
+    topo = la.infer_topology(first.latency)
+    placement = {i: tuple(str(g) for g in grp) for i, grp in enumerate(topo.groups)} if topo.levels else None
+    report = la.judge_links(meas, n, hosts, policy, placement=placement) if placement else first
+    labels = {rank: f"{d.host} {d.label}" for rank, d in devs.items()}
+    params = link_results[0].params
+    summary = LinksSummary(
+        pairing=str(params.get("pairing", "")), rounds=int(params.get("rounds", 0)),
+        links=[LinkJudgement(src=x.src, dst=x.dst, verdict=x.verdict, reason=x.reason, latency_us=x.latency_us,
+                             gbps=x.gbps, bad_bytes=report.errors[x.src][x.dst]) for x in report.links],
+        latency_us=report.latency, gbps=report.bandwidth, bad_bytes=report.errors,
+        topology_levels=list(topo.levels), topology_groups=[list(g) for g in topo.groups],
+        topology_text=la.render_topology(topo, labels) if topo.levels else "",
+        disagreements=la.compare_declared(topo, declared) if declared else [],
+    )
+    judgements = [Judgement(rank=e.endpoint, probe="links", case="pairs", verdict=e.verdict, reason=e.reason)
+                  for e in report.endpoints if e.verdict is not Verdict.PASS]
+    return summary, judgements
