@@ -58,53 +58,113 @@ def list_cmd(devices: str, as_json: bool) -> None:
         click.echo("       " + " ".join(f"{k}={v}" for k, v in sorted(d.fingerprint_fields.items())))
 
 
+def common_options(fn: Any) -> Any:
+    """The options `run`, `links` and the distributed worker (`python -m chipcheck.worker`) share."""
+    opts = [
+        click.option("--devices", default="auto", show_default=True,
+                     help="auto (every GPU, else CPU workers), cpu:N, cuda:0,3"),
+        click.option("--profile", default="quick", show_default=True,
+                     help="Time budget per device: quick (seconds), standard (~2 min), nightly (~15 min), "
+                          "burnin (--duration)."),
+        click.option("--duration", default=None, help="Total time for --profile burnin, e.g. 10m or 2h."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Base seed of every generated input."),
+        click.option("--inject", multiple=True, metavar="SPEC",
+                     help="Inject a fault, e.g. bitflip:rank=2,bit=20,rate=0.01 | slow:rank=1,factor=1.3 | "
+                          "nan:rank=0 | hang:rank=3 | crash:rank=1 (repeatable)."),
+        click.option("--db", "db_path", default=None, type=click.Path(dir_okay=False),
+                     help="SQLite results store [default: ~/.local/state/chipcheck/results.db]."),
+        click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
+                     help="Write the run as JSON (schema chipcheck.run/1) to this file ('-' for stdout)."),
+        click.option("--report", "reports", multiple=True, metavar="FORMAT=FILE",
+                     help=f"Also write the run as FORMAT ({'|'.join(FORMATS)}) to FILE ('-' for stdout), e.g. "
+                          "--report html=run.html --report junit=run.xml (repeatable)."),
+        click.option("--timeout", default=None, type=float,
+                     help="Watchdog per probe case, seconds [default by profile]."),
+        click.option("--min-gap", default=0.10, show_default=True, type=float,
+                     help="Throughput shortfall vs fingerprint peers that counts as slow (0.1 = 10%)."),
+        click.option("-q", "--quiet", is_flag=True, help="No progress lines."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def links_options(fn: Any) -> Any:
+    fn = click.option("--declared", default=None, type=click.Path(dir_okay=False),
+                      help="TOML file declaring the topology: [ranks] 0 = [\"rack1\", \"node1\"] ...; the "
+                           "measured grouping is checked against it.")(fn)
+    return click.option("--pairing", default="auto", show_default=True,
+                        help="all | random:K | auto (all pairs up to 64 endpoints, random:15 above); intra-host "
+                             "pairs are always all-pairs.")(fn)
+
+
+def _options(kw: dict[str, Any], probes: tuple[str, ...], extra: dict[str, str]) -> Any:
+    from .fleet import runner
+
+    return runner.RunOptions(
+        devices=kw["devices"], probes=probes, profile=kw["profile"], seed=kw["seed"], inject=kw["inject"],
+        timeout_s=kw["timeout"], duration_s=parse_duration(kw["duration"]) if kw["duration"] else 0.0,
+        min_gap=kw["min_gap"], options=extra, argv=sys.argv,
+    )
+
+
+def _link_extra(pairing: str, declared: str | None) -> dict[str, str]:
+    from .fleet.runner import UsageError
+    from .probes import pairing as pairing_mod
+
+    try:
+        pairing_mod.parse_pairing(pairing)
+    except pairing_mod.PairingSpecError as e:
+        raise UsageError(str(e)) from None
+    extra = {"pairing": pairing}
+    if declared:
+        extra["declared"] = declared
+    return extra
+
+
 @main.command()
-@click.option("--devices", default="auto", show_default=True, help="auto (every GPU, else CPU workers), cpu:N, cuda:0,3")
 @click.option("--probes", default="", help="Comma-separated probes to run [default: every probe the devices allow].")
-@click.option("--profile", default="quick", show_default=True,
-              help="Time budget per device: quick (seconds), standard (~2 min), nightly (~15 min), burnin (--duration).")
-@click.option("--duration", default=None, help="Total time for --profile burnin, e.g. 10m or 2h.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Base seed of every generated input.")
-@click.option("--inject", multiple=True, metavar="SPEC",
-              help="Inject a fault, e.g. bitflip:rank=2,bit=20,rate=0.01 | slow:rank=1,factor=1.3 | nan:rank=0 | "
-                   "hang:rank=3 | crash:rank=1 (repeatable).")
-@click.option("--db", "db_path", default=None, type=click.Path(dir_okay=False),
-              help="SQLite results store [default: ~/.local/state/chipcheck/results.db].")
-@click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
-              help="Write the run as JSON (schema chipcheck.run/1) to this file ('-' for stdout).")
-@click.option("--report", "reports", multiple=True, metavar="FORMAT=FILE",
-              help=f"Also write the run as FORMAT ({'|'.join(FORMATS)}) to FILE ('-' for stdout), e.g. "
-                   "--report html=run.html --report junit=run.xml (repeatable).")
-@click.option("--timeout", default=None, type=float, help="Watchdog per probe case, seconds [default by profile].")
-@click.option("--min-gap", default=0.10, show_default=True, type=float,
-              help="Throughput shortfall vs fingerprint peers that counts as slow (0.1 = 10%).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress lines.")
-def run(devices: str, probes: str, profile: str, duration: str | None, seed: int, inject: tuple[str, ...],
-        db_path: str | None, json_path: str | None, reports: tuple[str, ...], timeout: float | None, min_gap: float,
-        quiet: bool) -> None:
+@common_options
+def run(probes: str, **kw: Any) -> None:
     """Run the probes on every device and judge them: pass, wrong, slow, flaky or error."""
+    names = tuple(p.strip() for p in probes.split(",") if p.strip())
+    _execute(lambda: _options(kw, names, {}), kw)
+
+
+@main.command()
+@links_options
+@common_options
+def links(pairing: str, declared: str | None, **kw: Any) -> None:
+    """Measure every link between devices, both directions: latency, bandwidth and payload bits.
+
+    Pairs run in rounds of disjoint pairs (O(N) rounds); a slow or corrupting endpoint is told from
+    a single bad link, and the latency matrix is clustered into the inferred topology.
+    """
+    _execute(lambda: _options(kw, ("links",), _link_extra(pairing, declared)), kw)
+
+
+def _execute(make_opts: Any, kw: dict[str, Any]) -> None:
+    """Validate everything, run on this host's devices, print, write outputs, exit 0/1/2."""
     from .fleet import runner
     from .fleet.store import Store, StoreError, default_path
     from .reports import json_report, terminal
 
-    opts = runner.RunOptions(
-        devices=devices, probes=tuple(p.strip() for p in probes.split(",") if p.strip()), profile=profile,
-        seed=seed, inject=inject, timeout_s=timeout, duration_s=parse_duration(duration) if duration else 0.0,
-        min_gap=min_gap, argv=sys.argv,
-    )
     try:
+        opts = make_opts()
         runner.validate(opts)
-        if json_path and json_path != "-":
-            _check_writable(Path(json_path))
-        outputs = _parse_reports(reports)
-        store = Store(db_path or default_path())
-    except (runner.UsageError, StoreError) as e:
-        _fail(str(e))
+        if opts.options.get("declared"):
+            runner.load_declared(opts.options["declared"])
+        if kw["json_path"] and kw["json_path"] != "-":
+            _check_writable(Path(kw["json_path"]))
+        outputs = _parse_reports(kw["reports"])
+        store = Store(kw["db_path"] or default_path())
+    except (runner.UsageError, StoreError, click.BadParameter) as e:
+        _fail(str(e.format_message() if isinstance(e, click.BadParameter) else e))
     done = [0]
 
     def progress(r: Any) -> None:
         done[0] += 1
-        if quiet:
+        if kw["quiet"]:
             return
         tf = r.metrics.get("tflops")
         speed = f"{tf:.3f} TFLOP/s" if tf is not None else ""
@@ -121,14 +181,67 @@ def run(devices: str, probes: str, profile: str, duration: str | None, seed: int
     finally:
         store.close()
     click.echo(terminal.render(summary))
-    if json_path:
+    if kw["json_path"]:
         text = json_report.render(summary)
-        if json_path == "-":
+        if kw["json_path"] == "-":
             click.echo(text)
         else:
-            Path(json_path).write_text(text + "\n")
+            Path(kw["json_path"]).write_text(text + "\n")
     _write_reports(summary, outputs)
     sys.exit(0 if summary.verdict.value == "pass" else 1)
+
+
+@click.group()
+def distributed_cli() -> None:
+    """`python -m chipcheck.worker run|links ...`: one process per device under torchrun, srun or a
+    Kubernetes Indexed Job (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the environment);
+    rank 0 gathers the results and writes the store, --json and the reports."""
+
+
+def _distributed_options(fn: Any) -> Any:
+    fn = click.option("--local-dir", default="chipcheck-shards", show_default=True,
+                      help="Where each rank keeps a JSONL copy of its own results.")(fn)
+    return click.option("--host-label", default=None,
+                        help="This process's host name in reports [default: $CHIPCHECK_HOSTNAME or hostname].")(fn)
+
+
+@distributed_cli.command("run")
+@click.option("--probes", default="", help="Comma-separated probes to run [default: every probe the devices allow].")
+@_distributed_options
+@common_options
+def distributed_run(probes: str, local_dir: str, host_label: str | None, **kw: Any) -> None:
+    """This rank's part of `chipcheck run`."""
+    names = tuple(p.strip() for p in probes.split(",") if p.strip())
+    _execute_distributed(lambda: _options(kw, names, {}), kw, "run", local_dir, host_label)
+
+
+@distributed_cli.command("links")
+@links_options
+@_distributed_options
+@common_options
+def distributed_links(pairing: str, declared: str | None, local_dir: str, host_label: str | None, **kw: Any) -> None:
+    """This rank's part of `chipcheck links`."""
+    _execute_distributed(lambda: _options(kw, ("links",), _link_extra(pairing, declared)), kw, "links", local_dir,
+                         host_label)
+
+
+def _execute_distributed(make_opts: Any, kw: dict[str, Any], command: str, local_dir: str,
+                         host_label: str | None) -> None:
+    from .fleet import distributed, runner
+    from .fleet.store import StoreError
+
+    try:
+        opts = make_opts()
+        runner.validate(opts)
+        if opts.options.get("declared"):
+            runner.load_declared(opts.options["declared"])
+        outputs = _parse_reports(kw["reports"])
+        dopts = distributed.DistributedOptions(command=command, db_path=kw["db_path"], json_path=kw["json_path"],
+                                               local_dir=local_dir, host=host_label, reports=tuple(outputs))
+        code = distributed.run(opts, dopts)
+    except (runner.UsageError, StoreError, click.BadParameter) as e:
+        _fail(str(e.format_message() if isinstance(e, click.BadParameter) else e))
+    sys.exit(code)
 
 
 def _parse_reports(specs: tuple[str, ...]) -> list[tuple[str, str]]:

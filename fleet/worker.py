@@ -254,8 +254,13 @@ def _caps(info: DeviceInfo) -> frozenset[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("run", "links"):
+        from .distributed import main as distributed_main
+
+        return distributed_main(argv)
     if len(argv) != 2 or argv[0] != "--plan":
-        print("usage: python -m chipcheck.worker --plan PLAN.json", file=sys.stderr)
+        print("usage: python -m chipcheck.worker run|links [OPTIONS]  (under torchrun, srun, ...)\n"
+              "       python -m chipcheck.worker --plan PLAN.json        (the local launcher's)", file=sys.stderr)
         return 2
     with open(argv[1]) as f:
         plan = WorkerPlan.from_json(f.read())

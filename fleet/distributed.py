@@ -1,0 +1,225 @@
+"""The worker as its own launcher's guest: `python -m chipcheck.worker run|links [options]`.
+
+Under torchrun, srun or a Kubernetes Indexed Job every process is one device: it reads RANK,
+LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT, joins the process group (NCCL on GPUs,
+gloo on CPU), runs the same probe plan as every other rank, appends each result to a local
+JSONL shard the moment it exists (nothing is lost if rank 0 dies), and sends its results to
+rank 0, which judges the fleet and writes the store, --json and the report. The exit code of
+every rank is the run's: 0 pass, 1 a device or link failed, 2 usage or setup error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ..results import DeviceInfo, DeviceKind, ErrorInfo, ErrorKind, ProbeResult, Verdict
+from . import devices as devmod
+from .worker import _HostLock, _run_one, _stamp, apply_settings, torchrun_env
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DistributedOptions:
+    command: str
+    """`run` or `links`."""
+    db_path: str | None = None
+    json_path: str | None = None
+    local_dir: str = "chipcheck-shards"
+    """Where each rank keeps its own JSONL copy of its results."""
+    host: str | None = None
+    """Host label (default: $CHIPCHECK_HOSTNAME or the hostname)."""
+    reports: tuple[tuple[str, str], ...] = ()
+    """(format, file) pairs to write besides --json."""
+
+
+def _device(spec: str, local_rank: int, local_world: int, host: str) -> DeviceInfo:
+    req = devmod.parse_spec(spec)
+    use_cuda = (req is None and devmod.gpu_count() > 0) or (req is not None and req.kind is DeviceKind.CUDA)
+    if use_cuda:
+        index = req.indices[local_rank] if req is not None and req.indices else local_rank
+        return devmod.cuda_devices((index,), host)[0]
+    d = devmod.cpu_devices(local_world, host)[0]
+    return replace(d, index=local_rank, uuid=f"cpu-{host}-{local_rank}")
+
+
+def _watchdog(timeout_s: float, on_expire: Any) -> threading.Timer:
+    t = threading.Timer(timeout_s, on_expire)
+    t.daemon = True
+    t.start()
+    return t
+
+
+def run(opts: Any, dopts: DistributedOptions) -> int:
+    """One rank's whole life; returns its exit code. `opts` is a fleet.runner.RunOptions."""
+    import torch
+    import torch.distributed as dist
+
+    from ..probes import base, faults
+    from . import runner
+
+    env = torchrun_env()
+    rank, world = env["rank"], env["world_size"]
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    host = dopts.host or os.environ.get("CHIPCHECK_HOSTNAME") or socket.gethostname()
+    runner.validate(opts)
+    info = _device(opts.devices, env["local_rank"], local_world, host)
+    threads = devmod.threads_per_cpu_worker(local_world)
+    cores = devmod.cores_for(env["local_rank"], local_world) if info.kind is DeviceKind.CPU else []
+    settings = apply_settings(info.kind.value, threads, cores)
+    settings.update({"world_size": world, "local_rank": env["local_rank"], "launcher": "distributed"})
+    if info.kind is DeviceKind.CUDA:
+        torch.cuda.set_device(info.index)
+        device = torch.device("cuda", info.index)
+    else:
+        device = torch.device("cpu")
+    timeout = opts.timeout_s or runner.DEFAULT_TIMEOUT_S.get(opts.profile) or 600.0
+    dist.init_process_group(backend="nccl" if info.kind is DeviceKind.CUDA else "gloo", init_method="env://",
+                            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
+    group = dist.group.WORLD
+    infos: list[Any] = [None] * world
+    dist.all_gather_object(infos, info.to_dict(), group=group)
+    devs = [DeviceInfo.from_dict(d) for d in infos]
+    ids = [time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3) if rank == 0 else None]
+    dist.broadcast_object_list(ids, src=0, group=group)
+    run_id = str(ids[0])
+    plan = runner.plan_probes(opts, devs)
+    shard = Path(dopts.local_dir) / f"{run_id}-{host}-rank{rank}.jsonl"
+    shard.parent.mkdir(parents=True, exist_ok=True)
+    fault_list = [f for spec in opts.inject for f in faults.parse(spec)]
+    lock = _HostLock(os.path.join("/tmp", f"chipcheck-{os.getuid()}-cpu-timing.lock")) \
+        if info.kind is DeviceKind.CPU and local_world > 1 else None
+    caps = devmod.capabilities(info)
+    mine: list[ProbeResult] = []
+
+    def keep(r: ProbeResult) -> None:
+        mine.append(r)
+        with shard.open("a") as f:
+            f.write(r.to_json() + "\n")
+
+    started = time.time()
+    for probe_name, cases in plan:
+        probe = base.get(probe_name)
+        cfg = probe.config(opts.profile, info.kind.value, caps)
+        injector = faults.make_injector(fault_list, rank, probe_name)
+        ctx = base.ProbeContext(device=device, device_kind=info.kind.value, seed=opts.seed, profile=opts.profile,
+                                timer=base.Timer(device), under_test=injector or contextlib.nullcontext,
+                                capabilities=caps, rank=rank, world_size=world, group=lambda: group, host=host,
+                                host_lock=lock or contextlib.nullcontext, options=dict(opts.options))
+        exclusive = lock if (lock is not None and not probe.collective) else contextlib.nullcontext
+        for case in cases:
+            t0 = time.time()
+
+            def expire(probe_name: str = probe_name, case: str = case, t0: float = t0) -> None:
+                # A hung probe cannot be interrupted in-process: record it, then leave. Rank 0
+                # reports this rank from its shard-less silence; this shard keeps the reason.
+                err = base.CaseOutcome(case=case, params={}, error=ErrorInfo(
+                    kind=ErrorKind.TIMEOUT, message=f"{probe_name} {case} on {host} {info.label} (rank {rank}, seed "
+                                                    f"{opts.seed}) exceeded its {timeout:g}s watchdog"))
+                keep(_stamp(_plan_stub(run_id, opts.seed), info, rank, probe_name, case, err, settings, fault_list,
+                            t0))
+                os._exit(3)
+
+            dog = _watchdog(timeout, expire)
+            with exclusive():
+                outcome = _run_one(probe, ctx, cfg, case)
+            dog.cancel()
+            keep(_stamp(_plan_stub(run_id, opts.seed), info, rank, probe_name, case, outcome, settings, fault_list, t0))
+    gathered: list[Any] = [None] * world if rank == 0 else []
+    try:
+        dist.gather_object([r.to_dict() for r in mine], gathered if rank == 0 else None, dst=0, group=group)
+    except Exception as e:  # a rank died after its probes: rank 0 reports what arrived
+        print(f"chipcheck: rank {rank}: gathering results failed ({e}); shard kept at {shard}", file=sys.stderr)
+        gathered = [[r.to_dict() for r in mine]] if rank == 0 else []
+    code = 0
+    if rank == 0:
+        results = [ProbeResult.from_dict(d) for part in gathered if part for d in part]
+        results += _missing(results, devs, plan, run_id, opts.seed)
+        code = _finish(opts, dopts, run_id, devs, results, started)
+    codes = [code]
+    with contextlib.suppress(Exception):
+        dist.broadcast_object_list(codes, src=0, group=group)
+    with contextlib.suppress(Exception):
+        dist.destroy_process_group()
+    return int(codes[0])
+
+
+@dataclass(frozen=True, slots=True)
+class _PlanStub:
+    run_id: str
+    seed: int
+
+
+def _plan_stub(run_id: str, seed: int) -> Any:
+    return _PlanStub(run_id, seed)
+
+
+def _missing(results: list[ProbeResult], devs: list[DeviceInfo], plan: list[tuple[str, list[str]]], run_id: str,
+             seed: int) -> list[ProbeResult]:
+    """An error for every planned case a rank never reported (it died or hung)."""
+    have = {(r.rank, r.probe, r.case) for r in results}
+    out = []
+    now = time.time()
+    for rank, d in enumerate(devs):
+        for probe, cases in plan:
+            for case in cases:
+                if (rank, probe, case) not in have:
+                    out.append(ProbeResult(
+                        run_id=run_id, host=d.host, rank=rank, device=d.label, fingerprint=d.fingerprint, probe=probe,
+                        case=case, verdict=Verdict.ERROR, seed=seed, device_uuid=d.uuid, started=now, ended=now,
+                        error=ErrorInfo(kind=ErrorKind.CRASH, message=(
+                            f"rank {rank} ({d.label} on {d.host}) never reported {probe} {case}: it died, hung or "
+                            f"lost the group; its local shard may hold the reason"))))
+    return out
+
+
+def _finish(opts: Any, dopts: DistributedOptions, run_id: str, devs: list[DeviceInfo], results: list[ProbeResult],
+            started: float) -> int:
+    """Rank 0: judge, store, print, write --json. Returns the run's exit code."""
+    from ..reports import formats, json_report, terminal
+    from . import runner
+    from .store import Store, default_path
+
+    store = Store(dopts.db_path or default_path())
+    store.begin_run(run_id, host=devs[0].host, profile=opts.profile, seed=opts.seed, argv=list(sys.argv),
+                    config={"devices": opts.devices, "probes": list(opts.probes), "inject": list(opts.inject),
+                            "launcher": "distributed", "world_size": len(devs), "options": dict(opts.options)})
+    store.add_devices(run_id, enumerate(devs))
+    for r in results:
+        store.add_result(r)
+    summary, judgements = runner.judge(run_id, dict(enumerate(devs)), results, opts, started)
+    store.add_judgements(run_id, judgements)
+    if summary.links is not None:
+        store.add_links(run_id, summary.links)
+    store.end_run(run_id, summary.verdict)
+    store.close()
+    print(terminal.render(summary), flush=True)
+    if dopts.json_path:
+        text = json_report.render(summary)
+        if dopts.json_path == "-":
+            print(text)
+        else:
+            Path(dopts.json_path).write_text(text + "\n")
+    for fmt, dest in dopts.reports:
+        out = formats.render(summary, fmt)
+        if dest == "-":
+            print(out, end="")
+        else:
+            Path(dest).write_text(out)
+    return 0 if summary.verdict is Verdict.PASS else 1
+
+
+def main(argv: list[str]) -> int:
+    """`python -m chipcheck.worker run|links ...` (the options of `chipcheck run` / `chipcheck links`)."""
+    from ..cli import distributed_cli
+
+    distributed_cli.main(args=argv, prog_name="python -m chipcheck.worker")
+    return 0
