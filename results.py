@@ -345,6 +345,8 @@ class RunSummary:
     devices: list[DeviceSummary]
     groups: list[ConsensusGroup] = field(default_factory=list)
     links: LinksSummary | None = None
+    findings: list[str] = field(default_factory=list)
+    """Fleet-level findings that are about no one device (e.g. a library that is wrong everywhere)."""
 
     @property
     def failed(self) -> list[DeviceSummary]:

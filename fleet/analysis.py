@@ -40,6 +40,8 @@ def consensus(results: list[ProbeResult]) -> tuple[list[Judgement], list[Consens
         if len(members) < 2:
             continue
         voters = [m for m in members if m.verdict is Verdict.PASS]
+        if not voters:  # every member is already caught by its own oracles: nothing left to vote on
+            continue
         counts: dict[str, int] = defaultdict(int)
         for m in voters:
             counts[m.output_hash] += 1

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..results import DeviceInfo, Judgement, ProbeResult, RunSummary
+from ..results import DeviceInfo, Judgement, ProbeResult, RunSummary, Verdict
 from . import analysis, devices
 from .launch import LaunchRequest, run_local
 from .store import Store
@@ -83,8 +83,9 @@ def plan_probes(opts: RunOptions, devs: list[DeviceInfo]) -> list[tuple[str, lis
 
     kind = devs[0].kind.value
     caps = devices.capabilities(devs[0])
-    names = opts.probes or tuple(n for n, cls in base.registry().items()
-                                 if cls.default and cls.min_devices <= len(devs))
+    names = opts.probes or tuple(
+        n for n, cls in base.registry().items()
+        if (cls.default or opts.profile in getattr(cls, "default_profiles", ())) and cls.min_devices <= len(devs))
     out = []
     for name in names:
         if base.registry()[name].min_devices > len(devs):
@@ -151,9 +152,21 @@ def judge(run_id: str, devs: dict[int, DeviceInfo], results: list[ProbeResult], 
     declared = load_declared(opts.options["declared"]) if opts.options.get("declared") else None
     linked = links_run.analyze(results, devs, declared)
     link_summary, link_js = linked if linked else (None, [])
-    judgements = cons + slow + link_js
+    from ..probes import burn, xgemm
+
+    chips, library = xgemm.second_opinion_findings(results)
+    findings = [f"xgemm {case} (fingerprint {fp}): the library GEMM and the independent kernel disagree on "
+                f"{'every' if f.blame.value == 'library' else 'the only'} device {list(f.ranks)}: "
+                f"{'suspect the library (cuBLAS/BLAS), not the chips' if f.blame.value == 'library' else 'no peer to compare'}"
+                for fp, case, f in library]
+    judgements = cons + slow + link_js + chips + burn.throttle_judgements(results)
     summary = summarize(run_id, devs, results, judgements, groups, profile=opts.profile, seed=opts.seed,
-                        started=started, ended=time.time(), links=link_summary)
+                        started=started, ended=time.time(), links=link_summary, findings=findings,
+                        exonerate={(r, "xgemm", case) for _, case, f in library if f.blame.value == "library"
+                                   for r in f.ranks},
+                        # a library wrong on every device is still a wrong result for the fleet's users
+                        fleet_verdict=Verdict.WRONG if any(f.blame.value == "library" for _, _, f in library)
+                        else Verdict.PASS)
     return summary, judgements
 
 

@@ -20,7 +20,11 @@ from ..results import (
 
 def summarize(run_id: str, devices: dict[int, DeviceInfo], results: list[ProbeResult], judgements: list[Judgement],
               groups: list[ConsensusGroup], *, profile: str, seed: int, started: float, ended: float,
-              links: LinksSummary | None = None) -> RunSummary:
+              links: LinksSummary | None = None, findings: list[str] | None = None,
+              exonerate: set[tuple[int, str, str]] | None = None, fleet_verdict: Verdict = Verdict.PASS) -> RunSummary:
+    """`exonerate`: (rank, probe, case) whose local verdict is not the chip's fault (a library wrong
+    on every device): reported as a finding, not held against the device."""
+    exonerate = exonerate or set()
     by_dev: dict[int, dict[str, list[ProbeResult]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
         by_dev[r.rank][r.probe].append(r)
@@ -33,7 +37,8 @@ def summarize(run_id: str, devices: dict[int, DeviceInfo], results: list[ProbeRe
         names = list(dict.fromkeys(list(by_dev[rank]) + list(judged[rank])))
         for name in names:
             rs, js = by_dev[rank][name], judged[rank][name]
-            verdict = Verdict.worst([r.verdict for r in rs] + [j.verdict for j in js])
+            verdict = Verdict.worst([r.verdict for r in rs if (rank, r.probe, r.case) not in exonerate]
+                                    + [j.verdict for j in js])
             metrics: dict[str, float] = {}
             for r in rs:
                 for k, v in r.metrics.items():
@@ -45,9 +50,10 @@ def summarize(run_id: str, devices: dict[int, DeviceInfo], results: list[ProbeRe
         verdict = Verdict.worst([p.verdict for p in probes]) if probes else Verdict.ERROR
         out.append(DeviceSummary(rank=rank, device=info.label, host=info.host, uuid=info.uuid,
                                  fingerprint=info.fingerprint, verdict=verdict, probes=probes))
-    overall = Verdict.worst([d.verdict for d in out] + ([x.verdict for x in links.links] if links else []))
+    overall = Verdict.worst([d.verdict for d in out] + ([x.verdict for x in links.links] if links else [])
+                            + [fleet_verdict])
     return RunSummary(run_id=run_id, verdict=overall, started=started, ended=ended, profile=profile, seed=seed,
-                      devices=out, groups=list(groups), links=links)
+                      devices=out, groups=list(groups), links=links, findings=list(findings or []))
 
 
 def _details(rs: list[ProbeResult], js: list[Judgement]) -> dict[str, Any]:

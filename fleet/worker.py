@@ -165,9 +165,8 @@ def run_plan(plan: WorkerPlan) -> int:
         probe = base.get(probe_name)
         cfg = probe.config(plan.profile, info.kind.value, caps)
         injector = faults.make_injector(fault_list, rank, probe_name)
+        per_case_s = plan.duration_s / max(1, sum(len(c) for _, c in plan.probes)) if plan.duration_s > 0 else 0.0
         deadline = None
-        if plan.duration_s > 0:
-            deadline = time.monotonic() + plan.duration_s / max(1, sum(len(c) for _, c in plan.probes))
         ctx = base.ProbeContext(device=device, device_kind=info.kind.value, seed=plan.seed, profile=plan.profile,
                                 timer=timer, under_test=injector or contextlib.nullcontext,
                                 deadline=deadline, capabilities=caps, rank=rank,
@@ -188,6 +187,8 @@ def run_plan(plan: WorkerPlan) -> int:
                 # queue for the lock (whose holder, if hung, is killed by its own watchdog).
                 send({"t": "start", "probe": probe_name, "case": case, "time": time.time()})
                 started = time.time()
+                # a time-budgeted case's clock starts once it holds the host, not while it queues
+                ctx.deadline = time.monotonic() + per_case_s if per_case_s else None
                 outcome = _run_one(probe, ctx, cfg, case)
             result = _stamp(plan, info, rank, probe_name, case, outcome, settings, fault_list, started)
             if probe.collective and outcome.error is not None and not group_failure:

@@ -36,6 +36,7 @@ def to_dict(s: RunSummary) -> dict[str, Any]:
         ],
         "consensus": [g.to_dict() for g in s.groups],
         **(_links(s) if s.links is not None else {}),
+        **({"findings": s.findings} if s.findings else {}),
         "summary": {
             "devices": len(s.devices),
             "failed": len(s.failed),

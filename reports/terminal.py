@@ -47,6 +47,8 @@ def render(s: RunSummary) -> str:
                          f"of fingerprint {g.fingerprint}")
     if s.links is not None:
         lines += _links(s)
+    for f in s.findings:
+        lines.append(f"finding: {f}")
     link_part = ""
     if s.links is not None and s.links.links:
         nl = len(s.links.links)

@@ -1,0 +1,347 @@
+"""Sustained-stress (burn) probe: GEMMs at full power until the time budget is spent.
+
+Catches: chips that pass a one-shot check and go wrong after minutes of heat (the first bad
+iteration and the second it happened are named), and chips that throttle (throughput over time,
+with the second it started to drop, plus NVML clocks / temperature / power / throttle reasons
+on NVIDIA GPUs).
+
+Every iteration runs two GEMMs of one dtype, and checks both (gpu-burn style, but exact):
+- the matmul probe's exact Hadamard inputs (`matmul.hadamard_inputs`): the product is known in
+  closed form, so any differing bit is an error;
+- full-mantissa random inputs checked by Freivalds (O(n^2), locates the bad rows/columns) and
+  against the first iteration's bits (a chip that drifts becomes nondeterministic).
+Runs until `ctx.deadline` (set by the worker from `--duration`), else for `duration_s`.
+Throughput is the GEMMs' own time (checks excluded), binned in windows of `window_s`; the
+timeline (per window: throughput, bad iterations, NVML samples) is kept in params["timeline"].
+
+Not part of a default run except under `--profile burnin` (`default_profiles`); `--probes burn`
+runs it at any profile.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from ..results import Judgement, Mismatch, Oracle, ProbeResult, Verdict
+from . import generator as g
+from . import oracles
+from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, profile_table, register
+from .matmul import ALL_DTYPES, NEEDS, Kernel, hadamard_inputs
+
+MAX_WINDOWS = 240  # timeline windows kept per case (longer runs are re-binned into wider windows)
+# NVML clock-event ("throttle") reason bits, nvml.h nvmlClocksEventReason*.
+REASONS = {0x1: "gpu_idle", 0x2: "applications_clocks_setting", 0x4: "sw_power_cap", 0x8: "hw_slowdown",
+           0x10: "sync_boost", 0x20: "sw_thermal_slowdown", 0x40: "hw_thermal_slowdown",
+           0x80: "hw_power_brake_slowdown", 0x100: "display_clock_setting"}
+BENIGN = 0x1 | 0x2 | 0x10 | 0x100  # reasons that say nothing about a chip's health
+
+
+@register("burn")
+class BurnProbe(Probe):
+    order = 60
+    default = False
+    default_profiles: ClassVar[frozenset[str]] = frozenset({"burnin"})
+    """Profiles under which a run without --probes includes this probe (the runner's to honour)."""
+
+    @dataclass(frozen=True, slots=True, kw_only=True)
+    class Config:
+        sizes: dict[str, int] = field(default_factory=lambda: {"float32": 256})
+        """Square GEMM size per dtype (a power of two: the exact inputs need Hadamard order)."""
+        duration_s: float = 2.0
+        """Seconds per case when the worker sets no deadline (no --duration)."""
+        min_iterations: int = 4
+        """Iterations run even when the deadline has already passed."""
+        window_s: float = 0.25
+        """Width of a throughput window of the timeline."""
+        throttle_drop: float = 0.10
+        """A window this much below the first one counts as dropped (for `throttle_onset_s`)."""
+        sample_s: float = 5.0
+        """Seconds between NVML samples (GPUs with pynvml)."""
+        sigmas: float = 12.0
+        """Width of Freivalds' statistical tolerance (see oracles.freivalds_plan)."""
+
+    def config(self, profile: str, device_kind: str, capabilities: frozenset[str]) -> Config:
+        p = profile_table("burn", profile, device_kind)
+        sizes = {d: int(n) for d, n in p.pop("sizes").items() if d not in NEEDS or NEEDS[d] in capabilities}
+        known = set(self.Config.__dataclass_fields__)
+        if set(p) - known:
+            raise InvalidConfig(f"burn: unknown keys {sorted(set(p) - known)} in profiles/burn.toml")
+        cfg = self.Config(sizes=sizes, **p)
+        for d, n in cfg.sizes.items():
+            if d not in ALL_DTYPES or n < 2 or n & (n - 1):
+                raise InvalidConfig(f"burn: size {n} for {d!r} must be a power of two >= 2, dtype from {ALL_DTYPES}")
+        if cfg.min_iterations < 2 or cfg.window_s <= 0 or not 0 < cfg.throttle_drop < 1:
+            raise InvalidConfig("burn: min_iterations >= 2, window_s > 0 and 0 < throttle_drop < 1 are needed")
+        return cfg
+
+    def cases(self, cfg: Config) -> list[str]:
+        return list(cfg.sizes)
+
+    def run_case(self, ctx: ProbeContext, cfg: Config, case: str) -> CaseOutcome:
+        if case not in cfg.sizes:
+            raise InvalidConfig(f"unknown burn case {case!r}; known: {', '.join(cfg.sizes)}")
+        return _burn(ctx, cfg, case, Kernel.for_dtype(case, ctx.device), cfg.sizes[case])
+
+
+@dataclass(slots=True)
+class _Iter:
+    t: float  # seconds since the burn started, at the iteration's start
+    gemm_s: float
+    bad: bool
+
+
+def _burn(ctx: ProbeContext, cfg: BurnProbe.Config, case: str, kernel: Kernel, n: int) -> CaseOutcome:
+    import torch
+
+    seed = ctx.seed ^ g.stream_id("burn/" + case)
+    ah, bh, eh = hadamard_inputs(n, seed, ctx.device)
+    ah, bh = kernel.prepare(ah, bh)
+    expected = eh.to(kernel.out_dtype)
+    ar, br = kernel.prepare(g.uniform((n, n), seed, "burn/A", device=ctx.device),
+                            g.uniform((n, n), seed, "burn/B", device=ctx.device))
+    ar_ref, br_ref = ar.float(), br.float()
+    plan = oracles.freivalds_plan(ar_ref, br_ref, kernel.out_dtype, seed=seed, sigmas=cfg.sigmas, u_in=kernel.u_in)
+    out = CaseOutcome(case=case, params={"m": n, "n": n, "k": n, "dtype": case, "gemms_per_iteration": 2})
+    sampler = NvmlSampler(ctx.device)
+    iters: list[_Iter] = []
+    samples: list[tuple[float, dict[str, float]]] = []
+    first_random: list[Any] = []
+    with kernel.settings(), ctx.timer.exclusive():
+        kernel(ah, bh)  # warm-up: library heuristics, caches
+        with ctx.under_test():
+            # The first op dispatched through an injector costs ~1 s once (Python dispatch
+            # set-up); a non-GEMM op keeps that out of the first window and off fault counters.
+            ah[:1, :1].neg()
+        ctx.timer.sync()
+        start = time.monotonic()
+        end = ctx.deadline if ctx.deadline is not None else start + cfg.duration_s
+        next_sample = start
+        while len(iters) < cfg.min_iterations or time.monotonic() < end:
+            now = time.monotonic()
+            if sampler.ok and now >= next_sample:
+                samples.append((now - start, sampler.sample()))
+                next_sample = now + cfg.sample_s
+            with ctx.under_test():
+                c1, t1 = ctx.timer.time(lambda: kernel(ah, bh))
+            with ctx.under_test():
+                c2, t2 = ctx.timer.time(lambda: kernel(ar, br))
+            found = [m for m in (oracles.compare_bits(expected, c1, tensor="C_exact", oracle=Oracle.EXACT),
+                                 oracles.nonfinite(c2, tensor="C_random"),
+                                 oracles.freivalds(plan, ar_ref, br_ref, c2, tensor="C_random")) if m is not None]
+            if not first_random:
+                first_random.append(c2.clone())
+                out.output_hash = oracles.tensor_hash(c2)
+            elif not found and not torch.equal(first_random[0], c2):
+                out.nondeterministic = True
+                rep = oracles.compare_bits(first_random[0], c2, tensor="C_random", oracle=Oracle.REPEAT)
+                if rep is not None:
+                    found.append(rep)
+            i = len(iters)
+            iters.append(_Iter(t=now - start, gemm_s=t1 + t2, bad=bool(found)))
+            for m in found:
+                _keep(out, m, i, now - start)
+        elapsed = time.monotonic() - start
+    _finish(out, cfg, iters, samples, 4.0 * n**3, elapsed)
+    return out
+
+
+def _keep(out: CaseOutcome, m: Mismatch, iteration: int, t: float) -> None:
+    """The first mismatch per oracle, stamped with the iteration and second it appeared."""
+    from dataclasses import replace
+
+    for old in out.mismatches:
+        if old.oracle == m.oracle and old.tensor == m.tensor:
+            return
+    out.mismatches.append(replace(m, note=(m.note + f" first_bad_iteration={iteration} first_bad_s={t:.3f}").strip()))
+
+
+def _finish(out: CaseOutcome, cfg: BurnProbe.Config, iters: list[_Iter], samples: list[tuple[float, dict[str, float]]],
+            flops: float, elapsed: float) -> None:
+    out.repeats = len(iters)
+    out.repeats_bad = sum(1 for it in iters if it.bad)
+    rates = [flops / it.gemm_s / 1e12 for it in iters if it.gemm_s > 0]
+    m = out.metrics
+    m["iterations"] = float(len(iters))
+    m["elapsed_s"] = elapsed
+    m["tflops"] = statistics.median(rates)
+    m["tflops_best"] = max(rates)
+    m["time_ms"] = 1e3 * statistics.median(it.gemm_s for it in iters)
+    bad = [i for i, it in enumerate(iters) if it.bad]
+    if bad:
+        m["first_bad_iteration"] = float(bad[0])
+        m["first_bad_s"] = iters[bad[0]].t
+    windows = timeline(iters, samples, flops, cfg.window_s)
+    out.params["window_s"] = windows[0]["w_s"] if windows else cfg.window_s
+    out.params["timeline"] = windows
+    ratio, onset = throttle_onset([(w["t_s"], w["tflops"]) for w in windows], cfg.throttle_drop)
+    m["throughput_ratio"] = ratio
+    if onset is not None:
+        # Refine to the iteration: the best step fit over the whole run (windows only say roughly when).
+        i = onset_iteration(iters, flops)
+        if i is not None:
+            m["throttle_onset_iteration"] = float(i)
+            onset = iters[i].t
+        m["throttle_onset_s"] = onset
+    if samples:
+        _nvml_summary(out, samples)
+
+
+def timeline(iters: list[_Iter], samples: list[tuple[float, dict[str, float]]], flops: float,
+             window_s: float) -> list[dict[str, Any]]:
+    """Per-window throughput (GEMM time only), bad iterations and the window's last NVML sample."""
+    if not iters:
+        return []
+    w = window_s
+    while iters[-1].t / w >= MAX_WINDOWS:
+        w *= 2
+    bins: dict[int, list[_Iter]] = {}
+    for it in iters:
+        bins.setdefault(int(it.t // w), []).append(it)
+    out = []
+    for k in sorted(bins):
+        its = bins[k]
+        busy = sum(it.gemm_s for it in its)
+        row: dict[str, Any] = {"t_s": k * w, "w_s": w, "iterations": len(its), "bad": sum(it.bad for it in its),
+                               "tflops": flops * len(its) / busy / 1e12 if busy > 0 else 0.0}
+        in_window = [s for t, s in samples if k * w <= t < (k + 1) * w]
+        if in_window:
+            row.update(in_window[-1])
+        out.append(row)
+    return out
+
+
+def throttle_onset(windows: list[tuple[float, float]], drop: float) -> tuple[float, float | None]:
+    """(last window's throughput / the baseline, start of the sustained drop or None).
+
+    The baseline is the best of the first quarter of the windows (the very first one may hold a
+    warm-up or a clock ramp). The drop starts at the earliest window from which every later
+    window is more than `drop` below the baseline: a chip that slows and stays slow, not one
+    noisy window.
+    """
+    if len(windows) < 2:
+        return 1.0, None
+    base = max(v for _, v in windows[: max(1, len(windows) // 4)])
+    if base <= 0:
+        return 1.0, None
+    ratio = windows[-1][1] / base
+    onset = None
+    for t, v in reversed(windows[1:]):
+        if v < (1.0 - drop) * base:
+            onset = t
+        else:
+            break
+    return ratio, onset
+
+
+def onset_iteration(iters: list[_Iter], flops: float) -> int | None:
+    """The iteration where throughput stepped down, or None if it did not drop.
+
+    Robust step fit: the threshold is the geometric midpoint of the median throughput of the
+    first and of the last quarter of the run, and the step goes where the fewest iterations fall
+    on the wrong side of it. Every iteration counts once, so a burst of host noise (a worker
+    descheduled for a moment) can neither start nor hide the drop.
+    """
+    rates = [flops / it.gemm_s for it in iters]
+    n = len(rates)
+    q = max(1, n // 4)
+    if n < 4:
+        return None
+    fast, slow = statistics.median(rates[:q]), statistics.median(rates[-q:])
+    if slow >= fast:
+        return None
+    thr = (fast * slow) ** 0.5
+    below = [r < thr for r in rates]
+    best_j, best = None, n + 1
+    slow_before, fast_after = 0, below.count(False)
+    for j, b in enumerate(below):
+        wrong = slow_before + fast_after  # slow iterations before j, fast ones from j on
+        if b and wrong < best:
+            best_j, best = j, wrong
+        slow_before += b
+        fast_after -= not b
+    return best_j
+
+
+# ---- NVML --------------------------------------------------------------------------------
+
+
+class NvmlSampler:
+    """Clocks, temperature, power and clock-event reasons of one CUDA device (pynvml, optional)."""
+
+    def __init__(self, device: Any):
+        self.ok = False
+        self.handle: Any = None
+        if getattr(device, "type", "") != "cuda":
+            return
+        try:
+            import pynvml
+            import torch
+
+            pynvml.nvmlInit()
+            uuid = str(torch.cuda.get_device_properties(device).uuid)
+            self.handle = pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else "GPU-" + uuid)
+            self.nvml = pynvml
+            self.ok = True
+        except Exception:  # no pynvml, no driver access: the burn still runs, without samples
+            self.ok = False
+
+    def sample(self) -> dict[str, float]:
+        nv, h = self.nvml, self.handle
+        reasons_fn = getattr(nv, "nvmlDeviceGetCurrentClocksEventReasons", None) or \
+            nv.nvmlDeviceGetCurrentClocksThrottleReasons
+        return {
+            "sm_mhz": float(nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM)),
+            "mem_mhz": float(nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_MEM)),
+            "temp_c": float(nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)),
+            "power_w": nv.nvmlDeviceGetPowerUsage(h) / 1e3,
+            "reasons": float(reasons_fn(h)),
+        }
+
+
+def reason_names(mask: int) -> list[str]:
+    """Names of the NVML clock-event reason bits set in `mask`."""
+    return [name for bit, name in REASONS.items() if mask & bit]
+
+
+def _nvml_summary(out: CaseOutcome, samples: list[tuple[float, dict[str, float]]]) -> None:
+    m = out.metrics
+    vals = [s for _, s in samples]
+    m["temp_c_max"] = max(s["temp_c"] for s in vals)
+    m["power_w_mean"] = statistics.fmean(s["power_w"] for s in vals)
+    m["sm_mhz_min"] = min(s["sm_mhz"] for s in vals)
+    m["sm_mhz_max"] = max(s["sm_mhz"] for s in vals)
+    seen = 0
+    for t, s in samples:
+        r = int(s["reasons"]) & ~BENIGN
+        if r and "throttle_reason_onset_s" not in m:
+            m["throttle_reason_onset_s"] = t
+        seen |= r
+    out.params["throttle_reasons"] = reason_names(seen)
+
+
+# ---- fleet-side helper (for fleet.analysis) ---------------------------------------------
+
+
+def throttle_judgements(results: list[ProbeResult], min_drop: float = 0.10) -> list[Judgement]:
+    """`slow` for burn cases whose throughput fell by `min_drop` or more and stayed down.
+
+    A chip's own timeline is the evidence: the last window against the first, and the second
+    the drop began (and the NVML reasons, where sampled). Pure; the runner decides to call it.
+    """
+    out = []
+    for r in results:
+        if r.probe != "burn" or r.error is not None:
+            continue
+        ratio = r.metrics.get("throughput_ratio", 1.0)
+        onset = r.metrics.get("throttle_onset_s")
+        if onset is None or ratio > 1.0 - min_drop:
+            continue
+        why = ", ".join(r.params.get("throttle_reasons", [])) or "no NVML reasons sampled"
+        out.append(Judgement(rank=r.rank, probe="burn", case=r.case, verdict=Verdict.SLOW,
+                             reason=(f"throttled: throughput fell to {ratio:.2f}x of the first window from "
+                                     f"t={onset:.1f} s into the burn ({why})"),
+                             metrics={"throughput_ratio": ratio, "throttle_onset_s": onset}))
+    return out

@@ -1,0 +1,52 @@
+"""Second-opinion GEMM: library vs independent kernel, and who to blame (chip or library)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from chipcheck.probes import base, faults, xgemm
+from chipcheck.probes.xgemm import Blame, blame
+from chipcheck.results import ProbeResult, Verdict
+
+PROBE = xgemm.SecondOpinionProbe()
+
+
+def _run(spec: str | None = None, rank: int = 0) -> ProbeResult:
+    inj = faults.make_injector(faults.parse(spec), rank, "xgemm") if spec else None
+    ctx = base.ProbeContext(device=torch.device("cpu"), device_kind="cpu", seed=0, profile="quick",
+                            timer=base.Timer(torch.device("cpu")), under_test=inj or contextlib.nullcontext, rank=rank)
+    out = PROBE.run_case(ctx, PROBE.config("quick", "cpu", frozenset()), "float32")
+    return ProbeResult(run_id="r", host="h", rank=rank, device=f"cpu:{rank}", fingerprint="fp", probe="xgemm",
+                       case="float32", verdict=out.verdict, seed=0, params=out.params, metrics=out.metrics,
+                       mismatches=out.mismatches, repeats=out.repeats, repeats_bad=out.repeats_bad)
+
+
+def test_blame_rules() -> None:
+    assert blame({0: False, 1: False}).blame is Blame.NONE
+    assert blame({0: False, 1: True, 2: False}) == xgemm.Finding(Blame.CHIP, (1,))
+    assert blame({0: True, 1: True, 2: True}) == xgemm.Finding(Blame.LIBRARY, (0, 1, 2))
+    assert blame({0: True}).blame is Blame.UNKNOWN
+
+
+def test_clean_chip_agrees() -> None:
+    r = _run()
+    assert r.verdict is Verdict.PASS and r.metrics["disagree_elements"] == 0
+    assert r.params["independent"] == "numpy float64 matmul"
+
+
+def test_one_bad_chip_is_blamed_and_located() -> None:
+    spec = "bitflip:rank=1,bit=21,index=1000"
+    results = [_run(spec, rank) for rank in range(3)]
+    assert [r.verdict for r in results] == [Verdict.PASS, Verdict.WRONG, Verdict.PASS]
+    assert results[1].mismatches[0].first_indices == [[1000 // 256, 1000 % 256]]
+    judgements, library = xgemm.second_opinion_findings(results)
+    assert library == [] and [(j.rank, j.verdict) for j in judgements] == [(1, Verdict.WRONG)]
+
+
+def test_disagreement_everywhere_blames_the_library() -> None:
+    results = [_run("bitflip:bit=21,index=5", rank) for rank in range(3)]
+    judgements, library = xgemm.second_opinion_findings(results)
+    assert judgements == []
+    assert library == [("fp", "float32", xgemm.Finding(Blame.LIBRARY, (0, 1, 2)))]
