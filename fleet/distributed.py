@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import secrets
 import socket
@@ -82,15 +83,29 @@ def run(opts: Any, dopts: DistributedOptions) -> int:
     else:
         device = torch.device("cpu")
     timeout = opts.timeout_s or runner.DEFAULT_TIMEOUT_S.get(opts.profile) or 600.0
-    dist.init_process_group(backend="nccl" if info.kind is DeviceKind.CUDA else "gloo", init_method="env://",
-                            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout))
+    # Rendezvous through a TCPStore that outlives the process group: rank 0 learns who joined
+    # (and names who did not), and results travel through it even when a collective broke.
+    kv = _Rendezvous(rank, world, timeout)
+    kv.store.set(f"chipcheck/joined/{rank}", json.dumps(info.to_dict()))
+    if rank == 0:
+        joined = kv.wait_for("joined", time.monotonic() + timeout)
+        if len(joined) < world:
+            devs_known = {r: DeviceInfo.from_dict(json.loads(v)) for r, v in joined.items()}
+            kv.store.set("chipcheck/abort", "1")
+            return _never_joined(opts, dopts, devs_known, world, timeout)
+        ids = time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+        kv.store.set("chipcheck/go", ids)
+    else:
+        ids = kv.wait_go(time.monotonic() + 2 * timeout)
+        if ids is None:
+            print(f"chipcheck: rank {rank}: the run was called off (a rank never joined)", file=sys.stderr)
+            return 1
+    run_id = ids
+    dist.init_process_group(backend="nccl" if info.kind is DeviceKind.CUDA else "gloo",
+                            store=dist.PrefixStore("pg", kv.store), rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout))
     group = dist.group.WORLD
-    infos: list[Any] = [None] * world
-    dist.all_gather_object(infos, info.to_dict(), group=group)
-    devs = [DeviceInfo.from_dict(d) for d in infos]
-    ids = [time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3) if rank == 0 else None]
-    dist.broadcast_object_list(ids, src=0, group=group)
-    run_id = str(ids[0])
+    devs = [DeviceInfo.from_dict(json.loads(kv.store.get(f"chipcheck/joined/{r}").decode())) for r in range(world)]
     plan = runner.plan_probes(opts, devs)
     shard = Path(dopts.local_dir) / f"{run_id}-{host}-rank{rank}.jsonl"
     shard.parent.mkdir(parents=True, exist_ok=True)
@@ -133,23 +148,81 @@ def run(opts: Any, dopts: DistributedOptions) -> int:
                 outcome = _run_one(probe, ctx, cfg, case)
             dog.cancel()
             keep(_stamp(_plan_stub(run_id, opts.seed), info, rank, probe_name, case, outcome, settings, fault_list, t0))
-    gathered: list[Any] = [None] * world if rank == 0 else []
-    try:
-        dist.gather_object([r.to_dict() for r in mine], gathered if rank == 0 else None, dst=0, group=group)
-    except Exception as e:  # a rank died after its probes: rank 0 reports what arrived
-        print(f"chipcheck: rank {rank}: gathering results failed ({e}); shard kept at {shard}", file=sys.stderr)
-        gathered = [[r.to_dict() for r in mine]] if rank == 0 else []
+    kv.store.set(f"chipcheck/results/{rank}", json.dumps([r.to_dict() for r in mine]))
     code = 0
     if rank == 0:
-        results = [ProbeResult.from_dict(d) for part in gathered if part for d in part]
+        parts = kv.wait_for("results", time.monotonic() + timeout)
+        results = [ProbeResult.from_dict(d) for v in parts.values() for d in json.loads(v)]
         results += _missing(results, devs, plan, run_id, opts.seed)
         code = _finish(opts, dopts, run_id, devs, results, started)
-    codes = [code]
-    with contextlib.suppress(Exception):
-        dist.broadcast_object_list(codes, src=0, group=group)
+        kv.store.set("chipcheck/code", str(code))
+    else:
+        with contextlib.suppress(Exception):
+            code = int(kv.store.get("chipcheck/code").decode())
     with contextlib.suppress(Exception):
         dist.destroy_process_group()
-    return int(codes[0])
+    return code
+
+
+class _Rendezvous:
+    """The job's key-value store (MASTER_ADDR:MASTER_PORT, rank 0 hosts it)."""
+
+    def __init__(self, rank: int, world: int, timeout: float):
+        import torch.distributed as dist
+
+        self.rank, self.world = rank, world
+        # Under torchrun the agent already hosts the store at MASTER_PORT: every worker is a client.
+        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        self.store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                                   int(os.environ.get("MASTER_PORT", "29500")), world,
+                                   is_master=rank == 0 and not agent,
+                                   timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False)
+
+    def wait_for(self, what: str, deadline: float) -> dict[int, str]:
+        """Values of chipcheck/<what>/<rank> present by `deadline` (rank 0's own is always there)."""
+        got: dict[int, str] = {}
+        while True:
+            for r in range(self.world):
+                if r not in got and self.store.check([f"chipcheck/{what}/{r}"]):
+                    got[r] = self.store.get(f"chipcheck/{what}/{r}").decode()
+            if len(got) == self.world or time.monotonic() >= deadline:
+                return got
+            time.sleep(0.2)
+
+    def wait_go(self, deadline: float) -> str | None:
+        while time.monotonic() < deadline:
+            if self.store.check(["chipcheck/abort"]):
+                return None
+            if self.store.check(["chipcheck/go"]):
+                return self.store.get("chipcheck/go").decode()
+            time.sleep(0.2)
+        return None
+
+
+def _never_joined(opts: Any, dopts: DistributedOptions, joined: dict[int, DeviceInfo], world: int,
+                  timeout: float) -> int:
+    """Rank 0 when some ranks never arrived: a run that names them, and exit 1."""
+    from . import runner
+
+    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+    devs = []
+    for r in range(world):
+        if r in joined:
+            devs.append(joined[r])
+        else:
+            d0 = joined[0]
+            devs.append(replace(d0, index=r, uuid=f"rank-{r}-never-joined", host="?", name="never joined"))
+    plan = runner.plan_probes(opts, devs)
+    missing = sorted(set(range(world)) - set(joined))
+    now = time.time()
+    results = [ProbeResult(run_id=run_id, host=d.host, rank=r, device=d.label, fingerprint=d.fingerprint,
+                           probe=p, case=c, verdict=Verdict.ERROR, seed=opts.seed, device_uuid=d.uuid, started=now,
+                           ended=now, error=ErrorInfo(kind=ErrorKind.TIMEOUT, message=(
+                               f"rank(s) {missing} never joined within {timeout:g}s" if r in missing else
+                               f"not run: rank(s) {missing} never joined within {timeout:g}s")))
+               for r, d in enumerate(devs) for p, cases in plan for c in cases]
+    _finish(opts, dopts, run_id, devs, results, now)
+    return 1
 
 
 @dataclass(frozen=True, slots=True)

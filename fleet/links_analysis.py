@@ -198,22 +198,61 @@ def _judge_speed(links: dict[tuple[int, int], _Link], policy: LinkPolicy) -> dic
         stats[cls] = {}
         bws = [r.gbps for r in recs if r.gbps is not None]
         if bws:
-            med, mad = _robust(bws)
-            stats[cls]["gbps"] = (med, len(bws))
+            stats[cls]["gbps"] = (_robust(bws)[0], len(bws))
+            suspects = _slow_ends(recs, "gbps", lambda mine, rest: mine <= (1 - policy.min_gap) * rest)
             for r in recs:
+                med, mad, count = _peers(recs, r, "gbps", suspects)
                 if r.gbps is not None and med > 0:
                     r.bw_ratio = r.gbps / med
-                    r.slow_bw = r.bw_ratio <= 1 - policy.min_gap and _outlier(med - r.gbps, mad, len(bws), policy.z)
+                    r.slow_bw = r.bw_ratio <= 1 - policy.min_gap and _outlier(med - r.gbps, mad, count, policy.z)
         lats = [r.latency_us for r in recs if r.latency_us is not None]
         if lats:
-            med, mad = _robust(lats)
-            stats[cls]["latency"] = (med, len(lats))
+            stats[cls]["latency"] = (_robust(lats)[0], len(lats))
+            suspects = _slow_ends(recs, "latency_us", lambda mine, rest: mine >= (1 + policy.latency_gap) * rest)
             for r in recs:
+                med, mad, count = _peers(recs, r, "latency_us", suspects)
                 if r.latency_us is not None and med > 0:
                     r.lat_ratio = r.latency_us / med
                     r.slow_lat = (r.lat_ratio >= 1 + policy.latency_gap
-                                  and _outlier(r.latency_us - med, mad, len(lats), policy.z))
+                                  and _outlier(r.latency_us - med, mad, count, policy.z))
     return stats
+
+
+SMALL_CLASS = 2000
+
+
+def _slow_ends(recs: list[_Link], attr: str, worse: Any) -> set[int]:
+    """Endpoints whose links' median is worse than the median of the links not touching them.
+
+    In a small fleet one slow endpoint touches a large share of all links (half of them with 4
+    endpoints): it drags the class median and MAD along and hides itself. Such endpoints are
+    left out of the yardstick the links are judged against.
+    """
+    if len(recs) > SMALL_CLASS:  # one endpoint cannot move the median of a large class
+        return set()
+    ends = {e for x in recs for e in (x.src, x.dst)}
+    out = set()
+    for e in ends:
+        mine = [getattr(x, attr) for x in recs if e in (x.src, x.dst) and getattr(x, attr) is not None]
+        rest = [getattr(x, attr) for x in recs if e not in (x.src, x.dst) and getattr(x, attr) is not None]
+        if len(mine) >= 2 and len(rest) >= 2 and worse(statistics.median(mine), statistics.median(rest)):
+            out.add(e)
+    return out if len(out) * 2 < len(ends) else set()  # a majority cannot all be the odd ones out
+
+
+def _peers(recs: list[_Link], r: _Link, attr: str, suspects: set[int]) -> tuple[float, float, int]:
+    """(median, MAD, count) of the comparable links a link is judged against: its class, less the
+    links of suspect endpoints (when enough remain)."""
+    values = [getattr(x, attr) for x in recs if getattr(x, attr) is not None]
+    if suspects:
+        clean = [getattr(x, attr) for x in recs
+                 if getattr(x, attr) is not None and x.src not in suspects and x.dst not in suspects]
+        if len(clean) >= 2:
+            values = clean
+    if not values:
+        return 0.0, 0.0, 0
+    med, mad = _robust(values)
+    return med, mad, len(values)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -275,7 +314,34 @@ def _blame(links: dict[tuple[int, int], _Link], n: int, policy: LinkPolicy) -> d
             if _share(bad, measured, peer, policy):
                 blamed[e].append(_Blame(verdict=Verdict.SLOW, direction=direction, path=path, bad=bad,
                                         total=len(measured)))
-    return blamed
+    return _explained_away(blamed, links, policy)
+
+
+def _explained_away(blamed: dict[int, list[_Blame]], links: dict[tuple[int, int], _Link],
+                    policy: LinkPolicy) -> dict[int, list[_Blame]]:
+    """Drop a blame whose evidence is mostly links to a *more* guilty endpoint.
+
+    With 4 endpoints, a throttled endpoint X slows a third of every other endpoint's links; one
+    noisy link more and an innocent peer crosses the share threshold too. A link counts against
+    an endpoint only when its other end is not blamed more strongly for the same fault.
+    """
+    strength = {(e, b.verdict): max(len(x.bad) / max(1, x.total) for x in bs if x.verdict == b.verdict)
+                for e, bs in blamed.items() for b in bs}
+    out: dict[int, list[_Blame]] = defaultdict(list)
+    for e, bs in blamed.items():
+        for b in bs:
+            if b.verdict is Verdict.ERROR:
+                out[e].append(b)
+                continue
+            mine = strength[(e, b.verdict)]
+
+            keep = [r for r in b.bad if strength.get((r.dst if r.src == e else r.src, b.verdict), 0.0) <= mine]
+            dropped = len(b.bad) - len(keep)
+            judged = b.total - dropped
+            peer = "dst" if b.direction == "sends" else "src"
+            if _share(keep, [None] * judged, peer, policy):  # type: ignore[list-item]
+                out[e].append(_Blame(verdict=b.verdict, direction=b.direction, path=b.path, bad=keep, total=judged))
+    return out
 
 
 def _who(e: int, hosts: Mapping[int, str]) -> str:
