@@ -1,1 +1,12 @@
-"""chipcheck.model"""
+"""chipcheck.model: the reference training stack (a small GPT and its data/tensor-parallel step).
+
+Imports go one way: probes and reproducers import this package; it imports nothing of fleet/,
+reports/ or reproducers/ (only the leaf `chipcheck.probes.generator` for counter-based inputs).
+"""
+
+from .config import ConfigError, GPTConfig, TrainConfig
+from .gpt import GPT
+from .train import Parallel, Trainer, make_parallel, reference_losses
+
+__all__ = ["ConfigError", "GPT", "GPTConfig", "Parallel", "TrainConfig", "Trainer", "make_parallel",
+           "reference_losses"]

@@ -41,22 +41,43 @@ def key(seed: int, stream: str | int) -> int:
 
 
 def _mix(x: Any) -> Any:
-    # Works on torch int64 tensors, numpy int64 arrays and cupy arrays alike: the operands stay
-    # below 2**32, products wrap mod 2**64 and only their low 32 bits are kept.
-    x = x ^ (x >> 16)
-    x = (x * _M1) & MASK32
-    x = x ^ (x >> 15)
-    x = (x * _M2) & MASK32
-    x = x ^ (x >> 16)
+    """lowbias32 in place. Works on torch int64 tensors, numpy int64 arrays and cupy arrays alike:
+    operands stay below 2**32, products wrap mod 2**64 and only their low 32 bits are kept."""
+    x ^= x >> 16
+    x *= _M1
+    x &= MASK32
+    x ^= x >> 15
+    x *= _M2
+    x &= MASK32
+    x ^= x >> 16
     return x
 
 
-def hash_indices(k: int, idx: Any) -> Any:
-    """uint32 hashes (held in int64) of element indices `idx` under key `k`."""
-    return _mix((idx * _GOLDEN + k) & MASK32 ^ (idx >> 32))
+def hash_indices(k: int, idx: Any, max_index: int | None = None) -> Any:
+    """uint32 hashes (held in int64) of element indices `idx` under key `k` (idx is not modified).
+
+    `max_index` (when the caller knows it) spares a pass over idx to learn whether any index has
+    a non-zero high word, which only then needs mixing in.
+    """
+    x = idx * _GOLDEN
+    x += k
+    x &= MASK32
+    if max_index is None:
+        size = idx.numel() if hasattr(idx, "numel") else idx.size
+        max_index = int(idx.max()) if size else 0
+    if max_index > MASK32:
+        x ^= idx >> 32
+    return _mix(x)
 
 
 # ---- torch -------------------------------------------------------------------------------
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
 
 
 def _torch_indices(shape: tuple[int, ...], offset: int, device: Any) -> Any:
@@ -73,7 +94,7 @@ def uniform(shape: tuple[int, ...], seed: int, stream: str, *, device: Any = "cp
     """Uniform values in [-1, 1) with 24 random bits, as float32 then cast to `dtype` on the device."""
     import torch
 
-    h = hash_indices(key(seed, stream), _torch_indices(shape, offset, device))
+    h = hash_indices(key(seed, stream), _torch_indices(shape, offset, device), offset + _numel(shape) - 1)
     x = (h >> 8).to(torch.float32) * (2.0**-23) - 1.0
     return x if dtype is None or dtype == torch.float32 else x.to(dtype)
 
@@ -83,14 +104,14 @@ def small_ints(shape: tuple[int, ...], seed: int, stream: str, radius: int, *, d
     """Integers uniform in [-radius, radius] (exact in every float dtype for radius <= 8)."""
     import torch
 
-    h = hash_indices(key(seed, stream), _torch_indices(shape, offset, device))
+    h = hash_indices(key(seed, stream), _torch_indices(shape, offset, device), offset + _numel(shape) - 1)
     x = (h % (2 * radius + 1) - radius).to(torch.float32)
     return x if dtype is None else x.to(dtype)
 
 
 def signs(shape: tuple[int, ...], seed: int, stream: str, *, device: Any = "cpu", offset: int = 0) -> Any:
     """Random +-1 as int64 (one hash bit per element)."""
-    h = hash_indices(key(seed, stream), _torch_indices(shape, offset, device))
+    h = hash_indices(key(seed, stream), _torch_indices(shape, offset, device), offset + _numel(shape) - 1)
     return 1 - 2 * ((h >> 7) & 1)
 
 

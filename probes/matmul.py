@@ -226,8 +226,10 @@ def _run_random(ctx: ProbeContext, cfg: MatmulProbe.Config, case: str, kernel: K
                 seed: int) -> CaseOutcome:
     import torch
 
-    a, b = kernel.prepare(g.uniform((n, n), seed, "matmul/A", device=ctx.device),
-                          g.uniform((n, n), seed, "matmul/B", device=ctx.device))
+    # B is A with its rows reversed: independent enough for every oracle (the product is not
+    # symmetric, so a transposed result is still caught) at half the generation cost.
+    a32 = g.uniform((n, n), seed, "matmul/A", device=ctx.device)
+    a, b = kernel.prepare(a32, a32.flip(0))
     # The oracles reason about the values the kernel was actually given (e.g. after fp8 rounding).
     a_ref, b_ref = a.float(), b.float()
     sig = cfg.sigmas
@@ -236,16 +238,20 @@ def _run_random(ctx: ProbeContext, cfg: MatmulProbe.Config, case: str, kernel: K
     out = CaseOutcome(case=case, params={"m": n, "n": n, "k": n, "dtype": kernel.name, "mode": "random",
                                          "out_dtype": str(kernel.out_dtype).removeprefix("torch.")})
     first: list[Any] = []
+    repeat0_bad = [False]
 
     def check(c: Any, r: int) -> bool:
         bad = False
+        if r > 0 and oracles.same_bits(c, first[0]):
+            # The same bits as the first call, which every oracle checked: nothing new to learn.
+            return repeat0_bad[0]
         fr = oracles.freivalds(plan, a_ref, b_ref, c, tensor="C")
         # NaN/Inf always trip Freivalds (a NaN residual fails every comparison): look for them only then
         for m in filter(None, [
             oracles.nonfinite(c, tensor="C") if fr is not None else None,
             fr,
             oracles.sampled_reference(a_ref, b_ref, c, kernel.out_dtype, rows=rows, tensor="C", sigmas=sig,
-                                        u_in=kernel.u_in)
+                                        u_in=kernel.u_in, b64=plan.b64)
             if r == 0 else None,
         ]):
             _keep(out, m, r)
@@ -253,6 +259,7 @@ def _run_random(ctx: ProbeContext, cfg: MatmulProbe.Config, case: str, kernel: K
         if r == 0:
             first.append(c.clone())
             out.output_hash = oracles.tensor_hash(c)
+            repeat0_bad[0] = bad
         else:
             rep = oracles.compare_bits(first[0], c, tensor="C", oracle=Oracle.REPEAT)
             if rep is not None:

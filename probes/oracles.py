@@ -40,6 +40,13 @@ def _int_view(t: Any) -> Any:
     return t.contiguous().view(getattr(torch, _INT_VIEW[t.element_size()]))
 
 
+def same_bits(a: Any, b: Any) -> bool:
+    """Bitwise equality (signed zeros and NaN payloads count), in one pass that stops early."""
+    import torch
+
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(_int_view(a), _int_view(b))
+
+
 def _bits_str(v: int, width: int) -> str:
     return format(v & ((1 << width) - 1), f"0{width}b")
 
@@ -60,6 +67,8 @@ def compare_bits(expected: Any, actual: Any, *, tensor: str, oracle: Oracle = Or
         raise ValueError(f"{tensor}: shape/dtype differ: {tuple(expected.shape)} {expected.dtype} "
                          f"vs {tuple(actual.shape)} {actual.dtype}")
     ei, ai = _int_view(expected), _int_view(actual)
+    if torch.equal(ei, ai):  # one pass, stops at the first difference: the common case costs little
+        return None
     diff = ei != ai
     n_bad = int(diff.sum())
     if n_bad == 0:
@@ -138,6 +147,9 @@ class FreivaldsPlan:
     yab: Any  # (y^T A) B
     row_tol: Any
     col_tol: Any
+    check_dtype: Any  # the dtype C x is computed in (float32 suffices below a 16-bit output's rounding)
+    a64: Any  # the inputs in float64, kept for the sampled reference
+    b64: Any
 
 
 def freivalds_plan(a: Any, b: Any, out_dtype: Any, *, seed: int, sigmas: float = 12.0,
@@ -151,32 +163,40 @@ def freivalds_plan(a: Any, b: Any, out_dtype: Any, *, seed: int, sigmas: float =
     """
     from . import generator as g
 
-    a64, b64 = a.double(), b.double()
     m, k = a.shape
     n = b.shape[1]
-    x = g.signs((n,), seed, "freivalds/x", device=a.device).double()
-    y = g.signs((m,), seed, "freivalds/y", device=a.device).double()
-    abx = a64 @ (b64 @ x)
-    yab = (y @ a64) @ b64
+    af, bf = a.float(), b.float()
+    x = g.signs((n,), seed, "freivalds/x", device=a.device).float()
+    y = g.signs((m,), seed, "freivalds/y", device=a.device).float()
+    # Right-hand sides in float32 (their error, like the check's own, is budgeted below), kept
+    # as float64 for the comparison.
+    abx = (af @ (bf @ x)).double()
+    yab = ((y @ af) @ bf).double()
     # Expected squared norms of C's rows / columns from the inputs alone (never from C: a
     # corrupted huge value must not widen its own tolerance).
-    a2, b2 = a64 * a64, b64 * b64
-    row_c2 = a2 @ b2.sum(dim=1)
-    col_c2 = a2.sum(dim=0) @ b2
-    # output rounding, fp32 accumulation over k terms, and inputs the kernel rounds (tf32)
-    rel = math.sqrt(unit_roundoff(out_dtype) ** 2 + k * 2.0**-48 + 2 * u_in**2)
+    a2, b2 = af * af, bf * bf
+    row_c2 = (a2 @ b2.sum(dim=1)).double()
+    col_c2 = (a2.sum(dim=0) @ b2).double()
+    # output rounding, fp32 accumulation over k terms, inputs the kernel rounds (tf32), and the
+    # float32 mat-vecs of the check itself (C x over n terms, A (B x) over n + k)
+    rel = math.sqrt(unit_roundoff(out_dtype) ** 2 + (2 * k + 2 * n) * 2.0**-48 + 2 * u_in**2)
     row_tol = sigmas * rel * row_c2.sqrt() + 1e-30
     col_tol = sigmas * rel * col_c2.sqrt() + 1e-30
-    return FreivaldsPlan(x=x, y=y, abx=abx, yab=yab, row_tol=row_tol, col_tol=col_tol)
+    import torch
+
+    check = torch.float32
+    a64, b64 = None, b.double()
+    return FreivaldsPlan(x=x, y=y, abx=abx, yab=yab, row_tol=row_tol, col_tol=col_tol, check_dtype=check,
+                         a64=a64, b64=b64)
 
 
 def freivalds(plan: FreivaldsPlan, a: Any, b: Any, c: Any, *, tensor: str, tile: int = 128) -> Mismatch | None:
     """None when C passes; else the bad rows x bad columns, with fp64 expected values there."""
     import torch
 
-    c64 = c.double()
-    rres = (c64 @ plan.x - plan.abx).abs()
-    cres = (plan.y @ c64 - plan.yab).abs()
+    cc = c.to(plan.check_dtype)
+    rres = ((cc @ plan.x).double() - plan.abx).abs()
+    cres = ((plan.y @ cc).double() - plan.yab).abs()
     rows = torch.nonzero(~(rres <= plan.row_tol)).reshape(-1)
     cols = torch.nonzero(~(cres <= plan.col_tol)).reshape(-1)
     if rows.numel() == 0 and cols.numel() == 0:
@@ -190,7 +210,7 @@ def freivalds(plan: FreivaldsPlan, a: Any, b: Any, c: Any, *, tensor: str, tile:
     if r_list and c_list:
         # Recompute the candidate intersections exactly enough (fp64) to name the elements.
         sub_ref = a[r_list].double() @ b[:, c_list].double()
-        sub_act = c64[r_list][:, c_list]
+        sub_act = c[r_list][:, c_list].double()
         err = (sub_ref - sub_act).abs()
         tol = plan.row_tol[r_list].unsqueeze(1)
         for ri, ci in torch.nonzero(~(err <= tol)).cpu().tolist():
@@ -218,7 +238,7 @@ def freivalds(plan: FreivaldsPlan, a: Any, b: Any, c: Any, *, tensor: str, tile:
 
 
 def sampled_reference(a: Any, b: Any, c: Any, out_dtype: Any, *, rows: Any, tensor: str,
-                      sigmas: float = 12.0, u_in: float = 0.0) -> Mismatch | None:
+                      sigmas: float = 12.0, u_in: float = 0.0, b64: Any = None) -> Mismatch | None:
     """Recompute `rows` of C in float64; flag elements outside the dtype-aware tolerance.
 
     Tolerance per element: sigmas * (u_out |ref| + sqrt(k) u_acc sqrt((A^2 B^2)_ij)), the error
@@ -228,7 +248,7 @@ def sampled_reference(a: Any, b: Any, c: Any, out_dtype: Any, *, rows: Any, tens
 
     k = a.shape[1]
     a64 = a[rows].double()
-    b64 = b.double()
+    b64 = b.double() if b64 is None else b64
     ref = a64 @ b64
     act = c[rows].double()
     spread = ((a64 * a64) @ (b64 * b64)).sqrt()

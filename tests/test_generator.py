@@ -64,3 +64,10 @@ def test_cupy_matches_numpy_bit_for_bit() -> None:
     except Exception:
         pytest.skip("cupy present but no CUDA device")
     assert np.array_equal(cp.asnumpy(g.uniform_np((300, 7), 4, "C", xp=cp)), g.uniform_np((300, 7), 4, "C"))
+
+
+def test_indices_beyond_32_bits_match_numpy_and_differ_from_low_ones() -> None:
+    off = 2**32 + 5
+    t = g.uniform((100,), 3, "H", offset=off)
+    assert np.array_equal(_bits(t), g.uniform_np((100,), 3, "H", offset=off).view(np.int32))
+    assert not torch.equal(t, g.uniform((100,), 3, "H", offset=5))
