@@ -117,7 +117,7 @@ def test_bad_config_and_case_fail_early() -> None:
 
 
 def test_cli_names_the_corrupted_device(tmp_path: Path) -> None:
-    rc, data, out = run_json(tmp_path, "--probes", "attention", "--devices", "cpu:2", "--seed", "3",
+    rc, data, out = run_json(tmp_path, "--probes", "attention", "--devices", "cpu:2", "--seed", "3", "--min-gap", "0.9",
                              "--inject", f"bitflip:rank=1,bit=29,op={BWD},output=1")
     assert rc == 1, out
     assert device(data, 0)["verdict"] == "pass", out

@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import time
 
+import pytest
 import torch
 
 from chipcheck.probes import base, burn, faults
@@ -47,6 +48,7 @@ def test_error_after_warm_up_is_named_with_iteration_and_time() -> None:
     assert set(by[Oracle.EXACT].bit_histogram) == {20}
 
 
+@pytest.mark.timing
 def test_throttling_is_detected_with_its_onset() -> None:
     # From mm call 100 on (iteration 50) every GEMM takes 4x as long: a chip that throttles.
     # Sized in iterations, not seconds, so a loaded CI host changes the windows, not the story.
@@ -63,11 +65,12 @@ def test_throttling_is_detected_with_its_onset() -> None:
     assert j.verdict is Verdict.SLOW and j.rank == 3 and "throttled" in j.reason
 
 
+@pytest.mark.timing
 def test_clean_burn_is_not_called_throttled() -> None:
     out = PROBE.run_case(_ctx(), _cfg(), "float32")
     r = ProbeResult(run_id="r", host="h", rank=0, device="cpu:0", fingerprint="f", probe="burn", case="float32",
                     verdict=out.verdict, seed=0, params=out.params, metrics=out.metrics)
-    assert burn.throttle_judgements([r]) == [] or out.metrics["throughput_ratio"] < 0.9  # host noise only
+    assert burn.throttle_judgements([r]) == []
 
 
 def test_deadline_bounds_the_run() -> None:

@@ -60,7 +60,7 @@ def test_max_decodes_the_winner() -> None:
 
 
 def test_clean_collectives_pass_with_bandwidth(tmp_path: Path) -> None:
-    rc, data, out = run_json(tmp_path, "--probes", "collectives", "--devices", "cpu:3")
+    rc, data, out = run_json(tmp_path, "--probes", "collectives", "--devices", "cpu:3", "--min-gap", "0.9")
     assert rc == 0, out
     for d in data["devices"]:
         (p,) = d["probes"]
@@ -70,7 +70,7 @@ def test_clean_collectives_pass_with_bandwidth(tmp_path: Path) -> None:
 
 
 def test_corrupted_payload_blames_the_sender_only(tmp_path: Path) -> None:
-    rc, data, out = run_json(tmp_path, "--probes", "collectives", "--devices", "cpu:3", "--inject",
+    rc, data, out = run_json(tmp_path, "--probes", "collectives", "--devices", "cpu:3", "--min-gap", "0.9", "--inject",
                              "bitflip:rank=2,bit=3,op=_allgather_base_")
     assert rc == 1, out
     assert {d["rank"]: d["verdict"] for d in data["devices"]} == {0: "pass", 1: "pass", 2: "wrong"}

@@ -8,7 +8,6 @@ import re
 import numpy as np
 import pytest
 
-from chipcheck.probes import pairing
 from chipcheck.fleet.links_analysis import (
     InferredTopology,
     LinkMeasurement,
@@ -21,6 +20,7 @@ from chipcheck.fleet.links_analysis import (
     render_topology,
     to_report_extras,
 )
+from chipcheck.probes import pairing
 from chipcheck.reports.extras import LinkSummary, Topology
 from chipcheck.results import Verdict
 

@@ -95,7 +95,7 @@ def test_bad_config_is_rejected() -> None:
 
 
 def test_cli_stuck_bit_on_one_rank(tmp_path) -> None:
-    code, data, out = run_json(tmp_path, "--devices", "cpu:2", "--probes", "memory", "--inject",
+    code, data, out = run_json(tmp_path, "--devices", "cpu:2", "--probes", "memory", "--min-gap", "0.9", "--inject",
                                "stuck:rank=1,bit=3,value=1,index=1000,op=clone,probe=memory")
     assert code == 1, out
     assert device(data, 0)["verdict"] == "pass"

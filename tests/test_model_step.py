@@ -9,6 +9,7 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from conftest import device, run_json
@@ -175,6 +176,7 @@ def test_cli_backward_bitflip_on_one_rank_is_caught_and_named(tmp_path: Path) ->
     assert [c["verdict"] for c in bad["details"]["cases"] if c["case"] != "dp/fp32"] == ["pass", "pass"]
 
 
+@pytest.mark.timing
 def test_cli_slow_rank_is_flagged_slow(tmp_path: Path) -> None:
     code, data, out = run_json(tmp_path, "--devices", "cpu:2", "--probes", "model_step,model_dp",
                                "--inject", "slow:rank=1,factor=4")

@@ -14,7 +14,8 @@ import pytest
 from netns import Cluster, why_not
 
 REASON = why_not()
-pytestmark = pytest.mark.skipif(bool(REASON), reason=REASON or "ok")
+# Link speed is judged here: these run alone, after the parallel tests (scripts/test.sh).
+pytestmark = [pytest.mark.skipif(bool(REASON), reason=REASON or "ok"), pytest.mark.timing]
 
 
 @pytest.fixture

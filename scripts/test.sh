@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The test suite: everything in parallel on two workers, then the tests that judge speed, alone,
+# so that no device is called slow because a neighbouring test was busy on the same cores.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pytest -n 2 -q -m "not timing" "$@"
+first=$?
+python3 -m pytest -q -m timing "$@"
+second=$?
+[[ $first -eq 0 && $second -eq 0 ]]
