@@ -143,8 +143,10 @@ def links(pairing: str, declared: str | None, **kw: Any) -> None:
     _execute(lambda: _options(kw, ("links",), _link_extra(pairing, declared)), kw)
 
 
-def _execute(make_opts: Any, kw: dict[str, Any]) -> None:
-    """Validate everything, run on this host's devices, print, write outputs, exit 0/1/2."""
+def _execute(make_opts: Any, kw: dict[str, Any], preface: Any = None) -> None:
+    """Validate everything, run on this host's devices, print, write outputs, exit 0/1/2.
+
+    `preface(store_path)`, when given, prints first once the run is stored (a sweep's news)."""
     from .fleet import runner
     from .fleet.store import Store, StoreError, default_path
     from .reports import json_report, terminal
@@ -180,6 +182,8 @@ def _execute(make_opts: Any, kw: dict[str, Any]) -> None:
         sys.exit(130)
     finally:
         store.close()
+    if preface is not None:
+        preface(store.path)
     click.echo(terminal.render(summary))
     if kw["json_path"]:
         text = json_report.render(summary)
@@ -305,6 +309,321 @@ def report(run_id: str, db_path: str | None, fmt: str, output: str) -> None:
     else:
         Path(output).write_text(text)
     sys.exit(0 if summary.verdict.value == "pass" else 1)
+
+
+@main.command()
+@click.option("--launcher", type=click.Choice(["local", "slurm", "k8s"]), required=True,
+              help="local: run here; slurm: write (and --submit) an sbatch script; k8s: write an Indexed Job manifest.")
+@click.option("--probes", default="", help="Comma-separated probes to run [default: every probe the devices allow].")
+@click.option("--nodes", default=1, show_default=True, type=int, help="Hosts in the sweep (slurm, k8s).")
+@click.option("--ntasks-per-node", "per_node", default=8, show_default=True, type=int,
+              help="Workers per host: one per GPU, or per virtual CPU device with --devices cpu (slurm, k8s).")
+@click.option("--gpus-per-task", default=1, show_default=True, type=int,
+              help="GPUs per worker (0, and ignored, with --devices cpu).")
+@click.option("--partition", default=None, help="Slurm partition.")
+@click.option("--time", "time_limit", default=None, help="Slurm time limit, e.g. 00:30:00.")
+@click.option("--job-name", default="chipcheck", show_default=True)
+@click.option("--image", default="chipcheck:latest", show_default=True, help="Container image (k8s).")
+@click.option("--namespace", default="default", show_default=True, help="Kubernetes namespace.")
+@click.option("--node-selector", multiple=True, metavar="KEY=VALUE", help="k8s node selector (repeatable).")
+@click.option("--gpu-resource", default="nvidia.com/gpu", show_default=True, help="k8s GPU resource name.")
+@click.option("--master-port", default=29500, show_default=True, type=int, help="Rendezvous port on the first node.")
+@click.option("--local-dir", default="chipcheck-shards", show_default=True,
+              help="Where each rank keeps its JSONL shard (shared storage collects every node's).")
+@click.option("-o", "--output", default=None, help="Script/manifest file [default: JOB-NAME.sbatch / JOB-NAME.yaml].")
+@click.option("--submit", is_flag=True, help="slurm: sbatch the script; prints the job id.")
+@click.option("--wait", is_flag=True, help="With --submit: wait for the job and exit with its code.")
+@common_options
+def sweep(launcher: str, probes: str, nodes: int, per_node: int, gpus_per_task: int, partition: str | None,
+          time_limit: str | None, job_name: str, image: str, namespace: str, node_selector: tuple[str, ...],
+          gpu_resource: str, master_port: int, local_dir: str, output: str | None, submit: bool, wait: bool,
+          **kw: Any) -> None:
+    """A fleet sweep on the engine the fleet already uses: this machine, Slurm (srun) or Kubernetes."""
+    import os
+
+    from .fleet import k8s, slurm
+    from .fleet import sweep as sweepmod
+    from .fleet.runner import UsageError
+
+    names = tuple(p.strip() for p in probes.split(",") if p.strip())
+    if launcher == "local":
+        _execute(lambda: _options(kw, names, {}), kw, preface=lambda path: _print_news(path))
+    try:
+        sel = tuple(tuple(x.split("=", 1)) for x in node_selector)
+        if any(len(x) != 2 or not x[0] for x in sel):
+            raise sweepmod.SweepError("--node-selector expects KEY=VALUE, e.g. nvidia.com/gpu.product=H100")
+        cpu = kw["devices"].startswith("cpu")
+        spec = sweepmod.SweepSpec(
+            nodes=nodes, procs_per_node=per_node, gpus_per_proc=0 if cpu else gpus_per_task,
+            worker_args=sweepmod.worker_args("run", kw, probes, local_dir), job_name=job_name,
+            workdir=os.getcwd(), db_path=kw["db_path"], local_dir=local_dir, master_port=master_port,
+            partition=partition, time_limit=time_limit, image=image, namespace=namespace,
+            node_selector=sel, gpu_resource=gpu_resource)  # type: ignore[arg-type]
+        from .fleet import runner
+
+        runner.validate(_options(kw, names, {}))  # the worker options are checked here, not on 1,000 nodes
+        if launcher == "slurm":
+            text = slurm.script(spec)
+            path = Path(output or f"{job_name}.sbatch")
+        else:
+            docs = k8s.manifest(spec)
+            errors = k8s.validate(docs)
+            if errors:
+                raise sweepmod.SweepError("the manifest does not validate: " + "; ".join(errors))
+            text, path = k8s.to_yaml(docs), Path(output or f"{job_name}.yaml")
+        _check_writable(path, "-o")
+        path.write_text(text)
+        click.echo(f"wrote {path}", err=True)
+        if submit and launcher == "k8s":
+            raise sweepmod.SweepError(f"--submit is for slurm; apply the manifest with `kubectl apply -f {path}`")
+        if submit:
+            job, code = slurm.submit(str(path), wait=wait)
+            click.echo(job)
+            sys.exit(code if wait else 0)
+    except (sweepmod.SweepError, UsageError, click.BadParameter) as e:
+        _fail(str(e.format_message() if isinstance(e, click.BadParameter) else e))
+
+
+def _print_news(db_path: Any) -> None:
+    """What is new since the last sweep: the first thing a sweep reports."""
+    from .fleet import history
+    from .fleet.store import Store
+
+    store = Store(db_path)
+    try:
+        rep = history.report(store)
+    finally:
+        store.close()
+    for line in _news_lines(rep):
+        click.echo(line)
+
+
+def _news_lines(rep: Any) -> list[str]:
+    if rep.latest is None:
+        return ["no judged runs in the store yet"]
+    out = [f"New since the last sweep (run {rep.latest}, {len(rep.runs)} runs in history):"]
+    news = [f"  {n.host} {n.device} {n.uuid}: {n.verdict.value} (was {n.before.value if n.before else 'not seen'})"
+            for n in rep.new_failures]
+    news += [f"  {', '.join(f.hosts)} {f.device} {f.code.code} {f.code.action.value}: {f.detail}"
+             for f in rep.new_findings]
+    return out + (news or ["  nothing"])
+
+
+@main.command()
+@click.argument("paths", nargs=-1, required=True, metavar="PATH...")
+@click.option("--db", "db_path", default=None, type=click.Path(dir_okay=False),
+              help="SQLite results store [default: ~/.local/state/chipcheck/results.db].")
+def ingest(paths: tuple[str, ...], db_path: str | None) -> None:
+    """Merge JSONL result shards (files, or folders of them) into the store; ingesting twice adds nothing."""
+    from .fleet import ingest as ingestmod
+    from .fleet.store import Store, StoreError, default_path
+
+    try:
+        store = Store(db_path or default_path())
+        try:
+            rep = ingestmod.ingest(store, list(paths))
+        finally:
+            store.close()
+    except (ingestmod.IngestError, StoreError) as e:
+        _fail(str(e))
+    click.echo(f"ingested {rep.added} results from {rep.shards} shards ({rep.duplicates} already stored"
+               f"{f', {rep.bad_lines} unreadable lines' if rep.bad_lines else ''}); runs judged: "
+               f"{', '.join(rep.runs) or 'none'}")
+
+
+@main.command()
+@click.argument("key", required=False, metavar="[DEVICE-UUID|HOST]")
+@click.option("--db", "db_path", default=None, type=click.Path(dir_okay=False),
+              help="SQLite results store [default: ~/.local/state/chipcheck/results.db].")
+@click.option("--min-drop", default=0.10, show_default=True, type=float,
+              help="Fall in throughput against a device's own history that counts as a trend (0.1 = 10%).")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def history(key: str | None, db_path: str | None, min_drop: float, as_json: bool) -> None:
+    """Verdicts and throughput of a device (or a host's devices) over runs; without one, the fleet's trends."""
+    from dataclasses import asdict
+
+    from .fleet import history as hist
+    from .fleet import reload, trends
+    from .fleet.store import StoreError, default_path
+
+    if not 0.0 < min_drop < 1.0:
+        _fail("--min-drop must be between 0 and 1 (e.g. 0.1 for 10%)")
+    try:
+        store = reload.open_existing(db_path or default_path())
+        try:
+            rows = hist.device_history(store, key) if key else None
+            rep = None if key else hist.report(store, trends.TrendPolicy(min_drop=min_drop))
+        finally:
+            store.close()
+    except StoreError as e:
+        _fail(str(e))
+    if rows is not None:
+        if not rows:
+            _fail(f"no device with UUID or host {key!r} in {db_path or default_path()}")
+        if as_json:
+            click.echo(json.dumps([{**asdict(r), "verdict": r.verdict.value} for r in rows], indent=2))
+            return
+        import time as _time
+
+        click.echo(f"{'run':<24} {'started':<17} {'host':<12} {'device':<8} {'verdict':<7} speed vs peers")
+        for r in rows:
+            speed = f"{r.speed_ratio:.3f}x" if r.speed_ratio is not None else "-"
+            click.echo(f"{r.run_id:<24} {_time.strftime('%Y-%m-%d %H:%M', _time.localtime(r.started)):<17} "
+                       f"{r.host:<12} {r.device:<8} {r.verdict.value:<7} {speed}")
+        return
+    assert rep is not None
+    if as_json:
+        click.echo(json.dumps({"runs": rep.runs, "latest": rep.latest,
+                               "new_failures": [{**asdict(n), "verdict": n.verdict.value,
+                                                 "before": n.before.value if n.before else None}
+                                                for n in rep.new_failures],
+                               "findings": [{**asdict(f), "code": f.code.to_dict()} for f in rep.findings]},
+                              indent=2))
+        return
+    for line in _news_lines(rep):
+        click.echo(line)
+    click.echo("Trends:" if rep.findings else "Trends: none")
+    for f in rep.findings:
+        click.echo(f"  {f.code.code} {f.code.severity.label:<8} {f.code.action.value:<12} {', '.join(f.hosts)} "
+                   f"{f.device} {f.subject}: {f.detail}{' [new]' if f.new else ''}")
+
+
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(["slurm", "k8s", "hosts"]), required=True,
+              help="slurm: scontrol drain; k8s: kubectl cordon + taint; hosts: host, codes, action, reason.")
+@click.option("--run", "run_id", default="latest", show_default=True, help="The run whose failures count.")
+@click.option("--db", "db_path", default=None, type=click.Path(dir_okay=False),
+              help="SQLite results store [default: ~/.local/state/chipcheck/results.db].")
+@click.option("--no-history", is_flag=True, help="Only the run's failures, not the history's (lemons, trends).")
+@click.option("--apply", "do_apply", is_flag=True, help="Run the commands (never done without this flag).")
+def quarantine(fmt: str, run_id: str, db_path: str | None, no_history: bool, do_apply: bool) -> None:
+    """Print the commands that take failing hosts out of service, with the reason per host.
+
+    Exits 0 when no host needs to go, 1 when some do (or are listed), 2 for bad input or a failed --apply.
+    """
+    from .fleet import history as hist
+    from .fleet import quarantine as q
+    from .fleet import reload
+    from .fleet.store import StoreError, default_path
+
+    try:
+        store = reload.open_existing(db_path or default_path())
+        try:
+            summary = reload.load(store, run_id)
+            trend = None if no_history else hist.report(store, upto=summary.run_id)
+        finally:
+            store.close()
+    except (StoreError, reload.RunNotFound) as e:
+        _fail(str(e))
+    plans = q.collect(summary, trend)
+    cmds, notes = q.commands(plans, q.Format(fmt), summary.run_id)
+    for line in notes:
+        click.echo(line)
+    for c in cmds:
+        click.echo(c.display)
+    if do_apply:
+        failed = [a for a in q.apply(cmds) if a.returncode != 0]
+        for a in failed:
+            click.echo(f"chipcheck: error: {a.command.display}: exit {a.returncode}: {a.output}", err=True)
+        if failed:
+            sys.exit(2)
+    sys.exit(1 if plans else 0)
+
+
+@main.group()
+def repro() -> None:
+    """Capture replay, shrinking to one file, and vendor bundles (docs/reproducers.md)."""
+
+
+def _repro_call(fn: Any) -> Any:
+    """Run a reproducers call; a bad capture or a case that no longer fails is one line, exit 2."""
+    from .reproducers import format as rfmt
+    from .reproducers.replay import ReplayError
+    from .reproducers.shrink import NotReproducible
+
+    try:
+        return fn()
+    except (rfmt.CaptureError, ReplayError, NotReproducible) as e:
+        _fail(str(e))
+    except ValueError as e:  # a malformed --inject spec
+        _fail(str(e))
+
+
+_REFERENCE = click.option("--reference", default="cpu64", show_default=True,
+                          help="cpu64 (float64 on the CPU), a device (cpu, cuda:1) or rank:N.")
+_INJECT = click.option("--inject", default=None,
+                       help="Simulation hook: a probes/faults.py spec applied to the suspect's kernels.")
+
+
+@repro.command("replay")
+@click.argument("capture_dir", metavar="CAPTURE")
+@_REFERENCE
+@click.option("--device", default=None, help="Suspect device [default: where the capture ran].")
+@click.option("--rank", type=int, default=None, help="Which rank's capture [default: the lowest].")
+@_INJECT
+def repro_replay(capture_dir: str, reference: str, device: str | None, rank: int | None, inject: str | None) -> None:
+    """Replay op by op; name the first op that differs from the reference. Exit 1 when one does."""
+    from .reproducers import format as rfmt
+    from .reproducers import replay as rp
+
+    res = _repro_call(lambda: rp.replay(rfmt.load(capture_dir, rank), device=device, reference=reference,
+                                        inject=inject))
+    if res.capture_mismatch is not None:
+        click.echo(f"note: replay differs from the captured bits first at op #{res.capture_mismatch}")
+    d = res.divergence
+    if d is None:
+        click.echo(f"rank {res.rank}: {res.ops} ops replayed; every op agrees with {reference}")
+        sys.exit(0)
+    click.echo(f"rank {d.rank}: first divergent op #{d.index} {d.op} output {d.output} on {d.device} "
+               f"vs {d.reference}: {d.metric.line()}")
+    for frame in d.stack:
+        click.echo(f"  at {frame}")
+    sys.exit(1)
+
+
+@repro.command("shrink")
+@click.argument("capture_dir", metavar="CAPTURE")
+@_REFERENCE
+@click.option("--device", default=None, help="Suspect device [default: where the capture ran].")
+@click.option("--rank", type=int, default=None, help="Which rank's capture [default: the lowest].")
+@click.option("--repeat", type=int, default=3, show_default=True, help="k-of-n: runs per candidate.")
+@click.option("--collective", is_flag=True, help="Shrink a collective failure over every rank's capture.")
+@_INJECT
+@click.option("-o", "--output", default="repro.py", show_default=True, help="The single-file reproducer.")
+def repro_shrink(capture_dir: str, reference: str, device: str | None, rank: int | None, repeat: int,
+                 collective: bool, inject: str | None, output: str) -> None:
+    """Shrink a failing capture to one file, repro.py (exit 2 when nothing fails)."""
+    from .reproducers import emit
+    from .reproducers import shrink as sk
+
+    if collective:
+        case = _repro_call(lambda: sk.shrink_collective(capture_dir, device=device))
+        text = emit.render_collective(case, metric_line=case.divergence.metric.line())
+        click.echo(f"{case.op}: {case.world} ranks; {case.divergence.metric.line()}")
+    else:
+        r = _repro_call(lambda: sk.shrink_capture(capture_dir, reference=reference, device=device, rank=rank,
+                                                  inject=inject, repeats=repeat))
+        text = emit.render_op(r.case, device=r.divergence.device, metric_line=r.metric.line(), where=r.stack)
+        shapes = ", ".join(f"{i.shape} {i.kind}" for i in r.case.inputs)
+        click.echo(f"op #{r.divergence.index} {r.case.op}({shapes}): {r.metric.line()} "
+                   f"[{r.tries} candidates, {r.seconds:.1f} s]")
+    Path(output).write_text(text)
+    click.echo(f"wrote {output} ({len(text)} bytes)")
+
+
+@repro.command("bundle")
+@click.argument("source", metavar="CAPTURE-or-repro.py")
+@click.option("--repro", "repro_path", default=None, help="With a CAPTURE: its repro.py.")
+@click.option("--redact", is_flag=True, help="Strip module names, file paths and stack frames.")
+@click.option("--db", "db_path", default=None, help="Results store for the chip's chipcheck history.")
+@click.option("-o", "--output", default="bundle.tar.gz", show_default=True)
+def repro_bundle(source: str, repro_path: str | None, redact: bool, db_path: str | None, output: str) -> None:
+    """Pack repro.py, env.json, history, input hashes and a README for the vendor."""
+    from .reproducers import bundle
+
+    text = Path(repro_path).read_text() if repro_path else None
+    out = _repro_call(lambda: bundle.make(source, output, repro=text, redact=redact, db=db_path))
+    click.echo(f"wrote {out}")
 
 
 def _check_writable(p: Path, flag: str = "--json") -> None:

@@ -1,0 +1,384 @@
+"""Capture: record every ATen op of an eager step, so it can be replayed and shrunk off-line.
+
+`with capture("out/cap"):` around a step (forward, backward, optimizer, collectives), on every rank.
+A TorchDispatchMode sees each ATen call with its real arguments: we log the overload, the arguments
+(tensors by identity), every output's shape/stride/dtype/device/storage and a SHA-256 fingerprint of
+its bytes. Only tensors that no recorded op produced (parameters, the batch) have their bytes saved,
+plus the outputs of random ops and of collectives: everything else replay recomputes.
+
+Collectives: c10d ops (`c10d.allreduce_.default`, ...) run asynchronously; when the dispatch mode
+sees them return, the reduction may not have finished, so a naive recorder logs the value before
+the reduction. We keep them pending and snapshot their outputs after `work.wait()` at the next op
+boundary (or when the capture is left): the value later ops consumed. Functional collectives
+(`_c10d_functional.*`) are snapshotted when their result is first consumed (after `wait_tensor`).
+
+Order with fault injection (tests): enter the injector first, then `capture`, so the recorder is the
+top mode and fingerprints what the kernel (and the simulated bad chip) returned.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakIdKeyDictionary
+
+from . import format as fmt
+
+# Ops that are bookkeeping, not computation: executed, never recorded (replay has nothing to redo).
+_SKIP_NAMESPACES = ("profiler",)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A collective whose outputs are not final until its work completes."""
+
+    slot: int
+    func: Any
+    args: list[Any]
+    kwargs: dict[str, Any]
+    outs: list[Any]
+    work: Any
+    in_fps: list[str]
+    info: dict[str, Any]
+    stack: list[str] = field(default_factory=list)
+
+
+def settings() -> dict[str, Any]:
+    """The process settings that change bits (recorded with the capture, re-applied by repro.py)."""
+    s: dict[str, Any] = {
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "num_threads": torch.get_num_threads(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "default_dtype": str(torch.get_default_dtype()).removeprefix("torch."),
+    }
+    if torch.cuda.is_available():
+        s.update({"cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+                  "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+                  "cudnn_deterministic": torch.backends.cudnn.deterministic,
+                  "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                  "matmul_allow_bf16_reduced_precision_reduction":
+                      torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+                  "matmul_allow_fp16_reduced_precision_reduction":
+                      torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction})
+    return s
+
+
+def environment() -> dict[str, Any]:
+    """The software around the step (the bundle adds the chip's NVML view)."""
+    env: dict[str, Any] = {"torch": torch.__version__, "python": sys.version.split()[0],
+                           "os": platform.platform(), "host": platform.node(), "machine": platform.machine(),
+                           "cpu_capability": str(torch.backends.cpu.get_cpu_capability())}
+    if torch.cuda.is_available():
+        env.update({"cuda": torch.version.cuda, "cudnn": str(torch.backends.cudnn.version()),
+                    "cublas": torch.version.cuda,
+                    "nccl": ".".join(map(str, torch.cuda.nccl.version()))})
+    return env
+
+
+class Recorder(TorchDispatchMode):
+    """The dispatch mode behind `capture`; one per rank and step."""
+
+    def __init__(self, root: Path, rank: int, world: int, stacks: bool = True):
+        super().__init__()
+        self.root, self.rank, self.world, self.stacks = root, rank, world, stacks
+        self.vids: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.storages: dict[tuple[str, int], tuple[int, Any, int]] = {}  # key -> (storage id, weakref, vid)
+        self.ops: list[fmt.OpRecord | None] = []
+        self.tensors: dict[int, fmt.TensorRef] = {}
+        self.pending: list[_Pending] = []
+        self.device = "cpu"
+        self._next_vid = 0
+        self._next_storage = 0
+
+    # --- identity ---------------------------------------------------------------------------
+    def _new_vid(self, t: torch.Tensor) -> int:
+        vid = self._next_vid
+        self._next_vid += 1
+        self.vids[t] = vid
+        return vid
+
+    def _storage_id(self, t: torch.Tensor, vid: int) -> tuple[int, int | None]:
+        """(storage id, vid of a live tensor already holding that storage, if any)."""
+        import weakref
+
+        st = t.untyped_storage()
+        if st.nbytes() == 0:
+            self._next_storage += 1
+            return self._next_storage, None
+        key = (str(t.device), st.data_ptr())
+        known = self.storages.get(key)
+        if known is not None and known[1]() is not None:
+            return known[0], known[2]
+        self._next_storage += 1
+        self.storages[key] = (self._next_storage, weakref.ref(t), vid)
+        return self._next_storage, None
+
+    def meta(self, t: torch.Tensor, storage: int) -> fmt.TensorMeta:
+        return fmt.TensorMeta(shape=list(t.shape), stride=list(t.stride()), dtype=str(t.dtype).removeprefix("torch."),
+                              device=str(t.device), storage_offset=t.storage_offset(), storage=storage)
+
+    def _external(self, t: torch.Tensor) -> int:
+        """A tensor no recorded op produced: save its bytes, or express it as a view of a known storage
+        (so a replayed in-place write through one view shows through the other, as it did live)."""
+        vid = self._new_vid(t)
+        sid, base = self._storage_id(t, vid)
+        m = self.meta(t, sid)
+        if t.device.type != "cpu":
+            self.device = str(t.device)
+        if base is not None and base != vid:
+            args = [{"t": base}, list(t.shape), list(t.stride()), t.storage_offset()]
+            self._append(fmt.OpRecord(index=-1, op="aten.as_strided.default", args=args, kwargs={}, outputs=[vid],
+                                      out_meta=[m], fingerprints=[fmt.fingerprint(t)]))
+            return vid
+        self.tensors[vid] = fmt.TensorRef(vid=vid, meta=m, sha256=fmt.put_blob(self.root, fmt.tensor_bytes(t)))
+        return vid
+
+    def encode(self, x: Any) -> Any:
+        """An argument as JSON; tensors first seen here become saved inputs."""
+        if isinstance(x, torch.Tensor):
+            x = _unwrap_async(x)
+            vid = self.vids.get(x)
+            return {"t": self._external(x) if vid is None else vid}
+        if isinstance(x, (list, tuple)):
+            return [self.encode(v) for v in x]
+        if isinstance(x, bool) or x is None or isinstance(x, (int, str)):
+            return x
+        if isinstance(x, float):
+            return x if x == x and abs(x) != float("inf") else {"float": repr(x)}
+        if isinstance(x, torch.dtype):
+            return {"dtype": str(x).removeprefix("torch.")}
+        if isinstance(x, torch.device):
+            return {"device": str(x)}
+        if isinstance(x, torch.layout):
+            return {"layout": str(x).removeprefix("torch.")}
+        if isinstance(x, torch.memory_format):
+            return {"memory_format": str(x).removeprefix("torch.")}
+        if isinstance(x, torch.ScriptObject):
+            return {"script_object": str(x._type().qualified_name()).rsplit(".", 1)[-1]}
+        return {"opaque": type(x).__name__}
+
+    # --- recording --------------------------------------------------------------------------
+    def _append(self, rec: fmt.OpRecord) -> int:
+        slot = len(self.ops)
+        self.ops.append(fmt.OpRecord(**{**_fields(rec), "index": slot}))
+        return slot
+
+    def _outputs(self, out: Any, reuse: bool = True) -> tuple[list[int | None], list[fmt.TensorMeta | None], list[Any]]:
+        items = list(out) if isinstance(out, (tuple, list)) else [out]
+        flat: list[Any] = []
+        for x in items:  # ops like split return a list of tensors: one output each
+            flat.extend(x if isinstance(x, (list, tuple)) else [x])
+        vids: list[int | None] = []
+        metas: list[fmt.TensorMeta | None] = []
+        tensors = []
+        for x in flat:
+            if isinstance(x, torch.Tensor):
+                vid = self.vids.get(x) if reuse else None
+                if vid is None:
+                    vid = self._new_vid(x)
+                sid, _ = self._storage_id(x, vid)
+                vids.append(vid)
+                metas.append(self.meta(x, sid))
+                tensors.append(x)
+            else:
+                vids.append(None)
+                metas.append(None)
+                tensors.append(x)
+        return vids, metas, tensors
+
+    def _stack(self) -> list[str]:
+        """The innermost user frames (cheap: a frame walk, not traceback formatting)."""
+        if not self.stacks:
+            return []
+        out = []
+        f = sys._getframe(2)
+        while f is not None and len(out) < 3:
+            name = f.f_code.co_filename
+            if not name.startswith(_TORCH_DIR) and not name.startswith(_HERE):
+                out.append(f"{name}:{f.f_lineno}:{f.f_code.co_name}")
+            f = f.f_back
+        return out
+
+    def flush(self) -> None:
+        """Snapshot pending collectives after their work completed."""
+        for p in self.pending:
+            if p.work is not None:
+                p.work.wait()
+            outs = [_wait_functional(o) if isinstance(o, torch.Tensor) else o for o in p.outs]
+            if outs and outs[0] is not None and outs[0].device.type == "cuda":
+                torch.cuda.synchronize(outs[0].device)
+            vids, metas, _ = self._outputs(outs)
+            fps = [fmt.fingerprint(o) if isinstance(o, torch.Tensor) else "" for o in outs]
+            blobs = [fmt.put_blob(self.root, fmt.tensor_bytes(o)) if isinstance(o, torch.Tensor) else ""
+                     for o in outs]
+            self.ops[p.slot] = fmt.OpRecord(
+                index=p.slot, op=str(p.func), args=p.args, kwargs=p.kwargs, outputs=vids, out_meta=metas,
+                fingerprints=fps, in_fingerprints=p.in_fps, substituted=True, collective=p.info,
+                stack=p.stack, recorded=blobs)
+        self.pending.clear()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func.namespace in _SKIP_NAMESPACES:
+            return func(*args, **kwargs)
+        if self.pending:
+            self.flush()
+        if func is torch.ops._c10d_functional._wrap_tensor_autograd.default:
+            out = func(*args, **kwargs)
+            vid = self.vids.get(args[0])
+            if vid is not None:
+                self.vids[out] = vid  # the async wrapper is the same value as the raw collective output
+            return out
+        args = [_unwrap_async(a) if isinstance(a, torch.Tensor) else a for a in args]
+        enc_args = self.encode(list(args))
+        enc_kwargs = {k: self.encode(v) for k, v in kwargs.items()}
+        if func.namespace in ("c10d", "_c10d_functional"):
+            return self._collective(func, args, kwargs, enc_args, enc_kwargs)
+        out = func(*args, **kwargs)
+        seeded = _seeded(func, args, kwargs)
+        vids, metas, tensors = self._outputs(out)
+        fps = [fmt.fingerprint(t) if isinstance(t, torch.Tensor) else "" for t in tensors]
+        recorded = ([fmt.put_blob(self.root, fmt.tensor_bytes(t)) if isinstance(t, torch.Tensor) else ""
+                     for t in tensors] if seeded else [])
+        self._append(fmt.OpRecord(index=-1, op=str(func), args=enc_args, kwargs=enc_kwargs, outputs=vids,
+                                  out_meta=metas, fingerprints=fps, substituted=seeded, stack=self._stack(),
+                                  recorded=recorded))
+        return out
+
+    def _collective(self, func: Any, args: list[Any], kwargs: dict[str, Any], enc_args: Any,
+                    enc_kwargs: Any) -> Any:
+        ins = [t for t in _flat(args) if isinstance(t, torch.Tensor)]
+        in_fps = [fmt.fingerprint(t) for t in ins]
+        info = _group_info(func, args)
+        out = func(*args, **kwargs)
+        if func.namespace == "c10d":
+            # (tensors, work) or a bare work: the tensors written are the op's tensor arguments
+            work = out[-1] if isinstance(out, tuple) else out
+            outs = _out_tensors(func, args)
+        else:
+            work, outs = None, [out]
+            if func is torch.ops._c10d_functional.wait_tensor.default:
+                return out
+        slot = len(self.ops)
+        self.ops.append(None)
+        self.pending.append(_Pending(slot=slot, func=func, args=enc_args, kwargs=enc_kwargs, outs=outs, work=work,
+                                     in_fps=in_fps, info=info, stack=self._stack()))
+        return out
+
+    def finish(self) -> fmt.Capture:
+        self.flush()
+        ops = [o for o in self.ops if o is not None]
+        cap = fmt.Capture(rank=self.rank, world=self.world, device=self.device, ops=ops, tensors=self.tensors,
+                          env=environment(), settings=settings(), root=self.root)
+        fmt.save(cap)
+        return cap
+
+
+def _seeded(func: Any, args: list[Any], kwargs: dict[str, Any]) -> bool:
+    """Does this call consume the RNG? Attention kernels carry the seeded tag for their dropout; with
+    dropout_p == 0 they are plain compute (and a fault target), so replay must recompute them."""
+    if torch.Tag.nondeterministic_seeded not in func.tags:
+        return False
+    for i, a in enumerate(func._schema.arguments):
+        if a.name == "dropout_p":
+            p = kwargs.get("dropout_p", args[i] if i < len(args) else a.default_value)
+            return bool(p)
+    return True
+
+
+def _fields(rec: fmt.OpRecord) -> dict[str, Any]:
+    return {k: getattr(rec, k) for k in rec.__slots__}  # type: ignore[attr-defined]
+
+
+def _flat(x: Any) -> list[Any]:
+    if isinstance(x, (list, tuple)):
+        return [y for v in x for y in _flat(v)]
+    return [x]
+
+
+def _unwrap_async(t: Any) -> Any:
+    """An AsyncCollectiveTensor as the raw tensor its collective wrote (waiting for it first)."""
+    elem = getattr(t, "elem", None)
+    if elem is not None and type(t).__name__ == "AsyncCollectiveTensor":
+        return t.trigger_wait()
+    return t
+
+
+def _wait_functional(t: torch.Tensor) -> torch.Tensor:
+    """A functional collective's output after its work completed (a no-op for c10d outputs)."""
+    return torch.ops._c10d_functional.wait_tensor.default(t)
+
+
+def _out_tensors(func: Any, args: list[Any]) -> list[Any]:
+    """The tensors a c10d op writes: the output list for gathers, else the (in-place) tensor list."""
+    name = func.overloadpacket.__name__
+    if name in ("_allgather_base_", "_reduce_scatter_base_", "alltoall_base_"):
+        return [args[0]]
+    if name.startswith("allgather") or name.startswith("reduce_scatter") or name == "alltoall_":
+        return [t for t in _flat(args[0]) if isinstance(t, torch.Tensor)]
+    return [t for t in _flat(args[0]) if isinstance(t, torch.Tensor)]
+
+
+def _group_info(func: Any, args: list[Any]) -> dict[str, Any]:
+    """Group name, its global ranks, this rank and the world size (what a multi-rank repro needs)."""
+    import torch.distributed as dist
+
+    info: dict[str, Any] = {"group": "", "ranks": [], "rank": 0, "world": 1, "reduce_op": "sum"}
+    try:
+        if func.namespace == "c10d":
+            pg = next(a for a in args if isinstance(a, torch.ScriptObject)
+                      and "ProcessGroup" in str(a._type().qualified_name()))
+            group = dist.ProcessGroup.unbox(pg)
+        else:
+            from torch.distributed.distributed_c10d import _resolve_process_group
+
+            group = _resolve_process_group(args[-1])
+            info["reduce_op"] = args[1] if isinstance(args[1], str) else "sum"
+        info.update(group=group.group_name, ranks=list(dist.get_process_group_ranks(group)), rank=group.rank(),
+                    world=group.size())
+    except (StopIteration, RuntimeError, ValueError, AttributeError):
+        pass  # recorded without group details; single-rank replay substitutes the outputs anyway
+    return info
+
+
+class capture:  # noqa: N801 - used as `with capture(dir):`, like a function
+    """Record the ATen ops of the enclosed eager step into `root` (on every rank).
+
+    The rank and world size come from torch.distributed when it is initialised. On exit the op log
+    is written to `root/rank<R>/capture.json` and inputs to `root/blobs/`; `.result` holds the
+    `format.Capture`.
+    """
+
+    def __init__(self, root: str | Path, *, rank: int | None = None, stacks: bool = True):
+        import torch.distributed as dist
+
+        self.root = Path(root)
+        live = dist.is_available() and dist.is_initialized()
+        self.rank = rank if rank is not None else (dist.get_rank() if live else 0)
+        self.world = dist.get_world_size() if live else 1
+        self.stacks = stacks
+        self.result: fmt.Capture | None = None
+        self._mode: Recorder | None = None
+
+    def __enter__(self) -> capture:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._mode = Recorder(self.root, self.rank, self.world, self.stacks)
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        assert self._mode is not None
+        mode = self._mode
+        mode.__exit__(et, ev, tb)
+        # A step that crashed is still worth keeping: the ops up to the crash are the reproducer.
+        self.result = mode.finish()

@@ -1,0 +1,269 @@
+"""Render a shrunk case as ONE file, `repro.py`, that runs with only torch and numpy.
+
+Inputs are embedded as base64(zlib(bytes)) with their SHA-256 (checked on load), or regenerated from
+a recipe (zeros, ones, numpy-PCG64 small integers from a seed). The file computes the expected value
+on the host in float64 (or the exact host-side sum for a collective), runs the op on `--device`
+`--repeat N` times, prints the metric, and exits 1 when the bug reproduces, 0 when it does not.
+
+`--inject SPEC` is the simulation hook for testing reproducers on a healthy chip (a CPU): SPEC is
+`bitflip:bit=B[,rank=R][,index=I]` or `nan[:rank=R]`; it corrupts the op's output (single op) or the
+rank's outgoing payload (collective), self-contained: repro.py imports nothing from chipcheck.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import zlib
+from typing import Any
+
+from . import format as fmt
+from .shrink import CollectiveCase, OpCase
+
+_COMMON = r'''
+import argparse, base64, hashlib, json, sys, zlib
+import numpy as np
+import torch
+
+MANT = {"float32": 24, "float64": 53, "bfloat16": 8, "float16": 11}
+
+
+def load(spec, device):
+    """One input: embedded bytes (SHA-256 checked) or a recipe."""
+    dt = getattr(torch, spec["dtype"])
+    shape = spec["shape"]
+    if spec["kind"] == "zeros":
+        return torch.zeros(shape, dtype=dt, device=device)
+    if spec["kind"] == "ones":
+        return torch.ones(shape, dtype=dt, device=device)
+    if spec["kind"] == "ints":
+        vals = np.random.default_rng(spec["seed"]).integers(-4, 5, size=shape).astype(np.float64)
+        return torch.from_numpy(vals).to(device=device, dtype=dt)
+    raw = zlib.decompress(base64.b64decode(spec["data"]))
+    if hashlib.sha256(raw).hexdigest() != spec["sha256"]:
+        sys.exit("repro.py: embedded input corrupted (SHA-256 mismatch)")
+    return torch.frombuffer(bytearray(raw), dtype=dt).reshape(shape).to(device)
+
+
+def parse_inject(spec):
+    """The simulation hook: bitflip:bit=B[,rank=R][,index=I] or nan[:rank=R]."""
+    if not spec:
+        return None
+    kind, _, rest = spec.partition(":")
+    kv = dict(p.split("=", 1) for p in rest.split(",") if p)
+    return {"kind": kind, "bit": int(kv.get("bit", 0)), "rank": int(kv.get("rank", -1)),
+            "index": int(kv.get("index", 0))}
+
+
+def corrupt(t, fault, rank=0):
+    if fault is None or fault["rank"] not in (-1, rank):
+        return
+    flat = t.view(-1)
+    i = fault["index"] % flat.numel()
+    if fault["kind"] == "nan":
+        flat[i] = float("nan")
+        return
+    ints = flat.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+    bit = 1 << fault["bit"]
+    if bit >= 1 << (8 * t.element_size() - 1):
+        bit -= 1 << (8 * t.element_size())
+    ints[i] ^= bit
+
+
+def metric(actual, expected, rtol):
+    """Bad elements, max abs / rel / ULP error and flipped bits of `actual` against float64 `expected`."""
+    a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
+    err = (a - e).abs()
+    finite = e[torch.isfinite(e)]
+    scale = e.abs() + (finite.pow(2).mean().sqrt() if finite.numel() else 0.0)
+    same = (a == e) | (torch.isnan(a) & torch.isnan(e))
+    bad = ~((err <= rtol * scale) | same)
+    n = int(bad.sum())
+    if n == 0:
+        return 0, "agrees with the expected value"
+    dt = actual.dtype
+    width = actual.element_size() * 8
+    iv = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[actual.element_size()]
+    xor = (actual.detach().cpu()[bad].view(iv) ^ e[bad].to(dt).view(iv)).long()
+    bits = {b: int(((xor >> b) & 1).sum()) for b in range(width) if int(((xor >> b) & 1).sum())}
+    eb = err[bad]
+    ulp = torch.ldexp(torch.ones_like(eb), (torch.frexp(e[bad].to(dt).double().abs().clamp_min(
+        torch.finfo(dt).tiny)).exponent - MANT[str(dt)[6:]]).long())
+    first = torch.nonzero(bad)[:4].tolist()
+    return n, (f"{n}/{a.numel()} bad, max_abs={float(eb[torch.isfinite(eb)].max()) if torch.isfinite(eb).any() else float('inf'):.4g} "
+               f"max_rel={float((eb / e[bad].abs().clamp_min(1e-300)).max()):.4g} max_ulp={float((eb / ulp).max()):.4g} "
+               f"first={first} flipped_bits={bits} expected={e[bad][:4].tolist()} actual={a[bad][:4].tolist()}")
+'''
+
+_SINGLE = r'''
+CASE = json.loads(r"""__CASE__""")
+
+
+def fill(x, ins, device, dtype_map):
+    if isinstance(x, list):
+        return [fill(v, ins, device, dtype_map) for v in x]
+    if isinstance(x, dict):
+        if "in" in x:
+            return ins[x["in"]]
+        if "dtype" in x:
+            return dtype_map(getattr(torch, x["dtype"]))
+        if "device" in x:
+            return torch.device(device)
+        if "float" in x:
+            return float(x["float"])
+    return x
+
+
+def op():
+    ns, rest = CASE["op"].split(".", 1)
+    packet, overload = rest.rsplit(".", 1)
+    return getattr(getattr(getattr(torch.ops, ns), packet), overload)
+
+
+def main():
+    p = argparse.ArgumentParser(description=CASE["title"])
+    p.add_argument("--device", default=CASE["device"], help="where to run the op (default: %(default)s)")
+    p.add_argument("--repeat", type=int, default=1, help="runs; exit 1 if any run reproduces")
+    p.add_argument("--inject", default="", help="simulation hook for testing reproducers (see the docstring)")
+    a = p.parse_args()
+    fault = parse_inject(a.inject)
+    func = op()
+    up = lambda d: torch.float64 if d.is_floating_point else d  # noqa: E731
+    with torch.no_grad():
+        ins_ref = [load(s, "cpu") for s in CASE["inputs"]]
+        ref_in = [t.to(up(t.dtype)) for t in ins_ref]
+        expected = func(*fill(CASE["args"], ref_in, "cpu", up), **{k: fill(v, ref_in, "cpu", up)
+                                                                   for k, v in CASE["kwargs"].items()})
+        expected = (list(expected) if isinstance(expected, (list, tuple)) else [expected])[CASE["output"]]
+        failed = 0
+        for r in range(a.repeat):
+            ins = [load(s, a.device) for s in CASE["inputs"]]
+            out = func(*fill(CASE["args"], ins, a.device, lambda d: d),
+                       **{k: fill(v, ins, a.device, lambda d: d) for k, v in CASE["kwargs"].items()})
+            out = (list(out) if isinstance(out, (list, tuple)) else [out])[CASE["output"]]
+            corrupt(out, fault)
+            n, text = metric(out, expected, CASE["rtol"])
+            print(f"run {r + 1}/{a.repeat} {CASE['op']} on {a.device}: {text}")
+            failed += n > 0
+    print(f"{'REPRODUCED' if failed else 'not reproduced'}: {failed} of {a.repeat} runs wrong "
+          f"(tolerance rtol={CASE['rtol']} x (|expected| + rms(expected)) vs float64 on the host)")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+_COLLECTIVE = r'''
+import os, socket
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+CASE = json.loads(r"""__CASE__""")
+
+
+def rank_main(rank, world, port, device_kind, fault_spec, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    backend = "nccl" if device_kind == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=rank, world_size=world)
+    device = f"cuda:{rank}" if device_kind == "cuda" else "cpu"
+    ins = [load(s, "cpu") for s in CASE["inputs"]]
+    t = ins[rank].clone().to(device)
+    corrupt(t, parse_inject(fault_spec), rank)  # the simulated bad link / NIC: the outgoing payload
+    dist.all_reduce(t)
+    dist.barrier()
+    expected = sum(x.double() for x in ins)  # exact on the host: float64 holds a sum of two floats exactly
+    absum = sum(x.double().abs() for x in ins)
+    u = 2.0 ** -MANT[CASE["dtype"]]
+    err = (t.cpu().double() - expected).abs()
+    bad = ~(err <= (world - 1) * u * absum)
+    n = int(bad.sum())
+    text = "agrees with the exact sum" if n == 0 else metric(t.cpu(), expected, 0.0)[1]
+    q.put((rank, n, text))
+    dist.destroy_process_group()
+
+
+def main():
+    p = argparse.ArgumentParser(description=CASE["title"])
+    p.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, one GPU per rank)")
+    p.add_argument("--repeat", type=int, default=1, help="runs; exit 1 if any run reproduces")
+    p.add_argument("--inject", default="", help="simulation hook for testing reproducers (see the docstring)")
+    a = p.parse_args()
+    world = CASE["world"]
+    ctx = mp.get_context("spawn")
+    failed = 0
+    for r in range(a.repeat):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        q = ctx.Queue()
+        procs = [ctx.Process(target=rank_main, args=(k, world, port, a.device.split(":")[0], a.inject, q))
+                 for k in range(world)]
+        for pr in procs:
+            pr.start()
+        rows = sorted(q.get(timeout=120) for _ in procs)
+        for pr in procs:
+            pr.join(60)
+        bad = 0
+        for rank, n, text in rows:
+            print(f"run {r + 1}/{a.repeat} rank {rank}/{world} all_reduce on {a.device}: {text}")
+            bad += n
+        failed += bad > 0
+    print(f"{'REPRODUCED' if failed else 'not reproduced'}: {failed} of {a.repeat} runs wrong "
+          f"(all_reduce of {world} ranks vs the exact host-side sum)")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def _embed(t: Any) -> dict[str, Any]:
+    raw = fmt.tensor_bytes(t)
+    return {"kind": "data", "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
+            "sha256": hashlib.sha256(raw).hexdigest(), "data": base64.b64encode(zlib.compress(raw, 9)).decode()}
+
+
+def _header(title: str, lines: list[str]) -> str:
+    body = "\n".join(lines)
+    return (f'"""{title}\n\nGenerated by chipcheck (single-file reproducer; needs only torch and numpy).\n\n{body}\n\n'
+            "Exit status: 1 when the bug reproduces, 0 when it does not.\n"
+            "--inject SPEC is a simulation hook for testing reproducers on a healthy chip:\n"
+            "bitflip:bit=B[,rank=R][,index=I] or nan[:rank=R].\n\"\"\"\n")
+
+
+def render_op(case: OpCase, *, device: str, metric_line: str, where: list[str] | None = None) -> str:
+    """repro.py for one op."""
+    import torch
+
+    from . import replay as rp
+
+    out_dtype = getattr(torch, case.inputs[0].dtype) if case.inputs else torch.float32
+    ins = []
+    for i in case.inputs:
+        if i.kind == "data":
+            ins.append(_embed(i.data))
+        else:
+            ins.append({"kind": i.kind, "shape": list(i.shape), "dtype": i.dtype, "seed": i.seed})
+    shapes = ", ".join(f"{tuple(i.shape)} {i.dtype} ({i.kind})" for i in case.inputs)
+    title = f"chipcheck reproducer: {case.op} on {device}"
+    data = {"title": title, "op": case.op, "args": case.args, "kwargs": case.kwargs, "inputs": ins,
+            "output": case.output, "device": device, "rtol": rp.RTOL.get(out_dtype, 1e-3)}
+    head = _header(title, [f"Op: {case.op}({shapes})", f"Observed: {metric_line}",
+                           *(f"Seen at: {w}" for w in (where or [])),
+                           f"Run: python repro.py --device {device} --repeat 10"])
+    return head + _COMMON + _SINGLE.replace("__CASE__", json.dumps(data))
+
+
+def render_collective(case: CollectiveCase, *, metric_line: str) -> str:
+    """repro.py for an all-reduce: spawns the group's ranks and embeds every rank's input."""
+    t0 = case.inputs[0]
+    title = f"chipcheck reproducer: all_reduce over {case.world} ranks"
+    data = {"title": title, "world": case.world, "dtype": str(t0.dtype).removeprefix("torch."),
+            "inputs": [_embed(t) for t in case.inputs]}
+    head = _header(title, [f"Op: {case.op}, {case.world} ranks, input {tuple(t0.shape)} {data['dtype']}",
+                           f"Observed on rank {case.divergence.rank}: {metric_line}",
+                           "Run: python repro.py --device cpu   (gloo; --device cuda uses NCCL, one GPU per rank)"])
+    return head + _COMMON + _COLLECTIVE.replace("__CASE__", json.dumps(data))

@@ -1,0 +1,217 @@
+"""The on-disk form of a capture: a typed op log (JSON) and a content-addressed blob store.
+
+Layout of a capture directory (one per step, shared by every rank):
+
+    CAPTURE/rank<R>/capture.json   this rank's op log, environment and settings
+    CAPTURE/blobs/<sha256>.z       zlib-compressed raw bytes of one tensor (shared across ranks)
+
+Argument encoding (JSON trees): a tensor argument is `{"t": VID}`, where VID names a live tensor
+object during the step (an in-place op keeps its VID: replay mutates the same object, so aliasing
+and mutation replay for free); dtypes, devices, process groups and reduce ops have their own tags;
+everything else is a plain JSON scalar or list. Blobs are raw bytes, not pickles: a capture from a
+user's machine is data, never code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA = "chipcheck.capture/1"
+
+
+class CaptureError(ValueError):
+    """A capture directory that cannot be read (the CLI prints it and exits 2)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TensorMeta:
+    """Everything about a tensor except its bytes."""
+
+    shape: list[int]
+    stride: list[int]
+    dtype: str
+    device: str
+    storage_offset: int = 0
+    storage: int = 0
+    """Storage id within the capture: two tensors with one id alias each other."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TensorRef:
+    """A tensor the step consumed but no recorded op produced (parameters, the batch): its bytes
+    live in the blob store under `sha256`."""
+
+    vid: int
+    meta: TensorMeta
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpRecord:
+    """One ATen (or c10d) call, in the order the step made them."""
+
+    index: int
+    op: str
+    """The overload, e.g. `aten.mm.default`, `c10d.allreduce_.default`."""
+    args: list[Any]
+    kwargs: dict[str, Any]
+    outputs: list[int | None]
+    """VID per tensor output (None for a non-tensor output)."""
+    out_meta: list[TensorMeta | None]
+    fingerprints: list[str]
+    """SHA-256 (short) of each tensor output's bytes as the step produced them."""
+    in_fingerprints: list[str] = field(default_factory=list)
+    """Collectives only: SHA-256 of each input tensor before the collective ran."""
+    substituted: bool = False
+    """Replay must not compute this op: its outputs are recorded values (random op, collective)."""
+    collective: dict[str, Any] | None = None
+    """Collectives: {"group": name, "ranks": [...], "rank": r, "world": w}."""
+    stack: list[str] = field(default_factory=list)
+    """Where in the user's code (file:line:function); stripped by `bundle --redact`."""
+    recorded: list[str] = field(default_factory=list)
+    """Substituted ops: SHA-256 of each output's bytes in the blob store (post-wait for collectives)."""
+
+
+@dataclass(slots=True, kw_only=True)
+class Capture:
+    """One rank's recorded step."""
+
+    rank: int
+    world: int
+    device: str
+    ops: list[OpRecord]
+    tensors: dict[int, TensorRef]
+    env: dict[str, Any]
+    settings: dict[str, Any]
+    root: Path = Path(".")
+    schema: str = SCHEMA
+
+    def to_json(self) -> str:
+        d = {"schema": self.schema, "rank": self.rank, "world": self.world, "device": self.device,
+             "env": self.env, "settings": self.settings,
+             "tensors": [asdict(t) for t in self.tensors.values()],
+             "ops": [asdict(o) for o in self.ops]}
+        return json.dumps(d, allow_nan=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], root: Path) -> Capture:
+        tensors = {}
+        for t in d["tensors"]:
+            ref = TensorRef(vid=t["vid"], meta=TensorMeta(**t["meta"]), sha256=t["sha256"])
+            tensors[ref.vid] = ref
+        ops = [OpRecord(**{**o, "out_meta": [TensorMeta(**m) if m else None for m in o["out_meta"]]})
+               for o in d["ops"]]
+        return cls(rank=d["rank"], world=d["world"], device=d["device"], ops=ops, tensors=tensors,
+                   env=d["env"], settings=d["settings"], root=root, schema=d["schema"])
+
+
+def rank_dirs(root: Path) -> list[Path]:
+    """The per-rank capture folders of a capture directory, in rank order."""
+    return sorted((p for p in root.glob("rank*") if (p / "capture.json").is_file()),
+                  key=lambda p: int(p.name[4:]) if p.name[4:].isdigit() else 0)
+
+
+def load(root: str | Path, rank: int | None = None) -> Capture:
+    """Read one rank's capture (default: the lowest rank present); CaptureError with a fix-it."""
+    root = Path(root)
+    if not root.is_dir():
+        raise CaptureError(f"{root}: not a capture directory (make one with `with capture({str(root)!r}):`)")
+    dirs = rank_dirs(root)
+    if not dirs:
+        raise CaptureError(f"{root}: no rank*/capture.json inside; is this a chipcheck capture directory?")
+    pick = dirs[0] if rank is None else root / f"rank{rank}"
+    try:
+        d = json.loads((pick / "capture.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CaptureError(f"{pick / 'capture.json'}: unreadable ({e})") from None
+    if d.get("schema") != SCHEMA:
+        raise CaptureError(f"{pick}: schema {d.get('schema')!r}, expected {SCHEMA}")
+    return Capture.from_dict(d, root)
+
+
+def load_all(root: str | Path) -> list[Capture]:
+    """Every rank's capture, in rank order."""
+    first = load(root)
+    return [first] + [load(root, int(p.name[4:])) for p in rank_dirs(Path(root))[1:]]
+
+
+def save(cap: Capture) -> Path:
+    """Write this rank's op log (atomic: a crashed writer leaves no half file)."""
+    d = cap.root / f"rank{cap.rank}"
+    d.mkdir(parents=True, exist_ok=True)
+    _atomic_write(d / "capture.json", cap.to_json().encode())
+    return d
+
+
+# --- blobs ------------------------------------------------------------------------------------
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def put_blob(root: Path, data: bytes) -> str:
+    """Store `data` under its SHA-256 (once: ranks that hold identical parameters share a blob)."""
+    digest = sha256(data)
+    path = root / "blobs" / f"{digest}.z"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _atomic_write(path, zlib.compress(data, 6))
+    return digest
+
+
+def get_blob(root: Path, digest: str) -> bytes:
+    path = root / "blobs" / f"{digest}.z"
+    try:
+        data = zlib.decompress(path.read_bytes())
+    except (OSError, zlib.error) as e:
+        raise CaptureError(f"{path}: missing or corrupt blob ({e})") from None
+    if sha256(data) != digest:
+        raise CaptureError(f"{path}: content does not match its SHA-256 (the capture was altered)")
+    return data
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+# --- tensors <-> bytes ------------------------------------------------------------------------
+
+def tensor_bytes(t: Any) -> bytes:
+    """The raw bytes of a tensor's elements in row-major order (host copy)."""
+    import torch
+
+    flat = t.detach().contiguous().reshape(-1).cpu()
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def tensor_from_bytes(data: bytes, shape: list[int], dtype: str, device: str = "cpu") -> Any:
+    import torch
+
+    dt = getattr(torch, dtype)
+    raw = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    t = raw.view(torch.uint8 if dt == torch.bool else dt)
+    if dt == torch.bool:
+        t = t.to(torch.bool)
+    return t.reshape(shape).to(device)
+
+
+def fingerprint(t: Any) -> str:
+    return sha256(tensor_bytes(t))[:16]
+
+
+def jsonable(x: float) -> float | str:
+    """Floats that JSON cannot hold become strings (NaN, Inf), so logs stay strict JSON for tools."""
+    return x if math.isfinite(x) else repr(x)

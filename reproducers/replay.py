@@ -1,0 +1,398 @@
+"""Replay a capture op by op on a device and compare every op with a reference.
+
+Differential, teacher-forced replay: the suspect device replays the whole log (so every op sees the
+inputs it saw during the step); each op is also run on the reference from *the suspect's own inputs*
+(upcast to float64 for `cpu64`), so rounding does not accumulate and the first op whose output
+leaves the dtype-aware tolerance is the culprit, not one of its consumers.
+
+References: `cpu64` (float64 on the CPU, tolerance per dtype), a device (`cpu`, `cuda:1`: same dtype,
+bitwise), or `rank:N` (the device rank N's capture ran on, bitwise). Collectives are not recomputed
+on one rank: their recorded post-wait outputs are substituted, and when every rank's capture is
+present an all-reduce is checked against the exact host-side sum of every rank's inputs.
+
+Simulation hook (testing reproducers on a CPU, which has no real bug): `inject=SPEC` applies a
+probes/faults.py spec to the suspect's kernels. A fault's `after`/`count` number the matching calls
+of the captured step, and are kept per original op: a shrunk case that keeps op #i sees the fault
+exactly when op #i saw it during the step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from ..probes import faults as faultmod
+from ..probes import oracles
+from . import format as fmt
+
+# Relative tolerance vs float64 per output dtype, scaled by (|ref| + rms(ref)): loose enough for any
+# correct kernel's rounding (summation order, fused ops), far below a flipped exponent or high bit.
+RTOL = {torch.float32: 1e-3, torch.float64: 1e-9, torch.bfloat16: 1e-1, torch.float16: 2e-2}
+_MANTISSA = {torch.float32: 24, torch.float64: 53, torch.bfloat16: 8, torch.float16: 11}
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+# Outputs with undefined contents: never compared.
+_INV = pow(1_000_003, -1, 2**31)
+_UNDEFINED = ("empty", "new_empty", "empty_like", "empty_strided", "resize_")
+
+
+class ReplayError(RuntimeError):
+    """The capture cannot be replayed here (unknown op, missing blob, bad reference)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Metric:
+    """How one output differs from the reference."""
+
+    cls: str
+    """wrong (beyond tolerance), nonfinite (NaN/Inf where the reference is finite), crash."""
+    max_abs: float = 0.0
+    max_rel: float = 0.0
+    max_ulp: float = 0.0
+    bad: int = 0
+    total: int = 0
+    bad_indices: list[list[int]] = field(default_factory=list)
+    flipped_bits: dict[int, int] = field(default_factory=dict)
+    message: str = ""
+
+    def line(self) -> str:
+        if self.cls == "crash":
+            return f"crash: {self.message}"
+        bits = ",".join(f"{b}x{n}" for b, n in sorted(self.flipped_bits.items()))
+        return (f"{self.cls}: {self.bad}/{self.total} bad, max_abs={self.max_abs:.4g} max_rel={self.max_rel:.4g} "
+                f"max_ulp={self.max_ulp:.4g} first={self.bad_indices[:3]} flipped_bits={{{bits}}}")
+
+    def signature(self) -> tuple[str, int]:
+        """What must hold while shrinking: the class and the most-flipped bit (-1 when none)."""
+        top = max(self.flipped_bits.items(), key=lambda kv: (kv[1], kv[0]))[0] if self.flipped_bits else -1
+        return self.cls, top
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Divergence:
+    """The first op whose output left the tolerance, with what it consumed."""
+
+    rank: int
+    index: int
+    op: str
+    output: int
+    metric: Metric
+    device: str
+    reference: str
+    stack: list[str] = field(default_factory=list)
+    inputs: list[Any] = field(default_factory=list, repr=False)
+    """The suspect's input tensors to the op (host copies), in `flat_tensors(args)` order."""
+
+
+@dataclass(slots=True, kw_only=True)
+class ReplayResult:
+    rank: int
+    ops: int
+    divergence: Divergence | None
+    capture_mismatch: int | None
+    """First op whose replayed bits differ from the capture's fingerprint (None: bit-exact replay)."""
+    collective_inputs: list[tuple[int, list[Any]]] = field(default_factory=list, repr=False)
+    collective_outputs: list[tuple[int, list[Any]]] = field(default_factory=list, repr=False)
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+def resolve_op(name: str) -> Any:
+    """`aten.mm.default` -> torch.ops.aten.mm.default."""
+    ns, _, rest = name.partition(".")
+    packet, _, overload = rest.rpartition(".")
+    try:
+        return getattr(getattr(getattr(torch.ops, ns), packet), overload)
+    except (AttributeError, RuntimeError) as e:
+        raise ReplayError(f"op {name!r} is not available in torch {torch.__version__}") from e
+
+
+def external(cap: fmt.Capture, ref: fmt.TensorRef, device: str) -> torch.Tensor:
+    """A saved input tensor, with its recorded strides."""
+    m = ref.meta
+    data = fmt.get_blob(cap.root, ref.sha256)
+    t = fmt.tensor_from_bytes(data, m.shape, m.dtype, device)
+    if list(t.stride()) != m.stride and t.numel() > 1:
+        t = torch.empty_strided(m.shape, m.stride, dtype=t.dtype, device=device).copy_(t)
+    return t
+
+
+def decode(x: Any, live: dict[int, Any], device: str, upcast: bool = False) -> Any:
+    """A JSON argument back to a value; tensors from `live` (vid -> tensor)."""
+    if isinstance(x, list):
+        return [decode(v, live, device, upcast) for v in x]
+    if not isinstance(x, dict):
+        return x
+    if "t" in x:
+        return live[x["t"]]
+    if "float" in x:
+        return float(x["float"])
+    if "dtype" in x:
+        dt = getattr(torch, x["dtype"])
+        return torch.float64 if upcast and dt in _FLOATS else dt
+    if "device" in x:
+        return torch.device(device)
+    if "layout" in x:
+        return getattr(torch, x["layout"])
+    if "memory_format" in x:
+        return getattr(torch, x["memory_format"])
+    if "script_object" in x:
+        return None  # a process group / reduce op / work: only substituted collectives take them
+    raise ReplayError(f"cannot replay an argument of type {x}")
+
+
+def flat_tensors(x: Any) -> list[Any]:
+    if isinstance(x, (list, tuple)):
+        return [t for v in x for t in flat_tensors(v)]
+    return [x] if isinstance(x, torch.Tensor) else []
+
+
+def map_tensors(x: Any, fn: Any) -> Any:
+    if isinstance(x, list):
+        return [map_tensors(v, fn) for v in x]
+    if isinstance(x, tuple):
+        return tuple(map_tensors(v, fn) for v in x)
+    return fn(x) if isinstance(x, torch.Tensor) else x
+
+
+def out_list(out: Any) -> list[Any]:
+    items = list(out) if isinstance(out, (tuple, list)) else [out]
+    flat: list[Any] = []
+    for x in items:
+        flat.extend(x if isinstance(x, (list, tuple)) else [x])
+    return flat
+
+
+def to_reference(t: torch.Tensor, device: str, upcast: bool) -> torch.Tensor:
+    """A copy of a suspect tensor for the reference (float64 when upcasting), keeping strides."""
+    dt = torch.float64 if upcast and t.dtype in _FLOATS else t.dtype
+    return t.detach().to(device=device, dtype=dt, copy=True)  # preserve_format: strides kept where dense
+
+
+# --- comparison -------------------------------------------------------------------------------
+
+def compare(actual: torch.Tensor, ref: torch.Tensor, exact: bool) -> Metric | None:
+    """None when `actual` agrees with `ref` (bitwise when exact, else within RTOL of float64)."""
+    if actual.shape != ref.shape:
+        return Metric(cls="wrong", message=f"shape {tuple(actual.shape)} vs {tuple(ref.shape)}")
+    a = actual.detach().cpu()
+    r = ref.detach().cpu()
+    if not a.is_floating_point() or a.dtype not in RTOL:
+        bad = a != r.to(a.dtype)
+        n = int(bad.sum())
+        return None if n == 0 else Metric(cls="wrong", bad=n, total=a.numel(),
+                                          bad_indices=_indices(bad), message="integer/bool output differs")
+    a64, r64 = a.double(), r.double()
+    err = (a64 - r64).abs()
+    same_special = (a64 == r64) | (torch.isnan(a64) & torch.isnan(r64))
+    if exact:
+        bad = oracles._int_view(a) != oracles._int_view(r.to(a.dtype))
+    else:
+        scale = r64.abs() + (r64[torch.isfinite(r64)].pow(2).mean().sqrt() if r64.numel() else 0.0)
+        bad = ~((err <= RTOL[a.dtype] * scale) | same_special)
+    n = int(bad.sum())
+    if n == 0:
+        return None
+    nonfinite = bool((~torch.isfinite(a64[bad]) & torch.isfinite(r64[bad])).any())
+    e = err[bad]
+    finite = e[torch.isfinite(e)]
+    rel = (e / r64[bad].abs().clamp_min(1e-300))
+    rel = rel[torch.isfinite(rel)]
+    exp = torch.frexp(r64[bad].to(a.dtype).double().abs().clamp_min(torch.finfo(a.dtype).tiny)).exponent
+    ulp = torch.ldexp(torch.ones_like(e), (exp - _MANTISSA[a.dtype]).to(torch.int64))
+    ulps = (e / ulp)[torch.isfinite(e / ulp)]
+    mm = oracles.compare_bits(r.to(a.dtype).reshape(-1)[bad.reshape(-1)], a.reshape(-1)[bad.reshape(-1)],
+                              tensor="out")
+    return Metric(cls="nonfinite" if nonfinite else "wrong",
+                  max_abs=float(finite.max()) if finite.numel() else math.inf,
+                  max_rel=float(rel.max()) if rel.numel() else math.inf,
+                  max_ulp=float(ulps.max()) if ulps.numel() else math.inf,
+                  bad=n, total=a.numel(), bad_indices=_indices(bad),
+                  flipped_bits=dict(mm.bit_histogram) if mm else {})
+
+
+def _indices(bad: torch.Tensor) -> list[list[int]]:
+    return [list(map(int, ix)) for ix in torch.nonzero(bad)[: oracles.MAX_LISTED].tolist()]
+
+
+# --- the simulated bad chip -------------------------------------------------------------------
+
+@dataclass(slots=True)
+class Simulation:
+    """Which original ops a probes/faults.py spec hits (see the module docstring)."""
+
+    faults: list[faultmod.Fault]
+    rank: int
+    calls: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, spec: str | None, rank: int) -> Simulation | None:
+        if not spec:
+            return None
+        fs = [f for f in faultmod.parse(spec) if f.ranks is None or rank in f.ranks]
+        return cls(fs, rank) if fs else None
+
+    def schedule(self, ops: list[fmt.OpRecord]) -> dict[int, list[faultmod.Fault]]:
+        """Original op index -> faults (rebased to fire on that op's first call)."""
+        out: dict[int, list[faultmod.Fault]] = {}
+        calls: dict[int, int] = {}
+        for rec in ops:
+            name = rec.op.split(".")[1] if "." in rec.op else rec.op
+            for i, f in enumerate(self.faults):
+                if not (f.op == name if f.op else name in faultmod.DEFAULT_OPS):
+                    continue
+                floats = [m for m in rec.out_meta if m and m.dtype in ("float32", "float64", "bfloat16", "float16")]
+                k = f.output or 0
+                if k >= len(floats) or (f.dtype and floats[k].dtype != f.dtype):
+                    continue
+                n = calls.get(i, 0)
+                calls[i] = n + 1
+                if n < f.after or (f.count and n >= f.after + f.count):
+                    continue
+                # faults.corrupt seeds its element choice with seed * 1000003 + call; an isolated op is
+                # call 0, so solve for the seed that picks the element the step's call n picked.
+                seed = ((f.seed * 1_000_003 + n) * _INV) & 0x7FFFFFFF
+                out.setdefault(rec.index, []).append(replace(f, after=0, count=1, ranks=None, probe=None,
+                                                             at="call", seed=seed))
+        return out
+
+
+def injector(fs: list[faultmod.Fault] | None) -> Any:
+    if not fs:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return faultmod.make_injector(fs, 0, "repro")()
+
+
+# --- replay -----------------------------------------------------------------------------------
+
+def parse_reference(spec: str, root: Any = None) -> tuple[str, bool]:
+    """(device, upcast) for `cpu64`, a device string, or `rank:N`."""
+    s = spec.strip().lower()
+    if s == "cpu64":
+        return "cpu", True
+    if s.startswith("rank:"):
+        try:
+            cap = fmt.load(root, int(s[5:]))
+        except ValueError:
+            raise ReplayError(f"--reference {spec!r}: expected rank:N with N a captured rank") from None
+        return cap.device, False
+    if s.split(":")[0] in ("cpu", "cuda"):
+        if s.startswith("cuda") and not torch.cuda.is_available():
+            raise ReplayError(f"--reference {spec!r}: no CUDA device here; use cpu64")
+        return s, False
+    raise ReplayError(f"--reference {spec!r}: use cpu64, a device (cpu, cuda:1) or rank:N")
+
+
+def replay(cap: fmt.Capture, *, device: str | None = None, reference: str = "cpu64", inject: str | None = None,
+           stop_at_first: bool = True, keep_collectives: bool = False) -> ReplayResult:
+    """Replay `cap` on `device` (default: where it was captured), comparing each op with `reference`."""
+    dev = device or cap.device
+    ref_dev, upcast = parse_reference(reference, cap.root)
+    sim = Simulation.parse(inject, cap.rank)
+    schedule = sim.schedule(cap.ops) if sim else {}
+    live: dict[int, Any] = {vid: external(cap, ref, dev) for vid, ref in cap.tensors.items()}
+    result = ReplayResult(rank=cap.rank, ops=len(cap.ops), divergence=None, capture_mismatch=None)
+    with torch.no_grad():
+        for rec in cap.ops:
+            args = decode(rec.args, live, dev)
+            kwargs = {k: decode(v, live, dev) for k, v in rec.kwargs.items()}
+            if rec.substituted:
+                outs = _substitute(cap, rec, args, dev, result, keep_collectives)
+            else:
+                func = resolve_op(rec.op)
+                snapshot = [t.detach().clone().cpu() for t in flat_tensors(args)] if stop_at_first else []
+                ref_args = ref_kwargs = None
+                compared = not func.is_view and not any(rec.op.split(".")[1] == u for u in _UNDEFINED)
+                if compared and result.divergence is None:
+                    ref_args = map_tensors(args, lambda t: to_reference(t, ref_dev, upcast))
+                    ref_kwargs = {k: map_tensors(decode(v, live, ref_dev, upcast), lambda t: to_reference(
+                        t, ref_dev, upcast)) for k, v in rec.kwargs.items()}
+                try:
+                    with injector(schedule.get(rec.index)):
+                        out = func(*args, **kwargs)
+                except Exception as e:  # the suspect crashed inside the op: that is the finding
+                    result.divergence = Divergence(rank=cap.rank, index=rec.index, op=rec.op, output=0,
+                                                   metric=Metric(cls="crash", message=f"{type(e).__name__}: {e}"),
+                                                   device=dev, reference=reference, stack=rec.stack,
+                                                   inputs=snapshot)
+                    break
+                outs = out_list(out)
+                if ref_args is not None:
+                    ref_outs = out_list(func(*ref_args, **ref_kwargs))
+                    for j, (a, r) in enumerate(zip(outs, ref_outs, strict=False)):
+                        if isinstance(a, torch.Tensor) and isinstance(r, torch.Tensor):
+                            m = compare(a, r, exact=not upcast)
+                            if m is not None:
+                                result.divergence = Divergence(rank=cap.rank, index=rec.index, op=rec.op, output=j,
+                                                               metric=m, device=dev, reference=reference,
+                                                               stack=rec.stack, inputs=snapshot)
+                                break
+                if result.capture_mismatch is None and compared:
+                    for a, fp in zip(outs, rec.fingerprints, strict=False):
+                        if isinstance(a, torch.Tensor) and fp and fmt.fingerprint(a) != fp:
+                            result.capture_mismatch = rec.index
+                            break
+            for vid, t in zip(rec.outputs, outs, strict=False):
+                if vid is not None and isinstance(t, torch.Tensor):
+                    live[vid] = t
+            if result.divergence is not None and stop_at_first:
+                break
+    return result
+
+
+def _substitute(cap: fmt.Capture, rec: fmt.OpRecord, args: Any, dev: str, result: ReplayResult,
+                keep: bool) -> list[Any]:
+    """Outputs of a random op or a collective: the recorded values (in place for c10d ops)."""
+    ins = flat_tensors(args)
+    if rec.collective is not None and keep:
+        result.collective_inputs.append((rec.index, [t.detach().clone().cpu() for t in ins]))
+    outs: list[Any] = []
+    for k, (blob, m) in enumerate(zip(rec.recorded, rec.out_meta, strict=False)):
+        if not blob or m is None:
+            outs.append(None)
+            continue
+        value = fmt.tensor_from_bytes(fmt.get_blob(cap.root, blob), m.shape, m.dtype, dev)
+        if list(value.stride()) != m.stride and value.numel() > 1:  # later views rely on the layout
+            value = torch.empty_strided(m.shape, m.stride, dtype=value.dtype, device=dev).copy_(value)
+        if rec.collective is not None and rec.op.startswith("c10d.") and k < len(ins):
+            ins[k].copy_(value)  # in-place collective: later ops hold views of this very tensor
+            value = ins[k]
+        outs.append(value)
+    if rec.collective is not None and keep:
+        result.collective_outputs.append((rec.index, [o.detach().clone().cpu() for o in outs if o is not None]))
+    return outs
+
+
+def check_collectives(results: list[ReplayResult], caps: list[fmt.Capture]) -> Divergence | None:
+    """The first all-reduce whose output on some rank differs from the exact host-side sum of every
+    rank's input (replayed bits), with a tolerance of (world-1) roundings (0 ulp for two ranks)."""
+    if len(results) < 2 or not all(r.collective_inputs for r in results):
+        return None
+    for k in range(min(len(r.collective_inputs) for r in results)):
+        idx, _ = results[0].collective_inputs[k]
+        op = next(o for o in caps[0].ops if o.index == idx)
+        if "allreduce" not in op.op and "all_reduce" not in op.op:
+            continue
+        ins = [r.collective_inputs[k][1] for r in results]
+        for j in range(len(ins[0])):
+            exp64 = sum(x[j].double() for x in ins)
+            absum = sum(x[j].double().abs() for x in ins)
+            for r, cap in zip(results, caps, strict=True):
+                act = r.collective_outputs[k][1][j]
+                u = 2.0 ** -_MANTISSA.get(act.dtype, 53)
+                err = (act.double() - exp64).abs()
+                bad = ~(err <= (len(ins) - 1) * u * absum)
+                if bool(bad.any()):
+                    mm = oracles.compare_bits(exp64.to(act.dtype)[bad], act[bad], tensor="out")
+                    m = Metric(cls="wrong", max_abs=float(err[bad].max()), bad=int(bad.sum()), total=act.numel(),
+                               bad_indices=_indices(bad), flipped_bits=dict(mm.bit_histogram) if mm else {},
+                               message="all_reduce result differs from the exact sum of every rank's input")
+                    rec = next(o for o in cap.ops if o.index == r.collective_inputs[k][0])
+                    return Divergence(rank=cap.rank, index=rec.index, op=rec.op, output=j, metric=m,
+                                      device=cap.device, reference="host-exact", stack=rec.stack,
+                                      inputs=[x[j] for x in ins])
+    return None

@@ -1,0 +1,391 @@
+"""Shrink a failing capture to the smallest case that still fails the same way.
+
+Hypothesis-style (its internal/conjecture/shrinking/): a `Shrinker` holds the current best case,
+`consider()` tries a candidate only when it is simpler in shortlex order and not tried before (a
+cache), passes are re-run until none makes progress, and a stall limit bounds the work;
+`find_integer` probes exponentially then binary-searches. `ddmin` minimises a list.
+
+Pipeline for a capture (`shrink_capture`):
+1. differential replay on the suspect vs the reference names the first divergent op;
+2. that op alone, on the suspect's recorded inputs, k-of-n times: most silent corruption ends here;
+3. the op's inputs are shrunk (all dimensions of one size halved together, values simplified to
+   zeros / ones / small seeded integers) while the signature (class, top flipped bit, device) holds.
+Collectives (several ranks) go through `shrink_collective`: the all-reduce that differs from the
+exact host-side sum becomes a case with every rank's input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+import torch
+
+from . import format as fmt
+from . import replay as rp
+
+T = TypeVar("T")
+
+
+class NotReproducible(RuntimeError):
+    """The capture (or case) does not fail on the suspect: nothing to shrink (exit 2)."""
+
+
+# --- generic machinery ------------------------------------------------------------------------
+
+def find_integer(f: Callable[[int], bool]) -> int:
+    """The largest n >= 0 with f(n) true, assuming f(0) is true and f is monotone enough:
+    probe 1, 2, 4, ... until it fails, then binary search (Hypothesis's find_integer)."""
+    lo = 0
+    for i in range(1, 5):  # small values one by one: most shrinks move a little
+        if not f(i):
+            return i - 1
+        lo = i
+    hi = lo * 2
+    while f(hi):
+        lo, hi = hi, hi * 2
+    while lo + 1 < hi:
+        mid = (lo + hi) // 2
+        if f(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@dataclass(slots=True)
+class Shrinker(Generic[T]):
+    """Greedy shrinker over cases of type T.
+
+    `fails(case)` is the (expensive) test; `key(case)` orders cases (smaller is simpler: shortlex);
+    `ident(case)` is a hashable identity for the cache.
+    """
+
+    current: T
+    fails: Callable[[T], bool]
+    key: Callable[[T], Any]
+    ident: Callable[[T], Hashable]
+    max_stall: int = 200
+    calls: int = 0
+    cache: dict[Hashable, bool] = field(default_factory=dict)
+    stall: int = 0
+
+    def consider(self, case: T) -> bool:
+        """Accept `case` as the new best when it is simpler and still fails."""
+        if not self.key(case) < self.key(self.current):
+            return False
+        ident = self.ident(case)
+        if ident in self.cache:
+            ok = self.cache[ident]
+        else:
+            if self.stall >= self.max_stall:
+                return False
+            self.calls += 1
+            ok = self.cache[ident] = bool(self.fails(case))
+        if ok:
+            self.current = case
+            self.stall = 0
+        else:
+            self.stall += 1
+        return ok
+
+    def run(self, passes: Sequence[Callable[[Shrinker[T]], None]]) -> T:
+        """Re-run every pass until a full round makes no progress (or the stall limit is hit)."""
+        while True:
+            before = self.key(self.current)
+            for p in passes:
+                p(self)
+            if not self.key(self.current) < before or self.stall >= self.max_stall:
+                return self.current
+
+
+def ddmin(items: list[T], fails: Callable[[list[T]], bool]) -> list[T]:
+    """Zeller's delta debugging: a 1-minimal sublist of `items` (order kept) that still fails."""
+    cache: dict[tuple[int, ...], bool] = {}
+    idx = list(range(len(items)))
+
+    def test(sub: list[int]) -> bool:
+        k = tuple(sub)
+        if k not in cache:
+            cache[k] = bool(fails([items[i] for i in sub]))
+        return cache[k]
+
+    n = 2
+    while len(idx) >= 2:
+        size = len(idx) // n
+        chunks = [idx[i:i + size] for i in range(0, len(idx), size)] if size else [[i] for i in idx]
+        progress = False
+        for c in chunks:  # a chunk alone
+            if test(c):
+                idx, n, progress = c, 2, True
+                break
+        if not progress:
+            for c in chunks:  # everything but a chunk
+                rest = [i for i in idx if i not in c]
+                if rest and test(rest):
+                    idx, n, progress = rest, max(n - 1, 2), True
+                    break
+        if not progress:
+            if n >= len(idx):
+                break
+            n = min(len(idx), 2 * n)
+    return [items[i] for i in idx]
+
+
+# --- the single-op case -----------------------------------------------------------------------
+
+VALUE_KINDS = ("zeros", "ones", "ints", "data")
+"""Input recipes, simplest first: a recipe regenerates from a seed; `data` is the recorded bytes."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Input:
+    """One tensor input of the case: a slice of recorded data, or a recipe."""
+
+    kind: str
+    shape: tuple[int, ...]
+    dtype: str
+    data: Any = field(default=None, compare=False, repr=False)
+    """Host tensor (kind == data): the suspect's recorded input, sliced to `shape`."""
+    seed: int = 0
+
+    def make(self, device: str) -> torch.Tensor:
+        dt = getattr(torch, self.dtype)
+        if self.kind == "zeros":
+            return torch.zeros(self.shape, dtype=dt, device=device)
+        if self.kind == "ones":
+            return torch.ones(self.shape, dtype=dt, device=device)
+        if self.kind == "ints":
+            return torch.from_numpy(small_ints(self.shape, self.seed)).to(device=device, dtype=dt)
+        return self.data.to(device)
+
+    def ident(self) -> tuple[Any, ...]:
+        return (self.kind, self.shape, self.dtype, self.seed)
+
+
+def small_ints(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Integers in [-4, 4] from numpy's PCG64 (stable across versions: repro.py regenerates them)."""
+    return np.random.default_rng(seed).integers(-4, 5, size=shape).astype(np.float64)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class OpCase:
+    """One op with concrete inputs: the unit the vendor receives."""
+
+    op: str
+    args: list[Any]
+    """Recorded JSON args; tensors as {"in": k} (index into `inputs`)."""
+    kwargs: dict[str, Any]
+    inputs: tuple[Input, ...]
+    output: int = 0
+
+    def key(self) -> tuple[int, int, int]:
+        return (sum(int(np.prod(i.shape)) for i in self.inputs),
+                sum(VALUE_KINDS.index(i.kind) for i in self.inputs), sum(i.seed for i in self.inputs))
+
+    def ident(self) -> tuple[Any, ...]:
+        return tuple(i.ident() for i in self.inputs)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Outcome:
+    """One run of a case on the suspect against the reference."""
+
+    metric: rp.Metric | None
+    repeats: int
+    failed: int
+
+
+@dataclass(slots=True, kw_only=True)
+class Target:
+    """Where and how a case runs: the suspect device, the reference and the simulated fault."""
+
+    device: str
+    reference: str
+    faults: list[Any] | None = None
+    repeats: int = 3
+    runs: int = 0
+
+    def run(self, case: OpCase) -> Outcome:
+        """k-of-n: the case on the suspect `repeats` times (stopping at the first failure)."""
+        ref_dev, upcast = rp.parse_reference(self.reference)
+        func = rp.resolve_op(case.op)
+        first: rp.Metric | None = None
+        failed = 0
+        n = 0
+        with torch.no_grad():
+            for n in range(1, self.repeats + 1):
+                self.runs += 1
+                ins = [i.make(self.device) for i in case.inputs]
+                args = _fill(case.args, ins, self.device)
+                kwargs = {k: _fill(v, ins, self.device) for k, v in case.kwargs.items()}
+                rargs = _fill(case.args, [rp.to_reference(t, ref_dev, upcast) for t in ins], ref_dev, upcast)
+                rkw = {k: _fill(v, [rp.to_reference(t, ref_dev, upcast) for t in ins], ref_dev, upcast)
+                       for k, v in case.kwargs.items()}
+                try:
+                    with rp.injector(self.faults):
+                        out = rp.out_list(func(*args, **kwargs))
+                    ref = rp.out_list(func(*rargs, **rkw))
+                except Exception as e:  # a shape the op rejects is not "the same failure"
+                    m = rp.Metric(cls="crash", message=f"{type(e).__name__}: {e}")
+                    return Outcome(metric=m, repeats=n, failed=1)
+                m = rp.compare(out[case.output], ref[case.output], exact=not upcast)
+                if m is not None:
+                    failed += 1
+                    first = first or m
+                    break  # one failure is enough while shrinking; the repro counts k of n itself
+        return Outcome(metric=first, repeats=n, failed=failed)
+
+
+def _fill(x: Any, ins: list[torch.Tensor], device: str, upcast: bool = False) -> Any:
+    if isinstance(x, list):
+        return [_fill(v, ins, device, upcast) for v in x]
+    if isinstance(x, dict) and "in" in x:
+        return ins[x["in"]]
+    return rp.decode(x, {}, device, upcast)
+
+
+def op_case(rec: fmt.OpRecord, inputs: list[torch.Tensor], output: int) -> OpCase:
+    """The divergent op with the suspect's recorded inputs (tensor args renumbered)."""
+    counter = iter(range(len(inputs)))
+
+    def sub(x: Any) -> Any:
+        if isinstance(x, list):
+            return [sub(v) for v in x]
+        if isinstance(x, dict) and "t" in x:
+            return {"in": next(counter)}
+        return x
+
+    args = sub(rec.args)
+    kwargs = {k: sub(v) for k, v in rec.kwargs.items()}
+    ins = tuple(Input(kind="data", shape=tuple(t.shape), dtype=str(t.dtype).removeprefix("torch."),
+                      data=t.contiguous()) for t in inputs)
+    return OpCase(op=rec.op, args=args, kwargs=kwargs, inputs=ins, output=output)
+
+
+# --- passes over an OpCase ---------------------------------------------------------------------
+
+def _halve_size(case: OpCase, size: int) -> OpCase | None:
+    """Every dimension of `size` in every input halved at once (shared dims stay consistent: the
+    k of a matmul is one size in both operands); shape arguments equal to it follow."""
+    new = size // 2
+    if new < 1:
+        return None
+    ins = []
+    for i in case.inputs:
+        shape = tuple(new if s == size else s for s in i.shape)
+        data = i.data
+        if data is not None:
+            data = data[tuple(slice(0, new) if s == size else slice(None) for s in i.shape)].contiguous()
+        ins.append(replace(i, shape=shape, data=data))
+
+    def sub(x: Any) -> Any:  # view/reshape sizes in the args
+        if isinstance(x, list):
+            return [sub(v) for v in x]
+        return new if isinstance(x, int) and not isinstance(x, bool) and x == size and size > 1 else x
+
+    return replace(case, inputs=tuple(ins), args=sub(case.args))
+
+
+def pass_dims(sh: Shrinker[OpCase]) -> None:
+    sizes = sorted({s for i in sh.current.inputs for s in i.shape if s > 1}, reverse=True)
+    for size in sizes:
+        # halve this size repeatedly while the failure holds
+        while True:
+            sizes_now = {s for i in sh.current.inputs for s in i.shape}
+            if size not in sizes_now:
+                break
+            cand = _halve_size(sh.current, size)
+            if cand is None or not sh.consider(cand):
+                break
+            size //= 2
+
+
+def pass_values(sh: Shrinker[OpCase]) -> None:
+    for k in range(len(sh.current.inputs)):
+        for kind in VALUE_KINDS[:-1]:
+            cur = sh.current.inputs[k]
+            if VALUE_KINDS.index(kind) >= VALUE_KINDS.index(cur.kind):
+                break
+            if not getattr(torch, cur.dtype).is_floating_point and kind == "ints":
+                continue
+            cand_in = Input(kind=kind, shape=cur.shape, dtype=cur.dtype, seed=k + 1 if kind == "ints" else 0)
+            ins = list(sh.current.inputs)
+            ins[k] = cand_in
+            if sh.consider(replace(sh.current, inputs=tuple(ins))):
+                break
+
+
+@dataclass(slots=True, kw_only=True)
+class ShrinkResult:
+    """What `shrink_capture` found and produced."""
+
+    divergence: rp.Divergence
+    case: OpCase
+    metric: rp.Metric
+    ops: int
+    runs: int
+    tries: int
+    seconds: float
+    stack: list[str] = field(default_factory=list)
+
+
+def shrink_capture(root: str, *, reference: str = "cpu64", device: str | None = None, rank: int | None = None,
+                   inject: str | None = None, repeats: int = 3) -> ShrinkResult:
+    """Capture -> the smallest single-op case that fails like the step did (NotReproducible if none)."""
+    import time
+
+    t0 = time.perf_counter()
+    cap = fmt.load(root, rank)
+    dev = device or cap.device
+    res = rp.replay(cap, device=dev, reference=reference, inject=inject)
+    div = res.divergence
+    if div is None:
+        raise NotReproducible(f"{root} rank {cap.rank}: replay on {dev} agrees with {reference} at every op "
+                              f"({res.ops} ops); nothing to shrink (pass --inject to simulate a fault)")
+    rec = next(o for o in cap.ops if o.index == div.index)
+    sim = rp.Simulation.parse(inject, cap.rank)
+    faults = sim.schedule(cap.ops).get(div.index) if sim else None
+    target = Target(device=dev, reference=reference, faults=faults, repeats=repeats)
+    case = op_case(rec, div.inputs, div.output)
+    first = target.run(case)
+    if first.metric is None:
+        raise NotReproducible(f"op #{div.index} {div.op} diverged in the step but not alone in {repeats} runs; "
+                              f"the failure needs history (suffix bisection over the op list is not in this "
+                              f"version)")
+    sig = first.metric.signature()
+
+    def fails(c: OpCase) -> bool:
+        out = target.run(c)
+        return out.metric is not None and out.metric.signature() == sig
+
+    sh: Shrinker[OpCase] = Shrinker(current=case, fails=fails, key=OpCase.key, ident=OpCase.ident)
+    best = sh.run([pass_dims, pass_values])
+    final = target.run(best)
+    return ShrinkResult(divergence=div, case=best, metric=final.metric or first.metric, ops=1, runs=target.runs,
+                        tries=sh.calls, seconds=time.perf_counter() - t0, stack=div.stack)
+
+
+@dataclass(slots=True, kw_only=True)
+class CollectiveCase:
+    """An all-reduce that went wrong: every rank's input and the group size."""
+
+    op: str
+    world: int
+    inputs: list[torch.Tensor]
+    divergence: rp.Divergence
+
+
+def shrink_collective(root: str, *, device: str | None = None) -> CollectiveCase:
+    """Every rank's replay; the first all-reduce that differs from the exact host-side sum."""
+    caps = fmt.load_all(root)
+    if len(caps) < 2:
+        raise NotReproducible(f"{root}: one rank captured; a collective repro needs every rank's capture")
+    results = [rp.replay(c, device=device or c.device, reference=c.device, stop_at_first=False,
+                         keep_collectives=True) for c in caps]
+    div = rp.check_collectives(results, caps)
+    if div is None:
+        raise NotReproducible(f"{root}: every all-reduce matches the exact sum of the ranks' inputs")
+    return CollectiveCase(op=div.op, world=len(caps), inputs=list(div.inputs), divergence=div)

@@ -1,0 +1,119 @@
+"""Replay and shrink end to end on the model step with one injected fault, and the shrinker's
+generic machinery on known failing cases (exact minima)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chipcheck.model import GPTConfig, TrainConfig, Trainer, data
+from chipcheck.probes import faults
+from chipcheck.reproducers import capture, emit
+from chipcheck.reproducers import format as fmt
+from chipcheck.reproducers import replay as rp
+from chipcheck.reproducers import shrink as sk
+
+MC = GPTConfig.tiny()
+# one matmul of rank 0's backward (the forward has 9 mm calls): bit 25 is an fp32 exponent bit
+SPEC = "bitflip:rank=0,bit=25,op=mm,after=12,count=1,at=call"
+
+
+@pytest.fixture(scope="module")
+def faulty_capture(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cap") / "cap"
+    tr = Trainer(MC, TrainConfig(), seed=5)
+    x, y = data.batch(MC, 5, 0, batch_size=8)
+    tr.step(x, y)
+    inj = faults.make_injector(faults.parse(SPEC), 0, "model_step")
+    with inj():  # the injector below the recorder: the capture sees the bad chip's bits
+        with capture(root):
+            tr.step(x, y)
+    return root
+
+
+def test_replay_names_the_corrupted_matmul(faulty_capture: Path) -> None:
+    cap = fmt.load(faulty_capture)
+    thirteenth_mm = [o.index for o in cap.ops if o.op == "aten.mm.default"][12]
+    res = rp.replay(cap, reference="cpu64", inject=SPEC)
+    d = res.divergence
+    assert d is not None and d.index == thirteenth_mm and d.op == "aten.mm.default"
+    assert d.metric.cls == "wrong" and d.metric.bad == 1 and 25 in d.metric.flipped_bits
+    assert d.metric.max_ulp > 1e6 and "train.py" in d.stack[0]
+    assert res.capture_mismatch is None  # the simulated chip replays the captured bits exactly
+    clean = rp.replay(cap, reference="cpu64")
+    assert clean.divergence is None and clean.capture_mismatch == thirteenth_mm
+
+
+def test_shrink_emits_a_single_file_that_reproduces_only_with_the_fault(faulty_capture: Path,
+                                                                       tmp_path: Path) -> None:
+    r = sk.shrink_capture(str(faulty_capture), reference="cpu64", inject=SPEC)
+    assert r.ops <= 3 and r.case.op == "aten.mm.default"
+    assert r.seconds < 60
+    assert all(i.shape == (1, 1) for i in r.case.inputs)  # halved until one element remained
+    path = tmp_path / "repro.py"
+    path.write_text(emit.render_op(r.case, device="cpu", metric_line=r.metric.line(), where=r.stack))
+    src = path.read_text()
+    assert "chipcheck" not in src.split('"""', 2)[2].replace("chipcheck reproducer", "")  # no chipcheck import
+    bad = subprocess.run([sys.executable, str(path), "--inject", "bitflip:bit=25", "--repeat", "2"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "REPRODUCED: 2 of 2" in bad.stdout and "25: 1" in bad.stdout
+    good = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert good.returncode == 0, good.stdout + good.stderr
+
+
+def test_shrink_of_a_clean_capture_is_not_reproducible(faulty_capture: Path) -> None:
+    with pytest.raises(sk.NotReproducible, match="nothing to shrink"):
+        sk.shrink_capture(str(faulty_capture), reference="cpu64")
+
+
+def test_ddmin_finds_the_exact_minimum() -> None:
+    calls = []
+
+    def fails(xs: list[int]) -> bool:
+        calls.append(len(xs))
+        return 3 in xs and 7 in xs
+
+    assert sk.ddmin(list(range(16)), fails) == [3, 7]
+    assert sk.ddmin([5], lambda xs: 5 in xs) == [5]
+
+
+def test_find_integer_exponential_then_binary() -> None:
+    seen = []
+
+    def f(n: int) -> bool:
+        seen.append(n)
+        return n <= 37
+
+    assert sk.find_integer(f) == 37
+    assert len(seen) < 20 and max(seen) <= 64
+
+
+def test_shrinker_caches_and_reaches_the_shortlex_minimum() -> None:
+    calls = 0
+
+    def fails(xs: tuple[int, ...]) -> bool:
+        nonlocal calls
+        calls += 1
+        return sum(xs) >= 10  # fails while the sum stays >= 10
+
+    def pass_lower(sh: sk.Shrinker[tuple[int, ...]]) -> None:
+        for i in range(len(sh.current)):
+            cur = sh.current
+            n = sk.find_integer(lambda k, i=i, cur=cur: cur[i] - k >= 0 and sh.consider(
+                cur[:i] + (cur[i] - k,) + cur[i + 1:]) or k == 0)
+            del n
+
+    def pass_drop(sh: sk.Shrinker[tuple[int, ...]]) -> None:
+        for i in reversed(range(len(sh.current))):
+            sh.consider(sh.current[:i] + sh.current[i + 1:])
+
+    sh = sk.Shrinker(current=(9, 9, 9, 9), fails=fails, key=lambda xs: (len(xs), xs), ident=lambda xs: xs)
+    best = sh.run([pass_drop, pass_lower])
+    assert best == (1, 9)  # two elements needed; shortlex: the first as small as possible
+    before = sh.calls
+    assert not sh.consider((9, 9, 9))  # not simpler than the current best: never run
+    assert sh.calls == before
