@@ -91,6 +91,25 @@ CREATE TABLE IF NOT EXISTS link_sweeps (
     run_id TEXT PRIMARY KEY REFERENCES runs(run_id),
     body TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS results_key ON results(run_id, rank, probe, case_name);
+-- One row per device per judged run, derived from results + judgements (fleet.history):
+-- history and trends read this compact table instead of re-parsing every result body.
+CREATE TABLE IF NOT EXISTS device_runs (
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    rank INTEGER NOT NULL,
+    uuid TEXT NOT NULL,
+    host TEXT NOT NULL,
+    device TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    started REAL NOT NULL,
+    verdict TEXT NOT NULL,
+    speed_ratio REAL,
+    wrong INTEGER NOT NULL,
+    flaky INTEGER NOT NULL,
+    PRIMARY KEY (run_id, rank)
+);
+CREATE INDEX IF NOT EXISTS device_runs_uuid ON device_runs(uuid);
+CREATE INDEX IF NOT EXISTS device_runs_host ON device_runs(host);
 """
 
 
@@ -136,10 +155,10 @@ class Store:
     # ---- writes: each one its own committed transaction ----------------------------------
 
     def begin_run(self, run_id: str, *, host: str, profile: str, seed: int, argv: list[str],
-                  config: dict[str, Any]) -> None:
+                  config: dict[str, Any], started: float | None = None) -> None:
         self.conn.execute(
             "INSERT INTO runs (run_id, started, host, profile, seed, argv, config) VALUES (?,?,?,?,?,?,?)",
-            (run_id, time.time(), host, profile, seed, json.dumps(argv), json.dumps(config, sort_keys=True)),
+            (run_id, time.time() if started is None else started, host, profile, seed, json.dumps(argv), json.dumps(config, sort_keys=True)),
         )
 
     def add_devices(self, run_id: str, ranked: Iterable[tuple[int, DeviceInfo]]) -> None:
@@ -183,6 +202,42 @@ class Store:
 
     def end_run(self, run_id: str, verdict: Verdict) -> None:
         self.conn.execute("UPDATE runs SET ended=?, verdict=? WHERE run_id=?", (time.time(), verdict.value, run_id))
+
+    def has_result(self, r: ProbeResult) -> bool:
+        """Whether this exact result (run, rank, probe, case, start time) is stored: ingest's idempotence key."""
+        return self.conn.execute(
+            "SELECT 1 FROM results WHERE run_id=? AND rank=? AND probe=? AND case_name=? AND started=? LIMIT 1",
+            (r.run_id, r.rank, r.probe, r.case, r.started)).fetchone() is not None
+
+    def clear_judgements(self, run_id: str) -> None:
+        """Forget a run's fleet judgements (and what derives from them) before it is judged again."""
+        with self.conn:
+            self.conn.execute("BEGIN")
+            for table in ("judgements", "links", "link_sweeps", "device_runs"):
+                self.conn.execute(f"DELETE FROM {table} WHERE run_id=?", (run_id,))
+
+    def add_device_runs(self, rows: Iterable[tuple[Any, ...]]) -> None:
+        """fleet.history's per-device rows of one judged run (see the device_runs table)."""
+        with self.conn:
+            self.conn.execute("BEGIN")
+            self.conn.executemany("INSERT OR REPLACE INTO device_runs VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+
+    def device_runs(self, *, uuid: str | None = None, host: str | None = None) -> list[tuple[Any, ...]]:
+        """device_runs rows (all, or one device's, or one host's), oldest run first."""
+        where, args = ("WHERE uuid=?", (uuid,)) if uuid else ("WHERE host=?", (host,)) if host else ("", ())
+        return list(self.conn.execute(f"SELECT * FROM device_runs {where} ORDER BY started, rank", args))
+
+    def link_rows(self) -> list[tuple[Any, ...]]:
+        """Every judged link direction of every run, endpoints named by host and device:
+        (run_id, started, src_host, src_device, dst_host, dst_device, gbps, verdict), oldest run first."""
+        return list(self.conn.execute(
+            "SELECT l.run_id, r.started, s.host, s.device, d.host, d.device, l.gbps, l.verdict FROM links l"
+            " JOIN runs r ON r.run_id = l.run_id"
+            " JOIN devices s ON s.run_id = l.run_id AND s.rank = l.src"
+            " JOIN devices d ON d.run_id = l.run_id AND d.rank = l.dst ORDER BY r.started"))
+
+    def indexed_runs(self) -> set[str]:
+        return {r for (r,) in self.conn.execute("SELECT DISTINCT run_id FROM device_runs")}
 
     # ---- reads ---------------------------------------------------------------------------
 

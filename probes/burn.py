@@ -214,24 +214,31 @@ def timeline(iters: list[_Iter], samples: list[tuple[float, dict[str, float]]], 
 
 
 def throttle_onset(windows: list[tuple[float, float]], drop: float) -> tuple[float, float | None]:
-    """(last window's throughput / the baseline, start of the sustained drop or None).
+    """(throughput at the end / at the start, start of the sustained drop or None).
 
-    The baseline is the best of the first quarter of the windows (the very first one may hold a
-    warm-up or a clock ramp). The drop starts at the earliest window from which every later
-    window is more than `drop` below the baseline: a chip that slows and stays slow, not one
-    noisy window.
+    Start and end are the medians of the first and the last quarter of the windows: a median,
+    not the best window, so one lucky or unlucky window on a shared host moves nothing. The drop
+    starts at the earliest window from which the windows' median stays more than `drop` below
+    the start: a chip that slows and stays slow, not one noisy window.
     """
-    if len(windows) < 2:
+    import statistics
+
+    if len(windows) < 4:
         return 1.0, None
-    base = max(v for _, v in windows[: max(1, len(windows) // 4)])
+    q = max(1, len(windows) // 4)
+    values = [v for _, v in windows]
+    base = statistics.median(values[:q])
     if base <= 0:
         return 1.0, None
-    ratio = windows[-1][1] / base
+    ratio = statistics.median(values[-q:]) / base
+    if ratio >= 1.0 - drop:
+        return ratio, None
+    limit = (1.0 - drop) * base
     onset = None
-    for t, v in reversed(windows[1:]):
-        if v < (1.0 - drop) * base:
-            onset = t
-        else:
+    for i in range(len(values) - 1, 0, -1):
+        if values[i] < limit and statistics.median(values[i:]) < limit:
+            onset = windows[i][0]
+        elif statistics.median(values[i:]) >= limit:
             break
     return ratio, onset
 

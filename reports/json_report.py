@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..results import RunSummary
+from .. import failures
+from ..results import ProbeSummary, RunSummary
 
 SCHEMA = "chipcheck.run/1"
 
@@ -28,7 +29,8 @@ def to_dict(s: RunSummary) -> dict[str, Any]:
                 "fingerprint": d.fingerprint,
                 "verdict": d.verdict.value,
                 "probes": [
-                    {"probe": p.probe, "verdict": p.verdict.value, "metrics": p.metrics, "details": p.details}
+                    {"probe": p.probe, "verdict": p.verdict.value, "metrics": p.metrics, "details": p.details,
+                     **_code(p)}
                     for p in d.probes
                 ],
             }
@@ -44,6 +46,12 @@ def to_dict(s: RunSummary) -> dict[str, Any]:
             "by_verdict": _count(s),
         },
     }
+
+
+def _code(p: ProbeSummary) -> dict[str, Any]:
+    """`failure_code` (code, severity, action) for a failing probe, so automation can act on it."""
+    code = failures.for_probe(p)
+    return {"failure_code": code.to_dict()} if code else {}
 
 
 def _links(s: RunSummary) -> dict[str, Any]:

@@ -1,0 +1,101 @@
+"""History and trends: change points at the right run, no trend from noise, lemons, flaky turns, news."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+from conftest import run_cli
+from fleet_history_helpers import store_runs
+
+from chipcheck.fleet import history, synthetic, trends
+from chipcheck.fleet.store import Store
+
+
+def _noisy(n: int, rng: random.Random, level: float = 1.0, sd: float = 0.02) -> list[float]:
+    return [rng.gauss(level, sd) for _ in range(n)]
+
+
+def test_a_drop_is_found_at_the_run_it_began() -> None:
+    for seed in range(20):
+        rng = random.Random(seed)
+        series = _noisy(40, rng) + _noisy(20, rng, level=0.85)
+        cp = trends.change_point(series)
+        assert cp is not None and cp.index == 40, (seed, cp)
+        assert 0.82 < cp.ratio < 0.88
+
+
+def test_noise_is_never_a_trend() -> None:
+    for seed in range(200):
+        rng = random.Random(seed)
+        assert trends.change_point(_noisy(60, rng, sd=0.03)) is None, seed
+
+
+def test_one_bad_night_is_not_a_trend_but_three_are() -> None:
+    rng = random.Random(3)
+    one = _noisy(30, rng) + [0.7] + _noisy(10, rng)
+    assert trends.change_point(one) is None
+    assert trends.change_point(_noisy(30, rng) + [0.7, 0.7] + _noisy(10, rng)) is None  # two bad nights, recovered
+    assert trends.change_point(_noisy(30, rng) + [0.7, 0.71, 0.69]) is not None
+
+
+def test_missing_runs_are_skipped_and_the_matrix_matches_the_series() -> None:
+    rng = random.Random(5)
+    series: list[float | None] = [*_noisy(30, rng), *_noisy(15, rng, level=0.8)]
+    for i in (3, 17, 31, 40):
+        series[i] = None
+    cp = trends.change_point(series)
+    assert cp is not None and cp.index in (30, 32)  # run 31 is missing: the new level starts at 30 or 32
+    m = np.array([[np.nan if v is None else v for v in series]] * 3)
+    assert set(trends.drops(m)) == {0, 1, 2}
+
+
+def test_lemon_and_flaky_turn() -> None:
+    assert trends.lemon([False] * 20 + [True, False, True]) == 2
+    assert trends.lemon([True] + [False] * 12) == 0  # long ago, outside the window
+    assert trends.turned_flaky([False] * 20 + [False, True, False, True, False])
+    assert not trends.turned_flaky([True, False] * 10 + [False, True, False, True, False])  # always was flaky
+    flags = np.zeros((2, 25, 2), dtype=bool)
+    flags[0, [21, 23], 0] = True
+    flags[1, [22, 24], 1] = True
+    turned, lemons = trends.flags_matrix(flags)
+    assert turned.tolist() == [True, False] and lemons.tolist() == [0, 2]
+
+
+def test_stored_history_finds_the_slowing_device_and_reports_news(tmp_path: Path) -> None:
+    db = tmp_path / "r.db"
+    slow = {(5, k): 0.85 for k in range(14, 20)}
+    ids = store_runs(db, 16, 20, speed=slow, fail={19: 0.2})
+    store = Store(db)
+    rep = history.report(store)
+    uuid = synthetic.devices(16)[5].uuid
+    drops = [f for f in rep.findings if f.code.code == "CC-TRD-001"]
+    assert [(f.subject, f.run_id) for f in drops] == [(uuid, ids[14])]
+    assert rep.latest == ids[-1] and rep.new_failures  # the failures injected into the last run are new
+    assert all(n.before is not None and n.before.value == "pass" for n in rep.new_failures)
+    rows = history.device_history(store, uuid)
+    assert len(rows) == 20 and rows[0].speed_ratio is not None and rows[-1].speed_ratio < 0.9
+    store.close()
+    p = run_cli("history", "--db", str(db))
+    assert p.returncode == 0 and p.stdout.startswith("New since the last sweep"), p.stderr
+    assert "CC-TRD-001" in p.stdout
+    p = run_cli("history", uuid, "--db", str(db), "--json")
+    assert p.returncode == 0 and len(json.loads(p.stdout)) == 20
+    p = run_cli("history", "node0000", "--db", str(db))  # a host: its 8 devices x 20 runs
+    assert p.returncode == 0 and len(p.stdout.splitlines()) == 1 + 8 * 20
+    p = run_cli("history", "no-such-device", "--db", str(db))
+    assert p.returncode == 2 and "no device" in p.stderr
+
+
+def test_a_lemon_is_found_from_stored_runs(tmp_path: Path) -> None:
+    db = tmp_path / "r.db"
+    store_runs(db, 10, 12, fail={8: 0.3, 11: 0.3}, seed=4)
+    rep = history.report(Store(db))
+    lemons = [f for f in rep.findings if f.code.code == "CC-LEM-001"]
+    # with seeded failure modes, a device wrong in both of those runs is a lemon (if any is)
+    wrong_both = {f.subject for f in lemons}
+    for f in lemons:
+        assert "wrong in 2 of its last 10 runs" in f.detail
+    assert all(u.startswith("GPU-") for u in wrong_both)
