@@ -299,11 +299,12 @@ def report(run_id: str, db_path: str | None, fmt: str, output: str) -> None:
         store = reload.open_existing(db_path or default_path())
         try:
             summary = reload.load(store, run_id)
+            extras = reload.extras(store, summary) if fmt in ("html", "junit") else None
         finally:
             store.close()
     except (UsageError, StoreError, reload.RunNotFound) as e:
         _fail(str(e))
-    text = formats.render(summary, fmt)
+    text = formats.render(summary, fmt, extras)
     if output == "-":
         click.echo(text, nl=False)
     else:

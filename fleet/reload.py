@@ -12,8 +12,9 @@ import json
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from ..results import RunSummary
+from ..results import RunSummary, Verdict
 from . import analysis
 from .store import Store, StoreError
 from .summary import summarize
@@ -96,3 +97,23 @@ def load(store: Store, run_id: str = LATEST) -> RunSummary:
     ended = rec.ended if rec.ended is not None else max((r.ended for r in results), default=rec.started)
     return summarize(rec.run_id, devices, results, judgements, groups, profile=rec.profile, seed=rec.seed,
                      started=rec.started, ended=ended, links=store.links(rec.run_id))
+
+
+MAX_HISTORY_DEVICES = 500
+"""Devices whose history a report carries: every failing one first, then others up to this many."""
+
+
+def extras(store: Store, summary: RunSummary) -> Any:
+    """The report's optional sections for a stored run: links/topology and each device's history."""
+    from ..reports.extras import HistoryPoint, ReportExtras, from_links
+    from . import history
+
+    base = from_links(summary) if summary.links is not None else ReportExtras()
+    ordered = summary.failed + [d for d in summary.devices if d.verdict is Verdict.PASS]
+    hist: dict[str, list[HistoryPoint]] = {}
+    for d in ordered[:MAX_HISTORY_DEVICES]:
+        runs = [r for r in history.device_history(store, d.uuid) if r.started <= summary.started]
+        if len(runs) >= 2:
+            hist[d.uuid] = [HistoryPoint(run_id=r.run_id, started=r.started, verdict=r.verdict,
+                                         throughput_ratio=r.speed_ratio) for r in runs]
+    return ReportExtras(links=base.links, topology=base.topology, history=hist)
