@@ -237,6 +237,13 @@ def corrupt(fault: Fault, out: Any, call: int) -> None:
         ints[idx] &= ~bit
 
 
+def _busy_wait(seconds: float) -> None:
+    """Busy-wait, not sleep: a slow chip keeps its core, and sleep overshoots short kernels."""
+    until = time.perf_counter() + seconds
+    while time.perf_counter() < until:
+        pass
+
+
 def make_injector(faults: list[Fault], rank: int, probe: str) -> Any:
     """A context-manager factory that turns on these faults for code under test (or None)."""
     active = [f for f in faults if f.applies_to(rank, probe)]
@@ -246,6 +253,19 @@ def make_injector(faults: list[Fault], rank: int, probe: str) -> Any:
 
     state = FaultState()
     now = {i for i, f in enumerate(active) if f.at == "call" or (f.at is None and probe in CALL_TIME_PROBES)}
+
+    def _fire(f: Fault, i: int) -> int | None:
+        """Count a matching call; None when this call is spared (after/count). Hang and crash act here."""
+        n = state.calls.get(i, 0)
+        state.calls[i] = n + 1
+        if n < f.after or (f.count and n >= f.after + f.count):
+            return None
+        if f.kind == "hang":
+            while True:
+                time.sleep(3600)
+        if f.kind == "crash":
+            os.kill(os.getpid(), signal.SIGKILL)
+        return n
 
     class _Injector(TorchDispatchMode):
         """Value faults are applied when the code under test is left: the output tensors are the
@@ -282,24 +302,15 @@ def make_injector(faults: list[Fault], rank: int, probe: str) -> Any:
                     continue  # the op has no such output: leave it alone
                 if first is not None and f.dtype and str(first.dtype).removeprefix("torch.") != f.dtype:
                     continue
-                n = state.calls.get(i, 0)
-                state.calls[i] = n + 1
-                if n < f.after or (f.count and n >= f.after + f.count):
+                n = _fire(f, i)
+                if n is None:
                     continue
-                if f.kind == "hang":
-                    while True:
-                        time.sleep(3600)
-                elif f.kind == "crash":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                elif f.kind == "slow":
+                if f.kind == "slow":
                     if first is not None and first.device.type == "cuda":
                         import torch
 
                         torch.cuda.synchronize(first.device)
-                    # Busy-wait, not sleep: a slow chip keeps its core, and sleep overshoots short kernels.
-                    until = time.perf_counter() + (time.perf_counter() - t0) * (f.factor - 1.0)
-                    while time.perf_counter() < until:
-                        pass
+                    _busy_wait((time.perf_counter() - t0) * (f.factor - 1.0))
                 elif first is not None and i in now:
                     corrupt(f, first, n)
                 elif first is not None:
@@ -315,25 +326,16 @@ def make_injector(faults: list[Fault], rank: int, probe: str) -> Any:
             for f in mine:
                 if f.peer is not None and (name != "send" or len(args) < 3 or args[2] != f.peer):
                     continue
-                i = active.index(f)
-                n = state.calls.get(i, 0)
-                state.calls[i] = n + 1
-                if n < f.after or (f.count and n >= f.after + f.count):
+                n = _fire(f, active.index(f))
+                if n is None:
                     continue
-                if f.kind == "hang":
-                    while True:
-                        time.sleep(3600)
-                elif f.kind == "crash":
-                    os.kill(os.getpid(), signal.SIGKILL)
-                elif f.kind == "slow":
+                if f.kind == "slow":
                     slow = max(slow, f.factor)
                 elif payload is not None:
                     corrupt(f, payload, n)
             out = func(*args, **kwargs)
             if slow > 1.0:
-                until = time.perf_counter() + (time.perf_counter() - t0) * (slow - 1.0)
-                while time.perf_counter() < until:
-                    pass
+                _busy_wait((time.perf_counter() - t0) * (slow - 1.0))
             return out
 
     return _Injector
