@@ -176,7 +176,11 @@ def _finish(out: CaseOutcome, cfg: BurnProbe.Config, iters: list[_Iter], samples
     windows = timeline(iters, samples, flops, cfg.window_s)
     out.params["window_s"] = windows[0]["w_s"] if windows else cfg.window_s
     out.params["timeline"] = windows
-    ratio, onset = throttle_onset([(w["t_s"], w["tflops"]) for w in windows], cfg.throttle_drop)
+    # Judged per iteration, not per time window: a throttled chip spends most of the run's time
+    # (and so most windows) in its slow phase, and a window mixing both phases blurs the edge.
+    step = max(1, len(rates) // 2000)  # long burn-ins: medians of consecutive iterations, 2000 points at most
+    points = [(float(k), statistics.median(rates[k:k + step])) for k in range(0, len(rates), step)]
+    ratio, onset = throttle_onset(points, cfg.throttle_drop)
     m["throughput_ratio"] = ratio
     if onset is not None:
         # Refine to the iteration: the best step fit over the whole run (windows only say roughly when).
