@@ -60,11 +60,11 @@ class CaseOutcome:
 
 
 class Timer:
-    """Times device work: CUDA events on GPUs; on CPU devices, the worker's CPU seconds.
+    """Times device work: CUDA events on GPUs; on single-threaded CPU devices, the CPU seconds.
 
     A virtual CPU device is a process sharing cores with others; wall time would charge it for
-    its neighbours' load. CPU time (all threads of the worker) measures what the device itself
-    spent, so a busy host never makes a device look slow, while a slow core still does.
+    its neighbours' load. The compute thread's CPU time measures what the device itself spent,
+    so a busy host never makes a device look slow, while a slow core still does.
     `exclusive` optionally serialises timed sections across processes.
     """
 
@@ -94,10 +94,12 @@ class Timer:
             end.record()
             end.synchronize()
             return out, start.elapsed_time(end) / 1e3
-        if self.device.type == "cpu":
-            t0 = time.process_time()
+        if self.device.type == "cpu" and torch.get_num_threads() == 1:
+            # One compute thread: its CPU seconds are the device's. (With several, idle OpenMP
+            # threads spin and bill CPU time that is no device's work: wall time is used then.)
+            t0 = time.thread_time()
             out = fn()
-            return out, max(time.process_time() - t0, 1e-9)
+            return out, max(time.thread_time() - t0, 1e-9)
         self.sync()
         t0 = time.perf_counter()
         out = fn()

@@ -15,6 +15,15 @@ from chipcheck.results import Oracle, ProbeResult, Verdict
 PROBE = burn.BurnProbe()
 
 
+@pytest.fixture(autouse=True)
+def one_thread() -> object:
+    """As in a worker: one compute thread, timed in its own CPU seconds (immune to a busy host)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _cfg(**kw: object) -> burn.BurnProbe.Config:
     return dataclasses.replace(PROBE.config("quick", "cpu", frozenset()), **{"duration_s": 0.8, **kw})
 
