@@ -124,11 +124,23 @@ def _link_extra(pairing: str, declared: str | None) -> dict[str, str]:
 
 @main.command()
 @click.option("--probes", default="", help="Comma-separated probes to run [default: every probe the devices allow].")
+@click.option("--backend", type=click.Choice(["auto", "torch", "jax"]), default="auto", show_default=True,
+              help="torch: one worker per device; jax: the probes through JAX/XLA in this process on every "
+                   "device JAX sees (TPUs; docs/jax.md); auto: jax when JAX sees TPUs here, else torch.")
 @common_options
-def run(probes: str, **kw: Any) -> None:
+def run(probes: str, backend: str, **kw: Any) -> None:
     """Run the probes on every device and judge them: pass, wrong, slow, flaky or error."""
     names = tuple(p.strip() for p in probes.split(",") if p.strip())
-    _execute(lambda: _options(kw, names, {}), kw)
+    if backend == "auto":
+        from .fleet import jax_devices
+
+        backend = "jax" if jax_devices.sees_tpu() else "torch"
+    executor = None
+    if backend == "jax":
+        from .fleet import jax_runner
+
+        executor = jax_runner.execute
+    _execute(lambda: _options(kw, names, {}), kw, executor=executor)
 
 
 @main.command()
@@ -143,7 +155,7 @@ def links(pairing: str, declared: str | None, **kw: Any) -> None:
     _execute(lambda: _options(kw, ("links",), _link_extra(pairing, declared)), kw)
 
 
-def _execute(make_opts: Any, kw: dict[str, Any], preface: Any = None) -> None:
+def _execute(make_opts: Any, kw: dict[str, Any], preface: Any = None, executor: Any = None) -> None:
     """Validate everything, run on this host's devices, print, write outputs, exit 0/1/2.
 
     `preface(store_path)`, when given, prints first once the run is stored (a sweep's news)."""
@@ -174,7 +186,7 @@ def _execute(make_opts: Any, kw: dict[str, Any], preface: Any = None) -> None:
                    err=True)
 
     try:
-        summary = runner.execute(opts, store, on_result=progress)
+        summary = (executor or runner.execute)(opts, store, on_result=progress)
     except runner.UsageError as e:
         _fail(str(e))
     except KeyboardInterrupt:

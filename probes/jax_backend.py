@@ -1,0 +1,193 @@
+"""The JAX/XLA backend: inputs, timing and fault injection for probes that run through JAX.
+
+The torch path's probes are defined by their inputs and oracles; this module gives a JAX
+device the same inputs bit for bit, and the same `--inject` faults, so probes/jax_matmul.py and
+probes/jax_collectives.py can reuse the torch path's closed forms and the numpy twins of its
+oracles (probes/np_oracles.py) and report identical diagnoses.
+
+- 64-bit integers: the counter-based generator (probes/generator.py) hashes in int64, which JAX
+  only has with `jax_enable_x64`. `init()` turns it on once per process and reports it in the
+  settings stored with every result (it changes JAX's default dtypes; the probes here always
+  name their dtypes, so nothing else depends on it).
+- Inputs: generator's numpy functions take any array module (`xp=jax.numpy`): the mixer uses
+  only multiply / xor / shift / mask, which wrap identically in XLA's int64.
+- Faults: the same spec grammar (probes/faults.parse). JAX has no dispatch hook like torch's
+  TorchDispatchMode, so a value fault (bitflip, stuck, nan) is applied to the host copy of the
+  kernel's output that the probe checks (faults.corrupt on a zero-copy torch view: the same
+  element and bit as the torch path for the same seed and call), and `slow` busy-waits inside
+  the timed region. `op` names the JAX op (`dot_general`, `psum`, `all_gather`, ...).
+  `hang` and `crash` are not supported in-process (no watchdog there): the runner refuses them.
+
+jax is imported lazily: this module is imported by the probe registry on torch-only installs.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import generator as g
+from .faults import Fault
+
+# The JAX ops a fault lands in when it names no `op` (the compute and communication kernels).
+DEFAULT_OPS = ("dot_general", "psum", "pmax", "all_gather", "psum_scatter", "all_to_all", "ppermute")
+VALUE_FAULTS = ("bitflip", "stuck", "nan")
+SUPPORTED_FAULTS = (*VALUE_FAULTS, "slow")
+
+
+def init() -> dict[str, Any]:
+    """Import JAX with 64-bit integers on; the settings to store with every result."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    return {"backend": "jax", "jax": jax.__version__, "jax_enable_x64": True,
+            "jax_platform": jax.default_backend()}
+
+
+# ---- inputs: generator.py's numpy twins with xp = jax.numpy ---------------------------------
+
+
+def _on(device: Any) -> Any:
+    import contextlib
+
+    import jax
+
+    return jax.default_device(device) if device is not None else contextlib.nullcontext()
+
+
+def uniform(shape: tuple[int, ...], seed: int, stream: str, *, device: Any = None, dtype: Any = None,
+            offset: int = 0) -> Any:
+    """generator.uniform on a JAX device: float32 in [-1, 1), then cast by XLA (round to nearest even)."""
+    import jax.numpy as jnp
+
+    with _on(device):
+        x = g.uniform_np(shape, seed, stream, offset=offset, xp=jnp)
+        return x if dtype is None else x.astype(dtype)
+
+
+def small_ints(shape: tuple[int, ...], seed: int, stream: str, radius: int, *, device: Any = None,
+               dtype: Any = None, offset: int = 0) -> Any:
+    """generator.small_ints on a JAX device."""
+    import jax.numpy as jnp
+
+    with _on(device):
+        x = g.small_ints_np(shape, seed, stream, radius, offset=offset, xp=jnp)
+        return x if dtype is None else x.astype(dtype)
+
+
+def signs(shape: tuple[int, ...], seed: int, stream: str, *, device: Any = None, offset: int = 0) -> Any:
+    """generator.signs on a JAX device (int64 +-1)."""
+    import jax.numpy as jnp
+
+    with _on(device):
+        n = int(np.prod(shape))
+        idx = jnp.arange(offset, offset + n, dtype=jnp.int64).reshape(shape)
+        h = g.hash_indices(g.key(seed, stream), idx, offset + n - 1)
+        return 1 - 2 * ((h >> 7) & 1)
+
+
+def to_host(x: Any) -> np.ndarray:
+    """A writable host copy (the checks and the fault hook work on it)."""
+    return np.array(x, copy=True)
+
+
+# ---- timing and faults --------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """Run `fn` once to completion; (its result, seconds). JAX dispatch is asynchronous, so the
+    clock stops only once every output buffer is ready.
+
+    On accelerators the clock is wall time. On JAX's CPU platform it is this process's CPU time,
+    as base.Timer does for torch's CPU devices: forced host devices share the host's cores with
+    everything else on it, and wall time would charge a device for its neighbours' load.
+    """
+    import jax
+
+    clock = time.process_time if jax.default_backend() == "cpu" else time.perf_counter
+    t0 = clock()
+    out = fn()
+    jax.block_until_ready(out)
+    return out, max(clock() - t0, 1e-9)
+
+
+def stall(seconds: float) -> float:
+    """Busy-wait (not sleep: a slow chip keeps its core, and sleep overshoots short kernels)."""
+    if seconds <= 0:
+        return 0.0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        pass
+    return time.perf_counter() - t0
+
+
+@dataclass(slots=True)
+class Injector:
+    """The faults for one (rank, probe), applied around one JAX kernel call at a time.
+
+    `call(op, fn)` runs and times the kernel (a `slow` fault busy-waits inside the timing, as a
+    slow chip keeps its core); `corrupt(op, host)` then applies the value faults due for that call
+    to the host copy the probe checks.
+    """
+
+    faults: list[Fault]
+    calls: dict[int, int] = field(default_factory=dict)
+    _due: list[tuple[Fault, int]] = field(default_factory=list)
+
+    @staticmethod
+    def for_rank(faults: list[Fault], rank: int, probe: str) -> Injector:
+        return Injector([f for f in faults if f.applies_to(rank, probe)])
+
+    def _matching(self, op: str) -> list[tuple[int, Fault]]:
+        return [(i, f) for i, f in enumerate(self.faults) if (f.op == op if f.op else op in DEFAULT_OPS)]
+
+    def begin(self, op: str) -> float:
+        """Count one call of `op`; remember the value faults due for it; return the slowdown factor."""
+        self._due = []
+        factor = 1.0
+        for i, f in self._matching(op):
+            n = self.calls.get(i, 0)
+            self.calls[i] = n + 1
+            if n < f.after or (f.count and n >= f.after + f.count):
+                continue
+            if f.kind == "slow":
+                factor = max(factor, f.factor)
+            elif f.kind in VALUE_FAULTS:
+                self._due.append((f, n))
+        return factor
+
+    def call(self, op: str, fn: Callable[[], Any]) -> tuple[Any, float]:
+        """Run the kernel under test once; (output, seconds) with any slowdown included."""
+        factor = self.begin(op)
+        out, dt = timed(fn)
+        return out, dt + stall(dt * (factor - 1.0))
+
+    def corrupt(self, host: np.ndarray) -> np.ndarray:
+        """Apply the value faults due for the last call to `host` in place (and return it)."""
+        if not self._due or host.size == 0:
+            return host
+        import torch
+
+        from . import faults
+
+        dt_name = host.dtype.name
+        for f, n in self._due:
+            if f.dtype and f.dtype != dt_name:
+                continue
+            if f.kind == "nan" and host.dtype.kind != "f" and dt_name != "bfloat16":
+                continue  # an integer output has no NaN
+            t = _torch_view(host, torch)
+            faults.corrupt(f, t, n)
+        self._due = []
+        return host
+
+
+def _torch_view(host: np.ndarray, torch: Any) -> Any:
+    """A torch tensor sharing `host`'s memory, so faults.corrupt hits the very bits the checks read."""
+    if host.dtype.name == "bfloat16":
+        return torch.from_numpy(host.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(host)

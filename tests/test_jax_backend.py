@@ -1,0 +1,185 @@
+"""The JAX/XLA path (docs/jax.md): same inputs, oracles, diagnoses and verdicts as the torch path.
+
+Runs on JAX's CPU backend; collectives and the CLI run in subprocesses with XLA's forced host
+device count (it must be set before jax is imported). jax is in the `test` extra, so CI runs these.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+jax = pytest.importorskip("jax", reason="jax is not installed (pip install 'chipcheck[jax]')")
+
+from chipcheck.probes import faults, matmul, oracles  # noqa: E402
+from chipcheck.probes import generator as g  # noqa: E402
+from chipcheck.probes import jax_backend as jb  # noqa: E402
+from chipcheck.probes import jax_matmul as jm  # noqa: E402
+from chipcheck.probes import np_oracles as npo  # noqa: E402
+from chipcheck.results import Oracle  # noqa: E402
+
+FORCE4 = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _x64() -> None:
+    jb.init()
+
+
+def _bits(x: object) -> list[int]:
+    a = np.asarray(x)
+    return a.view({4: np.int32, 8: np.int64}[a.dtype.itemsize]).reshape(-1).tolist()
+
+
+@pytest.mark.parametrize("offset", [0, 7, 2**32 - 3])  # the last crosses the index's high word
+def test_generator_bit_identical_to_torch_and_numpy(offset: int) -> None:
+    shape = (17, 33)
+    u = [jb.uniform(shape, 42, "s", offset=offset), g.uniform(shape, 42, "s", offset=offset),
+         g.uniform_np(shape, 42, "s", offset=offset)]
+    assert _bits(u[0]) == _bits(u[1].numpy()) == _bits(u[2])
+    s = [jb.small_ints(shape, 5, "t", 3, offset=offset), g.small_ints(shape, 5, "t", 3, offset=offset),
+         g.small_ints_np(shape, 5, "t", 3, offset=offset)]
+    assert _bits(s[0]) == _bits(s[1].numpy()) == _bits(s[2])
+    sg = [jb.signs((101,), 9, "x", offset=offset), g.signs((101,), 9, "x", offset=offset)]
+    assert _bits(sg[0]) == _bits(sg[1].numpy())
+
+
+def test_hadamard_inputs_bit_identical_to_torch() -> None:
+    for got, want in zip(jm.hadamard_inputs(64, 1234), matmul.hadamard_inputs(64, 1234, torch.device("cpu")),
+                         strict=True):
+        assert _bits(got) == _bits(want.numpy())
+
+
+def test_numpy_oracles_match_torch_oracles() -> None:
+    e = g.uniform((40, 300), 1, "e")
+    a = e.clone()
+    a.view(-1).view(torch.int32)[[5, 999, 11999]] ^= 1 << 20
+    a.view(-1)[7000] = float("nan")
+    want = oracles.compare_bits(e, a, tensor="C", tile=16)
+    got = npo.compare_bits(e.numpy(), a.numpy(), tensor="C", tile=16)
+    assert got is not None and want is not None
+    assert json.dumps(got.to_dict()) == json.dumps(want.to_dict())  # NaN != NaN as a field; as text it is
+    eb, ab = e.to(torch.bfloat16), a.to(torch.bfloat16)
+    import ml_dtypes
+
+    def np_bf16(t: torch.Tensor) -> np.ndarray:
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+
+    got, want = npo.compare_bits(np_bf16(eb), np_bf16(ab), tensor="C"), oracles.compare_bits(eb, ab, tensor="C")
+    assert got is not None and want is not None
+    assert json.dumps(got.to_dict()) == json.dumps(want.to_dict())
+    assert npo.array_hash(a.numpy()) == oracles.tensor_hash(a)
+    assert npo.compare_bits(e.numpy(), e.numpy().copy(), tensor="C") is None
+
+
+CFG = matmul.MatmulProbe.Config(sizes={"float32": 128, "bfloat16": 128}, repeats=3, max_repeats=3)
+
+
+@pytest.mark.parametrize("case", jm.cases(CFG))
+def test_matmul_clean_passes(case: str) -> None:
+    out = jm.run_case(jax.devices()[0], CFG, case, 7, jb.Injector([]))
+    assert out.verdict.value == "pass", out.mismatches
+    assert out.repeats == 3 and out.metrics["tflops_best"] > 0
+    assert bool(out.output_hash) == case.endswith("random")
+    assert out.params["precision"] == "HIGHEST"
+
+
+def test_injected_flip_caught_with_its_bit() -> None:
+    spec = "bitflip:rank=1,bit=20"
+    # rank 0 has no fault: clean
+    assert jm.run_case(jax.devices()[0], CFG, "float32/exact", 7,
+                       jb.Injector.for_rank(faults.parse(spec), 0, "matmul")).verdict.value == "pass"
+    out = jm.run_case(jax.devices()[0], CFG, "float32/exact", 7, jb.Injector.for_rank(faults.parse(spec), 1, "matmul"))
+    assert out.verdict.value == "wrong" and out.repeats_bad == 3
+    [m] = out.mismatches
+    assert m.oracle is Oracle.EXACT and m.bit_histogram == {20: 3} and m.bad_elements == 1
+    rnd = jm.run_case(jax.devices()[0], CFG, "float32/random", 7,
+                      jb.Injector.for_rank(faults.parse("bitflip:rank=1,bit=30"), 1, "matmul"))
+    assert rnd.verdict.value == "wrong"
+    assert {m.oracle for m in rnd.mismatches} >= {Oracle.FREIVALDS}
+    nan = jm.run_case(jax.devices()[0], CFG, "bfloat16/random", 7,
+                      jb.Injector.for_rank(faults.parse("nan:rank=0"), 0, "matmul"))
+    assert Oracle.NONFINITE in {m.oracle for m in nan.mismatches}
+
+
+_COLLECTIVES = textwrap.dedent("""
+    import json
+    from chipcheck.probes import faults, jax_backend as jb, jax_collectives as jc
+    from chipcheck.probes.collectives import CollectivesProbe
+    jb.init()
+    import jax
+    devs = jax.devices()
+    assert len(devs) == 4, devs
+    cfg = CollectivesProbe.Config(min_bytes=64, max_bytes=4096, factor=64, iters=1, timed_loops=1, checks=1)
+    res = {"clean": {}}
+    for case in jc.cases(cfg):
+        outs = jc.run_case(devs, cfg, case, [jb.Injector([]) for _ in devs])
+        res["clean"][case] = [o.verdict.value for o in outs]
+    def faulty(case, spec):
+        fl = faults.parse(spec)
+        outs = jc.run_case(devs, cfg, case, [jb.Injector.for_rank(fl, r, "collectives") for r in range(4)])
+        return [[o.verdict.value, [m.note for m in o.mismatches], [m.bit_histogram for m in o.mismatches]]
+                for o in outs]
+    # rank 2 contributes 0 + 2**2 at element 0: flipping bit 2 removes exactly its contribution
+    res["psum"] = faulty("all_reduce_sum/int32", "bitflip:rank=2,bit=2,index=0,op=psum")
+    res["gather"] = faulty("all_gather/float32", "bitflip:rank=2,bit=20,index=1,op=all_gather")
+    res["ring"] = faulty("sendrecv_ring/int32", "bitflip:rank=1,bit=4,index=3")
+    print(json.dumps(res, default=str))
+""")
+
+
+def test_collectives_across_four_forced_host_devices() -> None:
+    p = subprocess.run([sys.executable, "-c", _COLLECTIVES], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, **FORCE4})
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads(p.stdout.strip().splitlines()[-1])
+    assert len(res["clean"]) == 18
+    assert all(v == ["pass"] * 4 for v in res["clean"].values()), res["clean"]
+    psum = res["psum"]
+    # every rank decodes the same missing contribution; only rank 2 is blamed
+    assert [v[0] for v in psum] == ["pass", "pass", "wrong", "pass"]
+    assert "missing the contribution of rank(s) [2]" in psum[2][1][0]
+    gather = res["gather"]
+    assert [v[0] for v in gather] == ["pass", "pass", "wrong", "pass"]
+    assert "holds rank 2's elem" in gather[2][1][0] and gather[2][2][0] == {"20": 1}
+    ring = res["ring"]  # rank 1's send is corrupted: rank 2 sees it and names rank 1
+    assert [v[0] for v in ring] == ["pass", "wrong", "pass", "pass"]
+    assert "named by rank(s) [2]" in ring[1][1][0]
+
+
+def _cli(tmp_path: Path, *args: str) -> tuple[int, dict, str]:
+    out = tmp_path / "run.json"
+    p = subprocess.run([sys.executable, "-m", "chipcheck.cli", "run", "--backend", "jax", "--db",
+                        str(tmp_path / "r.db"), "--json", str(out), "-q", "--min-gap", "0.9", *args],
+                       capture_output=True, text=True, timeout=180, env={**os.environ, **FORCE4})
+    return p.returncode, json.loads(out.read_text()) if out.exists() else {}, p.stdout + p.stderr
+
+
+def test_cli_backend_jax_clean(tmp_path: Path) -> None:
+    rc, data, out = _cli(tmp_path)
+    assert rc == 0, out[-3000:]
+    assert len(data["devices"]) == 4
+    for d in data["devices"]:
+        assert d["verdict"] == "pass"
+        assert {p["probe"] for p in d["probes"]} == {"matmul", "collectives"}
+
+
+def test_cli_backend_jax_injected_fault_on_one_device(tmp_path: Path) -> None:
+    rc, data, out = _cli(tmp_path, "--probes", "matmul", "--inject", "bitflip:rank=1,bit=20")
+    assert rc == 1, out[-3000:]
+    verdicts = {d["rank"]: d["verdict"] for d in data["devices"]}
+    assert verdicts == {0: "pass", 1: "wrong", 2: "pass", 3: "pass"}
+    assert "flipped bits [20]" in out
+
+
+def test_cli_backend_jax_refuses_what_it_cannot_do(tmp_path: Path) -> None:
+    rc, _, out = _cli(tmp_path, "--inject", "hang:rank=0")
+    assert rc == 2 and "watchdog" in out
