@@ -180,7 +180,6 @@ def _judge_check(out: CaseOutcome, step: _Step, group: Any) -> bool:
     a rank that only observed it records the observation and is not blamed. When nobody can
     be named, every observer is wrong (and `chipcheck links` localises further).
     """
-    import dataclasses
 
     import torch.distributed as dist
 
@@ -188,22 +187,39 @@ def _judge_check(out: CaseOutcome, step: _Step, group: Any) -> bool:
     mine = step.suspects(m) if m is not None else []
     views: list[Any] = [None] * step.n
     dist.all_gather_object(views, (m is not None, mine), group=group)
+    keep, observed = blame(step.r, m, views, tensor=step.op, count=step.count)
+    if observed:
+        out.params.setdefault("observed", []).append(observed)
+    if keep is None:
+        return False
+    _keep(out, keep)
+    return True
+
+
+def blame(me: int, m: Mismatch | None, views: list[tuple[bool, list[int]]], *, tensor: str,
+          count: int) -> tuple[Mismatch | None, str]:
+    """What rank `me` reports, given every rank's (saw something wrong, ranks its decoding names).
+
+    Returns (the mismatch that makes this rank wrong, or None; a note of what it only observed).
+    A named rank is wrong (with its own view, or "named by ..." when its own output was fine);
+    a rank that only observed what others are blamed for is not; when nobody can be named,
+    every observer is wrong and the ranks that saw nothing are not.
+    """
+    import dataclasses
+
     blamed = sorted({s for bad, ss in views if bad for s in ss})
     observers = [i for i, (bad, _) in enumerate(views) if bad]
     if not observers:
-        return False
-    if blamed and step.r not in blamed:
-        if m is not None:
-            out.params.setdefault("observed", []).append(
-                f"saw {m.bad_elements} bad elements; decoding names rank(s) {blamed}; {m.note}")
-        return False
+        return None, ""
+    if blamed and me not in blamed:
+        note = f"saw {m.bad_elements} bad elements; decoding names rank(s) {blamed}; {m.note}" if m else ""
+        return None, note
+    if m is None and not blamed:
+        return None, ""
     if m is None:  # blamed by others: e.g. the sender of the bad data, whose own view was fine
-        m = Mismatch(oracle=Oracle.EXACT, tensor=step.op, bad_elements=0, total_elements=step.count,
-                     note=f"named by rank(s) {observers} as the source of corrupted data")
-    else:
-        m = dataclasses.replace(m, note=f"{m.note}; blamed {blamed or 'nobody decodable: all observers wrong'}")
-    _keep(out, m)
-    return True
+        return Mismatch(oracle=Oracle.EXACT, tensor=tensor, bad_elements=0, total_elements=count,
+                        note=f"named by rank(s) {observers} as the source of corrupted data"), ""
+    return dataclasses.replace(m, note=f"{m.note}; blamed {blamed or 'nobody decodable: all observers wrong'}"), ""
 
 
 def _sync(ctx: ProbeContext) -> None:

@@ -22,16 +22,14 @@ host before the collective, as the torch path's c10d faults corrupt the outgoing
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 from typing import Any
 
 import numpy as np
 
-from ..results import Mismatch, Oracle
 from . import jax_backend as jb
 from .base import CaseOutcome, InvalidConfig
-from .collectives import EXACT_LIMIT, CollectivesProbe, _keep, _Step, bus_factor
+from .collectives import EXACT_LIMIT, CollectivesProbe, _keep, _Step, blame, bus_factor
 
 # op -> the JAX op name `--inject op=` matches
 JAX_OPS = {"all_reduce_sum": "psum", "all_reduce_max": "pmax", "all_gather": "all_gather",
@@ -167,29 +165,15 @@ def _payload(s: _Step) -> Any:
 
 
 def _judge(outs: list[CaseOutcome], steps: list[_Step]) -> list[bool]:
-    """collectives._judge_check for every rank at once (all views are in this process).
-
-    A rank the decoding names is wrong; a rank that only observed bad data records it and is not
-    blamed; when nobody can be named, every observer is wrong.
-    """
+    """collectives.blame for every rank at once (all views are in this process)."""
     ms = [s.check() for s in steps]
     views = [(m is not None, s.suspects(m) if m is not None else []) for s, m in zip(steps, ms, strict=True)]
-    blamed = sorted({x for b, ss in views if b for x in ss})
-    observers = [i for i, (b, _) in enumerate(views) if b]
     result = [False] * len(steps)
-    if not observers:
-        return result
     for r, (s, m) in enumerate(zip(steps, ms, strict=True)):
-        if blamed and r not in blamed:
-            if m is not None:
-                outs[r].params.setdefault("observed", []).append(
-                    f"saw {m.bad_elements} bad elements; decoding names rank(s) {blamed}; {m.note}")
-            continue
-        if m is None:  # as the torch path: blamed by others (e.g. the sender of the bad data)
-            m = Mismatch(oracle=Oracle.EXACT, tensor=s.op, bad_elements=0, total_elements=s.count,
-                         note=f"named by rank(s) {observers} as the source of corrupted data")
-        else:
-            m = dataclasses.replace(m, note=f"{m.note}; blamed {blamed or 'nobody decodable: all observers wrong'}")
-        _keep(outs[r], m)
-        result[r] = True
+        keep, observed = blame(r, m, views, tensor=s.op, count=s.count)
+        if observed:
+            outs[r].params.setdefault("observed", []).append(observed)
+        if keep is not None:
+            _keep(outs[r], keep)
+            result[r] = True
     return result
