@@ -205,12 +205,23 @@ def _is_collective(probe: str) -> bool:
 
 def _name_the_lost(res: ProbeResult, dead: list[tuple[int, str, str]], workers: list[_Worker]) -> ProbeResult:
     """A collective that failed because a peer died says which rank it was."""
-    if res.error is None or not dead or not _is_collective(res.probe):
+    if res.error is None or not _is_collective(res.probe):
         return res
     import dataclasses
 
-    who = ", ".join(f"rank {r} ({workers[r].info.label} on {workers[r].info.host}, lost in {p} {c})"
-                    for r, p, c in dead)
+    # A peer's death can reach us after the error it caused: also name workers already exited.
+    named = {r for r, _, _ in dead}
+    gone: list[tuple[int, str, str]] = []
+    for _ in range(10):  # a killed peer's sockets close while it exits: give its exit a moment to land
+        gone = [(w.rank, "", "") for w in workers if w.rank != res.rank and w.rank not in named
+                and w.proc is not None and w.proc.poll() not in (None, 0)]
+        if dead or gone:
+            break
+        time.sleep(0.05)
+    if not dead and not gone:
+        return res
+    who = ", ".join(f"rank {r} ({workers[r].info.label} on {workers[r].info.host}"
+                    + (f", lost in {p} {c})" if p else ", exited)") for r, p, c in [*dead, *gone])
     err = dataclasses.replace(res.error, message=f"peer lost: {who}; {res.error.message}"[:600])
     return dataclasses.replace(res, error=err)
 

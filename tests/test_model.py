@@ -3,7 +3,6 @@ tensor parallelism on real gloo process groups (two spawned processes)."""
 
 from __future__ import annotations
 
-import os
 import socket
 from pathlib import Path
 
@@ -93,9 +92,9 @@ def _free_port() -> int:
 def _worker(rank: int, world: int, port: int, out: str, tp: int, steps: int) -> None:
     import torch.distributed as dist
 
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous in the test's own directory: no port to race for with tests running beside it.
+    dist.init_process_group("gloo", init_method=f"file://{out}/pg-{port}", rank=rank, world_size=world)
     try:
         par = make_parallel(tp)
         tc = TrainConfig(batch_size=4, tp=tp)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 from pathlib import Path
 
@@ -104,9 +103,9 @@ def _free_port() -> int:
 def _dp_rank(rank: int, world: int, port: int, out: str, inject: str, cases: list[str]) -> None:
     import torch.distributed as dist
 
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous in the test's own directory: no port to race for with tests running beside it.
+    dist.init_process_group("gloo", init_method=f"file://{out}/pg-{port}", rank=rank, world_size=world)
     try:
         probe = ModelDPProbe()
         cfg = probe.config("quick", "cpu", frozenset())

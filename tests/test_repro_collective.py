@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import subprocess
 import sys
@@ -26,8 +25,8 @@ def _rank(rank: int, world: int, port: int, root: str) -> None:
     from chipcheck.reproducers import capture
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous beside the capture: no port to race for with tests running beside it.
+    dist.init_process_group("gloo", init_method=f"file://{root}-pg-{port}", rank=rank, world_size=world)
     w = g.uniform((16, 16), 11, "w", device="cpu")
     x = g.uniform((8, 16), 11 + rank, "x", device="cpu")
     inj = faults.make_injector(faults.parse(SPEC), rank, "repro")
