@@ -181,11 +181,13 @@ def _classify(links: dict[tuple[int, int], _Link], hosts: Mapping[int, str],
     for (s, d), rec in links.items():
         same_host = s in hosts and hosts.get(s) == hosts.get(d)
         rec.path = rec.cls = "intra-host" if same_host else "inter-host"
-        if placement is not None and not same_host and s in placement and d in placement:
-            # links that leave a rack are compared with links that leave a rack: latency grows with distance
+        if placement is not None and s in placement and d in placement:
+            # links are compared with links that span the same distance: leaving a rack costs more
+            # than staying in it, and inside a host two endpoints on one core (or NVLink island)
+            # talk differently from two on different ones
             a, b = placement[s], placement[d]
             depth = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-            rec.cls = f"inter-host (sharing {depth} placement level{'s' if depth != 1 else ''})"
+            rec.cls = f"{rec.path} (sharing {depth} placement level{'s' if depth != 1 else ''})"
 
 
 def _judge_speed(links: dict[tuple[int, int], _Link], policy: LinkPolicy) -> dict[str, dict[str, tuple[float, int]]]:
