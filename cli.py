@@ -602,10 +602,16 @@ def repro_replay(capture_dir: str, reference: str, device: str | None, rank: int
 @click.option("--repeat", type=int, default=3, show_default=True, help="k-of-n: runs per candidate.")
 @click.option("--collective", is_flag=True, help="Shrink a collective failure over every rank's capture.")
 @_INJECT
+@click.option("--live-inject", is_flag=True,
+              help="Count the --inject fault's matching calls as each candidate runs (a chip whose fault depends "
+                   "on what ran before), not per original op: simulates a failure that needs history.")
 @click.option("-o", "--output", default="repro.py", show_default=True, help="The single-file reproducer.")
 def repro_shrink(capture_dir: str, reference: str, device: str | None, rank: int | None, repeat: int,
-                 collective: bool, inject: str | None, output: str) -> None:
-    """Shrink a failing capture to one file, repro.py (exit 2 when nothing fails)."""
+                 collective: bool, inject: str | None, live_inject: bool, output: str) -> None:
+    """Shrink a failing capture to one file, repro.py (exit 2 when nothing fails).
+
+    When the divergent op does not fail alone, the failure needs history: suffix bisection then ddmin over
+    the earlier ops (each on its recorded inputs) keep the few it needs, and repro.py replays them in order."""
     from .reproducers import emit
     from .reproducers import shrink as sk
 
@@ -615,10 +621,12 @@ def repro_shrink(capture_dir: str, reference: str, device: str | None, rank: int
         click.echo(f"{case.op}: {case.world} ranks; {case.divergence.metric.line()}")
     else:
         r = _repro_call(lambda: sk.shrink_capture(capture_dir, reference=reference, device=device, rank=rank,
-                                                  inject=inject, repeats=repeat))
-        text = emit.render_op(r.case, device=r.divergence.device, metric_line=r.metric.line(), where=r.stack)
+                                                  inject=inject, repeats=repeat, live_inject=live_inject))
+        text = emit.render_ops(r.history, r.case, device=r.divergence.device, metric_line=r.metric.line(),
+                               where=r.stack)
         shapes = ", ".join(f"{i.shape} {i.kind}" for i in r.case.inputs)
-        click.echo(f"op #{r.divergence.index} {r.case.op}({shapes}): {r.metric.line()} "
+        after = f" after {len(r.history)} earlier ops ({', '.join(c.op for c in r.history)})" if r.history else ""
+        click.echo(f"op #{r.divergence.index} {r.case.op}({shapes}){after}: {r.metric.line()} "
                    f"[{r.tries} candidates, {r.seconds:.1f} s]")
     Path(output).write_text(text)
     click.echo(f"wrote {output} ({len(text)} bytes)")

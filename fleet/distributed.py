@@ -110,8 +110,10 @@ def run(opts: Any, dopts: DistributedOptions) -> int:
     shard = Path(dopts.local_dir) / f"{run_id}-{host}-rank{rank}.jsonl"
     shard.parent.mkdir(parents=True, exist_ok=True)
     fault_list = [f for spec in opts.inject for f in faults.parse(spec)]
+    # Host-wide (a file in /tmp): "nodes" of one machine (two torchrun invocations, netns hosts)
+    # must not time their CPU devices at once either; on separate machines it costs nothing.
     lock = _HostLock(os.path.join("/tmp", f"chipcheck-{os.getuid()}-cpu-timing.lock")) \
-        if info.kind is DeviceKind.CPU and local_world > 1 else None
+        if info.kind is DeviceKind.CPU else None
     caps = devmod.capabilities(info)
     mine: list[ProbeResult] = []
 

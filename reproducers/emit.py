@@ -5,9 +5,14 @@ a recipe (zeros, ones, numpy-PCG64 small integers from a seed). The file compute
 on the host in float64 (or the exact host-side sum for a collective), runs the op on `--device`
 `--repeat N` times, prints the metric, and exits 1 when the bug reproduces, 0 when it does not.
 
+A failure that needs history (`render_ops`) becomes a file that replays the kept earlier ops, each on
+its own embedded recorded inputs, then the failing op, and checks only that last op's output.
+
 `--inject SPEC` is the simulation hook for testing reproducers on a healthy chip (a CPU): SPEC is
-`bitflip:bit=B[,rank=R][,index=I]` or `nan[:rank=R]`; it corrupts the op's output (single op) or the
-rank's outgoing payload (collective), self-contained: repro.py imports nothing from chipcheck.
+`bitflip:bit=B[,rank=R][,index=I][,op=NAME][,after=N][,count=N]` or `nan[:...]`; it corrupts an op's
+first output (`op=NAME`: only calls of that aten op count, `after=N` spares the first N of them,
+`count=N` corrupts at most N, as in probes/faults.py; the counter restarts every run) or the rank's
+outgoing payload (collective), self-contained: repro.py imports nothing from chipcheck.
 """
 
 from __future__ import annotations
@@ -47,13 +52,24 @@ def load(spec, device):
 
 
 def parse_inject(spec):
-    """The simulation hook: bitflip:bit=B[,rank=R][,index=I] or nan[:rank=R]."""
+    """The simulation hook: bitflip:bit=B[,rank=R][,index=I][,op=NAME][,after=N][,count=N] or nan[:...]."""
     if not spec:
         return None
     kind, _, rest = spec.partition(":")
     kv = dict(p.split("=", 1) for p in rest.split(",") if p)
     return {"kind": kind, "bit": int(kv.get("bit", 0)), "rank": int(kv.get("rank", -1)),
-            "index": int(kv.get("index", 0))}
+            "index": int(kv.get("index", 0)), "op": kv.get("op"), "after": int(kv.get("after", 0)),
+            "count": int(kv.get("count", 0)), "calls": 0}
+
+
+def hit(fault, name):
+    """Count a call of aten op `name` that the fault matches (op=NAME: only that op; else every op);
+    True when it is corrupted: the first `after` matching calls are spared, then at most `count`."""
+    if fault is None or (fault["op"] and fault["op"] != name):
+        return False
+    n = fault["calls"]
+    fault["calls"] = n + 1
+    return n >= fault["after"] and not (fault["count"] and n >= fault["after"] + fault["count"])
 
 
 def corrupt(t, fault, rank=0):
@@ -127,7 +143,6 @@ def main():
     p.add_argument("--repeat", type=int, default=1, help="runs; exit 1 if any run reproduces")
     p.add_argument("--inject", default="", help="simulation hook for testing reproducers (see the docstring)")
     a = p.parse_args()
-    fault = parse_inject(a.inject)
     func = op()
     up = lambda d: torch.float64 if d.is_floating_point else d  # noqa: E731
     with torch.no_grad():
@@ -138,13 +153,88 @@ def main():
         expected = (list(expected) if isinstance(expected, (list, tuple)) else [expected])[CASE["output"]]
         failed = 0
         for r in range(a.repeat):
+            fault = parse_inject(a.inject)  # a fresh call counter per run
             ins = [load(s, a.device) for s in CASE["inputs"]]
             out = func(*fill(CASE["args"], ins, a.device, lambda d: d),
                        **{k: fill(v, ins, a.device, lambda d: d) for k, v in CASE["kwargs"].items()})
             out = (list(out) if isinstance(out, (list, tuple)) else [out])[CASE["output"]]
-            corrupt(out, fault)
+            if hit(fault, CASE["op"].split(".")[1]):
+                corrupt(out, fault)
             n, text = metric(out, expected, CASE["rtol"])
             print(f"run {r + 1}/{a.repeat} {CASE['op']} on {a.device}: {text}")
+            failed += n > 0
+    print(f"{'REPRODUCED' if failed else 'not reproduced'}: {failed} of {a.repeat} runs wrong "
+          f"(tolerance rtol={CASE['rtol']} x (|expected| + rms(expected)) vs float64 on the host)")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+_MULTI = r'''
+CASE = json.loads(r"""__CASE__""")
+
+
+def fill(x, ins, device, dtype_map):
+    if isinstance(x, list):
+        return [fill(v, ins, device, dtype_map) for v in x]
+    if isinstance(x, dict):
+        if "in" in x:
+            return ins[x["in"]]
+        if "dtype" in x:
+            return dtype_map(getattr(torch, x["dtype"]))
+        if "device" in x:
+            return torch.device(device)
+        if "float" in x:
+            return float(x["float"])
+    return x
+
+
+def resolve(name):
+    ns, rest = name.split(".", 1)
+    packet, overload = rest.rsplit(".", 1)
+    return getattr(getattr(getattr(torch.ops, ns), packet), overload)
+
+
+def run(op, inputs, device, dtype_map, fault):
+    """One op on its own recorded inputs; the fault hook sees its first floating-point output."""
+    func = resolve(op["op"])
+    ins = [t.to(device) if device != "cpu" else t.clone() for t in inputs]
+    out = func(*fill(op["args"], ins, device, dtype_map), **{k: fill(v, ins, device, dtype_map)
+                                                             for k, v in op["kwargs"].items()})
+    outs = list(out) if isinstance(out, (list, tuple)) else [out]
+    floats = [t for t in outs if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if hit(fault, op["op"].split(".")[1]) and floats:
+        corrupt(floats[0], fault)
+    return outs
+
+
+def main():
+    p = argparse.ArgumentParser(description=CASE["title"])
+    p.add_argument("--device", default=CASE["device"], help="where to run the ops (default: %(default)s)")
+    p.add_argument("--repeat", type=int, default=1, help="runs; exit 1 if any run reproduces")
+    p.add_argument("--inject", default="", help="simulation hook for testing reproducers (see the docstring)")
+    a = p.parse_args()
+    ops = CASE["ops"]
+    up = lambda d: torch.float64 if d.is_floating_point else d  # noqa: E731
+    same = lambda d: d  # noqa: E731
+    with torch.no_grad():
+        inputs = [[load(s, "cpu") for s in op["inputs"]] for op in ops]
+        last = ops[-1]
+        ref_in = [t.to(up(t.dtype)) for t in inputs[-1]]
+        expected = run(last, ref_in, "cpu", up, None)[last["output"]]
+        failed = 0
+        for r in range(a.repeat):
+            fault = parse_inject(a.inject)  # a fresh call counter per run: the sequence is the history
+            for op, ins in zip(ops[:-1], inputs[:-1]):
+                try:
+                    run(op, ins, a.device, same, fault)
+                except Exception:  # noqa: BLE001
+                    pass
+            out = run(last, inputs[-1], a.device, same, fault)[last["output"]]
+            n, text = metric(out, expected, CASE["rtol"])
+            print(f"run {r + 1}/{a.repeat} {last['op']} after {len(ops) - 1} ops on {a.device}: {text}")
             failed += n > 0
     print(f"{'REPRODUCED' if failed else 'not reproduced'}: {failed} of {a.repeat} runs wrong "
           f"(tolerance rtol={CASE['rtol']} x (|expected| + rms(expected)) vs float64 on the host)")
@@ -231,7 +321,8 @@ def _header(title: str, lines: list[str]) -> str:
     return (f'"""{title}\n\nGenerated by chipcheck (single-file reproducer; needs only torch and numpy).\n\n{body}\n\n'
             "Exit status: 1 when the bug reproduces, 0 when it does not.\n"
             "--inject SPEC is a simulation hook for testing reproducers on a healthy chip:\n"
-            "bitflip:bit=B[,rank=R][,index=I] or nan[:rank=R].\n\"\"\"\n")
+            "bitflip:bit=B[,rank=R][,index=I][,op=NAME][,after=N][,count=N] or nan[:...]\n"
+            "(op=NAME: only calls of that aten op count; after=N: the first N are spared).\n\"\"\"\n")
 
 
 def render_op(case: OpCase, *, device: str, metric_line: str, where: list[str] | None = None) -> str:
@@ -255,6 +346,35 @@ def render_op(case: OpCase, *, device: str, metric_line: str, where: list[str] |
                            *(f"Seen at: {w}" for w in (where or [])),
                            f"Run: python repro.py --device {device} --repeat 10"])
     return head + _COMMON + _SINGLE.replace("__CASE__", json.dumps(data))
+
+
+def _inputs(case: OpCase) -> list[dict[str, Any]]:
+    return [_embed(i.data) if i.kind == "data" else
+            {"kind": i.kind, "shape": list(i.shape), "dtype": i.dtype, "seed": i.seed} for i in case.inputs]
+
+
+def render_ops(history: list[OpCase], case: OpCase, *, device: str, metric_line: str,
+               where: list[str] | None = None) -> str:
+    """repro.py for a failure that needs history: the earlier ops, each on its embedded recorded inputs,
+    replayed in order, then `case`, whose output is compared with float64 on the host."""
+    import torch
+
+    from . import replay as rp
+
+    if not history:
+        return render_op(case, device=device, metric_line=metric_line, where=where)
+    out_dtype = getattr(torch, case.inputs[0].dtype) if case.inputs else torch.float32
+    ops = [{"op": c.op, "args": c.args, "kwargs": c.kwargs, "inputs": _inputs(c), "output": c.output}
+           for c in [*history, case]]
+    title = f"chipcheck reproducer: {case.op} on {device} after {len(history)} earlier ops"
+    data = {"title": title, "ops": ops, "device": device, "rtol": rp.RTOL.get(out_dtype, 1e-3)}
+    seq = [f"  {k + 1}. {c.op}(" + ", ".join(f"{tuple(i.shape)} {i.dtype}" for i in c.inputs) + ")"
+           for k, c in enumerate([*history, case])]
+    head = _header(title, ["The failure needs history: the last op is wrong only after the ones before it",
+                           "(each op runs on its own recorded inputs; only the last op's output is checked).",
+                           *seq, f"Observed: {metric_line}", *(f"Seen at: {w}" for w in (where or [])),
+                           f"Run: python repro.py --device {device} --repeat 10"])
+    return head + _COMMON + _MULTI.replace("__CASE__", json.dumps(data))
 
 
 def render_collective(case: CollectiveCase, *, metric_line: str) -> str:

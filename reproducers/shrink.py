@@ -10,6 +10,9 @@ Pipeline for a capture (`shrink_capture`):
 2. that op alone, on the suspect's recorded inputs, k-of-n times: most silent corruption ends here;
 3. the op's inputs are shrunk (all dimensions of one size halved together, values simplified to
    zeros / ones / small seeded integers) while the signature (class, top flipped bit, device) holds.
+When the op does not fail alone, the failure needs history (`shrink_history`): every earlier op is cut
+at its recorded inputs, suffix bisection finds the shortest failing suffix, and ddmin (dead ops first)
+keeps the few the failure needs; the target's inputs are then kept as recorded.
 Collectives (several ranks) go through `shrink_collective`: the all-reduce that differs from the
 exact host-side sum becomes a case with every rank's input.
 """
@@ -330,11 +333,19 @@ class ShrinkResult:
     tries: int
     seconds: float
     stack: list[str] = field(default_factory=list)
+    history: list[OpCase] = field(default_factory=list)
+    """Earlier ops (recorded inputs, in order) the failure needs before `case`; empty: it fails alone.
+    Their inputs are not shrunk, nor the target's in that case."""
 
 
 def shrink_capture(root: str, *, reference: str = "cpu64", device: str | None = None, rank: int | None = None,
-                   inject: str | None = None, repeats: int = 3) -> ShrinkResult:
-    """Capture -> the smallest single-op case that fails like the step did (NotReproducible if none)."""
+                   inject: str | None = None, repeats: int = 3, live_inject: bool = False) -> ShrinkResult:
+    """Capture -> the smallest case that fails like the step did (NotReproducible if none): one op when
+    the divergent op fails alone, else the few earlier ops it needs (`shrink_history`).
+
+    `live_inject`: the `inject` fault's after/count number the matching calls of each candidate as it
+    runs (a chip whose fault depends on what ran before it) instead of staying attached to the
+    original op; this is how the simulation exercises the history path."""
     import time
 
     t0 = time.perf_counter()
@@ -348,13 +359,20 @@ def shrink_capture(root: str, *, reference: str = "cpu64", device: str | None = 
     rec = next(o for o in cap.ops if o.index == div.index)
     sim = rp.Simulation.parse(inject, cap.rank)
     faults = sim.schedule(cap.ops).get(div.index) if sim else None
+    if live_inject:  # the simulated chip counts matching calls as they run: a fault may need history
+        faults = [replace(f, ranks=None, probe=None, at="call") for f in sim.faults] if sim else None
     target = Target(device=dev, reference=reference, faults=faults, repeats=repeats)
     case = op_case(rec, div.inputs, div.output)
     first = target.run(case)
     if first.metric is None:
-        raise NotReproducible(f"op #{div.index} {div.op} diverged in the step but not alone in {repeats} runs; "
-                              f"the failure needs history (suffix bisection over the op list is not in this "
-                              f"version)")
+        hist = shrink_history(cap, div, case, device=dev, reference=reference, inject=inject, faults=faults,
+                              repeats=repeats)
+        if hist is None:
+            raise NotReproducible(f"op #{div.index} {div.op} diverged in the step but neither alone nor after "
+                                  f"every earlier op (replayed on recorded inputs) in {repeats} runs")
+        kept, metric, runs, tries = hist
+        return ShrinkResult(divergence=div, case=case, metric=metric, ops=len(kept) + 1, runs=target.runs + runs,
+                            tries=tries, seconds=time.perf_counter() - t0, stack=div.stack, history=kept)
     sig = first.metric.signature()
 
     def fails(c: OpCase) -> bool:
@@ -366,6 +384,112 @@ def shrink_capture(root: str, *, reference: str = "cpu64", device: str | None = 
     final = target.run(best)
     return ShrinkResult(divergence=div, case=best, metric=final.metric or first.metric, ops=1, runs=target.runs,
                         tries=sh.calls, seconds=time.perf_counter() - t0, stack=div.stack)
+
+
+# --- the failure needs history -------------------------------------------------------------------
+
+def run_sequence(ops: list[OpCase], target: OpCase, *, device: str, reference: str,
+                 faults: list[Any] | None) -> rp.Metric | None:
+    """`ops` then `target` on the suspect, each on its own recorded inputs (cut at recorded values: no op
+    reads another's output), under ONE injector (the fault counts calls across the sequence); the
+    target's output against the reference. An earlier op that cannot run alone is skipped."""
+    ref_dev, upcast = rp.parse_reference(reference)
+    with torch.no_grad():
+        with rp.injector(faults):
+            for c in ops:
+                ins = [i.make(device).clone() for i in c.inputs]
+                try:
+                    rp.resolve_op(c.op)(*_fill(c.args, ins, device),
+                                        **{k: _fill(v, ins, device) for k, v in c.kwargs.items()})
+                except Exception:  # noqa: BLE001 - not this op's failure: it is dead code anyway
+                    continue
+            ins = [i.make(device).clone() for i in target.inputs]
+            func = rp.resolve_op(target.op)
+            try:
+                out = rp.out_list(func(*_fill(target.args, ins, device),
+                                       **{k: _fill(v, ins, device) for k, v in target.kwargs.items()}))
+            except Exception as e:  # noqa: BLE001
+                return rp.Metric(cls="crash", message=f"{type(e).__name__}: {e}")
+        rins = [rp.to_reference(t.cpu(), ref_dev, upcast) for t in (i.make("cpu") for i in target.inputs)]
+        ref = rp.out_list(func(*_fill(target.args, rins, ref_dev, upcast),
+                               **{k: _fill(v, rins, ref_dev, upcast) for k, v in target.kwargs.items()}))
+    return rp.compare(out[target.output], ref[target.output], exact=not upcast)
+
+
+def prefix_cases(cap: fmt.Capture, upto: int, *, device: str, inject: str | None) -> list[OpCase]:
+    """Every op before op #`upto` as an OpCase on the suspect's inputs (the teacher-forced replay's
+    values, as `rp.replay` sees them); substituted ops (RNG, collectives) are cut: their outputs are
+    recorded, and no candidate reads another op's output."""
+    sim = rp.Simulation.parse(inject, cap.rank)
+    schedule = sim.schedule(cap.ops) if sim else {}
+    live: dict[int, Any] = {vid: rp.external(cap, ref, device) for vid, ref in cap.tensors.items()}
+    dummy = rp.ReplayResult(rank=cap.rank, ops=0, divergence=None, capture_mismatch=None)
+    cases: list[OpCase] = []
+    with torch.no_grad():
+        for rec in cap.ops:
+            if rec.index >= upto:
+                break
+            args = rp.decode(rec.args, live, device)
+            kwargs = {k: rp.decode(v, live, device) for k, v in rec.kwargs.items()}
+            if rec.substituted:
+                outs = rp._substitute(cap, rec, args, device, dummy, False)
+            else:
+                snap = [t.detach().clone().cpu() for t in rp.flat_tensors(args) + rp.flat_tensors(
+                    list(kwargs.values()))]
+                try:
+                    cases.append(op_case(rec, snap, 0))
+                except StopIteration:  # a tensor the JSON args do not name: not replayable alone
+                    pass
+                with rp.injector(schedule.get(rec.index)):
+                    outs = rp.out_list(rp.resolve_op(rec.op)(*args, **kwargs))
+            for vid, t in zip(rec.outputs, outs, strict=False):
+                if vid is not None and isinstance(t, torch.Tensor):
+                    live[vid] = t
+    return cases
+
+
+def shrink_history(cap: fmt.Capture, div: rp.Divergence, case: OpCase, *, device: str, reference: str,
+                   inject: str | None, faults: list[Any] | None, repeats: int = 3
+                   ) -> tuple[list[OpCase], rp.Metric, int, int] | None:
+    """The divergent op fails only after earlier ops: (kept earlier ops, metric, runs, candidates tried),
+    or None when even the whole prefix does not reproduce.
+
+    1. suffix bisection (`find_integer` from the divergent op backwards) for the shortest failing
+       suffix of the op list; 2. dead-code removal: every kept op is dead (cut at recorded values, none
+       reads another's output), so first try keeping only the ops of the target's kind, then 3. `ddmin`
+       over what is left, the target always last. Candidates are cached by their op positions."""
+    prior = prefix_cases(cap, div.index, device=device, inject=inject)
+    sig = div.metric.signature()
+    cache: dict[tuple[int, ...], bool] = {}
+    runs = 0
+
+    def fails(idx: tuple[int, ...]) -> bool:
+        nonlocal runs
+        if idx not in cache:
+            ok = False
+            for _ in range(repeats):  # k-of-n: one failure is enough
+                runs += 1
+                m = run_sequence([prior[i] for i in idx], case, device=device, reference=reference, faults=faults)
+                if m is not None and m.signature() == sig:
+                    ok = True
+                    break
+            cache[idx] = ok
+        return cache[idx]
+
+    n = len(prior)
+    if not fails(tuple(range(n))):
+        return None
+    # largest suffix length that does NOT fail, so +1 is the shortest failing one (monotone enough)
+    k = find_integer(lambda m: m < n and not fails(tuple(range(n - m, n)))) + 1
+    idx = list(range(n - k, n))
+    same = [i for i in idx if prior[i].op == case.op]
+    if len(same) < len(idx) and fails(tuple(same)):
+        idx = same
+    if idx:
+        idx = ddmin(idx, lambda sub: fails(tuple(sub)))
+    kept = [prior[i] for i in idx]
+    metric = run_sequence(kept, case, device=device, reference=reference, faults=faults) or div.metric
+    return kept, metric, runs, len(cache)
 
 
 @dataclass(slots=True, kw_only=True)
