@@ -110,13 +110,10 @@ def metric(actual, expected, rtol):
     return n, (f"{n}/{a.numel()} bad, max_abs={float(eb[torch.isfinite(eb)].max()) if torch.isfinite(eb).any() else float('inf'):.4g} "
                f"max_rel={float((eb / e[bad].abs().clamp_min(1e-300)).max()):.4g} max_ulp={float((eb / ulp).max()):.4g} "
                f"first={first} flipped_bits={bits} expected={e[bad][:4].tolist()} actual={a[bad][:4].tolist()}")
-'''
-
-_SINGLE = r'''
-CASE = json.loads(r"""__CASE__""")
 
 
 def fill(x, ins, device, dtype_map):
+    """Rebuild an op's arguments: recorded tensors by index, dtypes, devices and floats by tag."""
     if isinstance(x, list):
         return [fill(v, ins, device, dtype_map) for v in x]
     if isinstance(x, dict):
@@ -131,10 +128,19 @@ def fill(x, ins, device, dtype_map):
     return x
 
 
-def op():
-    ns, rest = CASE["op"].split(".", 1)
+def resolve(name):
+    ns, rest = name.split(".", 1)
     packet, overload = rest.rsplit(".", 1)
     return getattr(getattr(getattr(torch.ops, ns), packet), overload)
+'''
+
+_SINGLE = r'''
+CASE = json.loads(r"""__CASE__""")
+
+
+
+def op():
+    return resolve(CASE["op"])
 
 
 def main():
@@ -175,26 +181,6 @@ if __name__ == "__main__":
 _MULTI = r'''
 CASE = json.loads(r"""__CASE__""")
 
-
-def fill(x, ins, device, dtype_map):
-    if isinstance(x, list):
-        return [fill(v, ins, device, dtype_map) for v in x]
-    if isinstance(x, dict):
-        if "in" in x:
-            return ins[x["in"]]
-        if "dtype" in x:
-            return dtype_map(getattr(torch, x["dtype"]))
-        if "device" in x:
-            return torch.device(device)
-        if "float" in x:
-            return float(x["float"])
-    return x
-
-
-def resolve(name):
-    ns, rest = name.split(".", 1)
-    packet, overload = rest.rsplit(".", 1)
-    return getattr(getattr(getattr(torch.ops, ns), packet), overload)
 
 
 def run(op, inputs, device, dtype_map, fault):
