@@ -134,50 +134,6 @@ def resolve(name):
     return getattr(getattr(getattr(torch.ops, ns), packet), overload)
 '''
 
-_SINGLE = r'''
-CASE = json.loads(r"""__CASE__""")
-
-
-
-def op():
-    return resolve(CASE["op"])
-
-
-def main():
-    p = argparse.ArgumentParser(description=CASE["title"])
-    p.add_argument("--device", default=CASE["device"], help="where to run the op (default: %(default)s)")
-    p.add_argument("--repeat", type=int, default=1, help="runs; exit 1 if any run reproduces")
-    p.add_argument("--inject", default="", help="simulation hook for testing reproducers (see the docstring)")
-    a = p.parse_args()
-    func = op()
-    up = lambda d: torch.float64 if d.is_floating_point else d  # noqa: E731
-    with torch.no_grad():
-        ins_ref = [load(s, "cpu") for s in CASE["inputs"]]
-        ref_in = [t.to(up(t.dtype)) for t in ins_ref]
-        expected = func(*fill(CASE["args"], ref_in, "cpu", up), **{k: fill(v, ref_in, "cpu", up)
-                                                                   for k, v in CASE["kwargs"].items()})
-        expected = (list(expected) if isinstance(expected, (list, tuple)) else [expected])[CASE["output"]]
-        failed = 0
-        for r in range(a.repeat):
-            fault = parse_inject(a.inject)  # a fresh call counter per run
-            ins = [load(s, a.device) for s in CASE["inputs"]]
-            out = func(*fill(CASE["args"], ins, a.device, lambda d: d),
-                       **{k: fill(v, ins, a.device, lambda d: d) for k, v in CASE["kwargs"].items()})
-            out = (list(out) if isinstance(out, (list, tuple)) else [out])[CASE["output"]]
-            if hit(fault, CASE["op"].split(".")[1]):
-                corrupt(out, fault)
-            n, text = metric(out, expected, CASE["rtol"])
-            print(f"run {r + 1}/{a.repeat} {CASE['op']} on {a.device}: {text}")
-            failed += n > 0
-    print(f"{'REPRODUCED' if failed else 'not reproduced'}: {failed} of {a.repeat} runs wrong "
-          f"(tolerance rtol={CASE['rtol']} x (|expected| + rms(expected)) vs float64 on the host)")
-    sys.exit(1 if failed else 0)
-
-
-if __name__ == "__main__":
-    main()
-'''
-
 _MULTI = r'''
 CASE = json.loads(r"""__CASE__""")
 
@@ -220,7 +176,8 @@ def main():
                     pass
             out = run(last, inputs[-1], a.device, same, fault)[last["output"]]
             n, text = metric(out, expected, CASE["rtol"])
-            print(f"run {r + 1}/{a.repeat} {last['op']} after {len(ops) - 1} ops on {a.device}: {text}")
+            after = f" after {len(ops) - 1} ops" if len(ops) > 1 else ""
+            print(f"run {r + 1}/{a.repeat} {last['op']}{after} on {a.device}: {text}")
             failed += n > 0
     print(f"{'REPRODUCED' if failed else 'not reproduced'}: {failed} of {a.repeat} runs wrong "
           f"(tolerance rtol={CASE['rtol']} x (|expected| + rms(expected)) vs float64 on the host)")
@@ -326,12 +283,13 @@ def render_op(case: OpCase, *, device: str, metric_line: str, where: list[str] |
             ins.append({"kind": i.kind, "shape": list(i.shape), "dtype": i.dtype, "seed": i.seed})
     shapes = ", ".join(f"{tuple(i.shape)} {i.dtype} ({i.kind})" for i in case.inputs)
     title = f"chipcheck reproducer: {case.op} on {device}"
-    data = {"title": title, "op": case.op, "args": case.args, "kwargs": case.kwargs, "inputs": ins,
-            "output": case.output, "device": device, "rtol": rp.RTOL.get(out_dtype, 1e-3)}
+    # one op is the history case with no history: one template serves both
+    data = {"title": title, "ops": [{"op": case.op, "args": case.args, "kwargs": case.kwargs, "inputs": ins,
+                                     "output": case.output}], "device": device, "rtol": rp.RTOL.get(out_dtype, 1e-3)}
     head = _header(title, [f"Op: {case.op}({shapes})", f"Observed: {metric_line}",
                            *(f"Seen at: {w}" for w in (where or [])),
                            f"Run: python repro.py --device {device} --repeat 10"])
-    return head + _COMMON + _SINGLE.replace("__CASE__", json.dumps(data))
+    return head + _COMMON + _MULTI.replace("__CASE__", json.dumps(data))
 
 
 def _inputs(case: OpCase) -> list[dict[str, Any]]:
