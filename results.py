@@ -60,6 +60,11 @@ class Oracle(enum.StrEnum):
     CONSENSUS = "consensus"
     REFERENCE = "fp64_reference"
     NONFINITE = "nonfinite"
+    CROSS_BACKEND = "cross_backend"
+    """Two implementations of one op (e.g. SDPA backends) disagree on the same inputs on one chip."""
+    REPLICA = "replica"
+    """Replicas that must hold identical bits (data-parallel parameters, a gradient shard computed
+    twice) disagree; the minority or the one farther from float64 is named."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

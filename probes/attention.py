@@ -605,7 +605,7 @@ def _cross_backend(out: CaseOutcome, cfg: AttentionProbe.Config, shape: Shape, r
             # its own tolerance
             scale = a.double().abs().minimum(b.double().abs()) + ref.row_envelope(name)
             tol = 2 * cfg.sigmas * ref.u_eff * scale + 2 * ref.tiny
-            m = tolerance_mismatch(a.double(), b, tol, tensor=name, oracle=Oracle.CONSENSUS,
+            m = tolerance_mismatch(a.double(), b, tol, tensor=name, oracle=Oracle.CROSS_BACKEND,
                                    to_index=lambda ix: ix, note=f"cross_backend={be.name}_vs_{anchor.name}")
             if m is not None:
                 _keep(out, m, 0)

@@ -591,11 +591,11 @@ def _resolve(ctx: ProbeContext, tr: Any, par: Any, step: int, owner: int, checke
         good, wrong = a, b
     if me in bad:
         role = "owner" if me == owner else "checker"
-        m = oracles.compare_bits(good, wrong, tensor=f"grad(shard {owner})", oracle=Oracle.CONSENSUS)
+        m = oracles.compare_bits(good, wrong, tensor=f"grad(shard {owner})", oracle=Oracle.REPLICA)
         note = (f"data-parallel gradient cross-check: rank {par.dp_ranks[me]} ({role} of shard {owner}; peer rank "
                 f"{par.dp_ranks[checker if me == owner else owner]}): {why}")
         if m is None:
-            m = Mismatch(oracle=Oracle.CONSENSUS, tensor=f"grad(shard {owner})", bad_elements=0,
+            m = Mismatch(oracle=Oracle.REPLICA, tensor=f"grad(shard {owner})", bad_elements=0,
                          total_elements=a.numel())
         named.append(_Named(step=step, mismatch=replace(m, note=note)))
     return own
@@ -647,7 +647,7 @@ def _replica_check(tr: Any, par: Any, step: int, named: list[_Named], stats: dic
                        + (f"the majority ({len(top)} of {len(ranks)} ranks, e.g. rank {top[0]})" if majority
                           else f"its replicas with no majority ({len(votes)} distinct among ranks {ranks})"))
                 named.append(_Named(step=step, mismatch=Mismatch(
-                    oracle=Oracle.CONSENSUS, tensor=what.split()[0] if col == 0 else "parameters",
+                    oracle=Oracle.REPLICA, tensor=what.split()[0] if col == 0 else "parameters",
                     bad_elements=1, total_elements=1, note=why)))
         resync = resync and majority
     if diverged and resync and par.tp_size == 1:

@@ -61,7 +61,7 @@ def test_bitflip_in_forward_output_is_named_out() -> None:
     assert len(m.first_indices[0]) == 4  # (batch, head, row, col)
     assert not _found(o, Oracle.REFERENCE, "dq") and not _found(o, Oracle.REFERENCE, "dv")
     assert not _found(o, Oracle.REFERENCE, "out", backend="math")  # the math backend was left alone
-    assert any(m.oracle == Oracle.CONSENSUS and m.tensor == "out" for m in o.mismatches)  # backends disagree
+    assert any(m.oracle == Oracle.CROSS_BACKEND and m.tensor == "out" for m in o.mismatches)  # backends disagree
 
 
 @pytest.mark.parametrize(("output", "tensor"), [(0, "dq"), (1, "dk"), (2, "dv")])
