@@ -95,8 +95,12 @@ def load(store: Store, run_id: str = LATEST) -> RunSummary:
         # interrupted before the fleet judged it: judge what was measured, as the run would have
         judgements = cons + analysis.slow(results, analysis.SlowPolicy(min_gap=rec.min_gap))
     ended = rec.ended if rec.ended is not None else max((r.ended for r in results), default=rec.started)
+    from .runner import library_findings
+
+    lib = library_findings(results)
     return summarize(rec.run_id, devices, results, judgements, groups, profile=rec.profile, seed=rec.seed,
-                     started=rec.started, ended=ended, links=store.links(rec.run_id))
+                     started=rec.started, ended=ended, links=store.links(rec.run_id), findings=lib.findings,
+                     exonerate=lib.exonerate, fleet_verdict=lib.fleet_verdict)
 
 
 MAX_HISTORY_DEVICES = 500

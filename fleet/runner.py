@@ -154,20 +154,38 @@ def judge(run_id: str, devs: dict[int, DeviceInfo], results: list[ProbeResult], 
     link_summary, link_js = linked if linked else (None, [])
     from ..probes import burn, xgemm
 
-    chips, library = xgemm.second_opinion_findings(results)
+    chips, _ = xgemm.second_opinion_findings(results)
+    lib = library_findings(results)
+    judgements = cons + slow + link_js + chips + burn.throttle_judgements(results)
+    summary = summarize(run_id, devs, results, judgements, groups, profile=opts.profile, seed=opts.seed,
+                        started=started, ended=time.time(), links=link_summary, findings=lib.findings,
+                        exonerate=lib.exonerate, fleet_verdict=lib.fleet_verdict)
+    return summary, judgements
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LibraryFindings:
+    """What the independent-GEMM probe says about the software rather than any one chip."""
+
+    findings: list[str]
+    exonerate: set[tuple[int, str, str]]
+    """(rank, probe, case) whose local `wrong` is the library's doing, not the chip's."""
+    fleet_verdict: Verdict
+    """WRONG when a library is wrong on every device: still a wrong result for the fleet's users."""
+
+
+def library_findings(results: list[ProbeResult]) -> LibraryFindings:
+    """The library-vs-chip findings of a run (used when it is judged and when it is reloaded)."""
+    from ..probes import xgemm
+
+    _, library = xgemm.second_opinion_findings(results)
     findings = [f"xgemm {case} (fingerprint {fp}): the library GEMM and the independent kernel disagree on "
                 f"{'every' if f.blame.value == 'library' else 'the only'} device {list(f.ranks)}: "
                 f"{'suspect the library (cuBLAS/BLAS), not the chips' if f.blame.value == 'library' else 'no peer to compare'}"
                 for fp, case, f in library]
-    judgements = cons + slow + link_js + chips + burn.throttle_judgements(results)
-    summary = summarize(run_id, devs, results, judgements, groups, profile=opts.profile, seed=opts.seed,
-                        started=started, ended=time.time(), links=link_summary, findings=findings,
-                        exonerate={(r, "xgemm", case) for _, case, f in library if f.blame.value == "library"
-                                   for r in f.ranks},
-                        # a library wrong on every device is still a wrong result for the fleet's users
-                        fleet_verdict=Verdict.WRONG if any(f.blame.value == "library" for _, _, f in library)
-                        else Verdict.PASS)
-    return summary, judgements
+    blamed = [(case, f) for _, case, f in library if f.blame.value == "library"]
+    return LibraryFindings(findings=findings, exonerate={(r, "xgemm", case) for case, f in blamed for r in f.ranks},
+                           fleet_verdict=Verdict.WRONG if blamed else Verdict.PASS)
 
 
 def load_declared(path: str) -> dict[int, tuple[str, ...]]:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 
 import torch
+from conftest import run_cli, run_json
 
 from chipcheck.probes import base, faults, xgemm
 from chipcheck.probes.xgemm import Blame, blame
@@ -50,3 +53,13 @@ def test_disagreement_everywhere_blames_the_library() -> None:
     judgements, library = xgemm.second_opinion_findings(results)
     assert judgements == []
     assert library == [("fp", "float32", xgemm.Finding(Blame.LIBRARY, (0, 1, 2)))]
+
+
+def test_a_library_wrong_everywhere_is_a_finding_not_a_chip_fault(tmp_path: Path) -> None:
+    rc, data, out = run_json(tmp_path, "--devices", "cpu:2", "--probes", "xgemm", "--min-gap", "0.9",
+                             "--inject", "bitflip:bit=27,probe=xgemm")
+    assert rc == 1, out  # the run fails: its users would train on wrong GEMMs
+    assert {d["rank"]: d["verdict"] for d in data["devices"]} == {0: "pass", 1: "pass"}
+    assert len(data["findings"]) == 1 and "suspect the library" in data["findings"][0]
+    again = run_cli("report", "latest", "--db", str(tmp_path / "results.db"), "--format", "json")
+    assert again.returncode == 1 and json.loads(again.stdout)["findings"] == data["findings"]
