@@ -26,7 +26,7 @@ from . import jax_devices
 from .runner import RunOptions, UsageError, judge, validate
 from .store import Store
 
-PROBES = ("matmul", "collectives")
+PROBES = ("matmul", "attention", "collectives")
 
 
 class _Call:
@@ -94,12 +94,15 @@ def execute(opts: RunOptions, store: Store, *, on_result: Callable[[ProbeResult]
             on_result(r)
 
     for name in names:
+        injectors = [jb.Injector.for_rank(fault_list, r, name) for r in range(len(jdevs))]
+        if name == "attention":
+            _run_attention(jdevs, opts.profile, opts.seed, injectors, keep)
+            continue
         probe = base.get(name)
         try:
             cfg = probe.config(opts.profile, profile_kind, frozenset())
         except base.InvalidConfig as e:
             raise UsageError(str(e)) from None
-        injectors = [jb.Injector.for_rank(fault_list, r, name) for r in range(len(jdevs))]
         if name == "matmul":
             _run_matmul(jdevs, cfg, opts.seed, injectors, keep)
         else:
@@ -120,6 +123,23 @@ def _run_matmul(jdevs: list[Any], cfg: Any, seed: int, injectors: list[Any], kee
             outcome = _run_one(_Call(lambda d=d, rank=rank, case=case: jax_matmul.run_case(
                 d, cfg, case, seed, injectors[rank])), None, cfg, case)
             keep(rank, "matmul", outcome, t0)
+
+
+ATTENTION_SEQ = {"quick": 64, "standard": 256, "nightly": 512}
+"""Sequence length of the JAX attention probe per profile (CPU-sized; a TPU run wants more)."""
+
+
+def _run_attention(jdevs: list[Any], profile: str, seed: int, injectors: list[Any], keep: Any) -> None:
+    from ..probes import jax_attention
+    from .worker import _run_one
+
+    cfg = jax_attention.Config(seq=ATTENTION_SEQ.get(profile, 64))
+    for case in jax_attention.cases():
+        for rank, d in enumerate(jdevs):
+            t0 = time.time()
+            outcome = _run_one(_Call(lambda d=d, rank=rank, case=case: jax_attention.run_case(
+                d, cfg, case, seed, injectors[rank])), None, cfg, case)
+            keep(rank, "attention", outcome, t0)
 
 
 def _run_collectives(jdevs: list[Any], cfg: Any, injectors: list[Any], keep: Any) -> None:

@@ -34,7 +34,7 @@ from . import generator as g
 from .faults import Fault
 
 # The JAX ops a fault lands in when it names no `op` (the compute and communication kernels).
-DEFAULT_OPS = ("dot_general", "psum", "pmax", "all_gather", "psum_scatter", "all_to_all", "ppermute")
+DEFAULT_OPS = ("dot_general", "attention", "psum", "pmax", "all_gather", "psum_scatter", "all_to_all", "ppermute")
 VALUE_FAULTS = ("bitflip", "stuck", "nan")
 SUPPORTED_FAULTS = (*VALUE_FAULTS, "slow")
 

@@ -169,7 +169,7 @@ def test_cli_backend_jax_clean(tmp_path: Path) -> None:
     assert len(data["devices"]) == 4
     for d in data["devices"]:
         assert d["verdict"] == "pass"
-        assert {p["probe"] for p in d["probes"]} == {"matmul", "collectives"}
+        assert {p["probe"] for p in d["probes"]} == {"matmul", "attention", "collectives"}
 
 
 def test_cli_backend_jax_injected_fault_on_one_device(tmp_path: Path) -> None:
