@@ -25,7 +25,7 @@ from typing import Any
 
 from ..results import DeviceInfo, DeviceKind, ErrorInfo, ErrorKind, ProbeResult, Verdict
 from . import devices as devmod
-from .worker import _HostLock, _run_one, _stamp, apply_settings, torchrun_env
+from .worker import _HostLock, _run_one, apply_settings, error_result, stamp, torchrun_env
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -141,7 +141,7 @@ def run(opts: Any, dopts: DistributedOptions) -> int:
                 err = base.CaseOutcome(case=case, params={}, error=ErrorInfo(
                     kind=ErrorKind.TIMEOUT, message=f"{probe_name} {case} on {host} {info.label} (rank {rank}, seed "
                                                     f"{opts.seed}) exceeded its {timeout:g}s watchdog"))
-                keep(_stamp(_plan_stub(run_id, opts.seed), info, rank, probe_name, case, err, settings, fault_list,
+                keep(stamp(run_id, opts.seed, info, rank, probe_name, case, err, settings, fault_list,
                             t0))
                 os._exit(3)
 
@@ -149,7 +149,7 @@ def run(opts: Any, dopts: DistributedOptions) -> int:
             with exclusive():
                 outcome = _run_one(probe, ctx, cfg, case)
             dog.cancel()
-            keep(_stamp(_plan_stub(run_id, opts.seed), info, rank, probe_name, case, outcome, settings, fault_list, t0))
+            keep(stamp(run_id, opts.seed, info, rank, probe_name, case, outcome, settings, fault_list, t0))
     kv.store.set(f"chipcheck/results/{rank}", json.dumps([r.to_dict() for r in mine]))
     code = 0
     if rank == 0:
@@ -216,44 +216,22 @@ def _never_joined(opts: Any, dopts: DistributedOptions, joined: dict[int, Device
             devs.append(replace(d0, index=r, uuid=f"rank-{r}-never-joined", host="?", name="never joined"))
     plan = runner.plan_probes(opts, devs)
     missing = sorted(set(range(world)) - set(joined))
-    now = time.time()
-    results = [ProbeResult(run_id=run_id, host=d.host, rank=r, device=d.label, fingerprint=d.fingerprint,
-                           probe=p, case=c, verdict=Verdict.ERROR, seed=opts.seed, device_uuid=d.uuid, started=now,
-                           ended=now, error=ErrorInfo(kind=ErrorKind.TIMEOUT, message=(
-                               f"rank(s) {missing} never joined within {timeout:g}s" if r in missing else
-                               f"not run: rank(s) {missing} never joined within {timeout:g}s")))
+    why = f"rank(s) {missing} never joined within {timeout:g}s"
+    results = [error_result(run_id, opts.seed, d, r, p, c, ErrorKind.TIMEOUT, why if r in missing else f"not run: {why}")
                for r, d in enumerate(devs) for p, cases in plan for c in cases]
-    _finish(opts, dopts, run_id, devs, results, now)
+    _finish(opts, dopts, run_id, devs, results, time.time())
     return 1
-
-
-@dataclass(frozen=True, slots=True)
-class _PlanStub:
-    run_id: str
-    seed: int
-
-
-def _plan_stub(run_id: str, seed: int) -> Any:
-    return _PlanStub(run_id, seed)
 
 
 def _missing(results: list[ProbeResult], devs: list[DeviceInfo], plan: list[tuple[str, list[str]]], run_id: str,
              seed: int) -> list[ProbeResult]:
     """An error for every planned case a rank never reported (it died or hung)."""
     have = {(r.rank, r.probe, r.case) for r in results}
-    out = []
-    now = time.time()
-    for rank, d in enumerate(devs):
-        for probe, cases in plan:
-            for case in cases:
-                if (rank, probe, case) not in have:
-                    out.append(ProbeResult(
-                        run_id=run_id, host=d.host, rank=rank, device=d.label, fingerprint=d.fingerprint, probe=probe,
-                        case=case, verdict=Verdict.ERROR, seed=seed, device_uuid=d.uuid, started=now, ended=now,
-                        error=ErrorInfo(kind=ErrorKind.CRASH, message=(
-                            f"rank {rank} ({d.label} on {d.host}) never reported {probe} {case}: it died, hung or "
-                            f"lost the group; its local shard may hold the reason"))))
-    return out
+    return [error_result(run_id, seed, d, rank, probe, case, ErrorKind.CRASH,
+                         f"rank {rank} ({d.label} on {d.host}) never reported {probe} {case}: it died, hung or "
+                         f"lost the group; its local shard may hold the reason")
+            for rank, d in enumerate(devs) for probe, cases in plan for case in cases
+            if (rank, probe, case) not in have]
 
 
 def _finish(opts: Any, dopts: DistributedOptions, run_id: str, devs: list[DeviceInfo], results: list[ProbeResult],

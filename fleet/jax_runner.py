@@ -21,10 +21,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..results import DeviceInfo, ProbeResult, RunSummary
+from ..results import ProbeResult, RunSummary
 from . import jax_devices
 from .runner import RunOptions, UsageError, judge, validate
 from .store import Store
+from .worker import stamp
 
 PROBES = ("matmul", "attention", "collectives")
 
@@ -87,7 +88,7 @@ def execute(opts: RunOptions, store: Store, *, on_result: Callable[[ProbeResult]
     collected: list[ProbeResult] = []
 
     def keep(rank: int, probe: str, outcome: Any, t0: float) -> None:
-        r = _stamp(run_id, devs[rank], rank, probe, outcome, opts.seed, settings, fault_list, t0)
+        r = stamp(run_id, opts.seed, devs[rank], rank, probe, outcome.case, outcome, settings, fault_list, t0)
         store.add_result(r)
         collected.append(r)
         if on_result:
@@ -156,14 +157,3 @@ def _run_collectives(jdevs: list[Any], cfg: Any, injectors: list[Any], keep: Any
             keep(rank, "collectives", outcome, t0)
 
 
-def _stamp(run_id: str, info: DeviceInfo, rank: int, probe: str, outcome: Any, seed: int,
-           settings: dict[str, Any], fault_list: list[Any], started: float) -> ProbeResult:
-    """The outcome as a ProbeResult, as fleet.worker._stamp makes it for torch workers."""
-    return ProbeResult(
-        run_id=run_id, host=info.host, rank=rank, device=info.label, fingerprint=info.fingerprint,
-        probe=probe, case=outcome.case, verdict=outcome.verdict, seed=seed, params=outcome.params,
-        metrics=outcome.metrics, mismatches=outcome.mismatches, repeats=outcome.repeats,
-        repeats_bad=outcome.repeats_bad, output_hash=outcome.output_hash, error=outcome.error,
-        settings={**settings, "inject": [f.spec() for f in fault_list if f.applies_to(rank, probe)]},
-        started=started, ended=time.time(), device_uuid=info.uuid, links=outcome.links,
-    )

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..results import DeviceInfo, DeviceKind, ErrorInfo, ErrorKind, ProbeResult, Verdict
+from ..results import DeviceInfo, DeviceKind, ErrorKind, ProbeResult
 from . import devices as devmod
-from .worker import WorkerPlan
+from .worker import WorkerPlan, error_result
 
 STARTUP_TIMEOUT_S = 180.0  # importing torch and initialising a device on a loaded host
 
@@ -61,10 +61,7 @@ class _Worker:
 
 
 def _error_result(req: LaunchRequest, w: _Worker, probe: str, case: str, kind: ErrorKind, msg: str) -> ProbeResult:
-    now = time.time()
-    return ProbeResult(run_id=req.run_id, host=w.info.host, rank=w.rank, device=w.info.label,
-                       fingerprint=w.info.fingerprint, probe=probe, case=case, verdict=Verdict.ERROR, seed=req.seed,
-                       error=ErrorInfo(kind=kind, message=msg), started=now, ended=now, device_uuid=w.info.uuid)
+    return error_result(req.run_id, req.seed, w.info, w.rank, probe, case, kind, msg)
 
 
 def _tail(path: str, lines: int = 3) -> str:

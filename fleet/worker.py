@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import IO, Any
 
-from ..results import DeviceInfo, ErrorInfo, ErrorKind, ProbeResult
+from ..results import DeviceInfo, ErrorInfo, ErrorKind, ProbeResult, Verdict
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -179,7 +179,7 @@ def run_plan(plan: WorkerPlan) -> int:
                 outcome = base.CaseOutcome(case=case, params={}, error=ErrorInfo(
                     kind=ErrorKind.CRASH, message=f"not run: the process group failed earlier ({group_failure})"))
                 send({"t": "start", "probe": probe_name, "case": case, "time": time.time()})
-                send({"t": "result", "result": _stamp(plan, info, rank, probe_name, case, outcome, settings,
+                send({"t": "result", "result": stamp(plan.run_id, plan.seed, info, rank, probe_name, case, outcome, settings,
                                                       fault_list, time.time()).to_dict()})
                 continue
             with exclusive():
@@ -190,7 +190,7 @@ def run_plan(plan: WorkerPlan) -> int:
                 # a time-budgeted case's clock starts once it holds the host, not while it queues
                 ctx.deadline = time.monotonic() + per_case_s if per_case_s else None
                 outcome = _run_one(probe, ctx, cfg, case)
-            result = _stamp(plan, info, rank, probe_name, case, outcome, settings, fault_list, started)
+            result = stamp(plan.run_id, plan.seed, info, rank, probe_name, case, outcome, settings, fault_list, started)
             if probe.collective and outcome.error is not None and not group_failure:
                 group_failure = f"{case}: {outcome.error.message[:160]}"
             send({"t": "result", "result": result.to_dict()})
@@ -198,17 +198,29 @@ def run_plan(plan: WorkerPlan) -> int:
     return 0
 
 
-def _stamp(plan: WorkerPlan, info: DeviceInfo, rank: int, probe: str, case: str, outcome: Any,
-           settings: dict[str, Any], fault_list: list[Any], started: float) -> ProbeResult:
-    """The outcome as a ProbeResult, with where, when and under which settings it was measured."""
+def stamp(run_id: str, seed: int, info: DeviceInfo, rank: int, probe: str, case: str, outcome: Any,
+          settings: dict[str, Any], fault_list: list[Any], started: float) -> ProbeResult:
+    """The outcome as a ProbeResult, with where, when and under which settings it was measured.
+
+    The one place every launcher (local worker, torchrun worker, the in-process JAX path) makes it.
+    """
     return ProbeResult(
-        run_id=plan.run_id, host=info.host, rank=rank, device=info.label, fingerprint=info.fingerprint,
-        probe=probe, case=case, verdict=outcome.verdict, seed=plan.seed, params=outcome.params,
+        run_id=run_id, host=info.host, rank=rank, device=info.label, fingerprint=info.fingerprint,
+        probe=probe, case=case, verdict=outcome.verdict, seed=seed, params=outcome.params,
         metrics=outcome.metrics, mismatches=outcome.mismatches, repeats=outcome.repeats,
         repeats_bad=outcome.repeats_bad, output_hash=outcome.output_hash, error=outcome.error,
         settings={**settings, "inject": [f.spec() for f in fault_list if f.applies_to(rank, probe)]},
         started=started, ended=time.time(), device_uuid=info.uuid, links=outcome.links,
     )
+
+
+def error_result(run_id: str, seed: int, info: DeviceInfo, rank: int, probe: str, case: str, kind: ErrorKind,
+                 message: str) -> ProbeResult:
+    """A case that produced no outcome of its own (the worker died, hung or never joined)."""
+    now = time.time()
+    return ProbeResult(run_id=run_id, host=info.host, rank=rank, device=info.label, fingerprint=info.fingerprint,
+                       probe=probe, case=case, verdict=Verdict.ERROR, seed=seed, device_uuid=info.uuid,
+                       error=ErrorInfo(kind=kind, message=message), started=now, ended=now)
 
 
 def _run_one(probe: Any, ctx: Any, cfg: Any, case: str) -> Any:
