@@ -1,33 +1,75 @@
-"""`chipcheck run --backend jax`: the probes through JAX/XLA on every device of this host, in-process.
+"""`chipcheck run --backend jax`: the probes through JAX/XLA on every device of this host.
 
 JAX's model is one process per host driving all of its devices (TPU chips/cores, GPUs, or forced
-host CPU devices), so there are no per-device workers here: this process runs the matmul case on
-each device in turn and each collectives case once over all of them (one SPMD program), stamps
-the outcomes as the torch workers do (ProbeResult), stores each as it arrives, then judges with the
-same fleet analysis (runner.judge: consensus per fingerprint, slowness against peers) and returns
-the same RunSummary, so the terminal/JSON/HTML reports and exit codes are the torch path's.
+host CPU devices), so there are no per-device workers. Two processes instead:
 
-Not here yet: attention and the other probes, a per-case watchdog (so `hang`/`crash` faults are
-refused), multi-host runs through jax.distributed.
+- the *host process* (`host_run`, started as `python -m chipcheck.fleet.jax_runner --plan F`)
+  imports JAX, discovers the devices and runs the matmul and attention cases on each device in
+  turn and each collectives case once over all of them (one SPMD program). It streams the
+  worker protocol (fleet/worker.py): `hello` with the devices, `start` before each case with the
+  ranks it occupies, `result` per rank (stamped as the torch workers stamp theirs), `bye`.
+- the *supervisor* (`execute`, in the chipcheck process; it never imports JAX) stores each result
+  as it arrives and keeps the watchdog: a case that outlives --timeout is killed with the whole
+  host process (a hung XLA call cannot be interrupted from inside), recorded as a timeout on the
+  ranks it occupied, and a fresh host process carries on with what was not reported yet. A host
+  process that dies (a crash, a device lost) is recorded the same way, with its signal. As on the
+  torch path, the rest of that probe on those ranks is recorded as not run and later probes get
+  the fresh process. Then the same fleet analysis (runner.judge) and RunSummary as the torch path.
+
+Not here yet: multi-host runs through jax.distributed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import queue
 import secrets
+import signal
 import socket
+import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
-from ..results import ProbeResult, RunSummary
-from . import jax_devices
-from .runner import RunOptions, UsageError, judge, validate
+from ..results import DeviceInfo, ErrorKind, ProbeResult, RunSummary
+from .runner import DEFAULT_TIMEOUT_S, RunOptions, UsageError, judge, validate
 from .store import Store
-from .worker import stamp
+from .worker import error_result
 
 PROBES = ("matmul", "attention", "collectives")
+STARTUP_TIMEOUT_S = 180.0  # importing JAX and starting its backends on a loaded host
+ATTENTION_SEQ = {"quick": 64, "standard": 256, "nightly": 512}
+"""Sequence length of the JAX attention probe per profile (CPU-sized; a TPU run wants more)."""
+
+Task = tuple[str, str, int]  # (probe, case, rank)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HostPlan:
+    """What one host process runs. Written by the supervisor, read by the host process."""
+
+    run_id: str
+    profile: str
+    seed: int
+    probes: list[str] = field(default_factory=list)  # empty: every JAX probe the devices allow
+    inject: list[str] = field(default_factory=list)
+    done: list[Task] = field(default_factory=list)  # already reported: skipped by a restarted host process
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> HostPlan:
+        d = json.loads(text)
+        d["done"] = [tuple(t) for t in d["done"]]
+        return cls(**d)
 
 
 class _Call:
@@ -41,9 +83,7 @@ class _Call:
 
 
 def validate_jax(opts: RunOptions) -> None:
-    """What the in-process JAX path cannot do, refused before anything runs (exit 2)."""
-    from ..probes import faults
-
+    """What the JAX path cannot do, refused before anything runs (exit 2)."""
     validate(opts)
     if opts.devices != "auto":
         raise UsageError(f"--backend jax runs on every device JAX sees on this host; drop --devices {opts.devices} "
@@ -51,109 +91,289 @@ def validate_jax(opts: RunOptions) -> None:
     unknown = [p for p in opts.probes if p not in PROBES]
     if unknown:
         raise UsageError(f"probe {unknown[0]!r} is not on the JAX path yet; --backend jax runs: {', '.join(PROBES)}")
-    for spec in opts.inject:
-        for f in faults.parse(spec):
-            if f.kind not in ("bitflip", "stuck", "nan", "slow"):
-                raise UsageError(f"--inject {spec!r}: {f.kind} needs a per-case watchdog, which --backend jax "
-                                 f"does not have yet; use bitflip, stuck, nan or slow")
     if opts.profile == "burnin":
         raise UsageError("--profile burnin is not on the JAX path yet; use quick, standard or nightly")
 
 
+# ---- the supervisor ---------------------------------------------------------------------------
+
+
 def execute(opts: RunOptions, store: Store, *, on_result: Callable[[ProbeResult], None] | None = None) -> RunSummary:
     """Run the JAX probes on this host's JAX devices; every result is in `store` the moment it exists."""
-    from ..probes import base, faults
-    from ..probes import jax_backend as jb
-
     validate_jax(opts)
-    settings = jb.init()
-    try:
-        jdevs, infos = jax_devices.discover()
-    except jax_devices.DeviceSpecError as e:
-        raise UsageError(str(e)) from None
-    devs = dict(enumerate(infos))
-    names = opts.probes or tuple(p for p in PROBES if base.registry()[p].min_devices <= len(infos))
-    if "collectives" in names and len(infos) < 2:
-        raise UsageError(f"probe 'collectives' needs at least 2 devices; JAX sees {len(infos)} on this host")
-    # TPUs and GPUs take the accelerator shapes; the profiles' "cuda" rows are those
-    profile_kind = "cpu" if infos[0].kind.value == "cpu" else "cuda"
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+    timeout = opts.timeout_s or DEFAULT_TIMEOUT_S[opts.profile]
     started = time.time()
+    plan = HostPlan(run_id=run_id, profile=opts.profile, seed=opts.seed, probes=list(opts.probes),
+                    inject=list(opts.inject))
     store.begin_run(run_id, host=socket.gethostname(), profile=opts.profile, seed=opts.seed,
                     argv=opts.argv or sys.argv,
-                    config={"devices": opts.devices, "probes": list(names), "inject": list(opts.inject),
-                            "backend": "jax", "min_gap": opts.min_gap, "pid": os.getpid()})
-    store.add_devices(run_id, enumerate(infos))
-    fault_list = [f for spec in opts.inject for f in faults.parse(spec)]
+                    config={"devices": opts.devices, "probes": list(opts.probes), "inject": list(opts.inject),
+                            "backend": "jax", "timeout_s": timeout, "min_gap": opts.min_gap, "pid": os.getpid()})
     collected: list[ProbeResult] = []
 
-    def keep(rank: int, probe: str, outcome: Any, t0: float) -> None:
-        r = stamp(run_id, opts.seed, devs[rank], rank, probe, outcome.case, outcome, settings, fault_list, t0)
+    def keep(r: ProbeResult) -> None:
         store.add_result(r)
         collected.append(r)
         if on_result:
             on_result(r)
 
-    for name in names:
-        injectors = [jb.Injector.for_rank(fault_list, r, name) for r in range(len(jdevs))]
-        if name == "attention":
-            _run_attention(jdevs, opts.profile, opts.seed, injectors, keep)
-            continue
-        probe = base.get(name)
-        try:
-            cfg = probe.config(opts.profile, profile_kind, frozenset())
-        except base.InvalidConfig as e:
-            raise UsageError(str(e)) from None
-        if name == "matmul":
-            _run_matmul(jdevs, cfg, opts.seed, injectors, keep)
-        else:
-            _run_collectives(jdevs, cfg, injectors, keep)
-    summary, judgements = judge(run_id, devs, collected, opts, started)
+    sup = _Supervisor(plan, timeout, keep, lambda devs: store.add_devices(run_id, enumerate(devs)))
+    devs = sup.run()
+    summary, judgements = judge(run_id, dict(enumerate(devs)), collected, opts, started)
     store.add_judgements(run_id, judgements)
     store.end_run(run_id, summary.verdict)
     return summary
 
 
-def _run_matmul(jdevs: list[Any], cfg: Any, seed: int, injectors: list[Any], keep: Any) -> None:
-    from ..probes import jax_matmul
-    from .worker import _run_one
+class _Supervisor:
+    """Starts host processes until every case has a result; the watchdog of each case."""
 
-    for case in jax_matmul.cases(cfg):
-        for rank, d in enumerate(jdevs):
-            t0 = time.time()
-            outcome = _run_one(_Call(lambda d=d, rank=rank, case=case: jax_matmul.run_case(
-                d, cfg, case, seed, injectors[rank])), None, cfg, case)
-            keep(rank, "matmul", outcome, t0)
+    def __init__(self, plan: HostPlan, timeout_s: float, keep: Callable[[ProbeResult], None],
+                 on_devices: Callable[[list[DeviceInfo]], None]):
+        self.plan, self.timeout_s, self.keep, self.on_devices = plan, timeout_s, keep, on_devices
+        self.devs: list[DeviceInfo] = []
+        self.done: set[Task] = set()
+        self.workdir = tempfile.mkdtemp(prefix=f"chipcheck-{plan.run_id}-jax-")
+        self.starts = 0
+
+    def run(self) -> list[DeviceInfo]:
+        while True:
+            self.starts += 1
+            finished = self._one_process()
+            if finished:
+                return self.devs
+
+    def _one_process(self) -> bool:
+        """One host process, to its end; True when it said bye (everything reported)."""
+        plan = HostPlan(**{**asdict(self.plan), "done": sorted(self.done)})
+        plan_path = Path(self.workdir) / f"plan-{self.starts}.json"
+        plan_path.write_text(plan.to_json())
+        log_path = Path(self.workdir) / f"host-{self.starts}.log"
+        env = {k: v for k, v in os.environ.items() if k != "CHIPCHECK_RESULT_FD"}
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "chipcheck.fleet.jax_runner", "--plan", str(plan_path)],
+                                    stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env,
+                                    start_new_session=True)
+        q: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        threading.Thread(target=_reader, args=(proc, q), daemon=True).start()
+        current: tuple[str, str, list[int]] | None = None
+        since, hello, killed, usage, bye = time.monotonic(), False, False, "", False
+        try:
+            while True:
+                try:
+                    msg = q.get(timeout=0.2)
+                except queue.Empty:
+                    limit = self.timeout_s if current else max(STARTUP_TIMEOUT_S, self.timeout_s)
+                    if not killed and (current or not hello) and time.monotonic() - since > limit:
+                        killed = True
+                        _kill(proc)
+                    continue
+                if msg is None:
+                    break
+                if msg["t"] == "hello":
+                    hello, since = True, time.monotonic()
+                    self._hello([DeviceInfo.from_dict(d) for d in msg["devices"]])
+                elif msg["t"] == "usage":
+                    usage = msg["message"]
+                elif msg["t"] == "start":
+                    current, since = (msg["probe"], msg["case"], list(msg["ranks"])), time.monotonic()
+                elif msg["t"] == "result":
+                    r = ProbeResult.from_dict(msg["result"])
+                    self.done.add((r.probe, r.case, r.rank))
+                    self.keep(r)
+                    if current and all((current[0], current[1], k) in self.done for k in current[2]):
+                        current, since = None, time.monotonic()
+                elif msg["t"] == "bye":
+                    bye = True
+        finally:
+            _kill(proc)
+        code = proc.wait()
+        if usage:
+            raise UsageError(usage)
+        if bye:
+            return True
+        if not hello:
+            why = "did not start in time" if killed else f"died at start-up ({_exit(code)})"
+            raise UsageError(f"the JAX host process {why}: {_tail(log_path)}")
+        if current is None:
+            raise UsageError(f"the JAX host process exited between cases ({_exit(code)}): {_tail(log_path)}")
+        self._lost(current, killed, code, log_path)
+        return False
+
+    def _hello(self, devs: list[DeviceInfo]) -> None:
+        if not self.devs:
+            self.devs = devs
+            self.on_devices(devs)
+        elif [d.uuid for d in devs] != [d.uuid for d in self.devs]:
+            raise UsageError("the JAX devices changed between host processes "
+                             f"({len(self.devs)} then {len(devs)}); was a device lost?")
+
+    def _lost(self, current: tuple[str, str, list[int]], killed: bool, code: int, log_path: Path) -> None:
+        """Record the case the host process was in, and the rest of that probe on those ranks."""
+        probe, case, ranks = current
+        p = self.plan
+        for rank in ranks:
+            if (probe, case, rank) in self.done:
+                continue
+            info = self.devs[rank]
+            where = f"{probe} {case} on {info.host} {info.label} (rank {rank}, seed {p.seed})"
+            if killed:
+                kind, msg = ErrorKind.TIMEOUT, (f"{where} exceeded its {self.timeout_s:g}s watchdog; "
+                                                f"the JAX host process was killed")
+            else:
+                kind, msg = ErrorKind.CRASH, f"the JAX host process died in {where}: {_exit(code)}. {_tail(log_path)}"
+            self._record(error_result(p.run_id, p.seed, info, rank, probe, case, kind, msg))
+        # as on the torch path: what is left of this probe on these ranks is not run; later probes are
+        for c in self._cases_left(probe, ranks):
+            for rank in ranks:
+                self._record(error_result(p.run_id, p.seed, self.devs[rank], rank, probe, c, ErrorKind.CRASH,
+                                          f"not run: the JAX host process was lost in {probe} {case}"))
+
+    def _cases_left(self, probe: str, ranks: list[int]) -> list[str]:
+        kind = "cpu" if self.devs[0].kind.value == "cpu" else "cuda"
+        return [c for c in _cases(self.plan.profile, probe, len(self.devs), kind)
+                if any((probe, c, r) not in self.done for r in ranks)]
+
+    def _record(self, r: ProbeResult) -> None:
+        if (r.probe, r.case, r.rank) not in self.done:
+            self.done.add((r.probe, r.case, r.rank))
+            self.keep(r)
 
 
-ATTENTION_SEQ = {"quick": 64, "standard": 256, "nightly": 512}
-"""Sequence length of the JAX attention probe per profile (CPU-sized; a TPU run wants more)."""
+def _reader(proc: subprocess.Popen[bytes], q: queue.Queue[dict[str, Any] | None]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        try:
+            q.put(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # not ours: the protocol lines are the only JSON objects on this pipe
+    q.put(None)
 
 
-def _run_attention(jdevs: list[Any], profile: str, seed: int, injectors: list[Any], keep: Any) -> None:
-    from ..probes import jax_attention
-    from .worker import _run_one
-
-    cfg = jax_attention.Config(seq=ATTENTION_SEQ.get(profile, 64))
-    for case in jax_attention.cases():
-        for rank, d in enumerate(jdevs):
-            t0 = time.time()
-            outcome = _run_one(_Call(lambda d=d, rank=rank, case=case: jax_attention.run_case(
-                d, cfg, case, seed, injectors[rank])), None, cfg, case)
-            keep(rank, "attention", outcome, t0)
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _run_collectives(jdevs: list[Any], cfg: Any, injectors: list[Any], keep: Any) -> None:
-    from ..probes import jax_collectives
-    from .worker import _run_one
+def _exit(code: int) -> str:
+    return f"signal {-code}" if code < 0 else f"exit {code}"
 
-    for case in jax_collectives.cases(cfg):
+
+def _tail(path: Path, lines: int = 3) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return " | ".join(t.strip() for t in text[-lines:])
+
+
+# ---- the host process -------------------------------------------------------------------------
+
+
+def _config(profile: str, probe: str, device_kind: str) -> Any:
+    from ..probes import base, jax_attention
+
+    if probe == "attention":
+        return jax_attention.Config(seq=ATTENTION_SEQ.get(profile, 64))
+    return base.get(probe).config(profile, device_kind, frozenset())
+
+
+def _cases(profile: str, probe: str, n_devices: int, device_kind: str = "cpu") -> list[str]:
+    """The cases of one JAX probe (the same names as the torch path's)."""
+    from ..probes import jax_attention, jax_collectives, jax_matmul
+
+    cfg = _config(profile, probe, device_kind)
+    if probe == "attention":
+        return jax_attention.cases()
+    if probe == "matmul":
+        return jax_matmul.cases(cfg)
+    return jax_collectives.cases(cfg) if n_devices >= 2 else []
+
+
+def host_run(plan: HostPlan, send: Callable[[dict[str, Any]], None]) -> int:
+    """Run the plan on this host's JAX devices, streaming the worker protocol through `send`."""
+    from ..probes import base, faults
+    from ..probes import jax_backend as jb
+    from . import jax_devices
+    from .worker import _run_one, stamp
+
+    settings = jb.init()
+    try:
+        jdevs, infos = jax_devices.discover()
+    except jax_devices.DeviceSpecError as e:
+        send({"t": "usage", "message": str(e)})
+        return 2
+    if "collectives" in plan.probes and len(infos) < 2:
+        send({"t": "usage", "message": f"probe 'collectives' needs at least 2 devices; JAX sees {len(infos)} "
+                                       "on this host"})
+        return 2
+    names = plan.probes or [p for p in PROBES if base.registry()[p].min_devices <= len(infos)]
+    # TPUs and GPUs take the accelerator shapes; the profiles' "cuda" rows are those
+    kind = "cpu" if infos[0].kind.value == "cpu" else "cuda"
+    try:
+        configs = {name: _config(plan.profile, name, kind) for name in names}
+    except base.InvalidConfig as e:
+        send({"t": "usage", "message": str(e)})
+        return 2
+    send({"t": "hello", "pid": os.getpid(), "devices": [i.to_dict() for i in infos], "settings": settings})
+    fault_list = [f for spec in plan.inject for f in faults.parse(spec)]
+    done = set(plan.done)
+
+    def run(probe: str, case: str, ranks: list[int], fn: Callable[[], Any]) -> None:
+        if all((probe, case, r) in done for r in ranks):
+            return
+        send({"t": "start", "probe": probe, "case": case, "ranks": ranks})
         t0 = time.time()
-        outs = _run_one(_Call(lambda case=case: jax_collectives.run_case(jdevs, cfg, case, injectors)), None, cfg,
-                        case)
-        if not isinstance(outs, list):  # an error outcome: every rank of the collective reports it
-            outs = [outs] * len(jdevs)
-        for rank, outcome in enumerate(outs):
-            keep(rank, "collectives", outcome, t0)
+        outs = _run_one(_Call(fn), None, None, case)
+        if not isinstance(outs, list):  # one device's outcome, or an error every rank of a collective reports
+            outs = [outs] * len(ranks)
+        for rank, outcome in zip(ranks, outs, strict=True):
+            r = stamp(plan.run_id, plan.seed, infos[rank], rank, probe, case, outcome, settings, fault_list, t0)
+            send({"t": "result", "result": r.to_dict()})
+
+    for name in names:
+        cfg = configs[name]
+        injectors = [jb.Injector.for_rank(fault_list, r, name) for r in range(len(jdevs))]
+        for case in _cases(plan.profile, name, len(jdevs), kind):
+            if name == "collectives":
+                from ..probes import jax_collectives
+
+                run(name, case, list(range(len(jdevs))),
+                    lambda case=case, cfg=cfg, inj=injectors: jax_collectives.run_case(jdevs, cfg, case, inj))
+                continue
+            for rank, d in enumerate(jdevs):
+                run(name, case, [rank], lambda d=d, case=case, name=name, cfg=cfg, inj=injectors[rank]: _one_device(
+                    name, d, cfg, case, plan.seed, inj))
+    send({"t": "bye"})
+    return 0
 
 
+def _one_device(probe: str, device: Any, cfg: Any, case: str, seed: int, inj: Any) -> Any:
+    from ..probes import jax_attention, jax_matmul
+
+    mod = jax_attention if probe == "attention" else jax_matmul
+    return mod.run_case(device, cfg, case, seed, inj)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .worker import _open_channel
+
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2 or argv[0] != "--plan":
+        print("usage: python -m chipcheck.fleet.jax_runner --plan PLAN.json  (started by chipcheck run "
+              "--backend jax)", file=sys.stderr)
+        return 2
+    plan = HostPlan.from_json(Path(argv[1]).read_text())
+    chan = _open_channel()
+
+    def send(msg: dict[str, Any]) -> None:
+        chan.write(json.dumps(msg) + "\n")
+        chan.flush()
+
+    return host_run(plan, send)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

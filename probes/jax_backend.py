@@ -16,13 +16,16 @@ oracles (probes/np_oracles.py) and report identical diagnoses.
   kernel's output that the probe checks (faults.corrupt on a zero-copy torch view: the same
   element and bit as the torch path for the same seed and call), and `slow` busy-waits inside
   the timed region. `op` names the JAX op (`dot_general`, `psum`, `all_gather`, ...).
-  `hang` and `crash` are not supported in-process (no watchdog there): the runner refuses them.
+  `hang` never returns from the call and `crash` kills the process (SIGKILL) inside it: the
+  supervisor in fleet/jax_runner.py owns the watchdog and records both, as the torch launcher does.
 
 jax is imported lazily: this module is imported by the probe registry on torch-only installs.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,7 +39,7 @@ from .faults import Fault
 # The JAX ops a fault lands in when it names no `op` (the compute and communication kernels).
 DEFAULT_OPS = ("dot_general", "attention", "psum", "pmax", "all_gather", "psum_scatter", "all_to_all", "ppermute")
 VALUE_FAULTS = ("bitflip", "stuck", "nan")
-SUPPORTED_FAULTS = (*VALUE_FAULTS, "slow")
+SUPPORTED_FAULTS = (*VALUE_FAULTS, "slow", "hang", "crash")
 
 
 def init() -> dict[str, Any]:
@@ -154,6 +157,11 @@ class Injector:
             self.calls[i] = n + 1
             if n < f.after or (f.count and n >= f.after + f.count):
                 continue
+            if f.kind == "hang":
+                while True:
+                    time.sleep(3600)
+            if f.kind == "crash":
+                os.kill(os.getpid(), signal.SIGKILL)
             if f.kind == "slow":
                 factor = max(factor, f.factor)
             elif f.kind in VALUE_FAULTS:
