@@ -1,34 +1,48 @@
 """The attention probe through JAX/XLA: the formula, its gradients, and jax.nn.dot_product_attention.
 
-Per case (dtype x causal or not; grouped-query shapes, fewer KV heads than Q heads):
-- the formula softmax(Q K^T / sqrt(d) + mask) V in JAX, forward and backward (jax.vjp: dq, dk, dv),
-  float32 accumulation for 16-bit inputs;
-- a float64 reference of the same formula and its gradients on the host (numpy), under a
-  dtype-aware tolerance (the values the kernel was given: inputs rounded to the dtype first);
-- `jax.nn.dot_product_attention` on the same inputs, where this JAX has it: the two
-  implementations must agree within the same tolerance (oracle `cross_backend`);
-- repeat-determinism (bit for bit) and a consensus hash over out, dq, dk, dv;
-- the same fault hook as the JAX matmul probe, on the host copies (`op=attention` targets it).
+Cases `<dtype>/<variant>`, the torch probe's variants (probes/attention.VARIANTS) with its inputs:
+`exact` (causal, grouped-query), `full` (non-causal, one KV head per Q head), `causal`
+(grouped-query), `mask` (additive float mask, grouped-query). Per case:
+- the formula softmax(Q K^T scale + mask) V in JAX, forward and backward (jax.vjp: dq, dk, dv),
+  float32 accumulation for 16-bit inputs, einsums at `precision=HIGHEST` (a TPU's DEFAULT would
+  run float32 in bfloat16 passes);
+- `exact`: the torch probe's one-hot inputs (`exact_inputs` here rebuilds attention.exact_inputs
+  in jax.numpy from the same counter-based streams; q, k, v, dO and the expected outputs are
+  bit-identical, see the test). Scale 256 makes every probability but the target key's exactly 0,
+  so out = V[t(i)], dq = dk = 0, dv = sums of small-integer dO rows, exact in any summation order:
+  any differing bit is an error (oracle `exact`, signed zeros folded: -0 == +0);
+- random cases (`full`, `causal`, `mask`: attention.random_inputs' streams, the mask uniform
+  [-2, 2) with -inf on one key in eight, never the diagonal): a float64 reference of the same
+  formula and its gradients on the host (numpy), under a dtype-aware tolerance (the values the
+  kernel was given: inputs rounded to the dtype first);
+- `jax.nn.dot_product_attention` on the same inputs (scale, `bias=` the mask, `is_causal`), where
+  this JAX has it: in `exact` its output must be the expected bits (oracle `exact`, note names it),
+  otherwise it must agree with the float64 reference within the same tolerance (`cross_backend`);
+- non-finite values, repeat-determinism (bit for bit) and a consensus hash over out, dq, dk, dv;
+- the same fault hook as the JAX matmul probe, on the host copy of `out` (`op=attention` targets it).
 Diagnosis names the tensor (out, dq, dk, dv) and the (batch, head, row, col) elements.
-Not here (see docs/jax.md): the exact one-hot mode of the torch probe.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from ..results import Mismatch, Oracle
+from . import generator as g
 from . import jax_backend as jb
 from . import np_oracles as npo
+from .attention import EXACT_SCALE, EXACT_WINDOW, VARIANTS, Shape, Variant
 from .base import CaseOutcome, InvalidConfig
 
 OP = "attention"
 DTYPES = ("float32", "bfloat16")
+TENSORS = ("out", "dq", "dk", "dv")
 _U = {"float32": 2.0**-24, "bfloat16": 2.0**-8}
 
 
@@ -39,7 +53,7 @@ class Config:
     q_heads: int = 4
     """Query heads."""
     kv_heads: int = 2
-    """Key/value heads (grouped-query attention: q_heads is a multiple)."""
+    """Key/value heads of the grouped-query variants (q_heads is a multiple)."""
     seq: int = 64
     """Sequence length."""
     head_dim: int = 64
@@ -51,30 +65,191 @@ class Config:
 
 
 def cases() -> list[str]:
-    return [f"{d}/{v}" for d in DTYPES for v in ("full", "causal")]
+    """`<dtype>/<variant>` for every dtype here and every variant of the torch probe."""
+    return [f"{d}/{v}" for d in DTYPES for v in VARIANTS]
 
 
-def _formula(q: Any, k: Any, v: Any, causal: bool, xp: Any) -> Any:
-    """softmax(q k^T / sqrt(d) + mask) v with k, v repeated over each KV head's query group."""
+@dataclass(slots=True)
+class Inputs:
+    """What the kernel is given (JAX arrays in the case dtype) and, in exact mode, what it must return."""
+
+    q: Any
+    k: Any
+    v: Any
+    dout: Any
+    scale: float
+    mask: Any = None
+    expected: dict[str, np.ndarray] = field(default_factory=dict)
+    """exact mode: out, dq, dk, dv on the host, in the case dtype."""
+
+
+# ---- inputs: attention.random_inputs / exact_inputs on a JAX device -----------------------
+#
+# Each builder is one jitted program (static: shape, dtype; traced: the stream keys), so a case
+# costs one compile per device instead of one per eager op. generator.uniform_np / small_ints_np
+# cannot be traced (they read the largest index back to the host), so their closed forms are
+# restated here with the largest index given; the bit-identity tests hold them to the torch path.
+
+_RANDOM_STREAMS = ("attention/q", "attention/k", "attention/v", "attention/dout", "attention/mask", "attention/pad")
+_EXACT_STREAMS = ("attention/exact/xor", "attention/exact/target", "attention/exact/qspare", "attention/exact/v",
+                  "attention/exact/dout")
+
+
+def _hashed(k: Any, shape: tuple[int, ...]) -> Any:
+    """generator.hash_indices of element indices 0..n-1 under key `k`, shaped (jittable)."""
+    import jax.numpy as jnp
+
+    n = math.prod(shape)
+    return g.hash_indices(k, jnp.arange(n, dtype=jnp.int64), n - 1).reshape(shape)
+
+
+def _uniform(k: Any, shape: tuple[int, ...]) -> Any:
+    """generator.uniform_np with the stream's key given: float32 in [-1, 1), 24 random bits."""
+    import jax.numpy as jnp
+
+    return (_hashed(k, shape) >> 8).astype(jnp.float32) * jnp.float32(2.0**-23) - jnp.float32(1.0)
+
+
+def _small_ints(k: Any, shape: tuple[int, ...], radius: int) -> Any:
+    """generator.small_ints_np with the stream's key given: integers in [-radius, radius], float32."""
+    import jax.numpy as jnp
+
+    return (_hashed(k, shape) % (2 * radius + 1) - radius).astype(jnp.float32)
+
+
+def _keys(seed: int, streams: tuple[str, ...], device: Any) -> Any:
+    import jax
+
+    return jax.device_put(np.array([g.key(seed, s) for s in streams], dtype=np.int64), device)
+
+
+@functools.cache
+def _jit(fn: Any, *static: str) -> Any:
+    """`fn` jitted once per process (its compiled programs are cached per shape, dtype and device)."""
+    import jax
+
+    return jax.jit(fn, static_argnames=static)
+
+
+def random_inputs(shape: Shape, var: Variant, dtype: Any, seed: int, device: Any = None) -> Inputs:
+    """attention.random_inputs on a JAX device: the same streams, so the same bits (mask included):
+    full-mantissa uniform Q, K, V, dO in [-1, 1); the mask uniform [-2, 2) plus -inf padding."""
+    q, k, v, dout, mask = _jit(_random_arrays, "shape", "dtype", "mask")(_keys(seed, _RANDOM_STREAMS, device), shape=shape,
+                                               dtype=np.dtype(dtype), mask=var.mask)
+    return Inputs(q=q, k=k, v=v, dout=dout, scale=1.0 / math.sqrt(shape.d), mask=mask)
+
+
+def _random_arrays(keys: Any, *, shape: Shape, dtype: Any, mask: bool) -> tuple[Any, ...]:
+    import jax.numpy as jnp
+
+    qs, kvs = (shape.b, shape.hq, shape.s, shape.d), (shape.b, shape.hkv, shape.s, shape.d)
+    q, k, v, dout = (_uniform(keys[i], sh).astype(dtype) for i, sh in enumerate((qs, kvs, kvs, qs)))
+    if not mask:
+        return q, k, v, dout, None
+    s = shape.s
+    m = 2.0 * _uniform(keys[4], (s, s))
+    # -inf on one key in eight (never the diagonal: no fully masked row), like padding
+    pad = (_small_ints(keys[5], (s, s), 4) == 4) & ~jnp.eye(s, dtype=bool)
+    return q, k, v, dout, jnp.where(pad, -jnp.inf, m).astype(dtype)
+
+
+def _digits(x: Any, n: int) -> Any:
+    """Base-4 digits of integer array x, least significant first, as a new last axis of size n."""
+    import jax.numpy as jnp
+
+    return jnp.stack([(x >> (2 * m)) & 3 for m in range(n)], axis=-1)
+
+
+def exact_inputs(shape: Shape, var: Variant, dtype: Any, seed: int, device: Any = None) -> Inputs:
+    """attention.exact_inputs in jax.numpy: key codes c_j = j ^ x as base-4 digits, one-hot targets.
+
+    The same streams and closed forms, so q, k, v, dO and the expected outputs are bit-identical
+    to the torch path's. The expected outputs are computed on the host (numpy) from the targets:
+    out = V[t(i)], dq = dk = 0, dv[j] = sum of the dO rows whose target is j (over the KV group).
+    """
+    b, hq, hkv, s, d = shape.b, shape.hq, shape.hkv, shape.s, shape.d
+    nbits = max(2, (s - 1).bit_length() + ((s - 1).bit_length() & 1))
+    nd = nbits // 2
+    if 2 * nd + 1 > d:
+        raise InvalidConfig(f"attention exact: head dim {d} too small for seq {s} (needs {2 * nd + 1})")
+    if not var.causal:
+        raise InvalidConfig("attention exact: the exact variant is causal")
+    q, k, v, dout, target = _jit(_exact_arrays, "shape", "dtype", "nbits")(_keys(seed, _EXACT_STREAMS, device), shape=shape,
+                                                dtype=np.dtype(dtype), nbits=nbits)
+    t, v_h, do_h = jb.to_host(target), jb.to_host(v).astype(np.float64), jb.to_host(dout).astype(np.float64)
+    group = hq // hkv
+    out = np.take_along_axis(np.repeat(v_h, group, axis=1), t[..., None], axis=2)
+    dv = np.zeros((b, hq, s, d))
+    np.add.at(dv, (np.arange(b)[:, None, None], np.arange(hq)[None, :, None], t), do_h)
+    dt = np.dtype(dtype)
+    expected = {"out": out.astype(dt), "dq": np.zeros((b, hq, s, d), dt), "dk": np.zeros((b, hkv, s, d), dt),
+                "dv": dv.reshape(b, hkv, group, s, d).sum(axis=2).astype(dt)}
+    return Inputs(q=q, k=k, v=v, dout=dout, scale=EXACT_SCALE, expected=expected)
+
+
+def _exact_arrays(keys: Any, *, shape: Shape, dtype: Any, nbits: int) -> tuple[Any, ...]:
+    """q, k, v, dO (in `dtype`) and the target key of every (batch, head, row) of exact_inputs."""
+    import jax.numpy as jnp
+
+    b, hq, hkv, s, d = shape.b, shape.hq, shape.hkv, shape.s, shape.d
+    nd = nbits // 2
+    c = 1 << (9 * nd).bit_length()  # a power of two above every |D|^2 (digits <= 3)
+    f32, i64 = jnp.float32, jnp.int64
+    idx = jnp.arange(s, dtype=i64)
+    xk = _hashed(keys[0], (b * hkv,)) % (1 << nbits)
+    codes = idx[None, :] ^ xk[:, None]  # (b*hkv, s): distinct per KV head
+    dk_ = _digits(codes, nd).astype(f32)  # (b*hkv, s, nd)
+    # key j: digits, their squares, a constant 1; spare dims zero (their products vanish exactly)
+    k = jnp.concatenate([dk_, dk_ * dk_, jnp.ones((b * hkv, s, 1), f32),
+                         jnp.zeros((b * hkv, s, d - 2 * nd - 1), f32)], axis=-1).reshape(b, hkv, s, d)
+    # target of (b, h, i): one of the EXACT_WINDOW keys at or before i
+    target = idx - _hashed(keys[1], (b, hq, s)) % jnp.minimum(idx + 1, EXACT_WINDOW)  # (b, hq, s)
+    rows = jnp.arange(b, dtype=i64)[:, None] * hkv + jnp.arange(hq, dtype=i64)[None, :] // (hq // hkv)
+    tcodes = jnp.take_along_axis(codes[rows.reshape(-1)].reshape(b, hq, s), target, axis=2)
+    dq_ = _digits(tcodes, nd).astype(f32)  # (b, hq, s, nd)
+    # query: 2 D(c_t), -1 per digit, C - |D(c_t)|^2, so q.k_j = C - |D(c_t) - D(c_j)|^2; spare dims small ints
+    spare = _small_ints(keys[2], (b, hq, s, d), 2)
+    q = jnp.concatenate([2.0 * dq_, -jnp.ones((b, hq, s, nd), f32), (c - (dq_ * dq_).sum(-1))[..., None],
+                         spare[..., 2 * nd + 1:]], axis=-1)
+    # V on a 1/8 grid, dO small integers: every product and sum in the backward is exact
+    v = _small_ints(keys[3], (b, hkv, s, d), 8) / 8.0
+    dout = _small_ints(keys[4], (b, hq, s, d), 2)
+    return q.astype(dtype), k.astype(dtype), v.astype(dtype), dout.astype(dtype), target
+
+
+# ---- the formula and its float64 reference ------------------------------------------------
+
+
+def _formula(q: Any, k: Any, v: Any, causal: bool, xp: Any, scale: float | None = None, mask: Any = None,
+             precision: Any = None) -> Any:
+    """softmax(q k^T scale + mask) v with k, v repeated over each KV head's query group."""
     group = q.shape[1] // k.shape[1]
     k = xp.repeat(k, group, axis=1)
     v = xp.repeat(v, group, axis=1)
-    s = xp.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    kw = {} if precision is None else {"precision": precision}
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = xp.einsum("bhqd,bhkd->bhqk", q, k, **kw) * scale
+    if mask is not None:
+        s = s + mask
     if causal:
         n = q.shape[2]
         s = xp.where(xp.tril(xp.ones((n, n), dtype=bool)), s, -xp.inf)
     s = s - s.max(axis=-1, keepdims=True)
     p = xp.exp(s)
     p = p / p.sum(axis=-1, keepdims=True)
-    return xp.einsum("bhqk,bhkd->bhqd", p, v)
+    return xp.einsum("bhqk,bhkd->bhqd", p, v, **kw)
 
 
-def _reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, do: np.ndarray, causal: bool) -> dict[str, np.ndarray]:
+def _reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, do: np.ndarray, causal: bool,
+               scale: float | None = None, mask: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Float64 out, dq, dk, dv of the formula, by hand (the adjoint of softmax attention)."""
     b, hq, n, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
     group = hq // k.shape[1]
     kr, vr = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-    s = np.einsum("bhqd,bhkd->bhqk", q, kr) / math.sqrt(d)
+    s = np.einsum("bhqd,bhkd->bhqk", q, kr) * scale
+    if mask is not None:
+        s = s + mask
     if causal:
         s = np.where(np.tril(np.ones((n, n), dtype=bool)), s, -np.inf)
     p = np.exp(s - s.max(axis=-1, keepdims=True))
@@ -82,8 +257,8 @@ def _reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, do: np.ndarray, caus
     out = np.einsum("bhqk,bhkd->bhqd", p, vr)
     dp = np.einsum("bhqd,bhkd->bhqk", do, vr)
     ds = p * (dp - (dp * p).sum(axis=-1, keepdims=True))
-    dq = np.einsum("bhqk,bhkd->bhqd", ds, kr) / math.sqrt(d)
-    dkr = np.einsum("bhqk,bhqd->bhkd", ds, q) / math.sqrt(d)
+    dq = np.einsum("bhqk,bhkd->bhqd", ds, kr) * scale
+    dkr = np.einsum("bhqk,bhqd->bhkd", ds, q) * scale
     dvr = np.einsum("bhqk,bhqd->bhkd", p, do)
     fold = (b, k.shape[1], group, n, d)  # gradients of repeated KV heads add up
     return {"out": out, "dq": dq, "dk": dkr.reshape(fold).sum(axis=2), "dv": dvr.reshape(fold).sum(axis=2)}
@@ -110,96 +285,169 @@ def _compare(ref: np.ndarray, act: np.ndarray, tol: np.ndarray, tensor: str, ora
                     max_abs_error=float(finite.max()) if finite.size else math.inf, note=note)
 
 
+def _canon(a: np.ndarray) -> np.ndarray:
+    """-0 -> +0 (a copy): the exact oracle's expected zeros have no sign (0 * negative is -0 in IEEE)."""
+    a = np.array(a, copy=True)
+    a[a == 0] = 0
+    return a
+
+
+def exact_mismatches(expected: dict[str, np.ndarray], hosts: dict[str, np.ndarray],
+                     note: str = "") -> list[Mismatch]:
+    """The exact oracle: every bit of every tensor in `hosts` against `expected`, signed zeros folded."""
+    found = []
+    for name, act in hosts.items():
+        m = npo.compare_bits(_canon(expected[name]), _canon(act), tensor=name, oracle=Oracle.EXACT)
+        if m is not None:
+            found.append(m if not note else _with_note(m, note))
+    return found
+
+
+def _with_note(m: Mismatch, note: str) -> Mismatch:
+    return replace(m, note=f"{note} {m.note}".strip())
+
+
+# ---- one case ----------------------------------------------------------------------------
+
+
+def _parse(case: str, cfg: Config) -> tuple[str, Variant]:
+    dtype_name, _, variant = case.partition("/")
+    if dtype_name not in DTYPES or variant not in VARIANTS:
+        raise InvalidConfig(f"unknown attention case {case!r}; e.g. bfloat16/causal "
+                            f"(dtypes {', '.join(DTYPES)}; variants {', '.join(VARIANTS)})")
+    if cfg.kv_heads < 1 or cfg.q_heads % cfg.kv_heads:
+        raise InvalidConfig(f"attention: q_heads={cfg.q_heads} must be a multiple of kv_heads={cfg.kv_heads}")
+    return dtype_name, VARIANTS[variant]
+
+
 def run_case(device: Any, cfg: Config, case: str, seed: int, inj: jb.Injector) -> CaseOutcome:
-    """One attention case on one JAX device."""
+    """One attention case on one JAX device; `seed` is the run's base seed (the case stream is mixed in here)."""
     import jax
     import jax.numpy as jnp
 
-    from . import generator as g
-
-    dtype_name, _, variant = case.partition("/")
-    if dtype_name not in DTYPES or variant not in ("full", "causal"):
-        raise InvalidConfig(f"unknown attention case {case!r}")
-    if cfg.q_heads % cfg.kv_heads:
-        raise InvalidConfig("attention: q_heads must be a multiple of kv_heads")
-    causal = variant == "causal"
+    dtype_name, var = _parse(case, cfg)
+    shape = Shape(b=cfg.batch, hq=cfg.q_heads, hkv=cfg.kv_heads if var.gqa else cfg.q_heads, s=cfg.seq,
+                  d=cfg.head_dim)
     seed = seed ^ g.stream_id("attention/" + case)
     dt = getattr(jnp, dtype_name)
-    qs = (cfg.batch, cfg.q_heads, cfg.seq, cfg.head_dim)
-    ks = (cfg.batch, cfg.kv_heads, cfg.seq, cfg.head_dim)
-    q, k, v, do = (jax.device_put(jb.uniform(s, seed, name, device=device).astype(dt), device)
-                   for s, name in ((qs, "q"), (ks, "k"), (ks, "v"), (qs, "do")))
+    inp = (exact_inputs if var.exact else random_inputs)(shape, var, dt, seed, device)
+    q, k, v, do = (jax.device_put(x, device) for x in (inp.q, inp.k, inp.v, inp.dout))
+    mask = None if inp.mask is None else jax.device_put(inp.mask, device)
+    hi = jax.lax.Precision.HIGHEST
 
-    def fwd_bwd(q: Any, k: Any, v: Any, do: Any) -> Any:
+    def fwd_bwd(q: Any, k: Any, v: Any, do: Any, mask: Any) -> Any:
         def f(q: Any, k: Any, v: Any) -> Any:
-            return _formula(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), causal,
-                            jnp).astype(q.dtype)
+            m = None if mask is None else mask.astype(jnp.float32)
+            return _formula(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), var.causal,
+                            jnp, inp.scale, m, hi).astype(q.dtype)
 
         out, vjp = jax.vjp(f, q, k, v)
         return (out, *vjp(do))
 
     kernel = jax.jit(fwd_bwd)
-    out = CaseOutcome(case=case, params={"batch": cfg.batch, "q_heads": cfg.q_heads, "kv_heads": cfg.kv_heads,
-                                         "seq": cfg.seq, "head_dim": cfg.head_dim, "dtype": dtype_name,
-                                         "causal": causal, "backend": "jax", "jax_device": str(device)})
-    host_in = [jb.to_host(x).astype(np.float64) for x in (q, k, v, do)]
-    ref = _reference(*host_in, causal=causal)
-    mag = _mag(ref)
-    u = _U[dtype_name]
-    tols = {t: cfg.sigmas * u * math.sqrt(cfg.seq) * (np.abs(r) + mag[t]) for t, r in ref.items()}
-    names = ("out", "dq", "dk", "dv")
-    jb.timed(lambda: kernel(q, k, v, do))  # compile + warm-up, outside the faults
+    out = CaseOutcome(case=case, params={"batch": shape.b, "q_heads": shape.hq, "kv_heads": shape.hkv,
+                                         "seq": shape.s, "head_dim": shape.d, "dtype": dtype_name,
+                                         "causal": var.causal, "mask": var.mask,
+                                         "mode": "exact" if var.exact else "random", "scale": inp.scale,
+                                         "precision": "HIGHEST", "backend": "jax", "jax_device": str(device)})
+    if var.exact:
+        check, ref_out = _exact_check(inp), None
+    else:
+        check, ref_out = _random_check(inp, var, cfg, dtype_name)
+    jb.timed(lambda: kernel(q, k, v, do, mask))  # compile + warm-up, outside the faults
     first: list[np.ndarray] = []
     times = []
     for r in range(max(cfg.repeats, 2)):
-        res, dt_s = inj.call(OP, lambda: kernel(q, k, v, do))
+        res, dt_s = inj.call(OP, lambda: kernel(q, k, v, do, mask))
         times.append(dt_s)
         hosts = [jb.to_host(x) for x in res]
         inj.corrupt(hosts[0])  # the forward output, as a fault in the kernel would land
-        bad = False
-        for name, h in zip(names, hosts, strict=True):
-            m = _compare(ref[name], h, tols[name], name, Oracle.REFERENCE, note=f"repeat={r}")
-            if m is not None:
-                bad = True
-                if not any(x.tensor == name and x.oracle is m.oracle for x in out.mismatches):
-                    out.mismatches.append(m)
+        found = [m for name, h in zip(TENSORS, hosts, strict=True) if (m := npo.nonfinite(h, tensor=name))]
+        found += check(dict(zip(TENSORS, hosts, strict=True)), r)
+        for m in found:
+            _keep(out, m)
         if r == 0:
             first = hosts
             out.output_hash = hashlib.sha256(b"".join(h.tobytes() for h in hosts)).hexdigest()[:32]
         else:
-            for name, a, b in zip(names, first, hosts, strict=True):
+            for name, a, b in zip(TENSORS, first, hosts, strict=True):
                 m = npo.compare_bits(a, b, tensor=name, oracle=Oracle.REPEAT)
                 if m is not None:
                     out.nondeterministic = True
-                    if not any(x.tensor == name and x.oracle is Oracle.REPEAT for x in out.mismatches):
-                        out.mismatches.append(m)
-        out.repeats_bad += int(bad)
+                    _keep(out, m)
+        out.repeats_bad += int(bool(found))
         out.repeats = r + 1
-    _cross_backend(out, q, k, v, causal, ref["out"], tols["out"])
-    flops = 4 * cfg.batch * cfg.q_heads * cfg.seq**2 * cfg.head_dim * 3.5 * (0.5 if causal else 1.0)
+    _cross_backend(out, inp, var, q, k, v, mask, ref_out)
+    flops = 4 * shape.b * shape.hq * shape.s**2 * shape.d * 3.5 * (0.5 if var.causal else 1.0)
     out.metrics["time_ms"] = 1e3 * float(np.median(times))
     out.metrics["tflops"] = flops / float(np.median(times)) / 1e12
     out.metrics["tflops_best"] = flops / min(times) / 1e12
     return out
 
 
-def _cross_backend(out: CaseOutcome, q: Any, k: Any, v: Any, causal: bool, ref: np.ndarray, tol: np.ndarray) -> None:
-    """jax.nn.dot_product_attention against the float64 formula, where this JAX has it."""
+def _keep(out: CaseOutcome, m: Mismatch) -> None:
+    """The first mismatch per (oracle, tensor)."""
+    if not any(x.tensor == m.tensor and x.oracle is m.oracle for x in out.mismatches):
+        out.mismatches.append(m)
+
+
+def _exact_check(inp: Inputs) -> Any:
+    """The exact oracle on one call's (out, dq, dk, dv)."""
+
+    def check(hosts: dict[str, np.ndarray], r: int) -> list[Mismatch]:
+        return exact_mismatches(inp.expected, hosts, note=f"repeat={r}")
+
+    return check
+
+
+def _random_check(inp: Inputs, var: Variant, cfg: Config,
+                  dtype_name: str) -> tuple[Any, tuple[np.ndarray, np.ndarray]]:
+    """The reference oracle on one call's (out, dq, dk, dv): float64 of the values the kernel was
+    given, under `sigmas * u * sqrt(seq) * (|ref| + rms(ref))`; and (reference out, its tolerance)."""
+    host_in = [jb.to_host(x).astype(np.float64) for x in (inp.q, inp.k, inp.v, inp.dout)]
+    mask = None if inp.mask is None else jb.to_host(inp.mask).astype(np.float64)
+    ref = _reference(*host_in, causal=var.causal, scale=inp.scale, mask=mask)
+    mag = _mag(ref)
+    u = _U[dtype_name]
+    tols = {t: cfg.sigmas * u * math.sqrt(cfg.seq) * (np.abs(r) + mag[t]) for t, r in ref.items()}
+
+    def check(hosts: dict[str, np.ndarray], r: int) -> list[Mismatch]:
+        return [m for name, h in hosts.items()
+                if (m := _compare(ref[name], h, tols[name], name, Oracle.REFERENCE, note=f"repeat={r}"))]
+
+    return check, (ref["out"], tols["out"])
+
+
+def _cross_backend(out: CaseOutcome, inp: Inputs, var: Variant, q: Any, k: Any, v: Any, mask: Any,
+                   ref_out: tuple[np.ndarray, np.ndarray] | None) -> None:
+    """jax.nn.dot_product_attention on the same inputs, where this JAX has it: the expected bits in
+    exact mode (`ref_out` None), else within the tolerance of the float64 reference `ref_out`."""
     import jax
 
     dpa = getattr(jax.nn, "dot_product_attention", None)
     if dpa is None:
         out.params["cross_backend"] = "absent"
         return
-    # jax.nn takes (batch, seq, heads, dim) and groups KV heads itself
-    t = (0, 2, 1, 3)
+    def second(q: Any, k: Any, v: Any, mask: Any) -> Any:
+        # jax.nn takes (batch, seq, heads, dim), groups KV heads itself and adds `bias` to the logits
+        t = (0, 2, 1, 3)
+        bias = None if mask is None else mask[None, None]
+        return dpa(q.transpose(t), k.transpose(t), v.transpose(t), bias=bias, scale=inp.scale,
+                   is_causal=var.causal).transpose(t)
+
     try:
-        o = dpa(q.transpose(t), k.transpose(t), v.transpose(t), is_causal=causal).transpose(t)
+        with jax.default_matmul_precision("highest"):  # as the formula's einsums (TPU: no bf16 passes)
+            host = jb.to_host(jax.jit(second)(q, k, v, mask))
     except Exception as e:  # an implementation this backend cannot run: say so, do not fail the chip
         out.params["cross_backend"] = f"unavailable: {type(e).__name__}"
         return
-    out.params["cross_backend"] = "jax.nn.dot_product_attention"
-    m = _compare(ref, jb.to_host(o), tol, "out", Oracle.CROSS_BACKEND, note="jax.nn.dot_product_attention")
-    if m is not None:
-        out.mismatches.append(m)
+    name = "jax.nn.dot_product_attention"
+    out.params["cross_backend"] = name
+    if ref_out is None:
+        found = exact_mismatches(inp.expected, {"out": host}, note=f"backend={name}")
+    else:
+        m = _compare(ref_out[0], host, ref_out[1], "out", Oracle.CROSS_BACKEND, note=name)
+        found = [m] if m is not None else []
+    if found:
+        out.mismatches.extend(found)
         out.repeats_bad = out.repeats

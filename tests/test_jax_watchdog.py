@@ -36,7 +36,7 @@ def _results(tmp_path: Path) -> list[dict]:
 
 
 def test_hang_is_a_timeout_on_that_rank_and_the_run_goes_on(tmp_path: Path) -> None:
-    rc, data, out = _run(tmp_path, "--probes", "matmul,attention", "--timeout", "15",
+    rc, data, out = _run(tmp_path, "--probes", "matmul,collectives", "--timeout", "15",
                          "--inject", "hang:rank=1,probe=matmul")
     assert rc == 1, out[-3000:]
     ranks = _by_rank(data)
@@ -48,7 +48,7 @@ def test_hang_is_a_timeout_on_that_rank_and_the_run_goes_on(tmp_path: Path) -> N
     assert mm[0]["error"]["kind"] == "timeout" and "15s watchdog" in mm[0]["error"]["message"]
     assert all(r["error"]["message"].startswith("not run") for r in mm[1:])
     # later probes ran in a fresh host process, on every rank
-    att = [r for r in r1 if r["probe"] == "attention"]
+    att = [r for r in r1 if r["probe"] == "collectives"]
     assert att and all(r["verdict"] == "pass" for r in att)
     # nothing reported twice, nothing missing: every (probe, case, rank) exactly once
     keys = [(r["probe"], r["case"], r["rank"]) for r in res]
