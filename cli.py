@@ -125,21 +125,42 @@ def _link_extra(pairing: str, declared: str | None) -> dict[str, str]:
 @main.command()
 @click.option("--probes", default="", help="Comma-separated probes to run [default: every probe the devices allow].")
 @click.option("--backend", type=click.Choice(["auto", "torch", "jax"]), default="auto", show_default=True,
-              help="torch: one worker per device; jax: the probes through JAX/XLA in this process on every "
-                   "device JAX sees (TPUs; docs/jax.md); auto: jax when JAX sees TPUs here, else torch.")
+              help="torch: one worker per device; jax: the probes through JAX/XLA in one process driving every "
+                   "device JAX sees on this host (TPUs; docs/jax.md); auto: jax when JAX sees TPUs here, else torch.")
+@click.option("--coordinator", default=None, metavar="HOST:PORT",
+              help="--backend jax on several hosts: process 0's address (it serves the JAX coordinator there and "
+                   "chipcheck's results store on PORT+1) [default: $CHIPCHECK_JAX_COORDINATOR, or what JAX "
+                   "detects under Slurm / on TPU pods].")
+@click.option("--num-processes", type=int, default=None, help="Multi-host JAX: processes in the job, one per host.")
+@click.option("--process-id", type=int, default=None, help="Multi-host JAX: this process's id, 0 .. N-1.")
 @common_options
-def run(probes: str, backend: str, **kw: Any) -> None:
+def run(probes: str, backend: str, coordinator: str | None, num_processes: int | None, process_id: int | None,
+        **kw: Any) -> None:
     """Run the probes on every device and judge them: pass, wrong, slow, flaky or error."""
     names = tuple(p.strip() for p in probes.split(",") if p.strip())
+    given = [x is not None for x in (coordinator, num_processes, process_id)]
+    if any(given) and backend == "torch":
+        _fail("--coordinator/--num-processes/--process-id are for --backend jax (torch runs use torchrun or "
+              "`chipcheck sweep`)")
     if backend == "auto":
         from .fleet import jax_devices
 
-        backend = "jax" if jax_devices.sees_tpu() else "torch"
+        backend = "jax" if any(given) or jax_devices.sees_tpu() else "torch"
     executor = None
     if backend == "jax":
-        from .fleet import jax_runner
+        import functools
 
-        executor = jax_runner.execute
+        from .fleet import jax_multihost, jax_runner
+
+        try:
+            if any(given) and not all(given):
+                raise jax_multihost.MultiHostSpecError(
+                    "a multi-host run needs all of --coordinator, --num-processes and --process-id")
+            spec = (jax_multihost.MultiHost(coordinator=coordinator, num_processes=num_processes, process_id=process_id)
+                    if all(given) else jax_multihost.MultiHost.resolve())
+        except jax_multihost.MultiHostSpecError as e:
+            _fail(str(e))
+        executor = functools.partial(jax_runner.execute, multihost=spec)
     _execute(lambda: _options(kw, names, {}), kw, executor=executor)
 
 

@@ -85,7 +85,7 @@ def run(opts: Any, dopts: DistributedOptions) -> int:
     timeout = opts.timeout_s or runner.DEFAULT_TIMEOUT_S.get(opts.profile) or 600.0
     # Rendezvous through a TCPStore that outlives the process group: rank 0 learns who joined
     # (and names who did not), and results travel through it even when a collective broke.
-    kv = _Rendezvous(rank, world, timeout)
+    kv = Rendezvous(rank, world, timeout)
     kv.store.set(f"chipcheck/joined/{rank}", json.dumps(info.to_dict()))
     if rank == 0:
         joined = kv.wait_for("joined", time.monotonic() + timeout)
@@ -166,17 +166,21 @@ def run(opts: Any, dopts: DistributedOptions) -> int:
     return code
 
 
-class _Rendezvous:
-    """The job's key-value store (MASTER_ADDR:MASTER_PORT, rank 0 hosts it)."""
+class Rendezvous:
+    """The job's key-value store (MASTER_ADDR:MASTER_PORT unless given; rank 0 hosts it).
 
-    def __init__(self, rank: int, world: int, timeout: float):
+    It outlives the job's process group (torch.distributed, or a JAX job's coordinator): results
+    travel through it even when a collective broke, and rank 0 learns who never arrived.
+    """
+
+    def __init__(self, rank: int, world: int, timeout: float, addr: str | None = None, port: int | None = None):
         import torch.distributed as dist
 
         self.rank, self.world = rank, world
         # Under torchrun the agent already hosts the store at MASTER_PORT: every worker is a client.
-        agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
-        self.store = dist.TCPStore(os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                                   int(os.environ.get("MASTER_PORT", "29500")), world,
+        agent = addr is None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+        self.store = dist.TCPStore(addr or os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                                   port or int(os.environ.get("MASTER_PORT", "29500")), world,
                                    is_master=rank == 0 and not agent,
                                    timeout=datetime.timedelta(seconds=timeout), wait_for_workers=False)
 

@@ -61,6 +61,7 @@ class HostPlan:
     probes: list[str] = field(default_factory=list)  # empty: every JAX probe the devices allow
     inject: list[str] = field(default_factory=list)
     done: list[Task] = field(default_factory=list)  # already reported: skipped by a restarted host process
+    multihost: dict[str, Any] | None = None  # jax_multihost.MultiHost's fields: join that job first
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -98,18 +99,26 @@ def validate_jax(opts: RunOptions) -> None:
 # ---- the supervisor ---------------------------------------------------------------------------
 
 
-def execute(opts: RunOptions, store: Store, *, on_result: Callable[[ProbeResult], None] | None = None) -> RunSummary:
-    """Run the JAX probes on this host's JAX devices; every result is in `store` the moment it exists."""
+def execute(opts: RunOptions, store: Store, *, on_result: Callable[[ProbeResult], None] | None = None,
+            multihost: Any = None) -> RunSummary:
+    """Run the JAX probes on this host's JAX devices; every result is in `store` the moment it exists.
+
+    `multihost` (a jax_multihost.MultiHost of more than one process): this host is one process of
+    a multi-host job; every process's supervisor runs this, and each ends with the whole job's
+    results (exchanged through a key-value store at the coordinator's port + 1), judged alike.
+    """
     validate_jax(opts)
-    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
     timeout = opts.timeout_s or DEFAULT_TIMEOUT_S[opts.profile]
+    job = _Job.join(multihost, timeout) if multihost is not None and multihost.num_processes > 1 else None
+    run_id = job.run_id if job else time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
     started = time.time()
     plan = HostPlan(run_id=run_id, profile=opts.profile, seed=opts.seed, probes=list(opts.probes),
-                    inject=list(opts.inject))
+                    inject=list(opts.inject), multihost=asdict(multihost) if job else None)
     store.begin_run(run_id, host=socket.gethostname(), profile=opts.profile, seed=opts.seed,
                     argv=opts.argv or sys.argv,
                     config={"devices": opts.devices, "probes": list(opts.probes), "inject": list(opts.inject),
-                            "backend": "jax", "timeout_s": timeout, "min_gap": opts.min_gap, "pid": os.getpid()})
+                            "backend": "jax", "timeout_s": timeout, "min_gap": opts.min_gap, "pid": os.getpid(),
+                            **({"multihost": multihost.label} if job else {})})
     collected: list[ProbeResult] = []
 
     def keep(r: ProbeResult) -> None:
@@ -120,6 +129,9 @@ def execute(opts: RunOptions, store: Store, *, on_result: Callable[[ProbeResult]
 
     sup = _Supervisor(plan, timeout, keep, lambda devs: store.add_devices(run_id, enumerate(devs)))
     devs = sup.run()
+    if job:
+        for r in job.exchange(collected, sup, timeout):
+            keep(r)
     summary, judgements = judge(run_id, dict(enumerate(devs)), collected, opts, started)
     store.add_judgements(run_id, judgements)
     store.end_run(run_id, summary.verdict)
@@ -133,6 +145,7 @@ class _Supervisor:
                  on_devices: Callable[[list[DeviceInfo]], None]):
         self.plan, self.timeout_s, self.keep, self.on_devices = plan, timeout_s, keep, on_devices
         self.devs: list[DeviceInfo] = []
+        self.local: list[int] = []  # the ranks this host drives (all of them on a single host)
         self.done: set[Task] = set()
         self.workdir = tempfile.mkdtemp(prefix=f"chipcheck-{plan.run_id}-jax-")
         self.starts = 0
@@ -142,6 +155,10 @@ class _Supervisor:
             self.starts += 1
             finished = self._one_process()
             if finished:
+                return self.devs
+            if self.plan.multihost:
+                # the job's other processes lost their peer with this one: no fresh job to rejoin
+                self._abandon()
                 return self.devs
 
     def _one_process(self) -> bool:
@@ -173,7 +190,7 @@ class _Supervisor:
                     break
                 if msg["t"] == "hello":
                     hello, since = True, time.monotonic()
-                    self._hello([DeviceInfo.from_dict(d) for d in msg["devices"]])
+                    self._hello([DeviceInfo.from_dict(d) for d in msg["devices"]], list(msg["local_ranks"]))
                 elif msg["t"] == "usage":
                     usage = msg["message"]
                 elif msg["t"] == "start":
@@ -201,9 +218,9 @@ class _Supervisor:
         self._lost(current, killed, code, log_path)
         return False
 
-    def _hello(self, devs: list[DeviceInfo]) -> None:
+    def _hello(self, devs: list[DeviceInfo], local: list[int]) -> None:
         if not self.devs:
-            self.devs = devs
+            self.devs, self.local = devs, local
             self.on_devices(devs)
         elif [d.uuid for d in devs] != [d.uuid for d in self.devs]:
             raise UsageError("the JAX devices changed between host processes "
@@ -230,15 +247,86 @@ class _Supervisor:
                 self._record(error_result(p.run_id, p.seed, self.devs[rank], rank, probe, c, ErrorKind.CRASH,
                                           f"not run: the JAX host process was lost in {probe} {case}"))
 
-    def _cases_left(self, probe: str, ranks: list[int]) -> list[str]:
+    def _abandon(self) -> None:
+        """Multi-host: every case this host has not reported is recorded as not run."""
+        p = self.plan
+        for probe in _names(p.probes, len(self.devs)):
+            for c in self._cases_left(probe, self.local):
+                for rank in self.local:
+                    self._record(error_result(p.run_id, p.seed, self.devs[rank], rank, probe, c, ErrorKind.CRASH,
+                                              "not run: this host's JAX process was lost earlier in the job"))
+
+    def planned(self) -> list[Task]:
+        """Every (probe, case, rank) of the run."""
         kind = "cpu" if self.devs[0].kind.value == "cpu" else "cuda"
-        return [c for c in _cases(self.plan.profile, probe, len(self.devs), kind)
-                if any((probe, c, r) not in self.done for r in ranks)]
+        n = len(self.devs)
+        return [(probe, c, r) for probe in _names(self.plan.probes, n)
+                for c in _cases(self.plan.profile, probe, n, kind) for r in range(n)]
+
+    def _cases_left(self, probe: str, ranks: list[int]) -> list[str]:
+        return [c for probe_, c, r in self.planned() if probe_ == probe and r == ranks[0]
+                and any((probe, c, k) not in self.done for k in ranks)]
 
     def _record(self, r: ProbeResult) -> None:
         if (r.probe, r.case, r.rank) not in self.done:
             self.done.add((r.probe, r.case, r.rank))
             self.keep(r)
+
+
+class _Job:
+    """This supervisor's part in a multi-host job: the run id from process 0, and every process's
+    results at the end, through a key-value store (torch's TCPStore) that process 0's supervisor
+    serves at the coordinator's port + 1. It lives outside the JAX processes, so the results of a
+    job whose collective hung or whose host died still reach everyone."""
+
+    def __init__(self, spec: Any, kv: Any, run_id: str):
+        self.spec, self.kv, self.run_id = spec, kv, run_id
+
+    @staticmethod
+    def join(spec: Any, timeout: float) -> _Job:
+        from . import jax_multihost
+        from .distributed import Rendezvous
+
+        host, port = jax_multihost.split_address(spec.coordinator)
+        if port >= 65535:
+            raise UsageError(f"coordinator port {port}: chipcheck also needs port {port + 1} there")
+        try:
+            kv = Rendezvous(spec.process_id, spec.num_processes, max(timeout, STARTUP_TIMEOUT_S), addr=host,
+                            port=port + 1)
+        except Exception as e:  # TCPStore raises RuntimeError/DistStoreError: unreachable or port taken
+            raise UsageError(f"{spec.label}: cannot reach the results store at {host}:{port + 1}: "
+                             f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
+        if spec.process_id == 0:
+            run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+            kv.store.set("chipcheck/go", run_id)
+        else:
+            got = kv.wait_go(time.monotonic() + max(timeout, STARTUP_TIMEOUT_S))
+            if got is None:
+                raise UsageError(f"{spec.label}: process 0 never started the run")
+            run_id = got
+        return _Job(spec, kv, run_id)
+
+    def exchange(self, mine: list[ProbeResult], sup: _Supervisor, timeout: float) -> list[ProbeResult]:
+        """Publish this host's results; return every other process's (and an error for each case a
+        process never reported: its host died or never finished)."""
+        pid, n = self.spec.process_id, self.spec.num_processes
+        self.kv.store.set(f"chipcheck/results/{pid}", json.dumps([r.to_dict() for r in mine]))
+        parts = self.kv.wait_for("results", time.monotonic() + timeout)
+        theirs = [ProbeResult.from_dict(d) for p, v in sorted(parts.items()) if p != pid for d in json.loads(v)]
+        have = {(r.probe, r.case, r.rank) for r in [*mine, *theirs]}
+        p = sup.plan
+        silent = sorted(set(range(n)) - set(parts))
+        for probe, case, rank in sup.planned():
+            if (probe, case, rank) not in have:
+                info = sup.devs[rank]
+                theirs.append(error_result(p.run_id, p.seed, info, rank, probe, case, ErrorKind.CRASH,
+                                           f"rank {rank} ({info.label} on {info.host}) never reported {probe} {case}: "
+                                           f"process(es) {silent} of the JAX job sent no results within "
+                                           f"{timeout:g}s"))
+        self.kv.store.set(f"chipcheck/read/{pid}", "1")
+        if pid == 0:  # the store lives in this process: keep it up until every reader is done
+            self.kv.wait_for("read", time.monotonic() + 60.0)
+        return theirs
 
 
 def _reader(proc: subprocess.Popen[bytes], q: queue.Queue[dict[str, Any] | None]) -> None:
@@ -272,6 +360,13 @@ def _tail(path: Path, lines: int = 3) -> str:
 # ---- the host process -------------------------------------------------------------------------
 
 
+def _names(probes: list[str], n_devices: int) -> list[str]:
+    """The probes of a run: those asked for, else every JAX probe the job's devices allow."""
+    from ..probes import base
+
+    return list(probes) or [p for p in PROBES if base.registry()[p].min_devices <= n_devices]
+
+
 def _config(profile: str, probe: str, device_kind: str) -> Any:
     from ..probes import base, jax_attention
 
@@ -299,17 +394,28 @@ def host_run(plan: HostPlan, send: Callable[[dict[str, Any]], None]) -> int:
     from . import jax_devices
     from .worker import _run_one, stamp
 
+    if plan.multihost:
+        from . import jax_multihost
+
+        spec = jax_multihost.MultiHost(**{**plan.multihost, "local_device_ids": plan.multihost["local_device_ids"]
+                                          and tuple(plan.multihost["local_device_ids"])})
+        try:
+            jax_multihost.initialize(spec)  # before anything starts a JAX backend
+        except jax_multihost.MultiHostError as e:
+            send({"t": "usage", "message": str(e)})
+            return 2
     settings = jb.init()
     try:
-        jdevs, infos = jax_devices.discover()
+        job = jax_devices.discover_global(os.environ.get("CHIPCHECK_HOSTNAME") or None)
     except jax_devices.DeviceSpecError as e:
         send({"t": "usage", "message": str(e)})
         return 2
+    jdevs, infos, local = job.devices, job.infos, list(job.local)
     if "collectives" in plan.probes and len(infos) < 2:
         send({"t": "usage", "message": f"probe 'collectives' needs at least 2 devices; JAX sees {len(infos)} "
                                        "on this host"})
         return 2
-    names = plan.probes or [p for p in PROBES if base.registry()[p].min_devices <= len(infos)]
+    names = _names(plan.probes, len(infos))
     # TPUs and GPUs take the accelerator shapes; the profiles' "cuda" rows are those
     kind = "cpu" if infos[0].kind.value == "cpu" else "cuda"
     try:
@@ -317,7 +423,10 @@ def host_run(plan: HostPlan, send: Callable[[dict[str, Any]], None]) -> int:
     except base.InvalidConfig as e:
         send({"t": "usage", "message": str(e)})
         return 2
-    send({"t": "hello", "pid": os.getpid(), "devices": [i.to_dict() for i in infos], "settings": settings})
+    if plan.multihost:
+        settings["process_index"], settings["process_count"] = job.process_index, job.process_count
+    send({"t": "hello", "pid": os.getpid(), "devices": [i.to_dict() for i in infos], "local_ranks": local,
+          "settings": settings})
     fault_list = [f for spec in plan.inject for f in faults.parse(spec)]
     done = set(plan.done)
 
@@ -340,10 +449,11 @@ def host_run(plan: HostPlan, send: Callable[[dict[str, Any]], None]) -> int:
             if name == "collectives":
                 from ..probes import jax_collectives
 
-                run(name, case, list(range(len(jdevs))),
-                    lambda case=case, cfg=cfg, inj=injectors: jax_collectives.run_case(jdevs, cfg, case, inj))
+                run(name, case, local, lambda case=case, cfg=cfg, inj=injectors: [
+                    outs[r] for outs in [jax_collectives.run_ranks(jdevs, cfg, case, inj)] for r in local])
                 continue
-            for rank, d in enumerate(jdevs):
+            for rank in local:
+                d = jdevs[rank]
                 run(name, case, [rank], lambda d=d, case=case, name=name, cfg=cfg, inj=injectors[rank]: _one_device(
                     name, d, cfg, case, plan.seed, inj))
     send({"t": "bye"})
