@@ -270,19 +270,35 @@ def _mag(ref: dict[str, np.ndarray]) -> dict[str, float]:
 
 def _compare(ref: np.ndarray, act: np.ndarray, tol: np.ndarray, tensor: str, oracle: Oracle,
              note: str = "") -> Mismatch | None:
-    """Elements outside the tolerance, with (batch, head, row, col) indices; NaN is always outside."""
+    """Elements outside the tolerance, diagnosed as the torch probe's `tolerance_mismatch`:
+    (batch, head, row, col) indices, expected (rounded to the output dtype) vs actual bits, and
+    the histogram of flipped bit positions over the bad elements. NaN is always outside."""
     act64 = act.astype(np.float64)
     err = np.abs(act64 - ref)
     bad = ~(err <= tol)
     n_bad = int(bad.sum())
     if n_bad == 0:
         return None
-    where = np.argwhere(bad)[:8]
+    flat = np.flatnonzero(bad)[:4096]
+    width = act.dtype.itemsize * 8
+    e_bits = npo.int_view(np.ascontiguousarray(ref.reshape(-1)[flat].astype(act.dtype))).astype(np.int64)
+    a_bits = npo.int_view(np.ascontiguousarray(act.reshape(-1)[flat])).astype(np.int64)
+    xor = e_bits ^ a_bits
+    hist = {b: int(((xor >> b) & 1).sum()) for b in range(width)}
+    listed = flat[:8]
+    where = [[int(x) for x in np.unravel_index(int(i), act.shape)] for i in listed]
+    rows = sorted({tuple(int(x) for x in np.unravel_index(int(i), act.shape)[:3]) for i in flat})
     finite = err[np.isfinite(err)]
+    mask = (1 << width) - 1
     return Mismatch(oracle=oracle, tensor=tensor, bad_elements=n_bad, total_elements=int(bad.size),
-                    first_indices=[list(map(int, w)) for w in where],
-                    expected=[float(ref[tuple(w)]) for w in where], actual=[float(act64[tuple(w)]) for w in where],
-                    max_abs_error=float(finite.max()) if finite.size else math.inf, note=note)
+                    first_indices=where, expected=[float(ref.reshape(-1)[i]) for i in listed],
+                    actual=[float(act64.reshape(-1)[i]) for i in listed],
+                    expected_bits=[format(int(x) & mask, f"0{width}b") for x in e_bits[:8]],
+                    actual_bits=[format(int(x) & mask, f"0{width}b") for x in a_bits[:8]],
+                    bit_histogram={b: c for b, c in hist.items() if c},
+                    max_abs_error=float(finite.max()) if finite.size else math.inf,
+                    note=(f"{note} bad_rows={len(rows)} rows(b,h,i)={[list(r) for r in rows[:8]]} "
+                          f"tol_max={float(np.max(tol)):.3g}").strip())
 
 
 def _canon(a: np.ndarray) -> np.ndarray:
@@ -361,7 +377,8 @@ def run_case(device: Any, cfg: Config, case: str, seed: int, inj: jb.Injector) -
         res, dt_s = inj.call(OP, lambda: kernel(q, k, v, do, mask))
         times.append(dt_s)
         hosts = [jb.to_host(x) for x in res]
-        inj.corrupt(hosts[0])  # the forward output, as a fault in the kernel would land
+        for i, h in enumerate(hosts):  # out, dq, dk, dv: a fault's `output=` picks one (default out)
+            inj.corrupt(h, output=i)
         found = [m for name, h in zip(TENSORS, hosts, strict=True) if (m := npo.nonfinite(h, tensor=name))]
         found += check(dict(zip(TENSORS, hosts, strict=True)), r)
         for m in found:

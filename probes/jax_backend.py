@@ -174,8 +174,9 @@ class Injector:
         out, dt = timed(fn)
         return out, dt + stall(dt * (factor - 1.0))
 
-    def corrupt(self, host: np.ndarray) -> np.ndarray:
-        """Apply the value faults due for the last call to `host` in place (and return it)."""
+    def corrupt(self, host: np.ndarray, output: int = 0) -> np.ndarray:
+        """Apply the value faults due for the last call to `host`, the kernel's output number
+        `output` (a fault's `output=`, default 0), in place (and return it)."""
         if not self._due or host.size == 0:
             return host
         import torch
@@ -184,13 +185,12 @@ class Injector:
 
         dt_name = host.dtype.name
         for f, n in self._due:
-            if f.dtype and f.dtype != dt_name:
+            if (f.output or 0) != output or (f.dtype and f.dtype != dt_name):
                 continue
             if f.kind == "nan" and host.dtype.kind != "f" and dt_name != "bfloat16":
                 continue  # an integer output has no NaN
             t = _torch_view(host, torch)
             faults.corrupt(f, t, n)
-        self._due = []
         return host
 
 

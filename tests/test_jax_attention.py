@@ -208,3 +208,17 @@ def test_the_mask_reaches_the_formula_the_reference_and_the_second_opinion(monke
     monkeypatch.setattr(jax.nn, "dot_product_attention", lambda *a, bias=None, **kw: real_dpa(*a, **kw))
     out = _run("float32/mask")
     assert [(m.oracle, m.tensor) for m in out.mismatches] == [(Oracle.CROSS_BACKEND, "out")]
+
+
+@pytest.mark.parametrize(("case", "output", "tensor", "oracle"), [
+    ("float32/exact", 1, "dq", Oracle.EXACT), ("float32/full", 3, "dv", Oracle.REFERENCE),
+    ("bfloat16/causal", 2, "dk", Oracle.REFERENCE)])
+def test_a_fault_in_a_gradient_is_caught_there_with_its_bits(case: str, output: int, tensor: str,
+                                                             oracle: Oracle) -> None:
+    bit = 30 if case.startswith("float32") else 14  # an exponent bit: far outside any tolerance
+    out = _run(case, f"bitflip:rank=0,bit={bit},op=attention,output={output}")
+    assert out.verdict is Verdict.WRONG
+    m = next(m for m in out.mismatches if m.oracle is oracle)
+    assert m.tensor == tensor and m.bad_elements == 1 and bit in m.bit_histogram
+    assert len(m.expected_bits) == len(m.actual_bits) == 1 and m.expected_bits != m.actual_bits
+    assert not any(x.tensor == "out" for x in out.mismatches if x.oracle is oracle)
