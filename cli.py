@@ -310,16 +310,18 @@ def _write_reports(summary: Any, outputs: list[tuple[str, str]]) -> None:
 
 
 @main.command()
-@click.argument("run_id", default="latest", metavar="[RUN_ID|latest]")
+@click.argument("run_ids", nargs=-1, metavar="[RUN_ID|latest]...")
 @click.option("--db", "db_path", default=None, type=click.Path(dir_okay=False),
               help="SQLite results store [default: ~/.local/state/chipcheck/results.db].")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True,
               help="text (the terminal table), json (chipcheck.run/1), junit (XML for CI), html (self-contained).")
 @click.option("-o", "--output", default="-", show_default=True, help="File to write ('-' for stdout).")
-def report(run_id: str, db_path: str | None, fmt: str, output: str) -> None:
+def report(run_ids: tuple[str, ...], db_path: str | None, fmt: str, output: str) -> None:
     """Render a stored run (default: the latest) as text, JSON, JUnit XML or HTML.
 
-    Exits like `chipcheck run`: 0 when every device passed, 1 when any failed, 2 for a bad run id or store.
+    Several run ids make one report of them side by side (e.g. the torch run of the GPU hosts and
+    the JAX run of the TPU hosts), each judged as it was. Exits like `chipcheck run`: 0 when every
+    device passed, 1 when any failed, 2 for a bad run id or store.
     """
     from .fleet import reload
     from .fleet.runner import UsageError
@@ -331,7 +333,7 @@ def report(run_id: str, db_path: str | None, fmt: str, output: str) -> None:
             _check_writable(Path(output), "-o")
         store = reload.open_existing(db_path or default_path())
         try:
-            summary = reload.load(store, run_id)
+            summary = reload.load_many(store, list(run_ids) or [reload.LATEST])
             extras = reload.extras(store, summary) if fmt in ("html", "junit") else None
         finally:
             store.close()

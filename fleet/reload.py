@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ class RunRecord:
     profile: str
     seed: int
     min_gap: float
+    backend: str = "torch"
 
 
 def open_existing(path: str | Path) -> Store:
@@ -75,10 +76,13 @@ def record(store: Store, run_id: str) -> RunRecord:
     if row is None:
         raise RunNotFound(f"no run {run_id!r} in {store.path}")
     try:
-        min_gap = float(json.loads(row[5]).get("min_gap", analysis.SlowPolicy().min_gap))
+        config = json.loads(row[5])
+        min_gap = float(config.get("min_gap", analysis.SlowPolicy().min_gap))
+        backend = str(config.get("backend", "torch"))
     except (ValueError, AttributeError):
-        min_gap = analysis.SlowPolicy().min_gap
-    return RunRecord(run_id=row[0], started=row[1], ended=row[2], profile=row[3], seed=row[4], min_gap=min_gap)
+        min_gap, backend = analysis.SlowPolicy().min_gap, "torch"
+    return RunRecord(run_id=row[0], started=row[1], ended=row[2], profile=row[3], seed=row[4], min_gap=min_gap,
+                     backend=backend)
 
 
 def load(store: Store, run_id: str = LATEST) -> RunSummary:
@@ -101,6 +105,36 @@ def load(store: Store, run_id: str = LATEST) -> RunSummary:
     return summarize(rec.run_id, devices, results, judgements, groups, profile=rec.profile, seed=rec.seed,
                      started=rec.started, ended=ended, links=store.links(rec.run_id), findings=lib.findings,
                      exonerate=lib.exonerate, fleet_verdict=lib.fleet_verdict)
+
+
+def load_many(store: Store, run_ids: list[str]) -> RunSummary:
+    """Several stored runs as one report, side by side: e.g. the torch run of the GPU hosts and the
+    JAX run of the TPU hosts. Each run is judged as it was (its own consensus groups, its own slow
+    peers: a fingerprint holds the backend, so no vote mixes them); devices are ranked run after run
+    and keep their host, uuid and fingerprint. The verdict is the worst; links are kept only when
+    one run has them."""
+    ids = list(dict.fromkeys(resolve(store, r) for r in run_ids))
+    if len(ids) == 1:
+        return load(store, ids[0])
+    parts = [(record(store, r), load(store, r)) for r in ids]
+    devices, groups, findings = [], [], []
+    links = [s.links for _, s in parts if s.links is not None]
+    for rec, s in parts:
+        off = len(devices)
+        devices += [replace(d, rank=d.rank + off) for d in s.devices]
+        groups += [replace(g, dissenters=tuple(r + off for r in g.dissenters)) for g in s.groups]
+        span = f"ranks {off}-{len(devices) - 1}" if s.devices else "no devices"
+        findings.append(f"run {rec.run_id}: {span}, backend {rec.backend}, profile {rec.profile}, "
+                        f"verdict {s.verdict.value}")
+        findings += [f"run {rec.run_id}: {f}" for f in s.findings]
+    summaries = [s for _, s in parts]
+    profiles = {s.profile for s in summaries}
+    seeds = {s.seed for s in summaries}
+    return RunSummary(run_id="+".join(ids), verdict=Verdict.worst([s.verdict for s in summaries]),
+                      started=min(s.started for s in summaries), ended=max(s.ended for s in summaries),
+                      profile=profiles.pop() if len(profiles) == 1 else "mixed",
+                      seed=seeds.pop() if len(seeds) == 1 else summaries[0].seed, devices=devices, groups=groups,
+                      links=links[0] if len(links) == 1 else None, findings=findings)
 
 
 MAX_HISTORY_DEVICES = 500
