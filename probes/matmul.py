@@ -1,4 +1,4 @@
-"""Deterministic GEMM probe.
+"""Deterministic GEMM probe, written once against the backend layer (probes/backends/).
 
 Catches: silent tensor-core / datapath / memory corruption in GEMMs, nondeterministic chips,
 throttled chips (throughput is measured here and judged against the fleet later).
@@ -12,12 +12,16 @@ Two cases per dtype:
   columns, locating the bad elements), repeat-determinism, a sampled fp64 reference with a
   dtype-aware tolerance, non-finite values, and a hash for fleet consensus.
 
-Cost: each check is O(n^2) against the O(n^3) GEMM (see benchmarks/bench_matmul_overhead.py).
+`run(bk, cfg, case, seed)` is the probe: inputs, case flow, the repeat loop, the oracle calls
+(probes/backends/oracles.py, on the backend's device) and the metrics. `MatmulProbe` runs it on
+a torch device (backends.torch), probes/jax_matmul.py on a JAX device (backends.jax), and the
+numpy reference backend (backends.numpy) on the host.
+
+Cost: each check is O(n^2) against the O(n^3) GEMM (see `benchmarks/bench_matmul.py overhead`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -25,14 +29,19 @@ from typing import Any
 
 from ..results import Mismatch, Oracle
 from . import generator as g
-from . import oracles
-from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, Unsupported, profile_table, register
+from .backends import oracles as ora
+from .backends.base import Backend
+from .backends.base import Kernel as KernelLike
+from .backends.torch import Kernel, TorchBackend
+from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, profile_table, register
+
+__all__ = ["ALL_DTYPES", "NEEDS", "Kernel", "MatmulProbe", "hadamard", "hadamard_inputs", "run", "sylvester",
+           "validate"]
 
 ALL_DTYPES = ("float32", "tf32", "bfloat16", "float16", "float8_e4m3fn")
 # dtypes that need a capability of the device (reported by fleet.devices)
 NEEDS = {"tf32": "tf32", "float8_e4m3fn": "fp8"}
-
-
+MODES = ("exact", "random")
 
 
 @register("matmul")
@@ -62,18 +71,10 @@ class MatmulProbe(Probe):
         return cfg
 
     def cases(self, cfg: Config) -> list[str]:
-        return [f"{d}/{mode}" for d in cfg.sizes for mode in ("exact", "random")]
+        return [f"{d}/{mode}" for d in cfg.sizes for mode in MODES]
 
     def run_case(self, ctx: ProbeContext, cfg: Config, case: str) -> CaseOutcome:
-        dtype_name, _, mode = case.partition("/")
-        if dtype_name not in cfg.sizes or mode not in ("exact", "random"):
-            raise InvalidConfig(f"unknown matmul case {case!r}")
-        n = cfg.sizes[dtype_name]
-        kernel = Kernel.for_dtype(dtype_name, ctx.device)
-        seed = ctx.seed ^ g.stream_id(case)
-        if mode == "exact":
-            return _run_exact(ctx, cfg, case, kernel, n, seed)
-        return _run_random(ctx, cfg, case, kernel, n, seed)
+        return run(TorchBackend.of(ctx), cfg, case, ctx.seed)
 
 
 def validate(cfg: MatmulProbe.Config) -> None:
@@ -86,60 +87,21 @@ def validate(cfg: MatmulProbe.Config) -> None:
         raise InvalidConfig("matmul: repeats must be >= 2 (repeat-determinism compares calls)")
 
 
-@dataclass(frozen=True, slots=True)
-class Kernel:
-    """How one dtype's GEMM is called, and the numbers its error model needs."""
-
-    name: str
-    in_dtype: Any
-    out_dtype: Any
-    u_in: float  # relative rounding of inputs inside the kernel (tf32 rounds fp32 inputs)
-    tf32: bool = False
-
-    @staticmethod
-    def for_dtype(name: str, device: Any) -> Kernel:
-        import torch
-
-        if name == "float32":
-            return Kernel(name, torch.float32, torch.float32, 0.0)
-        if name == "tf32":
-            if device.type != "cuda":
-                raise Unsupported("tf32 needs a CUDA device with tensor cores")
-            return Kernel(name, torch.float32, torch.float32, 2.0**-11, tf32=True)
-        if name in ("bfloat16", "float16"):
-            dt = getattr(torch, name)
-            return Kernel(name, dt, dt, 0.0)
-        if name == "float8_e4m3fn":
-            if device.type != "cuda" or not hasattr(torch, "float8_e4m3fn"):
-                raise Unsupported("fp8 GEMM needs a CUDA device with fp8 tensor cores (sm_89+)")
-            return Kernel(name, torch.float8_e4m3fn, torch.bfloat16, 0.0)
-        raise InvalidConfig(f"unknown dtype {name!r}")
-
-    @contextlib.contextmanager
-    def settings(self) -> Any:
-        import torch
-
-        prev = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = self.tf32
-        try:
-            yield
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = prev
-
-    def prepare(self, a32: Any, b32: Any) -> tuple[Any, Any]:
-        """Inputs in this kernel's dtype (and layout: fp8 wants B column-major)."""
-        a, b = a32.to(self.in_dtype), b32.to(self.in_dtype)
-        if self.name == "float8_e4m3fn":
-            b = b.t().contiguous().t()
-        return a, b
-
-    def __call__(self, a: Any, b: Any) -> Any:
-        import torch
-
-        if self.name == "float8_e4m3fn":
-            one = torch.ones((), dtype=torch.float32, device=a.device)
-            return torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=self.out_dtype)
-        return torch.matmul(a, b)
+def run(bk: Backend, cfg: MatmulProbe.Config, case: str, seed: int) -> CaseOutcome:
+    """One matmul case on backend `bk`; `seed` is the run's base seed (the case's stream is mixed in here)."""
+    dtype_name, _, mode = case.partition("/")
+    if dtype_name not in cfg.sizes or mode not in MODES:
+        raise InvalidConfig(f"unknown matmul case {case!r}")
+    n = cfg.sizes[dtype_name]
+    kernel = bk.kernel(dtype_name)
+    seed ^= g.stream_id(case)
+    out = CaseOutcome(case=case, params={"m": n, "n": n, "k": n, "dtype": kernel.name, "mode": mode,
+                                         "out_dtype": kernel.out_name, **bk.params()})
+    setup = _exact if mode == "exact" else _random
+    a, b, check = setup(bk, cfg, kernel, n, seed, out)
+    times = _repeat(bk, cfg, kernel, a, b, out, check)
+    _finish(out, times, n)
+    return out
 
 
 # ---- exact case --------------------------------------------------------------------------
@@ -158,118 +120,117 @@ def _apply_perm(idx: Any, size: int, p: tuple[int, int, int]) -> Any:
     return ((idx * mult + add) % size) ^ xr
 
 
-def sylvester(n: int, device: Any) -> Any:
+def sylvester_on(bk: Backend, n: int) -> Any:
     """Sylvester's Hadamard matrix of order n (a power of two) in float32: H[r, c] = (-1)^popcount(r & c).
 
     Built by doubling, [[H, H], [H, -H]]: about n^2 writes, far cheaper than a parity per element.
     """
-    import torch
-
-    h = torch.ones((1, 1), dtype=torch.float32, device=device)
+    h = bk.cast(bk.index([1]), "float32").reshape(1, 1)
     while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], dim=1), torch.cat([h, -h], dim=1)], dim=0)
+        h = bk.concat([bk.concat([h, h], 1), bk.concat([h, -h], 1)], 0)
     return h
 
 
-def hadamard_inputs(n: int, seed: int, device: Any) -> tuple[Any, Any, Any]:
-    """(A, B, expected C) in float32 for the exact case; A B is k * diag-scaled signed permutation.
+def hadamard(bk: Backend, n: int, seed: int) -> tuple[Any, Any, Any]:
+    """(A, B, expected C) in float32 on `bk` for the exact case; A B is n * a signed (1, 2)-scaled permutation.
 
     A[i, l] = sa_i * H[pa(i), l],  B[l, j] = sb_j * H[l, pb(j)],  H[r, c] = (-1)^popcount(r & c),
     so (A B)[i, j] = sa_i sb_j n [pa(i) == pb(j)] because H H = n I for Sylvester's H.
-    sa in {+-1, +-2}, sb in {+-1}: the largest partial sum is 2n.
+    sa in {+-1, +-2}, sb in {+-1}: the largest partial sum is 2n. Bit-identical on every backend.
     """
-    import torch
-
-    idx = torch.arange(n, dtype=torch.int64, device=device)
-    pa, pb = _perm(n, seed, "hadamard/rows"), _perm(n, seed, "hadamard/cols")
-    ra = _apply_perm(idx, n, pa)
-    cb = _apply_perm(idx, n, pb)
-    sa = g.signs((n,), seed, "hadamard/sa", device=device) * (1 + ((g.hash_indices(g.key(seed, "hadamard/ma"), idx) >> 3) & 1))
-    sb = g.signs((n,), seed, "hadamard/sb", device=device)
-    h = sylvester(n, device)
-    a = h[ra] * sa.unsqueeze(1).to(torch.float32)
-    b = h[:, cb] * sb.unsqueeze(0).to(torch.float32)
-    # inverse of pb: the column j whose permuted index equals pa(i)
-    inv = torch.empty(n, dtype=torch.int64, device=device)
-    inv[cb] = idx
-    cols = inv[ra]
-    expected = torch.zeros((n, n), dtype=torch.float32, device=device)
-    expected[idx, cols] = (sa * sb[cols] * n).to(torch.float32)
+    idx = bk.arange(n)
+    ra = _apply_perm(idx, n, _perm(n, seed, "hadamard/rows"))
+    cb = _apply_perm(idx, n, _perm(n, seed, "hadamard/cols"))
+    ma = 1 + ((g.hash_indices(g.key(seed, "hadamard/ma"), idx, n - 1) >> 3) & 1)
+    sa = bk.cast(bk.signs((n,), seed, "hadamard/sa") * ma, "float32")
+    sb = bk.cast(bk.signs((n,), seed, "hadamard/sb"), "float32")
+    h = sylvester_on(bk, n)
+    a = h[ra] * sa[:, None]
+    b = h[:, cb] * sb[None, :]
+    # Elementwise, no scatter: C[i, j] = sa_i sb_j n where pa(i) == pb(j), else +0.
+    expected = bk.where(ra[:, None] == cb[None, :], sa[:, None] * (sb * n)[None, :], 0.0)
     return a, b, expected
 
 
-def _run_exact(ctx: ProbeContext, cfg: MatmulProbe.Config, case: str, kernel: Kernel, n: int,
-               seed: int) -> CaseOutcome:
-    a32, b32, e32 = hadamard_inputs(n, seed, ctx.device)
+def sylvester(n: int, device: Any) -> Any:
+    """`sylvester_on` for a torch device."""
+    return sylvester_on(TorchBackend(device), n)
+
+
+def hadamard_inputs(n: int, seed: int, device: Any) -> tuple[Any, Any, Any]:
+    """`hadamard` on a torch device: (A, B, expected C) as float32 tensors."""
+    return hadamard(TorchBackend(device), n, seed)
+
+
+def _exact(bk: Backend, cfg: MatmulProbe.Config, kernel: KernelLike, n: int, seed: int,
+           out: CaseOutcome) -> tuple[Any, Any, Any]:
+    a32, b32, e32 = hadamard(bk, n, seed)
     a, b = kernel.prepare(a32, b32)
-    expected = e32.to(kernel.out_dtype)
+    expected = bk.cast(e32, kernel.out_name)
     del a32, b32, e32
-    out = CaseOutcome(case=case, params={"m": n, "n": n, "k": n, "dtype": kernel.name, "mode": "exact",
-                                         "out_dtype": str(kernel.out_dtype).removeprefix("torch.")})
-    times = _repeat(ctx, cfg, kernel, a, b, out, lambda c, r: _check_exact(expected, c, out, r))
-    _finish(out, times, n)
-    return out
 
+    def check(c: Any, r: int) -> bool:
+        m = ora.compare_bits(bk, expected, c, tensor="C", oracle=Oracle.EXACT)
+        if m is not None:
+            _keep(out, m, r)
+        return m is not None
 
-def _check_exact(expected: Any, c: Any, out: CaseOutcome, r: int) -> bool:
-    m = oracles.compare_bits(expected, c, tensor="C", oracle=Oracle.EXACT)
-    if m is not None:
-        _keep(out, m, r)
-        return True
-    return False
+    return a, b, check
 
 
 # ---- random case -------------------------------------------------------------------------
 
 
-def _run_random(ctx: ProbeContext, cfg: MatmulProbe.Config, case: str, kernel: Kernel, n: int,
-                seed: int) -> CaseOutcome:
+def sample_rows(n: int, count: int) -> list[int]:
+    """The rows the float64 reference recomputes: evenly spread, as torch.linspace(...).long() gives them."""
     import torch
 
+    return torch.linspace(0, n - 1, min(count, n)).long().tolist()
+
+
+def _random(bk: Backend, cfg: MatmulProbe.Config, kernel: KernelLike, n: int, seed: int,
+            out: CaseOutcome) -> tuple[Any, Any, Any]:
     # B is A with its rows reversed: independent enough for every oracle (the product is not
     # symmetric, so a transposed result is still caught) at half the generation cost.
-    a32 = g.uniform((n, n), seed, "matmul/A", device=ctx.device)
-    a, b = kernel.prepare(a32, a32.flip(0))
+    a32 = bk.uniform((n, n), seed, "matmul/A")
+    a, b = kernel.prepare(a32, a32[(n - 1) - bk.arange(n)])
+    del a32
     # The oracles reason about the values the kernel was actually given (e.g. after fp8 rounding).
-    a_ref, b_ref = a.float(), b.float()
+    a_ref, b_ref = bk.cast(a, "float32"), bk.cast(b, "float32")
     sig = cfg.sigmas
-    plan = oracles.freivalds_plan(a_ref, b_ref, kernel.out_dtype, seed=seed, sigmas=sig, u_in=kernel.u_in)
-    rows = torch.linspace(0, n - 1, min(cfg.sample_rows, n), device=ctx.device).long()
-    out = CaseOutcome(case=case, params={"m": n, "n": n, "k": n, "dtype": kernel.name, "mode": "random",
-                                         "out_dtype": str(kernel.out_dtype).removeprefix("torch.")})
+    plan = ora.freivalds_plan(bk, a_ref, b_ref, kernel.out_name, seed=seed, sigmas=sig, u_in=kernel.u_in)
+    rows = sample_rows(n, cfg.sample_rows)
     first: list[Any] = []
     repeat0_bad = [False]
 
     def check(c: Any, r: int) -> bool:
-        bad = False
-        if r > 0 and oracles.same_bits(c, first[0]):
+        if r > 0 and ora.same_bits(bk, c, first[0]):
             # The same bits as the first call, which every oracle checked: nothing new to learn.
             return repeat0_bad[0]
-        fr = oracles.freivalds(plan, a_ref, b_ref, c, tensor="C")
+        bad = False
+        fr = ora.freivalds(bk, plan, a_ref, b_ref, c, tensor="C")
         # NaN/Inf always trip Freivalds (a NaN residual fails every comparison): look for them only then
         for m in filter(None, [
-            oracles.nonfinite(c, tensor="C") if fr is not None else None,
+            ora.nonfinite(bk, c, tensor="C") if fr is not None else None,
             fr,
-            oracles.sampled_reference(a_ref, b_ref, c, kernel.out_dtype, rows=rows, tensor="C", sigmas=sig,
-                                        u_in=kernel.u_in, b64=plan.b64)
+            ora.sampled_reference(bk, a_ref, plan.b64, c, kernel.out_name, rows=rows, tensor="C", sigmas=sig,
+                                u_in=kernel.u_in)
             if r == 0 else None,
         ]):
             _keep(out, m, r)
             bad = True
         if r == 0:
-            first.append(c.clone())
-            out.output_hash = oracles.tensor_hash(c)
+            first.append(bk.copy(c))
+            out.output_hash = ora.array_hash(bk, c)
             repeat0_bad[0] = bad
         else:
-            rep = oracles.compare_bits(first[0], c, tensor="C", oracle=Oracle.REPEAT)
+            rep = ora.compare_bits(bk, first[0], c, tensor="C", oracle=Oracle.REPEAT)
             if rep is not None:
                 out.nondeterministic = True
                 _keep(out, rep, r)
         return bad
 
-    times = _repeat(ctx, cfg, kernel, a, b, out, check)
-    _finish(out, times, n)
-    return out
+    return a, b, check
 
 
 # ---- shared ------------------------------------------------------------------------------
@@ -300,20 +261,18 @@ def _replace(m: Mismatch, **kw: Any) -> Mismatch:
     return replace(m, **kw)
 
 
-def _repeat(ctx: ProbeContext, cfg: MatmulProbe.Config, kernel: Kernel, a: Any, b: Any, out: CaseOutcome,
+def _repeat(bk: Backend, cfg: MatmulProbe.Config, kernel: KernelLike, a: Any, b: Any, out: CaseOutcome,
             check: Any) -> list[float]:
-    """Warm up, then call the GEMM `repeats`+ times; each call timed alone and checked."""
+    """Warm up, then call the GEMM `repeats`+ times (to `max_repeats` within the time budget or
+    the deadline); each call timed alone, under the backend's faults, and checked."""
     times: list[float] = []
     check_s = 0.0
     with kernel.settings():
-        with ctx.timer.exclusive():
-            kernel(a, b)  # warm-up: library heuristics, caches, clocks
-            ctx.timer.sync()
+        bk.warm_up(lambda: kernel(a, b))  # library heuristics, caches, clocks, compilation
         start = time.monotonic()
         r = 0
         while True:
-            with ctx.timer.exclusive(), ctx.under_test():
-                c, dt = ctx.timer.time(lambda: kernel(a, b))
+            c, dt = bk.run(kernel.op, lambda: kernel(a, b))
             times.append(dt)
             t0 = time.perf_counter()
             if check(c, r):
@@ -325,9 +284,10 @@ def _repeat(ctx: ProbeContext, cfg: MatmulProbe.Config, kernel: Kernel, a: Any, 
             if r >= cfg.max_repeats and r >= cfg.repeats:
                 break
             if r >= cfg.repeats:
+                deadline = bk.deadline
                 over_budget = time.monotonic() - start >= cfg.budget_s
-                past_deadline = ctx.deadline is not None and time.monotonic() >= ctx.deadline
-                if (over_budget and ctx.deadline is None) or past_deadline:
+                past_deadline = deadline is not None and time.monotonic() >= deadline
+                if (over_budget and deadline is None) or past_deadline:
                     break
     out.metrics["check_ms"] = 1e3 * check_s / max(1, len(times))
     return times

@@ -1,0 +1,18 @@
+"""The backend layer: the few array primitives a probe needs, so a probe is written once.
+
+A probe (probes/matmul.py) and its oracles (backends/oracles.py) are written against `Backend`
+(backends/base.py); three implementations run them:
+
+- `torch.TorchBackend`: a torch device through the harness's `ProbeContext` (its Timer and host
+  lock, the TorchDispatchMode fault injector, the deadline);
+- `jax.JaxBackend`: one JAX device and its `jax_backend.Injector` (`--backend jax`);
+- `numpy.NumpyBackend`: the reference, on the host in numpy (golden values and tests).
+
+Nothing heavy is imported here: the probe registry imports this package on every install.
+"""
+
+from __future__ import annotations
+
+from .base import Backend, Kernel, Unsupported
+
+__all__ = ["Backend", "Kernel", "Unsupported"]

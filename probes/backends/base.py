@@ -1,0 +1,186 @@
+"""The Backend interface: the few primitives probes/matmul.py and backends/oracles.py use.
+
+Not an array library: arrays of a backend support Python's operators (`+ - * ^ & >> == != <=
+~ @`, basic and integer-array indexing, `.shape`, `.reshape`), which torch, numpy and jax.numpy
+share; everything they spell differently is a method here. Work stays on the device; only
+small results (residual vectors, the few mismatching elements, a hash's bytes) reach the host.
+
+Dtypes are named by strings ("float32", "bfloat16", "float8_e4m3fn", "int64", ...), the
+spelling of torch, numpy/ml_dtypes and jax.numpy alike.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+
+from ..base import Unsupported
+
+__all__ = ["Backend", "Kernel", "Unsupported"]
+
+
+class Kernel(Protocol):
+    """One dtype's GEMM on one backend, and the numbers its error model needs."""
+
+    name: str
+    """The case's dtype name (e.g. "tf32", "float8_e4m3fn")."""
+    in_name: str
+    """The dtype of the kernel's inputs."""
+    out_name: str
+    """The dtype of C."""
+    u_in: float
+    """Relative rounding of inputs inside the kernel (tf32 rounds float32 inputs to 2**-11)."""
+    op: str
+    """The op a fault spec's `op=` names for this kernel on this backend."""
+
+    def prepare(self, a32: Any, b32: Any) -> tuple[Any, Any]:
+        """float32 inputs in this kernel's dtype and layout."""
+        ...
+
+    def __call__(self, a: Any, b: Any) -> Any:
+        """C = A B."""
+        ...
+
+    def settings(self) -> contextlib.AbstractContextManager[Any]:
+        """Library settings held while the kernel runs (torch: allow_tf32)."""
+        ...
+
+
+class Backend(abc.ABC):
+    """Where a probe's arrays live, how its kernel is called and timed, and how faults reach it."""
+
+    name: str = ""
+
+    # ---- the run -----------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def kernel(self, dtype: str) -> Kernel:
+        """The GEMM for a case dtype; raises base.Unsupported where this backend or device lacks it."""
+
+    def params(self) -> dict[str, Any]:
+        """Extra case params recorded with every outcome (e.g. backend name, precision, device)."""
+        return {}
+
+    @property
+    def deadline(self) -> float | None:
+        """Monotonic time by which a time-budgeted probe must stop (None: follow the budget)."""
+        return None
+
+    @abc.abstractmethod
+    def warm_up(self, fn: Callable[[], Any]) -> None:
+        """Run `fn` once to completion outside the faults (compilation, library heuristics, clocks)."""
+
+    @abc.abstractmethod
+    def run(self, op: str, fn: Callable[[], Any]) -> tuple[Any, float]:
+        """Run the code under test once with this backend's faults on; (output, seconds)."""
+
+    # ---- arrays on the device ----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def arange(self, n: int) -> Any:
+        """0 .. n-1 as int64."""
+
+    @abc.abstractmethod
+    def index(self, values: list[int]) -> Any:
+        """A small int64 index array from host integers."""
+
+    @abc.abstractmethod
+    def uniform(self, shape: tuple[int, ...], seed: int, stream: str) -> Any:
+        """generator.uniform: float32 in [-1, 1), bit-identical on every backend."""
+
+    @abc.abstractmethod
+    def signs(self, shape: tuple[int, ...], seed: int, stream: str) -> Any:
+        """generator.signs: int64 +-1, bit-identical on every backend."""
+
+    @abc.abstractmethod
+    def concat(self, xs: list[Any], axis: int) -> Any:
+        """Arrays joined along `axis`."""
+
+    @abc.abstractmethod
+    def where(self, cond: Any, a: Any, b: Any) -> Any:
+        """Elementwise `a` where cond else `b` (b may be a Python scalar)."""
+
+    @abc.abstractmethod
+    def cast(self, x: Any, dtype: str) -> Any:
+        """`x` rounded to `dtype` (round to nearest even)."""
+
+    @abc.abstractmethod
+    def dtype_name(self, x: Any) -> str:
+        """The dtype of `x` by name."""
+
+    @abc.abstractmethod
+    def dot(self, a: Any, b: Any) -> Any:
+        """Matrix/vector product of float32 operands in float32 at full precision (no bf16 passes)."""
+
+    @abc.abstractmethod
+    def dot64(self, a: Any, b: Any) -> Any:
+        """Matrix product in float64 (operands are converted)."""
+
+    @abc.abstractmethod
+    def sum(self, x: Any, axis: int) -> Any:
+        """Sum along `axis`."""
+
+    @abc.abstractmethod
+    def isfinite(self, x: Any) -> Any:
+        """Elementwise: neither NaN nor +-Inf."""
+
+    @abc.abstractmethod
+    def copy(self, x: Any) -> Any:
+        """A copy that later writes to `x` (faults included) cannot change."""
+
+    # ---- bits and reductions -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def bits(self, x: Any) -> Any:
+        """`x` viewed as signed integers of the same width (NaN payloads and signed zeros kept)."""
+
+    @abc.abstractmethod
+    def equal(self, a: Any, b: Any) -> bool:
+        """Every element equal (shapes equal): one device reduction, one bool to the host."""
+
+    @abc.abstractmethod
+    def nonzero_flat(self, mask: Any) -> Any:
+        """Flat positions (int64, ascending) where `mask` is true."""
+
+    def take_flat(self, x: Any, idx: Any) -> Any:
+        """Elements of `x` at flat positions `idx`."""
+        return x.reshape(-1)[idx]
+
+    @abc.abstractmethod
+    def count(self, x: Any) -> int:
+        """The sum of a bool/int array, as a host int."""
+
+    @abc.abstractmethod
+    def max_abs_diff(self, a: Any, b: Any) -> float:
+        """The largest finite |a - b| in float64, subnormals kept (inf when none is finite)."""
+
+    # ---- to the host -------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def to_host(self, x: Any) -> np.ndarray:
+        """A numpy array of a float32/float64/integer array (small results; may share memory: read only)."""
+
+    def host_f64(self, x: Any) -> np.ndarray:
+        """A small array's values as float64 on the host, exactly (a subnormal stays one)."""
+        return self.to_host(self.cast(x, "float64"))
+
+    def host_bits(self, x: Any) -> np.ndarray:
+        """The bits of `x` as a host integer array (the consensus hash reads its bytes)."""
+        return self.to_host(self.bits(x))
+
+
+# ---- dtype facts shared by every backend ------------------------------------------------------
+
+UNIT_ROUNDOFF = {"float64": 2.0**-53, "float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
+"""Half an ulp relative (2**-p for p significand bits), by dtype name; 2**-4 for anything else."""
+
+INT_BY_WIDTH = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
+
+
+def unit_roundoff(dtype: str) -> float:
+    """2**-p for a float dtype name with p significand bits."""
+    return UNIT_ROUNDOFF.get(dtype, 2.0**-4)
