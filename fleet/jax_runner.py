@@ -45,6 +45,7 @@ from .worker import error_result
 
 PROBES = ("matmul", "attention", "collectives")
 STARTUP_TIMEOUT_S = 180.0  # importing JAX and starting its backends on a loaded host
+EXIT_GRACE_S = 60.0  # after `bye`: leaving the JAX job waits for the other processes to leave too
 ATTENTION_SEQ = {"quick": 64, "standard": 256, "nightly": 512}
 """Sequence length of the JAX attention probe per profile (CPU-sized; a TPU run wants more)."""
 
@@ -127,7 +128,7 @@ def execute(opts: RunOptions, store: Store, *, on_result: Callable[[ProbeResult]
         if on_result:
             on_result(r)
 
-    sup = _Supervisor(plan, timeout, keep, lambda devs: store.add_devices(run_id, enumerate(devs)))
+    sup = _Supervisor(plan, timeout, keep, lambda devs: store.add_devices(run_id, enumerate(devs)), job)
     devs = sup.run()
     if job:
         for r in job.exchange(collected, sup, timeout):
@@ -142,10 +143,12 @@ class _Supervisor:
     """Starts host processes until every case has a result; the watchdog of each case."""
 
     def __init__(self, plan: HostPlan, timeout_s: float, keep: Callable[[ProbeResult], None],
-                 on_devices: Callable[[list[DeviceInfo]], None]):
-        self.plan, self.timeout_s, self.keep, self.on_devices = plan, timeout_s, keep, on_devices
+                 on_devices: Callable[[list[DeviceInfo]], None], job: _Job | None = None):
+        self.plan, self.timeout_s, self.keep, self.on_devices, self.job = plan, timeout_s, keep, on_devices, job
+        self.peer_lost = ""  # multi-host: another process's loss, which ended this host's wait for it
         self.devs: list[DeviceInfo] = []
         self.local: list[int] = []  # the ranks this host drives (all of them on a single host)
+        self.lost_reason = "this host's JAX process was lost earlier in the job"
         self.done: set[Task] = set()
         self.workdir = tempfile.mkdtemp(prefix=f"chipcheck-{plan.run_id}-jax-")
         self.starts = 0
@@ -158,6 +161,8 @@ class _Supervisor:
                 return self.devs
             if self.plan.multihost:
                 # the job's other processes lost their peer with this one: no fresh job to rejoin
+                if self.job and not self.peer_lost:
+                    self.job.mark_lost(self.lost_reason)
                 self._abandon()
                 return self.devs
 
@@ -176,14 +181,33 @@ class _Supervisor:
         threading.Thread(target=_reader, args=(proc, q), daemon=True).start()
         current: tuple[str, str, list[int]] | None = None
         since, hello, killed, usage, bye = time.monotonic(), False, False, "", False
+        barrier: tuple[str, float] | None = None  # (tag, limit): waiting for the job's other processes
         try:
             while True:
                 try:
                     msg = q.get(timeout=0.2)
                 except queue.Empty:
-                    limit = self.timeout_s if current else max(STARTUP_TIMEOUT_S, self.timeout_s)
-                    if not killed and (current or not hello) and time.monotonic() - since > limit:
-                        killed = True
+                    if killed:
+                        continue
+                    waits_for_peers = barrier is not None or (current is not None and current[0] == "collectives")
+                    if self.job and waits_for_peers and (lost := self.job.peer_lost()):
+                        # a lost peer never reaches this barrier or collective: stop waiting now
+                        self.peer_lost, killed = lost, True
+                        self.lost_reason = f"not reached: {lost}"
+                        _kill(proc)
+                        continue
+                    if bye:  # everything is reported: a process slow to leave the job is only ended
+                        limit = EXIT_GRACE_S
+                    elif current:
+                        limit = self.timeout_s
+                    elif barrier:
+                        limit = barrier[1]
+                    elif not hello:
+                        limit = max(STARTUP_TIMEOUT_S, self.timeout_s)
+                    else:
+                        continue
+                    if time.monotonic() - since > limit:
+                        killed = not bye
                         _kill(proc)
                     continue
                 if msg is None:
@@ -201,8 +225,14 @@ class _Supervisor:
                     self.keep(r)
                     if current and all((current[0], current[1], k) in self.done for k in current[2]):
                         current, since = None, time.monotonic()
+                elif msg["t"] == "barrier":
+                    # the other hosts may still be at most `cases` per-device cases behind this one
+                    barrier, since = (msg["tag"], STARTUP_TIMEOUT_S + self.timeout_s * max(1, msg["cases"])), \
+                        time.monotonic()
+                elif msg["t"] == "synced":
+                    barrier, since = None, time.monotonic()
                 elif msg["t"] == "bye":
-                    bye = True
+                    bye, since = True, time.monotonic()
         finally:
             _kill(proc)
         code = proc.wait()
@@ -213,6 +243,11 @@ class _Supervisor:
         if not hello:
             why = "did not start in time" if killed else f"died at start-up ({_exit(code)})"
             raise UsageError(f"the JAX host process {why}: {_tail(log_path)}")
+        if current is None and barrier is not None:
+            if not self.peer_lost:
+                how = f"waited {barrier[1]:g}s" if killed else f"died ({_exit(code)})"
+                self.lost_reason = f"the JAX job's processes never all reached {barrier[0]} (this host {how})"
+            return False
         if current is None:
             raise UsageError(f"the JAX host process exited between cases ({_exit(code)}): {_tail(log_path)}")
         self._lost(current, killed, code, log_path)
@@ -230,12 +265,17 @@ class _Supervisor:
         """Record the case the host process was in, and the rest of that probe on those ranks."""
         probe, case, ranks = current
         p = self.plan
+        if not self.peer_lost:
+            how = "hung" if killed else f"died ({_exit(code)})"
+            self.lost_reason = f"its JAX process {how} in {probe} {case} on {self.devs[ranks[0]].host}"
         for rank in ranks:
             if (probe, case, rank) in self.done:
                 continue
             info = self.devs[rank]
             where = f"{probe} {case} on {info.host} {info.label} (rank {rank}, seed {p.seed})"
-            if killed:
+            if self.peer_lost:
+                kind, msg = ErrorKind.CRASH, f"{where}: peer lost: {self.peer_lost}"
+            elif killed:
                 kind, msg = ErrorKind.TIMEOUT, (f"{where} exceeded its {self.timeout_s:g}s watchdog; "
                                                 f"the JAX host process was killed")
             else:
@@ -254,7 +294,7 @@ class _Supervisor:
             for c in self._cases_left(probe, self.local):
                 for rank in self.local:
                     self._record(error_result(p.run_id, p.seed, self.devs[rank], rank, probe, c, ErrorKind.CRASH,
-                                              "not run: this host's JAX process was lost earlier in the job"))
+                                              f"not run: {self.lost_reason}"))
 
     def planned(self) -> list[Task]:
         """Every (probe, case, rank) of the run."""
@@ -305,6 +345,23 @@ class _Job:
                 raise UsageError(f"{spec.label}: process 0 never started the run")
             run_id = got
         return _Job(spec, kv, run_id)
+
+    def mark_lost(self, reason: str) -> None:
+        """Tell the other processes' supervisors this host's JAX process is gone (they stop waiting)."""
+        with contextlib.suppress(Exception):  # the store may be gone too: the others' watchdogs remain
+            self.kv.store.set(f"chipcheck/lost/{self.spec.process_id}", reason)
+
+    def peer_lost(self) -> str:
+        """Another process's loss, as it told it ("" when none), looked up at most once a second."""
+        now = time.monotonic()
+        if now - getattr(self, "_polled", 0.0) < 1.0:
+            return ""
+        self._polled = now
+        for p in range(self.spec.num_processes):
+            key = f"chipcheck/lost/{p}"
+            if p != self.spec.process_id and self.kv.store.check([key]):
+                return f"process {p} of the JAX job: {self.kv.store.get(key).decode()}"
+        return ""
 
     def exchange(self, mine: list[ProbeResult], sup: _Supervisor, timeout: float) -> list[ProbeResult]:
         """Publish this host's results; return every other process's (and an error for each case a
@@ -442,9 +499,23 @@ def host_run(plan: HostPlan, send: Callable[[dict[str, Any]], None]) -> int:
             r = stamp(plan.run_id, plan.seed, infos[rank], rank, probe, case, outcome, settings, fault_list, t0)
             send({"t": "result", "result": r.to_dict()})
 
+    def barrier(tag: str) -> None:
+        """Multi-host: wait here for every process of the job (not under a case's watchdog: the
+        supervisor bounds the wait by how far behind another host can be)."""
+        if not plan.multihost:
+            return
+        from jax.experimental import multihost_utils
+
+        per_device = sum(len(_cases(plan.profile, n, len(jdevs), kind)) for n in names if n != "collectives")
+        send({"t": "barrier", "tag": tag, "cases": per_device * len(local)})
+        multihost_utils.sync_global_devices(f"chipcheck/{plan.run_id}/{tag}")
+        send({"t": "synced"})
+
     for name in names:
         cfg = configs[name]
         injectors = [jb.Injector.for_rank(fault_list, r, name) for r in range(len(jdevs))]
+        if name == "collectives":
+            barrier("collectives")  # so no host's first collective waits, on its watchdog, for the others
         for case in _cases(plan.profile, name, len(jdevs), kind):
             if name == "collectives":
                 from ..probes import jax_collectives
@@ -456,7 +527,14 @@ def host_run(plan: HostPlan, send: Callable[[dict[str, Any]], None]) -> int:
                 d = jdevs[rank]
                 run(name, case, [rank], lambda d=d, case=case, name=name, cfg=cfg, inj=injectors[rank]: _one_device(
                     name, d, cfg, case, plan.seed, inj))
+    # Multi-host: process 0 serves the job's coordinator, and a process still computing when it
+    # goes is aborted by JAX: everyone leaves together.
+    barrier("end")
     send({"t": "bye"})
+    if plan.multihost:
+        from . import jax_multihost
+
+        jax_multihost.shutdown()
     return 0
 
 

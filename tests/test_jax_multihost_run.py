@@ -59,12 +59,16 @@ def test_clean_job_of_two_hosts(tmp_path: Path) -> None:
 
 
 def test_faults_on_the_second_host_are_named_in_both(tmp_path: Path) -> None:
-    (rc0, d0, o0), (rc1, d1, o1) = _job(tmp_path, "--probes", "matmul,collectives",
+    # matmul last, and slower on host1 (rank 2's checks find the flips): host0 finishes first and
+    # must not take the job's coordinator away while host1 still computes
+    (rc0, d0, o0), (rc1, d1, o1) = _job(tmp_path, "--probes", "collectives,matmul",
                                         "--inject", "bitflip:rank=2,bit=20,index=0,op=all_gather",
+                                        "--inject", "bitflip:rank=2,bit=20,op=dot_general",
                                         "--inject", "bitflip:rank=3,bit=21,op=dot_general")
     assert (rc0, rc1) == (1, 1), o0[-2000:] + o1[-2000:]
     want = {0: ("host0", "pass"), 1: ("host0", "pass"), 2: ("host1", "wrong"), 3: ("host1", "wrong")}
     assert _verdicts(d0) == want and _verdicts(d1) == want
+    assert not any(r["error"] for r in _results(tmp_path / "r0.db"))  # nobody aborted by a departed coordinator
     gather = [r for r in _results(tmp_path / "r0.db") if r["rank"] == 2 and r["case"] == "all_gather/float32"][0]
     assert gather["verdict"] == "wrong" and "holds rank 2's elem" in gather["mismatches"][0]["note"]
 
@@ -80,3 +84,9 @@ def test_a_host_that_dies_is_named_and_the_job_still_reports(tmp_path: Path) -> 
     assert len(keys) == len(set(keys))  # nothing twice
     assert {k[:2] for k in keys if k[2] == 0} == {k[:2] for k in keys if k[2] == 3}  # nothing missing
     assert _verdicts(d0)[3] == ("host1", "error") and _verdicts(d1)[3] == ("host1", "error")
+    # host0 stops waiting for host1 as soon as host1's supervisor says it is gone (not at a timeout),
+    # and its collectives name the lost process
+    r0 = [r for r in res if r["rank"] == 0 and r["probe"] == "collectives"]
+    assert r0 and all(r["error"] and "process 1 of the JAX job" in r["error"]["message"] for r in r0)
+    assert all(r["error"]["kind"] != "timeout" for r in r0)
+    assert all(r["verdict"] == "pass" for r in res if r["rank"] in (0, 1) and r["probe"] == "matmul")
