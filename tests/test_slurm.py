@@ -4,6 +4,12 @@
 one worker per (CPU) device; rank 0 writes the store and --json; the script ingests the shards
 (idempotently) and prints what is new. `chipcheck quarantine --format slurm --apply` then really
 drains the node through scontrol.
+
+`--backend jax` (one process per node): the generated script on the one node (one process, two
+forced host CPU devices) through sbatch --wait; and, since a one-node cluster cannot run the
+script's one-task-per-node shape with two processes, an `srun -n 2` on the node running the
+script's own task wrapper: two `chipcheck run --backend jax` processes joining one job through the
+explicit flags built from $SLURM_PROCID, with a distinct CHIPCHECK_HOSTNAME each.
 """
 
 from __future__ import annotations
@@ -18,7 +24,16 @@ from pathlib import Path
 import pytest
 from slurm_cluster import SlurmCluster, why_not
 
+from chipcheck.fleet import slurm, sweep
+from chipcheck.fleet.launch import free_port
+
 REASON = why_not()
+try:
+    import jax  # noqa: F401
+    NO_JAX = ""
+except ImportError:
+    NO_JAX = "jax is not installed (pip install 'chipcheck[jax]')"
+JAX_ENV = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
 # timing: real probes judge speed (2 devices), so these run alone after the parallel tests
 pytestmark = [pytest.mark.skipif(bool(REASON), reason=REASON or "ok"), pytest.mark.timing]
 
@@ -35,9 +50,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
     c.down()
 
 
-def _cli(c: SlurmCluster, cwd: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def _cli(c: SlurmCluster, cwd: Path, *args: str, timeout: float = 240,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "chipcheck.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=c.env, cwd=cwd)
+                          timeout=timeout, env={**c.env, **(env or {})}, cwd=cwd)
 
 
 def _sweep(c: SlurmCluster, tmp: Path, *extra: str) -> tuple[subprocess.CompletedProcess[str], str]:
@@ -88,3 +104,63 @@ def test_quarantine_drains_the_failing_node_for_real(cluster: SlurmCluster, tmp_
     finally:
         subprocess.run(["scontrol", "update", f"NodeName={cluster.node}", "State=RESUME"], env=cluster.env,
                        capture_output=True, timeout=30)
+
+
+@pytest.mark.skipif(bool(NO_JAX), reason=NO_JAX or "ok")
+def test_a_submitted_jax_sweep_runs_one_process_per_node(cluster: SlurmCluster, tmp_path: Path) -> None:
+    p = _cli(cluster, tmp_path, "sweep", "--launcher", "slurm", "--backend", "jax", "--submit", "--wait",
+             "--nodes", "1", "--gpus-per-node", "0", "--probes", "matmul", "--min-gap", "0.9",
+             "--db", str(tmp_path / "r.db"), "--json", str(tmp_path / "r.json"), "--local-dir",
+             str(tmp_path / "own"), "-o", str(tmp_path / "job.sbatch"), env=JAX_ENV)  # sbatch exports XLA_FLAGS
+    job = p.stdout.strip().splitlines()[-1] if p.stdout.strip() else ""
+    out = tmp_path / f"chipcheck-{job}.out"
+    log = out.read_text() if out.exists() else f"(no job output {out})\n{cluster.logs()}"
+    assert p.returncode == 0, p.stderr + log
+    script = (tmp_path / "job.sbatch").read_text()
+    assert "#SBATCH --ntasks-per-node=1\n" in script and "#SBATCH --exclusive\n" in script
+    assert '--process-id "$i"' in script and '--num-processes "$SLURM_JOB_NUM_NODES"' in script
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["verdict"] == "pass" and [d["host"] for d in data["devices"]] == [cluster.node] * 2
+    assert {p["probe"] for d in data["devices"] for p in d["probes"]} == {"matmul"}
+    assert "New since the last sweep" in log, log
+
+
+def _srun_jax_job(c: SlurmCluster, tmp: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], list[dict]]:
+    """srun -n 2 on the one node: each task runs the sweep script's own task wrapper (process id =
+    $SLURM_PROCID, process 0 -> the sweep's --db/--json, process 1 -> its own under --local-dir)."""
+    every, first = sweep.jax_args({"profile": "quick", "seed": 0, "min_gap": 0.9, "inject": (), "reports": (),
+                                   "db_path": str(tmp / "r.db"), "json_path": str(tmp / "r.json")}, "")
+    spec = sweep.SweepSpec(backend="jax", nodes=2, procs_per_node=1, gpus_per_proc=0, worker_args=every,
+                           first_args=first, local_dir=str(tmp / "own"), db_path=str(tmp / "r.db"))
+    # two "hosts" on one node: distinct host names (the real script's tasks are on distinct nodes)
+    task = "export CHIPCHECK_HOSTNAME=host$SLURM_PROCID\n" + slurm.jax_task_wrapper(spec, node="CHIPCHECK_HOSTNAME")
+    argv = ["srun", "-n", "2", "--ntasks-per-node=2", "--kill-on-bad-exit=0", "bash", "-c", task,
+            sys.executable, "-m", "chipcheck.cli", *spec.worker_args, *args,
+            "--coordinator", f"{c.node}:{free_port()}", "--num-processes", "2"]
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=300, env={**c.env, **JAX_ENV}, cwd=tmp)
+    jsons = [tmp / "r.json", tmp / "own" / "jax-host1-1.json"]
+    return p, [json.loads(j.read_text()) if j.exists() else {} for j in jsons]
+
+
+def _verdicts(data: dict) -> dict[int, tuple[str, str]]:
+    return {d["rank"]: (d["host"], d["verdict"]) for d in data.get("devices", [])}
+
+
+@pytest.mark.skipif(bool(NO_JAX), reason=NO_JAX or "ok")
+def test_srun_tasks_join_one_jax_job_through_explicit_flags(cluster: SlurmCluster, tmp_path: Path) -> None:
+    p, (d0, d1) = _srun_jax_job(cluster, tmp_path, "--probes", "matmul,collectives")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    want = {0: ("host0", "pass"), 1: ("host0", "pass"), 2: ("host1", "pass"), 3: ("host1", "pass")}
+    assert _verdicts(d0) == want and _verdicts(d1) == want
+    assert (tmp_path / "r.db").exists() and (tmp_path / "own" / "jax-host1-1.db").exists()
+
+
+@pytest.mark.skipif(bool(NO_JAX), reason=NO_JAX or "ok")
+def test_srun_jax_job_with_a_fault_on_global_rank_2_exits_1(cluster: SlurmCluster, tmp_path: Path) -> None:
+    # collectives only (rank 2's gathered chunk has bit 20 flipped): with matmul alone, process 0's host process
+    # can leave the JAX job while process 1's still runs, and JAX then aborts process 1's (no shutdown barrier)
+    p, (d0, d1) = _srun_jax_job(cluster, tmp_path, "--probes", "collectives",
+                                "--inject", "bitflip:rank=2,bit=20,index=0,op=all_gather")
+    assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]  # srun: the tasks' (both judged the same job)
+    want = {0: ("host0", "pass"), 1: ("host0", "pass"), 2: ("host1", "wrong"), 3: ("host1", "pass")}
+    assert _verdicts(d0) == want and _verdicts(d1) == want
