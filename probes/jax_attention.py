@@ -19,7 +19,7 @@ Cases `<dtype>/<variant>`, the torch probe's variants (probes/attention.VARIANTS
   this JAX has it: in `exact` its output must be the expected bits (oracle `exact`, note names it),
   otherwise it must agree with the float64 reference within the same tolerance (`cross_backend`);
 - non-finite values, repeat-determinism (bit for bit) and a consensus hash over out, dq, dk, dv;
-- the same fault hook as the JAX matmul probe, on the host copy of `out` (`op=attention` targets it).
+- the same fault hook as the JAX matmul probe, on the host copies (`op=attention`; `output=` picks out, dq, dk or dv).
 Diagnosis names the tensor (out, dq, dk, dv) and the (batch, head, row, col) elements.
 """
 
@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -37,7 +37,7 @@ from ..results import Mismatch, Oracle
 from . import generator as g
 from . import jax_backend as jb
 from . import np_oracles as npo
-from .attention import EXACT_SCALE, EXACT_WINDOW, VARIANTS, Shape, Variant
+from .attention import EXACT_SCALE, EXACT_WINDOW, VARIANTS, Inputs, Shape, Variant
 from .base import CaseOutcome, InvalidConfig
 
 OP = "attention"
@@ -67,20 +67,6 @@ class Config:
 def cases() -> list[str]:
     """`<dtype>/<variant>` for every dtype here and every variant of the torch probe."""
     return [f"{d}/{v}" for d in DTYPES for v in VARIANTS]
-
-
-@dataclass(slots=True)
-class Inputs:
-    """What the kernel is given (JAX arrays in the case dtype) and, in exact mode, what it must return."""
-
-    q: Any
-    k: Any
-    v: Any
-    dout: Any
-    scale: float
-    mask: Any = None
-    expected: dict[str, np.ndarray] = field(default_factory=dict)
-    """exact mode: out, dq, dk, dv on the host, in the case dtype."""
 
 
 # ---- inputs: attention.random_inputs / exact_inputs on a JAX device -----------------------
