@@ -1,6 +1,7 @@
 """Matmul probe benchmarks: checking overhead, detection per bit position, false positives, quick time.
 
     python benchmarks/bench_matmul.py overhead     # probe with all oracles vs bare torch.matmul (ratio)
+    python benchmarks/bench_matmul.py overhead-jax # the same probe on a JAX device vs bare dot_general
     python benchmarks/bench_matmul.py detection    # fraction of single-bit flips caught, per bit position
     python benchmarks/bench_matmul.py false-positives --runs 50   # clean device-runs (4 devices each)
     python benchmarks/bench_matmul.py quick        # wall time of `chipcheck run --profile quick`
@@ -64,6 +65,50 @@ def overhead(rounds: int = 3) -> None:
             t0 = time.perf_counter()
             for _ in range(calls):
                 kernel(a, b)
+            bare.append(time.perf_counter() - t0)
+        b_ms, p_ms = 1e3 * statistics.median(bare), 1e3 * statistics.median(probe)
+        print(f"| {dtype} | {n} | {calls} | {b_ms:.1f} | {p_ms:.1f} | {p_ms / b_ms:.3f} |")
+
+
+def overhead_jax(rounds: int = 3) -> None:
+    """The JAX path: the one matmul definition on a JAX device (backends.jax: checks on the device)
+    vs as many bare jitted dot_general calls at HIGHEST precision."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    from chipcheck.probes import jax_backend as jb
+    from chipcheck.probes import jax_matmul
+
+    jb.init()
+    dev = jax.devices()[0]
+    p = MatmulProbe()
+    cfg = p.config("standard", "cpu", frozenset())
+    print(f"\n### Checking overhead, JAX path (CPU standard profile, {platform.node()}, jax {jax.__version__}, "
+          f"{dev.platform}, {time.strftime('%Y-%m-%d')})\n")
+    print("| dtype | n | GEMM calls | bare dot_general (ms) | probe, both cases (ms) | ratio |")
+    print("|---|---|---|---|---|---|")
+    for dtype, n in cfg.sizes.items():
+        if dtype not in jax_matmul.DTYPES:
+            continue
+        dt = getattr(jnp, dtype)
+        mm = jax.jit(lambda a, b, dt=dt: lax.dot_general(a, b, (((1,), (0,)), ((), ())),
+                                                          precision=lax.Precision.HIGHEST, preferred_element_type=dt))
+        a = jax.device_put(jnp.asarray(torch.rand(n, n).numpy()).astype(dt), dev)
+        b = jax.device_put(jnp.asarray(torch.rand(n, n).numpy()).astype(dt), dev)
+        jax.block_until_ready(mm(a, b))
+        bare, probe = [], []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            calls = 0
+            for case in (f"{dtype}/exact", f"{dtype}/random"):
+                out = jax_matmul.run_case(dev, cfg, case, 0, jb.Injector([]))
+                assert out.verdict.value == "pass", out.mismatches
+                calls += 1 + out.repeats
+            probe.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                jax.block_until_ready(mm(a, b))
             bare.append(time.perf_counter() - t0)
         b_ms, p_ms = 1e3 * statistics.median(bare), 1e3 * statistics.median(probe)
         print(f"| {dtype} | {n} | {calls} | {b_ms:.1f} | {p_ms:.1f} | {p_ms / b_ms:.3f} |")
@@ -143,12 +188,14 @@ def quick(devices: str = "cpu:2") -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["overhead", "detection", "false-positives", "quick", "all"])
+    ap.add_argument("what", choices=["overhead", "overhead-jax", "detection", "false-positives", "quick", "all"])
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--trials", type=int, default=12)
     a = ap.parse_args()
     if a.what in ("overhead", "all"):
         overhead()
+    if a.what in ("overhead-jax", "all"):
+        overhead_jax()
     if a.what in ("detection", "all"):
         detection(a.trials)
     if a.what in ("false-positives", "all"):

@@ -42,6 +42,7 @@ def test_corrupted_copy_is_caught_at_its_element() -> None:
     assert m.oracle is Oracle.EXACT and m.first_indices == [[4242]] and set(m.bit_histogram) == {22}
 
 
+@pytest.mark.timing
 def test_slow_copy_shows_in_gbps_best() -> None:
     clean = PROBE.run_case(_ctx(), _cfg(), "copy").metrics["gbps_best"]
     slow = PROBE.run_case(_ctx("slow:factor=3,op=copy_"), _cfg(), "copy").metrics["gbps_best"]
