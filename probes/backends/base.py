@@ -142,6 +142,11 @@ class Backend(abc.ABC):
     def equal(self, a: Any, b: Any) -> bool:
         """Every element equal (shapes equal): one device reduction, one bool to the host."""
 
+    def same_bits(self, a: Any, b: Any) -> bool:
+        """Every bit of `a` equal to `b`'s (same shape and dtype): the repeat check of every call.
+        A backend may fuse it into one pass (JAX: one compiled call)."""
+        return self.equal(self.bits(a), self.bits(b))
+
     @abc.abstractmethod
     def nonzero_flat(self, mask: Any) -> Any:
         """Flat positions (int64, ascending) where `mask` is true."""

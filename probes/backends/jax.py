@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +65,21 @@ class JaxKernel:
         return self.fn(a, b)
 
 
+# The per-repeat checks, jitted once: one compiled call each instead of a dispatch per op (eager
+# JAX pays tens of microseconds per op, more than the check itself on a small GEMM).
+def _bits(x: Any) -> Any:
+    return lax.bitcast_convert_type(x, getattr(jnp, INT_BY_WIDTH[np.dtype(x.dtype).itemsize]))
+
+
+_bitcast = jax.jit(_bits)
+_array_equal = jax.jit(jnp.array_equal)
+_same_bits = jax.jit(lambda a, b: jnp.array_equal(_bits(a), _bits(b)))
+_dot = jax.jit(lambda a, b: jnp.dot(a, b, precision=_HI))
+
+
+@functools.cache
 def _gemm(out_dtype: Any) -> Any:
+    """One jitted GEMM per output dtype for the process's life (a fresh jit per case would compile again)."""
     def mm(a: Any, b: Any) -> Any:
         return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=_HI, preferred_element_type=out_dtype)
 
@@ -131,7 +146,7 @@ class JaxBackend(Backend):
         return np.dtype(x.dtype).name
 
     def dot(self, a: Any, b: Any) -> Any:
-        return jnp.dot(a, b, precision=_HI)
+        return _dot(a, b)
 
     def dot64(self, a: Any, b: Any) -> Any:
         if self._host64:
@@ -148,11 +163,13 @@ class JaxBackend(Backend):
         return x  # jax.Arrays are immutable
 
     def bits(self, x: Any) -> Any:
-        x = jnp.asarray(x)
-        return lax.bitcast_convert_type(x, getattr(jnp, INT_BY_WIDTH[np.dtype(x.dtype).itemsize]))
+        return _bitcast(jnp.asarray(x))
 
     def equal(self, a: Any, b: Any) -> bool:
-        return bool(jnp.array_equal(a, b))
+        return bool(_array_equal(a, b))
+
+    def same_bits(self, a: Any, b: Any) -> bool:
+        return bool(_same_bits(a, b))
 
     def nonzero_flat(self, mask: Any) -> Any:
         return jnp.nonzero(mask.reshape(-1))[0]
