@@ -6,9 +6,9 @@ Cases `<dtype>/<variant>`, the torch probe's variants (probes/attention.VARIANTS
 - the formula softmax(Q K^T scale + mask) V in JAX, forward and backward (jax.vjp: dq, dk, dv),
   float32 accumulation for 16-bit inputs, einsums at `precision=HIGHEST` (a TPU's DEFAULT would
   run float32 in bfloat16 passes);
-- `exact`: the torch probe's one-hot inputs (`exact_inputs` here rebuilds attention.exact_inputs
-  in jax.numpy from the same counter-based streams; q, k, v, dO and the expected outputs are
-  bit-identical, see the test). Scale 256 makes every probability but the target key's exactly 0,
+- `exact`: the torch probe's one-hot inputs (`exact_inputs` here runs attention.exact_on, written
+  once against probes/backends, compiled on the JAX device; q, k, v, dO and the expected outputs
+  are bit-identical, see the test). Scale 256 makes every probability but the target key's exactly 0,
   so out = V[t(i)], dq = dk = 0, dv = sums of small-integer dO rows, exact in any summation order:
   any differing bit is an error (oracle `exact`, signed zeros folded: -0 == +0);
 - random cases (`full`, `causal`, `mask`: attention.random_inputs' streams, the mask uniform
@@ -25,7 +25,6 @@ Diagnosis names the tensor (out, dq, dk, dv) and the (batch, head, row, col) ele
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 from dataclasses import dataclass, replace
@@ -37,7 +36,7 @@ from ..results import Mismatch, Oracle
 from . import generator as g
 from . import jax_backend as jb
 from . import np_oracles as npo
-from .attention import EXACT_SCALE, EXACT_WINDOW, VARIANTS, Inputs, Shape, Variant
+from .attention import VARIANTS, Inputs, Shape, Variant, exact_on, random_on
 from .base import CaseOutcome, InvalidConfig
 
 OP = "attention"
@@ -69,138 +68,25 @@ def cases() -> list[str]:
     return [f"{d}/{v}" for d in DTYPES for v in VARIANTS]
 
 
-# ---- inputs: attention.random_inputs / exact_inputs on a JAX device -----------------------
-#
-# Each builder is one jitted program (static: shape, dtype; traced: the stream keys), so a case
-# costs one compile per device instead of one per eager op. generator.uniform_np / small_ints_np
-# cannot be traced (they read the largest index back to the host), so their closed forms are
-# restated here with the largest index given; the bit-identity tests hold them to the torch path.
-
-_RANDOM_STREAMS = ("attention/q", "attention/k", "attention/v", "attention/dout", "attention/mask", "attention/pad")
-_EXACT_STREAMS = ("attention/exact/xor", "attention/exact/target", "attention/exact/qspare", "attention/exact/v",
-                  "attention/exact/dout")
-
-
-def _hashed(k: Any, shape: tuple[int, ...]) -> Any:
-    """generator.hash_indices of element indices 0..n-1 under key `k`, shaped (jittable)."""
-    import jax.numpy as jnp
-
-    n = math.prod(shape)
-    return g.hash_indices(k, jnp.arange(n, dtype=jnp.int64), n - 1).reshape(shape)
-
-
-def _uniform(k: Any, shape: tuple[int, ...]) -> Any:
-    """generator.uniform_np with the stream's key given: float32 in [-1, 1), 24 random bits."""
-    import jax.numpy as jnp
-
-    return (_hashed(k, shape) >> 8).astype(jnp.float32) * jnp.float32(2.0**-23) - jnp.float32(1.0)
-
-
-def _small_ints(k: Any, shape: tuple[int, ...], radius: int) -> Any:
-    """generator.small_ints_np with the stream's key given: integers in [-radius, radius], float32."""
-    import jax.numpy as jnp
-
-    return (_hashed(k, shape) % (2 * radius + 1) - radius).astype(jnp.float32)
-
-
-def _keys(seed: int, streams: tuple[str, ...], device: Any) -> Any:
-    import jax
-
-    return jax.device_put(np.array([g.key(seed, s) for s in streams], dtype=np.int64), device)
-
-
-@functools.cache
-def _jit(fn: Any, *static: str) -> Any:
-    """`fn` jitted once per process (its compiled programs are cached per shape, dtype and device)."""
-    import jax
-
-    return jax.jit(fn, static_argnames=static)
+# ---- inputs: the torch probe's, built by its backend-generic builders on a JAX device -------
 
 
 def random_inputs(shape: Shape, var: Variant, dtype: Any, seed: int, device: Any = None) -> Inputs:
-    """attention.random_inputs on a JAX device: the same streams, so the same bits (mask included):
-    full-mantissa uniform Q, K, V, dO in [-1, 1); the mask uniform [-2, 2) plus -inf padding."""
-    q, k, v, dout, mask = _jit(_random_arrays, "shape", "dtype", "mask")(_keys(seed, _RANDOM_STREAMS, device), shape=shape,
-                                               dtype=np.dtype(dtype), mask=var.mask)
-    return Inputs(q=q, k=k, v=v, dout=dout, scale=1.0 / math.sqrt(shape.d), mask=mask)
+    """attention.random_inputs on a JAX device (attention.random_on, one compiled program): the same
+    bits, mask included; scale 1/sqrt(d) given explicitly."""
+    from .backends.jax import JaxBackend
 
-
-def _random_arrays(keys: Any, *, shape: Shape, dtype: Any, mask: bool) -> tuple[Any, ...]:
-    import jax.numpy as jnp
-
-    qs, kvs = (shape.b, shape.hq, shape.s, shape.d), (shape.b, shape.hkv, shape.s, shape.d)
-    q, k, v, dout = (_uniform(keys[i], sh).astype(dtype) for i, sh in enumerate((qs, kvs, kvs, qs)))
-    if not mask:
-        return q, k, v, dout, None
-    s = shape.s
-    m = 2.0 * _uniform(keys[4], (s, s))
-    # -inf on one key in eight (never the diagonal: no fully masked row), like padding
-    pad = (_small_ints(keys[5], (s, s), 4) == 4) & ~jnp.eye(s, dtype=bool)
-    return q, k, v, dout, jnp.where(pad, -jnp.inf, m).astype(dtype)
-
-
-def _digits(x: Any, n: int) -> Any:
-    """Base-4 digits of integer array x, least significant first, as a new last axis of size n."""
-    import jax.numpy as jnp
-
-    return jnp.stack([(x >> (2 * m)) & 3 for m in range(n)], axis=-1)
+    inp = random_on(JaxBackend(device), shape, var, np.dtype(dtype).name, seed)
+    return replace(inp, scale=1.0 / math.sqrt(shape.d))
 
 
 def exact_inputs(shape: Shape, var: Variant, dtype: Any, seed: int, device: Any = None) -> Inputs:
-    """attention.exact_inputs in jax.numpy: key codes c_j = j ^ x as base-4 digits, one-hot targets.
+    """attention.exact_inputs on a JAX device (attention.exact_on, one compiled program): q, k, v, dO
+    bit-identical to the torch path's; the expected outputs come to the host once (the checks run there)."""
+    from .backends.jax import JaxBackend
 
-    The same streams and closed forms, so q, k, v, dO and the expected outputs are bit-identical
-    to the torch path's. The expected outputs are computed on the host (numpy) from the targets:
-    out = V[t(i)], dq = dk = 0, dv[j] = sum of the dO rows whose target is j (over the KV group).
-    """
-    b, hq, hkv, s, d = shape.b, shape.hq, shape.hkv, shape.s, shape.d
-    nbits = max(2, (s - 1).bit_length() + ((s - 1).bit_length() & 1))
-    nd = nbits // 2
-    if 2 * nd + 1 > d:
-        raise InvalidConfig(f"attention exact: head dim {d} too small for seq {s} (needs {2 * nd + 1})")
-    if not var.causal:
-        raise InvalidConfig("attention exact: the exact variant is causal")
-    q, k, v, dout, target = _jit(_exact_arrays, "shape", "dtype", "nbits")(_keys(seed, _EXACT_STREAMS, device), shape=shape,
-                                                dtype=np.dtype(dtype), nbits=nbits)
-    t, v_h, do_h = jb.to_host(target), jb.to_host(v).astype(np.float64), jb.to_host(dout).astype(np.float64)
-    group = hq // hkv
-    out = np.take_along_axis(np.repeat(v_h, group, axis=1), t[..., None], axis=2)
-    dv = np.zeros((b, hq, s, d))
-    np.add.at(dv, (np.arange(b)[:, None, None], np.arange(hq)[None, :, None], t), do_h)
-    dt = np.dtype(dtype)
-    expected = {"out": out.astype(dt), "dq": np.zeros((b, hq, s, d), dt), "dk": np.zeros((b, hkv, s, d), dt),
-                "dv": dv.reshape(b, hkv, group, s, d).sum(axis=2).astype(dt)}
-    return Inputs(q=q, k=k, v=v, dout=dout, scale=EXACT_SCALE, expected=expected)
-
-
-def _exact_arrays(keys: Any, *, shape: Shape, dtype: Any, nbits: int) -> tuple[Any, ...]:
-    """q, k, v, dO (in `dtype`) and the target key of every (batch, head, row) of exact_inputs."""
-    import jax.numpy as jnp
-
-    b, hq, hkv, s, d = shape.b, shape.hq, shape.hkv, shape.s, shape.d
-    nd = nbits // 2
-    c = 1 << (9 * nd).bit_length()  # a power of two above every |D|^2 (digits <= 3)
-    f32, i64 = jnp.float32, jnp.int64
-    idx = jnp.arange(s, dtype=i64)
-    xk = _hashed(keys[0], (b * hkv,)) % (1 << nbits)
-    codes = idx[None, :] ^ xk[:, None]  # (b*hkv, s): distinct per KV head
-    dk_ = _digits(codes, nd).astype(f32)  # (b*hkv, s, nd)
-    # key j: digits, their squares, a constant 1; spare dims zero (their products vanish exactly)
-    k = jnp.concatenate([dk_, dk_ * dk_, jnp.ones((b * hkv, s, 1), f32),
-                         jnp.zeros((b * hkv, s, d - 2 * nd - 1), f32)], axis=-1).reshape(b, hkv, s, d)
-    # target of (b, h, i): one of the EXACT_WINDOW keys at or before i
-    target = idx - _hashed(keys[1], (b, hq, s)) % jnp.minimum(idx + 1, EXACT_WINDOW)  # (b, hq, s)
-    rows = jnp.arange(b, dtype=i64)[:, None] * hkv + jnp.arange(hq, dtype=i64)[None, :] // (hq // hkv)
-    tcodes = jnp.take_along_axis(codes[rows.reshape(-1)].reshape(b, hq, s), target, axis=2)
-    dq_ = _digits(tcodes, nd).astype(f32)  # (b, hq, s, nd)
-    # query: 2 D(c_t), -1 per digit, C - |D(c_t)|^2, so q.k_j = C - |D(c_t) - D(c_j)|^2; spare dims small ints
-    spare = _small_ints(keys[2], (b, hq, s, d), 2)
-    q = jnp.concatenate([2.0 * dq_, -jnp.ones((b, hq, s, nd), f32), (c - (dq_ * dq_).sum(-1))[..., None],
-                         spare[..., 2 * nd + 1:]], axis=-1)
-    # V on a 1/8 grid, dO small integers: every product and sum in the backward is exact
-    v = _small_ints(keys[3], (b, hkv, s, d), 8) / 8.0
-    dout = _small_ints(keys[4], (b, hq, s, d), 2)
-    return q.astype(dtype), k.astype(dtype), v.astype(dtype), dout.astype(dtype), target
+    inp = exact_on(JaxBackend(device), shape, var, np.dtype(dtype).name, seed)
+    return replace(inp, expected={name: jb.to_host(x) for name, x in inp.expected.items()})
 
 
 # ---- the formula and its float64 reference ------------------------------------------------

@@ -138,6 +138,32 @@ def test_random_inputs_and_the_mask_are_bit_identical_to_torch(dtype: str, shape
     assert ja.random_inputs(shape, ta.VARIANTS["causal"], getattr(jax.numpy, dtype), seed).mask is None
 
 
+@pytest.mark.parametrize(("dtype", "shape", "seed"), SHAPES)
+def test_the_numpy_reference_backend_builds_the_same_inputs_as_torch_and_jax(dtype: str, shape: ta.Shape,
+                                                                           seed: int) -> None:
+    # attention.random_on / exact_on are written once against probes/backends: the reference runs them too
+    pytest.importorskip("ml_dtypes", reason="bfloat16 on the host needs ml_dtypes")
+    from chipcheck.probes.backends.numpy import NumpyBackend
+
+    jb.init()
+    for variant in ("exact", "mask", "causal"):
+        var = ta.VARIANTS[variant]
+        build_t, build_j, build_n = ((ta.exact_inputs, ja.exact_inputs, ta.exact_on) if var.exact else
+                                     (ta.random_inputs, ja.random_inputs, ta.random_on))
+        t = build_t(shape, var, getattr(torch, dtype), seed, "cpu")
+        j = build_j(shape, var, getattr(jax.numpy, dtype), seed, jax.devices()[0])
+        n = build_n(NumpyBackend(), shape, var, dtype, seed)
+        assert n.scale == t.scale and (n.mask is None) == (t.mask is None) and n.expected.keys() == t.expected.keys()
+        for name in ("q", "k", "v", "dout", "mask"):
+            if getattr(n, name) is not None:
+                assert isinstance(getattr(n, name), np.ndarray) and getattr(n, name).dtype.name == dtype
+                assert np.array_equal(_bits(getattr(n, name)), _bits(getattr(t, name))), (variant, name)
+                assert np.array_equal(_bits(getattr(n, name)), _bits(getattr(j, name))), (variant, name)
+        for name in n.expected:
+            assert np.array_equal(_bits(n.expected[name]), _bits(t.expected[name])), (variant, name)
+            assert np.array_equal(_bits(n.expected[name]), _bits(j.expected[name])), (variant, name)
+
+
 def test_exact_needs_a_head_dim_that_holds_the_key_codes() -> None:
     jb.init()
     # seq 1000: 10-bit codes, 5 base-4 digits, 2 * 5 + 1 dims (the torch path's rule and message)

@@ -1,7 +1,8 @@
 """The backend layer: the few array primitives a probe needs, so a probe is written once.
 
-A probe (probes/matmul.py) and its oracles (backends/oracles.py) are written against `Backend`
-(backends/base.py); three implementations run them:
+A probe (probes/matmul.py), its oracles (backends/oracles.py) and the attention inputs
+(attention.random_on / exact_on) are written against `Backend` (backends/base.py); three
+implementations run them:
 
 - `torch.TorchBackend`: a torch device through the harness's `ProbeContext` (its Timer and host
   lock, the TorchDispatchMode fault injector, the deadline);

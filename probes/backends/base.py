@@ -1,7 +1,8 @@
-"""The Backend interface: the few primitives probes/matmul.py and backends/oracles.py use.
+"""The Backend interface: the few primitives probes/matmul.py, backends/oracles.py and the attention
+inputs (attention.random_on / exact_on) use.
 
-Not an array library: arrays of a backend support Python's operators (`+ - * ^ & >> == != <=
-~ @`, basic and integer-array indexing, `.shape`, `.reshape`), which torch, numpy and jax.numpy
+Not an array library: arrays of a backend support Python's operators (`+ - * % // ^ & | >> ==
+!= < <= ~ @`, basic and integer-array indexing, `.shape`, `.reshape`), which torch, numpy and jax.numpy
 share; everything they spell differently is a method here. Work stays on the device; only
 small results (residual vectors, the few mismatching elements, a hash's bytes) reach the host.
 
@@ -13,11 +14,14 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import functools
+import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
 
+from .. import generator as g
 from ..base import Unsupported
 
 __all__ = ["Backend", "Kernel", "Unsupported"]
@@ -95,6 +99,25 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def signs(self, shape: tuple[int, ...], seed: int, stream: str) -> Any:
         """generator.signs: int64 +-1, bit-identical on every backend."""
+
+    def hashed(self, k: Any, shape: tuple[int, ...]) -> Any:
+        """generator.hash_indices of the element indices 0..n-1 under key `k`, shaped (int64).
+
+        `k` is a host int or a device scalar (an element of `index(keys)`), so a compiled builder
+        takes its stream keys as arguments; the largest index is known, so nothing is read back.
+        """
+        n = math.prod(shape)
+        return g.hash_indices(k, self.arange(n), n - 1).reshape(shape)
+
+    @abc.abstractmethod
+    def zeros(self, shape: tuple[int, ...], dtype: str) -> Any:
+        """+0 everywhere."""
+
+    def compile(self, fn: Callable[..., Any], *static: str) -> Callable[..., Any]:
+        """`fn(backend, ...)` bound to this backend, as one program where the backend compiles (JAX:
+        jitted, the arguments named in `static` compile-time constants; elsewhere `fn` itself).
+        `fn` must be traceable: array primitives and operators only, nothing read back to the host."""
+        return functools.partial(fn, self)
 
     @abc.abstractmethod
     def concat(self, xs: list[Any], axis: int) -> Any:

@@ -86,6 +86,13 @@ def _gemm(out_dtype: Any) -> Any:
     return jax.jit(mm)
 
 
+@functools.cache
+def _compiled(fn: Callable[..., Any], static: tuple[str, ...], device: Any) -> Any:
+    """`fn` bound to a JaxBackend on `device` and jitted, once per process (a fresh jit per case would
+    trace again; its compiled programs are cached per shape, dtype and static arguments)."""
+    return jax.jit(functools.partial(fn, JaxBackend(device)), static_argnames=static)
+
+
 class JaxBackend(Backend):
     """Arrays are jax.Arrays on `device`; faults come from `inj` (a jax_backend.Injector)."""
 
@@ -130,6 +137,13 @@ class JaxBackend(Backend):
 
     def signs(self, shape: tuple[int, ...], seed: int, stream: str) -> Any:
         return jb.signs(shape, seed, stream, device=self.device)
+
+    def zeros(self, shape: tuple[int, ...], dtype: str) -> Any:
+        with jb._on(self.device):
+            return jnp.zeros(shape, dtype=getattr(jnp, dtype))
+
+    def compile(self, fn: Callable[..., Any], *static: str) -> Callable[..., Any]:
+        return _compiled(fn, static, self.device)
 
     def concat(self, xs: list[Any], axis: int) -> Any:
         return jnp.concatenate(xs, axis=axis)

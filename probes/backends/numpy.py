@@ -111,6 +111,9 @@ class NumpyBackend(Backend):
         h = g.hash_indices(g.key(seed, stream), np.arange(n, dtype=np.int64).reshape(shape), n - 1)
         return 1 - 2 * ((h >> 7) & 1)
 
+    def zeros(self, shape: tuple[int, ...], dtype: str) -> Any:
+        return np.zeros(shape, dtype=np_dtype(dtype))
+
     def concat(self, xs: list[Any], axis: int) -> Any:
         return np.concatenate(xs, axis=axis)
 

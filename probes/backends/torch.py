@@ -155,6 +155,11 @@ class TorchBackend(Backend):
 
         return g.signs(shape, seed, stream, device=self.device)
 
+    def zeros(self, shape: tuple[int, ...], dtype: str) -> Any:
+        import torch
+
+        return torch.zeros(shape, dtype=getattr(torch, dtype), device=self.device)
+
     def concat(self, xs: list[Any], axis: int) -> Any:
         import torch
 
