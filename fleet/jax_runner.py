@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from ..results import DeviceInfo, ErrorKind, ProbeResult, RunSummary
+from .launch import log_tail, read_messages
 from .runner import DEFAULT_TIMEOUT_S, RunOptions, UsageError, judge, validate
 from .store import Store
 from .worker import error_result
@@ -177,15 +178,15 @@ class _Supervisor:
             proc = subprocess.Popen([sys.executable, "-m", "chipcheck.fleet.jax_runner", "--plan", str(plan_path)],
                                     stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env,
                                     start_new_session=True)
-        q: queue.Queue[dict[str, Any] | None] = queue.Queue()
-        threading.Thread(target=_reader, args=(proc, q), daemon=True).start()
+        q: queue.Queue[tuple[int, dict[str, Any] | None]] = queue.Queue()
+        threading.Thread(target=read_messages, args=(0, proc, q), daemon=True).start()
         current: tuple[str, str, list[int]] | None = None
         since, hello, killed, usage, bye = time.monotonic(), False, False, "", False
         barrier: tuple[str, float] | None = None  # (tag, limit): waiting for the job's other processes
         try:
             while True:
                 try:
-                    msg = q.get(timeout=0.2)
+                    _, msg = q.get(timeout=0.2)
                 except queue.Empty:
                     if killed:
                         continue
@@ -242,14 +243,14 @@ class _Supervisor:
             return True
         if not hello:
             why = "did not start in time" if killed else f"died at start-up ({_exit(code)})"
-            raise UsageError(f"the JAX host process {why}: {_tail(log_path)}")
+            raise UsageError(f"the JAX host process {why}: {log_tail(log_path)}")
         if current is None and barrier is not None:
             if not self.peer_lost:
                 how = f"waited {barrier[1]:g}s" if killed else f"died ({_exit(code)})"
                 self.lost_reason = f"the JAX job's processes never all reached {barrier[0]} (this host {how})"
             return False
         if current is None:
-            raise UsageError(f"the JAX host process exited between cases ({_exit(code)}): {_tail(log_path)}")
+            raise UsageError(f"the JAX host process exited between cases ({_exit(code)}): {log_tail(log_path)}")
         self._lost(current, killed, code, log_path)
         return False
 
@@ -279,7 +280,7 @@ class _Supervisor:
                 kind, msg = ErrorKind.TIMEOUT, (f"{where} exceeded its {self.timeout_s:g}s watchdog; "
                                                 f"the JAX host process was killed")
             else:
-                kind, msg = ErrorKind.CRASH, f"the JAX host process died in {where}: {_exit(code)}. {_tail(log_path)}"
+                kind, msg = ErrorKind.CRASH, f"the JAX host process died in {where}: {_exit(code)}. {log_tail(log_path)}"
             self._record(error_result(p.run_id, p.seed, info, rank, probe, case, kind, msg))
         # as on the torch path: what is left of this probe on these ranks is not run; later probes are
         for c in self._cases_left(probe, ranks):
@@ -386,16 +387,6 @@ class _Job:
         return theirs
 
 
-def _reader(proc: subprocess.Popen[bytes], q: queue.Queue[dict[str, Any] | None]) -> None:
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        try:
-            q.put(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # not ours: the protocol lines are the only JSON objects on this pipe
-    q.put(None)
-
-
 def _kill(proc: subprocess.Popen[bytes]) -> None:
     if proc.poll() is None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -404,14 +395,6 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
 
 def _exit(code: int) -> str:
     return f"signal {-code}" if code < 0 else f"exit {code}"
-
-
-def _tail(path: Path, lines: int = 3) -> str:
-    try:
-        text = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return " | ".join(t.strip() for t in text[-lines:])
 
 
 # ---- the host process -------------------------------------------------------------------------

@@ -64,7 +64,7 @@ def _error_result(req: LaunchRequest, w: _Worker, probe: str, case: str, kind: E
     return error_result(req.run_id, req.seed, w.info, w.rank, probe, case, kind, msg)
 
 
-def _tail(path: str, lines: int = 3) -> str:
+def log_tail(path: str | Path, lines: int = 3) -> str:
     try:
         text = Path(path).read_text(errors="replace").strip().splitlines()
     except OSError:
@@ -114,7 +114,7 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
                                       stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env,
                                       start_new_session=True)
         w.current, w.since, w.hello, w.killed_for = None, time.monotonic(), False, None
-        threading.Thread(target=_reader, args=(w.rank, w.proc, q), daemon=True).start()
+        threading.Thread(target=read_messages, args=(w.rank, w.proc, q), daemon=True).start()
 
     def kill(w: _Worker, why: ErrorKind) -> None:
         w.killed_for = why
@@ -135,11 +135,11 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
                                             f"{req.seed}) exceeded its {req.timeout_s:g}s watchdog; worker killed")
         elif not w.hello and w.killed_for is None:
             kind, msg = ErrorKind.CRASH, (f"worker for {w.info.label} on {w.info.host} died at start-up "
-                                          f"(exit {code}): {_tail(w.log_path)}")
+                                          f"(exit {code}): {log_tail(w.log_path)}")
         else:
             sig = f"signal {-code}" if code < 0 else f"exit {code}"
             kind, msg = ErrorKind.CRASH, (f"worker for {w.info.label} on {w.info.host} died in {probe} {case} "
-                                          f"(rank {w.rank}, seed {req.seed}): {sig}. {_tail(w.log_path)}")
+                                          f"(rank {w.rank}, seed {req.seed}): {sig}. {log_tail(w.log_path)}")
         on_result(_error_result(req, w, probe, case, kind, msg))
         w.todo.remove((probe, case))
         if _is_collective(probe):
@@ -231,7 +231,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _reader(rank: int, proc: subprocess.Popen[bytes], q: queue.Queue[tuple[int, dict[str, Any] | None]]) -> None:
+def read_messages(rank: int, proc: subprocess.Popen[bytes], q: queue.Queue[tuple[int, dict[str, Any] | None]]) -> None:
     assert proc.stdout is not None
     for line in proc.stdout:
         try:
