@@ -43,12 +43,14 @@ import math
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 from ..results import Mismatch, Oracle
 from . import generator as g
 from . import oracles
+from .backends import oracles as bo
 from .backends.base import Backend
 from .backends.torch import TorchBackend
 from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, Unsupported, profile_table, register
@@ -516,22 +518,207 @@ def tolerance_mismatch(expected: Any, actual: Any, tol: Any, *, tensor: str, ora
     )
 
 
-# ---- one case ----------------------------------------------------------------------------
+# ---- one case: the flow, written once for every backend ------------------------------------
+#
+# A backend supplies its named attention kernels (`AttentionKernel.call`: one forward + backward with its
+# faults on, timed its way), the Backend its checks run on (torch: the device; JAX: numpy on
+# the host copies its faults corrupt), its float64 reference (`CaseReference`) and how it keeps
+# mismatches (`Keep`). `run_flow` owns the repeat rounds, the nonfinite / exact / reference /
+# repeat-determinism / cross-kernel checks, the consensus hash and the speed metrics.
 
 
 @dataclass(slots=True)
-class _Backend:
+class AttentionKernel:
+    """One named attention implementation of a backend, and what the flow records of it."""
+
     name: str
-    deterministic: bool
+    call: Callable[[], tuple[dict[str, Any], float, float | None]]
+    """One forward + backward with the backend's faults on: ({out, dq, dk, dv}, forward seconds,
+    backward seconds), or (tensors, seconds of the whole call, None) where the two are one program."""
+    deterministic: bool = True
+    """False: documented nondeterministic backward; its repeat spread is measured, not bits compared."""
     first: dict[str, Any] = field(default_factory=dict)
     t_fwd: list[float] = field(default_factory=list)
-    t_bwd: list[float] = field(default_factory=list)
+    t_bwd: list[float | None] = field(default_factory=list)
     spread: float = 0.0
 
 
-def _canon(t: Any) -> Any:
+class CaseReference(Protocol):
+    """A backend's float64 reference for one random case (its tolerance model is its own)."""
+
+    def check(self, name: str, act: Any) -> Mismatch | None:
+        """Oracle `fp64_reference` on output `name` of one call."""
+        ...
+
+    def spread(self, name: str, first: Any, act: Any) -> float:
+        """How far a nondeterministic kernel's repeat moved, in units of the tolerance."""
+        ...
+
+    def cross(self, name: str, anchor: Any, other: Any, note: str) -> Mismatch | None:
+        """Oracle `cross_backend` between two kernels' first rounds of output `name`."""
+        ...
+
+
+Keep = Callable[[CaseOutcome, Mismatch, "str | None", int], None]
+"""Records a mismatch of kernel `name` (None: between kernels) found in round `r`."""
+
+
+def run_flow(bk: Backend, kernels: list[AttentionKernel], inp: Inputs, shape: Shape, var: Variant, out: CaseOutcome, *,
+             ref: CaseReference | None, keep: Keep, repeats: int, max_repeats: int,
+             budget_s: float = 0.0) -> float:
+    """Rounds of every kernel on the same inputs, each output checked as it comes; then the
+    cross-kernel agreement, the hash and the metrics. Returns the seconds spent checking.
+
+    `bk` holds the kernels' outputs (`inp.expected` too) and gives the deadline. Rounds: at least
+    `repeats`, then more while `budget_s` lasts (without a deadline) up to `max_repeats`.
+    """
+    check_s = 0.0
+    start = time.monotonic()
+    r = 0
+    while True:
+        round_bad = False
+        for kn in kernels:
+            res, t_f, t_b = kn.call()
+            kn.t_fwd.append(t_f)
+            kn.t_bwd.append(t_b)
+            t0 = time.perf_counter()
+            round_bad |= _check(bk, out, inp, ref, keep, kn, res, r)
+            check_s += time.perf_counter() - t0
+            del res
+        r += 1
+        out.repeats = r
+        out.repeats_bad += round_bad
+        if r >= max_repeats:
+            break
+        if r >= repeats:
+            deadline = bk.deadline
+            past_deadline = deadline is not None and time.monotonic() >= deadline
+            if (time.monotonic() - start >= budget_s and deadline is None) or past_deadline:
+                break
+    t0 = time.perf_counter()
+    if ref is not None and len(kernels) >= 2:
+        anchor = kernels[0]
+        for kn in kernels[1:]:
+            for name in TENSORS:
+                m = ref.cross(name, anchor.first[name], kn.first[name], f"cross_backend={kn.name}_vs_{anchor.name}")
+                if m is not None:
+                    keep(out, m, None, 0)
+    out.output_hash = _hash(bk, kernels)
+    check_s += time.perf_counter() - t0
+    _metrics(out, shape, var, kernels)
+    return check_s
+
+
+def _canon(bk: Backend, x: Any) -> Any:
     """-0 -> +0: the exact oracle's expected zeros have no sign (0 * negative is -0 in IEEE)."""
-    return t + 0.0
+    return bk.where(x == 0, bk.zeros(tuple(x.shape), bk.dtype_name(x)), x)
+
+
+def _check(bk: Backend, out: CaseOutcome, inp: Inputs, ref: CaseReference | None, keep: Keep, kn: AttentionKernel,
+           res: dict[str, Any], r: int) -> bool:
+    """Every oracle on one kernel's (out, dq, dk, dv) of round r; True when one fired."""
+    bad = False
+    for name in TENSORS:
+        act = res[name]
+        found: list[Mismatch | None] = [bo.nonfinite(bk, act, tensor=name)]
+        if inp.expected:
+            found.append(bo.compare_bits(bk, _canon(bk, inp.expected[name]), _canon(bk, act), tensor=name,
+                                         oracle=Oracle.EXACT))
+        elif ref is not None:
+            found.append(ref.check(name, act))
+        for m in filter(None, found):
+            keep(out, m, kn.name, r)
+            bad = True
+        if r == 0:
+            kn.first[name] = bk.copy(act)
+        elif kn.deterministic or name == "out":
+            rep = bo.compare_bits(bk, kn.first[name], act, tensor=name, oracle=Oracle.REPEAT)
+            if rep is not None:
+                out.nondeterministic = True
+                keep(out, rep, kn.name, r)
+        elif ref is not None:
+            # documented nondeterministic: measure the spread, in units of the tolerance
+            spread = ref.spread(name, kn.first[name], act)
+            kn.spread = max(kn.spread, spread)
+            if not spread <= 1.0:
+                rep = bo.compare_bits(bk, kn.first[name], act, tensor=name, oracle=Oracle.REPEAT)
+                if rep is not None:
+                    out.nondeterministic = True
+                    keep(out, replace(rep, note=f"spread_over_tol={spread:.3g} {rep.note}".strip()), kn.name, r)
+    return bad
+
+
+def _hash(bk: Backend, kernels: list[AttentionKernel]) -> str:
+    """Bits of every deterministic output of every kernel (first round), for fleet consensus."""
+    h = hashlib.sha256()
+    for kn in kernels:
+        for name in TENSORS:
+            if kn.deterministic or name == "out":
+                h.update(f"{kn.name}/{name}:{bo.array_hash(bk, kn.first[name])}".encode())
+    return h.hexdigest()[:32]
+
+
+def _flops(shape: Shape, var: Variant) -> tuple[float, float]:
+    """(forward, forward + backward) flops: 4 b h s^2 d forward, 2.5x that backward, halved when causal."""
+    fwd_flops = 4.0 * shape.b * shape.hq * shape.s**2 * shape.d * (0.5 if var.causal else 1.0)
+    return fwd_flops, 3.5 * fwd_flops  # backward = 2.5x forward
+
+
+def _metrics(out: CaseOutcome, shape: Shape, var: Variant, kernels: list[AttentionKernel]) -> None:
+    """Speed per kernel (suffix `_<name>` after the first): the standard attention count, 4 b h s^2 d
+    forward, 2.5x that backward, halved when causal; per pass where the kernel timed them apart."""
+    fwd_flops, total = _flops(shape, var)
+    for i, kn in enumerate(kernels):
+        split = all(b is not None for b in kn.t_bwd)
+        calls = [f + (b or 0.0) for f, b in zip(kn.t_fwd, kn.t_bwd, strict=True)]
+        med, best = statistics.median(calls), min(calls)
+        sfx = "" if i == 0 else f"_{kn.name}"
+        out.metrics[f"tflops{sfx}"] = total / med / 1e12
+        # the best call is what the chip can do (host noise only adds time): the fleet judges on it
+        out.metrics[f"tflops_best{sfx}"] = total / best / 1e12
+        out.metrics[f"time_ms{sfx}"] = med * 1e3
+        if split:
+            out.metrics[f"tflops_fwd{sfx}"] = fwd_flops / statistics.median(kn.t_fwd) / 1e12
+            out.metrics[f"tflops_bwd{sfx}"] = 2.5 * fwd_flops / statistics.median(
+                [b for b in kn.t_bwd if b is not None]) / 1e12
+        if not kn.deterministic:
+            out.metrics[f"repeat_spread{sfx}"] = kn.spread
+
+
+# ---- the torch case: every SDPA backend as a kernel ----------------------------------------
+
+
+@dataclass(slots=True)
+class _TorchReference:
+    """`Reference` (sampled groups, on the device) as the flow's CaseReference."""
+
+    ref: Reference
+    sigmas: float
+    g_size: int
+
+    def check(self, name: str, act: Any) -> Mismatch | None:
+        ref = self.ref
+        return tolerance_mismatch(ref.ref[name], ref.gather(name, act, self.g_size), ref.tolerance(name, self.sigmas),
+                                  tensor=name, oracle=Oracle.REFERENCE, note=f"sigmas={self.sigmas:g}",
+                                  to_index=lambda ix: ref.index(name, ix, self.g_size))
+
+    def spread(self, name: str, first: Any, act: Any) -> float:
+        ref = self.ref
+        diff = (act.double() - first.double()).abs()
+        return float((diff / (self.sigmas * ref.u_eff * ref.row_envelope(name) + ref.tiny)).max())
+
+    def cross(self, name: str, anchor: Any, other: Any, note: str) -> Mismatch | None:
+        ref = self.ref
+        # min(|a|, |b|) and the reference's row envelope: a corrupted huge value must not widen
+        # its own tolerance
+        scale = anchor.double().abs().minimum(other.double().abs()) + ref.row_envelope(name)
+        tol = 2 * self.sigmas * ref.u_eff * scale + 2 * ref.tiny
+        return tolerance_mismatch(anchor.double(), other, tol, tensor=name, oracle=Oracle.CROSS_BACKEND,
+                                  to_index=lambda ix: ix, note=note)
+
+
+def _torch_keep(out: CaseOutcome, m: Mismatch, kernel: str | None, r: int) -> None:
+    _keep(out, m if kernel is None else _note(m, f"backend={kernel}"), r)
 
 
 def _run(ctx: ProbeContext, cfg: AttentionProbe.Config, case: str, shape: Shape, var: Variant,
@@ -542,7 +729,7 @@ def _run(ctx: ProbeContext, cfg: AttentionProbe.Config, case: str, shape: Shape,
         "b": shape.b, "hq": shape.hq, "hkv": shape.hkv, "s": shape.s, "d": shape.d, "dtype": dtype_name,
         "causal": var.causal, "mask": var.mask, "gqa": shape.hkv != shape.hq,
         "mode": "exact" if var.exact else "random", "scale": inp.scale or 1.0 / math.sqrt(shape.d)})
-    ran: list[_Backend] = []
+    ran: list[AttentionKernel] = []
     skipped: dict[str, str] = {}
     with ctx.timer.exclusive():
         for name in cfg.backends:
@@ -551,133 +738,33 @@ def _run(ctx: ProbeContext, cfg: AttentionProbe.Config, case: str, shape: Shape,
             except _NoKernel as e:
                 skipped[name] = str(e)
                 continue
-            ran.append(_Backend(name, (kind, name) not in NONDETERMINISTIC_BACKWARD))
+            ran.append(AttentionKernel(name, _sdpa_call(ctx, name, inp, var, shape),
+                              (kind, name) not in NONDETERMINISTIC_BACKWARD))
         ctx.timer.sync()
-    out.params["backends"] = [b.name for b in ran]
+    out.params["backends"] = [kn.name for kn in ran]
     out.params["skipped"] = skipped
     if not ran:
         raise Unsupported(f"attention {case}: no SDPA backend can run it here ({skipped})")
     seed = ctx.seed ^ g.stream_id(case)
-    ref = None if var.exact else reference(inp, var, shape, cfg.ref_groups, seed)
-    check_s = 0.0
-    start = time.monotonic()
-    r = 0
-    while True:
-        round_bad = False
-        for be in ran:
-            with ctx.timer.exclusive(), ctx.under_test():
-                res, t_f, t_b = call(be.name, inp, var, shape, ctx.timer)
-            be.t_fwd.append(t_f)
-            be.t_bwd.append(t_b)
-            t0 = time.perf_counter()
-            round_bad |= _check(out, cfg, shape, inp, ref, be, res, r)
-            check_s += time.perf_counter() - t0
-            del res
-        r += 1
-        out.repeats = r
-        out.repeats_bad += round_bad
-        if r >= cfg.max_repeats:
-            break
-        if r >= cfg.repeats:
-            past_deadline = ctx.deadline is not None and time.monotonic() >= ctx.deadline
-            if (time.monotonic() - start >= cfg.budget_s and ctx.deadline is None) or past_deadline:
-                break
-    t0 = time.perf_counter()
-    if ref is not None:
-        _cross_backend(out, cfg, shape, ref, ran)
-    out.output_hash = _hash(ran)
-    check_s += time.perf_counter() - t0
-    _metrics(out, shape, var, ran, check_s)
+    ref = None if var.exact else _TorchReference(reference(inp, var, shape, cfg.ref_groups, seed), cfg.sigmas,
+                                                 shape.group)
+    check_s = run_flow(TorchBackend.of(ctx), ran, inp, shape, var, out, ref=ref, keep=_torch_keep,
+                       repeats=cfg.repeats, max_repeats=cfg.max_repeats, budget_s=cfg.budget_s)
+    out.params["timed_backend"] = ran[0].name
+    out.params["flops_fwd_bwd"] = _flops(shape, var)[1]
+    out.metrics["check_ms"] = 1e3 * check_s / max(1, out.repeats * len(ran))
     return out
 
 
-def _check(out: CaseOutcome, cfg: AttentionProbe.Config, shape: Shape, inp: Inputs, ref: Reference | None,
-           be: _Backend, res: dict[str, Any], r: int) -> bool:
-    """Every oracle on one backend's (out, dq, dk, dv) of round r; True when one fired."""
-    bad = False
-    tag = f"backend={be.name}"
-    for name in TENSORS:
-        act = res[name]
-        found: list[Mismatch | None] = [oracles.nonfinite(act, tensor=name)]
-        if inp.expected:
-            found.append(oracles.compare_bits(_canon(inp.expected[name]), _canon(act), tensor=name,
-                                              oracle=Oracle.EXACT))
-        elif ref is not None:
-            exp = ref.ref[name]
-            tol = ref.tolerance(name, cfg.sigmas)
-            found.append(tolerance_mismatch(exp, ref.gather(name, act, shape.group), tol, tensor=name,
-                                            oracle=Oracle.REFERENCE, note=f"{tag} sigmas={cfg.sigmas:g}",
-                                            to_index=lambda ix, n=name: ref.index(n, ix, shape.group)))
-        for m in filter(None, found):
-            _keep(out, _note(m, tag), r)
-            bad = True
-        if r == 0:
-            be.first[name] = act.clone()
-        elif be.deterministic or name == "out":
-            rep = oracles.compare_bits(be.first[name], act, tensor=name, oracle=Oracle.REPEAT)
-            if rep is not None:
-                out.nondeterministic = True
-                _keep(out, _note(rep, tag), r)
-        elif ref is not None:
-            # documented nondeterministic: measure the spread, in units of the tolerance
-            diff = (act.double() - be.first[name].double()).abs()
-            spread = float((diff / (cfg.sigmas * ref.u_eff * ref.row_envelope(name) + ref.tiny)).max())
-            be.spread = max(be.spread, spread)
-            if not spread <= 1.0:
-                rep = oracles.compare_bits(be.first[name], act, tensor=name, oracle=Oracle.REPEAT)
-                if rep is not None:
-                    out.nondeterministic = True
-                    _keep(out, _note(rep, f"{tag} spread_over_tol={spread:.3g}"), r)
-    return bad
+def _sdpa_call(ctx: ProbeContext, name: str, inp: Inputs, var: Variant,
+               shape: Shape) -> Callable[[], tuple[dict[str, Any], float, float | None]]:
+    """One SDPA backend's fwd + bwd under the harness's host lock and faults, each pass timed."""
 
+    def run() -> tuple[dict[str, Any], float, float | None]:
+        with ctx.timer.exclusive(), ctx.under_test():
+            return call(name, inp, var, shape, ctx.timer)
 
-def _cross_backend(out: CaseOutcome, cfg: AttentionProbe.Config, shape: Shape, ref: Reference,
-                   ran: list[_Backend]) -> None:
-    """Every backend's first round against the first backend's, on every element."""
-    if len(ran) < 2:
-        return
-    anchor = ran[0]
-    for be in ran[1:]:
-        for name in TENSORS:
-            a, b = anchor.first[name], be.first[name]
-            # min(|a|, |b|) and the reference's row envelope: a corrupted huge value must not widen
-            # its own tolerance
-            scale = a.double().abs().minimum(b.double().abs()) + ref.row_envelope(name)
-            tol = 2 * cfg.sigmas * ref.u_eff * scale + 2 * ref.tiny
-            m = tolerance_mismatch(a.double(), b, tol, tensor=name, oracle=Oracle.CROSS_BACKEND,
-                                   to_index=lambda ix: ix, note=f"cross_backend={be.name}_vs_{anchor.name}")
-            if m is not None:
-                _keep(out, m, 0)
-
-
-def _hash(ran: list[_Backend]) -> str:
-    """Bits of every deterministic output of every backend (first round), for fleet consensus."""
-    h = hashlib.sha256()
-    for be in ran:
-        for name in TENSORS:
-            if be.deterministic or name == "out":
-                h.update(f"{be.name}/{name}:{oracles.tensor_hash(be.first[name])}".encode())
-    return h.hexdigest()[:32]
-
-
-def _metrics(out: CaseOutcome, shape: Shape, var: Variant, ran: list[_Backend], check_s: float) -> None:
-    fwd_flops = 4.0 * shape.b * shape.hq * shape.s**2 * shape.d * (0.5 if var.causal else 1.0)
-    total = 3.5 * fwd_flops  # backward = 2.5x forward
-    out.params["timed_backend"] = ran[0].name
-    out.params["flops_fwd_bwd"] = total
-    for i, be in enumerate(ran):
-        calls = [f + b for f, b in zip(be.t_fwd, be.t_bwd, strict=True)]
-        med, best = statistics.median(calls), min(calls)
-        sfx = "" if i == 0 else f"_{be.name}"
-        out.metrics[f"tflops{sfx}"] = total / med / 1e12
-        # the best call is what the chip can do (host noise only adds time): the fleet judges on it
-        out.metrics[f"tflops_best{sfx}"] = total / best / 1e12
-        out.metrics[f"time_ms{sfx}"] = med * 1e3
-        out.metrics[f"tflops_fwd{sfx}"] = fwd_flops / statistics.median(be.t_fwd) / 1e12
-        out.metrics[f"tflops_bwd{sfx}"] = 2.5 * fwd_flops / statistics.median(be.t_bwd) / 1e12
-        if not be.deterministic:
-            out.metrics[f"repeat_spread{sfx}"] = be.spread
-    out.metrics["check_ms"] = 1e3 * check_s / max(1, out.repeats * len(ran))
+    return run
 
 
 def _note(m: Mismatch, tag: str) -> Mismatch:

@@ -18,14 +18,14 @@ Cases `<dtype>/<variant>`, the torch probe's variants (probes/attention.VARIANTS
 - `jax.nn.dot_product_attention` on the same inputs (scale, `bias=` the mask, `is_causal`), where
   this JAX has it: in `exact` its output must be the expected bits (oracle `exact`, note names it),
   otherwise it must agree with the float64 reference within the same tolerance (`cross_backend`);
-- non-finite values, repeat-determinism (bit for bit) and a consensus hash over out, dq, dk, dv;
+- non-finite values, repeat-determinism (bit for bit) and a consensus hash over out, dq, dk, dv
+  (the checks, rounds, hash and metrics are attention.run_flow, the torch probe's, on the host copies);
 - the same fault hook as the JAX matmul probe, on the host copies (`op=attention`; `output=` picks out, dq, dk or dv).
 Diagnosis names the tensor (out, dq, dk, dv) and the (batch, head, row, col) elements.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass, replace
 from typing import Any
@@ -36,7 +36,8 @@ from ..results import Mismatch, Oracle
 from . import generator as g
 from . import jax_backend as jb
 from . import np_oracles as npo
-from .attention import VARIANTS, Inputs, Shape, Variant, exact_on, random_on
+from .attention import VARIANTS, AttentionKernel, Inputs, Shape, Variant, exact_on, random_on, run_flow
+from .backends.numpy import NumpyBackend
 from .base import CaseOutcome, InvalidConfig
 
 OP = "attention"
@@ -238,73 +239,54 @@ def run_case(device: Any, cfg: Config, case: str, seed: int, inj: jb.Injector) -
                                          "causal": var.causal, "mask": var.mask,
                                          "mode": "exact" if var.exact else "random", "scale": inp.scale,
                                          "precision": "HIGHEST", "backend": "jax", "jax_device": str(device)})
-    if var.exact:
-        check, ref_out = _exact_check(inp), None
-    else:
-        check, ref_out = _random_check(inp, var, cfg, dtype_name)
+    ref = None if var.exact else _HostReference(inp, var, cfg, dtype_name)
     jb.timed(lambda: kernel(q, k, v, do, mask))  # compile + warm-up, outside the faults
-    first: list[np.ndarray] = []
-    times = []
-    for r in range(max(cfg.repeats, 2)):
+
+    def call() -> tuple[dict[str, Any], float, float | None]:
         res, dt_s = inj.call(OP, lambda: kernel(q, k, v, do, mask))
-        times.append(dt_s)
         hosts = [jb.to_host(x) for x in res]
         for i, h in enumerate(hosts):  # out, dq, dk, dv: a fault's `output=` picks one (default out)
             inj.corrupt(h, output=i)
-        found = [m for name, h in zip(TENSORS, hosts, strict=True) if (m := npo.nonfinite(h, tensor=name))]
-        found += check(dict(zip(TENSORS, hosts, strict=True)), r)
-        for m in found:
-            _keep(out, m)
-        if r == 0:
-            first = hosts
-            out.output_hash = hashlib.sha256(b"".join(h.tobytes() for h in hosts)).hexdigest()[:32]
-        else:
-            for name, a, b in zip(TENSORS, first, hosts, strict=True):
-                m = npo.compare_bits(a, b, tensor=name, oracle=Oracle.REPEAT)
-                if m is not None:
-                    out.nondeterministic = True
-                    _keep(out, m)
-        out.repeats_bad += int(bool(found))
-        out.repeats = r + 1
-    _cross_backend(out, inp, var, q, k, v, mask, ref_out)
-    flops = 4 * shape.b * shape.hq * shape.s**2 * shape.d * 3.5 * (0.5 if var.causal else 1.0)
-    out.metrics["time_ms"] = 1e3 * float(np.median(times))
-    out.metrics["tflops"] = flops / float(np.median(times)) / 1e12
-    out.metrics["tflops_best"] = flops / min(times) / 1e12
+        return dict(zip(TENSORS, hosts, strict=True)), dt_s, None  # one program: not timed per pass
+
+    # the case flow written once (attention.run_flow), on the host copies the faults corrupted
+    rounds = max(cfg.repeats, 2)
+    run_flow(NumpyBackend(), [AttentionKernel("formula", call)], inp, shape, var, out, ref=ref, keep=_keep,
+             repeats=rounds, max_repeats=rounds)
+    _cross_backend(out, inp, var, q, k, v, mask, None if ref is None else (ref.ref["out"], ref.tols["out"]))
     return out
 
 
-def _keep(out: CaseOutcome, m: Mismatch) -> None:
-    """The first mismatch per (oracle, tensor)."""
+def _keep(out: CaseOutcome, m: Mismatch, kernel: str | None, r: int) -> None:
+    """The first mismatch per (oracle, tensor); the exact and reference oracles name their round."""
+    if m.oracle in (Oracle.EXACT, Oracle.REFERENCE):
+        m = _with_note(m, f"repeat={r}")
     if not any(x.tensor == m.tensor and x.oracle is m.oracle for x in out.mismatches):
         out.mismatches.append(m)
 
 
-def _exact_check(inp: Inputs) -> Any:
-    """The exact oracle on one call's (out, dq, dk, dv)."""
+class _HostReference:
+    """The reference oracle on the host: float64 of the values the kernel was given, under
+    `sigmas * u * sqrt(seq) * (|ref| + rms(ref))` (attention.CaseReference)."""
 
-    def check(hosts: dict[str, np.ndarray], r: int) -> list[Mismatch]:
-        return exact_mismatches(inp.expected, hosts, note=f"repeat={r}")
+    def __init__(self, inp: Inputs, var: Variant, cfg: Config, dtype_name: str):
+        host_in = [jb.to_host(x).astype(np.float64) for x in (inp.q, inp.k, inp.v, inp.dout)]
+        mask = None if inp.mask is None else jb.to_host(inp.mask).astype(np.float64)
+        self.ref = _reference(*host_in, causal=var.causal, scale=inp.scale, mask=mask)
+        mag = _mag(self.ref)
+        u = _U[dtype_name]
+        self.tols = {t: cfg.sigmas * u * math.sqrt(cfg.seq) * (np.abs(r) + mag[t]) for t, r in self.ref.items()}
 
-    return check
+    def check(self, name: str, act: np.ndarray) -> Mismatch | None:
+        return _compare(self.ref[name], act, self.tols[name], name, Oracle.REFERENCE)
 
+    # one deterministic kernel here (the formula): the flow never asks for a spread or a cross-kernel check;
+    # jax.nn.dot_product_attention is a forward-only second opinion outside the faults (_cross_backend)
+    def spread(self, name: str, first: Any, act: Any) -> float:
+        raise NotImplementedError("the JAX path has no nondeterministic kernel")
 
-def _random_check(inp: Inputs, var: Variant, cfg: Config,
-                  dtype_name: str) -> tuple[Any, tuple[np.ndarray, np.ndarray]]:
-    """The reference oracle on one call's (out, dq, dk, dv): float64 of the values the kernel was
-    given, under `sigmas * u * sqrt(seq) * (|ref| + rms(ref))`; and (reference out, its tolerance)."""
-    host_in = [jb.to_host(x).astype(np.float64) for x in (inp.q, inp.k, inp.v, inp.dout)]
-    mask = None if inp.mask is None else jb.to_host(inp.mask).astype(np.float64)
-    ref = _reference(*host_in, causal=var.causal, scale=inp.scale, mask=mask)
-    mag = _mag(ref)
-    u = _U[dtype_name]
-    tols = {t: cfg.sigmas * u * math.sqrt(cfg.seq) * (np.abs(r) + mag[t]) for t, r in ref.items()}
-
-    def check(hosts: dict[str, np.ndarray], r: int) -> list[Mismatch]:
-        return [m for name, h in hosts.items()
-                if (m := _compare(ref[name], h, tols[name], name, Oracle.REFERENCE, note=f"repeat={r}"))]
-
-    return check, (ref["out"], tols["out"])
+    def cross(self, name: str, anchor: Any, other: Any, note: str) -> Mismatch | None:
+        raise NotImplementedError("the JAX path runs one kernel in the flow")
 
 
 def _cross_backend(out: CaseOutcome, inp: Inputs, var: Variant, q: Any, k: Any, v: Any, mask: Any,
