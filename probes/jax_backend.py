@@ -174,6 +174,11 @@ class Injector:
         out, dt = timed(fn)
         return out, dt + stall(dt * (factor - 1.0))
 
+    @property
+    def due(self) -> bool:
+        """Whether a value fault is due for the last call (only then must its output visit the host)."""
+        return bool(self._due)
+
     def corrupt(self, host: np.ndarray, output: int = 0) -> np.ndarray:
         """Apply the value faults due for the last call to `host`, the kernel's output number
         `output` (a fault's `output=`, default 0), in place (and return it)."""

@@ -119,7 +119,7 @@ class JaxBackend(Backend):
         if self.inj is None:
             return jb.timed(fn)
         c, dt = self.inj.call(op, fn)
-        if self.inj._due:  # a value fault is due for this call: only then does C visit the host
+        if self.inj.due:  # a value fault is due for this call: only then does C visit the host
             c = jax.device_put(self.inj.corrupt(jb.to_host(c)), self.device)
         return c, dt
 
