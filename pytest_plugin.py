@@ -23,8 +23,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
-import time
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -78,7 +76,7 @@ class ChipcheckSession:
         workerinput = getattr(config, "workerinput", None)
         self.is_xdist_worker = workerinput is not None
         self.run_id: str = (workerinput or {}).get("chipcheck_run_id") or (
-            "pytest-" + time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3))
+            runner.new_run_id("pytest-"))
         self.options = runner.RunOptions(
             devices=config.getoption("chipcheck_devices"), profile=config.getoption("chipcheck"),
             probes=tuple(p.strip() for p in config.getoption("chipcheck_probes").split(",") if p.strip()),

@@ -14,7 +14,6 @@ import contextlib
 import datetime
 import json
 import os
-import secrets
 import socket
 import sys
 import threading
@@ -93,7 +92,7 @@ def run(opts: Any, dopts: DistributedOptions) -> int:
             devs_known = {r: DeviceInfo.from_dict(json.loads(v)) for r, v in joined.items()}
             kv.store.set("chipcheck/abort", "1")
             return _never_joined(opts, dopts, devs_known, world, timeout)
-        ids = time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+        ids = runner.new_run_id()
         kv.store.set("chipcheck/go", ids)
     else:
         ids = kv.wait_go(time.monotonic() + 2 * timeout)
@@ -210,7 +209,7 @@ def _never_joined(opts: Any, dopts: DistributedOptions, joined: dict[int, Device
     """Rank 0 when some ranks never arrived: a run that names them, and exit 1."""
     from . import runner
 
-    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+    run_id = runner.new_run_id()
     devs = []
     for r in range(world):
         if r in joined:

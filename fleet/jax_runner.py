@@ -25,8 +25,6 @@ import contextlib
 import json
 import os
 import queue
-import secrets
-import signal
 import socket
 import subprocess
 import sys
@@ -39,8 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from ..results import DeviceInfo, ErrorKind, ProbeResult, RunSummary
-from .launch import log_tail, read_messages
-from .runner import DEFAULT_TIMEOUT_S, RunOptions, UsageError, judge, validate
+from .launch import exit_text, kill_group, log_tail, read_messages
+from .runner import DEFAULT_TIMEOUT_S, RunOptions, UsageError, judge, new_run_id, validate
 from .store import Store
 from .worker import error_result
 
@@ -112,7 +110,7 @@ def execute(opts: RunOptions, store: Store, *, on_result: Callable[[ProbeResult]
     validate_jax(opts)
     timeout = opts.timeout_s or DEFAULT_TIMEOUT_S[opts.profile]
     job = _Job.join(multihost, timeout) if multihost is not None and multihost.num_processes > 1 else None
-    run_id = job.run_id if job else time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+    run_id = job.run_id if job else new_run_id()
     started = time.time()
     plan = HostPlan(run_id=run_id, profile=opts.profile, seed=opts.seed, probes=list(opts.probes),
                     inject=list(opts.inject), multihost=asdict(multihost) if job else None)
@@ -151,6 +149,7 @@ class _Supervisor:
         self.local: list[int] = []  # the ranks this host drives (all of them on a single host)
         self.lost_reason = "this host's JAX process was lost earlier in the job"
         self.done: set[Task] = set()
+        self.planned: list[Task] = []  # every (probe, case, rank) of the run, once the devices are known
         self.workdir = tempfile.mkdtemp(prefix=f"chipcheck-{plan.run_id}-jax-")
         self.starts = 0
 
@@ -195,7 +194,7 @@ class _Supervisor:
                         # a lost peer never reaches this barrier or collective: stop waiting now
                         self.peer_lost, killed = lost, True
                         self.lost_reason = f"not reached: {lost}"
-                        _kill(proc)
+                        kill_group(proc)
                         continue
                     if bye:  # everything is reported: a process slow to leave the job is only ended
                         limit = EXIT_GRACE_S
@@ -209,7 +208,7 @@ class _Supervisor:
                         continue
                     if time.monotonic() - since > limit:
                         killed = not bye
-                        _kill(proc)
+                        kill_group(proc)
                     continue
                 if msg is None:
                     break
@@ -221,9 +220,7 @@ class _Supervisor:
                 elif msg["t"] == "start":
                     current, since = (msg["probe"], msg["case"], list(msg["ranks"])), time.monotonic()
                 elif msg["t"] == "result":
-                    r = ProbeResult.from_dict(msg["result"])
-                    self.done.add((r.probe, r.case, r.rank))
-                    self.keep(r)
+                    self._record(ProbeResult.from_dict(msg["result"]))
                     if current and all((current[0], current[1], k) in self.done for k in current[2]):
                         current, since = None, time.monotonic()
                 elif msg["t"] == "barrier":
@@ -235,28 +232,31 @@ class _Supervisor:
                 elif msg["t"] == "bye":
                     bye, since = True, time.monotonic()
         finally:
-            _kill(proc)
+            kill_group(proc)
         code = proc.wait()
         if usage:
             raise UsageError(usage)
         if bye:
             return True
         if not hello:
-            why = "did not start in time" if killed else f"died at start-up ({_exit(code)})"
+            why = "did not start in time" if killed else f"died at start-up ({exit_text(code)})"
             raise UsageError(f"the JAX host process {why}: {log_tail(log_path)}")
         if current is None and barrier is not None:
             if not self.peer_lost:
-                how = f"waited {barrier[1]:g}s" if killed else f"died ({_exit(code)})"
+                how = f"waited {barrier[1]:g}s" if killed else f"died ({exit_text(code)})"
                 self.lost_reason = f"the JAX job's processes never all reached {barrier[0]} (this host {how})"
             return False
         if current is None:
-            raise UsageError(f"the JAX host process exited between cases ({_exit(code)}): {log_tail(log_path)}")
+            raise UsageError(f"the JAX host process exited between cases ({exit_text(code)}): {log_tail(log_path)}")
         self._lost(current, killed, code, log_path)
         return False
 
     def _hello(self, devs: list[DeviceInfo], local: list[int]) -> None:
         if not self.devs:
             self.devs, self.local = devs, local
+            n, kind = len(devs), _profile_kind(devs[0])
+            self.planned = [(probe, c, r) for probe in _names(self.plan.probes, n)
+                            for c in _cases(self.plan.profile, probe, n, kind) for r in range(n)]
             self.on_devices(devs)
         elif [d.uuid for d in devs] != [d.uuid for d in self.devs]:
             raise UsageError("the JAX devices changed between host processes "
@@ -267,7 +267,7 @@ class _Supervisor:
         probe, case, ranks = current
         p = self.plan
         if not self.peer_lost:
-            how = "hung" if killed else f"died ({_exit(code)})"
+            how = "hung" if killed else f"died ({exit_text(code)})"
             self.lost_reason = f"its JAX process {how} in {probe} {case} on {self.devs[ranks[0]].host}"
         for rank in ranks:
             if (probe, case, rank) in self.done:
@@ -280,7 +280,7 @@ class _Supervisor:
                 kind, msg = ErrorKind.TIMEOUT, (f"{where} exceeded its {self.timeout_s:g}s watchdog; "
                                                 f"the JAX host process was killed")
             else:
-                kind, msg = ErrorKind.CRASH, f"the JAX host process died in {where}: {_exit(code)}. {log_tail(log_path)}"
+                kind, msg = ErrorKind.CRASH, f"the JAX host process died in {where}: {exit_text(code)}. {log_tail(log_path)}"
             self._record(error_result(p.run_id, p.seed, info, rank, probe, case, kind, msg))
         # as on the torch path: what is left of this probe on these ranks is not run; later probes are
         for c in self._cases_left(probe, ranks):
@@ -297,15 +297,8 @@ class _Supervisor:
                     self._record(error_result(p.run_id, p.seed, self.devs[rank], rank, probe, c, ErrorKind.CRASH,
                                               f"not run: {self.lost_reason}"))
 
-    def planned(self) -> list[Task]:
-        """Every (probe, case, rank) of the run."""
-        kind = "cpu" if self.devs[0].kind.value == "cpu" else "cuda"
-        n = len(self.devs)
-        return [(probe, c, r) for probe in _names(self.plan.probes, n)
-                for c in _cases(self.plan.profile, probe, n, kind) for r in range(n)]
-
     def _cases_left(self, probe: str, ranks: list[int]) -> list[str]:
-        return [c for probe_, c, r in self.planned() if probe_ == probe and r == ranks[0]
+        return [c for probe_, c, r in self.planned if probe_ == probe and r == ranks[0]
                 and any((probe, c, k) not in self.done for k in ranks)]
 
     def _record(self, r: ProbeResult) -> None:
@@ -322,6 +315,7 @@ class _Job:
 
     def __init__(self, spec: Any, kv: Any, run_id: str):
         self.spec, self.kv, self.run_id = spec, kv, run_id
+        self._polled = 0.0  # when peer_lost last asked the store
 
     @staticmethod
     def join(spec: Any, timeout: float) -> _Job:
@@ -338,7 +332,7 @@ class _Job:
             raise UsageError(f"{spec.label}: cannot reach the results store at {host}:{port + 1}: "
                              f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
         if spec.process_id == 0:
-            run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+            run_id = new_run_id()
             kv.store.set("chipcheck/go", run_id)
         else:
             got = kv.wait_go(time.monotonic() + max(timeout, STARTUP_TIMEOUT_S))
@@ -355,7 +349,7 @@ class _Job:
     def peer_lost(self) -> str:
         """Another process's loss, as it told it ("" when none), looked up at most once a second."""
         now = time.monotonic()
-        if now - getattr(self, "_polled", 0.0) < 1.0:
+        if now - self._polled < 1.0:
             return ""
         self._polled = now
         for p in range(self.spec.num_processes):
@@ -374,7 +368,7 @@ class _Job:
         have = {(r.probe, r.case, r.rank) for r in [*mine, *theirs]}
         p = sup.plan
         silent = sorted(set(range(n)) - set(parts))
-        for probe, case, rank in sup.planned():
+        for probe, case, rank in sup.planned:
             if (probe, case, rank) not in have:
                 info = sup.devs[rank]
                 theirs.append(error_result(p.run_id, p.seed, info, rank, probe, case, ErrorKind.CRASH,
@@ -387,17 +381,12 @@ class _Job:
         return theirs
 
 
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-def _exit(code: int) -> str:
-    return f"signal {-code}" if code < 0 else f"exit {code}"
-
-
 # ---- the host process -------------------------------------------------------------------------
+
+
+def _profile_kind(info: DeviceInfo) -> str:
+    """The profile rows a device takes: TPUs and GPUs the accelerator shapes (the "cuda" rows)."""
+    return "cpu" if info.kind.value == "cpu" else "cuda"
 
 
 def _names(probes: list[str], n_devices: int) -> list[str]:
@@ -415,7 +404,7 @@ def _config(profile: str, probe: str, device_kind: str) -> Any:
     return base.get(probe).config(profile, device_kind, frozenset())
 
 
-def _cases(profile: str, probe: str, n_devices: int, device_kind: str = "cpu") -> list[str]:
+def _cases(profile: str, probe: str, n_devices: int, device_kind: str) -> list[str]:
     """The cases of one JAX probe (the same names as the torch path's)."""
     from ..probes import jax_attention, jax_collectives, jax_matmul
 
@@ -456,8 +445,7 @@ def host_run(plan: HostPlan, send: Callable[[dict[str, Any]], None]) -> int:
                                        "on this host"})
         return 2
     names = _names(plan.probes, len(infos))
-    # TPUs and GPUs take the accelerator shapes; the profiles' "cuda" rows are those
-    kind = "cpu" if infos[0].kind.value == "cpu" else "cuda"
+    kind = _profile_kind(infos[0])
     try:
         configs = {name: _config(plan.profile, name, kind) for name in names}
     except base.InvalidConfig as e:

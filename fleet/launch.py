@@ -118,9 +118,8 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
 
     def kill(w: _Worker, why: ErrorKind) -> None:
         w.killed_for = why
-        if w.proc and w.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(w.proc.pid, signal.SIGKILL)
+        if w.proc:
+            kill_group(w.proc)
 
     def lost(w: _Worker) -> None:
         """The worker is gone: record the case it was in and what it did not reach, then go on."""
@@ -137,9 +136,9 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
             kind, msg = ErrorKind.CRASH, (f"worker for {w.info.label} on {w.info.host} died at start-up "
                                           f"(exit {code}): {log_tail(w.log_path)}")
         else:
-            sig = f"signal {-code}" if code < 0 else f"exit {code}"
             kind, msg = ErrorKind.CRASH, (f"worker for {w.info.label} on {w.info.host} died in {probe} {case} "
-                                          f"(rank {w.rank}, seed {req.seed}): {sig}. {log_tail(w.log_path)}")
+                                          f"(rank {w.rank}, seed {req.seed}): {exit_text(code)}. "
+                                          f"{log_tail(w.log_path)}")
         on_result(_error_result(req, w, probe, case, kind, msg))
         w.todo.remove((probe, case))
         if _is_collective(probe):
@@ -188,9 +187,20 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
                     kill(w, ErrorKind.TIMEOUT)
     finally:
         for w in workers:
-            if w.proc and w.proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(w.proc.pid, signal.SIGKILL)
+            if w.proc:
+                kill_group(w.proc)
+
+
+def kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL a child started with start_new_session, and whatever it started, if still running."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def exit_text(code: int) -> str:
+    """A child's return code as people read it: "signal 9" or "exit 1"."""
+    return f"signal {-code}" if code < 0 else f"exit {code}"
 
 
 def _is_collective(probe: str) -> bool:

@@ -77,6 +77,11 @@ def validate(opts: RunOptions) -> None:
         raise UsageError(str(e)) from None
 
 
+def new_run_id(prefix: str = "") -> str:
+    """A run's id: when it started (sortable) and a random suffix (unique across hosts)."""
+    return prefix + time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+
+
 def plan_probes(opts: RunOptions, devs: list[DeviceInfo]) -> list[tuple[str, list[str]]]:
     """Cases per probe; all devices of a run share one kind, so one plan serves all."""
     from ..probes import base
@@ -111,7 +116,7 @@ def execute(opts: RunOptions, store: Store, *, on_result: Callable[[ProbeResult]
     if len({d.kind for d in devs}) > 1:
         raise UsageError("one run covers one device kind; run CPU and GPU devices separately")
     probes = plan_probes(opts, devs)
-    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+    run_id = new_run_id()
     timeout = opts.timeout_s or DEFAULT_TIMEOUT_S[opts.profile] or max(600.0, opts.duration_s * 1.5)
     host = socket.gethostname()
     started = time.time()

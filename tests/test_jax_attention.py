@@ -3,11 +3,7 @@ its gradients against their golden values, jax.nn as a second opinion, and fault
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +11,8 @@ import pytest
 import torch
 
 jax = pytest.importorskip("jax", reason="jax is not installed (pip install 'chipcheck[jax]')")
+
+from jax_cli import run_jax  # noqa: E402
 
 from chipcheck.probes import attention as ta  # noqa: E402
 from chipcheck.probes import faults  # noqa: E402
@@ -71,18 +69,8 @@ def test_the_reference_gradients_are_the_adjoint() -> None:
         assert math.isclose(fd, ref[name][i], rel_tol=1e-5, abs_tol=1e-8), name
 
 
-def _cli_2_devices(tmp_path: Path, *args: str) -> tuple[int, dict, str]:
-    # test_jax_backend._cli with 2 forced host devices, not 4: every device runs all 8 attention cases
-    out = tmp_path / "run.json"
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    p = subprocess.run([sys.executable, "-m", "chipcheck.cli", "run", "--backend", "jax", "--db",
-                        str(tmp_path / "r.db"), "--json", str(out), "-q", "--min-gap", "0.9", *args],
-                       capture_output=True, text=True, timeout=180, env=env)
-    return p.returncode, json.loads(out.read_text()) if out.exists() else {}, p.stdout + p.stderr
-
-
 def test_cli_attention_fault_on_one_jax_device(tmp_path: Path) -> None:
-    rc, data, out = _cli_2_devices(tmp_path, "--probes", "attention", "--inject", "bitflip:rank=1,bit=27")
+    rc, data, out = run_jax(tmp_path, 2, "--probes", "attention", "--inject", "bitflip:rank=1,bit=27")
     assert rc == 1, out[-3000:]
     assert {d["rank"]: d["verdict"] for d in data["devices"]} == {0: "pass", 1: "wrong"}
     (probe,) = data["devices"][1]["probes"]

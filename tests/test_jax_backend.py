@@ -19,6 +19,8 @@ import torch
 
 jax = pytest.importorskip("jax", reason="jax is not installed (pip install 'chipcheck[jax]')")
 
+from jax_cli import run_jax  # noqa: E402
+
 from chipcheck.probes import faults, matmul, oracles  # noqa: E402
 from chipcheck.probes import generator as g  # noqa: E402
 from chipcheck.probes import jax_backend as jb  # noqa: E402
@@ -156,11 +158,7 @@ def test_collectives_across_four_forced_host_devices() -> None:
 
 
 def _cli(tmp_path: Path, *args: str) -> tuple[int, dict, str]:
-    out = tmp_path / "run.json"
-    p = subprocess.run([sys.executable, "-m", "chipcheck.cli", "run", "--backend", "jax", "--db",
-                        str(tmp_path / "r.db"), "--json", str(out), "-q", "--min-gap", "0.9", *args],
-                       capture_output=True, text=True, timeout=180, env={**os.environ, **FORCE4})
-    return p.returncode, json.loads(out.read_text()) if out.exists() else {}, p.stdout + p.stderr
+    return run_jax(tmp_path, 4, *args, timeout=180)
 
 
 def test_cli_backend_jax_clean(tmp_path: Path) -> None:

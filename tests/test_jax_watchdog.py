@@ -4,24 +4,17 @@ on the ranks of the case it was in, and a fresh host process carries on with the
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("jax", reason="jax is not installed (pip install 'chipcheck[jax]')")
 
-FORCE3 = {"XLA_FLAGS": "--xla_force_host_platform_device_count=3", "JAX_PLATFORMS": "cpu"}
+from jax_cli import run_jax  # noqa: E402
 
 
 def _run(tmp_path: Path, *args: str) -> tuple[int, dict, str]:
-    out = tmp_path / "run.json"
-    p = subprocess.run([sys.executable, "-m", "chipcheck.cli", "run", "--backend", "jax", "--db",
-                        str(tmp_path / "r.db"), "--json", str(out), "-q", "--min-gap", "0.9", *args],
-                       capture_output=True, text=True, timeout=240, env={**os.environ, **FORCE3})
-    return p.returncode, json.loads(out.read_text()) if out.exists() else {}, p.stdout + p.stderr
+    return run_jax(tmp_path, 3, *args)
 
 
 def _by_rank(data: dict) -> dict[int, dict]:
