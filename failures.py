@@ -70,6 +70,8 @@ SDC_REPEAT = _c("CC-SDC-004", Severity.HIGH, Action.DRAIN, "the same call gave d
 SDC_REFERENCE = _c("CC-SDC-005", Severity.HIGH, Action.DRAIN, "systematic error against the fp64 reference")
 FLAKY = _c("CC-FLK-001", Severity.HIGH, Action.DRAIN, "intermittent wrong results (some repeats)")
 SLOW = _c("CC-PERF-001", Severity.MEDIUM, Action.RETEST, "throughput below its fingerprint peers")
+SUSPECT = _c("CC-SUS-001", Severity.MEDIUM, Action.RETEST,
+             "member of a group holding a fault no check could pin to one device: retest the group")
 ERR_TIMEOUT = _c("CC-ERR-001", Severity.HIGH, Action.DRAIN, "probe hung past its watchdog")
 ERR_CRASH = _c("CC-ERR-002", Severity.HIGH, Action.RETEST, "worker crashed or never reported")
 ERR_DEVICE_LOST = _c("CC-ERR-003", Severity.CRITICAL, Action.DRAIN, "device lost (fell off the bus, reset)")
@@ -83,7 +85,7 @@ TREND_SLOWER = _c("CC-TRD-001", Severity.MEDIUM, Action.RETEST, "throughput fell
 TREND_FLAKY = _c("CC-TRD-002", Severity.HIGH, Action.DRAIN, "device turned flaky over recent runs")
 TREND_LINK = _c("CC-TRD-003", Severity.MEDIUM, Action.RESEAT_LINK, "link got slower against its own history")
 
-ALL: tuple[FailureCode, ...] = (SDC_EXACT, SDC_CONSENSUS, SDC_NONFINITE, SDC_REPEAT, SDC_REFERENCE, FLAKY, SLOW,
+ALL: tuple[FailureCode, ...] = (SDC_EXACT, SDC_CONSENSUS, SDC_NONFINITE, SDC_REPEAT, SDC_REFERENCE, FLAKY, SLOW, SUSPECT,
                                 ERR_TIMEOUT, ERR_CRASH, ERR_DEVICE_LOST, ERR_SOFTWARE, LINK_WRONG, LINK_SLOW,
                                 LINK_ERROR, LEMON, TREND_SLOWER, TREND_FLAKY, TREND_LINK)
 BY_CODE = {c.code: c for c in ALL}
@@ -119,6 +121,8 @@ def for_probe(p: ProbeSummary) -> FailureCode | None:
         return SLOW
     if p.verdict is Verdict.FLAKY:
         return FLAKY
+    if p.verdict is Verdict.SUSPECT:
+        return SUSPECT
     if p.verdict is Verdict.ERROR:
         kinds = [ErrorKind(c["error"]["kind"]) for c in cases if c.get("error")]
         return worst([_BY_ERROR[k] for k in kinds]) or ERR_CRASH

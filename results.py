@@ -21,6 +21,8 @@ class Verdict(enum.StrEnum):
     FLAKY = "flaky"
     WRONG = "wrong"
     ERROR = "error"
+    SUSPECT = "suspect"
+    """A named group holds a fault that could not be pinned to one member: retest the group."""
 
     @staticmethod
     def worst(verdicts: list[Verdict] | tuple[Verdict, ...]) -> Verdict:
@@ -29,8 +31,12 @@ class Verdict(enum.StrEnum):
 
 
 # `wrong` outranks `error`: a chip that computed wrong bits is worse news than one that
-# could not run a probe, and a run with both must lead with the corruption.
-SEVERITY = {Verdict.PASS: 0, Verdict.SLOW: 1, Verdict.FLAKY: 2, Verdict.ERROR: 3, Verdict.WRONG: 4}
+# could not run a probe, and a run with both must lead with the corruption. `suspect` is below
+# `error`: the group is known to hold a fault, but no member is blamed.
+SEVERITY = {Verdict.PASS: 0, Verdict.SLOW: 1, Verdict.FLAKY: 2, Verdict.SUSPECT: 3, Verdict.ERROR: 4,
+            Verdict.WRONG: 5}
+BLAMED = frozenset({Verdict.SLOW, Verdict.FLAKY, Verdict.WRONG, Verdict.ERROR})
+"""Verdicts that name the device itself (what the failing fraction counts); `suspect` names a group."""
 
 
 class ErrorKind(enum.StrEnum):
@@ -65,6 +71,17 @@ class Oracle(enum.StrEnum):
     REPLICA = "replica"
     """Replicas that must hold identical bits (data-parallel parameters, a gradient shard computed
     twice) disagree; the minority or the one farther from float64 is named."""
+
+
+class Blame(enum.StrEnum):
+    """Whose computation a mismatch is evidence against (fleet.judge.blame reads it)."""
+
+    OWN = "own"
+    """This device's own output: a local oracle fired, it lost a strict-majority vote, or a
+    recomputation by another device with a tie-breaker named it."""
+    SHARED = "shared"
+    """A value every rank of `group` holds alike (a global loss, a vote with no majority): evidence
+    that some member is bad, not which one."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,10 +128,14 @@ class Mismatch:
     bit_histogram: dict[int, int] = field(default_factory=dict)
     max_abs_error: float = 0.0
     note: str = ""
+    blame: Blame = Blame.OWN
+    group: list[int] = field(default_factory=list)
+    """For `Blame.SHARED`: the global ranks that hold the value alike (this one included)."""
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["oracle"] = self.oracle.value
+        d["blame"] = self.blame.value
         d["bit_histogram"] = {str(k): v for k, v in self.bit_histogram.items()}
         return d
 
@@ -124,6 +145,7 @@ class Mismatch:
             **{
                 **d,
                 "oracle": Oracle(d["oracle"]),
+                "blame": Blame(d.get("blame", Blame.OWN.value)),
                 "bit_histogram": {int(k): v for k, v in d.get("bit_histogram", {}).items()},
             }
         )
@@ -355,4 +377,10 @@ class RunSummary:
 
     @property
     def failed(self) -> list[DeviceSummary]:
-        return [d for d in self.devices if d.verdict is not Verdict.PASS]
+        """Devices blamed for a failure of their own (what the failing fraction counts)."""
+        return [d for d in self.devices if d.verdict in BLAMED]
+
+    @property
+    def suspect(self) -> list[DeviceSummary]:
+        """Devices of a group that holds a fault no check could pin to one member (retest them)."""
+        return [d for d in self.devices if d.verdict is Verdict.SUSPECT]

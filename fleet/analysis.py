@@ -4,7 +4,11 @@ Pure functions over typed results; no I/O. A probe measures, the fleet decides:
 - consensus: every device with the same fingerprint computing the same case from the same
   inputs must produce the same bits. The majority hash (over more than half of the voters,
   after removing devices their own oracles already caught) is right; a minority is `wrong`.
-  A group with no majority is reported as such and every member is `wrong`: never silently passed.
+  A group with no majority is reported as such (`no_majority`) and its members are left to the
+  judge (fleet.judge.blame), which pins the fault on a member with evidence of its own or calls
+  the group `suspect`: never silently passed, never `wrong` for everyone. In a collective probe
+  (`collective`) ranks exchange data, so a minority of several ranks holds one value alike (e.g. a
+  tensor-parallel pair): it is a suspicion for the judge too, not several independent witnesses.
 - slow: a device's throughput against the median of its *peers* (the others of its
   fingerprint), as a ratio per case; the device is slow when its median ratio over cases is at
   least `min_gap` below 1 and, with enough peers, also a robust (median/MAD) outlier.
@@ -31,7 +35,8 @@ class SlowPolicy:
     """Throughput metric compared (higher is better): the best call's, which host noise cannot inflate."""
 
 
-def consensus(results: list[ProbeResult]) -> tuple[list[Judgement], list[ConsensusGroup]]:
+def consensus(results: list[ProbeResult], collective: frozenset[str] = frozenset()
+              ) -> tuple[list[Judgement], list[ConsensusGroup]]:
     groups: dict[tuple[str, str, str], list[ProbeResult]] = defaultdict(list)
     for r in results:
         if r.output_hash and r.error is None:
@@ -54,18 +59,14 @@ def consensus(results: list[ProbeResult]) -> tuple[list[Judgement], list[Consens
             dissent = [m for m in members if m.output_hash != top]
         else:
             dissent = list(voters)
-        for m in dissent:
-            if has_majority:
-                reason = (f"consensus: output bits differ from the majority ({n_top} of {len(voters)} devices "
-                          f"with fingerprint {fp} agree; hash {m.output_hash[:12]} vs {top[:12]})")
-            else:
-                reason = (f"consensus: no majority among {len(voters)} devices with fingerprint {fp} "
-                          f"({len(counts)} distinct outputs)")
-            if m.verdict is Verdict.PASS or has_majority:
-                judgements.append(Judgement(rank=m.rank, probe=probe, case=case, verdict=Verdict.WRONG, reason=reason,
-                                            metrics={"agree": float(n_top), "voters": float(len(voters))}))
+        shared = not has_majority or (probe in collective and len(dissent) > 1)
+        for m in ([] if shared else dissent):
+            reason = (f"consensus: output bits differ from the majority ({n_top} of {len(voters)} devices "
+                      f"with fingerprint {fp} agree; hash {m.output_hash[:12]} vs {top[:12]})")
+            judgements.append(Judgement(rank=m.rank, probe=probe, case=case, verdict=Verdict.WRONG, reason=reason,
+                                        metrics={"agree": float(n_top), "voters": float(len(voters))}))
         summary.append(ConsensusGroup(fingerprint=fp, probe=probe, case=case, devices=len(members), majority_hash=top,
-                                      agree=n_top, no_majority=not has_majority,
+                                      agree=n_top, no_majority=shared,
                                       dissenters=tuple(sorted(m.rank for m in dissent))))
     return judgements, summary
 

@@ -94,17 +94,15 @@ def load(store: Store, run_id: str = LATEST) -> RunSummary:
         devices = store.devices(rec.run_id)
     except (sqlite3.DatabaseError, ValueError, KeyError) as e:
         raise StoreError(f"run {rec.run_id} in {store.path} cannot be read ({e})") from None
-    cons, groups = analysis.consensus(results)
-    if rec.ended is None and not judgements:
-        # interrupted before the fleet judged it: judge what was measured, as the run would have
-        judgements = cons + analysis.slow(results, analysis.SlowPolicy(min_gap=rec.min_gap))
-    ended = rec.ended if rec.ended is not None else max((r.ended for r in results), default=rec.started)
-    from .runner import library_findings
+    from .runner import fleet_verdicts
 
-    lib = library_findings(results)
-    return summarize(rec.run_id, devices, results, judgements, groups, profile=rec.profile, seed=rec.seed,
-                     started=rec.started, ended=ended, links=store.links(rec.run_id), findings=lib.findings,
-                     exonerate=lib.exonerate, fleet_verdict=lib.fleet_verdict)
+    # a judged run's stored judgements are the record; an interrupted one is judged as the run would have
+    v = fleet_verdicts(devices, results, min_gap=rec.min_gap,
+                       judged=judgements if rec.ended is not None or judgements else None)
+    ended = rec.ended if rec.ended is not None else max((r.ended for r in results), default=rec.started)
+    return summarize(rec.run_id, devices, results, v.judgements, v.groups, profile=rec.profile, seed=rec.seed,
+                     started=rec.started, ended=ended, links=store.links(rec.run_id), findings=v.library.findings,
+                     exonerate=v.library.exonerate, fleet_verdict=v.library.fleet_verdict)
 
 
 def load_many(store: Store, run_ids: list[str]) -> RunSummary:
@@ -147,7 +145,7 @@ def extras(store: Store, summary: RunSummary) -> Any:
     from . import history
 
     base = from_links(summary) if summary.links is not None else ReportExtras()
-    ordered = summary.failed + [d for d in summary.devices if d.verdict is Verdict.PASS]
+    ordered = [d for d in summary.devices if d.verdict is not Verdict.PASS] + [d for d in summary.devices if d.verdict is Verdict.PASS]
     hist: dict[str, list[HistoryPoint]] = {}
     for d in ordered[:MAX_HISTORY_DEVICES]:
         runs = [r for r in history.device_history(store, d.uuid) if r.started <= summary.started]

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..results import DeviceInfo, Judgement, ProbeResult, RunSummary, Verdict
+from ..results import ConsensusGroup, DeviceInfo, Judgement, LinksSummary, ProbeResult, RunSummary, Verdict
 from . import analysis, devices
 from .launch import LaunchRequest, run_local
 from .store import Store
@@ -147,25 +147,49 @@ def execute(opts: RunOptions, store: Store, *, on_result: Callable[[ProbeResult]
 
 def judge(run_id: str, devs: dict[int, DeviceInfo], results: list[ProbeResult], opts: RunOptions,
           started: float) -> tuple[RunSummary, list[Judgement]]:
-    """Fleet analysis (consensus, slowness, links) and the per-device verdicts."""
-    from ..probes import base
-    from . import links_run
-
-    cons, groups = analysis.consensus(results)
-    metrics = {name: cls.speed_metric for name, cls in base.registry().items()}
-    slow = analysis.slow(results, analysis.SlowPolicy(min_gap=opts.min_gap), metrics)
+    """Fleet analysis (consensus, slowness, links, blame) and the per-device verdicts."""
     declared = load_declared(opts.options["declared"]) if opts.options.get("declared") else None
+    v = fleet_verdicts(devs, results, min_gap=opts.min_gap, declared=declared)
+    summary = summarize(run_id, devs, results, v.judgements, v.groups, profile=opts.profile, seed=opts.seed,
+                        started=started, ended=time.time(), links=v.links, findings=v.library.findings,
+                        exonerate=v.library.exonerate, fleet_verdict=v.library.fleet_verdict)
+    return summary, v.judgements
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FleetVerdicts:
+    """Everything the fleet decides about one run's results, before it is folded per device."""
+
+    judgements: list[Judgement]
+    groups: list[ConsensusGroup]
+    links: LinksSummary | None
+    library: LibraryFindings
+
+
+def fleet_verdicts(devs: dict[int, DeviceInfo], results: list[ProbeResult], *, min_gap: float,
+                   declared: dict[int, tuple[str, ...]] | None = None,
+                   judged: list[Judgement] | None = None) -> FleetVerdicts:
+    """The one place a run's results are judged (live run, reloaded interrupted run, ingested sweep).
+
+    `judged`: the judgements stored for a run that was judged when it ended; they are the record, and
+    only the consensus groups and library findings are recounted from the results."""
+    from ..probes import base, burn, xgemm
+    from . import links_run
+    from .judge import blame
+
+    registry = base.registry()
+    cons, groups = analysis.consensus(results, frozenset(n for n, cls in registry.items() if cls.collective))
+    lib = library_findings(results)
+    if judged is not None:
+        return FleetVerdicts(judgements=judged, groups=groups, links=None, library=lib)
+    metrics = {name: cls.speed_metric for name, cls in registry.items()}
+    slow = analysis.slow(results, analysis.SlowPolicy(min_gap=min_gap), metrics)
     linked = links_run.analyze(results, devs, declared)
     link_summary, link_js = linked if linked else (None, [])
-    from ..probes import burn, xgemm
-
     chips, _ = xgemm.second_opinion_findings(results)
-    lib = library_findings(results)
     judgements = cons + slow + link_js + chips + burn.throttle_judgements(results)
-    summary = summarize(run_id, devs, results, judgements, groups, profile=opts.profile, seed=opts.seed,
-                        started=started, ended=time.time(), links=link_summary, findings=lib.findings,
-                        exonerate=lib.exonerate, fleet_verdict=lib.fleet_verdict)
-    return summary, judgements
+    judgements += blame.resolve(results, judgements, groups, lib.exonerate)
+    return FleetVerdicts(judgements=judgements, groups=groups, links=link_summary, library=lib)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -16,6 +16,7 @@ from ..results import (
     RunSummary,
     Verdict,
 )
+from .judge.blame import held_against
 
 
 def summarize(run_id: str, devices: dict[int, DeviceInfo], results: list[ProbeResult], judgements: list[Judgement],
@@ -37,7 +38,7 @@ def summarize(run_id: str, devices: dict[int, DeviceInfo], results: list[ProbeRe
         names = list(dict.fromkeys(list(by_dev[rank]) + list(judged[rank])))
         for name in names:
             rs, js = by_dev[rank][name], judged[rank][name]
-            verdict = Verdict.worst([r.verdict for r in rs if (rank, r.probe, r.case) not in exonerate]
+            verdict = Verdict.worst([held_against(r) for r in rs if (rank, r.probe, r.case) not in exonerate]
                                     + [j.verdict for j in js])
             metrics: dict[str, float] = {}
             for r in rs:
@@ -59,8 +60,10 @@ def summarize(run_id: str, devices: dict[int, DeviceInfo], results: list[ProbeRe
 def _details(rs: list[ProbeResult], js: list[Judgement]) -> dict[str, Any]:
     cases = []
     for r in rs:
-        c: dict[str, Any] = {"case": r.case, "verdict": r.verdict.value, "repeats": r.repeats,
+        c: dict[str, Any] = {"case": r.case, "verdict": held_against(r).value, "repeats": r.repeats,
                              "repeats_bad": r.repeats_bad, "params": r.params}
+        if held_against(r) is not r.verdict:
+            c["local_verdict"] = r.verdict.value  # shared evidence only: the fleet judgement says whose
         if r.mismatches:
             c["mismatches"] = [m.to_dict() for m in r.mismatches]
         if r.error:
@@ -78,17 +81,33 @@ def _details(rs: list[ProbeResult], js: list[Judgement]) -> dict[str, Any]:
 
 
 def explain(r: ProbeResult) -> str:
-    """One line a person can act on: what went wrong in this case, on which device."""
+    """One line a person can act on: what went wrong in this case, on which device.
+
+    A case whose evidence is shared with other ranks explains nothing about this device on its own:
+    the fleet judgement (fleet.judge.blame) says whose it is. Identical findings (a replica check
+    that fails at every step) are said once, with how often.
+    """
     where = f"{r.host} {r.device} {r.probe} {r.case}"
     if r.error is not None:
         return f"{where}: error ({r.error.kind.value}): {r.error.message}"
-    if r.verdict is Verdict.PASS:
+    if held_against(r) is Verdict.PASS:
         return ""
-    parts = []
+    parts: dict[str, int] = {}
     for m in r.mismatches:
-        bits = ",".join(str(b) for b in sorted(m.bit_histogram)) or "-"
-        first = m.first_indices[0] if m.first_indices else "?"
-        val = f" expected {m.expected[0]:.6g} got {m.actual[0]:.6g}" if m.expected and m.actual else ""
-        parts.append(f"{m.oracle.value}: {m.bad_elements}/{m.total_elements} elements of {m.tensor} bad, "
-                     f"first at {first}{val}, flipped bits [{bits}]")
-    return f"{where}: {r.verdict.value} in {r.repeats_bad} of {r.repeats} repeats; " + "; ".join(parts)
+        if m.first_indices or m.bit_histogram:
+            bits = ",".join(str(b) for b in sorted(m.bit_histogram)) or "-"
+            first = m.first_indices[0] if m.first_indices else "?"
+            val = f" expected {m.expected[0]:.6g} got {m.actual[0]:.6g}" if m.expected and m.actual else ""
+            line = (f"{m.oracle.value}: {m.bad_elements}/{m.total_elements} elements of {m.tensor} bad, "
+                    f"first at {first}{val}, flipped bits [{bits}]")
+        else:  # a checksum-level finding (replicas, gradients): the note says what and who
+            line = f"{m.oracle.value}: {m.tensor}: {_strip_step(m.note) or 'differs'}"
+        parts[line] = parts.get(line, 0) + 1
+    said = "; ".join(line + (f" (x{n})" if n > 1 else "") for line, n in parts.items())
+    return f"{where}: {r.verdict.value} in {r.repeats_bad} of {r.repeats} repeats; " + said
+
+
+def _strip_step(note: str) -> str:
+    """A note without its trailing `step=N`, so one finding repeated at every step reads once."""
+    head, sep, tail = note.rpartition(" step=")
+    return head if sep and tail.isdigit() else note

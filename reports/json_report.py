@@ -43,6 +43,7 @@ def to_dict(s: RunSummary) -> dict[str, Any]:
             "devices": len(s.devices),
             "failed": len(s.failed),
             "failed_fraction": len(s.failed) / len(s.devices) if s.devices else 0.0,
+            "suspect": len(s.suspect),
             "by_verdict": _count(s),
         },
     }

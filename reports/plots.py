@@ -27,7 +27,7 @@ from .extras import HistoryPoint, LinkSummary, Topology  # noqa: E402
 from .view import DTYPE_BITS, BitHistogram, FailureMode, ThroughputGroup  # noqa: E402
 
 COLORS = {Verdict.PASS: "#2e7d32", Verdict.SLOW: "#ef8c00", Verdict.FLAKY: "#8e24aa", Verdict.WRONG: "#c62828",
-          Verdict.ERROR: "#546e7a"}
+          Verdict.ERROR: "#546e7a", Verdict.SUSPECT: "#00838f"}
 _RC = {"svg.fonttype": "none", "font.size": 9, "axes.spines.top": False, "axes.spines.right": False,
        "font.family": "sans-serif"}
 MAX_LABELLED_OUTLIERS = 12

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..results import RunSummary, Verdict
 
 _MARK = {Verdict.PASS: "PASS", Verdict.SLOW: "SLOW", Verdict.FLAKY: "FLAKY", Verdict.WRONG: "WRONG",
-         Verdict.ERROR: "ERROR"}
+         Verdict.ERROR: "ERROR", Verdict.SUSPECT: "SUSPECT"}
 
 
 MAX_REASONS = 4
@@ -53,8 +53,9 @@ def render(s: RunSummary) -> str:
     if s.links is not None and s.links.links:
         nl = len(s.links.links)
         link_part = f"; {len(s.links.failed)}/{nl} links = {len(s.links.failed) / nl:.1%} failing"
+    suspect = f"; {len(s.suspect)} suspect (retest)" if s.suspect else ""
     lines.append(f"verdict: {_MARK[s.verdict]}  ({counts}; {len(failed)}/{len(s.devices)} devices = "
-                 f"{frac:.1%} failing{link_part})")
+                 f"{frac:.1%} failing{suspect}{link_part})")
     return "\n".join(lines)
 
 

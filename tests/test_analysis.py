@@ -22,9 +22,14 @@ def test_minority_hash_is_wrong_and_named() -> None:
 
 
 def test_no_majority_is_reported_never_passed() -> None:
-    js, groups = analysis.consensus([_r(0, "a"), _r(1, "b")])
-    assert {j.rank for j in js} == {0, 1} and all("no majority" in j.reason for j in js)
-    assert groups[0].no_majority
+    from chipcheck.fleet.judge import blame
+
+    results = [_r(0, "a"), _r(1, "b")]
+    js, groups = analysis.consensus(results)
+    assert js == [] and groups[0].no_majority  # nobody is wrong on a vote without a majority ...
+    resolved = blame.resolve(results, js, groups)  # ... the judge calls the pair suspect instead
+    assert {(j.rank, j.verdict) for j in resolved} == {(0, Verdict.SUSPECT), (1, Verdict.SUSPECT)}
+    assert all("no majority" in j.reason for j in resolved)
 
 
 def test_devices_caught_locally_do_not_vote() -> None:
