@@ -6,6 +6,7 @@ flag never leaves a half-written run behind.
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import socket
@@ -67,8 +68,8 @@ def validate(opts: RunOptions) -> None:
             faults.parse(spec)
         except faults.InjectSpecError as e:
             raise UsageError(str(e)) from None
-    if opts.timeout_s is not None and opts.timeout_s <= 0:
-        raise UsageError("--timeout must be > 0 seconds")
+    if opts.timeout_s is not None and not (math.isfinite(opts.timeout_s) and opts.timeout_s > 0):
+        raise UsageError(f"--timeout must be > 0 seconds and finite, not {opts.timeout_s}")
     if not 0.0 < opts.min_gap < 1.0:
         raise UsageError("--min-gap must be between 0 and 1 (e.g. 0.1 for 10%)")
     try:
