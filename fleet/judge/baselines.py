@@ -158,11 +158,12 @@ class BaselineTable:
                 best, best_len = b, n
         return best
 
-    def merged(self, override: BaselineTable) -> BaselineTable:
-        """This table with `override`'s entries replacing those of the same key (whole) or added at the end."""
+    def merged(self, override: BaselineTable, *, origin: str = "<override>") -> BaselineTable:
+        """This table with `override`'s entries replacing those of the same key (whole) or added at the end;
+        `origin` names the override in error messages."""
         keys = {b.key for b in override.entries}
         out = BaselineTable(tuple(b for b in self.entries if b.key not in keys) + override.entries)
-        _check_unique_matches(out.entries, "the merged baselines")
+        _check_unique_matches(out.entries, f"baselines file {origin} (with the shipped table)")
         return out
 
 
@@ -184,7 +185,7 @@ def load(path: str | Path | None = None) -> BaselineTable:
         raise BaselineError(f"baselines file {p} not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise BaselineError(f"baselines file {p} cannot be read ({_one_line(str(e))})") from None
-    return table.merged(parse(user, origin=str(p)))
+    return table.merged(parse(user, origin=str(p)), origin=str(p))
 
 
 def parse(text: str, *, origin: str = "<string>") -> BaselineTable:
@@ -329,8 +330,8 @@ def speed_samples(results: Iterable[ProbeResult]) -> Iterator[Sample]:
             continue
         if r.probe == "matmul":
             key = SpeedKey(probe="matmul", family=r.case.partition("/")[0], metric=_MATMUL_METRIC, unit="TFLOP/s")
-            dims = [r.params.get(d) for d in ("m", "n", "k")]
-            size = min(int(d) for d in dims) if all(isinstance(d, int) for d in dims) else 0
+            dims = [d for d in (r.params.get(x) for x in ("m", "n", "k")) if isinstance(d, int)]
+            size = min(dims) if len(dims) == 3 else 0
         elif r.probe == "bandwidth" and r.case == "copy":
             key, size = SpeedKey(probe="bandwidth", family="copy", metric=_COPY_METRIC, unit="GB/s"), 0
         elif r.probe == "collectives" and r.case.partition("/")[0] in BUSBW_OPS:

@@ -1,0 +1,87 @@
+"""A device against its own past: `slow` when its speed now is well below the median of its own runs.
+
+The store's `device_runs` index keeps each device's speed relative to its fingerprint peers in each
+run; a whole group drifting together leaves that ratio at 1.0. This judgement compares absolute
+figures instead (the same speed keys as the baselines: matmul TFLOP/s per dtype, copy GB/s, collective
+busbw), read from the stored results themselves, so no schema change is needed.
+
+Rule (per device and speed key): with at least `min_runs` past figures, the device is `slow` when its
+figure now is more than `drop` below their median AND the gap exceeds `noise_k` robust standard
+deviations of its own past (1.4826 x MAD): a device whose own figures swing by 25% run to run is not
+called slow for a 22% dip. Figures are per run the best over that run's cases (noise only lowers speed).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from ...results import Judgement, ProbeResult, Verdict
+from .baselines import SpeedKey, best_speeds, speed_samples
+
+if TYPE_CHECKING:
+    from ..store import Store
+
+__all__ = ["MAD_SIGMA", "history_judgements", "run_speeds", "speed_history"]
+
+MAD_SIGMA = 1.4826
+"""MAD x this = the standard deviation of normally distributed figures."""
+DAY_S = 86400.0
+
+
+def history_judgements(current: dict[int, float], history: dict[int, list[float]], *, min_runs: int = 5,
+                       drop: float = 0.2, noise_k: float = 3.0, window: str = "30-day", probe: str = "*",
+                       case: str = "*", unit: str = "") -> list[Judgement]:
+    """`slow` for each rank whose figure in `current` is more than `drop` (a fraction) below the median
+    of its own past figures in `history` and further below it than `noise_k` robust sigmas of that past.
+
+    Ranks with fewer than `min_runs` past figures are not judged. `window` names the history span in
+    reasons ("28% below its own 30-day median"); `probe`, `case` and `unit` label the judgements."""
+    if not 0 < drop < 1 or min_runs < 1 or noise_k < 0:
+        raise ValueError(f"need 0 < drop < 1, min_runs >= 1, noise_k >= 0; got {drop}, {min_runs}, {noise_k}")
+    out = []
+    for rank, now in sorted(current.items()):
+        past = [v for v in history.get(rank, []) if v > 0]
+        if len(past) < min_runs or now <= 0:
+            continue
+        med = statistics.median(past)
+        sigma = MAD_SIGMA * statistics.median(abs(v - med) for v in past)
+        gap = med - now
+        if now >= (1 - drop) * med or gap <= noise_k * sigma:
+            continue
+        below = gap / med
+        u = f" {unit}" if unit else ""
+        out.append(Judgement(
+            rank=rank, probe=probe, case=case, verdict=Verdict.SLOW,
+            reason=(f"{below:.0%} below its own {window} median: {now:.4g}{u} now against {med:.4g}{u} "
+                    f"over {len(past)} runs (own spread {sigma / med:.1%}; threshold {drop:.0%})"),
+            metrics={"speed": now, "own_median": med, "own_sigma": sigma, "ratio_to_own_median": now / med,
+                     "own_runs": float(len(past))}))
+    return out
+
+
+def run_speeds(results: Iterable[ProbeResult], key: SpeedKey) -> dict[int, float]:
+    """Each rank's best figure for `key` in one run's results (the `current` of history_judgements)."""
+    return {rank: s.value for (rank, k), s in best_speeds(speed_samples(results)).items() if k == key}
+
+
+def speed_history(store: Store, uuid: str, key: SpeedKey, *, now: float, days: float = 30.0,
+                  exclude_run: str | None = None) -> list[float]:
+    """One device's (by UUID) best figure for `key` in each of its stored runs that started in the
+    `days` before `now`, oldest run first; `exclude_run` (the run being judged) is left out.
+
+    Reads the results table through its device_uuid index (no schema change); bodies are parsed with
+    the same rules as a live run's (speed_samples)."""
+    rows = store.conn.execute(
+        "SELECT run_id, body FROM results WHERE device_uuid=? AND probe=? AND started>=? AND started<=? ORDER BY id",
+        (uuid, key.probe, now - days * DAY_S, now))
+    per_run: dict[str, float] = {}
+    for run_id, body in rows:
+        if run_id == exclude_run:
+            continue
+        for s in speed_samples([ProbeResult.from_dict(json.loads(body))]):
+            if s.key == key and s.value > per_run.get(run_id, 0.0):
+                per_run[run_id] = s.value
+    return list(per_run.values())
