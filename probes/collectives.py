@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..results import Mismatch, Oracle
+from ..results import Blame, Mismatch, Oracle
 from . import oracles
 from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, Unsupported, profile_table, register
 
@@ -178,7 +178,8 @@ def _judge_check(out: CaseOutcome, step: _Step, group: Any) -> bool:
     nodes. Decoding names the source of bad data where the pattern allows (copies: the source
     rank of the bad chunk; sums: ranks whose contribution is missing). A named rank is wrong;
     a rank that only observed it records the observation and is not blamed. When nobody can
-    be named, every observer is wrong (and `chipcheck links` localises further).
+    be named, the observers share the evidence (fleet.judge.blame resolves it; `chipcheck links`
+    localises further).
     """
 
     import torch.distributed as dist
@@ -202,8 +203,9 @@ def blame(me: int, m: Mismatch | None, views: list[tuple[bool, list[int]]], *, t
 
     Returns (the mismatch that makes this rank wrong, or None; a note of what it only observed).
     A named rank is wrong (with its own view, or "named by ..." when its own output was fine);
-    a rank that only observed what others are blamed for is not; when nobody can be named,
-    every observer is wrong and the ranks that saw nothing are not.
+    a rank that only observed what others are blamed for is not; when nobody can be named, every
+    observer holds shared evidence (fleet.judge.blame pins it on a member with evidence of its own,
+    or calls the observers suspect) and the ranks that saw nothing are clean.
     """
     import dataclasses
 
@@ -219,7 +221,10 @@ def blame(me: int, m: Mismatch | None, views: list[tuple[bool, list[int]]], *, t
     if m is None:  # blamed by others: e.g. the sender of the bad data, whose own view was fine
         return Mismatch(oracle=Oracle.EXACT, tensor=tensor, bad_elements=0, total_elements=count,
                         note=f"named by rank(s) {observers} as the source of corrupted data"), ""
-    return dataclasses.replace(m, note=f"{m.note}; blamed {blamed or 'nobody decodable: all observers wrong'}"), ""
+    if not blamed:  # every observer holds bad data and nobody is named: some member is bad, not which
+        return dataclasses.replace(m, note=f"{m.note}; no source decodable among observers {observers}",
+                                   blame=Blame.SHARED, group=observers), ""
+    return dataclasses.replace(m, note=f"{m.note}; blamed {blamed}"), ""
 
 
 def _sync(ctx: ProbeContext) -> None:

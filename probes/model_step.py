@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..results import Mismatch, Oracle, Verdict
+from ..results import Blame, Mismatch, Oracle, Verdict
 from . import faults, oracles
 from . import generator as g
 from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, profile_table, register
@@ -448,13 +448,17 @@ def run_dp(ctx: ProbeContext, cfg: StepConfig, case: str, precision: str, par: A
         return out
     for n in named:
         out.mismatches.append(replace(n.mismatch, note=(n.mismatch.note + f" step={n.step}").strip()))
+    # The global loss is the same value on every rank: evidence that some rank is bad, not which.
+    everyone = list(range(par.world))
     for m in filter(None, [_nonfinite(trace_l, "loss")]):
-        out.mismatches.append(replace(m, note="global loss (all ranks see it: not attributable to one rank)"))
+        out.mismatches.append(replace(m, note="global loss (all ranks see it: not attributable to one rank)",
+                                      blame=Blame.SHARED, group=everyone))
     ref = _reference(cfg, mc, tc, seed, shards=par.dp_size, ctx=ctx)
     if ref is not None:
         m = _reference_mismatch(trace_l, ref, cfg.tol[precision], "loss")
         if m is not None:
-            out.mismatches.append(replace(m, note=m.note + " global loss (not attributable to one rank)"))
+            out.mismatches.append(replace(m, note=m.note + " global loss (not attributable to one rank)",
+                                          blame=Blame.SHARED, group=everyone))
         out.metrics["ref_max_rel_err"] = max(abs(a - e) / abs(e) for a, e in zip(trace_l, ref, strict=True))
     out.repeats = 1
     out.repeats_bad = 1 if out.mismatches else 0
@@ -646,9 +650,11 @@ def _replica_check(tr: Any, par: Any, step: int, named: list[_Named], stats: dic
                 why = (f"data-parallel replica check: {what} of rank {r} differ from "
                        + (f"the majority ({len(top)} of {len(ranks)} ranks, e.g. rank {top[0]})" if majority
                           else f"its replicas with no majority ({len(votes)} distinct among ranks {ranks})"))
+                # Without a strict majority the replicas say that one of them is bad, not which.
                 named.append(_Named(step=step, mismatch=Mismatch(
                     oracle=Oracle.REPLICA, tensor=what.split()[0] if col == 0 else "parameters",
-                    bad_elements=1, total_elements=1, note=why)))
+                    bad_elements=1, total_elements=1, note=why,
+                    blame=Blame.OWN if majority else Blame.SHARED, group=[] if majority else list(ranks))))
         resync = resync and majority
     if diverged and resync and par.tp_size == 1:
         # Re-synchronise the minority from the lowest majority rank, so one bad chip does not
