@@ -10,7 +10,9 @@ Two cases per dtype:
   in every dtype (fp32, tf32, bf16, fp16, fp8) and on every vendor: any differing bit is an error.
 - `random`: full-mantissa uniform inputs (the realistic datapath). Checked by Freivalds (rows and
   columns, locating the bad elements), repeat-determinism, a sampled fp64 reference with a
-  dtype-aware tolerance, non-finite values, and a hash for fleet consensus.
+  dtype-aware tolerance (whose error model includes the kernel's accumulator: fp8 tensor cores sum
+  in e8m13, docs/tolerances.md), non-finite values, and a hash for fleet consensus (identical bits:
+  no tolerance).
 
 `run(bk, cfg, case, seed)` is the probe: inputs, case flow, the repeat loop, the oracle calls
 (probes/backends/oracles.py, on the backend's device) and the metrics. `MatmulProbe` runs it on
@@ -198,7 +200,10 @@ def _random(bk: Backend, cfg: MatmulProbe.Config, kernel: KernelLike, n: int, se
     # The oracles reason about the values the kernel was actually given (e.g. after fp8 rounding).
     a_ref, b_ref = bk.cast(a, "float32"), bk.cast(b, "float32")
     sig = cfg.sigmas
-    plan = ora.freivalds_plan(bk, a_ref, b_ref, kernel.out_name, seed=seed, sigmas=sig, u_in=kernel.u_in)
+    # The error model of the tolerances: how this kernel accumulates (docs/tolerances.md), recorded.
+    out.params["accumulation"] = kernel.acc.describe()
+    plan = ora.freivalds_plan(bk, a_ref, b_ref, kernel.out_name, seed=seed, sigmas=sig, u_in=kernel.u_in,
+                              acc=kernel.acc)
     rows = sample_rows(n, cfg.sample_rows)
     first: list[Any] = []
     repeat0_bad = [False]
@@ -214,7 +219,7 @@ def _random(bk: Backend, cfg: MatmulProbe.Config, kernel: KernelLike, n: int, se
             ora.nonfinite(bk, c, tensor="C") if fr is not None else None,
             fr,
             ora.sampled_reference(bk, a_ref, plan.b64, c, kernel.out_name, rows=rows, tensor="C", sigmas=sig,
-                                u_in=kernel.u_in)
+                                  u_in=kernel.u_in, acc=kernel.acc)
             if r == 0 else None,
         ]):
             _keep(out, m, r)

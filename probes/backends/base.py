@@ -17,6 +17,7 @@ import contextlib
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -24,7 +25,73 @@ import numpy as np
 from .. import generator as g
 from ..base import Unsupported
 
-__all__ = ["Backend", "Kernel", "Unsupported"]
+__all__ = ["FP8_TENSOR_CORE_SM90", "FP32_ACCUMULATION", "Accumulation", "Backend", "Kernel", "Unsupported"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Accumulation:
+    """How a GEMM kernel sums its k-long dot products: the accumulator the oracles' error model assumes.
+
+    The k products are summed in chunks of `promote` products (0: one chunk, never promoted). Inside
+    a chunk the running sum is rounded to `mantissa_bits` explicit mantissa bits once every `block`
+    products (one tensor-core MMA instruction's k), by truncation or to nearest; each chunk's sum is
+    then added into a float32 accumulator (round to nearest). docs/tolerances.md derives `rel_var`.
+    """
+
+    name: str
+    mantissa_bits: int = 23
+    truncate: bool = False
+    block: int = 1
+    promote: int = 0
+    source: str = ""
+
+    @property
+    def unit(self) -> float:
+        """Largest relative error of one rounding of the running sum (a whole ulp when truncating)."""
+        return 2.0 ** -(self.mantissa_bits + (0 if self.truncate else 1))
+
+    def rel_var(self, k: int) -> float:
+        """Bound on E[err^2] / sum_l (a_l b_l)^2 of a k-long dot product of independent zero-mean products.
+
+        Within a chunk of n roundings, the partial sums s_t have E[s_t^2] = (t/n) S_c^2. Rounding to
+        nearest: independent zero-mean errors, variance <= u^2 sum_t E[s_t^2] <= n u^2 S_c^2 (the float32
+        model the oracles always used). Truncation is biased toward zero, so the errors are not
+        independent: by Cauchy-Schwarz, E[(sum_t u |s_t|)^2] <= n u^2 sum_t E[s_t^2] = u^2 n (n+1)/2 S_c^2.
+        Chunks hold disjoint products (independent); their float32 additions add 2**-48 each.
+        """
+        if k <= 0:
+            return 0.0
+        chunk = k if self.promote <= 0 else min(self.promote, k)
+        n = -(-chunk // self.block)
+        u2 = self.unit**2
+        within = u2 * (n * (n + 1) / 2 if self.truncate else n)
+        chunks = -(-k // chunk)
+        return within + (chunks * 2.0**-48 if chunks > 1 else 0.0)
+
+    def describe(self) -> str:
+        """One line for a result's params: width, rounding, block, promotion."""
+        if self == FP32_ACCUMULATION:
+            return "fp32 (round to nearest)"
+        how = "truncated" if self.truncate else "rounded"
+        promo = f", promoted to fp32 every {self.promote} products" if self.promote else ", never promoted"
+        return f"{self.name}: e8m{self.mantissa_bits} {how} every {self.block} products{promo}"
+
+
+FP32_ACCUMULATION = Accumulation(name="fp32")
+"""Every product added into a float32 running sum, rounded to nearest."""
+
+FP8_TENSOR_CORE_SM90 = Accumulation(
+    name="fp8-tensor-core-sm90",
+    mantissa_bits=13,
+    truncate=True,
+    block=32,
+    promote=128,
+    source="SageAttention2 (arXiv:2411.10958): the fp8 mma accumulator on Ada/Hopper is FP22 (e8m13), "
+           "the low 10 bits of fp32 truncated; DeepSeek-V3 (arXiv:2412.19437) s3.3.2: ~14 bits, promoted "
+           "to fp32 every 128 (4 WGMMAs of k=32); cuBLAS CUBLASLT_MATMUL_DESC_FAST_ACCUM=0 (torch._scaled_mm "
+           "use_fast_accum=False) promotes periodically; CUTLASS GmmaFP8Accumulation mma_promotion_interval=4",
+)
+"""fp8 GEMM on Hopper/Ada tensor cores without fast accumulation (torch._scaled_mm's default)."""
 
 
 class Kernel(Protocol):
@@ -38,6 +105,8 @@ class Kernel(Protocol):
     """The dtype of C."""
     u_in: float
     """Relative rounding of inputs inside the kernel (tf32 rounds float32 inputs to 2**-11)."""
+    acc: Accumulation
+    """How the kernel accumulates its dot products (FP32_ACCUMULATION unless a tensor core sums narrower)."""
     op: str
     """The op a fault spec's `op=` names for this kernel on this backend."""
 

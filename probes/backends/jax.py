@@ -29,7 +29,7 @@ from jax import lax
 
 from .. import jax_backend as jb
 from ..base import Unsupported
-from .base import INT_BY_WIDTH, Backend
+from .base import FP32_ACCUMULATION, INT_BY_WIDTH, Accumulation, Backend
 
 DTYPES = ("float32", "bfloat16", "float16")
 OP = "dot_general"
@@ -45,6 +45,7 @@ class JaxKernel:
     fn: Any
     u_in: float = 0.0
     op: str = OP
+    acc: Accumulation = FP32_ACCUMULATION
 
     @property
     def in_name(self) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 from .. import generator as g
 from .. import jax_backend as jb
 from ..base import Unsupported
-from .base import INT_BY_WIDTH, Backend
+from .base import FP32_ACCUMULATION, INT_BY_WIDTH, Accumulation, Backend
 
 # case dtype -> (input dtype, output dtype), as the torch path's kernels have them
 DTYPES = {"float32": ("float32", "float32"), "bfloat16": ("bfloat16", "bfloat16"),
@@ -48,6 +48,7 @@ class NumpyKernel:
     out_name: str
     u_in: float = 0.0
     op: str = "dot_general"
+    acc: Accumulation = FP32_ACCUMULATION
 
     def settings(self) -> Any:
         import contextlib

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ...results import Mismatch, Oracle
-from .base import Backend, unit_roundoff
+from .base import FP32_ACCUMULATION, Accumulation, Backend, unit_roundoff
 
 MAX_LISTED = 8  # indices / values listed per mismatch: enough to see the pattern, small enough to store
 MAX_TILED = 4096  # bad elements whose tiles are listed
@@ -145,13 +145,13 @@ class FreivaldsPlan:
 
 
 def freivalds_plan(bk: Backend, a: Any, b: Any, out_dtype: str, *, seed: int, sigmas: float = 12.0,
-                   u_in: float = 0.0) -> FreivaldsPlan:
-    """Prepare the check for C = A B (float32 `a`, `b`) with C rounded to `out_dtype` and fp32 accumulation.
+                   u_in: float = 0.0, acc: Accumulation = FP32_ACCUMULATION) -> FreivaldsPlan:
+    """Prepare the check for C = A B (float32 `a`, `b`) with C rounded to `out_dtype`, accumulated as `acc`.
 
     The tolerance is statistical: rounding errors are independent with zero mean, so the residual
-    of row i is bounded by about sqrt(u_out^2 + k u_acc^2) * ||C_i||; `sigmas` times that never
-    trips on a clean chip, and a flipped high-order bit lands far outside. Low-order flips are the
-    exact oracle's job.
+    of row i is bounded by about sqrt(u_out^2 + acc.rel_var(k)) * ||C_i|| (fp32 accumulation:
+    rel_var = k u_acc^2); `sigmas` times that never trips on a clean chip, and a flipped
+    high-order bit lands far outside. Low-order flips are the exact oracle's job.
     """
     m, k = a.shape
     n = b.shape[1]
@@ -166,9 +166,9 @@ def freivalds_plan(bk: Backend, a: Any, b: Any, out_dtype: str, *, seed: int, si
     a2, b2 = a * a, b * b
     row_c2 = _host64(bk, bk.dot(a2, bk.sum(b2, 1)))
     col_c2 = _host64(bk, bk.dot(bk.sum(a2, 0), b2))
-    # output rounding, fp32 accumulation over k terms, inputs the kernel rounds (tf32), and the
-    # float32 mat-vecs of the check itself (C x over n terms, A (B x) over n + k)
-    rel = math.sqrt(unit_roundoff(out_dtype) ** 2 + (2 * k + 2 * n) * 2.0**-48 + 2 * u_in**2)
+    # output rounding, the kernel's accumulation over k terms, inputs the kernel rounds (tf32), and
+    # the float32 mat-vecs of the check itself (C x over n terms, A (B x) over n + k)
+    rel = math.sqrt(unit_roundoff(out_dtype) ** 2 + acc.rel_var(k) + (k + 2 * n) * 2.0**-48 + 2 * u_in**2)
     row_tol = sigmas * rel * np.sqrt(row_c2) + 1e-30
     col_tol = sigmas * rel * np.sqrt(col_c2) + 1e-30
     return FreivaldsPlan(x=x, y=y, abx=abx, yab=yab, row_tol=row_tol, col_tol=col_tol, b64=bk.cast(b, "float64"))
@@ -229,12 +229,14 @@ def freivalds(bk: Backend, plan: FreivaldsPlan, a: Any, b: Any, c: Any, *, tenso
 
 
 def sampled_reference(bk: Backend, a: Any, b64: Any, c: Any, out_dtype: str, *, rows: list[int], tensor: str,
-                      sigmas: float = 12.0, u_in: float = 0.0) -> Mismatch | None:
+                      sigmas: float = 12.0, u_in: float = 0.0,
+                      acc: Accumulation = FP32_ACCUMULATION) -> Mismatch | None:
     """Recompute `rows` of C in float64 (on the device); flag elements outside the dtype-aware tolerance.
 
-    Tolerance per element: sigmas * (u_out |ref| + sqrt(k u_acc^2 + 2 u_in^2) sqrt((A^2 B^2)_ij)),
-    the error model of Freivalds per element; catches a systematic error (a chip that rounds badly).
-    `b64` is B in float64 (FreivaldsPlan.b64).
+    Tolerance per element: sigmas * (u_out |ref| + sqrt(acc.rel_var(k) + 2 u_in^2) sqrt((A^2 B^2)_ij)),
+    the error model of Freivalds per element (fp32 accumulation: rel_var = k u_acc^2; the fp8
+    tensor-core accumulator and the bit position still caught: docs/tolerances.md); catches a
+    systematic error (a chip that rounds badly). `b64` is B in float64 (FreivaldsPlan.b64).
     """
     k = a.shape[1]
     ri = bk.index(rows)
@@ -242,7 +244,7 @@ def sampled_reference(bk: Backend, a: Any, b64: Any, c: Any, out_dtype: str, *, 
     ref = bk.to_host(bk.dot64(a64, b64))
     act = bk.host_f64(c[ri])
     spread = np.sqrt(bk.to_host(bk.dot64(a64 * a64, b64 * b64)))
-    rel_spread = math.sqrt(k * 2.0**-48 + 2 * u_in**2)
+    rel_spread = math.sqrt(acc.rel_var(k) + 2 * u_in**2)
     with np.errstate(invalid="ignore", over="ignore"):
         tol = sigmas * (unit_roundoff(out_dtype) * np.abs(ref) + rel_spread * spread) + 1e-30
         err = np.abs(ref - act)

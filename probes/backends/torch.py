@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..base import InvalidConfig, ProbeContext, Unsupported
-from .base import INT_BY_WIDTH, Backend
+from .base import FP8_TENSOR_CORE_SM90, FP32_ACCUMULATION, INT_BY_WIDTH, Accumulation, Backend
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +33,7 @@ class Kernel:
     u_in: float  # relative rounding of inputs inside the kernel (tf32 rounds fp32 inputs)
     tf32: bool = False
     op: str = "mm"
+    acc: Accumulation = FP32_ACCUMULATION  # how the kernel sums its dot products (the oracles' error model)
 
     @staticmethod
     def for_dtype(name: str, device: Any) -> Kernel:
@@ -50,7 +51,9 @@ class Kernel:
         if name == "float8_e4m3fn":
             if device.type != "cuda" or not hasattr(torch, "float8_e4m3fn"):
                 raise Unsupported("fp8 GEMM needs a CUDA device with fp8 tensor cores (sm_89+)")
-            return Kernel(name, torch.float8_e4m3fn, torch.bfloat16, 0.0, op="_scaled_mm")
+            # _scaled_mm without use_fast_accum: cuBLAS promotes the e8m13 tensor-core sums to fp32
+            # periodically (Ada and Hopper measured; assumed, as the wider bound, on later chips)
+            return Kernel(name, torch.float8_e4m3fn, torch.bfloat16, 0.0, op="_scaled_mm", acc=FP8_TENSOR_CORE_SM90)
         raise InvalidConfig(f"unknown dtype {name!r}")
 
     @property
