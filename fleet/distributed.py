@@ -122,6 +122,7 @@ def run(opts: Any, dopts: DistributedOptions) -> int:
             f.write(r.to_json() + "\n")
 
     started = time.time()
+    stop_faults = faults.start_process_faults(fault_list, rank)
     for probe_name, cases in plan:
         probe = base.get(probe_name)
         cfg = probe.config(opts.profile, info.kind.value, caps)
@@ -149,6 +150,7 @@ def run(opts: Any, dopts: DistributedOptions) -> int:
                 outcome = _run_one(probe, ctx, cfg, case)
             dog.cancel()
             keep(stamp(run_id, opts.seed, info, rank, probe_name, case, outcome, settings, fault_list, t0))
+    stop_faults()
     kv.store.set(f"chipcheck/results/{rank}", json.dumps([r.to_dict() for r in mine]))
     code = 0
     if rank == 0:

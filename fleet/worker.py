@@ -161,6 +161,7 @@ def run_plan(plan: WorkerPlan) -> int:
     caps = _caps(info)
     group = _lazy_group(info.kind.value, env)
     group_failure = "" if plan.collectives_ok else "a peer worker was lost before this worker started"
+    stop_faults = faults.start_process_faults(fault_list, rank)
     for probe_name, cases in plan.probes:
         probe = base.get(probe_name)
         cfg = probe.config(plan.profile, info.kind.value, caps)
@@ -194,6 +195,7 @@ def run_plan(plan: WorkerPlan) -> int:
             if probe.collective and outcome.error is not None and not group_failure:
                 group_failure = f"{case}: {outcome.error.message[:160]}"
             send({"t": "result", "result": result.to_dict()})
+    stop_faults()
     send({"t": "bye"})
     return 0
 

@@ -32,8 +32,16 @@ Collectives: with `op=` naming a c10d op (`send`, `allreduce_`, `broadcast_`, `_
 it leaves (a bad NIC or link), `slow` stretches the op, and `peer=N` limits a fault to sends to
 rank N: `bitflip:rank=1,bit=12,op=send,peer=2,probe=links` corrupts only the link 1 -> 2.
 
-The injector is a TorchDispatchMode entered only around the code under test (the probe's own
-checks run outside it), so faults land in real ATen kernels' outputs on that worker.
+`scope` says where a fault lives. `scope=probe` (the default): the injector is a TorchDispatchMode
+entered only around each probe's code under test (the probe's own checks run outside it).
+`scope=process`: like real silicon, the fault acts on every matching kernel the faulty rank's
+worker process runs, from its first call to its last: model steps, tensor-parallel shards,
+warm-ups, the checks' own kernels, reference computations in low precision, the local part of a
+collective. Value faults then land as the kernel returns (`at=call`); `probe=` is refused with it.
+`every=N` hits only every Nth matching call (a fault in every 2nd fp32 GEMM: `every=2,dtype=float32`).
+`side=recv` (c10d ops only) corrupts what the rank *receives* instead of what it sends: the op is
+waited for and its output corrupted, as a bad receive path would (`bitflip:rank=2,bit=3,op=allreduce_,
+side=recv,scope=process`).
 A bit index counts from the least significant bit of the output dtype (fp32: 0..31, sign 31;
 bf16/fp16: 0..15); a bit beyond the dtype's width leaves that dtype alone.
 """
@@ -55,7 +63,8 @@ _KEYS = {
     "hang": set(),
     "crash": set(),
 }
-_COMMON = {"rank", "probe", "dtype", "op", "after", "seed", "output", "count", "at", "peer"}
+_COMMON = {"rank", "probe", "dtype", "op", "after", "seed", "output", "count", "at", "peer", "scope", "every", "side"}
+SCOPES = ("probe", "process")
 # Probes whose code under test consumes its own kernels' outputs register here on import (see `at`).
 CALL_TIME_PROBES: set[str] = set()
 # The compute kernels a fault lands in by default: GEMMs and attention, not the checks' helpers.
@@ -89,6 +98,9 @@ class Fault:
     count: int = 0  # matching calls corrupted after `after` (0: all)
     peer: int | None = None  # collectives: only sends to this rank
     at: str | None = None  # exit | call | None (by probe: CALL_TIME_PROBES)
+    scope: str = "probe"  # probe: each probe's code under test; process: every kernel the rank runs
+    every: int = 1  # hit every Nth matching call (after `after`)
+    side: str = "send"  # c10d ops: corrupt what is sent, or what is received (recv)
 
     def applies_to(self, rank: int, probe: str) -> bool:
         return (self.ranks is None or rank in self.ranks) and (self.probe is None or self.probe == probe)
@@ -111,6 +123,12 @@ class Fault:
             parts.append(f"count={self.count}")
         if self.at:
             parts.append(f"at={self.at}")
+        if self.every > 1:
+            parts.append(f"every={self.every}")
+        if self.side != "send":
+            parts.append(f"side={self.side}")
+        if self.scope != "probe":
+            parts.append(f"scope={self.scope}")
         return self.kind + (":" + ",".join(parts) if parts else "")
 
 
@@ -149,6 +167,11 @@ def _parse_one(spec: str) -> Fault:
         raise InjectSpecError(f"--inject {spec!r}: slow needs factor > 1, e.g. factor=1.3")
     if kind == "stuck" and kw.get("rate") is None:
         kw["rate"] = 1e-3
+    if kw.get("scope") == "process" and kw.get("probe"):
+        raise InjectSpecError(f"--inject {spec!r}: scope=process acts on every kernel of the rank; drop probe= "
+                              "(or use scope=probe to fault one probe)")
+    if kw.get("side") == "recv" and not kw.get("op"):
+        raise InjectSpecError(f"--inject {spec!r}: side=recv needs a collective op, e.g. op=allreduce_")
     return Fault(**kw)
 
 
@@ -166,6 +189,18 @@ def _convert(k: str, v: str) -> dict[str, Any]:
         if v not in ("exit", "call"):
             raise ValueError("at must be exit or call")
         return {"at": v}
+    if k == "scope":
+        if v not in SCOPES:
+            raise ValueError(f"scope must be {' or '.join(SCOPES)}")
+        return {"scope": v}
+    if k == "side":
+        if v not in ("send", "recv"):
+            raise ValueError("side must be send or recv")
+        return {"side": v}
+    if k == "every":
+        if int(v) < 1:
+            raise ValueError("every must be >= 1")
+        return {"every": int(v)}
     if k == "peer":
         if int(v) < 0:
             raise ValueError("peer is a rank >= 0")
@@ -245,20 +280,44 @@ def _busy_wait(seconds: float) -> None:
 
 
 def make_injector(faults: list[Fault], rank: int, probe: str) -> Any:
-    """A context-manager factory that turns on these faults for code under test (or None)."""
-    active = [f for f in faults if f.applies_to(rank, probe)]
+    """A context-manager factory that turns on these faults for one probe's code under test (or None).
+
+    Only `scope=probe` faults: process-scope ones are already on for the whole worker."""
+    return _injector([f for f in faults if f.scope == "probe" and f.applies_to(rank, probe)],
+                     call_time=probe in CALL_TIME_PROBES)
+
+
+def process_injector(faults: list[Fault], rank: int) -> Any:
+    """A context-manager factory for the `scope=process` faults of this rank (or None): entered once
+    around everything the worker computes, so the fault follows the chip, not a probe."""
+    return _injector([f for f in faults if f.scope == "process" and f.applies_to(rank, "")], call_time=True)
+
+
+def start_process_faults(faults: list[Fault], rank: int) -> Any:
+    """Turn this rank's `scope=process` faults on for the rest of the worker's work; returns the
+    function that turns them off (a no-op without such faults). A worker calls it once, before
+    its first probe, and the off switch after its last, so no kernel of the rank escapes."""
+    factory = process_injector(faults, rank)
+    if factory is None:
+        return lambda: None
+    mode = factory()
+    mode.__enter__()
+    return lambda: mode.__exit__(None, None, None)
+
+
+def _injector(active: list[Fault], *, call_time: bool) -> Any:
     if not active:
         return None
     from torch.utils._python_dispatch import TorchDispatchMode
 
     state = FaultState()
-    now = {i for i, f in enumerate(active) if f.at == "call" or (f.at is None and probe in CALL_TIME_PROBES)}
+    now = {i for i, f in enumerate(active) if f.at == "call" or (f.at is None and call_time)}
 
     def _fire(f: Fault, i: int) -> int | None:
         """Count a matching call; None when this call is spared (after/count). Hang and crash act here."""
         n = state.calls.get(i, 0)
         state.calls[i] = n + 1
-        if n < f.after or (f.count and n >= f.after + f.count):
+        if n < f.after or (n - f.after) % f.every or (f.count and n >= f.after + f.count * f.every):
             return None
         if f.kind == "hang":
             while True:
@@ -319,10 +378,15 @@ def make_injector(faults: list[Fault], rank: int, probe: str) -> Any:
 
         def _collective(self, func: Any, name: str, mine: list[Fault], args: Any, kwargs: Any) -> Any:
             """c10d ops (send, allreduce_, ...): a value fault corrupts the *outgoing* payload before
-            it leaves, as a bad NIC or link would; `peer` limits it to sends to one rank."""
-            payload = args[1] if name.endswith("_base_") else (args[0][0] if args and args[0] else None)
+            it leaves, as a bad NIC or link would (`peer` limits it to sends to one rank), or with
+            `side=recv` what arrives: the op is waited for and its output corrupted."""
+            sent = args[1] if name.endswith("_base_") else (args[0][0] if args and args[0] else None)
+            got = args[0] if name.endswith("_base_") else (args[0][0] if args and args[0] else None)
+            while isinstance(got, (list, tuple)):  # allgather_: a list of outputs per input
+                got = got[0] if got else None
             t0 = time.perf_counter()
             slow = 1.0
+            late: list[tuple[Fault, int]] = []
             for f in mine:
                 if f.peer is not None and (name != "send" or len(args) < 3 or args[2] != f.peer):
                     continue
@@ -331,9 +395,17 @@ def make_injector(faults: list[Fault], rank: int, probe: str) -> Any:
                     continue
                 if f.kind == "slow":
                     slow = max(slow, f.factor)
-                elif payload is not None:
-                    corrupt(f, payload, n)
+                elif f.side == "recv":
+                    late.append((f, n))
+                elif sent is not None:
+                    corrupt(f, sent, n)
             out = func(*args, **kwargs)
+            if late and got is not None:
+                for w in (out if isinstance(out, (tuple, list)) else (out,)):
+                    if hasattr(w, "wait"):
+                        w.wait()
+                for f, n in late:
+                    corrupt(f, got, n)
             if slow > 1.0:
                 _busy_wait((time.perf_counter() - t0) * (slow - 1.0))
             return out

@@ -60,3 +60,31 @@ def test_injector_corrupts_only_code_under_test_and_only_its_rank() -> None:
         bad = a @ a
     assert not torch.equal(bad, clean)
     assert torch.equal(a @ a, clean)  # outside the region nothing is touched
+
+
+def test_process_scope_hits_every_matching_kernel_of_its_rank_only() -> None:
+    fs = faults.parse("bitflip:rank=1,bit=30,dtype=float32,every=2,scope=process")
+    assert faults.make_injector(fs, 1, "matmul") is None  # not a probe's fault: on for the whole process
+    assert faults.process_injector(fs, 0) is None
+    a = torch.eye(8)
+    clean = a @ a
+    stop = faults.start_process_faults(fs, 1)
+    try:
+        calls = [not torch.equal(a @ a, clean) for _ in range(6)]  # every 2nd fp32 GEMM, at call time
+        half = torch.eye(8, dtype=torch.bfloat16)
+        assert torch.equal(half @ half, half)  # another dtype is spared
+    finally:
+        stop()
+    assert calls == [True, False, True, False, True, False]
+    assert torch.equal(a @ a, clean)  # off again once the worker is done
+
+
+def test_process_scope_and_recv_side_say_what_to_fix() -> None:
+    with pytest.raises(faults.InjectSpecError, match="drop probe="):
+        faults.parse("nan:rank=0,probe=matmul,scope=process")
+    with pytest.raises(faults.InjectSpecError, match="side=recv needs"):
+        faults.parse("bitflip:rank=0,bit=3,side=recv")
+    with pytest.raises(faults.InjectSpecError, match="every must be"):
+        faults.parse("bitflip:rank=0,bit=3,every=0")
+    (f,) = faults.parse("bitflip:rank=2,bit=3,op=allreduce_,side=recv,scope=process,every=3")
+    assert faults.parse(f.spec()) == [f]  # the spec a result records parses back to the same fault

@@ -55,8 +55,7 @@ def suspicions(results: list[ProbeResult], groups: list[ConsensusGroup]) -> list
             continue
         for m in r.mismatches:
             group = tuple(sorted(set(m.group) | {r.rank}))
-            what = m.note or f"{m.oracle.value}: {m.tensor}"
-            found.setdefault((r.probe, r.case, group), f"{m.oracle.value} on {m.tensor}: {what}")
+            found.setdefault((r.probe, r.case, group), f"{m.oracle.value} check of {m.tensor}")
     for g in groups:
         if g.no_majority and len(g.dissenters) > 1:
             found.setdefault((g.probe, g.case, tuple(g.dissenters)),
