@@ -208,7 +208,7 @@ def _execute(make_opts: Any, kw: dict[str, Any], preface: Any = None, executor: 
 
     try:
         summary = (executor or runner.execute)(opts, store, on_result=progress)
-    except runner.UsageError as e:
+    except (runner.UsageError, StoreError) as e:  # StoreError: a write failed (full disk); the message says where
         _fail(str(e))
     except KeyboardInterrupt:
         click.echo(f"chipcheck: interrupted; results so far are in {store.path}", err=True)

@@ -40,11 +40,11 @@ class RunRecord:
 
 
 def open_existing(path: str | Path) -> Store:
-    """Open a store that must already exist: reading a report never creates an empty database."""
+    """Open a store that must already exist, read-only: reading a report never creates or changes a file."""
     p = Path(path)
     if not p.is_file():
         raise StoreError(f"no results store at {p}; run `chipcheck run` first or pass --db")
-    return Store(p)
+    return Store(p, readonly=True)
 
 
 def resolve(store: Store, run_id: str) -> str:
@@ -88,6 +88,7 @@ def record(store: Store, run_id: str) -> RunRecord:
 def load(store: Store, run_id: str = LATEST) -> RunSummary:
     """The summary of one stored run (`latest` or an id, or a unique id prefix)."""
     rec = record(store, resolve(store, run_id))
+    skipped_before = store.skipped_rows
     try:
         results = store.results(rec.run_id)
         judgements = store.judgements(rec.run_id)
@@ -100,8 +101,12 @@ def load(store: Store, run_id: str = LATEST) -> RunSummary:
     v = fleet_verdicts(devices, results, min_gap=rec.min_gap,
                        judged=judgements if rec.ended is not None or judgements else None)
     ended = rec.ended if rec.ended is not None else max((r.ended for r in results), default=rec.started)
+    links = store.links(rec.run_id)
+    # rows the store could not decode (written by an older, trusting ingest) are left out, and said so
+    skipped = store.skipped_rows - skipped_before
+    unreadable = [f"{skipped} stored rows of run {rec.run_id} could not be read and were left out"] if skipped else []
     return summarize(rec.run_id, devices, results, v.judgements, v.groups, profile=rec.profile, seed=rec.seed,
-                     started=rec.started, ended=ended, links=store.links(rec.run_id), findings=v.library.findings,
+                     started=rec.started, ended=ended, links=links, findings=v.library.findings + unreadable,
                      exonerate=v.library.exonerate, fleet_verdict=v.library.fleet_verdict)
 
 

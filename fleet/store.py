@@ -6,11 +6,13 @@ measured. Runs are never overwritten: history and trends read across them.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
+import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from ..results import (
     links_from_dict,
     links_to_dict,
 )
+from . import records
 
 SCHEMA_VERSION = 1
 
@@ -114,7 +117,18 @@ CREATE INDEX IF NOT EXISTS device_runs_host ON device_runs(host);
 
 
 class StoreError(Exception):
-    """The database cannot be used (unwritable, corrupt, from a newer chipcheck): exit 2."""
+    """The database cannot be used (unwritable, full, corrupt, another application's, from a newer
+    chipcheck): one line for the user, exit 2."""
+
+
+APPLICATION_ID = 0x63686970
+"""`PRAGMA application_id` of every chipcheck store ("chip"): chipcheck writes only to files that carry it."""
+_OUR_TABLES = frozenset({"runs", "devices", "results", "judgements", "links", "link_sweeps", "device_runs",
+                         "sqlite_sequence"})
+_DEVICE_RUNS_COLUMNS = ("run_id TEXT NOT NULL, rank INTEGER NOT NULL, uuid TEXT NOT NULL, host TEXT NOT NULL, "
+                        "device TEXT NOT NULL, fingerprint TEXT NOT NULL, started REAL NOT NULL, "
+                        "verdict TEXT NOT NULL, speed_ratio REAL, wrong INTEGER NOT NULL, flaky INTEGER NOT NULL, "
+                        "PRIMARY KEY (run_id, rank)")
 
 
 def default_path() -> Path:
@@ -123,8 +137,69 @@ def default_path() -> Path:
 
 
 class Store:
-    def __init__(self, path: str | os.PathLike[str]):
+    """One results database. Which files it accepts:
+
+    - a path that does not exist: a new store is built in a temporary file beside it and linked into
+      place only when complete, so a failure (a full disk) leaves no file behind;
+    - a chipcheck store (application id `APPLICATION_ID`, or a store from before the id was set:
+      user_version >= 1 and only chipcheck's tables), opened read-write, or read-only with
+      `readonly=True` (SQLite `mode=ro`: the file is never written; derived tables go to TEMP);
+    - anything else is refused with one line (`StoreError`) and left byte-for-byte unchanged: a
+      file that is not SQLite, another application's database, an empty SQLite database, and a
+      0-byte file (which may be another program's placeholder: chipcheck never leaves one itself).
+
+    A write that fails once the store is open (the disk filled up, the database is locked past
+    the timeout) does not stop a run: the results that could not be written go to an "unsaved"
+    JSONL file in the shard format (beside the store, else in the temporary directory) and
+    `end_run` raises `StoreError` naming it, so `chipcheck ingest FILE` restores them later.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, readonly: bool = False):
         self.path = Path(path)
+        self.readonly = readonly
+        self.spool_unsaved = True
+        """Keep results a failed write could not store in an unsaved JSONL file (False: raise at once)."""
+        self.failure: str | None = None
+        """The first write that failed (the store is not written after it)."""
+        self.unsaved = 0
+        """Results kept in `spool` instead of the store."""
+        self.lost = 0
+        """Results that could not be kept anywhere (no space for the unsaved file either)."""
+        self.spool: Path | None = None
+        self.skipped_rows = 0
+        """Stored rows that could not be decoded and were left out of what the reads return."""
+        self._scratch = False
+        if readonly:
+            self.conn = self._open_readonly()
+        else:
+            self.conn = self._open_writable()
+
+    # ---- opening -------------------------------------------------------------------------
+
+    def _open_readonly(self) -> sqlite3.Connection:
+        if not self.path.is_file():
+            raise StoreError(f"no results store at {self.path}; run `chipcheck run` first or pass --db")
+        uri = self.path.resolve().as_uri() + "?mode=ro"
+        try:
+            conn = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None)
+            conn.execute("PRAGMA application_id").fetchone()
+        except sqlite3.OperationalError as e:
+            # A WAL store needs its -shm index even to read; on a full disk it cannot be made. When
+            # no -wal holds unmerged pages, the main file alone is the whole store: read it as is.
+            wal = Path(f"{self.path}-wal")
+            if not _disk_full(self.path) or (wal.exists() and wal.stat().st_size > 0):
+                raise StoreError(f"--db {self.path} cannot be opened read-only ({_why(self.path, e)})") from None
+            conn = sqlite3.connect(uri + "&immutable=1", uri=True, isolation_level=None)
+        except sqlite3.DatabaseError:  # not a database at all: _check_ours says so
+            conn = sqlite3.connect(uri, uri=True, timeout=30.0, isolation_level=None)
+        try:
+            self._check_ours(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _open_writable(self) -> sqlite3.Connection:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -133,75 +208,209 @@ class Store:
             raise StoreError(f"--db {self.path} is not writable")
         if not os.access(self.path.parent, os.W_OK):
             raise StoreError(f"--db {self.path}: directory {self.path.parent} is not writable")
+        if not self.path.exists():
+            self._create()
+        # look before writing anything: another application's file must stay byte-for-byte as it is
+        self._open_readonly().close()
         try:
-            self.conn = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None)
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=NORMAL")
-            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(f"--db {self.path} was written by a newer chipcheck (schema {version})")
-            ok = self.conn.execute("PRAGMA quick_check").fetchone()[0]
-            if ok != "ok":
-                raise StoreError(f"--db {self.path} is corrupt ({ok}); move it aside or pass another --db")
-            self.conn.executescript(_SCHEMA)
-            self.conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None)
+        except sqlite3.Error as e:
+            raise StoreError(f"--db {self.path} cannot be opened ({e})") from None
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            tables = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            app = conn.execute("PRAGMA application_id").fetchone()[0]
+            if app != APPLICATION_ID or not _OUR_TABLES - {"sqlite_sequence"} <= tables:
+                _build(conn)  # a store from before the id or a newer table: bring it up to date
+        except sqlite3.Error as e:
+            conn.close()
+            raise StoreError(_write_message(self.path, "to it", e)) from None
+        return conn
+
+    def _check_ours(self, conn: sqlite3.Connection) -> None:
+        """Refuse (StoreError) a file that is not a chipcheck store of a schema this chipcheck reads."""
+        try:
+            app = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         except sqlite3.DatabaseError as e:
             raise StoreError(f"--db {self.path} is not a usable chipcheck database ({e}); "
                              f"move it aside or pass another --db") from None
+        legacy = app == 0 and version >= 1 and {"runs", "results"} <= tables <= _OUR_TABLES
+        if app != APPLICATION_ID and not legacy:
+            if self.path.stat().st_size == 0:
+                what = "an empty file"
+            elif app:
+                what = f"another application's SQLite database (application_id {app:#x})"
+            elif tables:
+                shown = ", ".join(sorted(tables)[:4]) + (", ..." if len(tables) > 4 else "")
+                what = f"another application's SQLite database (tables: {shown})"
+            else:
+                what = "an empty SQLite database that chipcheck did not create"
+            raise StoreError(f"--db {self.path} is {what}, not a chipcheck store; chipcheck only uses a database "
+                             f"it created: pass a new path (or remove the file if it is yours)")
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"--db {self.path} was written by a newer chipcheck (schema {version})")
+        try:
+            ok = conn.execute("PRAGMA quick_check").fetchone()[0]
+        except sqlite3.DatabaseError as e:
+            ok = str(e)
+        if ok != "ok":
+            raise StoreError(f"--db {self.path} is corrupt ({ok}); move it aside or pass another --db")
+
+    def _create(self) -> None:
+        """A new store, built under a temporary name and linked into place only when complete."""
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".new", dir=self.path.parent)
+        except OSError as e:
+            raise StoreError(f"cannot create the store --db {self.path}: {e.strerror}") from None
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            conn = sqlite3.connect(str(tmp), isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                _build(conn)
+            finally:
+                conn.close()
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                pass  # another process created it meanwhile: it is checked like any existing file
+            except OSError:  # a file system without hard links
+                if not self.path.exists():
+                    os.replace(tmp, self.path)
+        except (OSError, sqlite3.Error) as e:
+            why = _why(self.path, e) if isinstance(e, sqlite3.Error) else e.strerror or str(e)
+            raise StoreError(f"cannot create the store --db {self.path} ({why}); nothing was written") from None
+        finally:
+            for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm"), Path(f"{tmp}-journal")):
+                leftover.unlink(missing_ok=True)
 
     def close(self) -> None:
         self.conn.close()
 
     # ---- writes: each one its own committed transaction ----------------------------------
 
+    def _write(self, what: str, fn: Callable[[], object], keep: Iterable[ProbeResult] = ()) -> None:
+        """Run one write; when it fails, remember why and keep `keep` in the unsaved file."""
+        if self.readonly:
+            raise StoreError(f"--db {self.path} was opened read-only; cannot write {what}")
+        if self.failure is None:
+            try:
+                fn()
+                return
+            except sqlite3.Error as e:
+                if self.conn.in_transaction:
+                    try:
+                        self.conn.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                self.failure = _write_message(self.path, what, e)
+                if not self.spool_unsaved:
+                    raise StoreError(self.failure) from None
+        for r in keep:
+            self._keep(r)
+
+    def _keep(self, r: ProbeResult) -> None:
+        """Append one result to the unsaved JSONL file (beside the store, else in the temp directory)."""
+        line = (r.to_json() + "\n").encode()
+        name = f"{self.path.name}.unsaved-{r.run_id}.jsonl"
+        places = [self.spool] if self.spool else [self.path.parent / name, Path(tempfile.gettempdir()) / name]
+        for place in places:
+            new = not place.exists()
+            try:
+                fd = os.open(place, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+                try:
+                    if os.write(fd, line) != len(line):
+                        raise OSError(errno.ENOSPC, "short write")
+                finally:
+                    os.close(fd)
+            except OSError:
+                if new:  # a full disk takes the name but not the line: leave no empty file behind
+                    place.unlink(missing_ok=True)
+                continue
+            self.spool = place
+            self.unsaved += 1
+            return
+        self.lost += 1
+
+    def failure_message(self) -> str | None:
+        """One line for the user when a write failed: why, and where the results that were not stored are."""
+        if self.failure is None:
+            return None
+        msg = self.failure
+        if self.unsaved:
+            msg += (f"; {self.unsaved} results that could not be stored are in {self.spool} (after freeing space: "
+                    f"chipcheck ingest {self.spool} --db {self.path})")
+        if self.lost:
+            msg += f"; {self.lost} results could not be kept anywhere (no space for an unsaved file either)"
+        if not self.unsaved and not self.lost:
+            msg += "; every result measured before it is stored"
+        return msg
+
     def begin_run(self, run_id: str, *, host: str, profile: str, seed: int, argv: list[str],
                   config: dict[str, Any], started: float | None = None) -> None:
-        self.conn.execute(
+        """Record a new run. Raises StoreError when the store cannot take it: nothing was measured yet."""
+        self._write("the run", lambda: self.conn.execute(
             "INSERT INTO runs (run_id, started, host, profile, seed, argv, config) VALUES (?,?,?,?,?,?,?)",
-            (run_id, time.time() if started is None else started, host, profile, seed, json.dumps(argv), json.dumps(config, sort_keys=True)),
-        )
+            (run_id, time.time() if started is None else started, host, profile, seed, json.dumps(argv),
+             json.dumps(config, sort_keys=True))))
+        if self.failure is not None:
+            raise StoreError(self.failure)
 
     def add_devices(self, run_id: str, ranked: Iterable[tuple[int, DeviceInfo]]) -> None:
-        with self.conn:
-            self.conn.execute("BEGIN")
-            self.conn.executemany(
-                "INSERT OR REPLACE INTO devices VALUES (?,?,?,?,?,?,?)",
-                [(run_id, r, d.label, d.host, d.uuid, d.fingerprint, json.dumps(d.to_dict())) for r, d in ranked],
-            )
+        rows = [(run_id, r, d.label, d.host, d.uuid, d.fingerprint, json.dumps(d.to_dict())) for r, d in ranked]
+        self._write("the devices", lambda: self._many("INSERT OR REPLACE INTO devices VALUES (?,?,?,?,?,?,?)", rows))
 
     def add_result(self, r: ProbeResult) -> None:
-        self.conn.execute(
+        self._write(f"a result ({r.probe} {r.case} rank {r.rank})", lambda: self.conn.execute(
             "INSERT INTO results (run_id, rank, host, device, device_uuid, fingerprint, probe, case_name, verdict,"
             " output_hash, started, ended, body) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (r.run_id, r.rank, r.host, r.device, r.device_uuid, r.fingerprint, r.probe, r.case, r.verdict.value,
-             r.output_hash, r.started, r.ended, r.to_json()),
-        )
+             r.output_hash, r.started, r.ended, r.to_json())), keep=(r,))
 
     def add_judgements(self, run_id: str, js: Iterable[Judgement]) -> None:
+        rows = [(run_id, j.rank, j.probe, j.case, j.verdict.value, j.reason, json.dumps(j.metrics)) for j in js]
+        self._write("the judgements", lambda: self._many("INSERT INTO judgements VALUES (?,?,?,?,?,?,?)", rows))
+
+    def _many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         with self.conn:
             self.conn.execute("BEGIN")
-            self.conn.executemany(
-                "INSERT INTO judgements VALUES (?,?,?,?,?,?,?)",
-                [(run_id, j.rank, j.probe, j.case, j.verdict.value, j.reason, json.dumps(j.metrics)) for j in js],
-            )
+            self.conn.executemany(sql, rows)
 
     def add_links(self, run_id: str, links: LinksSummary) -> None:
         """The judged link matrix: a row per direction, and the whole sweep (matrices, topology)."""
-        with self.conn:
-            self.conn.execute("BEGIN")
-            self.conn.executemany(
-                "INSERT OR REPLACE INTO links VALUES (?,?,?,?,?,?,?,?)",
-                [(run_id, x.src, x.dst, x.verdict.value, x.latency_us, x.gbps, x.bad_bytes, x.reason)
-                 for x in links.links])
-            self.conn.execute("INSERT OR REPLACE INTO link_sweeps VALUES (?,?)",
-                              (run_id, json.dumps(links_to_dict(links))))
+        def write() -> None:
+            with self.conn:
+                self.conn.execute("BEGIN")
+                self.conn.executemany(
+                    "INSERT OR REPLACE INTO links VALUES (?,?,?,?,?,?,?,?)",
+                    [(run_id, x.src, x.dst, x.verdict.value, x.latency_us, x.gbps, x.bad_bytes, x.reason)
+                     for x in links.links])
+                self.conn.execute("INSERT OR REPLACE INTO link_sweeps VALUES (?,?)",
+                                  (run_id, json.dumps(links_to_dict(links))))
+        self._write("the links", write)
 
     def links(self, run_id: str) -> LinksSummary | None:
         row = self.conn.execute("SELECT body FROM link_sweeps WHERE run_id=?", (run_id,)).fetchone()
-        return links_from_dict(json.loads(row[0])) if row else None
+        if not row:
+            return None
+        try:
+            return links_from_dict(json.loads(row[0]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            self.skipped_rows += 1
+            return None
 
     def end_run(self, run_id: str, verdict: Verdict) -> None:
-        self.conn.execute("UPDATE runs SET ended=?, verdict=? WHERE run_id=?", (time.time(), verdict.value, run_id))
+        """Record the run's verdict. Raises StoreError when any write of this store failed (the run is
+        over: its results are in the store or in the unsaved file that the message names)."""
+        self._write("the verdict", lambda: self.conn.execute(
+            "UPDATE runs SET ended=?, verdict=? WHERE run_id=?", (time.time(), verdict.value, run_id)))
+        msg = self.failure_message()
+        if msg is not None:
+            raise StoreError(msg)
 
     def has_result(self, r: ProbeResult) -> bool:
         """Whether this exact result (run, rank, probe, case, start time) is stored: ingest's idempotence key."""
@@ -211,16 +420,32 @@ class Store:
 
     def clear_judgements(self, run_id: str) -> None:
         """Forget a run's fleet judgements (and what derives from them) before it is judged again."""
-        with self.conn:
-            self.conn.execute("BEGIN")
-            for table in ("judgements", "links", "link_sweeps", "device_runs"):
-                self.conn.execute(f"DELETE FROM {table} WHERE run_id=?", (run_id,))
+        def write() -> None:
+            with self.conn:
+                self.conn.execute("BEGIN")
+                for table in ("judgements", "links", "link_sweeps", "device_runs"):
+                    self.conn.execute(f"DELETE FROM {table} WHERE run_id=?", (run_id,))
+        self._write("the judgements", write)
 
     def add_device_runs(self, rows: Iterable[tuple[Any, ...]]) -> None:
-        """fleet.history's per-device rows of one judged run (see the device_runs table)."""
-        with self.conn:
-            self.conn.execute("BEGIN")
-            self.conn.executemany("INSERT OR REPLACE INTO device_runs VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+        """fleet.history's per-device rows of one judged run (see the device_runs table). A read-only
+        store keeps them in a TEMP table for this connection: the file is not written."""
+        if self.readonly:
+            self._scratch_device_runs()
+            self.conn.executemany("INSERT OR REPLACE INTO temp.device_runs VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
+            return
+        rows = list(rows)
+        self._write("the history index", lambda: self._many(
+            "INSERT OR REPLACE INTO device_runs VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows))
+
+    def _scratch_device_runs(self) -> None:
+        """A TEMP device_runs (it hides main.device_runs on this connection) holding what main has."""
+        if self._scratch:
+            return
+        self.conn.execute(f"CREATE TEMP TABLE device_runs ({_DEVICE_RUNS_COLUMNS})")
+        if self.conn.execute("SELECT 1 FROM main.sqlite_master WHERE name='device_runs'").fetchone():
+            self.conn.execute("INSERT INTO temp.device_runs SELECT * FROM main.device_runs")
+        self._scratch = True
 
     def device_runs(self, *, uuid: str | None = None, host: str | None = None) -> list[tuple[Any, ...]]:
         """device_runs rows (all, or one device's, or one host's), oldest run first."""
@@ -237,23 +462,49 @@ class Store:
             " JOIN devices d ON d.run_id = l.run_id AND d.rank = l.dst ORDER BY r.started"))
 
     def indexed_runs(self) -> set[str]:
+        if self.readonly:
+            self._scratch_device_runs()
         return {r for (r,) in self.conn.execute("SELECT DISTINCT run_id FROM device_runs")}
 
     # ---- reads ---------------------------------------------------------------------------
 
     def results(self, run_id: str) -> list[ProbeResult]:
-        rows = self.conn.execute("SELECT body FROM results WHERE run_id=? ORDER BY id", (run_id,))
-        return [ProbeResult.from_dict(json.loads(b)) for (b,) in rows]
+        """The run's results in arrival order; a stored body that is not a valid result (a store
+        poisoned by an older ingest) is skipped and counted in `skipped_rows`, never raised."""
+        out = []
+        for (body,) in self.conn.execute("SELECT body FROM results WHERE run_id=? ORDER BY id", (run_id,)):
+            try:
+                out.append(records.parse_line(body))
+            except (records.BadRecord, TypeError):
+                self.skipped_rows += 1
+        return out
 
     def judgements(self, run_id: str) -> list[Judgement]:
         rows = self.conn.execute(
             "SELECT rank, probe, case_name, verdict, reason, metrics FROM judgements WHERE run_id=?", (run_id,))
-        return [Judgement(rank=r, probe=p, case=c, verdict=Verdict(v), reason=why, metrics=json.loads(m))
-                for r, p, c, v, why, m in rows]
+        out = []
+        for r, p, c, v, why, m in rows:
+            try:
+                metrics = records.check_metrics(json.loads(m))
+                verdict = Verdict(v)
+                if not isinstance(r, int):
+                    raise TypeError(r)
+            except (ValueError, TypeError, RecursionError):  # records.BadRecord is a ValueError
+                self.skipped_rows += 1
+                continue
+            out.append(Judgement(rank=r, probe=str(p), case=str(c), verdict=verdict, reason=str(why),
+                                 metrics=metrics))
+        return out
 
     def devices(self, run_id: str) -> dict[int, DeviceInfo]:
         rows = self.conn.execute("SELECT rank, info FROM devices WHERE run_id=? ORDER BY rank", (run_id,))
-        return {r: DeviceInfo.from_dict(json.loads(i)) for r, i in rows}
+        out = {}
+        for r, info in rows:
+            try:
+                out[r] = DeviceInfo.from_dict(json.loads(info))
+            except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+                self.skipped_rows += 1
+        return out
 
     def runs(self) -> list[tuple[str, float, str | None]]:
         return list(self.conn.execute("SELECT run_id, started, verdict FROM runs ORDER BY started"))
@@ -261,3 +512,33 @@ class Store:
     def latest_run(self) -> str | None:
         row = self.conn.execute("SELECT run_id FROM runs ORDER BY started DESC LIMIT 1").fetchone()
         return row[0] if row else None
+
+
+def _build(conn: sqlite3.Connection) -> None:
+    """Create what is missing of the schema and mark the file as a chipcheck store, in one transaction."""
+    conn.executescript(f"BEGIN;{_SCHEMA}PRAGMA application_id={APPLICATION_ID};"
+                       f"PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
+
+
+def _disk_full(path: Path) -> bool:
+    """Whether the file system holding `path` has (almost) no space left for SQLite's next pages."""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024
+
+
+def _why(path: Path, e: sqlite3.Error) -> str:
+    """SQLite's error in the user's words: a full disk surfaces as `disk I/O error` when the -shm fails."""
+    text = str(e)
+    if "full" in text or ("I/O" in text and _disk_full(path)):
+        return "the disk is full"
+    if "locked" in text or "busy" in text:
+        return "the database is locked by another process (waited 30 s)"
+    return text
+
+
+def _write_message(path: Path, what: str, e: sqlite3.Error) -> str:
+    """One line for a failed write: the disk is full, the database is locked, read-only, ..."""
+    return f"--db {path}: cannot write {what}: {_why(path, e)}"
