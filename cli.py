@@ -503,8 +503,13 @@ def ingest(paths: tuple[str, ...], db_path: str | None) -> None:
             store.close()
     except (ingestmod.IngestError, StoreError) as e:
         _fail(str(e))
+    for w in rep.warnings:
+        click.echo(f"chipcheck: warning: {w}", err=True)
+    if rep.unshown > 0:
+        click.echo(f"chipcheck: warning: {rep.unshown} more bad lines or files", err=True)
     click.echo(f"ingested {rep.added} results from {rep.shards} shards ({rep.duplicates} already stored"
-               f"{f', {rep.bad_lines} unreadable lines' if rep.bad_lines else ''}); runs judged: "
+               f"{f', {rep.bad_lines} unreadable lines' if rep.bad_lines else ''}"
+               f"{f', {rep.bad_files} unreadable files skipped' if rep.bad_files else ''}); runs judged: "
                f"{', '.join(rep.runs) or 'none'}")
 
 

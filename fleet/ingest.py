@@ -5,6 +5,11 @@ run whose rank 0 died, or a store that lives elsewhere, can be rebuilt from the 
 idempotent: a result is identified by (run, rank, probe, case, start time), and one already in the
 store (from rank 0 or an earlier ingest) is skipped. A run that gained results is judged again
 over everything now stored, exactly as rank 0 would have judged it.
+
+Shards come from other machines and are trusted for nothing: every line is checked field by field
+(fleet.records) before it reaches the store. A bad line is skipped and named (`FILE:LINE: reason`),
+the good lines of the same shard are kept, and a file that is not a text shard is skipped without
+stopping the others.
 """
 
 from __future__ import annotations
@@ -15,11 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..results import DeviceInfo, DeviceKind, ProbeResult
+from . import records
 from .store import Store
 
 
 class IngestError(ValueError):
     """A path that is neither a shard nor a folder of shards (one line, exit 2)."""
+
+
+MAX_SHARD_BYTES = 1 << 30
+"""A larger file is not a shard (a result line is a few kB; a rank writes a few thousand)."""
+MAX_WARNINGS = 20
+"""Warnings kept word for word; the rest are only counted."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -28,9 +40,23 @@ class IngestReport:
     added: int = 0
     duplicates: int = 0
     bad_lines: int = 0
-    """Lines that are not a result (e.g. the half-written last line of a rank that died)."""
+    """Lines that are not a valid result (the half-written last line of a rank that died, a wrong
+    type, a host name no scheduler accepts): skipped, the other lines of the shard kept."""
+    bad_files: int = 0
+    """Files that could not be read as text (binary, unreadable, too large): skipped."""
     runs: list[str] = field(default_factory=list)
     """Runs that gained results (and were judged again)."""
+    warnings: list[str] = field(default_factory=list)
+    """`FILE:LINE: reason` for the first `MAX_WARNINGS` bad lines and files."""
+
+    def warn(self, text: str) -> None:
+        if len(self.warnings) < MAX_WARNINGS:
+            self.warnings.append(text)
+
+    @property
+    def unshown(self) -> int:
+        """Bad lines and files beyond those in `warnings`."""
+        return self.bad_lines + self.bad_files - len(self.warnings)
 
 
 def shard_paths(paths: list[str]) -> list[Path]:
@@ -38,7 +64,7 @@ def shard_paths(paths: list[str]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out += sorted(p.rglob("*.jsonl"))
+            out += sorted(x for x in p.rglob("*.jsonl") if x.is_file())
         elif p.is_file():
             out.append(p)
         else:
@@ -46,27 +72,43 @@ def shard_paths(paths: list[str]) -> list[Path]:
     return out
 
 
-def read_shard(path: Path) -> tuple[list[ProbeResult], int]:
-    """The results in one shard, and how many lines were not results."""
-    results, bad = [], 0
+def read_shard(path: Path, rep: IngestReport | None = None) -> tuple[list[ProbeResult], int]:
+    """The valid results in one shard, and how many lines were not valid results (each one
+    warned about as `FILE:LINE: reason` in `rep`). A file that is not text raises ShardUnreadable."""
+    rep = rep if rep is not None else IngestReport()
     try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise IngestError(f"{path}: cannot read ({e})") from None
-    for line in lines:
-        if not line.strip():
+        if path.stat().st_size > MAX_SHARD_BYTES:
+            raise ShardUnreadable(f"larger than {MAX_SHARD_BYTES >> 20} MiB: not a shard")
+        data = path.read_bytes()
+    except OSError as e:
+        raise ShardUnreadable(f"cannot read ({e.strerror or e})") from None
+    if b"\0" in data[:65536]:
+        raise ShardUnreadable("a binary file, not a JSONL shard")
+    results, bad = [], 0
+    for number, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
             continue
         try:
-            results.append(ProbeResult.from_dict(json.loads(line)))
-        except (ValueError, KeyError, TypeError):
-            bad += 1
+            results.append(records.parse_line(raw.decode("utf-8")))
+        except UnicodeDecodeError:
+            why = "not UTF-8 text"
+        except records.BadRecord as e:
+            why = str(e)
+        else:
+            continue
+        bad += 1
+        rep.warn(f"{path}:{number}: {why}")
     return results, bad
+
+
+class ShardUnreadable(Exception):
+    """A file that cannot be read as a shard at all (the reason); it is skipped, the rest are read."""
 
 
 def device_from(r: ProbeResult) -> DeviceInfo:
     """A device as far as its results tell (shards carry no inventory: name and memory are unknown)."""
     kind, _, index = r.device.partition(":")
-    return DeviceInfo(index=int(index) if index.isdigit() else r.rank,
+    return DeviceInfo(index=int(index) if index.isascii() and index.isdigit() and len(index) < 7 else r.rank,
                       kind=DeviceKind(kind) if kind in DeviceKind._value2member_map_ else DeviceKind.CPU,
                       name="(from shard)", memory_bytes=0, uuid=r.device_uuid or f"{r.host}-{r.device}",
                       host=r.host, fingerprint=r.fingerprint)
@@ -77,11 +119,17 @@ def ingest(store: Store, paths: list[str]) -> IngestReport:
     rep = IngestReport()
     by_run: dict[str, list[ProbeResult]] = defaultdict(list)
     for path in shard_paths(paths):
-        results, bad = read_shard(path)
+        try:
+            results, bad = read_shard(path, rep)
+        except ShardUnreadable as e:
+            rep.bad_files += 1
+            rep.warn(f"{path}: skipped: {e}")
+            continue
         rep.shards += 1
         rep.bad_lines += bad
         for r in results:
             by_run[r.run_id].append(r)
+    store.spool_unsaved = False  # the shards are the copy: a failed write stops here, ingest again later
     known = {run_id for run_id, _, _ in store.runs()}
     for run_id, results in sorted(by_run.items()):
         if run_id not in known:
