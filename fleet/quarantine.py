@@ -10,6 +10,7 @@ only when the user asked for it (`--apply`): draining nodes is never a side effe
 from __future__ import annotations
 
 import enum
+import re
 import shlex
 import subprocess
 from collections import defaultdict
@@ -18,9 +19,11 @@ from dataclasses import dataclass
 from .. import failures
 from ..failures import FailureCode
 from ..results import RunSummary
+from . import records
 from .history import TrendReport
 
 TAINT_KEY = "chipcheck.io/quarantine"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 REASON_MAX = 200  # Slurm keeps the reason in one line of `sinfo -R`; k8s annotations allow far more
 
 
@@ -64,7 +67,7 @@ class HostPlan:
         tail = f" (run {run_id})" if run_id else ""
         if len(text) + len(tail) > REASON_MAX:
             text = text[:REASON_MAX - len(tail) - 3] + "..."
-        return ("chipcheck: " + text + tail).replace('"', "'").replace("\n", " ")
+        return _CONTROL.sub(" ", ("chipcheck: " + text + tail).replace('"', "'"))
 
 
 def collect(summary: RunSummary | None, history: TrendReport | None = None) -> list[HostPlan]:
@@ -107,25 +110,29 @@ def commands(plans: list[HostPlan], fmt: Format, run_id: str = "") -> tuple[list
     cmds: list[Command] = []
     notes: list[str] = []
     for p in plans:
+        why = records.host_problem(p.host)
+        if why:  # never an argument, never a record: `--all` would cordon every node, a newline forge a line
+            notes.append(f"# refused: {_CONTROL.sub('?', why)}; not drained (fix the host name and judge again)")
+            continue
         reason = p.reason(run_id)
         if not p.out_of_service:
             notes.append(f"# {p.host}: not drained ({p.worst.action.value}): {reason}")
             continue
-        if fmt is Format.SLURM:
+        if fmt is Format.SLURM:  # scontrol takes no `--`; the host is inside `NodeName=`, never an option
             argv = ("scontrol", "update", f"NodeName={p.host}", "State=DRAIN", f"Reason={reason}")
             cmds.append(Command(host=p.host, argv=argv,
                                 display=f'scontrol update NodeName={shlex.quote(p.host)} State=DRAIN '
                                         f'Reason="{_dq(reason)}"'))
-        elif fmt is Format.K8S:
-            cmds.append(Command(host=p.host, argv=("kubectl", "cordon", p.host),
-                                display=f"kubectl cordon {shlex.quote(p.host)}"))
+        elif fmt is Format.K8S:  # flags first, then `--`: what follows is a node name whatever it looks like
+            host = shlex.quote(p.host)
+            cmds.append(Command(host=p.host, argv=("kubectl", "cordon", "--", p.host),
+                                display=f"kubectl cordon -- {host}"))
             taint = f"{TAINT_KEY}={p.worst.code}:NoSchedule"
-            cmds.append(Command(host=p.host, argv=("kubectl", "taint", "nodes", p.host, taint, "--overwrite"),
-                                display=f"kubectl taint nodes {shlex.quote(p.host)} {taint} --overwrite"))
+            cmds.append(Command(host=p.host, argv=("kubectl", "taint", "nodes", "--overwrite", "--", p.host, taint),
+                                display=f"kubectl taint nodes --overwrite -- {host} {taint}"))
             note = f"{TAINT_KEY}-reason={reason}"
-            cmds.append(Command(host=p.host, argv=("kubectl", "annotate", "node", p.host, note, "--overwrite"),
-                                display=f'kubectl annotate node {shlex.quote(p.host)} {TAINT_KEY}-reason="{_dq(reason)}" '
-                                        f"--overwrite"))
+            cmds.append(Command(host=p.host, argv=("kubectl", "annotate", "node", "--overwrite", "--", p.host, note),
+                                display=f'kubectl annotate node --overwrite -- {host} {TAINT_KEY}-reason="{_dq(reason)}"'))
         else:
             line = f"{p.host}\t{','.join(dict.fromkeys(e.code.code for e in p.entries))}\t{p.worst.action.value}\t{reason}"
             cmds.append(Command(host=p.host, argv=(), display=line))

@@ -55,8 +55,9 @@ def test_commands_per_format_name_the_host_and_the_reason() -> None:
     k8s, _ = q.commands(plans, q.Format.K8S, s.run_id)
     host = sorted(drained)[0]
     mine = [c.display for c in k8s if c.host == host]
-    assert mine[0] == f"kubectl cordon {host}"
-    assert mine[1].startswith(f"kubectl taint nodes {host} chipcheck.io/quarantine=CC-") and "NoSchedule" in mine[1]
+    assert mine[0] == f"kubectl cordon -- {host}"
+    assert mine[1].startswith(f"kubectl taint nodes --overwrite -- {host} chipcheck.io/quarantine=CC-")
+    assert "NoSchedule" in mine[1]
     hosts, _ = q.commands(plans, q.Format.HOSTS, s.run_id)
     assert all(len(c.display.split("\t")) == 4 and not c.argv for c in hosts)
 
