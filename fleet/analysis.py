@@ -92,7 +92,7 @@ def slow(results: list[ProbeResult], policy: SlowPolicy = SlowPolicy(),
         if len(vals) < 2:
             continue
         ranks = list(vals)
-        ratio, flag = _peer_ratios(np.fromiter(vals.values(), dtype=np.float64, count=len(vals)), policy.z)
+        ratio, flag = peer_ratios(np.fromiter(vals.values(), dtype=np.float64, count=len(vals)), policy.z)
         for rank, q, f in zip(ranks, ratio.tolist(), flag.tolist(), strict=True):
             ratios[(rank, probe)].append(q)
             outlier[(rank, probe)].append(f)
@@ -123,7 +123,7 @@ def _loo_median(s: np.ndarray, pos: np.ndarray) -> np.ndarray:
     return kth(m // 2) if m % 2 else (kth(m // 2 - 1) + kth(m // 2)) / 2
 
 
-def _peer_ratios(v: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarray]:
+def peer_ratios(v: np.ndarray, z: float) -> tuple[np.ndarray, np.ndarray]:
     """Per device: its value / the median of its peers (the others), and whether it is a robust low outlier.
 
     Exactly what comparing each device with the list of all the others gives, in O(n log n) instead of

@@ -13,7 +13,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..results import ConsensusGroup, DeviceInfo, Judgement, LinksSummary, ProbeResult, RunSummary, Verdict
 from . import analysis, devices
@@ -138,12 +138,38 @@ def execute(opts: RunOptions, store: Store, *, on_result: Callable[[ProbeResult]
                         timeout_s=timeout, inject=list(opts.inject), duration_s=opts.duration_s,
                         options=dict(opts.options))
     run_local(req, keep, on_start)
+    retest(req, collected, opts, keep, on_start)
     summary, judgements = judge(run_id, dict(enumerate(devs)), collected, opts, started)
     store.add_judgements(run_id, judgements)
     if summary.links is not None:
         store.add_links(run_id, summary.links)
     store.end_run(run_id, summary.verdict)
     return summary
+
+
+def speed_tables() -> tuple[dict[str, str], dict[str, str]]:
+    """Each probe's speed metric and the retest kernel that confirms its slow suspects."""
+    from ..probes import base
+
+    reg = base.registry()
+    return {n: c.speed_metric for n, c in reg.items()}, {n: c.speed_kernel for n, c in reg.items()}
+
+
+def retest(req: LaunchRequest, results: list[ProbeResult], opts: RunOptions, keep: Callable[[ProbeResult], None],
+           on_start: Callable[[int, str, str], None] | None = None) -> None:
+    """Retest every slow suspect against a peer, interleaved and alone on the host (nothing to do,
+    and no time spent, when the run has no suspect). The retest's results join the run's."""
+    from .judge import speed
+
+    if len(req.devices) < 2:
+        return
+    found = speed.suspects(results, speed.SpeedPolicy(min_gap=opts.min_gap), *speed_tables())
+    if not found:
+        return
+    options = speed.retest_options(found)
+    kernels = [k.removeprefix("retest_") for k in options]
+    run_local(replace(req, probes=[(speed.RETEST, kernels)], options={**req.options, **options}, duration_s=0.0),
+              keep, on_start)
 
 
 def judge(run_id: str, devs: dict[int, DeviceInfo], results: list[ProbeResult], opts: RunOptions,
@@ -176,15 +202,14 @@ def fleet_verdicts(devs: dict[int, DeviceInfo], results: list[ProbeResult], *, m
     only the consensus groups and library findings are recounted from the results."""
     from ..probes import base, burn, xgemm
     from . import links_run
-    from .judge import blame
+    from .judge import blame, speed
 
     registry = base.registry()
     cons, groups = analysis.consensus(results, frozenset(n for n, cls in registry.items() if cls.collective))
     lib = library_findings(results)
     if judged is not None:
         return FleetVerdicts(judgements=judged, groups=groups, links=None, library=lib)
-    metrics = {name: cls.speed_metric for name, cls in registry.items()}
-    slow = analysis.slow(results, analysis.SlowPolicy(min_gap=min_gap), metrics)
+    slow = speed.judge(results, speed.SpeedPolicy(min_gap=min_gap), *speed_tables())
     linked = links_run.analyze(results, devs, declared)
     link_summary, link_js = linked if linked else (None, [])
     chips, _ = xgemm.second_opinion_findings(results)

@@ -33,6 +33,7 @@ CASES = ("copy", "read")
 class BandwidthProbe(Probe):
     order = 35
     speed_metric: ClassVar[str] = "gbps_best"
+    speed_kernel: ClassVar[str] = "copy"
     """Higher-is-better metric the fleet's slowness judgement should compare for this probe."""
 
     @dataclass(frozen=True, slots=True, kw_only=True)

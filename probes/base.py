@@ -144,6 +144,9 @@ class Probe(abc.ABC):
     """Runs on all ranks together (needs ctx.group()); never serialised by the host lock."""
     speed_metric: ClassVar[str] = "tflops_best"
     """The metric (higher is better) the fleet compares to call a device slow."""
+    speed_kernel: ClassVar[str] = "gemm"
+    """The retest kernel (probes/retest.py) that confirms this probe's slow suspects: `gemm` for
+    compute-bound probes, `copy` for memory-bound ones, '' where speed is judged elsewhere."""
 
     @abc.abstractmethod
     def config(self, profile: str, device_kind: str, capabilities: frozenset[str]) -> Any:

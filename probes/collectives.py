@@ -85,6 +85,7 @@ class CollectivesProbe(Probe):
     min_devices = 2
     collective = True
     speed_metric = "busbw_gbps_best"
+    speed_kernel = ""  # a slow collective is a link's matter: chipcheck links
 
     @dataclass(frozen=True, slots=True, kw_only=True)
     class Config:

@@ -36,6 +36,7 @@ class LinksProbe(Probe):
     min_devices = 2
     collective = True
     speed_metric = ""  # judged per link over the whole matrix (fleet.links_analysis), not per device
+    speed_kernel = ""
 
     @dataclass(frozen=True, slots=True, kw_only=True)
     class Config:

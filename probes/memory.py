@@ -46,6 +46,7 @@ LISTED = 8  # addresses listed per mismatch
 
 @register("memory")
 class MemoryProbe(Probe):
+    speed_kernel = "copy"
     order = 30
 
     @dataclass(frozen=True, slots=True, kw_only=True)

@@ -182,4 +182,6 @@ def test_cli_slow_rank_is_flagged_slow(tmp_path: Path) -> None:
     assert code == 1, out
     assert device(data, 1)["verdict"] == "slow"
     assert device(data, 0)["verdict"] == "pass"
-    assert {p["probe"]: p["verdict"] for p in device(data, 1)["probes"]} == {"model_step": "slow", "model_dp": "slow"}
+    # the model steps make it a suspect; the interleaved GEMM retest against rank 0 calls it slow
+    verdicts = {p["probe"]: p["verdict"] for p in device(data, 1)["probes"]}
+    assert verdicts == {"model_step": "pass", "model_dp": "pass", "retest": "slow"}

@@ -1,0 +1,198 @@
+"""Who is `slow`: noise-aware suspects from the run, confirmed by an interleaved retest.
+
+The rule, for every path (live run, reloaded run, ingested sweep):
+
+1. Ratios. Per (fingerprint, probe, case), each device's speed metric over the median of its peers
+   (the others of its fingerprint). Per (device, probe): the median over the probe's cases.
+2. Noise, measured, not assumed. A probe's noise in this run is the robust spread (1.4826 x MAD)
+   of each device's case log ratios around that device's own median, pooled over devices (a
+   consistently slow device does not widen it). A probe *speaks* alone only when its noise is
+   below half the gap it must detect (`min_gap / 2`); one with one case per device never does.
+3. Suspects. A device is a suspect when a speaking probe puts it at or below `1 - min_gap / 2` and at
+   least `z` noise widths below 1; or when the evidence of all its probes of one kernel class
+   (compute: `gemm`; memory: `copy`), combined with weights cases / noise², does the same. A noisy
+   probe (a model step spreading ±12%) thus never makes a suspect on its own, but adds to the evidence.
+4. Confirmation. Each suspect and one peer of its fingerprint (the median one) are retested on the
+   kernel of their class, alone on the host, interleaved (probes/retest.py). Round by round the
+   suspect's speed over the peer's is a paired ratio; the suspect is `slow` only when the whole
+   95% interval of that ratio lies below `1 - min_gap / 2`. A 10% slower chip (0.91x) is called,
+   noise is not. The reason says the effect with its interval.
+5. A suspect that was never retested (a path without a retest) or that the retest clears is not
+   `slow`: the judgement says so, as a note.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...results import Judgement, ProbeResult, Verdict
+from ..analysis import peer_ratios
+
+RETEST = "retest"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpeedPolicy:
+    min_gap: float = 0.10
+    """The relative shortfall against peers that counts as slow (0.10 = 10%)."""
+    z: float = 2.0
+    """Noise widths below 1 that the evidence must reach to make a suspect."""
+    confidence: float = 0.95
+    """Of the retest's interval of the paired ratio."""
+
+    @property
+    def bar(self) -> float:
+        """Suspects sit at or below it; a confirmed slow device's whole interval lies below it."""
+        return 1.0 - self.min_gap / 2
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Suspect:
+    """A device the run's measurements put below its peers, to be retested against `peer`."""
+
+    rank: int
+    peer: int
+    kernel: str
+    ratio: float
+    """Its combined ratio to its peers over the suspecting evidence."""
+    evidence: str
+    """Which probes, at which ratios and noise, made it a suspect."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Evidence:
+    probe: str
+    ratio: float
+    noise: float
+    cases: int
+
+
+def suspects(results: list[ProbeResult], policy: SpeedPolicy, metric_by_probe: dict[str, str],
+             kernel_by_probe: dict[str, str]) -> list[Suspect]:
+    """Every device whose run puts it below its fingerprint peers beyond the measured noise."""
+    logs: dict[str, dict[tuple[int, str], list[float]]] = defaultdict(lambda: defaultdict(list))
+    fingerprint: dict[int, str] = {}
+    by_case: dict[tuple[str, str, str], dict[int, float]] = defaultdict(dict)
+    for r in results:
+        metric, kernel = metric_by_probe.get(r.probe, ""), kernel_by_probe.get(r.probe, "")
+        v = r.metrics.get(metric) if metric and kernel else None
+        if r.error is None and v is not None and math.isfinite(v) and v > 0:
+            by_case[(r.fingerprint, r.probe, r.case)][r.rank] = v
+            fingerprint[r.rank] = r.fingerprint
+    for (fp, probe, _case), vals in by_case.items():
+        if len(vals) < 2:
+            continue
+        ratio, _ = peer_ratios(np.fromiter(vals.values(), dtype=np.float64, count=len(vals)), np.inf)
+        for rank, q in zip(vals, ratio.tolist(), strict=True):
+            logs[probe][(rank, fp)].append(math.log(q))
+    evidence: dict[tuple[int, str], list[_Evidence]] = defaultdict(list)  # (rank, kernel) -> per probe
+    for probe, per_dev in logs.items():
+        noise = _noise(list(per_dev.values()))
+        for (rank, _fp), xs in per_dev.items():
+            evidence[(rank, kernel_by_probe[probe])].append(
+                _Evidence(probe=probe, ratio=math.exp(statistics.median(xs)), noise=noise, cases=len(xs)))
+    out = []
+    cut = math.log(policy.bar)
+    suspected = {key for key, evs in evidence.items() if _suspect(evs, policy, cut)}
+    for rank, kernel in sorted(suspected):
+        evs = evidence[(rank, kernel)]
+        peer = _peer(rank, kernel, evidence, suspected, fingerprint)
+        if peer is None:
+            continue  # no clean peer of its fingerprint: the SKU baseline is the only yardstick
+        out.append(Suspect(rank=rank, peer=peer, kernel=kernel, ratio=_combined(evs)[0], evidence=", ".join(
+            f"{e.probe} {e.ratio:.2f}x (noise {e.noise:.0%})" for e in sorted(evs, key=lambda e: e.ratio))))
+    return out
+
+
+def _noise(per_device: list[list[float]]) -> float:
+    """A probe's noise in this run: the robust spread of each device's case log ratios around that
+    device's own median, pooled. A consistently slow device does not widen it (its cases agree);
+    a probe with one case per device cannot tell its noise (infinite: it never speaks alone)."""
+    # Deviations from a median of k values are narrower than the noise by about sqrt((k-1)/k).
+    dev = [(x - statistics.median(xs)) * math.sqrt(len(xs) / (len(xs) - 1))
+           for xs in per_device if len(xs) > 1 for x in xs]
+    if not dev:
+        return math.inf
+    return max(1.4826 * statistics.median(abs(d) for d in dev), 1e-3)
+
+
+def _combined(evs: list[_Evidence]) -> tuple[float, float]:
+    """Inverse-variance weighted mean log ratio over probes (weight cases / noise²), and its width."""
+    w = [e.cases / e.noise**2 for e in evs]
+    mean = sum(wi * math.log(e.ratio) for wi, e in zip(w, evs, strict=True)) / sum(w)
+    return math.exp(mean), 1.0 / math.sqrt(sum(w))
+
+
+def _suspect(evs: list[_Evidence], policy: SpeedPolicy, cut: float) -> bool:
+    for e in evs:
+        if e.noise < policy.min_gap / 2 and math.log(e.ratio) <= cut and -math.log(e.ratio) >= policy.z * e.noise:
+            return True
+    ratio, width = _combined(evs)
+    return math.log(ratio) <= cut and -math.log(ratio) >= policy.z * width
+
+
+def _peer(rank: int, kernel: str, evidence: dict[tuple[int, str], list[_Evidence]], suspected: set[tuple[int, str]],
+          fingerprint: dict[int, str]) -> int | None:
+    """The median-speed device of its fingerprint that is not itself suspected on this kernel."""
+    clean = [(_combined(evs)[0], r) for (r, k), evs in evidence.items()
+             if k == kernel and r != rank and (r, k) not in suspected and fingerprint.get(r) == fingerprint.get(rank)]
+    if not clean:
+        return None
+    clean.sort()
+    return clean[(len(clean) - 1) // 2][1]
+
+
+def retest_options(found: list[Suspect]) -> dict[str, str]:
+    """The retest probe's options: `retest_<kernel>` = "SUSPECT:PEER,..." (probes/retest.py)."""
+    pairs: dict[str, list[str]] = defaultdict(list)
+    for s in found:
+        pairs[f"retest_{s.kernel}"].append(f"{s.rank}:{s.peer}")
+    return {k: ",".join(v) for k, v in pairs.items()}
+
+
+def judge(results: list[ProbeResult], policy: SpeedPolicy, metric_by_probe: dict[str, str],
+          kernel_by_probe: dict[str, str]) -> list[Judgement]:
+    """`slow` for every suspect its retest confirms; a note for every suspect cleared or never retested."""
+    turns = {(r.rank, r.case): r.params.get("turn_s") or [] for r in results if r.probe == RETEST and r.error is None}
+    out = []
+    for s in suspects(results, policy, metric_by_probe, kernel_by_probe):
+        mine, peer = turns.get((s.rank, s.kernel), []), turns.get((s.peer, s.kernel), [])
+        if len(mine) < 3 or len(mine) != len(peer):
+            out.append(Judgement(rank=s.rank, probe=RETEST, case=s.kernel, verdict=Verdict.PASS, reason=(
+                f"speed suspect, not retested: {s.ratio:.2f}x its peers ({s.evidence}); not called slow "
+                f"without an interleaved retest")))
+            continue
+        ratio, lo, hi = paired_interval([p / m for m, p in zip(mine, peer, strict=True)], policy.confidence)
+        where = (f"{len(mine)} interleaved rounds of the {s.kernel} kernel against rank {s.peer}; "
+                 f"suspected from {s.evidence}")
+        metrics = {"ratio": ratio, "ratio_lo": lo, "ratio_hi": hi, "rounds": float(len(mine))}
+        if hi < policy.bar:
+            out.append(Judgement(rank=s.rank, probe=RETEST, case=s.kernel, verdict=Verdict.SLOW, metrics=metrics,
+                                 reason=(f"slow: {ratio:.2f}x its peer, {policy.confidence:.0%} interval "
+                                         f"{lo:.2f}-{hi:.2f}, confirmed by retest ({where})")))
+        else:
+            out.append(Judgement(rank=s.rank, probe=RETEST, case=s.kernel, verdict=Verdict.PASS, metrics=metrics,
+                                 reason=(f"speed suspect cleared by retest: {ratio:.2f}x its peer, "
+                                         f"{policy.confidence:.0%} interval {lo:.2f}-{hi:.2f} ({where})")))
+    return out
+
+
+def paired_interval(ratios: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Geometric mean of paired ratios and its two-sided t interval (on the logs)."""
+    xs = [math.log(x) for x in ratios]
+    n = len(xs)
+    mean = statistics.fmean(xs)
+    half = _t_quantile(0.5 + confidence / 2, n - 1) * statistics.stdev(xs) / math.sqrt(n)
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
+def _t_quantile(p: float, df: int) -> float:
+    """Student's t quantile by the Cornish-Fisher expansion around the normal (within 1% for df >= 3)."""
+    z = statistics.NormalDist().inv_cdf(p)
+    return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+            + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))

@@ -1,0 +1,86 @@
+"""The speed rule (fleet.judge.speed): noise-aware suspects, confirmed by an interleaved retest."""
+
+from __future__ import annotations
+
+import random
+
+from chipcheck.fleet.judge import speed
+from chipcheck.results import ProbeResult, Verdict
+
+METRIC = {"matmul": "tflops_best", "model_step": "tflops_best", "retest": ""}
+KERNEL = {"matmul": "gemm", "model_step": "gemm", "retest": ""}
+POLICY = speed.SpeedPolicy(min_gap=0.10)
+
+
+def _r(rank: int, probe: str, case: str, tf: float) -> ProbeResult:
+    return ProbeResult(run_id="r", host="h", rank=rank, device=f"cpu:{rank}", fingerprint="fp", probe=probe,
+                       case=case, verdict=Verdict.PASS, seed=0, metrics={"tflops_best": tf})
+
+
+def _run(rng: random.Random, slow: dict[int, float], n: int = 4, *, model_noise: float = 0.12,
+         gemm_noise: float = 0.01) -> list[ProbeResult]:
+    out = []
+    for rank in range(n):
+        f = slow.get(rank, 1.0)
+        out += [_r(rank, "matmul", c, f * rng.gauss(1.0, gemm_noise)) for c in ("fp32/exact", "fp32/random")]
+        out += [_r(rank, "model_step", c, f * rng.gauss(1.0, model_noise)) for c in ("fp32", "bf16")]
+    return out
+
+
+def _retest(rank: int, turns: list[float]) -> ProbeResult:
+    return ProbeResult(run_id="r", host="h", rank=rank, device=f"cpu:{rank}", fingerprint="fp", probe="retest",
+                       case="gemm", verdict=Verdict.PASS, seed=0, params={"turn_s": turns})
+
+
+def test_noisy_clean_runs_make_no_slow_and_few_suspects() -> None:
+    rng = random.Random(0)
+    suspects = 0
+    for _ in range(200):
+        results = _run(rng, {})
+        assert not [j for j in speed.judge(results, POLICY, METRIC, KERNEL) if j.verdict is Verdict.SLOW]
+        suspects += len(speed.suspects(results, POLICY, METRIC, KERNEL))
+    assert suspects <= 10  # a model step spreading 12% never makes a suspect on its own
+
+
+def test_a_noisy_probe_alone_cannot_make_a_suspect() -> None:
+    rng = random.Random(1)
+    results = [r for r in _run(rng, {}) if r.probe == "model_step"]
+    # rank 2's model step at 0.85x: within the model step's own measured noise
+    results = [r if r.rank != 2 else _r(2, r.probe, r.case, 0.85) for r in results]
+    results += [_r(k, "model_step", "fp16", v) for k, v in enumerate((1.2, 0.9, 0.85, 1.05))]
+    assert speed.suspects(results, POLICY, METRIC, KERNEL) == []
+
+
+def test_a_slow_chip_is_suspected_then_confirmed_by_its_retest() -> None:
+    rng = random.Random(2)
+    results = _run(rng, {1: 1 / 1.15})
+    (s,) = speed.suspects(results, POLICY, METRIC, KERNEL)
+    assert (s.rank, s.kernel) == (1, "gemm") and s.peer != 1 and "matmul" in s.evidence
+    assert speed.retest_options([s]) == {"retest_gemm": f"1:{s.peer}"}
+    base = [0.030 * rng.gauss(1.0, 0.01) for _ in range(12)]
+    results += [_retest(1, [t * 1.15 * rng.gauss(1.0, 0.01) for t in base]), _retest(s.peer, base)]
+    (j,) = speed.judge(results, POLICY, METRIC, KERNEL)
+    assert j.verdict is Verdict.SLOW and j.rank == 1
+    assert 0.84 < j.metrics["ratio"] < 0.90 and j.metrics["ratio_hi"] < 0.95
+    assert "confirmed by retest" in j.reason and "interval" in j.reason
+
+
+def test_a_suspect_its_retest_clears_or_that_was_never_retested_is_not_slow() -> None:
+    rng = random.Random(3)
+    results = _run(rng, {1: 0.85})
+    (s,) = speed.suspects(results, POLICY, METRIC, KERNEL)
+    (untested,) = speed.judge(results, POLICY, METRIC, KERNEL)
+    assert untested.verdict is Verdict.PASS and "not retested" in untested.reason
+    same = [0.030 * rng.gauss(1.0, 0.02) for _ in range(12)]
+    results += [_retest(1, [t * rng.gauss(1.0, 0.02) for t in same]), _retest(s.peer, same)]
+    (j,) = speed.judge(results, POLICY, METRIC, KERNEL)
+    assert j.verdict is Verdict.PASS and "cleared by retest" in j.reason
+
+
+def test_paired_interval_covers_the_truth() -> None:
+    rng = random.Random(4)
+    hits = 0
+    for _ in range(400):
+        ratio, lo, hi = speed.paired_interval([0.9 * rng.lognormvariate(0, 0.03) for _ in range(12)])
+        hits += lo <= 0.9 <= hi
+    assert 0.91 <= hits / 400 <= 0.99
