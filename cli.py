@@ -82,6 +82,8 @@ def common_options(fn: Any) -> Any:
                      help="Watchdog per probe case, seconds [default by profile]."),
         click.option("--min-gap", default=0.10, show_default=True, type=float,
                      help="Throughput shortfall vs fingerprint peers that counts as slow (0.1 = 10%)."),
+        click.option("--baselines", default=None, type=click.Path(dir_okay=False),
+                     help="TOML file of per-SKU achievable speeds over the shipped table (docs/baselines.md)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress lines."),
     ]
     for o in reversed(opts):
@@ -104,7 +106,7 @@ def _options(kw: dict[str, Any], probes: tuple[str, ...], extra: dict[str, str])
     return runner.RunOptions(
         devices=kw["devices"], probes=probes, profile=kw["profile"], seed=kw["seed"], inject=kw["inject"],
         timeout_s=kw["timeout"], duration_s=parse_duration(kw["duration"]) if kw["duration"] else 0.0,
-        min_gap=kw["min_gap"], options=extra, argv=sys.argv,
+        min_gap=kw["min_gap"], options=extra, baselines=kw.get("baselines") or "", argv=sys.argv,
     )
 
 

@@ -165,7 +165,7 @@ def _judge(store: Store, run_id: str) -> None:
     opts = runner.RunOptions(profile=rec.profile if rec.profile in runner.PROFILES else "quick", seed=rec.seed,
                              min_gap=rec.min_gap, options={k: str(v) for k, v in options.items()})
     devices = store.devices(run_id)
-    summary, judgements = runner.judge(run_id, devices, store.results(run_id), opts, rec.started)
+    summary, judgements = runner.judge(run_id, devices, store.results(run_id), opts, rec.started, store)
     store.clear_judgements(run_id)
     store.add_judgements(run_id, judgements)
     if summary.links is not None:

@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from ..results import ConsensusGroup, DeviceInfo, Judgement, LinksSummary, ProbeResult, RunSummary, Verdict
 from . import analysis, devices
@@ -49,6 +50,8 @@ class RunOptions:
     """Relative throughput shortfall that counts as slow."""
     options: dict[str, str] = field(default_factory=dict)
     """Probe options (e.g. pairing for the links probe)."""
+    baselines: str = ""
+    """A TOML file of per-SKU achievable speeds that overrides or extends the shipped table."""
     argv: list[str] = field(default_factory=list)
 
 
@@ -76,6 +79,7 @@ def validate(opts: RunOptions) -> None:
         devices.parse_spec(opts.devices)
     except devices.DeviceSpecError as e:
         raise UsageError(str(e)) from None
+    baseline_table(opts)
 
 
 def new_run_id(prefix: str = "") -> str:
@@ -139,7 +143,7 @@ def execute(opts: RunOptions, store: Store, *, on_result: Callable[[ProbeResult]
                         options=dict(opts.options))
     run_local(req, keep, on_start)
     retest(req, collected, opts, keep, on_start)
-    summary, judgements = judge(run_id, dict(enumerate(devs)), collected, opts, started)
+    summary, judgements = judge(run_id, dict(enumerate(devs)), collected, opts, started, store)
     store.add_judgements(run_id, judgements)
     if summary.links is not None:
         store.add_links(run_id, summary.links)
@@ -172,11 +176,24 @@ def retest(req: LaunchRequest, results: list[ProbeResult], opts: RunOptions, kee
               keep, on_start)
 
 
+def baseline_table(opts: RunOptions) -> Any:
+    """The per-SKU baselines: the shipped table, with the user's file (--baselines) over it."""
+    from .judge import baselines
+
+    try:
+        return baselines.load(opts.baselines or None)
+    except baselines.BaselineError as e:
+        raise UsageError(str(e)) from None
+
+
 def judge(run_id: str, devs: dict[int, DeviceInfo], results: list[ProbeResult], opts: RunOptions,
-          started: float) -> tuple[RunSummary, list[Judgement]]:
-    """Fleet analysis (consensus, slowness, links, blame) and the per-device verdicts."""
+          started: float, store: Store | None = None) -> tuple[RunSummary, list[Judgement]]:
+    """Fleet analysis (consensus, slowness, links, blame) and the per-device verdicts; with `store`,
+    each device is also held against its own stored history."""
     declared = load_declared(opts.options["declared"]) if opts.options.get("declared") else None
-    v = fleet_verdicts(devs, results, min_gap=opts.min_gap, declared=declared)
+    own = own_history(store, devs, results, run_id, started) if store is not None else []
+    v = fleet_verdicts(devs, results, min_gap=opts.min_gap, declared=declared, baselines=baseline_table(opts),
+                       extra=own)
     summary = summarize(run_id, devs, results, v.judgements, v.groups, profile=opts.profile, seed=opts.seed,
                         started=started, ended=time.time(), links=v.links, findings=v.library.findings,
                         exonerate=v.library.exonerate, fleet_verdict=v.library.fleet_verdict)
@@ -193,9 +210,25 @@ class FleetVerdicts:
     library: LibraryFindings
 
 
+def own_history(store: Store, devs: dict[int, DeviceInfo], results: list[ProbeResult], run_id: str,
+                now: float) -> list[Judgement]:
+    """`slow` for devices far below their own past speed (fleet.judge.own_history), per speed key."""
+    from .judge import baselines
+    from .judge import own_history as oh
+
+    keys = {k for (_, k) in baselines.best_speeds(baselines.speed_samples(results))}
+    out: list[Judgement] = []
+    for key in sorted(keys, key=lambda k: (k.probe, k.family)):
+        current = oh.run_speeds(results, key)
+        past = {r: oh.speed_history(store, devs[r].uuid, key, now=now, exclude_run=run_id)
+                for r in current if r in devs}
+        out += oh.history_judgements(current, past, probe=key.probe, case=key.family, unit=key.unit)
+    return out
+
+
 def fleet_verdicts(devs: dict[int, DeviceInfo], results: list[ProbeResult], *, min_gap: float,
-                   declared: dict[int, tuple[str, ...]] | None = None,
-                   judged: list[Judgement] | None = None) -> FleetVerdicts:
+                   declared: dict[int, tuple[str, ...]] | None = None, baselines: Any = None,
+                   extra: list[Judgement] | None = None, judged: list[Judgement] | None = None) -> FleetVerdicts:
     """The one place a run's results are judged (live run, reloaded interrupted run, ingested sweep).
 
     `judged`: the judgements stored for a run that was judged when it ended; they are the record, and
@@ -213,7 +246,11 @@ def fleet_verdicts(devs: dict[int, DeviceInfo], results: list[ProbeResult], *, m
     linked = links_run.analyze(results, devs, declared)
     link_summary, link_js = linked if linked else (None, [])
     chips, _ = xgemm.second_opinion_findings(results)
-    judgements = cons + slow + link_js + chips + burn.throttle_judgements(results)
+    from .judge import baselines as bl
+
+    table = baselines if baselines is not None else bl.load()
+    judgements = (cons + slow + link_js + chips + burn.throttle_judgements(results)
+                  + bl.baseline_judgements(results, devs, table) + list(extra or []))
     judgements += blame.resolve(results, judgements, groups, lib.exonerate)
     return FleetVerdicts(judgements=judgements, groups=groups, links=link_summary, library=lib)
 

@@ -35,7 +35,9 @@ def test_clean_run_passes(tmp_path: Path) -> None:
     assert _verdicts(data) == {0: "pass", 1: "pass", 2: "pass", 3: "pass"}
     assert len({d["host"] for d in data["devices"]}) == 1
     # every case stored, with the settings that change bits
-    rows = sqlite3.connect(tmp_path / "results.db").execute("SELECT count(*), count(DISTINCT rank) FROM results")
+    # (a speed suspect's interleaved retest, if the host was noisy, adds its own rows)
+    rows = sqlite3.connect(tmp_path / "results.db").execute(
+        "SELECT count(*), count(DISTINCT rank) FROM results WHERE probe != 'retest'")
     assert rows.fetchone() == (24, 4)
     assert "verdict: PASS" in out
 

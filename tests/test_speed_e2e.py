@@ -1,0 +1,40 @@
+"""Speed verdicts end to end: a clean run is never slow, a slow chip is slow only after its retest,
+a uniformly slow group is caught by the SKU baseline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import device, run_json
+
+from chipcheck.fleet import devices
+
+
+def _verdicts(data: dict) -> dict[int, str]:
+    return {d["rank"]: d["verdict"] for d in data["devices"]}
+
+
+def test_a_uniformly_slow_group_is_caught_by_the_baseline(tmp_path: Path) -> None:
+    # Peers cannot see a whole group slow together; a baseline can. This machine's CPU gets a table
+    # entry it cannot reach (100 TFLOP/s fp32), so every device is far below it.
+    sku = devices.discover("cpu:1")[0].name
+    table = tmp_path / "baselines.toml"
+    table.write_text(f'[sku.this-cpu]\nlabel = "this CPU"\nkind = "cpu"\nmatch = ["{sku}"]\n'
+                     'source = "test: a figure no CPU reaches"\ngemm_min_n = 0\n'
+                     '[sku.this-cpu.gemm_tflops]\nfloat32 = { peak = 200.0, achievable = 0.5 }\n')
+    rc, data, out = run_json(tmp_path, "--devices", "cpu:2", "--probes", "matmul", "--baselines", str(table))
+    assert rc == 1, out
+    assert _verdicts(data) == {0: "slow", 1: "slow"}
+    reasons = " ".join(device(data, 0)["probes"][0]["details"]["reasons"])
+    assert "of the this CPU float32 baseline" in reasons and "all 2 devices of its fingerprint" in reasons
+
+
+@pytest.mark.timing
+def test_a_process_wide_slow_chip_is_slow_after_its_retest_and_nobody_else(tmp_path: Path) -> None:
+    rc, data, out = run_json(tmp_path, "--devices", "cpu:4", "--probes", "matmul,model_step",
+                             "--inject", "slow:rank=2,factor=1.2,scope=process")
+    assert rc == 1, out
+    assert _verdicts(data) == {0: "pass", 1: "pass", 2: "slow", 3: "pass"}
+    retest = next(p for p in device(data, 2)["probes"] if p["probe"] == "retest")
+    assert retest["verdict"] == "slow" and retest["metrics"]["gemm:ratio_hi"] < 0.95
