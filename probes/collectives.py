@@ -28,6 +28,8 @@ from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, Unsupported, 
 OPS = ("all_reduce_sum", "all_reduce_max", "all_gather", "reduce_scatter", "broadcast", "all_to_all",
        "sendrecv_ring")
 DTYPES = ("float32", "bfloat16", "int32")
+REPLICATED = frozenset({"all_reduce_sum", "all_reduce_max", "all_gather", "broadcast"})
+"""Ops after which every rank holds the same result: a strict majority holding it right outvotes the rest."""
 # Largest integer every value (and every partial sum) must stay below to be exact in the dtype.
 EXACT_LIMIT = {"float32": 2**24, "bfloat16": 2**8, "float16": 2**11, "int32": 2**31}
 
@@ -203,17 +205,27 @@ def blame(me: int, m: Mismatch | None, views: list[tuple[bool, list[int]]], *, t
     """What rank `me` reports, given every rank's (saw something wrong, ranks its decoding names).
 
     Returns (the mismatch that makes this rank wrong, or None; a note of what it only observed).
-    A named rank is wrong (with its own view, or "named by ..." when its own output was fine);
+    After an op that leaves every rank the same result, a strict minority of observers is wrong
+    (the majority received it right); otherwise a named rank is wrong (with its own view, or
+    "named by ..." when its own output was fine);
     a rank that only observed what others are blamed for is not; when nobody can be named, every
     observer holds shared evidence (fleet.judge.blame pins it on a member with evidence of its own,
     or calls the observers suspect) and the ranks that saw nothing are clean.
     """
     import dataclasses
 
-    blamed = sorted({s for bad, ss in views if bad for s in ss})
     observers = [i for i, (bad, _) in enumerate(views) if bad]
     if not observers:
         return None, ""
+    if tensor in REPLICATED and len(observers) * 2 < len(views):
+        # Every rank received the same result and a strict majority received it right: the bad
+        # copies were damaged on the way into (or inside) the few ranks that hold them.
+        if m is None:
+            return None, ""
+        agree = len(views) - len(observers)
+        return dataclasses.replace(m, note=f"{m.note}; its result differs from the one {agree} of {len(views)} "
+                                           f"ranks received (a strict majority): damaged on this rank's side"), ""
+    blamed = sorted({s for bad, ss in views if bad for s in ss})
     if blamed and me not in blamed:
         note = f"saw {m.bad_elements} bad elements; decoding names rank(s) {blamed}; {m.note}" if m else ""
         return None, note

@@ -1,0 +1,49 @@
+"""Blame matrix: a fault that acts like a bad chip (on every kernel of its process) fails that device
+and only that device, whichever rank it is on, in a whole default run on 4 CPU workers.
+
+Each entry is one whole `chipcheck run --devices cpu:4 --profile quick` (every default probe); the
+assertions are per device and per probe: the faulty device is not `pass`, and no other device fails
+any probe (a device that only received bad data passes, with a note saying from whom).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import run_json
+
+# Corruption is judged here, not speed: only a 10x shortfall would count as slow, so two tests
+# sharing the CI host's two cores cannot make an innocent device slow (speed: the timing tests).
+NO_SPEED = ("--min-gap", "0.9")
+RUN = ("--devices", "cpu:4", "--profile", "quick")
+
+FAULTS = {
+    "bitflip-fp32-every-2nd": "bitflip:rank={r},bit=20,dtype=float32,every=2,scope=process",
+    "bitflip-bf16": "bitflip:rank={r},bit=12,dtype=bfloat16,scope=process",
+    "bitflip-fp16": "bitflip:rank={r},bit=12,dtype=float16,scope=process",
+    "nan": "nan:rank={r},scope=process",
+    "stuck-bit": "stuck:rank={r},bit=22,value=1,rate=0.01,scope=process",
+    "warm-chip": "bitflip:rank={r},bit=20,after=200,scope=process",
+    "recv-corrupt": "bitflip:rank={r},bit=3,op=allreduce_,side=recv,scope=process",
+    "send-corrupt": "bitflip:rank={r},bit=3,op=allreduce_,scope=process",
+}
+
+
+def blamed(data: dict) -> dict[int, str]:
+    return {d["rank"]: d["verdict"] for d in data["devices"] if d["verdict"] != "pass"}
+
+
+def innocent_failures(data: dict, faulty: int) -> list[str]:
+    return [f"rank {d['rank']} {p['probe']} {p['verdict']}: {p['details'].get('reasons', [''])[0][:300]}"
+            for d in data["devices"] if d["rank"] != faulty for p in d["probes"] if p["verdict"] != "pass"]
+
+
+@pytest.mark.parametrize("faulty", [0, 3])
+@pytest.mark.parametrize("kind", sorted(FAULTS))
+def test_only_the_faulty_chip_is_blamed(tmp_path: Path, kind: str, faulty: int) -> None:
+    rc, data, out = run_json(tmp_path, *RUN, *NO_SPEED, "--inject", FAULTS[kind].format(r=faulty), timeout=600)
+    assert rc == 1, out[-3000:]
+    assert innocent_failures(data, faulty) == []
+    assert list(blamed(data)) == [faulty], out[-3000:]
+    assert data["summary"]["failed"] == 1 and data["summary"]["failed_fraction"] == 0.25
