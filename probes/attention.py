@@ -363,12 +363,13 @@ def call(backend: str, inp: Inputs, var: Variant, shape: Shape, timer: Any = Non
     return {"out": out.detach(), "dq": grads[0], "dk": grads[1], "dv": grads[2]}, t_f, t_b
 
 
-def _warm_up(backend: str, inp: Inputs, var: Variant, shape: Shape) -> None:
-    """First call of a backend (library heuristics, caches); raises _NoKernel when it cannot run."""
+def _first_call(kernel: Callable[[], tuple[dict[str, Any], float, float | None]]) -> dict[str, Any]:
+    """First call of a backend (library heuristics, caches), under its faults; its outputs are
+    checked as round 0 of the flow, never timed. Raises _NoKernel when the backend cannot run."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            call(backend, inp, var, shape)
+            return kernel()[0]
         except RuntimeError as e:
             if "No viable backend" in str(e) or "No available kernel" in str(e):
                 why = [str(w.message).splitlines()[0] for w in caught if "sdp" in str(w.message).lower()
@@ -537,6 +538,8 @@ class AttentionKernel:
     backward seconds), or (tensors, seconds of the whole call, None) where the two are one program."""
     deterministic: bool = True
     """False: documented nondeterministic backward; its repeat spread is measured, not bits compared."""
+    warm: dict[str, Any] | None = None
+    """The first call's outputs (untimed: the library warms up), checked as round 0 like any other."""
     first: dict[str, Any] = field(default_factory=dict)
     t_fwd: list[float] = field(default_factory=list)
     t_bwd: list[float | None] = field(default_factory=list)
@@ -578,9 +581,12 @@ def run_flow(bk: Backend, kernels: list[AttentionKernel], inp: Inputs, shape: Sh
     while True:
         round_bad = False
         for kn in kernels:
-            res, t_f, t_b = kn.call()
-            kn.t_fwd.append(t_f)
-            kn.t_bwd.append(t_b)
+            if kn.warm is not None:  # round 0 from the untimed first call: checked, never timed
+                res, kn.warm = kn.warm, None
+            else:
+                res, t_f, t_b = kn.call()
+                kn.t_fwd.append(t_f)
+                kn.t_bwd.append(t_b)
             t0 = time.perf_counter()
             round_bad |= _check(bk, out, inp, ref, keep, kn, res, r)
             check_s += time.perf_counter() - t0
@@ -588,6 +594,8 @@ def run_flow(bk: Backend, kernels: list[AttentionKernel], inp: Inputs, shape: Sh
         r += 1
         out.repeats = r
         out.repeats_bad += round_bad
+        if not all(kn.t_fwd for kn in kernels):
+            continue  # at least one timed round after the warm one
         if r >= max_repeats:
             break
         if r >= repeats:
@@ -733,13 +741,13 @@ def _run(ctx: ProbeContext, cfg: AttentionProbe.Config, case: str, shape: Shape,
     skipped: dict[str, str] = {}
     with ctx.timer.exclusive():
         for name in cfg.backends:
+            kernel = _sdpa_call(ctx, name, inp, var, shape)
             try:
-                _warm_up(name, inp, var, shape)
+                warm = _first_call(kernel)
             except _NoKernel as e:
                 skipped[name] = str(e)
                 continue
-            ran.append(AttentionKernel(name, _sdpa_call(ctx, name, inp, var, shape),
-                              (kind, name) not in NONDETERMINISTIC_BACKWARD))
+            ran.append(AttentionKernel(name, kernel, (kind, name) not in NONDETERMINISTIC_BACKWARD, warm=warm))
         ctx.timer.sync()
     out.params["backends"] = [kn.name for kn in ran]
     out.params["skipped"] = skipped

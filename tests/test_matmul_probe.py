@@ -98,7 +98,7 @@ def test_stuck_bit_is_caught_with_its_bit() -> None:
 
 
 def test_intermittent_fault_is_flaky_with_its_repeat_rate() -> None:
-    # after=2: the first two calls are clean (warm-up is outside the code under test)
+    # after=2: the first two calls are clean (the first, warm one is checked but never timed)
     cfg = MatmulProbe.Config(sizes={"float32": 64}, repeats=4, max_repeats=4)
     out = MatmulProbe().run_case(_ctx("bitflip:rank=0,bit=27,after=2"), cfg, "float32/exact")
     assert out.verdict is Verdict.FLAKY and (out.repeats_bad, out.repeats) == (2, 4)
