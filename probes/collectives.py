@@ -146,7 +146,7 @@ class CollectivesProbe(Probe):
                 with ctx.under_test():
                     step.run()
                 _sync(ctx)
-                bad |= _judge_check(out, step, group)
+                bad |= _judge_check(ctx, out, step, group)
             out.repeats += 1
             out.repeats_bad += int(bad)
             loops = []
@@ -174,7 +174,7 @@ class CollectivesProbe(Probe):
         return out
 
 
-def _judge_check(out: CaseOutcome, step: _Step, group: Any) -> bool:
+def _judge_check(ctx: ProbeContext, out: CaseOutcome, step: _Step, group: Any) -> bool:
     """Check this rank's output, then agree with every rank on who is to blame.
 
     All ranks of a collective see a corrupted result; blaming all of them would drain innocent
@@ -192,12 +192,64 @@ def _judge_check(out: CaseOutcome, step: _Step, group: Any) -> bool:
     views: list[Any] = [None] * step.n
     dist.all_gather_object(views, (m is not None, mine), group=group)
     keep, observed = blame(step.r, m, views, tensor=step.op, count=step.count)
+    if _needs_pairs(views, step.op) and step.n >= 3:
+        # Decoding names a rank only by inference (a flipped bit can mimic a missing contribution) or
+        # names nobody: run the op again in pairs, so the fault follows the chip. When the pairs name
+        # no one (an intermittent fault), the decoding stands.
+        culprits, why = _localize(ctx, step, group)
+        if culprits:
+            keep = None
+            if step.r in culprits:
+                keep = Mismatch(oracle=Oracle.EXACT, tensor=step.op, bad_elements=m.bad_elements if m else 0,
+                                total_elements=step.count, first_indices=m.first_indices if m else [],
+                                bit_histogram=m.bit_histogram if m else {},
+                                note=f"pair tests name rank {step.r}: {why}")
+            elif m is not None:
+                observed = f"saw {m.bad_elements} bad elements; pair tests name rank(s) {culprits}: {why}"
     if observed:
         out.params.setdefault("observed", []).append(observed)
     if keep is None:
         return False
     _keep(out, keep)
     return True
+
+
+def _needs_pairs(views: list[tuple[bool, list[int]]], op: str) -> bool:
+    """Whether the blame rests on more than a strict majority's vote (the same answer on every rank)."""
+    observers = [i for i, (bad, _) in enumerate(views) if bad]
+    return bool(observers) and not (op in REPLICATED and len(observers) * 2 < len(views))
+
+
+_PAIR_GROUPS: dict[int, list[Any]] = {}
+
+
+def _localize(ctx: ProbeContext, step: _Step, group: Any) -> tuple[list[int], str]:
+    """Every rank runs the op once more in each ring pair (k, k+1) it belongs to; a rank is named
+    when every pair that holds it fails and every pair without it passes (collective: all ranks)."""
+    import torch.distributed as dist
+
+    n, r = step.n, step.r
+    pairs = [(k, (k + 1) % n) for k in range(n)]
+    if n not in _PAIR_GROUPS:  # new_group is collective: every rank creates every pair's, in order
+        _PAIR_GROUPS[n] = [dist.new_group(list(p)) for p in pairs]
+    mine = []
+    for p, pg in zip(pairs, _PAIR_GROUPS[n], strict=True):
+        if r not in p:
+            mine.append(False)
+            continue
+        sub = _Step(op=step.op, n=2, r=p.index(r), count=step.count - step.count % 2, dtype=step.dtype,
+                    tdt=step.tdt, device=step.device, group=pg)
+        sub.init()
+        with ctx.under_test():
+            sub.run()
+        _sync(ctx)
+        mine.append(sub.check() is not None)
+    views: list[Any] = [None] * n
+    dist.all_gather_object(views, mine, group=group)
+    bad = {i for i in range(n) if any(v[i] for v in views)}
+    named = [k for k in range(n) if all((i in bad) == (k in p) for i, p in enumerate(pairs))]
+    return named, (f"the op failed in pairs {[pairs[i] for i in sorted(bad)]} and passed in the others "
+                   f"(ring pairs of {n} ranks)")
 
 
 def blame(me: int, m: Mismatch | None, views: list[tuple[bool, list[int]]], *, tensor: str,

@@ -580,6 +580,7 @@ def _resolve(ctx: ProbeContext, tr: Any, par: Any, step: int, owner: int, checke
     elif a2 == ca and b2 == cb:
         err = _fp64_error(tr, par, batch, a if me == owner else b) if me in (owner, checker) else 0.0
         errs = [float(v) for v in _all_gather(torch.tensor([err], dtype=torch.float64), par.dp_group, par.dp_size)]
+        errs = [math.inf if math.isnan(e) else e for e in errs]  # a NaN gradient is the farthest of all
         worst = max(errs[owner], errs[checker])
         bad = {r for r in (owner, checker) if errs[r] == worst}
         why = (f"both chips repeat their own result; its error against float64 is {worst:.3g} "
