@@ -153,13 +153,17 @@ class ChipcheckSession:
 
 
 def fleet_judgements(results: list[ProbeResult], min_gap: float) -> list[Judgement]:
-    """Consensus and slowness over every device's results: the part no single item can judge."""
-    from .fleet import analysis
-    from .results import Verdict
+    """Consensus, blame and slowness over every device's results: the part no single item can judge
+    (the fleet judge's own rules; a speed suspect is reported, not called slow: no retest runs here)."""
+    from .fleet.runner import fleet_verdicts
+    from .results import DeviceInfo, DeviceKind, Verdict
 
-    cons, _ = analysis.consensus(results)
-    slow = analysis.slow(results, analysis.SlowPolicy(min_gap=min_gap))
-    return [j for j in cons + slow if j.verdict is not Verdict.PASS]
+    # the items' results carry where they ran, not the inventory (xdist workers discovered it)
+    devs = {r.rank: DeviceInfo(index=r.rank, kind=DeviceKind(r.device.partition(":")[0]), name=r.device,
+                               memory_bytes=0, uuid=r.device_uuid, host=r.host, fingerprint=r.fingerprint)
+            for r in results}
+    v = fleet_verdicts(devs, results, min_gap=min_gap)
+    return [j for j in v.judgements if j.verdict is not Verdict.PASS]
 
 
 class ChipcheckRun(pytest.Collector):

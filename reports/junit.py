@@ -104,7 +104,7 @@ def _device_cases(s: RunSummary) -> list[_Case]:
                 message = card.reasons[0] if card.reasons else ", ".join(card.modes)
                 body = _diagnosis(card)
             speed = " ".join(f"{k}={v:.6g}" for k, v in sorted(p.metrics.items())
-                             if isinstance(v, float) and k.endswith((":tflops_best", ":ratio_to_peers")))
+                             if isinstance(v, float) and k.endswith((":tflops_best", ":ratio_to_peers", ":ratio")))
             out.append(_Case(classname=f"chipcheck.{p.probe}", name=name, verdict=p.verdict, kind=kind,
                              message=message, body=body, out=f"{ident}\n{speed}".strip()))
     return out

@@ -1,0 +1,83 @@
+"""Speed verdicts: false slows on clean runs, and sensitivity to a process-wide slow chip.
+
+    python3 benchmarks/bench_speed.py clean [--runs 50] [--devices cpu:4]
+    python3 benchmarks/bench_speed.py sensitivity [--runs 20] [--factors 1.10,1.15,1.20,1.30]
+
+clean: N clean `chipcheck run --profile quick`; every device-run that is not `pass` is a false
+flag (target 0). Also how many runs had a speed suspect (and so an interleaved retest), and the
+median wall time of runs with and without one (what the retest adds).
+sensitivity: per slowdown factor F, N runs with `slow:rank=R,factor=F,scope=process` (R rotating
+over the ranks): the fraction in which the slow device is called `slow`, and the runs in which any
+other device was flagged at all (target 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from verdicts import machine, run  # noqa: E402
+
+QUICK = ("--profile", "quick")
+
+
+def clean(runs: int, devices: str) -> None:
+    flags, walls_retest, walls_plain = [], [], []
+    for i in range(runs):
+        res = run("--devices", devices, *QUICK, "--seed", str(i))
+        bad = {k: v for k, v in res.verdicts.items() if v != "pass"}
+        flags += [f"run {i}: rank {k} {v} {res.slow_reasons.get(k, [''])[0][:200]}" for k, v in bad.items()]
+        (walls_retest if res.retested else walls_plain).append(res.wall_s)
+        print(f"run {i:>3}: {'retest ' if res.retested else '       '}{res.wall_s:5.0f}s  "
+              f"{' '.join(f'{k}:{v}' for k, v in sorted(res.verdicts.items()))}", flush=True)
+    n = runs * len(res.verdicts)
+    print(f"false flags: {len(flags)} of {n} device-runs; runs with a speed suspect (retested): "
+          f"{len(walls_retest)} of {runs}")
+    if walls_plain:
+        print(f"median wall without a retest {statistics.median(walls_plain):.1f}s", end="")
+    if walls_retest:
+        print(f", with one {statistics.median(walls_retest):.1f}s", end="")
+    print()
+    for f in flags:
+        print("  " + f)
+
+
+def sensitivity(runs: int, devices: str, factors: list[float]) -> None:
+    world = int(devices.split(":")[1])
+    print(f"{'slowdown':>8}  {'called slow':>11}  {'others flagged':>14}")
+    for f in factors:
+        hit, others, notes = 0, 0, []
+        for i in range(runs):
+            r = i % world
+            res = run("--devices", devices, *QUICK, "--seed", str(i), "--inject",
+                      f"slow:rank={r},factor={f},scope=process")
+            hit += res.verdicts[r] == "slow"
+            wrong = {k: v for k, v in res.verdicts.items() if k != r and v != "pass"}
+            others += bool(wrong)
+            notes += [f"factor {f} run {i}: rank {k} {v}" for k, v in wrong.items()]
+        print(f"{f - 1:>8.0%}  {hit:>5}/{runs:<5}  {others:>8}/{runs}", flush=True)
+        for n in notes:
+            print("  " + n)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=("clean", "sensitivity"))
+    ap.add_argument("--runs", type=int, default=0)
+    ap.add_argument("--devices", default="cpu:4")
+    ap.add_argument("--factors", default="1.10,1.15,1.20,1.30")
+    a = ap.parse_args()
+    print(f"# bench_speed {a.what} {datetime.date.today()} on {machine()}: {a.devices}")
+    if a.what == "clean":
+        clean(a.runs or 50, a.devices)
+    else:
+        sensitivity(a.runs or 20, a.devices, [float(x) for x in a.factors.split(",")])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
