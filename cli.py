@@ -686,6 +686,7 @@ def repro_shrink(capture_dir: str, reference: str, device: str | None, rank: int
     from .reproducers import emit
     from .reproducers import shrink as sk
 
+    _check_output(output, "-o")  # before the shrink, not after it
     if collective:
         case = _repro_call(lambda: sk.shrink_collective(capture_dir, device=device))
         text = emit.render_collective(case, metric_line=case.divergence.metric.line())
@@ -699,7 +700,10 @@ def repro_shrink(capture_dir: str, reference: str, device: str | None, rank: int
         after = f" after {len(r.history)} earlier ops ({', '.join(c.op for c in r.history)})" if r.history else ""
         click.echo(f"op #{r.divergence.index} {r.case.op}({shapes}){after}: {r.metric.line()} "
                    f"[{r.tries} candidates, {r.seconds:.1f} s]")
-    Path(output).write_text(text)
+    try:
+        Path(output).write_text(text)
+    except OSError as e:
+        _fail(f"-o {output}: cannot be written ({e.strerror or e})")
     click.echo(f"wrote {output} ({len(text)} bytes)")
 
 
@@ -713,9 +717,29 @@ def repro_bundle(source: str, repro_path: str | None, redact: bool, db_path: str
     """Pack repro.py, env.json, history, input hashes and a README for the vendor."""
     from .reproducers import bundle
 
-    text = Path(repro_path).read_text() if repro_path else None
+    if not Path(source).exists():
+        _fail(f"{source}: no such capture directory or repro.py")
+    _check_output(output, "-o")
+    text = None
+    if repro_path:
+        try:
+            text = Path(repro_path).read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            _fail(f"--repro {repro_path}: cannot be read ({getattr(e, 'strerror', None) or e})")
     out = _repro_call(lambda: bundle.make(source, output, repro=text, redact=redact, db=db_path))
     click.echo(f"wrote {out}")
+
+
+def _check_output(path: str, flag: str) -> None:
+    """An output file that cannot be written is one line and exit 2, before any work."""
+    from .fleet.runner import UsageError
+
+    if Path(path).is_dir():
+        _fail(f"{flag} {path} is a directory; name a file")
+    try:
+        _check_writable(Path(path), flag)
+    except UsageError as e:
+        _fail(str(e))
 
 
 def _check_writable(p: Path, flag: str = "--json") -> None:

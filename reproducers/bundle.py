@@ -2,7 +2,8 @@
 
 env.json holds what NVML says about the chip when it is there (name, UUID, serial, VBIOS, driver,
 ECC counters, clocks, temperature, power) and what torch and platform say otherwise. `redact`
-strips module names, file paths and stack frames (the user's company keeps its code private).
+strips module names, file paths, stack frames and host names, the capture's own environment
+included (the user's company keeps its code and machines private).
 """
 
 from __future__ import annotations
@@ -57,6 +58,36 @@ def redact_text(text: str) -> str:
     return _PATH.sub("<redacted>", text)
 
 
+def _host_names(env: dict[str, Any]) -> set[str]:
+    """Every host name the bundle would carry: this host's and the one the capture ran on."""
+    import platform
+    import socket
+
+    names = {platform.node(), socket.gethostname()}
+    for part in (env.get("software", {}), env.get("capture", {}).get("env", {}) if isinstance(
+            env.get("capture"), dict) else {}):
+        if isinstance(part, dict) and isinstance(part.get("host"), str):
+            names.add(part["host"])
+    return {n for n in names if n and len(n) >= 2}
+
+
+def _scrub(text: str, hosts: set[str]) -> str:
+    for h in sorted(hosts, key=len, reverse=True):
+        text = text.replace(h, "<redacted>")
+    return text
+
+
+def _drop_hosts(obj: Any, hosts: set[str]) -> Any:
+    """`obj` without any `host`/`hostname` key, and with every host name in a string replaced."""
+    if isinstance(obj, dict):
+        return {k: _drop_hosts(v, hosts) for k, v in obj.items() if k not in ("host", "hostname")}
+    if isinstance(obj, list | tuple):
+        return [_drop_hosts(v, hosts) for v in obj]
+    if isinstance(obj, str):
+        return _scrub(obj, hosts)
+    return obj
+
+
 def history(db: str | None, uuid: str) -> list[dict[str, Any]]:
     """This chip's chipcheck results from the store (empty when there is none)."""
     import sqlite3
@@ -93,7 +124,9 @@ def make(source: str | Path, output: str | Path, *, repro: str | None = None, re
     inputs.update({f"embedded[{i}]": h for i, h in enumerate(re.findall(r'"sha256": "([0-9a-f]{64})"', repro))})
     if redact:
         repro = redact_text(repro)
-        env["software"].pop("host", None)
+        hosts = _host_names(env)
+        env = _drop_hosts(env, hosts)
+        repro = _scrub(repro, hosts)
     readme = (f"# chipcheck reproducer\n\nRun: `python repro.py --device {device} --repeat 10`\n\n"
               f"Exit 1: the bug reproduces; exit 0: it does not.\n\n"
               f"Passes on: {passes_on}. Fails on: {device} ({env['chip'].get('name', env['software']['os'])}).\n\n"
