@@ -123,40 +123,59 @@ def run(opts: Any, dopts: DistributedOptions) -> int:
 
     started = time.time()
     stop_faults = faults.start_process_faults(fault_list, rank)
-    for probe_name, cases in plan:
-        probe = base.get(probe_name)
-        cfg = probe.config(opts.profile, info.kind.value, caps)
-        injector = faults.make_injector(fault_list, rank, probe_name)
-        ctx = base.ProbeContext(device=device, device_kind=info.kind.value, seed=opts.seed, profile=opts.profile,
-                                timer=base.Timer(device), under_test=injector or contextlib.nullcontext,
-                                capabilities=caps, rank=rank, world_size=world, group=lambda: group, host=host,
-                                host_lock=lock or contextlib.nullcontext, options=dict(opts.options))
-        exclusive = lock if (lock is not None and not probe.collective) else contextlib.nullcontext
-        for case in cases:
-            t0 = time.time()
 
-            def expire(probe_name: str = probe_name, case: str = case, t0: float = t0) -> None:
-                # A hung probe cannot be interrupted in-process: record it, then leave. Rank 0
-                # reports this rank from its shard-less silence; this shard keeps the reason.
-                err = base.CaseOutcome(case=case, params={}, error=ErrorInfo(
-                    kind=ErrorKind.TIMEOUT, message=f"{probe_name} {case} on {host} {info.label} (rank {rank}, seed "
-                                                    f"{opts.seed}) exceeded its {timeout:g}s watchdog"))
-                keep(stamp(run_id, opts.seed, info, rank, probe_name, case, err, settings, fault_list,
-                            t0))
-                os._exit(3)
+    def run_plan(items: list[tuple[str, list[str]]], options: dict[str, str]) -> None:
+        for probe_name, cases in items:
+            probe = base.get(probe_name)
+            cfg = probe.config(opts.profile, info.kind.value, caps)
+            injector = faults.make_injector(fault_list, rank, probe_name)
+            ctx = base.ProbeContext(device=device, device_kind=info.kind.value, seed=opts.seed, profile=opts.profile,
+                                    timer=base.Timer(device), under_test=injector or contextlib.nullcontext,
+                                    capabilities=caps, rank=rank, world_size=world, group=lambda: group, host=host,
+                                    host_lock=lock or contextlib.nullcontext, options=options)
+            exclusive = lock if (lock is not None and not probe.collective) else contextlib.nullcontext
+            for case in cases:
+                t0 = time.time()
 
-            dog = _watchdog(timeout, expire)
-            with exclusive():
-                outcome = _run_one(probe, ctx, cfg, case)
-            dog.cancel()
-            keep(stamp(run_id, opts.seed, info, rank, probe_name, case, outcome, settings, fault_list, t0))
-    stop_faults()
+                def expire(probe_name: str = probe_name, case: str = case, t0: float = t0) -> None:
+                    # A hung probe cannot be interrupted in-process: record it, then leave. Rank 0
+                    # reports this rank from its shard-less silence; this shard keeps the reason.
+                    err = base.CaseOutcome(case=case, params={}, error=ErrorInfo(
+                        kind=ErrorKind.TIMEOUT, message=f"{probe_name} {case} on {host} {info.label} (rank {rank}, "
+                                                        f"seed {opts.seed}) exceeded its {timeout:g}s watchdog"))
+                    keep(stamp(run_id, opts.seed, info, rank, probe_name, case, err, settings, fault_list,
+                                t0))
+                    os._exit(3)
+
+                dog = _watchdog(timeout, expire)
+                with exclusive():
+                    outcome = _run_one(probe, ctx, cfg, case)
+                dog.cancel()
+                keep(stamp(run_id, opts.seed, info, rank, probe_name, case, outcome, settings, fault_list, t0))
+
+    run_plan(plan, dict(opts.options))
     kv.store.set(f"chipcheck/results/{rank}", json.dumps([r.to_dict() for r in mine]))
     code = 0
+    results: list[ProbeResult] = []
     if rank == 0:
         parts = kv.wait_for("results", time.monotonic() + timeout)
         results = [ProbeResult.from_dict(d) for v in parts.values() for d in json.loads(v)]
-        results += _missing(results, devs, plan, run_id, opts.seed)
+        lost = _missing(results, devs, plan, run_id, opts.seed)
+        # speed suspects are retested before they are called slow (never with a rank lost: it is collective)
+        retest = {} if lost else runner.retest_options(results, dict(enumerate(devs)), opts.min_gap)
+        results += lost
+        kv.store.set("chipcheck/retest", json.dumps(retest))
+    else:
+        retest = json.loads(kv.wait_key("chipcheck/retest", time.monotonic() + 2 * timeout) or "{}")
+    if retest:
+        done = len(mine)
+        run_plan([("retest", [k.removeprefix("retest_") for k in retest])], {**opts.options, **retest})
+        kv.store.set(f"chipcheck/retested/{rank}", json.dumps([r.to_dict() for r in mine[done:]]))
+        if rank == 0:
+            parts = kv.wait_for("retested", time.monotonic() + timeout)
+            results += [ProbeResult.from_dict(d) for v in parts.values() for d in json.loads(v)]
+    stop_faults()
+    if rank == 0:
         code = _finish(opts, dopts, run_id, devs, results, started)
         kv.store.set("chipcheck/code", str(code))
     else:
@@ -195,6 +214,14 @@ class Rendezvous:
             if len(got) == self.world or time.monotonic() >= deadline:
                 return got
             time.sleep(0.2)
+
+    def wait_key(self, key: str, deadline: float) -> str | None:
+        """The value of one key once rank 0 has set it (None past `deadline`)."""
+        while time.monotonic() < deadline:
+            if self.store.check([key]):
+                return self.store.get(key).decode()
+            time.sleep(0.2)
+        return None
 
     def wait_go(self, deadline: float) -> str | None:
         while time.monotonic() < deadline:

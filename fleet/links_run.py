@@ -53,12 +53,16 @@ def _cpu_placement(results: list[ProbeResult], hosts: Mapping[int, str]) -> dict
     return out if len(out) == len(hosts) else None
 
 
+def policy_for(devs: Mapping[int, DeviceInfo]) -> la.LinkPolicy:
+    """The link thresholds for these devices (virtual CPU devices share cores: looser)."""
+    return CPU_POLICY if all(d.kind.value == "cpu" for d in devs.values()) else la.LinkPolicy()
+
+
 def analyze(results: list[ProbeResult], devs: Mapping[int, DeviceInfo],
             declared: Mapping[int, tuple[str, ...]] | None = None,
             policy: la.LinkPolicy | None = None) -> tuple[LinksSummary, list[Judgement]] | None:
     """None when the run measured no links."""
-    if policy is None:
-        policy = CPU_POLICY if all(d.kind.value == "cpu" for d in devs.values()) else la.LinkPolicy()
+    policy = policy or policy_for(devs)
     link_results = [r for r in results if r.probe == "links" and r.links]
     if not link_results:
         return None

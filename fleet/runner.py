@@ -159,18 +159,29 @@ def speed_tables() -> tuple[dict[str, str], dict[str, str]]:
     return {n: c.speed_metric for n, c in reg.items()}, {n: c.speed_kernel for n, c in reg.items()}
 
 
-def retest(req: LaunchRequest, results: list[ProbeResult], opts: RunOptions, keep: Callable[[ProbeResult], None],
-           on_start: Callable[[int, str, str], None] | None = None) -> None:
-    """Retest every slow suspect against a peer, interleaved and alone on the host (nothing to do,
-    and no time spent, when the run has no suspect). The retest's results join the run's."""
+def retest_options(results: list[ProbeResult], devs: dict[int, DeviceInfo], min_gap: float) -> dict[str, str]:
+    """The retest probe's options for this run's speed suspects (devices and links); {} for none."""
+    from . import links_run
     from .judge import speed
 
-    if len(req.devices) < 2:
+    if len(devs) < 2:
+        return {}
+    options = speed.retest_options(speed.suspects(results, speed.SpeedPolicy(min_gap=min_gap), *speed_tables()))
+    linked = links_run.analyze(results, devs)
+    if linked is not None:
+        options.update(speed.link_retest_option(speed.link_suspects(linked[0], {r: d.host for r, d in devs.items()})))
+    return options
+
+
+def retest(req: LaunchRequest, results: list[ProbeResult], opts: RunOptions, keep: Callable[[ProbeResult], None],
+           on_start: Callable[[int, str, str], None] | None = None) -> None:
+    """Retest every slow suspect (device or link) against a peer, interleaved and alone on the host
+    (nothing to do, and no time spent, when the run has no suspect). Its results join the run's."""
+    from .judge import speed
+
+    options = retest_options(results, dict(enumerate(req.devices)), opts.min_gap)
+    if not options:
         return
-    found = speed.suspects(results, speed.SpeedPolicy(min_gap=opts.min_gap), *speed_tables())
-    if not found:
-        return
-    options = speed.retest_options(found)
     kernels = [k.removeprefix("retest_") for k in options]
     run_local(replace(req, probes=[(speed.RETEST, kernels)], options={**req.options, **options}, duration_s=0.0),
               keep, on_start)
@@ -245,6 +256,10 @@ def fleet_verdicts(devs: dict[int, DeviceInfo], results: list[ProbeResult], *, m
     slow = speed.judge(results, speed.SpeedPolicy(min_gap=min_gap), *speed_tables())
     linked = links_run.analyze(results, devs, declared)
     link_summary, link_js = linked if linked else (None, [])
+    if link_summary is not None:
+        link_summary, link_js = speed.confirm_links(link_summary, link_js, results,
+                                                    {r: d.host for r, d in devs.items()},
+                                                    speed.SpeedPolicy(min_gap=links_run.policy_for(devs).min_gap))
     chips, _ = xgemm.second_opinion_findings(results)
     from .judge import baselines as bl
 

@@ -2,8 +2,9 @@
 
 Purpose: confirm (or clear) a device the fleet suspects of being slow before it is called `slow`.
 Requirement: the suspects and their peers, named by the judge (fleet.judge.speed) through the
-options `retest_gemm` / `retest_copy` ("SUSPECT:PEER,..."); every rank of the run joins the
-process group, the others only keep the barriers.
+options `retest_gemm` / `retest_copy` ("SUSPECT:PEER,...") and `retest_link` ("S>D:PS>PD,...": a
+suspect directed link and a comparable peer link); every rank of the run joins the process group,
+the others only keep the barriers.
 Use case: a probe's ratio against its peers is noisy on a shared host (a model step spreads ±12%
 run to run); an interleaved measurement on the lowest-noise kernel is not.
 
@@ -21,7 +22,7 @@ from typing import Any, ClassVar
 
 from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, profile_table, register
 
-KERNELS = ("gemm", "copy")
+KERNELS = ("gemm", "copy", "link")
 
 
 def parse_pairs(text: str) -> list[tuple[int, int]]:
@@ -37,6 +38,67 @@ def parse_pairs(text: str) -> list[tuple[int, int]]:
 
 def format_pairs(pairs: list[tuple[int, int]]) -> str:
     return ",".join(f"{a}:{b}" for a, b in pairs)
+
+
+Link = tuple[int, int]
+
+
+def link_key(link: Link) -> str:
+    return f"{link[0]}>{link[1]}"
+
+
+def parse_link_pairs(text: str) -> list[tuple[Link, Link]]:
+    """ "0>1:2>3" -> [((0, 1), (2, 3))] (suspect link, peer link)."""
+    out = []
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        try:
+            a, b = (tuple(int(v) for v in half.split(">")) for half in item.split(":"))
+            if len(a) != 2 or len(b) != 2 or a[0] == a[1] or b[0] == b[1]:
+                raise ValueError
+        except ValueError:
+            raise InvalidConfig(f"retest links: expected SRC>DST:SRC>DST like 0>1:2>3, got {item!r}") from None
+        out.append(((a[0], a[1]), (b[0], b[1])))
+    return out
+
+
+def _links(ctx: ProbeContext, cfg: RetestProbe.Config, pairs: list[tuple[Link, Link]]) -> CaseOutcome:
+    """Directed links take turns: the source sends `link_mib` and waits for a one-element
+    acknowledgement; it records the turn's time. Everyone else keeps the barrier."""
+    import torch
+    import torch.distributed as dist
+
+    ctx.group()
+    links = sorted({x for p in pairs for x in p})
+    out = CaseOutcome(case="link", params={"pairs": [[link_key(a), link_key(b)] for a, b in pairs],
+                                           "rounds": cfg.rounds, "kernel": f"send {cfg.link_mib} MiB"})
+    mine = [x for x in links if ctx.rank in x]
+    buf = torch.zeros(cfg.link_mib * 2**20 // 4, device=ctx.device) if mine else None
+    ack = torch.zeros(1, device=ctx.device)
+    turns: dict[str, list[float]] = {link_key(x): [] for x in links if x[0] == ctx.rank}
+
+    def turn(x: Link, timed: bool) -> None:
+        if ctx.rank == x[0]:
+            assert buf is not None
+            with ctx.under_test():
+                _, dt = ctx.timer.time(lambda: (dist.send(buf, x[1]), dist.recv(ack, x[1])))
+            if timed:
+                turns[link_key(x)].append(dt)
+        elif ctx.rank == x[1]:
+            assert buf is not None
+            with ctx.under_test():
+                dist.recv(buf, x[0])
+                dist.send(ack, x[0])
+
+    for x in links:  # connections, buffers: never a turn's time
+        turn(x, timed=False)
+        dist.barrier()
+    for i in range(cfg.rounds):
+        for x in (links if i % 2 == 0 else links[::-1]):
+            turn(x, timed=True)
+            dist.barrier()
+    if turns:
+        out.params["link_turn_s"] = turns
+    return out
 
 
 @register("retest")
@@ -58,6 +120,8 @@ class RetestProbe(Probe):
         gemm_dtype: str = "float32"
         copy_mib: int = 64
         """Device-to-device copy size, far above the last-level cache."""
+        link_mib: int = 16
+        """Payload of one link turn (a send and a one-element acknowledgement)."""
 
     def config(self, profile: str, device_kind: str, capabilities: frozenset[str]) -> Config:
         p = profile_table("retest", profile, device_kind)
@@ -76,6 +140,8 @@ class RetestProbe(Probe):
             raise InvalidConfig(f"unknown retest case {case!r}; known: {', '.join(KERNELS)}")
         if ctx.group is None:
             raise InvalidConfig("retest is collective: it needs ctx.group (run it through the fleet worker)")
+        if case == "link":
+            return _links(ctx, cfg, parse_link_pairs(ctx.options.get("retest_link", "")))
         pairs = parse_pairs(ctx.options.get(f"retest_{case}", ""))
         involved = sorted({r for p in pairs for r in p})
         ctx.group()

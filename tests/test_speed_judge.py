@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 from chipcheck.fleet.judge import speed
 from chipcheck.results import ProbeResult, Verdict
@@ -84,3 +85,37 @@ def test_paired_interval_covers_the_truth() -> None:
         ratio, lo, hi = speed.paired_interval([0.9 * rng.lognormvariate(0, 0.03) for _ in range(12)])
         hits += lo <= 0.9 <= hi
     assert 0.91 <= hits / 400 <= 0.99
+
+
+def _links(slow: set[tuple[int, int]]) -> Any:
+    from chipcheck.results import LinkJudgement, LinksSummary
+
+    links = [LinkJudgement(src=s, dst=d, verdict=Verdict.SLOW if (s, d) in slow else Verdict.PASS,
+                           reason="slow: 0.4x" if (s, d) in slow else "", gbps=0.4 if (s, d) in slow else 1.0 + s / 10)
+             for s in range(4) for d in range(4) if s != d]
+    return LinksSummary(pairing="all", rounds=3, links=links, latency_us=[], gbps=[], bad_bytes=[])
+
+
+def _link_retest(turns: dict[str, list[float]]) -> ProbeResult:
+    return ProbeResult(run_id="r", host="h", rank=0, device="cpu:0", fingerprint="fp", probe="retest", case="link",
+                       verdict=Verdict.PASS, seed=0, params={"link_turn_s": turns})
+
+
+def test_a_slow_link_stays_slow_only_when_its_retest_confirms_it() -> None:
+    from chipcheck.results import Judgement
+
+    hosts = dict.fromkeys(range(4), "h")
+    links = _links({(1, 2)})
+    ((suspect, peer),) = speed.link_suspects(links, hosts)
+    assert suspect == (1, 2) and not set(peer) & {1, 2}  # a peer link sharing no end with it
+    ep = [Judgement(rank=1, probe="links", case="pairs", verdict=Verdict.SLOW, reason="slow endpoint")]
+    rng = random.Random(5)
+    base = [0.02 * rng.gauss(1, 0.02) for _ in range(12)]
+    key = f"{peer[0]}>{peer[1]}"
+    slow, _ = speed.confirm_links(links, ep, [_link_retest({"1>2": [t * 3 for t in base], key: base})], hosts, POLICY)
+    assert [(x.src, x.dst) for x in slow.links if x.verdict is Verdict.SLOW] == [(1, 2)]
+    assert "confirmed by retest" in next(x.reason for x in slow.links if x.verdict is Verdict.SLOW)
+    same, js = speed.confirm_links(links, ep, [_link_retest({"1>2": base, key: base})], hosts, POLICY)
+    assert not [x for x in same.links if x.verdict is Verdict.SLOW] and js[0].verdict is Verdict.PASS
+    untested, _ = speed.confirm_links(links, [], [], hosts, POLICY)
+    assert "not retested" in next(x.reason for x in untested.links if (x.src, x.dst) == (1, 2))

@@ -19,6 +19,9 @@ The rule, for every path (live run, reloaded run, ingested sweep):
    noise is not. The reason says the effect with its interval.
 5. A suspect that was never retested (a path without a retest) or that the retest clears is not
    `slow`: the judgement says so, as a note.
+6. Links the same way: a directed link the link analysis calls slow is retested against a passing
+   link of its kind (intra- or inter-host), interleaved; it stays slow only when confirmed, with
+   the link policy's gap (`1 - min_gap / 2` of fleet.links_analysis.LinkPolicy).
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ from __future__ import annotations
 import math
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ...results import Judgement, ProbeResult, Verdict
+from ...results import Judgement, LinkJudgement, LinksSummary, ProbeResult, Verdict
 from ..analysis import peer_ratios
 
 RETEST = "retest"
@@ -196,3 +200,68 @@ def _t_quantile(p: float, df: int) -> float:
     z = statistics.NormalDist().inv_cdf(p)
     return (z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
             + (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / (384 * df**3))
+
+
+# ---- links ---------------------------------------------------------------------------------------
+
+LinkKey = tuple[int, int]
+
+
+def link_suspects(links: LinksSummary, hosts: Mapping[int, str]) -> list[tuple[LinkKey, LinkKey]]:
+    """Each directed link the link analysis calls slow, with the peer link it is retested against:
+    a passing link of its kind (both ends on one host, or not), sharing no end with it when one
+    exists, of median bandwidth. Deterministic: the judge finds the same pairs again."""
+    def kind(x: LinkJudgement) -> bool:
+        return hosts.get(x.src) == hosts.get(x.dst)
+
+    ok = [x for x in links.links if x.verdict is Verdict.PASS and x.gbps is not None]
+    out = []
+    for s in (x for x in links.links if x.verdict is Verdict.SLOW):
+        same = [x for x in ok if kind(x) == kind(s)]
+        apart = [x for x in same if not {x.src, x.dst} & {s.src, s.dst}] or same
+        if not apart:
+            continue
+        apart.sort(key=lambda x: (x.gbps or 0.0, x.src, x.dst))
+        peer = apart[(len(apart) - 1) // 2]
+        out.append(((s.src, s.dst), (peer.src, peer.dst)))
+    return out
+
+
+def link_retest_option(pairs: list[tuple[LinkKey, LinkKey]]) -> dict[str, str]:
+    return {"retest_link": ",".join(f"{a}>{b}:{c}>{d}" for (a, b), (c, d) in pairs)} if pairs else {}
+
+
+def confirm_links(links: LinksSummary, endpoint_js: list[Judgement], results: list[ProbeResult],
+                  hosts: Mapping[int, str], policy: SpeedPolicy) -> tuple[LinksSummary, list[Judgement]]:
+    """A slow link stays slow only when its retest against a peer link confirms it (the paired
+    ratio's interval below `1 - min_gap / 2`); otherwise it passes with a note. An endpoint called
+    slow from its links stays slow only while one of its links does."""
+    turns: dict[str, list[float]] = {}
+    for r in results:
+        if r.probe == RETEST and r.case == "link" and r.error is None:
+            turns.update(r.params.get("link_turn_s") or {})
+    peers = dict(link_suspects(links, hosts))
+    kept: list[LinkJudgement] = []
+    for x in links.links:
+        if x.verdict is not Verdict.SLOW:
+            kept.append(x)
+            continue
+        peer = peers.get((x.src, x.dst))
+        mine = turns.get(f"{x.src}>{x.dst}", [])
+        theirs = turns.get(f"{peer[0]}>{peer[1]}", []) if peer else []
+        if peer is None or len(mine) < 3 or len(mine) != len(theirs):
+            kept.append(replace(x, verdict=Verdict.PASS, reason=f"link speed suspect, not retested ({x.reason})"))
+            continue
+        ratio, lo, hi = paired_interval([p / m for m, p in zip(mine, theirs, strict=True)], policy.confidence)
+        what = (f"{ratio:.2f}x link {peer[0]}->{peer[1]}, {policy.confidence:.0%} interval {lo:.2f}-{hi:.2f} "
+                f"over {len(mine)} interleaved rounds")
+        if hi < policy.bar:
+            kept.append(replace(x, reason=f"{x.reason}; confirmed by retest: {what}"))
+        else:
+            kept.append(replace(x, verdict=Verdict.PASS, reason=f"link speed suspect cleared by retest: {what}"))
+    still = {e for x in kept if x.verdict is Verdict.SLOW for e in (x.src, x.dst)}
+    js = [j if j.verdict is not Verdict.SLOW or j.rank in still else
+          replace(j, verdict=Verdict.PASS, reason=f"cleared: none of its slow links was confirmed by retest "
+                                                  f"({j.reason})")
+          for j in endpoint_js]
+    return replace(links, links=kept), js
