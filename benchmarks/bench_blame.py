@@ -20,16 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from verdicts import machine, run  # noqa: E402
 
-KINDS = {
-    "bitflip-fp32-every-2nd": "bitflip:rank={r},bit=20,dtype=float32,every=2,scope=process",
-    "bitflip-bf16": "bitflip:rank={r},bit=12,dtype=bfloat16,scope=process",
-    "bitflip-fp16": "bitflip:rank={r},bit=12,dtype=float16,scope=process",
-    "nan": "nan:rank={r},scope=process",
-    "stuck-bit": "stuck:rank={r},bit=22,value=1,rate=0.01,scope=process",
-    "warm-chip": "bitflip:rank={r},bit=20,after=200,scope=process",
-    "recv-corrupt": "bitflip:rank={r},bit=3,op=allreduce_,side=recv,scope=process",
-    "send-corrupt": "bitflip:rank={r},bit=3,op=allreduce_,scope=process",
-}
+from chipcheck.probes import faults  # noqa: E402
+
+KINDS = faults.CHIP_FAULTS
 
 
 def main() -> int:

@@ -76,6 +76,20 @@ DEFAULT_OPS = ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "_scaled_dot_produ
                "_scaled_dot_product_cudnn_attention_backward", "_scaled_dot_product_flash_attention_for_cpu_backward")
 
 
+CHIP_FAULTS = {
+    "bitflip-fp32-every-2nd": "bitflip:rank={r},bit=20,dtype=float32,every=2,scope=process",
+    "bitflip-bf16": "bitflip:rank={r},bit=12,dtype=bfloat16,scope=process",
+    "bitflip-fp16": "bitflip:rank={r},bit=12,dtype=float16,scope=process",
+    "nan": "nan:rank={r},scope=process",
+    "stuck-bit": "stuck:rank={r},bit=22,value=1,rate=0.01,scope=process",
+    "warm-chip": "bitflip:rank={r},bit=20,after=200,scope=process",
+    "recv-corrupt": "bitflip:rank={r},bit=3,op=allreduce_,side=recv,scope=process",
+    "send-corrupt": "bitflip:rank={r},bit=3,op=allreduce_,scope=process",
+}
+"""What a bad chip does, as --inject specs for rank `{r}` (process scope: every kernel it runs): the
+catalogue the blame tests and benchmarks/bench_blame.py cross with every default probe."""
+
+
 class InjectSpecError(ValueError):
     """A malformed --inject spec (the CLI turns it into a one-line message and exit 2)."""
 

@@ -13,21 +13,14 @@ from pathlib import Path
 import pytest
 from conftest import run_json
 
+from chipcheck.probes import faults
+
 # Corruption is judged here, not speed: only a 10x shortfall would count as slow, so two tests
 # sharing the CI host's two cores cannot make an innocent device slow (speed: the timing tests).
 NO_SPEED = ("--min-gap", "0.9")
 RUN = ("--devices", "cpu:4", "--profile", "quick")
 
-FAULTS = {
-    "bitflip-fp32-every-2nd": "bitflip:rank={r},bit=20,dtype=float32,every=2,scope=process",
-    "bitflip-bf16": "bitflip:rank={r},bit=12,dtype=bfloat16,scope=process",
-    "bitflip-fp16": "bitflip:rank={r},bit=12,dtype=float16,scope=process",
-    "nan": "nan:rank={r},scope=process",
-    "stuck-bit": "stuck:rank={r},bit=22,value=1,rate=0.01,scope=process",
-    "warm-chip": "bitflip:rank={r},bit=20,after=200,scope=process",
-    "recv-corrupt": "bitflip:rank={r},bit=3,op=allreduce_,side=recv,scope=process",
-    "send-corrupt": "bitflip:rank={r},bit=3,op=allreduce_,scope=process",
-}
+FAULTS = faults.CHIP_FAULTS
 
 
 def blamed(data: dict) -> dict[int, str]:
