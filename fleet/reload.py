@@ -157,4 +157,12 @@ def extras(store: Store, summary: RunSummary) -> Any:
         if len(runs) >= 2:
             hist[d.uuid] = [HistoryPoint(run_id=r.run_id, started=r.started, verdict=r.verdict,
                                          throughput_ratio=r.speed_ratio) for r in runs]
-    return ReportExtras(links=base.links, topology=base.topology, history=hist)
+    devices = {}
+    min_gap = None
+    for rid in summary.run_id.split("+"):  # load_many joins the ids of the runs it shows side by side
+        try:
+            devices.update({d.uuid: d for d in store.devices(rid).values()})
+            min_gap = record(store, rid).min_gap if min_gap is None else min_gap
+        except (RunNotFound, StoreError, sqlite3.DatabaseError, ValueError, KeyError):
+            continue  # the report still renders, without serials and libraries
+    return ReportExtras(links=base.links, topology=base.topology, history=hist, devices=devices, min_gap=min_gap)

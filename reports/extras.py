@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..results import RunSummary, Verdict
+from ..results import DeviceInfo, RunSummary, Verdict
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,6 +57,10 @@ class ReportExtras:
     topology: Topology | None = None
     history: dict[str, list[HistoryPoint]] = field(default_factory=dict)
     """Device UUID -> its earlier runs, oldest first."""
+    devices: dict[str, DeviceInfo] = field(default_factory=dict)
+    """Device UUID -> what discovery found (serial, driver, libraries): the OCP report's DUT info."""
+    min_gap: float | None = None
+    """The run's --min-gap (throughput shortfall against peers that counts as slow), when known."""
 
 
 def from_links(s: RunSummary) -> ReportExtras:

@@ -5,8 +5,11 @@ from __future__ import annotations
 from ..results import RunSummary
 from .extras import ReportExtras
 
-FORMATS = ("text", "json", "junit", "html")
-"""Report formats, as `--format` and `chipcheck run --report FORMAT=FILE` spell them."""
+FORMATS = ("text", "json", "junit", "html", "ocp", "prom")
+"""Report formats, as `--format` and `chipcheck run --report FORMAT=FILE` spell them: ocp is OCP Test &
+Validation diagnostic output (JSON lines), prom the Prometheus node_exporter textfile format."""
+NEEDS_EXTRAS = frozenset({"junit", "html", "ocp", "prom"})
+"""Formats that show more than the summary when given `ReportExtras` (history, DUT info, links)."""
 
 
 class UnknownFormat(ValueError):
@@ -35,6 +38,14 @@ def render(s: RunSummary, fmt: str, extras: ReportExtras | None = None) -> str:
         from . import html
 
         return html.render(s, extras)
+    if fmt == "ocp":
+        from . import ocp
+
+        return ocp.render(s, extras)
+    if fmt == "prom":
+        from . import prom
+
+        return prom.render(s, extras)
     raise UnknownFormat(f"unknown report format {fmt!r}; known: {', '.join(FORMATS)}")
 
 

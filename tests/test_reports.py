@@ -142,7 +142,7 @@ def test_json_of_a_run_validates_and_bad_json_does_not(fleet):
 def test_formats_and_cli_agree():
     from chipcheck import cli
 
-    assert cli.FORMATS == formats.FORMATS == ("text", "json", "junit", "html")
+    assert cli.FORMATS == formats.FORMATS == ("text", "json", "junit", "html", "ocp", "prom")
     with pytest.raises(formats.UnknownFormat):
         formats.render(synthetic.run(2), "pdf")
 
