@@ -7,6 +7,7 @@ torch is imported only by the commands that need it (and by the workers).
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ import click
 
 from . import __version__
 from .reports.formats import FORMATS
+from .reports.progress import case_line
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 
@@ -85,6 +87,9 @@ def common_options(fn: Any) -> Any:
         click.option("--baselines", default=None, type=click.Path(dir_okay=False),
                      help="TOML file of per-SKU achievable speeds over the shipped table (docs/baselines.md)."),
         click.option("-q", "--quiet", is_flag=True, help="No progress lines."),
+        click.option("-v", "--verbose", is_flag=True,
+                     help="Stream every case as it ends, and print every device in full (the default when "
+                          "output is not a terminal: CI logs, Slurm output files)."),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -197,37 +202,136 @@ def _execute(make_opts: Any, kw: dict[str, Any], preface: Any = None, executor: 
         store = Store(kw["db_path"] or default_path())
     except (runner.UsageError, StoreError, click.BadParameter) as e:
         _fail(str(e.format_message() if isinstance(e, click.BadParameter) else e))
+    calm = not kw["quiet"] and not kw.get("verbose") and _is_tty(err=True)
+    live = _LiveProgress(opts if executor is None else None) if calm else None
     done = [0]
 
     def progress(r: Any) -> None:
         done[0] += 1
-        if kw["quiet"]:
-            return
-        tf = r.metrics.get("tflops")
-        speed = f"{tf:.3f} TFLOP/s" if tf is not None else ""
-        click.echo(f"[{done[0]:>4}] rank {r.rank} {r.device} {r.probe} {r.case:<22} {r.verdict.value:<6} {speed}",
-                   err=True)
+        if live is not None:
+            live.result(r)
+        elif not kw["quiet"]:
+            click.echo(case_line(done[0], r), err=True)
 
+    hooks: dict[str, Any] = {"on_result": progress}
+    if live is not None and executor is None:  # the torch runner says when each case starts
+        hooks["on_start"] = live.start
     try:
-        summary = (executor or runner.execute)(opts, store, on_result=progress)
+        summary = (executor or runner.execute)(opts, store, **hooks)
     except (runner.UsageError, StoreError) as e:  # StoreError: a write failed (full disk); the message says where
         _fail(str(e))
     except KeyboardInterrupt:
         click.echo(f"chipcheck: interrupted; results so far are in {store.path}", err=True)
         sys.exit(130)
     finally:
+        if live is not None:
+            live.close()
         store.close()
     if preface is not None:
         preface(store.path)
-    click.echo(terminal.render(summary))
+    compact = not kw.get("verbose") and _is_tty(err=False)
+    click.echo(terminal.render_compact(summary) if compact else terminal.render(summary))
     if kw["json_path"]:
         text = json_report.render(summary)
         if kw["json_path"] == "-":
             click.echo(text)
         else:
             Path(kw["json_path"]).write_text(text + "\n")
-    _write_reports(summary, outputs)
+    extras = _stored_extras(store.path, summary) if any(f in ("ocp", "prom") for f, _ in outputs) else None
+    _write_reports(summary, outputs, extras)
+    if not kw["quiet"]:
+        again = f"chipcheck report {summary.run_id}" + ("" if kw["db_path"] is None else f" --db {store.path}")
+        click.echo(f"results: run {summary.run_id} in {store.path}; see them again with `{again}`", err=True)
     sys.exit(0 if summary.verdict.value == "pass" else 1)
+
+
+def _is_tty(*, err: bool) -> bool:
+    stream = sys.stderr if err else sys.stdout
+    return bool(getattr(stream, "isatty", lambda: False)()) and not os.environ.get("CI")
+
+
+def _stored_extras(db_path: Any, summary: Any) -> Any:
+    """What the OCP and Prometheus reports show beyond the summary (DUT info, history), from the store."""
+    from .fleet import reload
+    from .fleet.store import StoreError
+
+    try:
+        store = reload.open_existing(db_path)
+        try:
+            return reload.extras(store, summary)
+        finally:
+            store.close()
+    except StoreError:
+        return None
+
+
+class _LiveProgress:
+    """One line per device on the terminal (stderr), redrawn in place as cases start and end, and once a
+    second for the clock. Only ever used on a TTY; `-v` and non-terminal output stream `case_line`s."""
+
+    def __init__(self, opts: Any) -> None:
+        import threading
+        import time
+
+        from .reports.progress import Progress
+
+        self.state = Progress(started=time.time())
+        self.drawn = 0
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        for rank, (label, total) in enumerate(_planned(opts)):
+            d = self.state.device(rank, label)
+            d.total = total
+        self.ticker = threading.Thread(target=self._tick, daemon=True)
+        self.ticker.start()
+
+    def start(self, rank: int, probe: str, case: str) -> None:
+        with self.lock:
+            self.state.start(rank, probe, case)
+            self._draw()
+
+    def result(self, r: Any) -> None:
+        with self.lock:
+            self.state.result(r)
+            self._draw()
+
+    def _tick(self) -> None:
+        while not self.stop.wait(1.0):
+            with self.lock:
+                self._draw()
+
+    def _draw(self) -> None:
+        import shutil
+        import time
+
+        width = max(40, shutil.get_terminal_size((120, 24)).columns - 1)
+        lines = self.state.lines(time.time(), width)
+        up = f"\x1b[{self.drawn}F" if self.drawn else ""
+        click.echo(up + "".join(f"\x1b[2K{line}\n" for line in lines), err=True, nl=False)
+        self.drawn = len(lines)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.ticker.join(timeout=2.0)
+        with self.lock:
+            for d in self.state.devices.values():
+                d.current, d.finished = "", True
+            self._draw()
+
+
+def _planned(opts: Any) -> list[tuple[str, int | None]]:
+    """(label, cases planned) per rank for the progress lines; empty when the plan cannot be known here
+    (the JAX path discovers its own devices; the lines then fill in as results arrive)."""
+    if opts is None:
+        return []
+    from .fleet import devices, runner
+
+    try:
+        devs = devices.discover(opts.devices)
+        n = sum(len(cases) for _, cases in runner.plan_probes(opts, devs))
+    except Exception:  # the runner reports the same problem properly a moment later
+        return []
+    return [(f"{d.host} {d.label}", n) for d in devs]
 
 
 @click.group()
@@ -300,15 +404,26 @@ def _parse_reports(specs: tuple[str, ...]) -> list[tuple[str, str]]:
     return out
 
 
-def _write_reports(summary: Any, outputs: list[tuple[str, str]]) -> None:
+def _write_reports(summary: Any, outputs: list[tuple[str, str]], extras: Any = None) -> None:
     from .reports import formats
 
     for fmt, dest in outputs:
-        text = formats.render(summary, fmt)
+        text = formats.render(summary, fmt, extras if fmt in ("ocp", "prom") else None)
         if dest == "-":
             click.echo(text, nl=False)
         else:
-            Path(dest).write_text(text)
+            _write_atomic(Path(dest), text)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write through a temporary file and a rename: a reader (node_exporter's textfile collector, a log
+    shipper) never sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 @main.command()
@@ -316,10 +431,14 @@ def _write_reports(summary: Any, outputs: list[tuple[str, str]]) -> None:
 @click.option("--db", "db_path", default=None, type=click.Path(dir_okay=False),
               help="SQLite results store [default: ~/.local/state/chipcheck/results.db].")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="text", show_default=True,
-              help="text (the terminal table), json (chipcheck.run/1), junit (XML for CI), html (self-contained).")
+              help="text (the terminal table), json (chipcheck.run/1), junit (XML for CI), html (self-contained), "
+                   "ocp (OCP Test & Validation JSON lines), prom (Prometheus textfile).")
 @click.option("-o", "--output", default="-", show_default=True, help="File to write ('-' for stdout).")
-def report(run_ids: tuple[str, ...], db_path: str | None, fmt: str, output: str) -> None:
-    """Render a stored run (default: the latest) as text, JSON, JUnit XML or HTML.
+@click.option("--report", "reports", multiple=True, metavar="FORMAT=FILE",
+              help="Also write the run as FORMAT to FILE, e.g. --report ocp=run.jsonl --report prom=run.prom "
+                   "(repeatable).")
+def report(run_ids: tuple[str, ...], db_path: str | None, fmt: str, output: str, reports: tuple[str, ...]) -> None:
+    """Render a stored run (default: the latest) as text, JSON, JUnit XML, HTML, OCP or Prometheus text.
 
     Several run ids make one report of them side by side (e.g. the torch run of the GPU hosts and
     the JAX run of the TPU hosts), each judged as it was. Exits like `chipcheck run`: 0 when every
@@ -333,10 +452,12 @@ def report(run_ids: tuple[str, ...], db_path: str | None, fmt: str, output: str)
     try:
         if output != "-":
             _check_writable(Path(output), "-o")
+        outputs = _parse_reports(reports)
         store = reload.open_existing(db_path or default_path())
         try:
             summary = reload.load_many(store, list(run_ids) or [reload.LATEST])
-            extras = reload.extras(store, summary) if fmt in ("html", "junit") else None
+            wanted = {fmt} | {f for f, _ in outputs}
+            extras = reload.extras(store, summary) if wanted & formats.NEEDS_EXTRAS else None
         finally:
             store.close()
     except (UsageError, StoreError, reload.RunNotFound) as e:
@@ -345,8 +466,54 @@ def report(run_ids: tuple[str, ...], db_path: str | None, fmt: str, output: str)
     if output == "-":
         click.echo(text, nl=False)
     else:
-        Path(output).write_text(text)
-    sys.exit(0 if summary.verdict.value == "pass" else 1)
+        _write_atomic(Path(output), text)
+    for f, dest in outputs:
+        extra_text = formats.render(summary, f, extras)
+        if dest == "-":
+            click.echo(extra_text, nl=False)
+        else:
+            _write_atomic(Path(dest), extra_text)
+    sys.exit(0 if summary.verdict.value == "pass" and summary.status.value == "complete" else 1)
+
+
+@main.group()
+def export() -> None:
+    """Write a stored run for the systems a fleet already runs (docs/integrations.md)."""
+
+
+@export.command("prometheus")
+@click.option("--run", "run_id", default="latest", show_default=True, help="The run to export (an id or prefix).")
+@click.option("--db", "db_path", default=None, type=click.Path(dir_okay=False),
+              help="SQLite results store [default: ~/.local/state/chipcheck/results.db].")
+@click.option("-o", "--output", required=True,
+              help="The .prom file, e.g. /var/lib/node_exporter/textfile/chipcheck.prom ('-' for stdout); "
+                   "written through a rename, so node_exporter never reads half a file.")
+def export_prometheus(run_id: str, db_path: str | None, output: str) -> None:
+    """Per-device verdicts, failure codes, throughput and days since the last pass as node_exporter
+    textfile metrics. Exits 0 once written, whatever the run's verdict (alerting is Prometheus's job);
+    2 for a bad run id, store or output path."""
+    from .fleet import reload
+    from .fleet.runner import UsageError
+    from .fleet.store import StoreError, default_path
+    from .reports import formats
+
+    try:
+        if output != "-":
+            _check_writable(Path(output), "-o")
+        store = reload.open_existing(db_path or default_path())
+        try:
+            summary = reload.load(store, run_id)
+            extras = reload.extras(store, summary)
+        finally:
+            store.close()
+    except (UsageError, StoreError, reload.RunNotFound) as e:
+        _fail(str(e))
+    text = formats.render(summary, "prom", extras)
+    if output == "-":
+        click.echo(text, nl=False)
+    else:
+        _write_atomic(Path(output), text)
+        click.echo(f"wrote {output} (run {summary.run_id}, {len(summary.devices)} devices)", err=True)
 
 
 @main.command()

@@ -37,6 +37,40 @@ def render(s: RunSummary) -> str:
             if len(reasons) > MAX_REASONS:
                 lines.append(f"    ! (+{len(reasons) - MAX_REASONS} more; see --json or the store)")
         lines.append("")
+    return "\n".join(lines + _footer(s))
+
+
+def render_compact(s: RunSummary) -> str:
+    """The calm terminal's summary: one row per device, then only the failing probes' findings in full."""
+    from .. import failures
+
+    lines = [f"chipcheck run {s.run_id}  profile={s.profile} seed={s.seed}  {len(s.devices)} device(s)", "",
+             f"{'rank':>4}  {'host':<14} {'device':<8} {'verdict':<8} {'probes':<8} {'code':<11} uuid"]
+    for d in s.devices:
+        ok = sum(1 for p in d.probes if p.verdict is Verdict.PASS)
+        code = failures.worst([c for c in (failures.for_probe(p) for p in d.probes) if c is not None])
+        lines.append(f"{d.rank:>4}  {d.host:<14} {d.device:<8} {_MARK[d.verdict]:<8} {f'{ok}/{len(d.probes)}':<8} "
+                     f"{code.code if code else '-':<11} {d.uuid}")
+    lines.append("")
+    for d in s.devices:
+        bad = [p for p in d.probes if p.verdict is not Verdict.PASS]
+        if not bad:
+            continue
+        lines.append(f"rank {d.rank}  {d.host} {d.device}  uuid={d.uuid}  fingerprint={d.fingerprint}  "
+                     f"=> {_MARK[d.verdict]}")
+        for p in bad:
+            code = failures.for_probe(p)
+            head = f" {code.code} ({code.severity.label}, {code.action.value})" if code else ""
+            lines.append(f"    {p.probe} {p.verdict.value}{head}")
+            for why in p.details.get("reasons", []):
+                lines.append(f"    ! {why}")
+        lines.append("")
+    return "\n".join(lines + _footer(s))
+
+
+def _footer(s: RunSummary) -> list[str]:
+    """What the run says beyond its devices: consensus, links, findings, and the verdict line."""
+    lines: list[str] = []
     failed = s.failed
     frac = len(failed) / len(s.devices) if s.devices else 0.0
     counts = ", ".join(f"{v.value}={sum(1 for d in s.devices if d.verdict is v)}" for v in Verdict
@@ -56,7 +90,7 @@ def render(s: RunSummary) -> str:
     suspect = f"; {len(s.suspect)} suspect (retest)" if s.suspect else ""
     lines.append(f"verdict: {_MARK[s.verdict]}  ({counts}; {len(failed)}/{len(s.devices)} devices = "
                  f"{frac:.1%} failing{suspect}{link_part})")
-    return "\n".join(lines)
+    return lines
 
 
 def _links(s: RunSummary) -> list[str]:
