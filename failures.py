@@ -95,7 +95,8 @@ _BY_ORACLE = {Oracle.EXACT: SDC_EXACT, Oracle.FREIVALDS: SDC_EXACT, Oracle.NONFI
               Oracle.CROSS_BACKEND: SDC_CONSENSUS, Oracle.REPLICA: SDC_CONSENSUS}
 _BY_ERROR = {ErrorKind.TIMEOUT: ERR_TIMEOUT, ErrorKind.CRASH: ERR_CRASH, ErrorKind.DEVICE_LOST: ERR_DEVICE_LOST,
              ErrorKind.INVALID_CONFIG: ERR_SOFTWARE, ErrorKind.UNSUPPORTED: ERR_SOFTWARE,
-             ErrorKind.EXCEPTION: ERR_SOFTWARE}
+             ErrorKind.EXCEPTION: ERR_SOFTWARE,
+             ErrorKind.PEER_LOST: ERR_SOFTWARE}  # not run because another rank was lost: never this chip's
 _BY_LINK = {Verdict.WRONG: LINK_WRONG, Verdict.FLAKY: LINK_WRONG, Verdict.SLOW: LINK_SLOW, Verdict.ERROR: LINK_ERROR}
 
 

@@ -48,6 +48,19 @@ class ErrorKind(enum.StrEnum):
     INVALID_CONFIG = "invalid_config"
     EXCEPTION = "exception"
     UNSUPPORTED = "unsupported"
+    PEER_LOST = "peer_lost"
+    """Not run: another rank of the group was lost (crashed, hung). Evidence against that rank, not this
+    one: such a case is recorded with verdict `pass` and this error, so it never counts against the device."""
+
+
+class RunStatus(enum.StrEnum):
+    """Whether a run reached its end: a run cut short is `interrupted`, never a clean verdict."""
+
+    COMPLETE = "complete"
+    INTERRUPTED = "interrupted"
+    """Cut short (SIGINT/SIGTERM, killed, its host lost): what was measured is kept, the rest is missing."""
+    RUNNING = "running"
+    """Still in progress (its process is alive on this host)."""
 
 
 class DeviceKind(enum.StrEnum):
@@ -374,6 +387,10 @@ class RunSummary:
     links: LinksSummary | None = None
     findings: list[str] = field(default_factory=list)
     """Fleet-level findings that are about no one device (e.g. a library that is wrong everywhere)."""
+    status: RunStatus = RunStatus.COMPLETE
+    """Whether the run reached its end; the verdict covers only what was measured."""
+    missing: list[str] = field(default_factory=list)
+    """For a run that is not complete: each planned case without a result, "rank N probe case"."""
 
     @property
     def failed(self) -> list[DeviceSummary]:

@@ -3,13 +3,26 @@
 Results are handed to `on_result` (which writes them to the store) the moment a worker sends
 them. A case that outlives its timeout has its worker killed and is recorded as `error`
 (timeout); a worker that dies is recorded as `error` (crash) with its exit status and the end
-of its log. The rest of that probe's cases on that device are recorded as not run, later
-probes get a fresh worker, and every other device carries on.
+of its log. The rest of that probe's cases on that device are recorded as not run; after a crash
+later probes get one fresh worker (a hung rank, or one lost twice, is not run again), and every
+other device carries on.
+
+A lost rank is evidence against that rank only. The other workers are told at once (`peer_lost`
+on their control channel): their collective cases are recorded as not run (`peer_lost`, verdict
+pass: never held against them), a worker caught inside a collective with the lost rank is
+stopped and restarted for its later probes instead of waiting for the process group's timeout,
+so the run ends within about one watchdog period of the loss.
+
+No process outlives its run: workers are started in their own process group, die with the
+launcher (parent-death signal, end of file on their control channel), and are killed on the way
+out whatever ends the run (SIGINT/SIGTERM become `RunInterrupted`, see `interrupt_on_signals`).
+Nothing is written to disk: plans travel on the workers' stdin, logs live in unlinked files.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import queue
@@ -19,16 +32,44 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from ..results import DeviceInfo, DeviceKind, ErrorKind, ProbeResult
+from ..results import DeviceInfo, DeviceKind, ErrorInfo, ErrorKind, ProbeResult, Verdict
 from . import devices as devmod
-from .worker import WorkerPlan, error_result
+from .worker import WorkerPlan, error_result, lock_holder
 
 STARTUP_TIMEOUT_S = 180.0  # importing torch and initialising a device on a loaded host
+LOCK_GRACE_S = 5.0  # a lock holder of this run is killed by its own watchdog first
+MAX_LOSSES = 2  # a rank lost this often in one run is not started again
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT/SIGTERM/SIGHUP reached the run: workers are killed and the run is stored as interrupted."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def interrupt_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGHUP raise `RunInterrupted` like Ctrl-C raises KeyboardInterrupt, so the
+    `finally`s that kill the workers run (the main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_it(signum: int, _frame: Any) -> None:
+        raise RunInterrupted(signum)
+
+    old = {s: signal.signal(s, raise_it) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -53,29 +94,51 @@ class _Worker:
     proc: subprocess.Popen[bytes] | None = None
     current: tuple[str, str] | None = None
     since: float = 0.0
+    waiting: tuple[str, str] | None = None  # queued for the host lock
     hello: bool = False
     killed_for: ErrorKind | None = None
-    log_path: str = ""
+    kill_note: str = ""
+    log: IO[bytes] | None = None  # an unlinked file: the worker's stderr
     done: bool = False
-    restarted: bool = False
+    losses: int = 0  # times this rank was lost (crash, hang)
+
+    @property
+    def where(self) -> str:
+        return f"{self.info.label} on {self.info.host}"
 
 
 def _error_result(req: LaunchRequest, w: _Worker, probe: str, case: str, kind: ErrorKind, msg: str) -> ProbeResult:
     return error_result(req.run_id, req.seed, w.info, w.rank, probe, case, kind, msg)
 
 
-def log_tail(path: str | Path, lines: int = 3) -> str:
+def _peer_lost_result(req: LaunchRequest, w: _Worker, probe: str, case: str, msg: str) -> ProbeResult:
+    """A case this rank could not run because another rank was lost: recorded, never held against it."""
+    r = _error_result(req, w, probe, case, ErrorKind.PEER_LOST, msg[:600])
+    return dataclasses.replace(r, verdict=Verdict.PASS)
+
+
+def log_tail(path: str | os.PathLike[str], lines: int = 3) -> str:
     try:
-        text = Path(path).read_text(errors="replace").strip().splitlines()
+        with open(path, "rb") as f:
+            return _tail_of(f.fileno(), lines)
     except OSError:
         return ""
+
+
+def _tail_of(fd: int, lines: int = 3, limit: int = 8192) -> str:
+    """The last lines of an open file, read without moving its offset (the worker still writes it)."""
+    try:
+        size = os.fstat(fd).st_size
+        data = os.pread(fd, limit, max(0, size - limit))
+    except OSError:
+        return ""
+    text = data.decode(errors="replace").strip().splitlines()
     return " | ".join(t.strip() for t in text[-lines:])
 
 
 def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
               on_start: Callable[[int, str, str], None] | None = None) -> None:
     """Run every planned case on every device; returns when each case has a result."""
-    workdir = tempfile.mkdtemp(prefix=f"chipcheck-{req.run_id}-")
     # Host-wide, not per run: two runs on one host must not time their CPU devices at once either.
     lock_path = os.path.join(tempfile.gettempdir(), f"chipcheck-{os.getuid()}-cpu-timing.lock")
     n_cpu = sum(1 for d in req.devices if d.kind is DeviceKind.CPU)
@@ -83,9 +146,9 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
         _Worker(rank=r, info=d, todo=[(p, c) for p, cases in req.probes for c in cases])
         for r, d in enumerate(req.devices)
     ]
-    q: queue.Queue[tuple[int, dict[str, Any] | None]] = queue.Queue()
+    q: queue.Queue[tuple[int, Any, dict[str, Any] | None]] = queue.Queue()
     master_port = req.master_port or free_port()
-    dead: list[tuple[int, str, str]] = []  # ranks lost inside a collective probe: (rank, probe, case)
+    lost_ranks: dict[int, str] = {}  # rank -> what happened to it (said to every other worker)
 
     def start(w: _Worker) -> None:
         remaining: list[tuple[str, list[str]]] = []
@@ -100,95 +163,168 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
             cpu_cores=devmod.cores_for(w.rank, n_cpu) if w.info.kind is DeviceKind.CPU else [],
             cpu_threads=devmod.threads_per_cpu_worker(n_cpu) if n_cpu else 1,
             lock_path=lock_path if w.info.kind is DeviceKind.CPU else "",
-            collectives_ok=not w.restarted and not dead,
+            collectives_ok=w.losses == 0,
+            peers_lost={str(r): why for r, why in lost_ranks.items() if r != w.rank},
         )
-        plan_path = os.path.join(workdir, f"plan-{w.rank}.json")
-        Path(plan_path).write_text(plan.to_json())
-        w.log_path = os.path.join(workdir, f"worker-{w.rank}.log")
         env = {**os.environ, "RANK": str(w.rank), "LOCAL_RANK": str(w.rank), "WORLD_SIZE": str(len(workers)),
                "LOCAL_WORLD_SIZE": str(len(workers)), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(master_port), "OMP_NUM_THREADS": str(plan.cpu_threads)}
+               "MASTER_PORT": str(master_port), "OMP_NUM_THREADS": str(plan.cpu_threads),
+               "CHIPCHECK_PARENT_PID": str(os.getpid())}
         env.pop("CHIPCHECK_RESULT_FD", None)
-        with open(w.log_path, "ab") as log:
-            w.proc = subprocess.Popen([sys.executable, "-m", "chipcheck.worker", "--plan", plan_path],
-                                      stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env,
-                                      start_new_session=True)
-        w.current, w.since, w.hello, w.killed_for = None, time.monotonic(), False, None
-        threading.Thread(target=read_messages, args=(w.rank, w.proc, q), daemon=True).start()
+        if w.log is None:
+            w.log = tempfile.TemporaryFile(prefix=f"chipcheck-{req.run_id}-rank{w.rank}-")
+        w.proc = subprocess.Popen([sys.executable, "-m", "chipcheck.worker", "--plan", "-"],
+                                  stdout=subprocess.PIPE, stderr=w.log, stdin=subprocess.PIPE, env=env,
+                                  start_new_session=True)
+        _tell(w, plan.to_json())
+        w.current, w.waiting, w.since, w.hello, w.killed_for, w.kill_note = None, None, time.monotonic(), False, None, ""
+        threading.Thread(target=_pump, args=(w.rank, w.proc, q), daemon=True).start()
 
-    def kill(w: _Worker, why: ErrorKind) -> None:
-        w.killed_for = why
+    def kill(w: _Worker, why: ErrorKind, note: str = "") -> None:
+        w.killed_for, w.kill_note = why, note
         if w.proc:
             kill_group(w.proc)
 
-    def lost(w: _Worker) -> None:
+    def lose(w: _Worker, what: str) -> None:
+        """Rank `w` is gone for the group: every other worker hears it now, not at the group's timeout."""
+        lost_ranks[w.rank] = what
+        for o in workers:
+            if o is not w and not o.done and o.proc is not None and o.proc.poll() is None:
+                _tell(o, json.dumps({"t": "peer_lost", "rank": w.rank, "why": what}))
+
+    def peers_text(rank: int) -> str:
+        return "; ".join(f"peer rank {r} lost ({why})" for r, why in sorted(lost_ranks.items()) if r != rank)
+
+    def finish_or_restart(w: _Worker, restart: bool, why: str, kind: ErrorKind) -> None:
+        if w.todo and restart:
+            start(w)  # later probes get a fresh worker (collective ones cannot rejoin the group)
+            return
+        for p, c in list(w.todo):
+            on_result(_error_result(req, w, p, c, kind, f"not run: {why}"))
+        w.todo.clear()
+        w.done = True
+
+    def lost(w: _Worker, proc: Any) -> None:
         """The worker is gone: record the case it was in and what it did not reach, then go on."""
+        if proc is not w.proc:
+            return  # an earlier worker of this rank, already accounted for
         assert w.proc is not None
         code = w.proc.wait()
         if not w.todo:
             w.done = True
             return
-        probe, case = w.current or w.todo[0]
+        probe, case = w.current or w.waiting or w.todo[0]
+        if w.killed_for is ErrorKind.PEER_LOST:
+            # stopped by us inside a collective whose group lost a rank: not this rank's doing
+            why = f"not run: {peers_text(w.rank)}"
+            for p, c in [t for t in w.todo if t[0] == probe and _is_collective(probe)]:
+                on_result(_peer_lost_result(req, w, p, c, why))
+                w.todo.remove((p, c))
+            finish_or_restart(w, True, why, ErrorKind.CRASH)
+            return
         if w.killed_for is ErrorKind.TIMEOUT:
-            kind, msg = ErrorKind.TIMEOUT, (f"{probe} {case} on {w.info.host} {w.info.label} (rank {w.rank}, seed "
-                                            f"{req.seed}) exceeded its {req.timeout_s:g}s watchdog; worker killed")
+            kind, msg = ErrorKind.TIMEOUT, w.kill_note or (
+                f"{probe} {case} on {w.info.host} {w.info.label} (rank {w.rank}, seed {req.seed}) exceeded its "
+                f"{req.timeout_s:g}s watchdog; worker killed")
         elif not w.hello and w.killed_for is None:
             kind, msg = ErrorKind.CRASH, (f"worker for {w.info.label} on {w.info.host} died at start-up "
-                                          f"(exit {code}): {log_tail(w.log_path)}")
+                                          f"(exit {code}): {_tail_of(w.log.fileno()) if w.log else ''}")
         else:
             kind, msg = ErrorKind.CRASH, (f"worker for {w.info.label} on {w.info.host} died in {probe} {case} "
                                           f"(rank {w.rank}, seed {req.seed}): {exit_text(code)}. "
-                                          f"{log_tail(w.log_path)}")
+                                          f"{_tail_of(w.log.fileno()) if w.log else ''}")
         on_result(_error_result(req, w, probe, case, kind, msg))
         w.todo.remove((probe, case))
-        if _is_collective(probe):
-            dead.append((w.rank, probe, case))
+        w.losses += 1
+        what = f"{w.where}: {'hung' if kind is ErrorKind.TIMEOUT else 'crashed'} in {probe} {case}"
+        lose(w, what)
         for p, c in [t for t in w.todo if t[0] == probe]:
-            on_result(_error_result(req, w, p, c, ErrorKind.CRASH,
-                                    f"not run: the worker was lost in {probe} {case}"))
+            on_result(_error_result(req, w, p, c, kind, f"not run: the worker was lost in {probe} {case}"))
             w.todo.remove((p, c))
-        if w.todo:
-            w.restarted = True
-            start(w)  # later probes get a fresh worker (collective ones cannot rejoin the group)
-        else:
-            w.done = True
+        # A hung chip hangs again, and a rank lost twice would only spend the run's time: stop there.
+        restart = kind is ErrorKind.CRASH and w.losses < MAX_LOSSES
+        finish_or_restart(w, restart, f"rank {w.rank} ({what}) was lost; not started again", kind)
+
+    def lock_stalled(w: _Worker, now: float) -> str:
+        """Why `w`'s wait for the host lock is over (its holder stalled past the watchdog), or ''."""
+        if w.waiting is None or now - w.since <= req.timeout_s:
+            return ""
+        holder = lock_holder(lock_path)
+        ours = {o.proc.pid for o in workers if o.proc is not None and o.proc.poll() is None}
+        if holder is not None and holder["pid"] in ours:
+            return ""  # held by a worker of this run: its own watchdog ends a stall
+        held = time.time() - float(holder["since"]) if holder else now - w.since
+        if held <= req.timeout_s + LOCK_GRACE_S:
+            return ""  # the lock changes hands: another run is progressing
+        who = (f"held for {held:.0f}s by pid {holder['pid']} ({holder.get('what') or 'unknown'})" if holder
+               else "its holder did not say who it is")
+        probe, case = w.waiting
+        return (f"{probe} {case} on {w.info.host} {w.info.label} (rank {w.rank}, seed {req.seed}) waited "
+                f"{now - w.since:.0f}s, past its {req.timeout_s:g}s watchdog, for the host CPU timing lock "
+                f"{lock_path}, {who}; worker killed")
 
     try:
         for w in workers:
             start(w)
         while not all(w.done for w in workers):
             try:
-                rank, msg = q.get(timeout=0.2)
+                rank, proc, msg = q.get(timeout=0.2)
             except queue.Empty:
-                rank, msg = -1, None
+                rank, proc, msg = -1, None, None
             if rank >= 0:
                 w = workers[rank]
                 if msg is None:
-                    lost(w)
+                    lost(w, proc)
+                elif proc is not w.proc:
+                    pass  # a message from a worker already replaced
                 elif msg["t"] == "hello":
                     w.hello, w.since = True, time.monotonic()
+                elif msg["t"] == "wait":
+                    w.waiting, w.since = (msg["probe"], msg["case"]), time.monotonic()
                 elif msg["t"] == "start":
-                    w.current, w.since = (msg["probe"], msg["case"]), time.monotonic()
+                    w.current, w.waiting, w.since = (msg["probe"], msg["case"]), None, time.monotonic()
                     if on_start:
                         on_start(rank, msg["probe"], msg["case"])
                 elif msg["t"] == "result":
-                    res = _name_the_lost(ProbeResult.from_dict(msg["result"]), dead, workers)
+                    res = _blame_the_lost(ProbeResult.from_dict(msg["result"]), lost_ranks, workers)
                     with contextlib.suppress(ValueError):
                         w.todo.remove((res.probe, res.case))
                     w.current = None
                     on_result(res)
             now = time.monotonic()
             for w in workers:
-                if w.done or w.killed_for is not None:
+                if w.done or w.killed_for is not None or w.proc is None:
                     continue
                 if not w.hello and now - w.since > max(STARTUP_TIMEOUT_S, req.timeout_s):
                     kill(w, ErrorKind.TIMEOUT)
                 elif w.current is not None and now - w.since > req.timeout_s:
                     kill(w, ErrorKind.TIMEOUT)
+                elif (w.current is not None and _is_collective(w.current[0])
+                      and any(r != w.rank for r in lost_ranks)):
+                    kill(w, ErrorKind.PEER_LOST)  # blocked on a rank that is gone: stop waiting now
+                elif why := lock_stalled(w, now):
+                    kill(w, ErrorKind.TIMEOUT, why)
     finally:
         for w in workers:
             if w.proc:
                 kill_group(w.proc)
+                for pipe in (w.proc.stdin, w.proc.stdout):
+                    with contextlib.suppress(OSError):
+                        if pipe:
+                            pipe.close()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    w.proc.wait(timeout=5)
+            if w.log:
+                w.log.close()
+
+
+def _tell(w: _Worker, line: str) -> None:
+    """One line on the worker's control channel (its stdin); a worker that is gone is not told."""
+    if w.proc is None or w.proc.stdin is None:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        w.proc.stdin.write(line.encode() + b"\n")
+        w.proc.stdin.flush()
 
 
 def kill_group(proc: subprocess.Popen[bytes]) -> None:
@@ -210,27 +346,25 @@ def _is_collective(probe: str) -> bool:
     return bool(cls and cls.collective)
 
 
-def _name_the_lost(res: ProbeResult, dead: list[tuple[int, str, str]], workers: list[_Worker]) -> ProbeResult:
-    """A collective that failed because a peer died says which rank it was."""
-    if res.error is None or not _is_collective(res.probe):
+def _blame_the_lost(res: ProbeResult, lost_ranks: dict[int, str], workers: list[_Worker]) -> ProbeResult:
+    """A collective that failed because a peer was lost is not run here, and says which rank it was:
+    evidence against that rank, not this one (`peer_lost`, verdict pass)."""
+    if res.error is None or res.verdict is not Verdict.ERROR or not _is_collective(res.probe) \
+            or res.error.kind is ErrorKind.PEER_LOST:
         return res
-    import dataclasses
-
-    # A peer's death can reach us after the error it caused: also name workers already exited.
-    named = {r for r, _, _ in dead}
-    gone: list[tuple[int, str, str]] = []
+    who = {r: why for r, why in lost_ranks.items() if r != res.rank}
     for _ in range(10):  # a killed peer's sockets close while it exits: give its exit a moment to land
-        gone = [(w.rank, "", "") for w in workers if w.rank != res.rank and w.rank not in named
-                and w.proc is not None and w.proc.poll() not in (None, 0)]
-        if dead or gone:
+        if who:
             break
-        time.sleep(0.05)
-    if not dead and not gone:
+        who = {w.rank: f"{w.where}: exited" for w in workers if w.rank != res.rank
+               and w.proc is not None and w.proc.poll() not in (None, 0)}
+        if not who:
+            time.sleep(0.05)
+    if not who:
         return res
-    who = ", ".join(f"rank {r} ({workers[r].info.label} on {workers[r].info.host}"
-                    + (f", lost in {p} {c})" if p else ", exited)") for r, p, c in [*dead, *gone])
-    err = dataclasses.replace(res.error, message=f"peer lost: {who}; {res.error.message}"[:600])
-    return dataclasses.replace(res, error=err)
+    text = "; ".join(f"peer rank {r} lost ({why})" for r, why in sorted(who.items()))
+    err = ErrorInfo(kind=ErrorKind.PEER_LOST, message=f"not run: {text}; here: {res.error.message}"[:600])
+    return dataclasses.replace(res, verdict=Verdict.PASS, error=err)
 
 
 def free_port() -> int:
@@ -249,3 +383,15 @@ def read_messages(rank: int, proc: subprocess.Popen[bytes], q: queue.Queue[tuple
         except json.JSONDecodeError:
             continue  # not ours: the protocol lines are the only JSON objects on this pipe
     q.put((rank, None))
+
+
+def _pump(rank: int, proc: subprocess.Popen[bytes], q: queue.Queue[tuple[int, Any, dict[str, Any] | None]]) -> None:
+    """`read_messages`, tagged with the process: a restarted rank's old worker is told from its new one."""
+    assert proc.stdout is not None
+    with contextlib.suppress(OSError, ValueError):  # the pipe closed under us: the run is ending
+        for line in proc.stdout:
+            try:
+                q.put((rank, proc, json.loads(line)))
+            except json.JSONDecodeError:
+                continue  # not ours: the protocol lines are the only JSON objects on this pipe
+    q.put((rank, proc, None))

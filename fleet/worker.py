@@ -6,8 +6,14 @@ MASTER_ADDR / MASTER_PORT from the environment and its plan from a JSON file.
 
 Protocol: one JSON object per line on the file descriptor named by CHIPCHECK_RESULT_FD (the
 original stdout; the worker's own stdout is redirected to stderr so no stray print can
-corrupt the stream): `hello` (device and settings), `start` (probe, case) before each case —
-the launcher's watchdog times it —, `result` (a ProbeResult), `bye`.
+corrupt the stream): `hello` (device and settings), `wait` (probe, case) before a case queues
+for the host's CPU timing lock, `start` (probe, case) once it runs — the launcher's watchdog
+times both —, `result` (a ProbeResult), `bye`.
+
+Under the local launcher (`--plan -`) the plan is the first line of stdin and the rest of stdin is
+the launcher's control channel: `peer_lost` (a rank of the group is gone: this worker's collective
+cases are not run, and say why). The worker dies with its launcher: a parent-death signal
+(Linux), and end-of-file on that channel (the launcher's end of the pipe closes when it dies).
 """
 
 from __future__ import annotations
@@ -16,11 +22,13 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import IO, Any
 
 from ..results import DeviceInfo, ErrorInfo, ErrorKind, ProbeResult, Verdict
@@ -41,7 +49,9 @@ class WorkerPlan:
     lock_path: str = ""
     duration_s: float = 0.0
     options: dict[str, str] = field(default_factory=dict)
-    collectives_ok: bool = True  # False for a worker restarted after a peer was lost
+    collectives_ok: bool = True  # False for a worker restarted after it was lost itself
+    peers_lost: dict[str, str] = field(default_factory=dict)
+    """Ranks of the group already lost (rank -> what happened): collective cases are not run."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -107,19 +117,66 @@ def apply_settings(device_kind: str, threads: int, cores: list[int]) -> dict[str
 
 
 class _HostLock:
-    """Serialises timed sections of CPU workers sharing a host (a file lock: real processes)."""
+    """Serialises timed sections of CPU workers sharing a host (a file lock: real processes).
+
+    flock: the kernel releases it when its holder dies. The holder writes who it is into the file
+    (pid, since, what) while it holds it, so a launcher whose worker waits can name a holder that
+    stalls (`lock_holder`)."""
 
     def __init__(self, path: str):
         self.path = path
+        self.what = ""
+        """What the holder is doing (run, rank, probe, case): written into the lock file."""
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
         with open(self.path, "a+") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
+                with contextlib.suppress(OSError):
+                    f.seek(0)
+                    f.truncate()
+                    f.write(json.dumps({"pid": os.getpid(), "since": time.time(), "what": self.what}))
+                    f.flush()
                 yield
             finally:
+                with contextlib.suppress(OSError):
+                    f.truncate(0)
+                    f.flush()
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def lock_holder(path: str) -> dict[str, Any] | None:
+    """Who holds the host lock at `path`, as its holder wrote it ({pid, since, what}); None if unsaid."""
+    try:
+        with open(path) as f:
+            d = json.loads(f.read() or "null")
+    except (OSError, ValueError):
+        return None
+    if not isinstance(d, dict) or not isinstance(d.get("pid"), int) or not isinstance(d.get("since"), int | float):
+        return None
+    return d
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Linux: SIGKILL this process when its parent dies (and exit now if it already has)."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if parent_pid and os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(70)
+
+
+def _control(stream: IO[str], peers_lost: dict[str, str]) -> None:
+    """The launcher's control channel: `peer_lost` lines; end of file means the launcher is gone."""
+    for line in stream:
+        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+            msg = json.loads(line)
+            if msg.get("t") == "peer_lost":
+                peers_lost[str(int(msg["rank"]))] = str(msg.get("why", ""))
+    os._exit(70)  # no launcher: nobody would read a result, and no process may outlive its run
 
 
 def _open_channel() -> IO[str]:
@@ -131,8 +188,11 @@ def _open_channel() -> IO[str]:
     return os.fdopen(fd, "w", buffering=1)
 
 
-def run_plan(plan: WorkerPlan) -> int:
+def run_plan(plan: WorkerPlan, control: IO[str] | None = None) -> int:
     chan = _open_channel()
+    peers_lost = dict(plan.peers_lost)
+    if control is not None:
+        threading.Thread(target=_control, args=(control, peers_lost), daemon=True).start()
     env = torchrun_env()
     info = DeviceInfo.from_dict(plan.device)
     rank = env["rank"]
@@ -160,7 +220,7 @@ def run_plan(plan: WorkerPlan) -> int:
     timer = base.Timer(device)
     caps = _caps(info)
     group = _lazy_group(info.kind.value, env)
-    group_failure = "" if plan.collectives_ok else "a peer worker was lost before this worker started"
+    group_failure = "" if plan.collectives_ok else "this rank's worker was lost earlier in the run"
     stop_faults = faults.start_process_faults(fault_list, rank)
     for probe_name, cases in plan.probes:
         probe = base.get(probe_name)
@@ -175,6 +235,16 @@ def run_plan(plan: WorkerPlan) -> int:
                                 host_lock=lock or contextlib.nullcontext, options=dict(plan.options))
         exclusive = lock if (lock is not None and not probe.collective) else contextlib.nullcontext
         for case in cases:
+            if probe.collective and peers_lost and plan.collectives_ok and str(rank) not in peers_lost:
+                # A rank of the group is gone: the group cannot complete, and that is not this chip's doing.
+                who = "; ".join(f"peer rank {r} lost ({why})" for r, why in sorted(peers_lost.items()))
+                outcome = base.CaseOutcome(case=case, params={}, error=ErrorInfo(
+                    kind=ErrorKind.PEER_LOST, message=f"not run: {who}"[:600]))
+                send({"t": "start", "probe": probe_name, "case": case, "time": time.time()})
+                result = stamp(plan.run_id, plan.seed, info, rank, probe_name, case, outcome, settings, fault_list,
+                               time.time())
+                send({"t": "result", "result": replace(result, verdict=Verdict.PASS).to_dict()})
+                continue
             if probe.collective and group_failure:
                 # A failed collective leaves the process group unusable: say so, quickly.
                 outcome = base.CaseOutcome(case=case, params={}, error=ErrorInfo(
@@ -183,9 +253,13 @@ def run_plan(plan: WorkerPlan) -> int:
                 send({"t": "result", "result": stamp(plan.run_id, plan.seed, info, rank, probe_name, case, outcome, settings,
                                                       fault_list, time.time()).to_dict()})
                 continue
+            if exclusive is lock and lock is not None:
+                # The launcher times the queue for the lock too: a holder that stalls past its own
+                # watchdog (another run's hung worker) makes this case an error naming the lock.
+                lock.what = f"run {plan.run_id} rank {rank} {probe_name} {case}"
+                send({"t": "wait", "probe": probe_name, "case": case, "time": time.time()})
             with exclusive():
-                # `start` is sent once the host lock is held: the watchdog times the case, not the
-                # queue for the lock (whose holder, if hung, is killed by its own watchdog).
+                # `start` once the host lock is held: the case's own watchdog times the case alone.
                 send({"t": "start", "probe": probe_name, "case": case, "time": time.time()})
                 started = time.time()
                 # a time-budgeted case's clock starts once it holds the host, not while it queues
@@ -275,8 +349,12 @@ def main(argv: list[str] | None = None) -> int:
         return distributed_main(argv)
     if len(argv) != 2 or argv[0] != "--plan":
         print("usage: python -m chipcheck.worker run|links [OPTIONS]  (under torchrun, srun, ...)\n"
-              "       python -m chipcheck.worker --plan PLAN.json        (the local launcher's)", file=sys.stderr)
+              "       python -m chipcheck.worker --plan PLAN.json|-      (the local launcher's)", file=sys.stderr)
         return 2
+    if argv[1] == "-":  # the local launcher's: the plan on stdin, then its control channel
+        die_with_parent(int(os.environ.get("CHIPCHECK_PARENT_PID", "0")))
+        plan = WorkerPlan.from_json(sys.stdin.readline())
+        return run_plan(plan, control=sys.stdin)
     with open(argv[1]) as f:
         plan = WorkerPlan.from_json(f.read())
     return run_plan(plan)

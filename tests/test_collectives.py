@@ -83,9 +83,12 @@ def test_a_rank_lost_mid_collective_is_named(tmp_path: Path) -> None:
     rc, data, out = run_json(tmp_path, "--probes", "collectives", "--devices", "cpu:3", "--timeout", "60",
                              "--inject", "crash:rank=1,op=allreduce_")
     assert rc == 1, out
-    assert {d["rank"]: d["verdict"] for d in data["devices"]} == {0: "error", 1: "error", 2: "error"}
+    # only the lost rank is an error: what the others could not run is not held against them (issue 20)
+    assert {d["rank"]: d["verdict"] for d in data["devices"]} == {0: "pass", 1: "error", 2: "pass"}
     lost = device(data, 1)["probes"][0]["details"]["cases"][0]["error"]
     assert lost["kind"] == "crash" and "signal 9" in lost["message"]
-    other = device(data, 0)["probes"][0]["details"]["cases"]
-    assert all("peer lost: rank 1" in c["error"]["message"] for c in other)
-    assert len(other) == 21  # every case is accounted for
+    for r in (0, 2):
+        other = device(data, r)["probes"][0]["details"]["cases"]
+        assert all(c["error"]["kind"] == "peer_lost" and "peer rank 1 lost" in c["error"]["message"]
+                   for c in other)
+        assert len(other) == 21  # every case is accounted for
