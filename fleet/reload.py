@@ -3,7 +3,9 @@
 The stored results and fleet judgements are the record; the summary is derived from them exactly as
 at the end of `chipcheck run` (fleet.summary.summarize), and the consensus groups are recounted from
 the stored output hashes (fleet.analysis.consensus). A run that was interrupted still loads: its
-devices without results read as `error`.
+devices without results read as `error`, its status is `interrupted` and its missing cases are listed
+(`run_status`): marked so by the run itself on SIGINT/SIGTERM, or found so when the run has no end and
+its process is gone (SIGKILL, a lost host).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..results import RunSummary, Verdict
+from ..results import RunStatus, RunSummary, Verdict
 from . import analysis
 from .store import Store, StoreError
 from .summary import summarize
@@ -37,6 +39,13 @@ class RunRecord:
     seed: int
     min_gap: float
     backend: str = "torch"
+    host: str = ""
+    status: str | None = None
+    """As stored: running, complete, interrupted (None: a store from before run status)."""
+    pid: int | None = None
+    """The process of `chipcheck run` (config), to tell a run in progress from one that was killed."""
+    plan: list[tuple[str, list[str]]] | None = None
+    """The planned (probe, cases) (config), to list what an interrupted run did not reach."""
 
 
 def open_existing(path: str | Path) -> Store:
@@ -69,8 +78,9 @@ def resolve(store: Store, run_id: str) -> str:
 def record(store: Store, run_id: str) -> RunRecord:
     # the store has no typed accessor for one run's row yet; this is the only raw query here
     try:
-        row = store.conn.execute("SELECT run_id, started, ended, profile, seed, config FROM runs WHERE run_id=?",
+        row = store.conn.execute("SELECT run_id, started, ended, profile, seed, config, host FROM runs WHERE run_id=?",
                                  (run_id,)).fetchone()
+        status = store.run_status(run_id)
     except sqlite3.DatabaseError as e:
         raise StoreError(f"{store.path} cannot be read ({e})") from None
     if row is None:
@@ -80,9 +90,57 @@ def record(store: Store, run_id: str) -> RunRecord:
         min_gap = float(config.get("min_gap", analysis.SlowPolicy().min_gap))
         backend = str(config.get("backend", "torch"))
     except (ValueError, AttributeError):
-        min_gap, backend = analysis.SlowPolicy().min_gap, "torch"
+        config, min_gap, backend = {}, analysis.SlowPolicy().min_gap, "torch"
+    pid = config.get("pid") if isinstance(config, dict) else None
+    plan = _plan(config.get("plan")) if isinstance(config, dict) else None
     return RunRecord(run_id=row[0], started=row[1], ended=row[2], profile=row[3], seed=row[4], min_gap=min_gap,
-                     backend=backend)
+                     backend=backend, host=str(row[6]), status=status, pid=pid if isinstance(pid, int) else None,
+                     plan=plan)
+
+
+def _plan(raw: Any) -> list[tuple[str, list[str]]] | None:
+    if not isinstance(raw, list):
+        return None
+    try:
+        return [(str(p), [str(c) for c in cases]) for p, cases in raw]
+    except (TypeError, ValueError):
+        return None
+
+
+def run_status(rec: RunRecord) -> RunStatus:
+    """Whether a stored run reached its end. A run with no end whose process is gone was killed."""
+    if rec.status == "complete" or (rec.status is None and rec.ended is not None):
+        return RunStatus.COMPLETE
+    if rec.status == "interrupted":
+        return RunStatus.INTERRUPTED
+    return RunStatus.RUNNING if _alive(rec) else RunStatus.INTERRUPTED
+
+
+def _alive(rec: RunRecord) -> bool:
+    """The run's own process still runs (this host, that pid, started no later than the run)."""
+    import os
+    import socket
+
+    if rec.pid is None or rec.host != socket.gethostname():
+        return False
+    try:
+        stat = Path(f"/proc/{rec.pid}/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22: start time, clock ticks after boot
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
+    started = boot + ticks / os.sysconf("SC_CLK_TCK")
+    return started <= rec.started + 1.0  # a later process that got the pid is not the run
+
+
+def missing_cases(rec: RunRecord, ranks: list[int], have: set[tuple[int, str, str]]) -> list[str]:
+    """Planned cases of a run that have no result, "rank N probe case" (devices without any result
+    when the plan was not stored)."""
+    if rec.plan is None:
+        seen = {r for r, _, _ in have}
+        return [f"rank {r}: no results" for r in ranks if r not in seen]
+    return [f"rank {r} {p} {c}" for r in ranks for p, cases in rec.plan for c in cases if (r, p, c) not in have]
 
 
 def load(store: Store, run_id: str = LATEST) -> RunSummary:
@@ -97,17 +155,36 @@ def load(store: Store, run_id: str = LATEST) -> RunSummary:
         raise StoreError(f"run {rec.run_id} in {store.path} cannot be read ({e})") from None
     from .runner import fleet_verdicts
 
+    status = run_status(rec)
     # a judged run's stored judgements are the record; an interrupted one is judged as the run would have
-    v = fleet_verdicts(devices, results, min_gap=rec.min_gap,
-                       judged=judgements if rec.ended is not None or judgements else None)
+    judged = judgements if status is RunStatus.COMPLETE or judgements else None
+    not_judged: list[str] = []
+    try:
+        v = fleet_verdicts(devices, results, min_gap=rec.min_gap, judged=judged)
+    except ArithmeticError as e:
+        if judged is not None:
+            raise
+        # a cut-short run's few results can be beyond a fleet analysis: its local verdicts still stand
+        v = fleet_verdicts(devices, results, min_gap=rec.min_gap, judged=[])
+        not_judged = [f"the fleet judgement of this {status.value} run's partial results failed "
+                      f"({type(e).__name__}: {e}); verdicts are the devices' own checks only"]
     ended = rec.ended if rec.ended is not None else max((r.ended for r in results), default=rec.started)
     links = store.links(rec.run_id)
     # rows the store could not decode (written by an older, trusting ingest) are left out, and said so
     skipped = store.skipped_rows - skipped_before
     unreadable = [f"{skipped} stored rows of run {rec.run_id} could not be read and were left out"] if skipped else []
-    return summarize(rec.run_id, devices, results, v.judgements, v.groups, profile=rec.profile, seed=rec.seed,
-                     started=rec.started, ended=ended, links=links, findings=v.library.findings + unreadable,
-                     exonerate=v.library.exonerate, fleet_verdict=v.library.fleet_verdict)
+    missing: list[str] = []
+    notice: list[str] = []
+    if status is not RunStatus.COMPLETE:
+        missing = missing_cases(rec, sorted(devices), {(r.rank, r.probe, r.case) for r in results})
+        shown = ", ".join(missing[:5]) + (f", ... (+{len(missing) - 5} more)" if len(missing) > 5 else "")
+        notice = [f"run {status.value.upper()}: {len(missing)} planned case(s) have no result"
+                  + (f" ({shown})" if missing else "") + "; the verdict covers only what was measured"]
+    summary = summarize(rec.run_id, devices, results, v.judgements, v.groups, profile=rec.profile, seed=rec.seed,
+                        started=rec.started, ended=ended, links=links,
+                        findings=notice + not_judged + v.library.findings + unreadable,
+                        exonerate=v.library.exonerate, fleet_verdict=v.library.fleet_verdict)
+    return replace(summary, status=status, missing=missing)
 
 
 def load_many(store: Store, run_ids: list[str]) -> RunSummary:
@@ -133,7 +210,11 @@ def load_many(store: Store, run_ids: list[str]) -> RunSummary:
     summaries = [s for _, s in parts]
     profiles = {s.profile for s in summaries}
     seeds = {s.seed for s in summaries}
+    incomplete = [s for s in summaries if s.status is not RunStatus.COMPLETE]
+    status = RunStatus.INTERRUPTED if any(s.status is RunStatus.INTERRUPTED for s in incomplete) else \
+        (RunStatus.RUNNING if incomplete else RunStatus.COMPLETE)
     return RunSummary(run_id="+".join(ids), verdict=Verdict.worst([s.verdict for s in summaries]),
+                      status=status, missing=[f"run {s.run_id}: {m}" for s in incomplete for m in s.missing],
                       started=min(s.started for s in summaries), ended=max(s.ended for s in summaries),
                       profile=profiles.pop() if len(profiles) == 1 else "mixed",
                       seed=seeds.pop() if len(seeds) == 1 else summaries[0].seed, devices=devices, groups=groups,

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..results import ConsensusGroup, DeviceInfo, Judgement, LinksSummary, ProbeResult, RunSummary, Verdict
 from . import analysis, devices
-from .launch import LaunchRequest, run_local
+from .launch import LaunchRequest, interrupt_on_signals, run_local
 from .store import Store
 from .summary import summarize
 
@@ -128,7 +128,7 @@ def execute(opts: RunOptions, store: Store, *, on_result: Callable[[ProbeResult]
     store.begin_run(run_id, host=host, profile=opts.profile, seed=opts.seed, argv=opts.argv or sys.argv,
                     config={"devices": opts.devices, "probes": list(opts.probes), "inject": list(opts.inject),
                             "timeout_s": timeout, "duration_s": opts.duration_s, "min_gap": opts.min_gap,
-                            "pid": os.getpid()})
+                            "pid": os.getpid(), "plan": probes})
     store.add_devices(run_id, enumerate(devs))
     collected: list[ProbeResult] = []
 
@@ -141,12 +141,19 @@ def execute(opts: RunOptions, store: Store, *, on_result: Callable[[ProbeResult]
     req = LaunchRequest(run_id=run_id, devices=devs, probes=probes, profile=opts.profile, seed=opts.seed,
                         timeout_s=timeout, inject=list(opts.inject), duration_s=opts.duration_s,
                         options=dict(opts.options))
-    run_local(req, keep, on_start)
-    retest(req, collected, opts, keep, on_start)
-    summary, judgements = judge(run_id, dict(enumerate(devs)), collected, opts, started, store)
-    store.add_judgements(run_id, judgements)
-    if summary.links is not None:
-        store.add_links(run_id, summary.links)
+    # issue 20: SIGINT/SIGTERM/SIGHUP end the run here: its workers are killed (run_local), what it
+    # measured is already stored, and the run is marked `interrupted` before the exception goes on.
+    with interrupt_on_signals():
+        try:
+            run_local(req, keep, on_start)
+            retest(req, collected, opts, keep, on_start)
+            summary, judgements = judge(run_id, dict(enumerate(devs)), collected, opts, started, store)
+            store.add_judgements(run_id, judgements)
+            if summary.links is not None:
+                store.add_links(run_id, summary.links)
+        except KeyboardInterrupt:
+            store.interrupt_run(run_id)
+            raise
     store.end_run(run_id, summary.verdict)
     return summary
 

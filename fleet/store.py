@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS runs (
     seed INTEGER NOT NULL,
     argv TEXT NOT NULL,
     config TEXT NOT NULL,
-    verdict TEXT
+    verdict TEXT,
+    status TEXT
 );
 CREATE TABLE IF NOT EXISTS devices (
     run_id TEXT NOT NULL REFERENCES runs(run_id),
@@ -223,6 +224,8 @@ class Store:
             app = conn.execute("PRAGMA application_id").fetchone()[0]
             if app != APPLICATION_ID or not _OUR_TABLES - {"sqlite_sequence"} <= tables:
                 _build(conn)  # a store from before the id or a newer table: bring it up to date
+            if not _has_column(conn, "runs", "status"):  # a store from before run status: additive
+                conn.execute("ALTER TABLE runs ADD COLUMN status TEXT")
         except sqlite3.Error as e:
             conn.close()
             raise StoreError(_write_message(self.path, "to it", e)) from None
@@ -354,9 +357,9 @@ class Store:
                   config: dict[str, Any], started: float | None = None) -> None:
         """Record a new run. Raises StoreError when the store cannot take it: nothing was measured yet."""
         self._write("the run", lambda: self.conn.execute(
-            "INSERT INTO runs (run_id, started, host, profile, seed, argv, config) VALUES (?,?,?,?,?,?,?)",
+            "INSERT INTO runs (run_id, started, host, profile, seed, argv, config, status) VALUES (?,?,?,?,?,?,?,?)",
             (run_id, time.time() if started is None else started, host, profile, seed, json.dumps(argv),
-             json.dumps(config, sort_keys=True))))
+             json.dumps(config, sort_keys=True), "running")))
         if self.failure is not None:
             raise StoreError(self.failure)
 
@@ -407,10 +410,29 @@ class Store:
         """Record the run's verdict. Raises StoreError when any write of this store failed (the run is
         over: its results are in the store or in the unsaved file that the message names)."""
         self._write("the verdict", lambda: self.conn.execute(
-            "UPDATE runs SET ended=?, verdict=? WHERE run_id=?", (time.time(), verdict.value, run_id)))
+            "UPDATE runs SET ended=?, verdict=?, status=? WHERE run_id=?",
+            (time.time(), verdict.value, "complete", run_id)))
         msg = self.failure_message()
         if msg is not None:
             raise StoreError(msg)
+
+    def interrupt_run(self, run_id: str) -> None:
+        """Mark a run that was cut short `interrupted` (no verdict: reports judge what it measured and
+        say it is incomplete). Never raises: the run is already on its way out."""
+        if self.readonly or self.failure is not None:
+            return
+        try:
+            self.conn.execute("UPDATE runs SET ended=?, status=? WHERE run_id=? AND verdict IS NULL",
+                              (time.time(), "interrupted", run_id))
+        except sqlite3.Error:
+            pass
+
+    def run_status(self, run_id: str) -> str | None:
+        """The stored status of a run (`running`, `complete`, `interrupted`); None from an older store."""
+        if not _has_column(self.conn, "runs", "status"):
+            return None
+        row = self.conn.execute("SELECT status FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        return None if row is None or row[0] is None else str(row[0])
 
     def has_result(self, r: ProbeResult) -> bool:
         """Whether this exact result (run, rank, probe, case, start time) is stored: ingest's idempotence key."""
@@ -512,6 +534,10 @@ class Store:
     def latest_run(self) -> str | None:
         row = self.conn.execute("SELECT run_id FROM runs ORDER BY started DESC LIMIT 1").fetchone()
         return row[0] if row else None
+
+
+def _has_column(conn: sqlite3.Connection, table: str, column: str) -> bool:
+    return any(r[1] == column for r in conn.execute(f"PRAGMA table_info({table})"))
 
 
 def _build(conn: sqlite3.Connection) -> None:

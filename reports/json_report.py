@@ -20,6 +20,7 @@ def to_dict(s: RunSummary) -> dict[str, Any]:
         "seed": s.seed,
         "started": s.started,
         "ended": s.ended,
+        **({"status": s.status.value, "missing": s.missing} if s.status.value != "complete" else {}),
         "devices": [
             {
                 "rank": d.rank,
