@@ -852,12 +852,15 @@ def repro_shrink(capture_dir: str, reference: str, device: str | None, rank: int
     the earlier ops (each on its recorded inputs) keep the few it needs, and repro.py replays them in order."""
     from .reproducers import emit
     from .reproducers import shrink as sk
+    from .reproducers import verify as vf
 
     _check_output(output, "-o")  # before the shrink, not after it
     if collective:
         case = _repro_call(lambda: sk.shrink_collective(capture_dir, device=device))
         text = emit.render_collective(case, metric_line=case.divergence.metric.line())
         click.echo(f"{case.op}: {case.world} ranks; {case.divergence.metric.line()}")
+        check = vf.verify(text, suspect="cpu", reference="cpu", hook=_repro_call(lambda: vf.collective_hook(inject)),
+                          collective=True)
     else:
         r = _repro_call(lambda: sk.shrink_capture(capture_dir, reference=reference, device=device, rank=rank,
                                                   inject=inject, repeats=repeat, live_inject=live_inject))
@@ -867,6 +870,13 @@ def repro_shrink(capture_dir: str, reference: str, device: str | None, rank: int
         after = f" after {len(r.history)} earlier ops ({', '.join(c.op for c in r.history)})" if r.history else ""
         click.echo(f"op #{r.divergence.index} {r.case.op}({shapes}){after}: {r.metric.line()} "
                    f"[{r.tries} candidates, {r.seconds:.1f} s]")
+        hook = _repro_call(lambda: vf.hook_spec(inject, r.divergence.rank, op=r.case.op, history=bool(r.history),
+                                                live=live_inject))
+        ref_dev = _repro_call(lambda: vf.reference_device(reference, capture_dir))
+        check = vf.verify(text, suspect=r.divergence.device, reference=ref_dev, hook=hook)
+    if not check.ok:  # a repro never lies: run as the vendor would, before it is written
+        _fail(f"{output} not written: {check.line()}")
+    click.echo(check.line())
     try:
         Path(output).write_text(text)
     except OSError as e:

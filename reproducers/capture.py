@@ -123,6 +123,24 @@ class Recorder(TorchDispatchMode):
         self.storages[key] = (self._next_storage, weakref.ref(t), vid)
         return self._next_storage, None
 
+    def _alias_offset(self, t: torch.Tensor, base: int) -> int | None:
+        """The storage offset that makes `t` an `as_strided` of tensor `base` in replay, or None when
+        replay could not rebuild it that way (then `t` is saved as bytes: faithful values, lost aliasing).
+
+        Replay rebuilds a saved tensor in a storage of its own extent at offset 0, and an op's output
+        as the op made it; so `t` must lie inside the elements `base` itself spans. A gradient-bucket
+        view (DDP) or an all-gather buffer (FSDP) that outgrew the first tensor seen on its storage
+        does not, and an `as_strided` of it would read out of bounds."""
+        known = next((v for v in self.storages.values() if v[2] == base), None)
+        b = known[1]() if known is not None else None
+        if b is None or b.dtype != t.dtype:
+            return None
+        lo, hi = _span(t)
+        blo, bhi = _span(b)
+        if lo < blo or hi > bhi:
+            return None
+        return t.storage_offset() - b.storage_offset() if base in self.tensors else t.storage_offset()
+
     def meta(self, t: torch.Tensor, storage: int) -> fmt.TensorMeta:
         return fmt.TensorMeta(shape=list(t.shape), stride=list(t.stride()), dtype=str(t.dtype).removeprefix("torch."),
                               device=str(t.device), storage_offset=t.storage_offset(), storage=storage)
@@ -135,8 +153,9 @@ class Recorder(TorchDispatchMode):
         m = self.meta(t, sid)
         if t.device.type != "cpu":
             self.device = str(t.device)
-        if base is not None and base != vid:
-            args = [{"t": base}, list(t.shape), list(t.stride()), t.storage_offset()]
+        offset = self._alias_offset(t, base) if base is not None and base != vid else None
+        if offset is not None:
+            args = [{"t": base}, list(t.shape), list(t.stride()), offset]
             self._append(fmt.OpRecord(index=-1, op="aten.as_strided.default", args=args, kwargs={}, outputs=[vid],
                                       out_meta=[m], fingerprints=[fmt.fingerprint(t)]))
             return vid
@@ -231,6 +250,10 @@ class Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         if func.namespace in _SKIP_NAMESPACES:
             return func(*args, **kwargs)
+        if any(_is_subclass(t) for t in types):
+            # DTensor (FSDP2, TP), AsyncCollectiveTensor, ...: let the subclass run first; it re-dispatches
+            # on its plain local tensors, which is what a chip computes and what we record.
+            return NotImplemented
         if self.pending:
             self.flush()
         if func is torch.ops._c10d_functional._wrap_tensor_autograd.default:
@@ -284,6 +307,14 @@ class Recorder(TorchDispatchMode):
         return cap
 
 
+_PLAIN_DISPATCH = (torch.Tensor.__torch_dispatch__, torch._C._disabled_torch_dispatch_impl)
+
+
+def _is_subclass(t: type) -> bool:
+    """A tensor subclass with its own __torch_dispatch__ (not a plain tensor or a Parameter)."""
+    return getattr(t, "__torch_dispatch__", torch.Tensor.__torch_dispatch__) not in _PLAIN_DISPATCH
+
+
 def _seeded(func: Any, args: list[Any], kwargs: dict[str, Any]) -> bool:
     """Does this call consume the RNG? Attention kernels carry the seeded tag for their dropout; with
     dropout_p == 0 they are plain compute (and a fault target), so replay must recompute them."""
@@ -294,6 +325,12 @@ def _seeded(func: Any, args: list[Any], kwargs: dict[str, Any]) -> bool:
             p = kwargs.get("dropout_p", args[i] if i < len(args) else a.default_value)
             return bool(p)
     return True
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last] storage element `t` addresses."""
+    lo = t.storage_offset()
+    return lo, lo + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True) if n > 1)
 
 
 def _fields(rec: fmt.OpRecord) -> dict[str, Any]:

@@ -14,6 +14,7 @@ user's machine is data, never code.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
@@ -187,14 +188,40 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 # --- tensors <-> bytes ------------------------------------------------------------------------
 
-def tensor_bytes(t: Any) -> bytes:
-    """The raw bytes of a tensor's elements in row-major order (host copy)."""
-    import torch
+def host_contiguous(t: Any) -> Any:
+    """`t` as a contiguous host tensor: `t` itself when it already is one (no copy, no dispatch)."""
+    if t.device.type == "cpu" and t.is_contiguous() and not t.is_conj() and not t.is_neg():
+        return t
+    return t.detach().resolve_conj().resolve_neg().contiguous().cpu()
 
-    flat = t.detach().contiguous().reshape(-1).cpu()
-    if flat.dtype == torch.bool:
-        flat = flat.to(torch.uint8)
-    return flat.view(torch.uint8).numpy().tobytes()
+
+def materialised(t: Any) -> bool:
+    """Does `t`'s storage hold every element it addresses? (FSDP frees parameter storages with
+    `resize_(0)` between uses: such a tensor has a shape but no bytes.)"""
+    if t.numel() == 0:
+        return True
+    last = t.storage_offset() + sum((s - 1) * st for s, st in zip(t.shape, t.stride(), strict=True) if s > 1)
+    return t.untyped_storage().nbytes() >= (last + 1) * t.element_size()
+
+
+def _borrow(flat: Any) -> memoryview:
+    """The bytes of a contiguous host tensor, borrowed (valid while `flat` lives).
+
+    Never `Tensor.numpy()`: it marks the storage non-resizable for good, and FSDP's `free_storage`
+    (`storage.resize_(0)`) then fails in the user's step."""
+    n = flat.numel() * flat.element_size()
+    if n == 0:
+        return memoryview(b"")
+    return memoryview((ctypes.c_char * n).from_address(flat.data_ptr())).cast("B")
+
+
+def tensor_bytes(t: Any) -> bytes:
+    """The raw bytes of a tensor's elements in row-major order (host copy; b"" when the storage was
+    freed: see `materialised`)."""
+    if not materialised(t):
+        return b""
+    flat = host_contiguous(t)
+    return bytes(_borrow(flat))
 
 
 def tensor_from_bytes(data: bytes, shape: list[int], dtype: str, device: str = "cpu") -> Any:
@@ -209,7 +236,11 @@ def tensor_from_bytes(data: bytes, shape: list[int], dtype: str, device: str = "
 
 
 def fingerprint(t: Any) -> str:
-    return sha256(tensor_bytes(t))[:16]
+    """SHA-256 (16 hex digits) of a tensor's bytes, hashed in place ("" for a freed storage)."""
+    if not materialised(t):
+        return ""
+    flat = host_contiguous(t)
+    return hashlib.sha256(_borrow(flat)).hexdigest()[:16]
 
 
 def jsonable(x: float) -> float | str:

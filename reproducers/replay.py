@@ -42,6 +42,18 @@ class ReplayError(RuntimeError):
     """The capture cannot be replayed here (unknown op, missing blob, bad reference)."""
 
 
+class CaptureDefect(ReplayError):
+    """An op that crashes on its recorded inputs on the suspect AND on the reference: the capture did
+    not record what the op consumed (a view of a storage resized behind the recorder's back, ...).
+    That is a defect of the capture, never the chip failure being reproduced (exit 2, the op named)."""
+
+    def __init__(self, rank: int, index: int, op: str, message: str):
+        self.rank, self.index, self.op = rank, index, op
+        super().__init__(f"capture defect: rank {rank} op #{index} {op} crashes on its recorded inputs on every "
+                         f"device (suspect and reference): {message}; the capture did not record what this op "
+                         "consumed, so no reproducer is made from it")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Metric:
     """How one output differs from the reference."""
@@ -99,10 +111,23 @@ class ReplayResult:
 
 # --- decoding ---------------------------------------------------------------------------------
 
+# Namespaces of ops that torch registers only when a module is imported (FSDP2's copy-in / copy-out).
+_OP_MODULES = {"fsdp": "torch.distributed.fsdp._fully_shard._fsdp_collectives",
+               "_c10d_functional": "torch.distributed._functional_collectives",
+               "_dtensor": "torch.distributed.tensor"}
+
+
 def resolve_op(name: str) -> Any:
     """`aten.mm.default` -> torch.ops.aten.mm.default."""
+    import importlib
+
     ns, _, rest = name.partition(".")
     packet, _, overload = rest.rpartition(".")
+    if ns in _OP_MODULES:
+        try:
+            importlib.import_module(_OP_MODULES[ns])
+        except ImportError:  # torch without distributed: the op is then reported as unavailable below
+            pass
     try:
         return getattr(getattr(getattr(torch.ops, ns), packet), overload)
     except (AttributeError, RuntimeError) as e:
@@ -249,13 +274,13 @@ class Simulation:
                     continue
                 n = calls.get(i, 0)
                 calls[i] = n + 1
-                if n < f.after or (f.count and n >= f.after + f.count):
+                if n < f.after or (n - f.after) % f.every or (f.count and n >= f.after + f.count * f.every):
                     continue
                 # faults.corrupt seeds its element choice with seed * 1000003 + call; an isolated op is
                 # call 0, so solve for the seed that picks the element the step's call n picked.
                 seed = ((f.seed * 1_000_003 + n) * _INV) & 0x7FFFFFFF
-                out.setdefault(rec.index, []).append(replace(f, after=0, count=1, ranks=None, probe=None,
-                                                             at="call", seed=seed))
+                out.setdefault(rec.index, []).append(replace(f, after=0, count=1, every=1, ranks=None,
+                                                             probe=None, scope="probe", at="call", seed=seed))
         return out
 
 
@@ -314,7 +339,9 @@ def replay(cap: fmt.Capture, *, device: str | None = None, reference: str = "cpu
                 try:
                     with injector(schedule.get(rec.index)):
                         out = func(*args, **kwargs)
-                except Exception as e:  # the suspect crashed inside the op: that is the finding
+                except Exception as e:  # the suspect crashed inside the op: the finding, unless everyone does
+                    if _crashes_on_reference(func, args, kwargs, ref_dev, upcast):
+                        raise CaptureDefect(cap.rank, rec.index, rec.op, f"{type(e).__name__}: {e}") from None
                     result.divergence = Divergence(rank=cap.rank, index=rec.index, op=rec.op, output=0,
                                                    metric=Metric(cls="crash", message=f"{type(e).__name__}: {e}"),
                                                    device=dev, reference=reference, stack=rec.stack,
@@ -342,6 +369,20 @@ def replay(cap: fmt.Capture, *, device: str | None = None, reference: str = "cpu
             if result.divergence is not None and stop_at_first:
                 break
     return result
+
+
+def _crashes_on_reference(func: Any, args: Any, kwargs: dict[str, Any], ref_dev: str, upcast: bool) -> bool:
+    """Does the op crash on the reference too, from copies of the same inputs (views kept as views)?"""
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        try:
+            return to_reference(t, ref_dev, upcast)
+        except Exception:  # noqa: BLE001 - an input that cannot even be copied is unusable everywhere
+            return t
+    try:
+        func(*map_tensors(args, copy), **{k: map_tensors(v, copy) for k, v in kwargs.items()})
+    except Exception:  # noqa: BLE001
+        return True
+    return False
 
 
 def _substitute(cap: fmt.Capture, rec: fmt.OpRecord, args: Any, dev: str, result: ReplayResult,

@@ -360,7 +360,7 @@ def shrink_capture(root: str, *, reference: str = "cpu64", device: str | None = 
     sim = rp.Simulation.parse(inject, cap.rank)
     faults = sim.schedule(cap.ops).get(div.index) if sim else None
     if live_inject:  # the simulated chip counts matching calls as they run: a fault may need history
-        faults = [replace(f, ranks=None, probe=None, at="call") for f in sim.faults] if sim else None
+        faults = [replace(f, ranks=None, probe=None, scope="probe", at="call") for f in sim.faults] if sim else None
     target = Target(device=dev, reference=reference, faults=faults, repeats=repeats)
     case = op_case(rec, div.inputs, div.output)
     first = target.run(case)
