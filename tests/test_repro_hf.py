@@ -1,0 +1,97 @@
+"""Reproducers from a training stack nobody here wrote: a HuggingFace transformers GPT-2 (tiny config,
+no download), one AdamW step on 2 real gloo ranks under DDP and under FSDP2 (`fully_shard`), with a
+process-scope chip fault on rank 1 only. Capture must not change the step; replay vs cpu64 names the
+corrupted GEMM; shrink writes a repro.py that exits 1 with the fault and 0 without."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from conftest import run_cli
+
+pytest.importorskip("transformers")
+
+FAULT = "bitflip:rank=1,bit=20,dtype=float32,every=2,scope=process"
+
+
+def _model(mode: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=256, n_positions=64, attn_pdrop=0.0,
+                     embd_pdrop=0.0, resid_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    model: torch.nn.Module = GPT2LMHeadModel(cfg)
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in model.transformer.h:
+            fully_shard(block)
+        fully_shard(model)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor) -> None:
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def _state(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach().clone()
+            for p in model.parameters()]
+
+
+def _rank(rank: int, world: int, root: str, mode: str) -> None:
+    import torch.distributed as dist
+
+    from chipcheck.probes import faults
+    from chipcheck.reproducers import capture
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root}-pg", rank=rank, world_size=world)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(rank))
+    # capture never changes the step: the same step with and without it gives the same bits
+    bare, bare_opt = _model(mode)
+    _step(bare, bare_opt, ids)
+    model, opt = _model(mode)
+    with capture(f"{root}-clean"):
+        _step(model, opt, ids)
+    for a, b in zip(_state(bare), _state(model), strict=True):
+        assert torch.equal(a, b), f"rank {rank}: capture changed the step's result"
+    # the chip goes bad on rank 1: every 2nd fp32 GEMM of the process flips bit 20
+    off = faults.start_process_faults(faults.parse(FAULT), rank)
+    with capture(root):
+        _step(model, opt, ids)
+    off()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_hf_gpt2_two_ranks_capture_replay_shrink(mode: str, tmp_path: Path) -> None:
+    root = tmp_path / "cap"
+    mp.start_processes(_rank, args=(2, str(root), mode), nprocs=2, start_method="spawn")
+    # the healthy rank replays clean against float64; the bad one names a corrupted GEMM
+    p = run_cli("repro", "replay", str(root), "--rank", "0", "--reference", "cpu64")
+    assert p.returncode == 0 and "every op agrees with cpu64" in p.stdout, p.stdout + p.stderr
+    p = run_cli("repro", "replay", str(root), "--rank", "1", "--reference", "cpu64", "--inject", FAULT)
+    assert p.returncode == 1 and "first divergent op" in p.stdout and "20x1" in p.stdout, p.stdout + p.stderr
+    assert any(g in p.stdout for g in ("aten.addmm.default", "aten.mm.default", "aten.bmm.default"))
+    out = tmp_path / "repro.py"
+    p = run_cli("repro", "shrink", str(root), "--rank", "1", "--reference", "cpu64", "--inject", FAULT,
+                "-o", str(out))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "verified:" in p.stdout and out.exists()
+    bad = subprocess.run([sys.executable, str(out), "--inject", "bitflip:bit=20"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 1 and "REPRODUCED" in bad.stdout, bad.stdout + bad.stderr
+    good = subprocess.run([sys.executable, str(out)], capture_output=True, text=True, timeout=120)
+    assert good.returncode == 0, good.stdout + good.stderr
