@@ -57,7 +57,14 @@ def main() -> None:
         # the same op with its recorded (unshrunk) inputs embedded: the file size without input shrinking
         full = sk.op_case(next(o for o in c.result.ops if o.index == r.divergence.index), r.divergence.inputs, 0)
         text_full = emit.render_op(full, device="cpu", metric_line=r.metric.line())
-    out = {"date": "2026-11-25", "machine": "2-core CPU VM, torch 2.13.0+cpu", "preset": "tiny",
+    import os
+    import platform
+
+    import torch
+
+    out = {"date": time.strftime("%Y-%m-%d"), "preset": "tiny",
+           "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}, "
+                      f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}",
            "step_bare_ms": 1e3 * statistics.median(bare), "step_captured_ms": 1e3 * statistics.median(captured),
            "capture_overhead_ratio": statistics.median(captured) / statistics.median(bare),
            "ops_per_step": ops, "capture_dir_bytes": cap_bytes, "shrink_s": shrink_s, "shrink_candidates": r.tries,
