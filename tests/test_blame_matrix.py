@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import run_json
+from conftest import run_cli, run_json
 
 from chipcheck.probes import faults
 
@@ -40,3 +40,20 @@ def test_only_the_faulty_chip_is_blamed(tmp_path: Path, kind: str, faulty: int) 
     assert innocent_failures(data, faulty) == []
     assert list(blamed(data)) == [faulty], out[-3000:]
     assert data["summary"]["failed"] == 1 and data["summary"]["failed_fraction"] == 0.25
+
+
+@pytest.mark.timing
+def test_a_whole_default_run_with_one_bad_chip_fails_one_device_in_four(tmp_path: Path) -> None:
+    # speed is judged too here (timing phase): the bad chip's peers are neither wrong nor slow
+    rc, data, out = run_json(tmp_path, *RUN, "--inject", FAULTS["bitflip-fp32-every-2nd"].format(r=1), timeout=600)
+    assert rc == 1, out[-3000:]
+    assert innocent_failures(data, 1) == [] and list(blamed(data)) == [1]
+    report = run_cli("report", "latest", "--db", str(tmp_path / "results.db"))
+    assert "1/4 devices = 25.0% failing" in report.stdout, report.stdout[-2000:]
+
+
+@pytest.mark.timing
+def test_a_clean_default_run_calls_nobody_slow_or_wrong(tmp_path: Path) -> None:
+    rc, data, out = run_json(tmp_path, *RUN, timeout=600)
+    assert rc == 0 and blamed(data) == {}, out[-3000:]
+
