@@ -101,6 +101,8 @@ class _Worker:
     log: IO[bytes] | None = None  # an unlinked file: the worker's stderr
     done: bool = False
     losses: int = 0  # times this rank was lost (crash, hang)
+    ops: int | None = None  # collective ops entered in its case, as it last said (`progress`)
+    polled: float = 0.0  # when it was asked for its progress (0: not asked)
 
     @property
     def where(self) -> str:
@@ -178,6 +180,7 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
                                   start_new_session=True)
         _tell(w, plan.to_json())
         w.current, w.waiting, w.since, w.hello, w.killed_for, w.kill_note = None, None, time.monotonic(), False, None, ""
+        w.ops, w.polled = None, 0.0
         threading.Thread(target=_pump, args=(w.rank, w.proc, q), daemon=True).start()
 
     def kill(w: _Worker, why: ErrorKind, note: str = "") -> None:
@@ -245,6 +248,36 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
         restart = kind is ErrorKind.CRASH and w.losses < MAX_LOSSES
         finish_or_restart(w, restart, f"rank {w.rank} ({what}) was lost; not started again", kind)
 
+    def collective_timeout(w: _Worker, now: float) -> None:
+        """A collective case past its watchdog: every rank in it waits, so ask each how far it got
+        (`progress?`) and time out the ranks that stopped short of their peers; when none can be told
+        apart, the whole group is timed out, saying so."""
+        assert w.current is not None
+        if any(o.killed_for is not None and o.current == w.current for o in workers):
+            return  # a rank of this case is being ended: its loss decides for the others (peer_lost)
+        group = [o for o in workers if o.current == w.current and o.killed_for is None and o.proc is not None]
+        if not w.polled:
+            for o in group:
+                o.ops, o.polled = None, now
+                _tell(o, json.dumps({"t": "progress?"}))
+            return
+        if now - w.polled < 2.0 and any(o.ops is None for o in group):
+            return  # give them a moment to answer
+        said = {o.rank: o.ops for o in group if o.ops is not None}
+        probe, case = w.current
+        base = (f"{probe} {case} on {{host}} {{label}} (rank {{rank}}, seed {req.seed}) exceeded its "
+                f"{req.timeout_s:g}s watchdog")
+        if len(group) > 1 and said and len(set(said.values())) > 1:
+            low, high = min(said.values()), max(said.values())
+            hung = [o for o in group if said.get(o.rank, low) == low]
+            note = f"; it stopped at collective op #{low} while its peers reached #{high}; worker killed"
+        else:
+            hung = group
+            note = ("; the whole group waited in it, and no rank could be told from the others"
+                    f"{f' (each at collective op #{next(iter(said.values()))})' if said else ''}; worker killed")
+        for o in hung:
+            kill(o, ErrorKind.TIMEOUT, base.format(host=o.info.host, label=o.info.label, rank=o.rank) + note)
+
     def lock_stalled(w: _Worker, now: float) -> str:
         """Why `w`'s wait for the host lock is over (its holder stalled past the watchdog), or ''."""
         if w.waiting is None or now - w.since <= req.timeout_s:
@@ -285,6 +318,8 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
                     w.current, w.waiting, w.since = (msg["probe"], msg["case"]), None, time.monotonic()
                     if on_start:
                         on_start(rank, msg["probe"], msg["case"])
+                elif msg["t"] == "progress":
+                    w.ops = int(msg.get("ops", 0))
                 elif msg["t"] == "result":
                     res = _blame_the_lost(ProbeResult.from_dict(msg["result"]), lost_ranks, workers)
                     with contextlib.suppress(ValueError):
@@ -297,11 +332,14 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
                     continue
                 if not w.hello and now - w.since > max(STARTUP_TIMEOUT_S, req.timeout_s):
                     kill(w, ErrorKind.TIMEOUT)
-                elif w.current is not None and now - w.since > req.timeout_s:
-                    kill(w, ErrorKind.TIMEOUT)
                 elif (w.current is not None and _is_collective(w.current[0])
                       and any(r != w.rank for r in lost_ranks)):
                     kill(w, ErrorKind.PEER_LOST)  # blocked on a rank that is gone: stop waiting now
+                elif w.current is not None and now - w.since > req.timeout_s:
+                    if _is_collective(w.current[0]):
+                        collective_timeout(w, now)
+                    else:
+                        kill(w, ErrorKind.TIMEOUT)
                 elif why := lock_stalled(w, now):
                     kill(w, ErrorKind.TIMEOUT, why)
     finally:

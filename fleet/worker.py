@@ -169,14 +169,34 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(70)
 
 
-def _control(stream: IO[str], peers_lost: dict[str, str]) -> None:
-    """The launcher's control channel: `peer_lost` lines; end of file means the launcher is gone."""
+def _control(stream: IO[str], peers_lost: dict[str, str], progress: dict[str, int],
+             send: Any = None) -> None:
+    """The launcher's control channel: `peer_lost` lines, and `progress?` (how many collective ops
+    this rank has entered in its case: a hung rank stops short of its peers); end of file means the
+    launcher is gone."""
     for line in stream:
-        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+        with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError, OSError):
             msg = json.loads(line)
             if msg.get("t") == "peer_lost":
                 peers_lost[str(int(msg["rank"]))] = str(msg.get("why", ""))
+            elif msg.get("t") == "progress?" and send is not None:
+                send({"t": "progress", "ops": progress["ops"]})
     os._exit(70)  # no launcher: nobody would read a result, and no process may outlive its run
+
+
+def _op_counter(progress: dict[str, int]) -> Any:
+    """A dispatch mode counting the c10d ops a collective case enters. Entered before the case's
+    fault injector, it sees an op only once the injector lets it through (a rank hung there, as a
+    hung chip before its collective, is not counted)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if getattr(func, "namespace", "") == "c10d":
+                progress["ops"] += 1
+            return func(*args, **(kwargs or {}))
+
+    return _Count
 
 
 def _open_channel() -> IO[str]:
@@ -191,15 +211,19 @@ def _open_channel() -> IO[str]:
 def run_plan(plan: WorkerPlan, control: IO[str] | None = None) -> int:
     chan = _open_channel()
     peers_lost = dict(plan.peers_lost)
-    if control is not None:
-        threading.Thread(target=_control, args=(control, peers_lost), daemon=True).start()
+    progress = {"ops": 0}
     env = torchrun_env()
     info = DeviceInfo.from_dict(plan.device)
     rank = env["rank"]
+    said = threading.Lock()
 
     def send(msg: dict[str, Any]) -> None:
-        chan.write(json.dumps(msg) + "\n")
-        chan.flush()
+        with said:  # the control thread answers on the same channel
+            chan.write(json.dumps(msg) + "\n")
+            chan.flush()
+
+    if control is not None:
+        threading.Thread(target=_control, args=(control, peers_lost, progress, send), daemon=True).start()
 
     settings = apply_settings(info.kind.value, plan.cpu_threads, plan.cpu_cores)
     settings.update({"world_size": env["world_size"], "local_rank": env["local_rank"]})
@@ -264,7 +288,12 @@ def run_plan(plan: WorkerPlan, control: IO[str] | None = None) -> int:
                 started = time.time()
                 # a time-budgeted case's clock starts once it holds the host, not while it queues
                 ctx.deadline = time.monotonic() + per_case_s if per_case_s else None
-                outcome = _run_one(probe, ctx, cfg, case)
+                if probe.collective:
+                    progress["ops"] = 0
+                    with _op_counter(progress)():
+                        outcome = _run_one(probe, ctx, cfg, case)
+                else:
+                    outcome = _run_one(probe, ctx, cfg, case)
             result = stamp(plan.run_id, plan.seed, info, rank, probe_name, case, outcome, settings, fault_list, started)
             if probe.collective and outcome.error is not None and not group_failure:
                 group_failure = f"{case}: {outcome.error.message[:160]}"

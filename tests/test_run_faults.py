@@ -142,6 +142,21 @@ def test_a_hang_is_that_ranks_timeout_only_and_the_run_ends_soon_after(tmp_path:
     assert took < 100, took
 
 
+@pytest.mark.parametrize("hung", [0, 2])
+def test_a_rank_hung_inside_a_collective_is_told_from_the_ranks_waiting_for_it(tmp_path: Path, hung: int) -> None:
+    """Every rank of a hung collective waits past the watchdog; the one that stopped short of its peers'
+    collective ops is the one timed out (before: whichever rank had started the case first)."""
+    rc, data, out = run_json(tmp_path, "--probes", "collectives", "--devices", "cpu:3", *NO_SPEED,
+                             "--inject", f"hang:rank={hung},op=allreduce_,after=3", "--timeout", "15")
+    assert rc == 1, out
+    assert _verdicts(data) == {r: "error" if r == hung else "pass" for r in range(3)}, out
+    err = next(c["error"] for c in _cases(data, hung, "collectives") if c.get("error"))
+    assert err["kind"] == "timeout" and "stopped at collective op" in err["message"]
+    for r in set(range(3)) - {hung}:
+        assert all(c["error"]["kind"] == "peer_lost" and f"peer rank {hung} lost" in c["error"]["message"]
+                   for c in _cases(data, r, "collectives") if c.get("error"))
+
+
 def test_sigkill_of_one_worker_mid_run_is_that_ranks_error_only(tmp_path: Path) -> None:
     mark = uuid.uuid4().hex
     out = tmp_path / "run.json"
