@@ -288,7 +288,9 @@ def run_plan(plan: WorkerPlan, control: IO[str] | None = None) -> int:
                 started = time.time()
                 # a time-budgeted case's clock starts once it holds the host, not while it queues
                 ctx.deadline = time.monotonic() + per_case_s if per_case_s else None
-                if probe.collective:
+                # CPU only: a Python dispatch mode costs microseconds per op, which a GPU's timed
+                # collectives would feel; there the launcher times out the whole hung group instead.
+                if probe.collective and info.kind.value == "cpu":
                     progress["ops"] = 0
                     with _op_counter(progress)():
                         outcome = _run_one(probe, ctx, cfg, case)
