@@ -119,3 +119,9 @@ def test_a_slow_link_stays_slow_only_when_its_retest_confirms_it() -> None:
     assert not [x for x in same.links if x.verdict is Verdict.SLOW] and js[0].verdict is Verdict.PASS
     untested, _ = speed.confirm_links(links, [], [], hosts, POLICY)
     assert "not retested" in next(x.reason for x in untested.links if (x.src, x.dst) == (1, 2))
+
+
+def test_probes_that_cannot_tell_their_noise_make_no_suspect() -> None:
+    # one case per device and probe (an interrupted run's partial results): no noise, no evidence
+    results = [_r(k, "matmul", "fp32/exact", v) for k, v in enumerate((1.0, 0.5, 1.0, 1.0))]
+    assert speed.suspects(results, POLICY, METRIC, KERNEL) == []

@@ -128,6 +128,8 @@ def _noise(per_device: list[list[float]]) -> float:
 def _combined(evs: list[_Evidence]) -> tuple[float, float]:
     """Inverse-variance weighted mean log ratio over probes (weight cases / noise²), and its width."""
     w = [e.cases / e.noise**2 for e in evs]
+    if sum(w) == 0:  # no probe knows its noise (one case per device each): no evidence at all
+        return 1.0, math.inf
     mean = sum(wi * math.log(e.ratio) for wi, e in zip(w, evs, strict=True)) / sum(w)
     return math.exp(mean), 1.0 / math.sqrt(sum(w))
 
