@@ -289,8 +289,10 @@ class LibraryFindings:
 
 
 def library_findings(results: list[ProbeResult]) -> LibraryFindings:
-    """The library-vs-chip findings of a run (used when it is judged and when it is reloaded)."""
+    """The library-vs-chip findings of a run (used when it is judged and when it is reloaded): the
+    independent GEMM's, and tolerance oracles that fire identically on every device (fleet.judge.blame)."""
     from ..probes import xgemm
+    from .judge import blame
 
     _, library = xgemm.second_opinion_findings(results)
     findings = [f"xgemm {case} (fingerprint {fp}): the library GEMM and the independent kernel disagree on "
@@ -298,7 +300,9 @@ def library_findings(results: list[ProbeResult]) -> LibraryFindings:
                 f"{'suspect the library (cuBLAS/BLAS), not the chips' if f.blame.value == 'library' else 'no peer to compare'}"
                 for fp, case, f in library]
     blamed = [(case, f) for _, case, f in library if f.blame.value == "library"]
-    return LibraryFindings(findings=findings, exonerate={(r, "xgemm", case) for case, f in blamed for r in f.ranks},
+    same = blame.systematic(results)
+    return LibraryFindings(findings=findings + same.findings,
+                           exonerate={(r, "xgemm", case) for case, f in blamed for r in f.ranks} | same.exonerate,
                            fleet_verdict=Verdict.WRONG if blamed else Verdict.PASS)
 
 

@@ -80,3 +80,17 @@ def test_own_evidence_is_held_and_explained_once() -> None:
     assert blame.held_against(r) is Verdict.WRONG
     line = summary.explain(r)
     assert line.count("replica check") == 1 and "(x4)" in line and "first at ?" not in line
+
+
+def test_a_reference_deviation_every_chip_shares_bit_for_bit_blames_no_chip() -> None:
+    ref = Mismatch(oracle=Oracle.REFERENCE, tensor="dq", bad_elements=48, total_elements=32768)
+    results = [_res(r, "attention", "bfloat16/d128/causal", Verdict.WRONG, mismatches=[ref], h="same")
+               for r in range(4)]
+    found = blame.systematic(results)
+    assert found.exonerate == {(r, "attention", "bfloat16/d128/causal") for r in range(4)}
+    assert "systematic" in found.findings[0] and "all 4 devices" in found.findings[0]
+    # one chip computing other bits, or an exact oracle firing everywhere, is not systematic
+    odd = results[:3] + [_res(3, "attention", "bfloat16/d128/causal", Verdict.WRONG, mismatches=[ref], h="other")]
+    assert blame.systematic(odd).exonerate == set()
+    exact = [_res(r, "matmul", "float32/exact", Verdict.WRONG, mismatches=[_own()], h="same") for r in range(4)]
+    assert blame.systematic(exact).exonerate == set()

@@ -13,6 +13,10 @@ A value every rank of a group holds alike (a global loss, a replica vote with no
 2. with no such member, every member is `suspect`, as a named group with the evidence: retest it.
 
 A consensus vote without a strict majority is a suspicion of the same kind (fleet.analysis).
+
+The converse: when every device of a fingerprint computed the same bits and a tolerance oracle (the
+float64 reference) fired on all of them alike, no chip is to blame (`systematic`): the finding is
+the fleet's (the library's algorithm or the tolerance model), reported once.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from ...results import Blame, ConsensusGroup, Judgement, ProbeResult, Verdict
+from ...results import Blame, ConsensusGroup, Judgement, Oracle, ProbeResult, Verdict
 
 _CORRUPT = (Verdict.WRONG, Verdict.FLAKY)
 
@@ -103,3 +107,40 @@ def resolve(results: list[ProbeResult], judgements: list[Judgement], groups: lis
                     f"suspect: {s.probe} {s.case}: ranks [{members}] hold a fault no check could pin to one "
                     f"member ({s.evidence}); retest the group")))
     return out
+
+
+# Oracles whose verdict rests on a modelled tolerance: a deviation every chip shares bit for bit is
+# the model's (or the library algorithm's), not any chip's.
+_TOLERANCE = frozenset({Oracle.REFERENCE})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Systematic:
+    """Cases where every device of a fingerprint computed the same bits and the same tolerance
+    oracle fired on all of them: reported once for the fleet, held against no chip."""
+
+    findings: list[str]
+    exonerate: set[tuple[int, str, str]]
+
+
+def systematic(results: list[ProbeResult]) -> Systematic:
+    """A tolerance oracle that fires identically on >= 2 devices whose output bits all agree."""
+    groups: dict[tuple[str, str, str], list[ProbeResult]] = defaultdict(list)
+    for r in results:
+        if r.error is None:
+            groups[(r.fingerprint, r.probe, r.case)].append(r)
+    findings, exonerate = [], set()
+    for (fp, probe, case), rs in sorted(groups.items()):
+        first = rs[0]
+        fired = {(m.oracle, m.tensor, m.bad_elements) for m in first.mismatches}
+        if (len(rs) < 2 or first.verdict not in _CORRUPT or not first.output_hash or not fired
+                or any(o not in _TOLERANCE for o, _, _ in fired)):
+            continue
+        if all(r.output_hash == first.output_hash and r.verdict is first.verdict
+               and {(m.oracle, m.tensor, m.bad_elements) for m in r.mismatches} == fired for r in rs):
+            what = ", ".join(f"{o.value} on {t}: {n} elements" for o, t, n in sorted(fired))
+            findings.append(f"{probe} {case} (fingerprint {fp}): all {len(rs)} devices computed identical bits and "
+                            f"deviate identically from the float64 reference ({what}): systematic (the library's "
+                            f"algorithm or chipcheck's tolerance model), not a chip; held against no device")
+            exonerate |= {(r.rank, probe, case) for r in rs}
+    return Systematic(findings=findings, exonerate=exonerate)
