@@ -22,8 +22,8 @@ Oracles:
 - random cases (full-mantissa uniform inputs): an fp64 reference of the formula
   (softmax(QK^T s + mask) V and its gradients) on sampled (batch, KV-head) groups under the
   dtype-aware tolerance `sigmas * u_eff * (|ref| + mag)`, where mag is the formula evaluated with
-  every term made positive (P|V|, P(|dP| + |D|)|K|, ...: componentwise error analysis, so rows with
-  few keys and the cancellation in dS are covered) and u_eff = sqrt(u^2 (1 + s/256) + (s + d) 2^-48)
+  every term made positive (P|V|, P(|dP| + sum|dO||O|)|K|, ...: componentwise error analysis, so
+  rows with few keys and the cancellation in dS and in D = rowsum(dO O) are covered) and u_eff = sqrt(u^2 (1 + s/256) + (s + d) 2^-48)
   (u: the dtype's unit roundoff; s/256: per-block roundings; (s + d) 2^-48: fp32 accumulation);
   agreement between backends on every element (twice that tolerance); non-finite values;
   repeat-determinism (bitwise) for backends that promise it, and for backends documented
@@ -450,7 +450,10 @@ def reference(inp: Inputs, var: Variant, shape: Shape, n_groups: int, seed: int)
     dp = do @ v.transpose(-1, -2)
     dd = (dp * p).sum(-1, keepdim=True)
     ds = p * (dp - dd)
-    ds_mag = p * (dp.abs() + dd.abs())
+    # Kernels form D = rowsum(dO * O) from the output they rounded: its error scales with
+    # sum |dO| |O|, not with |D| (which cancels: a query row with few keys had dq off by its sign).
+    dd_mag = (do.abs() * (p @ v.abs())).sum(-1, keepdim=True)
+    ds_mag = p * (dp.abs() + dd_mag)
     del dp
     sel.ref = {"out": out, "dq": (ds @ k) * scale,
                "dk": ((ds.transpose(-1, -2) @ q) * scale).sum(1, keepdim=True),
