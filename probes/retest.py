@@ -17,6 +17,7 @@ Cost: rounds x involved ranks x calls kernel calls (about 2 s on CPU for one pai
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -79,8 +80,13 @@ def _links(ctx: ProbeContext, cfg: RetestProbe.Config, pairs: list[tuple[Link, L
     def turn(x: Link, timed: bool) -> None:
         if ctx.rank == x[0]:
             assert buf is not None
-            with ctx.under_test():
-                _, dt = ctx.timer.time(lambda: (dist.send(buf, x[1]), dist.recv(ack, x[1])))
+            with ctx.under_test():  # wall time: a slow link keeps its ends waiting, not computing
+                ctx.timer.sync()
+                t0 = time.perf_counter()
+                dist.send(buf, x[1])
+                dist.recv(ack, x[1])
+                ctx.timer.sync()
+                dt = time.perf_counter() - t0
             if timed:
                 turns[link_key(x)].append(dt)
         elif ctx.rank == x[1]:

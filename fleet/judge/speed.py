@@ -207,6 +207,8 @@ def _t_quantile(p: float, df: int) -> float:
 # ---- links ---------------------------------------------------------------------------------------
 
 LinkKey = tuple[int, int]
+MAX_LINK_RETESTS = 8
+"""Slow links retested per run (the slowest first, at most two per endpoint)."""
 
 
 def link_suspects(links: LinksSummary, hosts: Mapping[int, str]) -> list[tuple[LinkKey, LinkKey]]:
@@ -218,7 +220,12 @@ def link_suspects(links: LinksSummary, hosts: Mapping[int, str]) -> list[tuple[L
 
     ok = [x for x in links.links if x.verdict is Verdict.PASS and x.gbps is not None]
     out = []
-    for s in (x for x in links.links if x.verdict is Verdict.SLOW):
+    per_end: dict[int, int] = defaultdict(int)
+    slow = sorted((x for x in links.links if x.verdict is Verdict.SLOW), key=lambda x: (x.gbps or 0.0, x.src, x.dst))
+    for s in slow:
+        # a slow endpoint makes all its links slow: two of them are enough to confirm it
+        if len(out) >= MAX_LINK_RETESTS or per_end[s.src] >= 2 or per_end[s.dst] >= 2:
+            continue
         same = [x for x in ok if kind(x) == kind(s)]
         apart = [x for x in same if not {x.src, x.dst} & {s.src, s.dst}] or same
         if not apart:
@@ -226,11 +233,19 @@ def link_suspects(links: LinksSummary, hosts: Mapping[int, str]) -> list[tuple[L
         apart.sort(key=lambda x: (x.gbps or 0.0, x.src, x.dst))
         peer = apart[(len(apart) - 1) // 2]
         out.append(((s.src, s.dst), (peer.src, peer.dst)))
+        per_end[s.src] += 1
+        per_end[s.dst] += 1
     return out
 
 
 def link_retest_option(pairs: list[tuple[LinkKey, LinkKey]]) -> dict[str, str]:
     return {"retest_link": ",".join(f"{a}>{b}:{c}>{d}" for (a, b), (c, d) in pairs)} if pairs else {}
+
+
+def turns_for(peers: dict[LinkKey, LinkKey], turns: dict[str, list[float]]) -> set[LinkKey]:
+    """The suspect links that have retest turns (their own and their peer's)."""
+    return {k for k, p in peers.items() if len(turns.get(f"{k[0]}>{k[1]}", [])) >= 3
+            and len(turns.get(f"{p[0]}>{p[1]}", [])) == len(turns[f"{k[0]}>{k[1]}"])}
 
 
 def confirm_links(links: LinksSummary, endpoint_js: list[Judgement], results: list[ProbeResult],
@@ -252,7 +267,7 @@ def confirm_links(links: LinksSummary, endpoint_js: list[Judgement], results: li
         mine = turns.get(f"{x.src}>{x.dst}", [])
         theirs = turns.get(f"{peer[0]}>{peer[1]}", []) if peer else []
         if peer is None or len(mine) < 3 or len(mine) != len(theirs):
-            kept.append(replace(x, verdict=Verdict.PASS, reason=f"link speed suspect, not retested ({x.reason})"))
+            kept.append(x)  # settled below, once the retested links are known
             continue
         ratio, lo, hi = paired_interval([p / m for m, p in zip(mine, theirs, strict=True)], policy.confidence)
         what = (f"{ratio:.2f}x link {peer[0]}->{peer[1]}, {policy.confidence:.0%} interval {lo:.2f}-{hi:.2f} "
@@ -261,6 +276,13 @@ def confirm_links(links: LinksSummary, endpoint_js: list[Judgement], results: li
             kept.append(replace(x, reason=f"{x.reason}; confirmed by retest: {what}"))
         else:
             kept.append(replace(x, verdict=Verdict.PASS, reason=f"link speed suspect cleared by retest: {what}"))
+    confirmed = {e for x in kept if x.verdict is Verdict.SLOW and (x.src, x.dst) in turns_for(peers, turns)
+                 for e in (x.src, x.dst)}
+    # a slow link not retested stays slow only beside a confirmed one on a shared end (a slow endpoint)
+    kept = [x if x.verdict is not Verdict.SLOW or (x.src, x.dst) in turns_for(peers, turns)
+            else replace(x, reason=f"{x.reason}; its end's retest confirmed it") if {x.src, x.dst} & confirmed
+            else replace(x, verdict=Verdict.PASS, reason=f"link speed suspect, not retested ({x.reason})")
+            for x in kept]
     still = {e for x in kept if x.verdict is Verdict.SLOW for e in (x.src, x.dst)}
     js = [j if j.verdict is not Verdict.SLOW or j.rank in still else
           replace(j, verdict=Verdict.PASS, reason=f"cleared: none of its slow links was confirmed by retest "
