@@ -216,10 +216,14 @@ class Rendezvous:
             time.sleep(0.2)
 
     def wait_key(self, key: str, deadline: float) -> str | None:
-        """The value of one key once rank 0 has set it (None past `deadline`)."""
+        """The value of one key once rank 0 has set it (None past `deadline`, or when rank 0's store
+        is gone: rank 0 finished, or died, and judges without this rank)."""
         while time.monotonic() < deadline:
-            if self.store.check([key]):
-                return self.store.get(key).decode()
+            try:
+                if self.store.check([key]):
+                    return self.store.get(key).decode()
+            except (RuntimeError, OSError):  # torch's DistNetworkError is a RuntimeError
+                return None
             time.sleep(0.2)
         return None
 
