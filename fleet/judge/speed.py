@@ -242,7 +242,7 @@ def link_retest_option(pairs: list[tuple[LinkKey, LinkKey]]) -> dict[str, str]:
     return {"retest_link": ",".join(f"{a}>{b}:{c}>{d}" for (a, b), (c, d) in pairs)} if pairs else {}
 
 
-def turns_for(peers: dict[LinkKey, LinkKey], turns: dict[str, list[float]]) -> set[LinkKey]:
+def _retested(peers: dict[LinkKey, LinkKey], turns: dict[str, list[float]]) -> set[LinkKey]:
     """The suspect links that have retest turns (their own and their peer's)."""
     return {k for k, p in peers.items() if len(turns.get(f"{k[0]}>{k[1]}", [])) >= 3
             and len(turns.get(f"{p[0]}>{p[1]}", [])) == len(turns[f"{k[0]}>{k[1]}"])}
@@ -258,17 +258,17 @@ def confirm_links(links: LinksSummary, endpoint_js: list[Judgement], results: li
         if r.probe == RETEST and r.case == "link" and r.error is None:
             turns.update(r.params.get("link_turn_s") or {})
     peers = dict(link_suspects(links, hosts))
+    retested = _retested(peers, turns)
     kept: list[LinkJudgement] = []
     for x in links.links:
         if x.verdict is not Verdict.SLOW:
             kept.append(x)
             continue
-        peer = peers.get((x.src, x.dst))
-        mine = turns.get(f"{x.src}>{x.dst}", [])
-        theirs = turns.get(f"{peer[0]}>{peer[1]}", []) if peer else []
-        if peer is None or len(mine) < 3 or len(mine) != len(theirs):
-            kept.append(x)  # settled below, once the retested links are known
+        if (x.src, x.dst) not in retested:
+            kept.append(x)  # settled below, once the confirmed links are known
             continue
+        peer = peers[(x.src, x.dst)]
+        mine, theirs = turns[f"{x.src}>{x.dst}"], turns[f"{peer[0]}>{peer[1]}"]
         ratio, lo, hi = paired_interval([p / m for m, p in zip(mine, theirs, strict=True)], policy.confidence)
         what = (f"{ratio:.2f}x link {peer[0]}->{peer[1]}, {policy.confidence:.0%} interval {lo:.2f}-{hi:.2f} "
                 f"over {len(mine)} interleaved rounds")
@@ -276,10 +276,10 @@ def confirm_links(links: LinksSummary, endpoint_js: list[Judgement], results: li
             kept.append(replace(x, reason=f"{x.reason}; confirmed by retest: {what}"))
         else:
             kept.append(replace(x, verdict=Verdict.PASS, reason=f"link speed suspect cleared by retest: {what}"))
-    confirmed = {e for x in kept if x.verdict is Verdict.SLOW and (x.src, x.dst) in turns_for(peers, turns)
+    confirmed = {e for x in kept if x.verdict is Verdict.SLOW and (x.src, x.dst) in retested
                  for e in (x.src, x.dst)}
     # a slow link not retested stays slow only beside a confirmed one on a shared end (a slow endpoint)
-    kept = [x if x.verdict is not Verdict.SLOW or (x.src, x.dst) in turns_for(peers, turns)
+    kept = [x if x.verdict is not Verdict.SLOW or (x.src, x.dst) in retested
             else replace(x, reason=f"{x.reason}; its end's retest confirmed it") if {x.src, x.dst} & confirmed
             else replace(x, verdict=Verdict.PASS, reason=f"link speed suspect, not retested ({x.reason})")
             for x in kept]
