@@ -2,6 +2,7 @@
 
     python3 benchmarks/bench_speed.py clean [--runs 50] [--devices cpu:4]
     python3 benchmarks/bench_speed.py sensitivity [--runs 20] [--factors 1.10,1.15,1.20,1.30]
+    python3 benchmarks/bench_speed.py drift [--runs 15]
 
 clean: N clean `chipcheck run --profile quick`; every device-run that is not `pass` is a false
 flag (target 0). Also how many runs had a speed suspect (and so an interleaved retest), and the
@@ -9,6 +10,9 @@ median wall time of runs with and without one (what the retest adds).
 sensitivity: per slowdown factor F, N runs with `slow:rank=R,factor=F,scope=process` (R rotating
 over the ranks): the fraction in which the slow device is called `slow`, and the runs in which any
 other device was flagged at all (target 0).
+drift: N clean 0.8 s float32 burns in this process on one thread (as a CPU worker runs them): the
+range of their end/start throughput ratio and how many the burn's own timeline would make a
+throttle candidate: why a timeline alone never calls a chip slow (fleet/judge/throttle.py).
 """
 
 from __future__ import annotations
@@ -64,9 +68,36 @@ def sensitivity(runs: int, devices: str, factors: list[float]) -> None:
             print("  " + n)
 
 
+def drift(runs: int) -> None:
+    import contextlib
+    import dataclasses
+
+    import torch
+
+    from chipcheck.fleet.judge import throttle
+    from chipcheck.probes import base, burn
+    from chipcheck.results import ProbeResult
+
+    torch.set_num_threads(1)
+    probe = burn.BurnProbe()
+    cfg = dataclasses.replace(probe.config("quick", "cpu", frozenset()), duration_s=0.8)
+    ratios, candidates = [], 0
+    for i in range(runs):
+        ctx = base.ProbeContext(device=torch.device("cpu"), device_kind="cpu", seed=i, profile="quick",
+                                timer=base.Timer(torch.device("cpu")), under_test=contextlib.nullcontext)
+        out = probe.run_case(ctx, cfg, "float32")
+        r = ProbeResult(run_id="b", host="h", rank=0, device="cpu:0", fingerprint="f", probe="burn",
+                        case="float32", verdict=out.verdict, seed=i, params=out.params, metrics=out.metrics)
+        ratios.append(out.metrics["throughput_ratio"])
+        candidates += bool(throttle.candidates([r], 0.10))
+        print(f"burn {i:>3}: end/start {ratios[-1]:.2f}  onset {out.metrics.get('throttle_onset_s')}", flush=True)
+    print(f"clean burns: end/start {min(ratios):.2f}-{max(ratios):.2f} over {runs}; "
+          f"throttle candidates by the timeline alone: {candidates} of {runs}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("clean", "sensitivity"))
+    ap.add_argument("what", choices=("clean", "sensitivity", "drift"))
     ap.add_argument("--runs", type=int, default=0)
     ap.add_argument("--devices", default="cpu:4")
     ap.add_argument("--factors", default="1.10,1.15,1.20,1.30")
@@ -74,6 +105,8 @@ def main() -> int:
     print(f"# bench_speed {a.what} {datetime.date.today()} on {machine()}: {a.devices}")
     if a.what == "clean":
         clean(a.runs or 50, a.devices)
+    elif a.what == "drift":
+        drift(a.runs or 15)
     else:
         sensitivity(a.runs or 20, a.devices, [float(x) for x in a.factors.split(",")])
     return 0

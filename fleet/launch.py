@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+from ..probes import faults
 from ..results import DeviceInfo, DeviceKind, ErrorInfo, ErrorKind, ProbeResult, Verdict
 from . import devices as devmod
 from .worker import WorkerPlan, error_result, lock_holder
@@ -84,6 +85,8 @@ class LaunchRequest:
     duration_s: float = 0.0
     options: dict[str, str] = field(default_factory=dict)
     master_port: int = 0  # 0: a free port on this host
+    epoch: float = 0.0
+    """When the run began (time.time()); faults' `after_s` counts from it (0: from each launch)."""
 
 
 @dataclass
@@ -150,6 +153,7 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
     ]
     q: queue.Queue[tuple[int, Any, dict[str, Any] | None]] = queue.Queue()
     master_port = req.master_port or free_port()
+    launched = time.time()
     lost_ranks: dict[int, str] = {}  # rank -> what happened to it (said to every other worker)
 
     def start(w: _Worker) -> None:
@@ -171,7 +175,7 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
         env = {**os.environ, "RANK": str(w.rank), "LOCAL_RANK": str(w.rank), "WORLD_SIZE": str(len(workers)),
                "LOCAL_WORLD_SIZE": str(len(workers)), "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(master_port), "OMP_NUM_THREADS": str(plan.cpu_threads),
-               "CHIPCHECK_PARENT_PID": str(os.getpid())}
+               "CHIPCHECK_PARENT_PID": str(os.getpid()), faults.EPOCH_ENV: repr(req.epoch or launched)}
         env.pop("CHIPCHECK_RESULT_FD", None)
         if w.log is None:
             w.log = tempfile.TemporaryFile(prefix=f"chipcheck-{req.run_id}-rank{w.rank}-")

@@ -140,7 +140,7 @@ def execute(opts: RunOptions, store: Store, *, on_result: Callable[[ProbeResult]
 
     req = LaunchRequest(run_id=run_id, devices=devs, probes=probes, profile=opts.profile, seed=opts.seed,
                         timeout_s=timeout, inject=list(opts.inject), duration_s=opts.duration_s,
-                        options=dict(opts.options))
+                        options=dict(opts.options), epoch=started)
     # issue 20: SIGINT/SIGTERM/SIGHUP end the run here: its workers are killed (run_local), what it
     # measured is already stored, and the run is marked `interrupted` before the exception goes on.
     with interrupt_on_signals():
@@ -251,9 +251,9 @@ def fleet_verdicts(devs: dict[int, DeviceInfo], results: list[ProbeResult], *, m
 
     `judged`: the judgements stored for a run that was judged when it ended; they are the record, and
     only the consensus groups and library findings are recounted from the results."""
-    from ..probes import base, burn, xgemm
+    from ..probes import base, xgemm
     from . import links_run
-    from .judge import blame, speed
+    from .judge import blame, speed, throttle
 
     registry = base.registry()
     cons, groups = analysis.consensus(results, frozenset(n for n, cls in registry.items() if cls.collective))
@@ -271,7 +271,7 @@ def fleet_verdicts(devs: dict[int, DeviceInfo], results: list[ProbeResult], *, m
     from .judge import baselines as bl
 
     table = baselines if baselines is not None else bl.load()
-    judgements = (cons + slow + link_js + chips + burn.throttle_judgements(results)
+    judgements = (cons + slow + link_js + chips + throttle.judgements(results, min_gap)
                   + bl.baseline_judgements(results, devs, table) + list(extra or []))
     judgements += blame.resolve(results, judgements, groups, lib.exonerate)
     return FleetVerdicts(judgements=judgements, groups=groups, links=link_summary, library=lib)

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from ..results import Judgement, Mismatch, Oracle, ProbeResult, Verdict
+from ..results import Mismatch, Oracle
 from . import generator as g
 from . import oracles
 from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, profile_table, register
@@ -331,28 +331,3 @@ def _nvml_summary(out: CaseOutcome, samples: list[tuple[float, dict[str, float]]
             m["throttle_reason_onset_s"] = t
         seen |= r
     out.params["throttle_reasons"] = reason_names(seen)
-
-
-# ---- fleet-side helper (for fleet.analysis) ---------------------------------------------
-
-
-def throttle_judgements(results: list[ProbeResult], min_drop: float = 0.10) -> list[Judgement]:
-    """`slow` for burn cases whose throughput fell by `min_drop` or more and stayed down.
-
-    A chip's own timeline is the evidence: the last window against the first, and the second
-    the drop began (and the NVML reasons, where sampled). Pure; the runner decides to call it.
-    """
-    out = []
-    for r in results:
-        if r.probe != "burn" or r.error is not None:
-            continue
-        ratio = r.metrics.get("throughput_ratio", 1.0)
-        onset = r.metrics.get("throttle_onset_s")
-        if onset is None or ratio > 1.0 - min_drop:
-            continue
-        why = ", ".join(r.params.get("throttle_reasons", [])) or "no NVML reasons sampled"
-        out.append(Judgement(rank=r.rank, probe="burn", case=r.case, verdict=Verdict.SLOW,
-                             reason=(f"throttled: throughput fell to {ratio:.2f}x of the first window from "
-                                     f"t={onset:.1f} s into the burn ({why})"),
-                             metrics={"throughput_ratio": ratio, "throttle_onset_s": onset}))
-    return out

@@ -38,6 +38,9 @@ entered only around each probe's code under test (the probe's own checks run out
 worker process runs, from its first call to its last: model steps, tensor-parallel shards,
 warm-ups, the checks' own kernels, reference computations in low precision, the local part of a
 collective. Value faults then land as the kernel returns (`at=call`); `probe=` is refused with it.
+`after_s=S` leaves every matching call alone for the first S seconds of the run (wall time since
+the run began, across the run's worker processes, its retest included): a chip that throttles or
+fails once it has run hot for a while (`slow:rank=1,factor=2,after_s=1.5,scope=process`).
 `every=N` hits only every Nth matching call (a fault in every 2nd fp32 GEMM: `every=2,dtype=float32`).
 `side=recv` (c10d ops only) corrupts what the rank *receives* instead of what it sends: the op is
 waited for and its output corrupted, as a bad receive path would (`bitflip:rank=2,bit=3,op=allreduce_,
@@ -63,8 +66,11 @@ _KEYS = {
     "hang": set(),
     "crash": set(),
 }
-_COMMON = {"rank", "probe", "dtype", "op", "after", "seed", "output", "count", "at", "peer", "scope", "every", "side"}
+_COMMON = {"rank", "probe", "dtype", "op", "after", "seed", "output", "count", "at", "peer", "scope", "every", "side",
+           "after_s"}
 SCOPES = ("probe", "process")
+EPOCH_ENV = "CHIPCHECK_FAULT_EPOCH"
+"""When the run began (time.time()), for `after_s`; the launcher sets it for its workers."""
 # Probes whose code under test consumes its own kernels' outputs register here on import (see `at`).
 CALL_TIME_PROBES: set[str] = set()
 # The compute kernels a fault lands in by default: GEMMs and attention, not the checks' helpers.
@@ -115,6 +121,7 @@ class Fault:
     scope: str = "probe"  # probe: each probe's code under test; process: every kernel the rank runs
     every: int = 1  # hit every Nth matching call (after `after`)
     side: str = "send"  # c10d ops: corrupt what is sent, or what is received (recv)
+    after_s: float = 0.0  # seconds of the run (since EPOCH_ENV) during which matching calls are spared
 
     def applies_to(self, rank: int, probe: str) -> bool:
         return (self.ranks is None or rank in self.ranks) and (self.probe is None or self.probe == probe)
@@ -139,6 +146,8 @@ class Fault:
             parts.append(f"at={self.at}")
         if self.every > 1:
             parts.append(f"every={self.every}")
+        if self.after_s:
+            parts.append(f"after_s={self.after_s:g}")
         if self.side != "send":
             parts.append(f"side={self.side}")
         if self.scope != "probe":
@@ -231,6 +240,11 @@ def _convert(k: str, v: str) -> dict[str, Any]:
         return {"rate": r}
     if k == "factor":
         return {"factor": float(v)}
+    if k == "after_s":
+        t = float(v)
+        if not 0.0 <= t < float("inf"):
+            raise ValueError("after_s is a number of seconds >= 0")
+        return {"after_s": t}
     if k == "dtype":
         if v not in ("float32", "bfloat16", "float16", "float64", "float8_e4m3fn"):
             raise ValueError("dtype must be float32, bfloat16, float16, float64 or float8_e4m3fn")
@@ -325,10 +339,13 @@ def _injector(active: list[Fault], *, call_time: bool) -> Any:
     from torch.utils._python_dispatch import TorchDispatchMode
 
     state = FaultState()
+    epoch = float(os.environ.get(EPOCH_ENV) or time.time())
     now = {i for i, f in enumerate(active) if f.at == "call" or (f.at is None and call_time)}
 
     def _fire(f: Fault, i: int) -> int | None:
         """Count a matching call; None when this call is spared (after/count). Hang and crash act here."""
+        if f.after_s and time.time() - epoch < f.after_s:
+            return None
         n = state.calls.get(i, 0)
         state.calls[i] = n + 1
         if n < f.after or (n - f.after) % f.every or (f.count and n >= f.after + f.count * f.every):

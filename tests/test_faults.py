@@ -16,6 +16,22 @@ def test_parse_examples_from_the_docs() -> None:
     two = faults.parse("nan:rank=0; hang:rank=1|3")
     assert [x.kind for x in two] == ["nan", "hang"] and two[1].ranks == (1, 3)
     assert faults.parse("stuck:bit=3,value=0")[0].rate == 1e-3
+    (t,) = faults.parse("slow:rank=1,factor=2,after_s=1.5,scope=process")
+    assert t.after_s == 1.5 and faults.parse(t.spec()) == [t]
+
+
+def test_after_s_spares_calls_until_that_second_of_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    monkeypatch.setenv(faults.EPOCH_ENV, repr(time.time() - 10.0))  # the run began 10 s ago
+    a = torch.eye(8)
+    late = faults.make_injector(faults.parse("bitflip:bit=30,after_s=60"), 0, "matmul")
+    with late():
+        assert torch.equal(a @ a, a)  # 10 s into the run: not yet
+    due = faults.make_injector(faults.parse("bitflip:bit=30,after_s=5"), 0, "matmul")
+    with due():
+        bad = a @ a
+    assert not torch.equal(bad, a)
 
 
 @pytest.mark.parametrize("spec, words", [
@@ -26,6 +42,8 @@ def test_parse_examples_from_the_docs() -> None:
     ("slow:factor=0.5", "factor > 1"),
     ("nan:colour=red", "not valid for nan"),
     ("nan:rank", "expected key=value"),
+    ("slow:factor=2,after_s=-1", "after_s is a number"),
+    ("slow:factor=2,after_s=nan", "after_s is a number"),
     ("", "empty"),
 ])
 def test_malformed_specs_say_what_to_fix(spec: str, words: str) -> None:

@@ -38,3 +38,18 @@ def test_a_process_wide_slow_chip_is_slow_after_its_retest_and_nobody_else(tmp_p
     assert _verdicts(data) == {0: "pass", 1: "pass", 2: "slow", 3: "pass"}
     retest = next(p for p in device(data, 2)["probes"] if p["probe"] == "retest")
     assert retest["verdict"] == "slow" and retest["metrics"]["gemm:ratio_hi"] < 0.95
+
+
+@pytest.mark.timing
+def test_a_chip_that_throttles_mid_burn_is_slow_after_its_retest_and_a_clean_burn_is_not(tmp_path: Path) -> None:
+    # rank 1 runs at half speed from 6 s into the run on (its burn is under way by then), for the
+    # rest of the run: its retest too, as a power-capped chip would
+    rc, data, out = run_json(tmp_path, "--devices", "cpu:2", "--probes", "burn", "--duration", "8",
+                             "--inject", "slow:rank=1,factor=2,after_s=6,scope=process")
+    assert rc == 1, out
+    assert _verdicts(data) == {0: "pass", 1: "slow"}
+    reasons = " ".join(r for p in device(data, 1)["probes"] for r in p["details"].get("reasons", []))
+    assert "confirmed by retest" in reasons, reasons
+    (tmp_path / "clean").mkdir()
+    rc, data, out = run_json(tmp_path / "clean", "--devices", "cpu:2", "--probes", "burn")
+    assert rc == 0 and _verdicts(data) == {0: "pass", 1: "pass"}, out

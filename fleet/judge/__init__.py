@@ -5,5 +5,7 @@ run is reloaded and when sweep shards are ingested, so a verdict never depends o
 - blame: who is `wrong` (evidence against a device's own computation; votes need a strict
   majority; unresolved groups are `suspect`);
 - speed: who is `slow` (noise-aware suspects, confirmed by an interleaved retest), against peers,
-  against per-SKU baselines and against a device's own history.
+  against per-SKU baselines and against a device's own history;
+- throttle: a burn whose throughput fell is `slow` on the driver's word (NVML reasons) or when
+  the speed retest confirms it, never on its own timeline alone.
 """

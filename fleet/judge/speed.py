@@ -12,6 +12,10 @@ The rule, for every path (live run, reloaded run, ingested sweep):
    least `z` noise widths below 1; or when the evidence of all its probes of one kernel class
    (compute: `gemm`; memory: `copy`), combined with weights cases / noise², does the same. A noisy
    probe (a model step spreading ±12%) thus never makes a suspect on its own, but adds to the evidence.
+   A probe that cannot tell its noise (one case per device, as a burn) suspects only a device at or
+   below `1 - 3 min_gap` (0.70x): far beyond any noise seen, and a suspect costs a retest, not a verdict.
+   A burn that slowed down and stayed down with no NVML reason for it is a GEMM suspect as well
+   (fleet.judge.throttle): a device's own timeline cannot tell a throttling chip from a busy host.
 4. Confirmation. Each suspect and one peer of its fingerprint (the median one) are retested on the
    kernel of their class, alone on the host, interleaved (probes/retest.py). Round by round the
    suspect's speed over the peer's is a paired ratio; the suspect is `slow` only when the whole
@@ -36,6 +40,7 @@ import numpy as np
 
 from ...results import Judgement, LinkJudgement, LinksSummary, ProbeResult, Verdict
 from ..analysis import peer_ratios
+from . import throttle
 
 RETEST = "retest"
 
@@ -48,6 +53,11 @@ class SpeedPolicy:
     """Noise widths below 1 that the evidence must reach to make a suspect."""
     confidence: float = 0.95
     """Of the retest's interval of the paired ratio."""
+
+    @property
+    def far(self) -> float:
+        """A probe that cannot tell its noise (one case per device) suspects a device this far below."""
+        return 1.0 - 3 * self.min_gap
 
     @property
     def bar(self) -> float:
@@ -103,14 +113,30 @@ def suspects(results: list[ProbeResult], policy: SpeedPolicy, metric_by_probe: d
     out = []
     cut = math.log(policy.bar)
     suspected = {key for key, evs in evidence.items() if _suspect(evs, policy, cut)}
+    # a burn that slowed down with no word from the driver is a suspect too (fleet.judge.throttle)
+    gemm = kernel_by_probe.get(throttle.BURN) or "gemm"
+    throttled: dict[int, throttle.Candidate] = {}
+    for c in throttle.unexplained(results, policy.min_gap):
+        throttled.setdefault(c.rank, c)
+        fingerprint.setdefault(c.rank, c.fingerprint)
+    suspected |= {(r, gemm) for r in throttled}
     for rank, kernel in sorted(suspected):
-        evs = evidence[(rank, kernel)]
+        evs = evidence.get((rank, kernel), [])
         peer = _peer(rank, kernel, evidence, suspected, fingerprint)
         if peer is None:
             continue  # no clean peer of its fingerprint: the SKU baseline is the only yardstick
-        out.append(Suspect(rank=rank, peer=peer, kernel=kernel, ratio=_combined(evs)[0], evidence=", ".join(
-            f"{e.probe} {e.ratio:.2f}x (noise {e.noise:.0%})" for e in sorted(evs, key=lambda e: e.ratio))))
+        said = [f"{e.probe} {e.ratio:.2f}x (noise {_pct(e.noise)})" for e in sorted(evs, key=lambda e: e.ratio)]
+        thr = throttled.get(rank) if kernel == gemm else None
+        if thr is not None:
+            said.append(f"{thr.describe()} (no NVML reasons)")
+        ratio = _combined(evs)[0] if evs else 1.0
+        out.append(Suspect(rank=rank, peer=peer, kernel=kernel, ratio=min(ratio, thr.ratio) if thr else ratio,
+                           evidence=", ".join(said)))
     return out
+
+
+def _pct(noise: float) -> str:
+    return "unknown" if math.isinf(noise) else f"{noise:.0%}"
 
 
 def _noise(per_device: list[list[float]]) -> float:
@@ -136,6 +162,8 @@ def _combined(evs: list[_Evidence]) -> tuple[float, float]:
 
 def _suspect(evs: list[_Evidence], policy: SpeedPolicy, cut: float) -> bool:
     for e in evs:
+        if math.isinf(e.noise) and e.ratio <= policy.far:
+            return True  # noise unknown (one case per device: a burn), but far beyond any seen
         if e.noise < policy.min_gap / 2 and math.log(e.ratio) <= cut and -math.log(e.ratio) >= policy.z * e.noise:
             return True
     ratio, width = _combined(evs)

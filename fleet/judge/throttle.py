@@ -1,0 +1,67 @@
+"""Who throttled: a burn whose throughput fell and stayed down is `slow` only on evidence beyond
+its own timeline.
+
+A device's timeline alone does not tell a throttling chip from a busy host: on the 2-core CI host
+a clean 0.8 s CPU burn ends at 0.73x-1.23x of its start (15 runs), some with a clean step down.
+So the timeline makes a candidate, and something else confirms it:
+
+1. Candidate: a burn case whose last quarter ran at or below `1 - min_gap` of its first quarter,
+   with a sustained drop that has an onset (probes/burn.py measures both, per iteration).
+2. The driver's word: where NVML sampled clock-event reasons that slow a chip (power cap,
+   thermal or power-brake slowdown) during the burn, the candidate is `slow`, those reasons named.
+3. Otherwise it is a speed suspect like any other (fleet.judge.speed): retested on the GEMM,
+   interleaved against a peer of its fingerprint, alone on the host, and `slow` only when the
+   retest confirms it. A host-wide slowdown slows the peer as much and is cleared; a candidate
+   with no peer to retest against is noted, not called.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...results import Judgement, ProbeResult, Verdict
+
+BURN = "burn"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Candidate:
+    """A burn case whose throughput fell by the gap and stayed down."""
+
+    rank: int
+    case: str
+    fingerprint: str
+    ratio: float
+    """Throughput at the end of the burn over its start."""
+    onset_s: float
+    reasons: tuple[str, ...]
+    """NVML clock-event reasons sampled during the burn that slow a chip (empty: none sampled)."""
+
+    def describe(self) -> str:
+        return f"burn {self.case} fell to {self.ratio:.2f}x of its start from t={self.onset_s:.1f} s"
+
+
+def candidates(results: list[ProbeResult], min_gap: float) -> list[Candidate]:
+    out = []
+    for r in results:
+        if r.probe != BURN or r.error is not None:
+            continue
+        ratio, onset = r.metrics.get("throughput_ratio", 1.0), r.metrics.get("throttle_onset_s")
+        if onset is None or ratio > 1.0 - min_gap:
+            continue
+        out.append(Candidate(rank=r.rank, case=r.case, fingerprint=r.fingerprint, ratio=ratio, onset_s=onset,
+                             reasons=tuple(r.params.get("throttle_reasons") or ())))
+    return out
+
+
+def unexplained(results: list[ProbeResult], min_gap: float) -> list[Candidate]:
+    """Candidates without the driver's word: speed suspects, for the retest to confirm or clear."""
+    return [c for c in candidates(results, min_gap) if not c.reasons]
+
+
+def judgements(results: list[ProbeResult], min_gap: float) -> list[Judgement]:
+    """`slow` for every candidate whose throttling the driver reported while it happened."""
+    return [Judgement(rank=c.rank, probe=BURN, case=c.case, verdict=Verdict.SLOW,
+                      reason=f"throttled: {c.describe()}, NVML reasons {', '.join(c.reasons)}",
+                      metrics={"throughput_ratio": c.ratio, "throttle_onset_s": c.onset_s})
+            for c in candidates(results, min_gap) if c.reasons]
