@@ -155,7 +155,7 @@ class ChipcheckSession:
 def fleet_judgements(results: list[ProbeResult], min_gap: float) -> list[Judgement]:
     """Consensus, blame and slowness over every device's results: the part no single item can judge
     (the fleet judge's own rules; a speed suspect is reported, not called slow: no retest runs here)."""
-    from .fleet.runner import fleet_verdicts
+    from .fleet.judge.verdicts import fleet_verdicts
     from .results import DeviceInfo, DeviceKind, Verdict
 
     # the items' results carry where they ran, not the inventory (xdist workers discovered it)

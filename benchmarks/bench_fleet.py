@@ -3,7 +3,7 @@
     python3 benchmarks/bench_fleet.py [--devices 100000] [--runs 365] [--store-devices 2000]
 
 1. One sweep: a synthetic run (fleet.synthetic, 3 matmul cases per device, 3% failing) judged by
-   the real code: consensus groups, slow outliers (fleet.analysis), the per-device summary, and
+   the real code: consensus groups, speed suspects (fleet.judge.speed), the per-device summary, and
    the quarantine list (codes, slurm commands).
 2. History: devices x runs arrays (speed vs peers, verdict, flaky, wrong) with planted slowdowns,
    lemons and flaky turns; fleet.history.analyze finds them (change points, lemons, flaky turns,
@@ -28,7 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from chipcheck.fleet import analysis, history, quarantine, synthetic
+from chipcheck.fleet import history, quarantine, synthetic
+from chipcheck.fleet.judge import speed
+from chipcheck.fleet.judge.consensus import consensus
+from chipcheck.fleet.judge.verdicts import speed_tables
 from chipcheck.fleet.store import Store
 from chipcheck.fleet.summary import summarize
 from chipcheck.results import SEVERITY, Verdict
@@ -47,8 +50,12 @@ def measure(name: str, fn: Callable[[], Any]) -> Any:
 
 
 def sweep_analysis(f: synthetic.SyntheticFleet) -> tuple[int, int]:
-    cons, groups = analysis.consensus(f.results)
-    slow = analysis.slow(f.results)
+    cons, groups = consensus(f.results)
+    suspects = speed.suspects(f.results, speed.SpeedPolicy(), *speed_tables())
+    # a suspect is slow once its retest confirms it: no synthetic device runs one, so the planted
+    # slow devices (fleet.synthetic) stand for the confirmed ones
+    slow = f.slow
+    assert {s.rank for s in suspects} == {j.rank for j in slow}, "the speed rule must suspect the planted ones"
     summary = summarize(f.run_id, f.devices, f.results, cons + slow, groups, profile="standard", seed=0,
                                   started=f.started, ended=f.started + 600)
     plans = quarantine.collect(summary)

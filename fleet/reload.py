@@ -2,7 +2,7 @@
 
 The stored results and fleet judgements are the record; the summary is derived from them exactly as
 at the end of `chipcheck run` (fleet.summary.summarize), and the consensus groups are recounted from
-the stored output hashes (fleet.analysis.consensus). A run that was interrupted still loads: its
+the stored output hashes (fleet.judge.consensus). A run that was interrupted still loads: its
 devices without results read as `error`, its status is `interrupted` and its missing cases are listed
 (`run_status`): marked so by the run itself on SIGINT/SIGTERM, or found so when the run has no end and
 its process is gone (SIGKILL, a lost host).
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..results import RunStatus, RunSummary, Verdict
-from . import analysis
+from .judge.speed import SpeedPolicy
 from .store import Store, StoreError
 from .summary import summarize
 
@@ -87,10 +87,10 @@ def record(store: Store, run_id: str) -> RunRecord:
         raise RunNotFound(f"no run {run_id!r} in {store.path}")
     try:
         config = json.loads(row[5])
-        min_gap = float(config.get("min_gap", analysis.SlowPolicy().min_gap))
+        min_gap = float(config.get("min_gap", SpeedPolicy().min_gap))
         backend = str(config.get("backend", "torch"))
     except (ValueError, AttributeError):
-        config, min_gap, backend = {}, analysis.SlowPolicy().min_gap, "torch"
+        config, min_gap, backend = {}, SpeedPolicy().min_gap, "torch"
     pid = config.get("pid") if isinstance(config, dict) else None
     plan = _plan(config.get("plan")) if isinstance(config, dict) else None
     return RunRecord(run_id=row[0], started=row[1], ended=row[2], profile=row[3], seed=row[4], min_gap=min_gap,
@@ -153,7 +153,7 @@ def load(store: Store, run_id: str = LATEST) -> RunSummary:
         devices = store.devices(rec.run_id)
     except (sqlite3.DatabaseError, ValueError, KeyError) as e:
         raise StoreError(f"run {rec.run_id} in {store.path} cannot be read ({e})") from None
-    from .runner import fleet_verdicts
+    from .judge.verdicts import fleet_verdicts
 
     status = run_status(rec)
     # a judged run's stored judgements are the record; an interrupted one is judged as the run would have

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..results import ConsensusGroup, DeviceInfo, Judgement, LinksSummary, ProbeResult, RunSummary, Verdict
-from . import analysis, devices
+from ..results import DeviceInfo, Judgement, ProbeResult, RunSummary
+from . import devices
 from .launch import LaunchRequest, interrupt_on_signals, run_local
 from .store import Store
 from .summary import summarize
@@ -158,33 +158,12 @@ def execute(opts: RunOptions, store: Store, *, on_result: Callable[[ProbeResult]
     return summary
 
 
-def speed_tables() -> tuple[dict[str, str], dict[str, str]]:
-    """Each probe's speed metric and the retest kernel that confirms its slow suspects."""
-    from ..probes import base
-
-    reg = base.registry()
-    return {n: c.speed_metric for n, c in reg.items()}, {n: c.speed_kernel for n, c in reg.items()}
-
-
-def retest_options(results: list[ProbeResult], devs: dict[int, DeviceInfo], min_gap: float) -> dict[str, str]:
-    """The retest probe's options for this run's speed suspects (devices and links); {} for none."""
-    from . import links_run
-    from .judge import speed
-
-    if len(devs) < 2:
-        return {}
-    options = speed.retest_options(speed.suspects(results, speed.SpeedPolicy(min_gap=min_gap), *speed_tables()))
-    linked = links_run.analyze(results, devs)
-    if linked is not None:
-        options.update(speed.link_retest_option(speed.link_suspects(linked[0], {r: d.host for r, d in devs.items()})))
-    return options
-
-
 def retest(req: LaunchRequest, results: list[ProbeResult], opts: RunOptions, keep: Callable[[ProbeResult], None],
            on_start: Callable[[int, str, str], None] | None = None) -> None:
     """Retest every slow suspect (device or link) against a peer, interleaved and alone on the host
     (nothing to do, and no time spent, when the run has no suspect). Its results join the run's."""
     from .judge import speed
+    from .judge.verdicts import retest_options
 
     options = retest_options(results, dict(enumerate(req.devices)), opts.min_gap)
     if not options:
@@ -208,6 +187,8 @@ def judge(run_id: str, devs: dict[int, DeviceInfo], results: list[ProbeResult], 
           started: float, store: Store | None = None) -> tuple[RunSummary, list[Judgement]]:
     """Fleet analysis (consensus, slowness, links, blame) and the per-device verdicts; with `store`,
     each device is also held against its own stored history."""
+    from .judge.verdicts import fleet_verdicts, own_history
+
     declared = load_declared(opts.options["declared"]) if opts.options.get("declared") else None
     own = own_history(store, devs, results, run_id, started) if store is not None else []
     v = fleet_verdicts(devs, results, min_gap=opts.min_gap, declared=declared, baselines=baseline_table(opts),
@@ -216,94 +197,6 @@ def judge(run_id: str, devs: dict[int, DeviceInfo], results: list[ProbeResult], 
                         started=started, ended=time.time(), links=v.links, findings=v.library.findings,
                         exonerate=v.library.exonerate, fleet_verdict=v.library.fleet_verdict)
     return summary, v.judgements
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class FleetVerdicts:
-    """Everything the fleet decides about one run's results, before it is folded per device."""
-
-    judgements: list[Judgement]
-    groups: list[ConsensusGroup]
-    links: LinksSummary | None
-    library: LibraryFindings
-
-
-def own_history(store: Store, devs: dict[int, DeviceInfo], results: list[ProbeResult], run_id: str,
-                now: float) -> list[Judgement]:
-    """`slow` for devices far below their own past speed (fleet.judge.own_history), per speed key."""
-    from .judge import baselines
-    from .judge import own_history as oh
-
-    keys = {k for (_, k) in baselines.best_speeds(baselines.speed_samples(results))}
-    out: list[Judgement] = []
-    for key in sorted(keys, key=lambda k: (k.probe, k.family)):
-        current = oh.run_speeds(results, key)
-        past = {r: oh.speed_history(store, devs[r].uuid, key, now=now, exclude_run=run_id)
-                for r in current if r in devs}
-        out += oh.history_judgements(current, past, probe=key.probe, case=key.family, unit=key.unit)
-    return out
-
-
-def fleet_verdicts(devs: dict[int, DeviceInfo], results: list[ProbeResult], *, min_gap: float,
-                   declared: dict[int, tuple[str, ...]] | None = None, baselines: Any = None,
-                   extra: list[Judgement] | None = None, judged: list[Judgement] | None = None) -> FleetVerdicts:
-    """The one place a run's results are judged (live run, reloaded interrupted run, ingested sweep).
-
-    `judged`: the judgements stored for a run that was judged when it ended; they are the record, and
-    only the consensus groups and library findings are recounted from the results."""
-    from ..probes import base, xgemm
-    from . import links_run
-    from .judge import blame, speed, throttle
-
-    registry = base.registry()
-    cons, groups = analysis.consensus(results, frozenset(n for n, cls in registry.items() if cls.collective))
-    lib = library_findings(results)
-    if judged is not None:
-        return FleetVerdicts(judgements=judged, groups=groups, links=None, library=lib)
-    slow = speed.judge(results, speed.SpeedPolicy(min_gap=min_gap), *speed_tables())
-    linked = links_run.analyze(results, devs, declared)
-    link_summary, link_js = linked if linked else (None, [])
-    if link_summary is not None:
-        link_summary, link_js = speed.confirm_links(link_summary, link_js, results,
-                                                    {r: d.host for r, d in devs.items()},
-                                                    speed.SpeedPolicy(min_gap=links_run.policy_for(devs).min_gap))
-    chips, _ = xgemm.second_opinion_findings(results)
-    from .judge import baselines as bl
-
-    table = baselines if baselines is not None else bl.load()
-    judgements = (cons + slow + link_js + chips + throttle.judgements(results, min_gap)
-                  + bl.baseline_judgements(results, devs, table) + list(extra or []))
-    judgements += blame.resolve(results, judgements, groups, lib.exonerate)
-    return FleetVerdicts(judgements=judgements, groups=groups, links=link_summary, library=lib)
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class LibraryFindings:
-    """What the independent-GEMM probe says about the software rather than any one chip."""
-
-    findings: list[str]
-    exonerate: set[tuple[int, str, str]]
-    """(rank, probe, case) whose local `wrong` is the library's doing, not the chip's."""
-    fleet_verdict: Verdict
-    """WRONG when a library is wrong on every device: still a wrong result for the fleet's users."""
-
-
-def library_findings(results: list[ProbeResult]) -> LibraryFindings:
-    """The library-vs-chip findings of a run (used when it is judged and when it is reloaded): the
-    independent GEMM's, and tolerance oracles that fire identically on every device (fleet.judge.blame)."""
-    from ..probes import xgemm
-    from .judge import blame
-
-    _, library = xgemm.second_opinion_findings(results)
-    findings = [f"xgemm {case} (fingerprint {fp}): the library GEMM and the independent kernel disagree on "
-                f"{'every' if f.blame.value == 'library' else 'the only'} device {list(f.ranks)}: "
-                f"{'suspect the library (cuBLAS/BLAS), not the chips' if f.blame.value == 'library' else 'no peer to compare'}"
-                for fp, case, f in library]
-    blamed = [(case, f) for _, case, f in library if f.blame.value == "library"]
-    same = blame.systematic(results)
-    return LibraryFindings(findings=findings + same.findings,
-                           exonerate={(r, "xgemm", case) for case, f in blamed for r in f.ranks} | same.exonerate,
-                           fleet_verdict=Verdict.WRONG if blamed else Verdict.PASS)
 
 
 def load_declared(path: str) -> dict[int, tuple[str, ...]]:

@@ -2,8 +2,8 @@
 
 No device runs anything: results are made up deterministically from a seed, with a chosen fraction
 of devices failing in each way chipcheck knows (wrong bits, slow, flaky, error), then folded by the
-real fleet.summary code. Slowness is judged here directly (fleet.analysis.slow compares every device
-with all its peers, which is quadratic in the fleet size).
+real fleet.summary code. Slowness is made up here directly
+(its judge, fleet.judge.speed, needs a retest no synthetic device can run).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ..results import (
     RunSummary,
     Verdict,
 )
-from . import analysis
+from .judge.consensus import consensus
 from .summary import summarize
 
 CASES = (("float32/exact", "float32", 60.0), ("bfloat16/random", "bfloat16", 700.0), ("float16/random", "float16",
@@ -82,7 +82,7 @@ def fleet(n: int, *, fail_fraction: float = 0.03, seed: int = 0, run_id: str = "
 
 def judge(f: SyntheticFleet) -> tuple[RunSummary, list[Judgement]]:
     """The run summary and every fleet judgement (consensus recounted, slowness as generated)."""
-    cons, groups = analysis.consensus(f.results)
+    cons, groups = consensus(f.results)
     judgements = cons + f.slow
     summary = summarize(f.run_id, f.devices, f.results, judgements, groups, profile="standard", seed=f.seed,
                         started=f.started, ended=f.started + 600.0)

@@ -4,7 +4,7 @@ Catches: a chip whose library GEMM path (cuBLAS / tensor cores / MKL) computes w
 while a plain kernel on the same chip does not -- and, across the fleet, a wrong *library*:
 - cuBLAS and the independent kernel disagree on one chip and agree on the others -> the chip;
 - they disagree on every chip of a fingerprint -> the library (same bits everywhere).
-(`blame`, a pure function, and `second_opinion_findings`, its fleet helper, make that call.)
+(fleet/judge/second_opinion.py makes that call: the probe measures, the judge decides.)
 
 The library GEMM is `torch.matmul` in float32 (code under test: --inject lands here). The
 independent kernel is, on CUDA with cupy, a plain 16x16 shared-memory tiled RawKernel
@@ -17,13 +17,11 @@ Cost: two GEMMs and an O(n^2) comparison; quick on CPU (n=256) takes millisecond
 
 from __future__ import annotations
 
-import enum
 import math
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..results import Judgement, Mismatch, Oracle, ProbeResult, Verdict
+from ..results import Mismatch, Oracle
 from . import generator as g
 from . import oracles
 from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, profile_table, register
@@ -127,62 +125,3 @@ def disagreement(lib: Any, ind: Any, spread: Any, *, k: int, sigmas: float, inde
                     actual=[float(got[r, c]) for r, c in where],
                     max_abs_error=float(finite.max()) if finite.numel() else math.inf,
                     note=f"second_opinion: torch.matmul vs {independent} (expected = independent kernel)")
-
-
-# ---- who is wrong: the chip or the library -----------------------------------------------
-
-
-class Blame(enum.StrEnum):
-    NONE = "none"          # the library and the independent kernel agree everywhere
-    CHIP = "chip"          # they disagree on some chips only: those chips are wrong
-    LIBRARY = "library"    # they disagree on every chip (two or more): the library is wrong
-    UNKNOWN = "unknown"    # one chip, and it disagrees: chip or library cannot be told apart
-
-
-@dataclass(frozen=True, slots=True)
-class Finding:
-    blame: Blame
-    ranks: tuple[int, ...]  # the disagreeing ranks
-
-
-def blame(disagrees: dict[int, bool]) -> Finding:
-    """Who is wrong, from whether each rank's library and independent GEMM disagreed.
-
-    Devices of one fingerprint run the same library on the same inputs: a library bug
-    disagrees on all of them; a chip fault on the chips that have it.
-    """
-    bad = tuple(sorted(r for r, d in disagrees.items() if d))
-    if not bad:
-        return Finding(Blame.NONE, ())
-    if len(bad) < len(disagrees):
-        return Finding(Blame.CHIP, bad)
-    return Finding(Blame.LIBRARY if len(bad) >= 2 else Blame.UNKNOWN, bad)
-
-
-def second_opinion_findings(results: list[ProbeResult]) -> tuple[list[Judgement], list[tuple[str, str, Finding]]]:
-    """Fleet helper: per (fingerprint, case) of the xgemm probe, chips to call wrong and library findings.
-
-    Returns (judgements: `wrong` for the disagreeing chips when others agree,
-    [(fingerprint, case, finding)] for every group whose blame is LIBRARY or UNKNOWN).
-    A LIBRARY finding should not fail the chips: the runner is to turn their local `wrong`
-    into a library report (not wired yet; see docs/memory-and-burn.md).
-    """
-    groups: dict[tuple[str, str], dict[int, bool]] = defaultdict(dict)
-    for r in results:
-        if r.probe == "xgemm" and r.error is None:
-            groups[(r.fingerprint, r.case)][r.rank] = r.metrics.get("disagree_elements", 0.0) > 0
-    judgements: list[Judgement] = []
-    library: list[tuple[str, str, Finding]] = []
-    for (fp, case), votes in sorted(groups.items()):
-        f = blame(votes)
-        if f.blame is Blame.CHIP:
-            agree = len(votes) - len(f.ranks)
-            for rank in f.ranks:
-                judgements.append(Judgement(rank=rank, probe="xgemm", case=case, verdict=Verdict.WRONG,
-                                            reason=(f"second opinion: the library GEMM and the independent kernel "
-                                                    f"disagree on this chip but agree on {agree} of {len(votes)} "
-                                                    f"chips with fingerprint {fp}"),
-                                            metrics={"agree": float(agree), "voters": float(len(votes))}))
-        elif f.blame in (Blame.LIBRARY, Blame.UNKNOWN):
-            library.append((fp, case, f))
-    return judgements, library

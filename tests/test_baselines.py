@@ -163,11 +163,12 @@ def test_the_best_case_per_dtype_counts() -> None:
 
 def test_a_uniformly_slow_fingerprint_group_is_caught() -> None:
     # every device equally slow: peers see nothing (ratio 1.0 to their median); the baseline sees all four
-    from chipcheck.fleet import analysis
+    from chipcheck.fleet.judge import speed
+    from chipcheck.fleet.judge.verdicts import speed_tables
 
     devs = {r: _dev(r) for r in range(4)}
     rs = [_mm(r, 0.62) for r in range(4)]
-    assert analysis.slow(rs) == []
+    assert speed.suspects(rs, speed.SpeedPolicy(), *speed_tables()) == []
     js = baseline_judgements(rs, devs, _shipped())
     assert [j.rank for j in js] == [0, 1, 2, 3] and all(j.verdict is Verdict.SLOW for j in js)
     assert all("all 4 devices of its fingerprint are below it" in j.reason for j in js)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from chipcheck.fleet import analysis, summary
+from chipcheck.fleet import summary
 from chipcheck.fleet.judge import blame
+from chipcheck.fleet.judge.consensus import consensus
 from chipcheck.results import Blame, DeviceInfo, DeviceKind, Mismatch, Oracle, ProbeResult, Verdict
 
 
@@ -32,7 +33,7 @@ def _devs(n: int) -> dict[int, DeviceInfo]:
 
 
 def _verdicts(results: list[ProbeResult], n: int = 4) -> dict[int, Verdict]:
-    cons, groups = analysis.consensus(results, frozenset({"model_dp"}))
+    cons, groups = consensus(results, frozenset({"model_dp"}))
     js = cons + blame.resolve(results, cons, groups)
     s = summary.summarize("r", _devs(n), results, js, groups, profile="quick", seed=0, started=0, ended=1)
     return {d.rank: d.verdict for d in s.devices}

@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from conftest import run_cli, run_json
 
+from chipcheck.fleet.judge.second_opinion import Culprit, Finding, culprit, second_opinion_findings
 from chipcheck.probes import base, faults, xgemm
-from chipcheck.probes.xgemm import Blame, blame
 from chipcheck.results import ProbeResult, Verdict
 
 PROBE = xgemm.SecondOpinionProbe()
@@ -27,10 +27,10 @@ def _run(spec: str | None = None, rank: int = 0) -> ProbeResult:
 
 
 def test_blame_rules() -> None:
-    assert blame({0: False, 1: False}).blame is Blame.NONE
-    assert blame({0: False, 1: True, 2: False}) == xgemm.Finding(Blame.CHIP, (1,))
-    assert blame({0: True, 1: True, 2: True}) == xgemm.Finding(Blame.LIBRARY, (0, 1, 2))
-    assert blame({0: True}).blame is Blame.UNKNOWN
+    assert culprit({0: False, 1: False}).culprit is Culprit.NONE
+    assert culprit({0: False, 1: True, 2: False}) == Finding(Culprit.CHIP, (1,))
+    assert culprit({0: True, 1: True, 2: True}) == Finding(Culprit.LIBRARY, (0, 1, 2))
+    assert culprit({0: True}).culprit is Culprit.UNKNOWN
 
 
 def test_clean_chip_agrees() -> None:
@@ -44,15 +44,15 @@ def test_one_bad_chip_is_blamed_and_located() -> None:
     results = [_run(spec, rank) for rank in range(3)]
     assert [r.verdict for r in results] == [Verdict.PASS, Verdict.WRONG, Verdict.PASS]
     assert results[1].mismatches[0].first_indices == [[1000 // 256, 1000 % 256]]
-    judgements, library = xgemm.second_opinion_findings(results)
+    judgements, library = second_opinion_findings(results)
     assert library == [] and [(j.rank, j.verdict) for j in judgements] == [(1, Verdict.WRONG)]
 
 
 def test_disagreement_everywhere_blames_the_library() -> None:
     results = [_run("bitflip:bit=21,index=5", rank) for rank in range(3)]
-    judgements, library = xgemm.second_opinion_findings(results)
+    judgements, library = second_opinion_findings(results)
     assert judgements == []
-    assert library == [("fp", "float32", xgemm.Finding(Blame.LIBRARY, (0, 1, 2)))]
+    assert library == [("fp", "float32", Finding(Culprit.LIBRARY, (0, 1, 2)))]
 
 
 def test_a_library_wrong_everywhere_is_a_finding_not_a_chip_fault(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ A value every rank of a group holds alike (a global loss, a replica vote with no
    the culprits; the others are told what they received and from whom, and pass;
 2. with no such member, every member is `suspect`, as a named group with the evidence: retest it.
 
-A consensus vote without a strict majority is a suspicion of the same kind (fleet.analysis).
+A consensus vote without a strict majority is a suspicion of the same kind (fleet.judge.consensus).
 
 The converse: when every device of a fingerprint computed the same bits and a tolerance oracle (the
 float64 reference) fired on all of them alike, no chip is to blame (`systematic`): the finding is

@@ -39,8 +39,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ...results import Judgement, LinkJudgement, LinksSummary, ProbeResult, Verdict
-from ..analysis import peer_ratios
 from . import throttle
+from .peers import peer_ratios
 
 RETEST = "retest"
 

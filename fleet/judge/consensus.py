@@ -1,0 +1,53 @@
+"""Consensus: do devices of one fingerprint compute the same bits?
+
+Pure functions over typed results; no I/O. Every device with the same fingerprint computing the
+same case from the same inputs must produce the same bits. The majority hash (over more than half
+of the voters, after removing devices their own oracles already caught) is right; a minority is
+`wrong`. A group with no majority is reported as such (`no_majority`) and its members are left to
+the blame rule (fleet.judge.blame), which pins the fault on a member with evidence of its own or
+calls the group `suspect`: never silently passed, never `wrong` for everyone. In a collective probe
+(`collective`) ranks exchange data, so a minority of several ranks holds one value alike (e.g. a
+tensor-parallel pair): it is a suspicion for the blame rule too, not several independent witnesses.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from ...results import ConsensusGroup, Judgement, ProbeResult, Verdict
+
+
+def consensus(results: list[ProbeResult], collective: frozenset[str] = frozenset()
+              ) -> tuple[list[Judgement], list[ConsensusGroup]]:
+    groups: dict[tuple[str, str, str], list[ProbeResult]] = defaultdict(list)
+    for r in results:
+        if r.output_hash and r.error is None:
+            groups[(r.fingerprint, r.probe, r.case)].append(r)
+    judgements: list[Judgement] = []
+    summary: list[ConsensusGroup] = []
+    for (fp, probe, case), members in sorted(groups.items()):
+        if len(members) < 2:
+            continue
+        voters = [m for m in members if m.verdict is Verdict.PASS]
+        if not voters:  # every member is already caught by its own oracles: nothing left to vote on
+            continue
+        counts: dict[str, int] = defaultdict(int)
+        for m in voters:
+            counts[m.output_hash] += 1
+        top, n_top = max(counts.items(), key=lambda kv: kv[1], default=("", 0))
+        # One distinct output among the voters is agreement, even with a single voter left.
+        has_majority = n_top * 2 > len(voters) or len(counts) <= 1
+        if has_majority:
+            dissent = [m for m in members if m.output_hash != top]
+        else:
+            dissent = list(voters)
+        shared = not has_majority or (probe in collective and len(dissent) > 1)
+        for m in ([] if shared else dissent):
+            reason = (f"consensus: output bits differ from the majority ({n_top} of {len(voters)} devices "
+                      f"with fingerprint {fp} agree; hash {m.output_hash[:12]} vs {top[:12]})")
+            judgements.append(Judgement(rank=m.rank, probe=probe, case=case, verdict=Verdict.WRONG, reason=reason,
+                                        metrics={"agree": float(n_top), "voters": float(len(voters))}))
+        summary.append(ConsensusGroup(fingerprint=fp, probe=probe, case=case, devices=len(members), majority_hash=top,
+                                      agree=n_top, no_majority=shared,
+                                      dissenters=tuple(sorted(m.rank for m in dissent))))
+    return judgements, summary

@@ -1,0 +1,127 @@
+"""One run's verdicts: every judge applied to its results, the same way on every path.
+
+`fleet_verdicts` is the one place a run is judged: at the end of a live run (fleet.runner, the
+torchrun and JAX paths through it), when a stored run is reloaded (fleet.reload), when sweep
+shards are ingested (fleet.ingest) and by the pytest plugin. Each rule lives in its own module
+of this package; this one only puts them in order and hands their findings to the blame rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ...results import ConsensusGroup, DeviceInfo, Judgement, LinksSummary, ProbeResult, Verdict
+from . import baselines as bl
+from . import blame, speed, throttle
+from . import own_history as oh
+from .consensus import consensus
+from .second_opinion import Culprit, second_opinion_findings
+
+if TYPE_CHECKING:
+    from ..store import Store
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LibraryFindings:
+    """What the independent-GEMM probe and the fp64 references say about software, not any one chip."""
+
+    findings: list[str]
+    exonerate: set[tuple[int, str, str]]
+    """(rank, probe, case) whose local `wrong` is the library's doing, not the chip's."""
+    fleet_verdict: Verdict
+    """WRONG when a library is wrong on every device: still a wrong result for the fleet's users."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FleetVerdicts:
+    """Everything the judges decide about one run's results, before it is folded per device."""
+
+    judgements: list[Judgement]
+    groups: list[ConsensusGroup]
+    links: LinksSummary | None
+    library: LibraryFindings
+
+
+def speed_tables() -> tuple[dict[str, str], dict[str, str]]:
+    """Each probe's speed metric and the retest kernel that confirms its slow suspects (the registry's)."""
+    from ...probes import base
+
+    reg = base.registry()
+    return {n: c.speed_metric for n, c in reg.items()}, {n: c.speed_kernel for n, c in reg.items()}
+
+
+def collective_probes() -> frozenset[str]:
+    from ...probes import base
+
+    return frozenset(n for n, cls in base.registry().items() if cls.collective)
+
+
+def fleet_verdicts(devs: dict[int, DeviceInfo], results: list[ProbeResult], *, min_gap: float,
+                   declared: dict[int, tuple[str, ...]] | None = None, baselines: bl.BaselineTable | None = None,
+                   extra: list[Judgement] | None = None, judged: list[Judgement] | None = None) -> FleetVerdicts:
+    """Consensus, speed (peers, retest, throttle, baselines), links, second opinion, then blame.
+
+    `judged`: the judgements stored for a run that was judged when it ended; they are the record, and
+    only the consensus groups and library findings are recounted from the results. `extra`: more
+    judgements to blame with the rest (a device against its own history, which needs the store)."""
+    from .. import links_run
+
+    cons, groups = consensus(results, collective_probes())
+    lib = library_findings(results)
+    if judged is not None:
+        return FleetVerdicts(judgements=judged, groups=groups, links=None, library=lib)
+    slow = speed.judge(results, speed.SpeedPolicy(min_gap=min_gap), *speed_tables())
+    linked = links_run.analyze(results, devs, declared)
+    link_summary, link_js = linked if linked else (None, [])
+    if link_summary is not None:
+        link_summary, link_js = speed.confirm_links(link_summary, link_js, results,
+                                                    {r: d.host for r, d in devs.items()},
+                                                    speed.SpeedPolicy(min_gap=links_run.policy_for(devs).min_gap))
+    chips, _ = second_opinion_findings(results)
+    table = baselines if baselines is not None else bl.load()
+    judgements = (cons + slow + link_js + chips + throttle.judgements(results, min_gap)
+                  + bl.baseline_judgements(results, devs, table) + list(extra or []))
+    judgements += blame.resolve(results, judgements, groups, lib.exonerate)
+    return FleetVerdicts(judgements=judgements, groups=groups, links=link_summary, library=lib)
+
+
+def library_findings(results: list[ProbeResult]) -> LibraryFindings:
+    """The library-vs-chip findings of a run: the independent GEMM's, and tolerance oracles that
+    fire identically on every device (fleet.judge.blame.systematic)."""
+    _, library = second_opinion_findings(results)
+    findings = [f"xgemm {case} (fingerprint {fp}): the library GEMM and the independent kernel disagree on "
+                f"{'every' if f.culprit is Culprit.LIBRARY else 'the only'} device {list(f.ranks)}: "
+                f"{'suspect the library (cuBLAS/BLAS), not the chips' if f.culprit is Culprit.LIBRARY else 'no peer to compare'}"
+                for fp, case, f in library]
+    blamed = [(case, f) for _, case, f in library if f.culprit is Culprit.LIBRARY]
+    same = blame.systematic(results)
+    return LibraryFindings(findings=findings + same.findings,
+                           exonerate={(r, "xgemm", case) for case, f in blamed for r in f.ranks} | same.exonerate,
+                           fleet_verdict=Verdict.WRONG if blamed else Verdict.PASS)
+
+
+def own_history(store: Store, devs: dict[int, DeviceInfo], results: list[ProbeResult], run_id: str,
+                now: float) -> list[Judgement]:
+    """`slow` for devices far below their own past speed (fleet.judge.own_history), per speed key."""
+    keys = {k for (_, k) in bl.best_speeds(bl.speed_samples(results))}
+    out: list[Judgement] = []
+    for key in sorted(keys, key=lambda k: (k.probe, k.family)):
+        current = oh.run_speeds(results, key)
+        past = {r: oh.speed_history(store, devs[r].uuid, key, now=now, exclude_run=run_id)
+                for r in current if r in devs}
+        out += oh.history_judgements(current, past, probe=key.probe, case=key.family, unit=key.unit)
+    return out
+
+
+def retest_options(results: list[ProbeResult], devs: dict[int, DeviceInfo], min_gap: float) -> dict[str, str]:
+    """The retest probe's options for this run's speed suspects (devices and links); {} for none."""
+    from .. import links_run
+
+    if len(devs) < 2:
+        return {}
+    options = speed.retest_options(speed.suspects(results, speed.SpeedPolicy(min_gap=min_gap), *speed_tables()))
+    linked = links_run.analyze(results, devs)
+    if linked is not None:
+        options.update(speed.link_retest_option(speed.link_suspects(linked[0], {r: d.host for r, d in devs.items()})))
+    return options
