@@ -120,8 +120,9 @@ def throughput_groups(groups: list[ThroughputGroup]) -> str:
                                 fontsize=7, va="center", color=COLORS[Verdict.SLOW])
                     labelled += 1
         ax.axhline(1.0, color="#999", lw=0.8, ls="--")
-        ax.set_xticks(range(len(shown)), [f"{g.fingerprint}\n{g.devices} dev, "
-                                          f"{statistics.median(g.median_tflops.values()):.3g} TF/s"
+        ax.set_xticks(range(len(shown)), [f"{g.fingerprint}\n{g.devices} dev"
+                                          + (f", {statistics.median(g.median_tflops.values()):.3g} TF/s"
+                                             if g.median_tflops else "")
                                           for g in shown], fontsize=7)
         ax.set_ylabel("throughput / group median")
         return _svg(fig)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter, defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,9 +22,6 @@ from ..results import (
     RunSummary,
     Verdict,
 )
-
-THROUGHPUT_METRIC = "tflops_best"
-"""The metric the fleet judges speed by (fleet.analysis.SlowPolicy.metric)."""
 
 # Bit layout of the output dtypes the probes use: (width, first exponent bit, sign bit). The
 # histogram shades the fields so "an exponent bit flipped" is visible without decoding.
@@ -100,9 +98,9 @@ class ThroughputGroup:
     fingerprint: str
     devices: int
     median_tflops: dict[str, float]
-    """Case -> the group's median of `tflops_best`."""
+    """probe:case -> the group's median TFLOP/s, for the cases whose speed metric is in TFLOP/s."""
     ratios: list[float]
-    """Per device: median over cases of (device / group median)."""
+    """Per device: median over cases of (device / group median), each case on its probe's speed metric."""
     outliers: list[tuple[int, str, float]]
     """(rank, label, ratio) of the devices the fleet judged slow."""
 
@@ -189,16 +187,27 @@ def histograms_of(cases: list[CaseView]) -> list[BitHistogram]:
             if cnt]
 
 
-def throughput(s: RunSummary, metric: str = THROUGHPUT_METRIC) -> tuple[list[ThroughputGroup], dict[int, float]]:
-    """Per fingerprint group: each device's throughput against the group median; and rank -> ratio."""
+def throughput(s: RunSummary, metric_by_probe: Mapping[str, str] | None = None
+               ) -> tuple[list[ThroughputGroup], dict[int, float]]:
+    """Per fingerprint group: each device's speed against the group median; and rank -> ratio.
+
+    Each probe is read on the metric the speed judge reads it by (its registry `speed_metric`:
+    TFLOP/s for compute, GB/s for memory copies, bus GB/s for collectives)."""
+    if metric_by_probe is None:
+        from ..fleet.judge.verdicts import speed_tables
+
+        metric_by_probe = speed_tables()[0]
     # (fingerprint, probe:case) -> rank -> value
     values: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
-    suffix = ":" + metric
     for d in s.devices:
         for p in d.probes:
+            metric = metric_by_probe.get(p.probe, "")
+            if not metric:
+                continue
+            suffix = ":" + metric
             for k, v in p.metrics.items():
                 if k.endswith(suffix) and isinstance(v, (int, float)) and v == v and v > 0:
-                    values[d.fingerprint][f"{p.probe}:{k[: -len(suffix)]}"][d.rank] = float(v)
+                    values[d.fingerprint][f"{p.probe}:{k[: -len(suffix)]}:{metric}"][d.rank] = float(v)
     slow_ranks = {d.rank for d in s.devices if any(p.verdict is Verdict.SLOW for p in d.probes)}
     labels = {d.rank: f"{d.host} {d.device}" for d in s.devices}
     groups: list[ThroughputGroup] = []
@@ -212,7 +221,8 @@ def throughput(s: RunSummary, metric: str = THROUGHPUT_METRIC) -> tuple[list[Thr
         ratios = {rank: statistics.median(rs) for rank, rs in per_rank.items()}
         ratio_of.update(ratios)
         outliers = sorted(((r, labels[r], x) for r, x in ratios.items() if r in slow_ranks), key=lambda t: t[2])
-        groups.append(ThroughputGroup(fingerprint=fp, devices=len(ratios), median_tflops=medians,
+        tflops = {c.rsplit(":", 1)[0]: v for c, v in medians.items() if c.endswith(":tflops_best")}
+        groups.append(ThroughputGroup(fingerprint=fp, devices=len(ratios), median_tflops=tflops,
                                       ratios=sorted(ratios.values()), outliers=outliers))
     groups.sort(key=lambda g: -g.devices)
     return groups, ratio_of

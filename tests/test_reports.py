@@ -171,3 +171,23 @@ def test_reload_rebuilds_the_summary_from_sqlite(tmp_path):
     assert again.groups == s.groups
     with pytest.raises(StoreError):
         reload.open_existing(tmp_path / "missing.db")
+
+
+def test_throughput_reads_each_probe_on_its_own_speed_metric() -> None:
+    # collectives are judged on bus bandwidth: the view must rank them on it, not on tflops_best
+    from dataclasses import replace
+
+    from chipcheck.fleet import synthetic
+    from chipcheck.reports import view
+
+    s = synthetic.run(16, fail_fraction=0.2, seed=1)
+    _, before = view.throughput(s)
+    as_bus = replace(s, devices=[replace(d, probes=[replace(p, probe="collectives", metrics={
+        k.replace(":tflops_best", ":busbw_gbps_best"): v for k, v in p.metrics.items() if k.endswith(":tflops_best")})
+        for p in d.probes]) for d in s.devices])
+    groups, after = view.throughput(as_bus)
+    assert after == before and len(after) == 16
+    assert all(g.median_tflops == {} for g in groups)  # bus GB/s is not TFLOP/s
+    bare = replace(as_bus, devices=[replace(d, probes=[replace(p, probe="links") for p in d.probes])
+                                    for d in as_bus.devices])
+    assert view.throughput(bare) == ([], {})  # links are judged per link, never per device
