@@ -750,7 +750,8 @@ def history(key: str | None, db_path: str | None, min_drop: float, as_json: bool
 def quarantine(fmt: str, run_id: str, db_path: str | None, no_history: bool, do_apply: bool) -> None:
     """Print the commands that take failing hosts out of service, with the reason per host.
 
-    Exits 0 when no host needs to go, 1 when some do (or are listed), 2 for bad input or a failed --apply.
+    Exits 0 when no host needs to go, 1 when some do (or are listed), 2 for bad input, a failed --apply
+    or a host name that may not reach the command (refused; the other hosts are still handled).
     """
     from .fleet import history as hist
     from .fleet import quarantine as q
@@ -778,6 +779,10 @@ def quarantine(fmt: str, run_id: str, db_path: str | None, no_history: bool, do_
             click.echo(f"chipcheck: error: {a.command.display}: exit {a.returncode}: {a.output}", err=True)
         if failed:
             sys.exit(2)
+    bad = q.refused(plans, q.Format(fmt))
+    if bad:  # the others are drained (or listed); these need a person: bad input, not a verdict
+        fail(f"{len(bad)} host name(s) in run {summary.run_id} refused for --format {fmt} (see '# refused' above); "
+             f"the other hosts were {'drained' if do_apply else 'listed'}")
     sys.exit(1 if plans else 0)
 
 

@@ -105,14 +105,21 @@ class Command:
     """The command as a shell line (what is printed)."""
 
 
+def refused(plans: list[HostPlan], fmt: Format) -> list[tuple[str, str]]:
+    """(host, why) for every host whose name must never reach `fmt`'s command or record."""
+    check = records.k8s_node_problem if fmt is Format.K8S else records.host_problem
+    return [(p.host, why) for p in plans if (why := check(p.host))]
+
+
 def commands(plans: list[HostPlan], fmt: Format, run_id: str = "") -> tuple[list[Command], list[str]]:
     """(commands to take the out-of-service hosts out, comment lines for hosts that only need a retest)."""
     cmds: list[Command] = []
     notes: list[str] = []
+    bad = dict(refused(plans, fmt))
     for p in plans:
-        why = records.host_problem(p.host)
-        if why:  # never an argument, never a record: `--all` would cordon every node, a newline forge a line
-            notes.append(f"# refused: {_CONTROL.sub('?', why)}; not drained (fix the host name and judge again)")
+        if p.host in bad:  # never an argument, never a record: `--all` would cordon every node, a newline forge a line
+            notes.append(f"# refused: {_CONTROL.sub('?', bad[p.host])}; not drained "
+                         f"(fix the host name and judge again)")
             continue
         reason = p.reason(run_id)
         if not p.out_of_service:

@@ -24,8 +24,10 @@ INT64 = 1 << 63
 MAX_NAME = 256
 """Longest run id, probe, case, device or fingerprint string accepted."""
 
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
 _HOST = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_K8S_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_K8S_NODE = re.compile(rf"{_K8S_LABEL}(?:\.{_K8S_LABEL})*")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _REQUIRED = ("run_id", "host", "rank", "device", "fingerprint", "probe", "case", "verdict", "seed")
 _FIELDS = frozenset(ProbeResult.__dataclass_fields__)
@@ -36,15 +38,23 @@ class BadRecord(ValueError):
 
 
 def host_problem(host: object) -> str | None:
-    """Why `host` is not a usable host/node name (None when it is): RFC 1123 labels of letters,
-    digits and inner hyphens, joined by dots, at most 253 characters. Such a name cannot start
-    with `-` (no option injection), holds no whitespace, quote or newline, and is valid for Slurm
-    and, lower-cased, for Kubernetes."""
+    """Why `host` is not a usable host/node name (None when it is): labels of letters, digits and
+    inner hyphens or underscores (RFC 1123, plus the underscores Slurm node names and /etc/hosts
+    aliases carry), joined by dots, at most 253 characters. Such a name cannot start with `-` (no
+    option injection) and holds no whitespace, quote or newline."""
     if not isinstance(host, str):
         return f"host must be a string, not {type(host).__name__}"
     if not host or len(host) > 253 or not _HOST.fullmatch(host):
-        return f"host {_show(host)} is not a valid host name (RFC 1123: letters, digits, '-' and '.')"
+        return f"host {_show(host)} is not a valid host name (letters, digits, inner '-' and '_', and '.')"
     return None
+
+
+def k8s_node_problem(host: str) -> str | None:
+    """Why `host`, lower-cased, is not a Kubernetes node name (an RFC 1123 subdomain: no underscores)."""
+    why = host_problem(host)
+    if why is None and not _K8S_NODE.fullmatch(host.lower()):
+        why = f"host {_show(host)} is not a Kubernetes node name (RFC 1123: letters, digits, '-' and '.')"
+    return why
 
 
 def check_host(host: object) -> str:

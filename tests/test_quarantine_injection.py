@@ -30,13 +30,13 @@ def _stand_ins(tmp: Path) -> tuple[dict[str, str], Path]:
     return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, log
 
 
-def _poisoned_store(db: Path) -> tuple[set[str], set[str]]:
+def _poisoned_store(db: Path, evil: list[str] = EVIL) -> tuple[set[str], set[str]]:
     """A judged run whose failing devices sit on hostile host names (as a store written before ingest
     checked names could hold); returns (the good hosts to drain, the hostile hosts that fail)."""
     f = synthetic.fleet(24, fail_fraction=0.5, seed=4, run_id="20261201T000000-evil")
     summary, _ = synthetic.judge(f)
     failing = sorted({d.rank for d in summary.failed})
-    rename = {rank: EVIL[i] for i, rank in enumerate(failing[:len(EVIL)])}
+    rename = {rank: evil[i] for i, rank in enumerate(failing[:len(evil)])}
     devices = {r: replace(d, host=rename.get(r, d.host)) for r, d in f.devices.items()}
     f = replace(f, devices=devices, results=[replace(x, host=rename.get(x.rank, x.host)) for x in f.results])
     summary, judgements = synthetic.judge(f)
@@ -49,15 +49,18 @@ def _poisoned_store(db: Path) -> tuple[set[str], set[str]]:
     s.end_run(f.run_id, summary.verdict)
     s.close()
     failed = {d.host for d in summary.failed}
-    assert len(failed & set(EVIL)) >= 3
-    return failed - set(EVIL), failed & set(EVIL)
+    assert len(failed & set(evil)) >= min(3, len(evil))
+    return failed - set(evil), failed & set(evil)
 
 
 def test_host_names_are_checked_against_rfc_1123() -> None:
     for good in ("node0001", "gpu-a100-7.cluster.example.com", "N1", "h"):
-        assert records.host_problem(good) is None
-    for bad in EVIL + ["", "-node", "node-", "a" * 64, "node_1", "node..x", "nöde", "x" * 254]:
+        assert records.host_problem(good) is None and records.k8s_node_problem(good) is None
+    for bad in EVIL + ["", "-node", "node-", "_node", "node_", "a" * 64, "node..x", "nöde", "x" * 254]:
         assert records.host_problem(bad) is not None, bad
+    # Slurm node names and /etc/hosts aliases carry underscores; Kubernetes node names cannot
+    assert records.host_problem("gpu_node_01") is None
+    assert "not a Kubernetes node name" in (records.k8s_node_problem("gpu_node_01") or "")
 
 
 def test_k8s_apply_never_passes_a_hostile_host(tmp_path: Path) -> None:
@@ -65,7 +68,7 @@ def test_k8s_apply_never_passes_a_hostile_host(tmp_path: Path) -> None:
     good, evil = _poisoned_store(db)
     env, log = _stand_ins(tmp_path)
     p = run_cli("quarantine", "--format", "k8s", "--db", str(db), "--no-history", "--apply", env=env)
-    assert p.returncode == 1, p.stderr
+    assert p.returncode == 2 and "host name(s)" in p.stderr and "were drained" in p.stderr, p.stderr
     assert 3 <= p.stdout.count("# refused: host ") <= len(evil)  # each failing hostile host named, repr-escaped
     assert "cordon -- --all" not in p.stdout and "\nnode7" not in p.stdout
     calls = [json.loads(x)[1:] for x in log.read_text().splitlines()]
@@ -80,7 +83,7 @@ def test_slurm_apply_and_hosts_format_never_carry_a_hostile_host(tmp_path: Path)
     good, _ = _poisoned_store(db)
     env, log = _stand_ins(tmp_path)
     p = run_cli("quarantine", "--format", "slurm", "--db", str(db), "--no-history", "--apply", env=env)
-    assert p.returncode == 1, p.stderr
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr  # the others drained
     calls = [json.loads(x)[1:] for x in log.read_text().splitlines()]
     assert {c[1] for c in calls} == {f"NodeName={h}" for h in good}
     p = run_cli("quarantine", "--format", "hosts", "--db", str(db), "--no-history")
@@ -97,3 +100,14 @@ def test_a_shard_with_a_hostile_host_is_refused_at_ingest(tmp_path: Path) -> Non
     p = run_cli("ingest", "--db", str(tmp_path / "r.db"), str(shard))
     assert p.returncode == 0 and "host '--all' is not a valid host name" in p.stderr, p.stderr
     assert sum(1 for r in f.results if r.rank == 1) == int(p.stdout.split("stored, ")[1].split()[0])
+
+
+def test_an_underscored_slurm_node_is_drained_and_refused_only_for_kubernetes(tmp_path: Path) -> None:
+    db = tmp_path / "r.db"
+    good, odd = _poisoned_store(db, ["gpu_node_01"])
+    env, log = _stand_ins(tmp_path)
+    p = run_cli("quarantine", "--format", "slurm", "--db", str(db), "--no-history", "--apply", env=env)
+    assert p.returncode == 1, p.stderr
+    assert {json.loads(x)[2] for x in log.read_text().splitlines()} == {f"NodeName={h}" for h in good | odd}
+    p = run_cli("quarantine", "--format", "k8s", "--db", str(db), "--no-history", env=env)
+    assert p.returncode == 2 and "# refused: host 'gpu_node_01' is not a Kubernetes node name" in p.stdout, p.stdout
