@@ -110,7 +110,8 @@ def _burn(ctx: ProbeContext, cfg: BurnProbe.Config, case: str, kernel: Kernel, n
     samples: list[tuple[float, dict[str, float]]] = []
     first_random: list[Any] = []
     with kernel.settings(), ctx.timer.exclusive():
-        kernel(ah, bh)  # warm-up: library heuristics, caches
+        # warm-up (library heuristics, caches): untimed but checked, like every call a chip computes
+        warm_bad = oracles.compare_bits(expected, kernel(ah, bh), tensor="C_exact", oracle=Oracle.EXACT)
         with ctx.under_test():
             # The first op dispatched through an injector costs ~1 s once (Python dispatch
             # set-up); a non-GEMM op keeps that out of the first window and off fault counters.
@@ -145,6 +146,12 @@ def _burn(ctx: ProbeContext, cfg: BurnProbe.Config, case: str, kernel: Kernel, n
                 _keep(out, m, i, now - start)
         elapsed = time.monotonic() - start
     _finish(out, cfg, iters, samples, 4.0 * n**3, elapsed)
+    if warm_bad is not None:  # one more repeat, and a bad one: the chip was wrong before it was warm
+        from dataclasses import replace
+
+        out.repeats += 1
+        out.repeats_bad += 1
+        out.mismatches.insert(0, replace(warm_bad, note=(warm_bad.note + " on the warm-up call").strip()))
     return out
 
 

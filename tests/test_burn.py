@@ -100,3 +100,17 @@ def test_timeline_rebins_long_runs() -> None:
 def test_not_in_a_default_run_except_burnin() -> None:
     assert burn.BurnProbe.default is False and "burnin" in burn.BurnProbe.default_profiles
     assert burn.NvmlSampler(torch.device("cpu")).ok is False
+
+
+def test_a_wrong_warm_up_call_is_caught() -> None:
+    # a process-wide fault on one GEMM only: the warm-up (after the Freivalds plan's three 1-row
+    # products), which is not timed but is checked
+    stop = faults.start_process_faults(faults.parse("bitflip:bit=20,op=mm,after=3,count=1,scope=process"), 0)
+    try:
+        out = PROBE.run_case(_ctx(), _cfg(duration_s=0.2), "float32")
+    finally:
+        stop()
+    assert out.verdict is Verdict.FLAKY and out.repeats_bad == 1
+    assert out.mismatches[0].oracle is Oracle.EXACT and "warm-up" in out.mismatches[0].note
+    clean = PROBE.run_case(_ctx(), _cfg(duration_s=0.2), "float32")
+    assert clean.verdict is Verdict.PASS and not clean.mismatches
