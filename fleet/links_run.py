@@ -2,7 +2,7 @@
 
 Each direction src -> dst is measured by both ends: the sender times it (latency, bandwidth),
 the receiver checks the payload bits. They are merged here and judged over the whole matrix
-by fleet.links_analysis; a corrupting or slow *endpoint* becomes a Judgement on that device.
+by fleet.judge.links; a corrupting or slow *endpoint* becomes a Judgement on that device.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from collections import defaultdict
 from collections.abc import Mapping
 
 from ..results import DeviceInfo, Judgement, LinkJudgement, LinksSummary, ProbeResult, Verdict
-from . import links_analysis as la
+from . import topology as tp
+from .judge import links as la
 
 
 def measurements(results: list[ProbeResult]) -> list[la.LinkMeasurement]:
@@ -70,7 +71,7 @@ def analyze(results: list[ProbeResult], devs: Mapping[int, DeviceInfo],
     hosts = {rank: d.host for rank, d in devs.items()}
     meas = measurements(link_results)
     first = la.judge_links(meas, n, hosts, policy)
-    topo = la.infer_topology(first.latency)
+    topo = tp.infer_topology(first.latency)
     placement = _cpu_placement(link_results, hosts) or (
         {i: tuple(str(g) for g in grp) for i, grp in enumerate(topo.groups)} if topo.levels else None)
     report = la.judge_links(meas, n, hosts, policy, placement=placement) if placement else first
@@ -82,8 +83,8 @@ def analyze(results: list[ProbeResult], devs: Mapping[int, DeviceInfo],
                              gbps=x.gbps, bad_bytes=report.errors[x.src][x.dst]) for x in report.links],
         latency_us=report.latency, gbps=report.bandwidth, bad_bytes=report.errors,
         topology_levels=list(topo.levels), topology_groups=[list(g) for g in topo.groups],
-        topology_text=la.render_topology(topo, labels) if topo.levels else "",
-        disagreements=la.compare_declared(topo, declared) if declared else [],
+        topology_text=tp.render_topology(topo, labels) if topo.levels else "",
+        disagreements=tp.compare_declared(topo, declared) if declared else [],
     )
     judgements = [Judgement(rank=e.endpoint, probe="links", case="pairs", verdict=e.verdict, reason=e.reason)
                   for e in report.endpoints if e.verdict is not Verdict.PASS]

@@ -35,7 +35,7 @@ class LinksProbe(Probe):
     default = False  # `chipcheck links` runs it
     min_devices = 2
     collective = True
-    speed_metric = ""  # judged per link over the whole matrix (fleet.links_analysis), not per device
+    speed_metric = ""  # judged per link over the whole matrix (fleet.judge.links), not per device
     speed_kernel = ""
 
     @dataclass(frozen=True, slots=True, kw_only=True)

@@ -25,7 +25,7 @@ The rule, for every path (live run, reloaded run, ingested sweep):
    `slow`: the judgement says so, as a note.
 6. Links the same way: a directed link the link analysis calls slow is retested against a passing
    link of its kind (intra- or inter-host), interleaved; it stays slow only when confirmed, with
-   the link policy's gap (`1 - min_gap / 2` of fleet.links_analysis.LinkPolicy).
+   the link policy's gap (`1 - min_gap / 2` of fleet.judge.links.LinkPolicy).
 """
 
 from __future__ import annotations

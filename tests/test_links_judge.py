@@ -8,15 +8,12 @@ import re
 import numpy as np
 import pytest
 
-from chipcheck.fleet.links_analysis import (
+from chipcheck.fleet.judge.links import LinkMeasurement, LinkPolicy, LinkReport, judge_links
+from chipcheck.fleet.topology import (
     InferredTopology,
-    LinkMeasurement,
-    LinkPolicy,
-    LinkReport,
     average_linkage,
     compare_declared,
     infer_topology,
-    judge_links,
     render_topology,
     to_report_extras,
 )
