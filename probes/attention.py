@@ -505,16 +505,16 @@ def tolerance_mismatch(expected: Any, actual: Any, tol: Any, *, tensor: str, ora
     hist = {b: int(((xor >> b) & 1).sum()) for b in range(width)}
     shape = list(actual.shape)
     listed = flat[:oracles.MAX_LISTED].cpu().tolist()
-    indices = [to_index(list(oracles._unravel(i, shape))) for i in listed]
-    rows = sorted({tuple(to_index(list(oracles._unravel(int(i), shape)))[:3]) for i in flat})
+    indices = [to_index(list(oracles.unravel(i, shape))) for i in listed]
+    rows = sorted({tuple(to_index(list(oracles.unravel(int(i), shape)))[:3]) for i in flat})
     finite = err[torch.isfinite(err)]
     return Mismatch(
         oracle=oracle, tensor=tensor, bad_elements=n_bad, total_elements=actual.numel(),
         first_indices=indices,
         expected=[float(x) for x in expected.reshape(-1)[flat[:oracles.MAX_LISTED]].cpu()],
         actual=[float(x) for x in actual.reshape(-1)[flat[:oracles.MAX_LISTED]].double().cpu()],
-        expected_bits=[oracles._bits_str(int(x), width) for x in e_bits[:oracles.MAX_LISTED]],
-        actual_bits=[oracles._bits_str(int(x), width) for x in a_bits[:oracles.MAX_LISTED]],
+        expected_bits=[oracles.bits_str(int(x), width) for x in e_bits[:oracles.MAX_LISTED]],
+        actual_bits=[oracles.bits_str(int(x), width) for x in a_bits[:oracles.MAX_LISTED]],
         bit_histogram={b: c for b, c in hist.items() if c},
         max_abs_error=float(finite.max()) if finite.numel() else math.inf,
         note=(f"{note} bad_rows={len(rows)} rows(b,h,i)={[list(r) for r in rows[:oracles.MAX_LISTED]]} "

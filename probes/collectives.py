@@ -139,7 +139,7 @@ class CollectivesProbe(Probe):
         while size <= cfg.max_bytes:
             count = max(n, size // esize)
             count -= count % n  # per-rank buffers split evenly into n chunks
-            step = _Step(op=op, n=n, r=r, count=count, dtype=dtype, tdt=tdt, device=ctx.device, group=group)
+            step = CollectiveStep(op=op, n=n, r=r, count=count, dtype=dtype, tdt=tdt, device=ctx.device, group=group)
             bad = False
             for _ in range(cfg.checks):
                 step.init()
@@ -174,7 +174,7 @@ class CollectivesProbe(Probe):
         return out
 
 
-def _judge_check(ctx: ProbeContext, out: CaseOutcome, step: _Step, group: Any) -> bool:
+def _judge_check(ctx: ProbeContext, out: CaseOutcome, step: CollectiveStep, group: Any) -> bool:
     """Check this rank's output, then agree with every rank on who is to blame.
 
     All ranks of a collective see a corrupted result; blaming all of them would drain innocent
@@ -210,7 +210,7 @@ def _judge_check(ctx: ProbeContext, out: CaseOutcome, step: _Step, group: Any) -
         out.params.setdefault("observed", []).append(observed)
     if keep is None:
         return False
-    _keep(out, keep)
+    keep_mismatch(out, keep)
     return True
 
 
@@ -223,7 +223,7 @@ def _needs_pairs(views: list[tuple[bool, list[int]]], op: str) -> bool:
 _PAIR_GROUPS: dict[int, list[Any]] = {}
 
 
-def _localize(ctx: ProbeContext, step: _Step, group: Any) -> tuple[list[int], str]:
+def _localize(ctx: ProbeContext, step: CollectiveStep, group: Any) -> tuple[list[int], str]:
     """Every rank runs the op once more in each ring pair (k, k+1) it belongs to; a rank is named
     when every pair that holds it fails and every pair without it passes (collective: all ranks)."""
     import torch.distributed as dist
@@ -237,7 +237,7 @@ def _localize(ctx: ProbeContext, step: _Step, group: Any) -> tuple[list[int], st
         if r not in p:
             mine.append(False)
             continue
-        sub = _Step(op=step.op, n=2, r=p.index(r), count=step.count - step.count % 2, dtype=step.dtype,
+        sub = CollectiveStep(op=step.op, n=2, r=p.index(r), count=step.count - step.count % 2, dtype=step.dtype,
                     tdt=step.tdt, device=step.device, group=pg)
         sub.init()
         with ctx.under_test():
@@ -296,13 +296,14 @@ def _sync(ctx: ProbeContext) -> None:
     ctx.timer.sync()
 
 
-def _keep(out: CaseOutcome, m: Mismatch) -> None:
+def keep_mismatch(out: CaseOutcome, m: Mismatch) -> None:
+    """Keep `m` unless a mismatch of the same oracle on the same tensor is already kept."""
     if not any(x.oracle == m.oracle and x.tensor == m.tensor for x in out.mismatches):
         out.mismatches.append(m)
 
 
 @dataclass
-class _Step:
+class CollectiveStep:
     """One collective at one size: its inputs, the call, and the exact expected output."""
 
     op: str

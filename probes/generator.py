@@ -13,9 +13,11 @@ import hashlib
 from typing import Any
 
 MASK32 = 0xFFFFFFFF
-_M1 = 0x7FEB352D
-_M2 = 0x846CA68B
-_GOLDEN = 0x9E3779B9
+# lowbias32's two multipliers and the golden-ratio index stride; probes/memory.py re-derives the
+# same hash in int32 arithmetic on the device, so they are part of this module's interface.
+MIX_M1 = 0x7FEB352D
+MIX_M2 = 0x846CA68B
+GOLDEN = 0x9E3779B9
 
 
 def stream_id(name: str) -> int:
@@ -27,9 +29,9 @@ def mix32_int(x: int) -> int:
     """The scalar version of the mixer (lowbias32), used to derive keys on the host."""
     x &= MASK32
     x ^= x >> 16
-    x = (x * _M1) & MASK32
+    x = (x * MIX_M1) & MASK32
     x ^= x >> 15
-    x = (x * _M2) & MASK32
+    x = (x * MIX_M2) & MASK32
     x ^= x >> 16
     return x
 
@@ -37,17 +39,17 @@ def mix32_int(x: int) -> int:
 def key(seed: int, stream: str | int) -> int:
     """The 32-bit key of (seed, stream); every element of that stream hashes (key, index)."""
     sid = stream if isinstance(stream, int) else stream_id(stream)
-    return mix32_int(mix32_int(seed & MASK32) ^ mix32_int((seed >> 32) ^ _GOLDEN) ^ sid)
+    return mix32_int(mix32_int(seed & MASK32) ^ mix32_int((seed >> 32) ^ GOLDEN) ^ sid)
 
 
 def _mix(x: Any) -> Any:
     """lowbias32 in place. Works on torch int64 tensors, numpy int64 arrays and cupy arrays alike:
     operands stay below 2**32, products wrap mod 2**64 and only their low 32 bits are kept."""
     x ^= x >> 16
-    x *= _M1
+    x *= MIX_M1
     x &= MASK32
     x ^= x >> 15
-    x *= _M2
+    x *= MIX_M2
     x &= MASK32
     x ^= x >> 16
     return x
@@ -59,7 +61,7 @@ def hash_indices(k: int, idx: Any, max_index: int | None = None) -> Any:
     `max_index` (when the caller knows it) spares a pass over idx to learn whether any index has
     a non-zero high word, which only then needs mixing in.
     """
-    x = idx * _GOLDEN
+    x = idx * GOLDEN
     x += k
     x &= MASK32
     if max_index is None:

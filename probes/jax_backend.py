@@ -54,7 +54,8 @@ def init() -> dict[str, Any]:
 # ---- inputs: generator.py's numpy twins with xp = jax.numpy ---------------------------------
 
 
-def _on(device: Any) -> Any:
+def on_device(device: Any) -> Any:
+    """A context that makes `device` JAX's default device (a no-op for None)."""
     import contextlib
 
     import jax
@@ -67,7 +68,7 @@ def uniform(shape: tuple[int, ...], seed: int, stream: str, *, device: Any = Non
     """generator.uniform on a JAX device: float32 in [-1, 1), then cast by XLA (round to nearest even)."""
     import jax.numpy as jnp
 
-    with _on(device):
+    with on_device(device):
         x = g.uniform_np(shape, seed, stream, offset=offset, xp=jnp)
         return x if dtype is None else x.astype(dtype)
 
@@ -77,7 +78,7 @@ def small_ints(shape: tuple[int, ...], seed: int, stream: str, radius: int, *, d
     """generator.small_ints on a JAX device."""
     import jax.numpy as jnp
 
-    with _on(device):
+    with on_device(device):
         x = g.small_ints_np(shape, seed, stream, radius, offset=offset, xp=jnp)
         return x if dtype is None else x.astype(dtype)
 
@@ -86,7 +87,7 @@ def signs(shape: tuple[int, ...], seed: int, stream: str, *, device: Any = None,
     """generator.signs on a JAX device (int64 +-1)."""
     import jax.numpy as jnp
 
-    with _on(device):
+    with on_device(device):
         n = int(np.prod(shape))
         idx = jnp.arange(offset, offset + n, dtype=jnp.int64).reshape(shape)
         h = g.hash_indices(g.key(seed, stream), idx, offset + n - 1)

@@ -6,7 +6,7 @@ Golden semantics are the torch path's, reused rather than restated: each rank's 
 expected output, the comparison (oracles.compare_bits on the host copy), the decoding ("missing
 the contribution of rank(s) [2]", "holds rank 1's elem 5; expected rank 2's") and the blame rule
 (a rank the decoding names is wrong; ranks that only observed it are not) all come from
-probes/collectives.py (`_Step`, `Code`, `bus_factor`). Only the collective itself runs in JAX.
+probes/collectives.py (`CollectiveStep`, `Code`, `bus_factor`). Only the collective itself runs in JAX.
 
 | torch.distributed            | JAX (inside shard_map, axis "x")          |
 | all_reduce SUM / MAX          | lax.psum / lax.pmax                       |
@@ -37,7 +37,7 @@ import numpy as np
 from ..results import Mismatch
 from . import jax_backend as jb
 from .base import CaseOutcome, InvalidConfig
-from .collectives import EXACT_LIMIT, CollectivesProbe, _keep, _Step, blame, bus_factor
+from .collectives import EXACT_LIMIT, CollectivesProbe, CollectiveStep, blame, bus_factor, keep_mismatch
 
 # op -> the JAX op name `--inject op=` matches
 JAX_OPS = {"all_reduce_sum": "psum", "all_reduce_max": "pmax", "all_gather": "all_gather",
@@ -152,13 +152,13 @@ def run_ranks(devices: list[Any], cfg: CollectivesProbe.Config, case: str,
     outs = {r: CaseOutcome(case=case, params={"op": op, "dtype": dtype, "world_size": n, "sizes": [],
                                               "backend": "jax", "jax_op": JAX_OPS[op]}) for r in local}
     pos = {d: i for i, d in enumerate(devices)}
-    checked: list[dict[int, tuple[_Step, Mismatch | None]]] = []  # per check: this process's ranks
+    checked: list[dict[int, tuple[CollectiveStep, Mismatch | None]]] = []  # per check: this process's ranks
     sizes: list[int] = []
     size = cfg.min_bytes
     while size <= cfg.max_bytes:
         count = max(n, size // esize)
         count -= count % n
-        steps = {r: _Step(op=op, n=n, r=r, count=count, dtype=dtype, tdt=tdt, device="cpu", group=None)
+        steps = {r: CollectiveStep(op=op, n=n, r=r, count=count, dtype=dtype, tdt=tdt, device="cpu", group=None)
                  for r in local}
         for _ in range(cfg.checks):
             inputs = {}
@@ -228,7 +228,7 @@ def _allmax(values: list[float]) -> list[float]:
     return [float(v) for v in got.reshape(-1, len(values)).max(axis=0)]
 
 
-def _exchange(devices: list[Any], case: str, checked: list[dict[int, tuple[_Step, Mismatch | None]]]
+def _exchange(devices: list[Any], case: str, checked: list[dict[int, tuple[CollectiveStep, Mismatch | None]]]
               ) -> list[list[tuple[bool, list[int]]]]:
     """Every rank's view (saw a mismatch, ranks its decoding names) for every check, from every process.
 
@@ -272,12 +272,12 @@ def _exchange(devices: list[Any], case: str, checked: list[dict[int, tuple[_Step
     return out
 
 
-def _payload(s: _Step) -> Any:
+def _payload(s: CollectiveStep) -> Any:
     """What rank `s.r` contributes (the torch path's input buffer for this op)."""
     return s.buf if s.op in ("all_reduce_sum", "all_reduce_max") else s.inp
 
 
-def _judge(outs: dict[int, CaseOutcome], checked: dict[int, tuple[_Step, Mismatch | None]],
+def _judge(outs: dict[int, CaseOutcome], checked: dict[int, tuple[CollectiveStep, Mismatch | None]],
            views: list[tuple[bool, list[int]]]) -> dict[int, bool]:
     """collectives.blame for this process's ranks in one check, given every rank's view."""
     result = {}
@@ -286,6 +286,6 @@ def _judge(outs: dict[int, CaseOutcome], checked: dict[int, tuple[_Step, Mismatc
         if observed:
             outs[r].params.setdefault("observed", []).append(observed)
         if keep is not None:
-            _keep(outs[r], keep)
+            keep_mismatch(outs[r], keep)
         result[r] = keep is not None
     return result

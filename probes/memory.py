@@ -198,12 +198,12 @@ def pattern_words(kind: str, lo: int, hi: int, s: int, key: int, device: Any) ->
         return i.new_ones(()) << ((i + s) & 31)
     if kind == "address":
         return i * WORD
-    x = i * _signed(g._GOLDEN)
+    x = i * _signed(g.GOLDEN)
     x += _signed(key)
     x ^= (x >> 16) & 0xFFFF
-    x *= _signed(g._M1)
+    x *= _signed(g.MIX_M1)
     x ^= (x >> 15) & 0x1FFFF
-    x *= _signed(g._M2)
+    x *= _signed(g.MIX_M2)
     x ^= (x >> 16) & 0xFFFF
     return x
 

@@ -22,10 +22,10 @@ from ..results import Mismatch, Oracle
 from .backends import oracles as ora
 from .backends.base import INT_BY_WIDTH
 from .backends.base import unit_roundoff as _unit_roundoff_by_name
-from .backends.oracles import MAX_LISTED, FreivaldsPlan, _bits_str, _tile_of, _unravel
+from .backends.oracles import MAX_LISTED, FreivaldsPlan, bits_str, tile_of, unravel
 from .backends.torch import TorchBackend
 
-__all__ = ["MAX_LISTED", "FreivaldsPlan", "_bits_str", "_int_view", "_tile_of", "_unravel", "compare_bits",
+__all__ = ["MAX_LISTED", "FreivaldsPlan", "bits_str", "int_view", "tile_of", "unravel", "compare_bits",
            "freivalds", "freivalds_plan", "nonfinite", "same_bits", "sampled_reference", "tensor_hash",
            "unit_roundoff"]
 
@@ -43,7 +43,8 @@ def unit_roundoff(dtype: Any) -> float:
     return _unit_roundoff_by_name(_name(dtype))
 
 
-def _int_view(t: Any) -> Any:
+def int_view(t: Any) -> Any:
+    """The tensor's bits as the signed integer dtype of the same width (for bitwise comparison)."""
     import torch
 
     return t.contiguous().view(getattr(torch, INT_BY_WIDTH[t.element_size()]))

@@ -213,7 +213,7 @@ def compare(actual: torch.Tensor, ref: torch.Tensor, exact: bool) -> Metric | No
     err = (a64 - r64).abs()
     same_special = (a64 == r64) | (torch.isnan(a64) & torch.isnan(r64))
     if exact:
-        bad = oracles._int_view(a) != oracles._int_view(r.to(a.dtype))
+        bad = oracles.int_view(a) != oracles.int_view(r.to(a.dtype))
     else:
         scale = r64.abs() + (r64[torch.isfinite(r64)].pow(2).mean().sqrt() if r64.numel() else 0.0)
         bad = ~((err <= RTOL[a.dtype] * scale) | same_special)
@@ -326,7 +326,7 @@ def replay(cap: fmt.Capture, *, device: str | None = None, reference: str = "cpu
             args = decode(rec.args, live, dev)
             kwargs = {k: decode(v, live, dev) for k, v in rec.kwargs.items()}
             if rec.substituted:
-                outs = _substitute(cap, rec, args, dev, result, keep_collectives)
+                outs = substitute(cap, rec, args, dev, result, keep_collectives)
             else:
                 func = resolve_op(rec.op)
                 snapshot = [t.detach().clone().cpu() for t in flat_tensors(args)] if stop_at_first else []
@@ -385,7 +385,7 @@ def _crashes_on_reference(func: Any, args: Any, kwargs: dict[str, Any], ref_dev:
     return False
 
 
-def _substitute(cap: fmt.Capture, rec: fmt.OpRecord, args: Any, dev: str, result: ReplayResult,
+def substitute(cap: fmt.Capture, rec: fmt.OpRecord, args: Any, dev: str, result: ReplayResult,
                 keep: bool) -> list[Any]:
     """Outputs of a random op or a collective: the recorded values (in place for c10d ops)."""
     ins = flat_tensors(args)

@@ -432,7 +432,7 @@ def prefix_cases(cap: fmt.Capture, upto: int, *, device: str, inject: str | None
             args = rp.decode(rec.args, live, device)
             kwargs = {k: rp.decode(v, live, device) for k, v in rec.kwargs.items()}
             if rec.substituted:
-                outs = rp._substitute(cap, rec, args, device, dummy, False)
+                outs = rp.substitute(cap, rec, args, device, dummy, False)
             else:
                 snap = [t.detach().clone().cpu() for t in rp.flat_tensors(args) + rp.flat_tensors(
                     list(kwargs.values()))]

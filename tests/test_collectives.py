@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import device, run_json
 
-from chipcheck.probes.collectives import EXACT_LIMIT, Code, _Step, bus_factor
+from chipcheck.probes.collectives import EXACT_LIMIT, Code, CollectiveStep, bus_factor
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int32"])
@@ -25,8 +25,8 @@ def test_bus_factors_are_nccl_tests() -> None:
     assert bus_factor("broadcast", 4) == bus_factor("sendrecv_ring", 4) == 1.0
 
 
-def _step(op: str, n: int = 4, r: int = 1, dtype: str = "float32") -> _Step:
-    s = _Step(op=op, n=n, r=r, count=64, dtype=dtype, tdt=getattr(torch, dtype), device=torch.device("cpu"),
+def _step(op: str, n: int = 4, r: int = 1, dtype: str = "float32") -> CollectiveStep:
+    s = CollectiveStep(op=op, n=n, r=r, count=64, dtype=dtype, tdt=getattr(torch, dtype), device=torch.device("cpu"),
               group=None)
     s.init()
     return s

@@ -127,7 +127,7 @@ class JaxBackend(Backend):
     # ---- arrays ------------------------------------------------------------------------------
 
     def arange(self, n: int) -> Any:
-        with jb._on(self.device):
+        with jb.on_device(self.device):
             return jnp.arange(n, dtype=jnp.int64)
 
     def index(self, values: list[int]) -> Any:
@@ -140,7 +140,7 @@ class JaxBackend(Backend):
         return jb.signs(shape, seed, stream, device=self.device)
 
     def zeros(self, shape: tuple[int, ...], dtype: str) -> Any:
-        with jb._on(self.device):
+        with jb.on_device(self.device):
             return jnp.zeros(shape, dtype=getattr(jnp, dtype))
 
     def compile(self, fn: Callable[..., Any], *static: str) -> Callable[..., Any]:

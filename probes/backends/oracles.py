@@ -33,15 +33,18 @@ MAX_TILED = 4096  # bad elements whose tiles are listed
 MAX_LOCATED = 64  # bad rows / columns Freivalds recomputes in float64
 
 
-def _bits_str(v: int, width: int) -> str:
+def bits_str(v: int, width: int) -> str:
+    """`v`'s low `width` bits as a 0/1 string, most significant first."""
     return format(v & ((1 << width) - 1), f"0{width}b")
 
 
-def _tile_of(index: list[int], tile: int) -> list[int]:
+def tile_of(index: list[int], tile: int) -> list[int]:
+    """The tile (of side `tile`) holding a multi-dimensional index."""
     return [i // tile for i in index]
 
 
-def _unravel(flat_index: int, shape: list[int]) -> tuple[int, ...]:
+def unravel(flat_index: int, shape: list[int]) -> tuple[int, ...]:
+    """A row-major flat index as a multi-dimensional index into `shape`."""
     out = []
     for s in reversed(shape):
         out.append(flat_index % s)
@@ -83,18 +86,18 @@ def compare_bits(bk: Backend, expected: Any, actual: Any, *, tensor: str, oracle
     hist = {b: c for b in range(width) if (c := bk.count((xor >> b) & 1))}
     head = flat[:MAX_LISTED]
     shape = list(expected.shape)
-    tiles = sorted({tuple(_tile_of(list(_unravel(int(i), shape)), tile)) for i in bk.to_host(flat[:MAX_TILED])})
+    tiles = sorted({tuple(tile_of(list(unravel(int(i), shape)), tile)) for i in bk.to_host(flat[:MAX_TILED])})
     return Mismatch(
         oracle=oracle,
         tensor=tensor,
         bad_elements=n_bad,
         total_elements=math.prod(shape),
-        first_indices=[list(_unravel(int(i), shape)) for i in bk.to_host(head)],
+        first_indices=[list(unravel(int(i), shape)) for i in bk.to_host(head)],
         tiles=[list(t) for t in tiles[:MAX_LISTED]],
         expected=_floats(bk, bk.take_flat(expected, head)),
         actual=_floats(bk, bk.take_flat(actual, head)),
-        expected_bits=[_bits_str(int(v), width) for v in bk.to_host(eb[:MAX_LISTED])],
-        actual_bits=[_bits_str(int(v), width) for v in bk.to_host(ab[:MAX_LISTED])],
+        expected_bits=[bits_str(int(v), width) for v in bk.to_host(eb[:MAX_LISTED])],
+        actual_bits=[bits_str(int(v), width) for v in bk.to_host(ab[:MAX_LISTED])],
         bit_histogram=hist,
         max_abs_error=bk.max_abs_diff(bk.take_flat(expected, flat), bk.take_flat(actual, flat)),
         note=f"tile={tile}",
@@ -122,7 +125,7 @@ def nonfinite(bk: Backend, actual: Any, *, tensor: str) -> Mismatch | None:
         tensor=tensor,
         bad_elements=n_bad,
         total_elements=math.prod(shape),
-        first_indices=[list(_unravel(int(i), shape)) for i in bk.to_host(head)],
+        first_indices=[list(unravel(int(i), shape)) for i in bk.to_host(head)],
         actual=_floats(bk, bk.take_flat(actual, head)),
         max_abs_error=math.inf,
     )
