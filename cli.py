@@ -8,30 +8,24 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 
 from . import __version__
+from .options import (
+    check_writable,
+    common_options,
+    fail,
+    link_extra,
+    links_options,
+    parse_reports,
+    run_options,
+)
 from .reports.formats import FORMATS
 from .reports.progress import case_line
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
-
-
-def _fail(msg: str) -> NoReturn:
-    click.echo(f"chipcheck: error: {msg}", err=True)
-    sys.exit(2)
-
-
-def parse_duration(text: str) -> float:
-    m = _DURATION.match(text)
-    if not m:
-        raise click.BadParameter(f"{text!r} is not a duration; use e.g. 90s, 10m, 2h")
-    return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2)]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,7 +44,7 @@ def list_cmd(devices: str, as_json: bool) -> None:
     try:
         devs = devmod.discover(devices)
     except devmod.DeviceSpecError as e:
-        _fail(str(e))
+        fail(str(e))
     if as_json:
         click.echo(json.dumps([d.to_dict() for d in devs], indent=2))
         return
@@ -58,75 +52,6 @@ def list_cmd(devices: str, as_json: bool) -> None:
         click.echo(f"{d.index:>3}  {d.label:<8} {d.name:<40} {d.memory_bytes / 2**30:8.1f} GiB  {d.uuid}  "
                    f"host={d.host}  fingerprint={d.fingerprint}")
         click.echo("       " + " ".join(f"{k}={v}" for k, v in sorted(d.fingerprint_fields.items())))
-
-
-def common_options(fn: Any) -> Any:
-    """The options `run`, `links` and the distributed worker (`python -m chipcheck.worker`) share."""
-    opts = [
-        click.option("--devices", default="auto", show_default=True,
-                     help="auto (every GPU, else CPU workers), cpu:N, cuda:0,3"),
-        click.option("--profile", default="quick", show_default=True,
-                     help="Time budget per device: quick (seconds), standard (~2 min), nightly (~15 min), "
-                          "burnin (--duration)."),
-        click.option("--duration", default=None, help="Total time for --profile burnin, e.g. 10m or 2h."),
-        click.option("--seed", default=0, show_default=True, type=int, help="Base seed of every generated input."),
-        click.option("--inject", multiple=True, metavar="SPEC",
-                     help="Inject a fault, e.g. bitflip:rank=2,bit=20,rate=0.01 | slow:rank=1,factor=1.3 | "
-                          "nan:rank=0 | hang:rank=3 | crash:rank=1 (repeatable)."),
-        click.option("--db", "db_path", default=None, type=click.Path(dir_okay=False),
-                     help="SQLite results store [default: ~/.local/state/chipcheck/results.db]."),
-        click.option("--json", "json_path", default=None, type=click.Path(dir_okay=False),
-                     help="Write the run as JSON (schema chipcheck.run/1) to this file ('-' for stdout)."),
-        click.option("--report", "reports", multiple=True, metavar="FORMAT=FILE",
-                     help=f"Also write the run as FORMAT ({'|'.join(FORMATS)}) to FILE ('-' for stdout), e.g. "
-                          "--report html=run.html --report junit=run.xml (repeatable)."),
-        click.option("--timeout", default=None, type=float,
-                     help="Watchdog per probe case, seconds [default by profile]."),
-        click.option("--min-gap", default=0.10, show_default=True, type=float,
-                     help="Throughput shortfall vs fingerprint peers that counts as slow (0.1 = 10%)."),
-        click.option("--baselines", default=None, type=click.Path(dir_okay=False),
-                     help="TOML file of per-SKU achievable speeds over the shipped table (docs/baselines.md)."),
-        click.option("-q", "--quiet", is_flag=True, help="No progress lines."),
-        click.option("-v", "--verbose", is_flag=True,
-                     help="Stream every case as it ends, and print every device in full (the default when "
-                          "output is not a terminal: CI logs, Slurm output files)."),
-    ]
-    for o in reversed(opts):
-        fn = o(fn)
-    return fn
-
-
-def links_options(fn: Any) -> Any:
-    fn = click.option("--declared", default=None, type=click.Path(dir_okay=False),
-                      help="TOML file declaring the topology: [ranks] 0 = [\"rack1\", \"node1\"] ...; the "
-                           "measured grouping is checked against it.")(fn)
-    return click.option("--pairing", default="auto", show_default=True,
-                        help="all | random:K | auto (all pairs up to 64 endpoints, random:15 above); intra-host "
-                             "pairs are always all-pairs.")(fn)
-
-
-def _options(kw: dict[str, Any], probes: tuple[str, ...], extra: dict[str, str]) -> Any:
-    from .fleet import runner
-
-    return runner.RunOptions(
-        devices=kw["devices"], probes=probes, profile=kw["profile"], seed=kw["seed"], inject=kw["inject"],
-        timeout_s=kw["timeout"], duration_s=parse_duration(kw["duration"]) if kw["duration"] else 0.0,
-        min_gap=kw["min_gap"], options=extra, baselines=kw.get("baselines") or "", argv=sys.argv,
-    )
-
-
-def _link_extra(pairing: str, declared: str | None) -> dict[str, str]:
-    from .fleet.runner import UsageError
-    from .probes import pairing as pairing_mod
-
-    try:
-        pairing_mod.parse_pairing(pairing)
-    except pairing_mod.PairingSpecError as e:
-        raise UsageError(str(e)) from None
-    extra = {"pairing": pairing}
-    if declared:
-        extra["declared"] = declared
-    return extra
 
 
 @main.command()
@@ -147,7 +72,7 @@ def run(probes: str, backend: str, coordinator: str | None, num_processes: int |
     names = tuple(p.strip() for p in probes.split(",") if p.strip())
     given = [x is not None for x in (coordinator, num_processes, process_id)]
     if any(given) and backend == "torch":
-        _fail("--coordinator/--num-processes/--process-id are for --backend jax (torch runs use torchrun or "
+        fail("--coordinator/--num-processes/--process-id are for --backend jax (torch runs use torchrun or "
               "`chipcheck sweep`)")
     if backend == "auto":
         from .fleet import jax_devices
@@ -166,9 +91,9 @@ def run(probes: str, backend: str, coordinator: str | None, num_processes: int |
             spec = (jax_multihost.MultiHost(coordinator=coordinator, num_processes=num_processes, process_id=process_id)
                     if all(given) else jax_multihost.MultiHost.resolve())
         except jax_multihost.MultiHostSpecError as e:
-            _fail(str(e))
+            fail(str(e))
         executor = functools.partial(jax_runner.execute, multihost=spec)
-    _execute(lambda: _options(kw, names, {}), kw, executor=executor)
+    _execute(lambda: run_options(kw, names, {}), kw, executor=executor)
 
 
 @main.command()
@@ -180,7 +105,7 @@ def links(pairing: str, declared: str | None, **kw: Any) -> None:
     Pairs run in rounds of disjoint pairs (O(N) rounds); a slow or corrupting endpoint is told from
     a single bad link, and the latency matrix is clustered into the inferred topology.
     """
-    _execute(lambda: _options(kw, ("links",), _link_extra(pairing, declared)), kw)
+    _execute(lambda: run_options(kw, ("links",), link_extra(pairing, declared)), kw)
 
 
 def _execute(make_opts: Any, kw: dict[str, Any], preface: Any = None, executor: Any = None) -> None:
@@ -197,11 +122,11 @@ def _execute(make_opts: Any, kw: dict[str, Any], preface: Any = None, executor: 
         if opts.options.get("declared"):
             runner.load_declared(opts.options["declared"])
         if kw["json_path"] and kw["json_path"] != "-":
-            _check_writable(Path(kw["json_path"]))
-        outputs = _parse_reports(kw["reports"])
+            check_writable(Path(kw["json_path"]))
+        outputs = parse_reports(kw["reports"])
         store = Store(kw["db_path"] or default_path())
     except (runner.UsageError, StoreError, click.BadParameter) as e:
-        _fail(str(e.format_message() if isinstance(e, click.BadParameter) else e))
+        fail(str(e.format_message() if isinstance(e, click.BadParameter) else e))
     calm = not kw["quiet"] and not kw.get("verbose") and _is_tty(err=True)
     live = _LiveProgress(opts if executor is None else None) if calm else None
     done = [0]
@@ -219,7 +144,7 @@ def _execute(make_opts: Any, kw: dict[str, Any], preface: Any = None, executor: 
     try:
         summary = (executor or runner.execute)(opts, store, **hooks)
     except (runner.UsageError, StoreError) as e:  # StoreError: a write failed (full disk); the message says where
-        _fail(str(e))
+        fail(str(e))
     except KeyboardInterrupt:
         click.echo(f"chipcheck: interrupted; results so far are in {store.path}", err=True)
         sys.exit(130)
@@ -334,76 +259,6 @@ def _planned(opts: Any) -> list[tuple[str, int | None]]:
     return [(f"{d.host} {d.label}", n) for d in devs]
 
 
-@click.group()
-def distributed_cli() -> None:
-    """`python -m chipcheck.worker run|links ...`: one process per device under torchrun, srun or a
-    Kubernetes Indexed Job (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the environment);
-    rank 0 gathers the results and writes the store, --json and the reports."""
-
-
-def _distributed_options(fn: Any) -> Any:
-    fn = click.option("--local-dir", default="chipcheck-shards", show_default=True,
-                      help="Where each rank keeps a JSONL copy of its own results.")(fn)
-    return click.option("--host-label", default=None,
-                        help="This process's host name in reports [default: $CHIPCHECK_HOSTNAME or hostname].")(fn)
-
-
-@distributed_cli.command("run")
-@click.option("--probes", default="", help="Comma-separated probes to run [default: every probe the devices allow].")
-@_distributed_options
-@common_options
-def distributed_run(probes: str, local_dir: str, host_label: str | None, **kw: Any) -> None:
-    """This rank's part of `chipcheck run`."""
-    names = tuple(p.strip() for p in probes.split(",") if p.strip())
-    _execute_distributed(lambda: _options(kw, names, {}), kw, "run", local_dir, host_label)
-
-
-@distributed_cli.command("links")
-@links_options
-@_distributed_options
-@common_options
-def distributed_links(pairing: str, declared: str | None, local_dir: str, host_label: str | None, **kw: Any) -> None:
-    """This rank's part of `chipcheck links`."""
-    _execute_distributed(lambda: _options(kw, ("links",), _link_extra(pairing, declared)), kw, "links", local_dir,
-                         host_label)
-
-
-def _execute_distributed(make_opts: Any, kw: dict[str, Any], command: str, local_dir: str,
-                         host_label: str | None) -> None:
-    from .fleet import distributed, runner
-    from .fleet.store import StoreError
-
-    try:
-        opts = make_opts()
-        runner.validate(opts)
-        if opts.options.get("declared"):
-            runner.load_declared(opts.options["declared"])
-        outputs = _parse_reports(kw["reports"])
-        dopts = distributed.DistributedOptions(command=command, db_path=kw["db_path"], json_path=kw["json_path"],
-                                               local_dir=local_dir, host=host_label, reports=tuple(outputs))
-        code = distributed.run(opts, dopts)
-    except (runner.UsageError, StoreError, click.BadParameter) as e:
-        _fail(str(e.format_message() if isinstance(e, click.BadParameter) else e))
-    sys.exit(code)
-
-
-def _parse_reports(specs: tuple[str, ...]) -> list[tuple[str, str]]:
-    """`--report FORMAT=FILE` values -> (format, file), checked before anything runs."""
-    from .fleet.runner import UsageError
-
-    out = []
-    for spec in specs:
-        fmt, sep, dest = spec.partition("=")
-        fmt = fmt.strip().lower()
-        if not sep or not dest or fmt not in FORMATS:
-            raise UsageError(f"--report {spec!r}: expected FORMAT=FILE with FORMAT one of {', '.join(FORMATS)}, "
-                             f"e.g. --report html=run.html")
-        if dest != "-":
-            _check_writable(Path(dest), "--report")
-        out.append((fmt, dest))
-    return out
-
-
 def _write_reports(summary: Any, outputs: list[tuple[str, str]], extras: Any = None) -> None:
     from .reports import formats
 
@@ -451,8 +306,8 @@ def report(run_ids: tuple[str, ...], db_path: str | None, fmt: str, output: str,
 
     try:
         if output != "-":
-            _check_writable(Path(output), "-o")
-        outputs = _parse_reports(reports)
+            check_writable(Path(output), "-o")
+        outputs = parse_reports(reports)
         store = reload.open_existing(db_path or default_path())
         try:
             summary = reload.load_many(store, list(run_ids) or [reload.LATEST])
@@ -461,7 +316,7 @@ def report(run_ids: tuple[str, ...], db_path: str | None, fmt: str, output: str,
         finally:
             store.close()
     except (UsageError, StoreError, reload.RunNotFound) as e:
-        _fail(str(e))
+        fail(str(e))
     text = formats.render(summary, fmt, extras)
     if output == "-":
         click.echo(text, nl=False)
@@ -499,7 +354,7 @@ def export_prometheus(run_id: str, db_path: str | None, output: str) -> None:
 
     try:
         if output != "-":
-            _check_writable(Path(output), "-o")
+            check_writable(Path(output), "-o")
         store = reload.open_existing(db_path or default_path())
         try:
             summary = reload.load(store, run_id)
@@ -507,7 +362,7 @@ def export_prometheus(run_id: str, db_path: str | None, output: str) -> None:
         finally:
             store.close()
     except (UsageError, StoreError, reload.RunNotFound) as e:
-        _fail(str(e))
+        fail(str(e))
     text = formats.render(summary, "prom", extras)
     if output == "-":
         click.echo(text, nl=False)
@@ -573,7 +428,7 @@ def sweep(launcher: str, probes: str, backend: str, nodes: int, per_node: int, g
         elif gpus_per_node is not None:
             raise sweepmod.SweepError("--gpus-per-node is for --backend jax; torch workers ask for --gpus-per-task")
     except sweepmod.SweepError as e:
-        _fail(str(e))
+        fail(str(e))
     executor = None
     if backend == "jax":
         import functools
@@ -582,12 +437,12 @@ def sweep(launcher: str, probes: str, backend: str, nodes: int, per_node: int, g
 
         try:
             multihost = jax_multihost.MultiHost.resolve() if launcher == "local" else None
-            jax_runner.validate_jax(_options(kw, names, {}))  # what the JAX path cannot do, before writing anything
+            jax_runner.validate_jax(run_options(kw, names, {}))  # what the JAX path cannot do, before writing anything
         except (jax_multihost.MultiHostSpecError, UsageError) as e:
-            _fail(str(e))
+            fail(str(e))
         executor = functools.partial(jax_runner.execute, multihost=multihost)
     if launcher == "local":  # --backend jax: exactly `chipcheck run --backend jax`, with the news first
-        _execute(lambda: _options(kw, names, {}), kw, preface=lambda path: _print_news(path), executor=executor)
+        _execute(lambda: run_options(kw, names, {}), kw, preface=lambda path: _print_news(path), executor=executor)
     try:
         sel = tuple(tuple(x.split("=", 1)) for x in node_selector)
         if any(len(x) != 2 or not x[0] for x in sel):
@@ -607,7 +462,7 @@ def sweep(launcher: str, probes: str, backend: str, nodes: int, per_node: int, g
             node_selector=sel, gpu_resource=gpu_resource)  # type: ignore[arg-type]
         from .fleet import runner
 
-        runner.validate(_options(kw, names, {}))  # the worker options are checked here, not on 1,000 nodes
+        runner.validate(run_options(kw, names, {}))  # the worker options are checked here, not on 1,000 nodes
         if launcher == "slurm":
             text = slurm.script(spec)
             path = Path(output or f"{job_name}.sbatch")
@@ -617,7 +472,7 @@ def sweep(launcher: str, probes: str, backend: str, nodes: int, per_node: int, g
             if errors:
                 raise sweepmod.SweepError("the manifest does not validate: " + "; ".join(errors))
             text, path = k8s.to_yaml(docs), Path(output or f"{job_name}.yaml")
-        _check_writable(path, "-o")
+        check_writable(path, "-o")
         path.write_text(text)
         click.echo(f"wrote {path}", err=True)
         if submit and launcher == "k8s":
@@ -627,7 +482,7 @@ def sweep(launcher: str, probes: str, backend: str, nodes: int, per_node: int, g
             click.echo(job)
             sys.exit(code if wait else 0)
     except (sweepmod.SweepError, UsageError, click.BadParameter) as e:
-        _fail(str(e.format_message() if isinstance(e, click.BadParameter) else e))
+        fail(str(e.format_message() if isinstance(e, click.BadParameter) else e))
 
 
 def _print_news(db_path: Any) -> None:
@@ -671,7 +526,7 @@ def ingest(paths: tuple[str, ...], db_path: str | None) -> None:
         finally:
             store.close()
     except (ingestmod.IngestError, StoreError) as e:
-        _fail(str(e))
+        fail(str(e))
     for w in rep.warnings:
         click.echo(f"chipcheck: warning: {w}", err=True)
     if rep.unshown > 0:
@@ -698,7 +553,7 @@ def history(key: str | None, db_path: str | None, min_drop: float, as_json: bool
     from .fleet.store import StoreError, default_path
 
     if not 0.0 < min_drop < 1.0:
-        _fail("--min-drop must be between 0 and 1 (e.g. 0.1 for 10%)")
+        fail("--min-drop must be between 0 and 1 (e.g. 0.1 for 10%)")
     try:
         store = reload.open_existing(db_path or default_path())
         try:
@@ -707,10 +562,10 @@ def history(key: str | None, db_path: str | None, min_drop: float, as_json: bool
         finally:
             store.close()
     except StoreError as e:
-        _fail(str(e))
+        fail(str(e))
     if rows is not None:
         if not rows:
-            _fail(f"no device with UUID or host {key!r} in {db_path or default_path()}")
+            fail(f"no device with UUID or host {key!r} in {db_path or default_path()}")
         if as_json:
             click.echo(json.dumps([{**asdict(r), "verdict": r.verdict.value} for r in rows], indent=2))
             return
@@ -766,7 +621,7 @@ def quarantine(fmt: str, run_id: str, db_path: str | None, no_history: bool, do_
         finally:
             store.close()
     except (StoreError, reload.RunNotFound) as e:
-        _fail(str(e))
+        fail(str(e))
     plans = q.collect(summary, trend)
     cmds, notes = q.commands(plans, q.Format(fmt), summary.run_id)
     for line in notes:
@@ -800,9 +655,9 @@ def _repro_call(fn: Any) -> Any:
     try:
         return fn()
     except (rfmt.CaptureError, ReplayError, NotReproducible) as e:
-        _fail(str(e))
+        fail(str(e))
     except ValueError as e:  # a malformed --inject spec
-        _fail(str(e))
+        fail(str(e))
 
 
 _REFERENCE = click.option("--reference", default="cpu64", show_default=True,
@@ -880,12 +735,12 @@ def repro_shrink(capture_dir: str, reference: str, device: str | None, rank: int
         ref_dev = _repro_call(lambda: vf.reference_device(reference, capture_dir))
         check = vf.verify(text, suspect=r.divergence.device, reference=ref_dev, hook=hook)
     if not check.ok:  # a repro never lies: run as the vendor would, before it is written
-        _fail(f"{output} not written: {check.line()}")
+        fail(f"{output} not written: {check.line()}")
     click.echo(check.line())
     try:
         Path(output).write_text(text)
     except OSError as e:
-        _fail(f"-o {output}: cannot be written ({e.strerror or e})")
+        fail(f"-o {output}: cannot be written ({e.strerror or e})")
     click.echo(f"wrote {output} ({len(text)} bytes)")
 
 
@@ -900,14 +755,14 @@ def repro_bundle(source: str, repro_path: str | None, redact: bool, db_path: str
     from .reproducers import bundle
 
     if not Path(source).exists():
-        _fail(f"{source}: no such capture directory or repro.py")
+        fail(f"{source}: no such capture directory or repro.py")
     _check_output(output, "-o")
     text = None
     if repro_path:
         try:
             text = Path(repro_path).read_text()
         except (OSError, UnicodeDecodeError) as e:
-            _fail(f"--repro {repro_path}: cannot be read ({getattr(e, 'strerror', None) or e})")
+            fail(f"--repro {repro_path}: cannot be read ({getattr(e, 'strerror', None) or e})")
     out = _repro_call(lambda: bundle.make(source, output, repro=text, redact=redact, db=db_path))
     click.echo(f"wrote {out}")
 
@@ -917,23 +772,11 @@ def _check_output(path: str, flag: str) -> None:
     from .fleet.runner import UsageError
 
     if Path(path).is_dir():
-        _fail(f"{flag} {path} is a directory; name a file")
+        fail(f"{flag} {path} is a directory; name a file")
     try:
-        _check_writable(Path(path), flag)
+        check_writable(Path(path), flag)
     except UsageError as e:
-        _fail(str(e))
-
-
-def _check_writable(p: Path, flag: str = "--json") -> None:
-    from .fleet.runner import UsageError
-
-    parent = p.parent if str(p.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageError(f"{flag} {p}: directory {parent} does not exist")
-    import os
-
-    if (p.exists() and not os.access(p, os.W_OK)) or not os.access(parent, os.W_OK):
-        raise UsageError(f"{flag} {p} is not writable")
+        fail(str(e))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""The worker as its own launcher's guest: `python -m chipcheck.worker run|links [options]`.
+"""The worker as its own launcher's guest: `python -m chipcheck.worker run|links [options]` (its command
+line is chipcheck.torchrun).
 
 Under torchrun, srun or a Kubernetes Indexed Job every process is one device: it reads RANK,
 LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT, joins the process group (NCCL on GPUs,
@@ -18,13 +19,17 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..results import DeviceInfo, DeviceKind, ErrorInfo, ErrorKind, ProbeResult, Verdict
+from ..results import DeviceInfo, DeviceKind, ErrorInfo, ErrorKind, ProbeResult, RunSummary, Verdict
 from . import devices as devmod
-from .worker import _HostLock, _run_one, apply_settings, error_result, stamp, torchrun_env
+from .worker import HostLock, apply_settings, error_result, run_one, stamp, torchrun_env
+
+if TYPE_CHECKING:
+    from .runner import RunOptions
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -32,13 +37,13 @@ class DistributedOptions:
     command: str
     """`run` or `links`."""
     db_path: str | None = None
-    json_path: str | None = None
     local_dir: str = "chipcheck-shards"
     """Where each rank keeps its own JSONL copy of its results."""
     host: str | None = None
     """Host label (default: $CHIPCHECK_HOSTNAME or the hostname)."""
-    reports: tuple[tuple[str, str], ...] = ()
-    """(format, file) pairs to write besides --json."""
+    show: Callable[[RunSummary], None] | None = None
+    """Rank 0, once the run is judged and stored: print it and write --json / --report (the command
+    line's, chipcheck.torchrun; the fleet layer renders no documents itself)."""
 
 
 def _device(spec: str, local_rank: int, local_world: int, host: str) -> DeviceInfo:
@@ -58,13 +63,14 @@ def _watchdog(timeout_s: float, on_expire: Any) -> threading.Timer:
     return t
 
 
-def run(opts: Any, dopts: DistributedOptions) -> int:
-    """One rank's whole life; returns its exit code. `opts` is a fleet.runner.RunOptions."""
+def run(opts: RunOptions, dopts: DistributedOptions) -> int:
+    """One rank's whole life; returns its exit code."""
     import torch
     import torch.distributed as dist
 
     from ..probes import base, faults
     from . import runner
+    from .judge.verdicts import retest_options
 
     env = torchrun_env()
     rank, world = env["rank"], env["world_size"]
@@ -92,14 +98,14 @@ def run(opts: Any, dopts: DistributedOptions) -> int:
             devs_known = {r: DeviceInfo.from_dict(json.loads(v)) for r, v in joined.items()}
             kv.store.set("chipcheck/abort", "1")
             return _never_joined(opts, dopts, devs_known, world, timeout)
-        ids = runner.new_run_id()
-        kv.store.set("chipcheck/go", ids)
+        run_id = runner.new_run_id()
+        kv.store.set("chipcheck/go", run_id)
     else:
-        ids = kv.wait_go(time.monotonic() + 2 * timeout)
-        if ids is None:
+        go = kv.wait_go(time.monotonic() + 2 * timeout)
+        if go is None:
             print(f"chipcheck: rank {rank}: the run was called off (a rank never joined)", file=sys.stderr)
             return 1
-    run_id = ids
+        run_id = go
     dist.init_process_group(backend="nccl" if info.kind is DeviceKind.CUDA else "gloo",
                             store=dist.PrefixStore("pg", kv.store), rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout))
@@ -111,7 +117,7 @@ def run(opts: Any, dopts: DistributedOptions) -> int:
     fault_list = [f for spec in opts.inject for f in faults.parse(spec)]
     # Host-wide (a file in /tmp): "nodes" of one machine (two torchrun invocations, netns hosts)
     # must not time their CPU devices at once either; on separate machines it costs nothing.
-    lock = _HostLock(os.path.join("/tmp", f"chipcheck-{os.getuid()}-cpu-timing.lock")) \
+    lock = HostLock(os.path.join("/tmp", f"chipcheck-{os.getuid()}-cpu-timing.lock")) \
         if info.kind is DeviceKind.CPU else None
     caps = devmod.capabilities(info)
     mine: list[ProbeResult] = []
@@ -149,7 +155,7 @@ def run(opts: Any, dopts: DistributedOptions) -> int:
 
                 dog = _watchdog(timeout, expire)
                 with exclusive():
-                    outcome = _run_one(probe, ctx, cfg, case)
+                    outcome = run_one(probe, ctx, cfg, case)
                 dog.cancel()
                 keep(stamp(run_id, opts.seed, info, rank, probe_name, case, outcome, settings, fault_list, t0))
 
@@ -162,7 +168,7 @@ def run(opts: Any, dopts: DistributedOptions) -> int:
         results = [ProbeResult.from_dict(d) for v in parts.values() for d in json.loads(v)]
         lost = _missing(results, devs, plan, run_id, opts.seed)
         # speed suspects are retested before they are called slow (never with a rank lost: it is collective)
-        retest = {} if lost else runner.retest_options(results, dict(enumerate(devs)), opts.min_gap)
+        retest = {} if lost else retest_options(results, dict(enumerate(devs)), opts.min_gap)
         results += lost
         kv.store.set("chipcheck/retest", json.dumps(retest))
     else:
@@ -237,7 +243,7 @@ class Rendezvous:
         return None
 
 
-def _never_joined(opts: Any, dopts: DistributedOptions, joined: dict[int, DeviceInfo], world: int,
+def _never_joined(opts: RunOptions, dopts: DistributedOptions, joined: dict[int, DeviceInfo], world: int,
                   timeout: float) -> int:
     """Rank 0 when some ranks never arrived: a run that names them, and exit 1."""
     from . import runner
@@ -270,10 +276,9 @@ def _missing(results: list[ProbeResult], devs: list[DeviceInfo], plan: list[tupl
             if (rank, probe, case) not in have]
 
 
-def _finish(opts: Any, dopts: DistributedOptions, run_id: str, devs: list[DeviceInfo], results: list[ProbeResult],
+def _finish(opts: RunOptions, dopts: DistributedOptions, run_id: str, devs: list[DeviceInfo], results: list[ProbeResult],
             started: float) -> int:
-    """Rank 0: judge, store, print, write --json. Returns the run's exit code."""
-    from ..reports import formats, json_report, terminal
+    """Rank 0: judge, store, then `dopts.show` the summary. Returns the run's exit code."""
     from . import runner
     from .store import Store, default_path
 
@@ -290,25 +295,6 @@ def _finish(opts: Any, dopts: DistributedOptions, run_id: str, devs: list[Device
         store.add_links(run_id, summary.links)
     store.end_run(run_id, summary.verdict)
     store.close()
-    print(terminal.render(summary), flush=True)
-    if dopts.json_path:
-        text = json_report.render(summary)
-        if dopts.json_path == "-":
-            print(text)
-        else:
-            Path(dopts.json_path).write_text(text + "\n")
-    for fmt, dest in dopts.reports:
-        out = formats.render(summary, fmt)
-        if dest == "-":
-            print(out, end="")
-        else:
-            Path(dest).write_text(out)
+    if dopts.show is not None:
+        dopts.show(summary)
     return 0 if summary.verdict is Verdict.PASS else 1
-
-
-def main(argv: list[str]) -> int:
-    """`python -m chipcheck.worker run|links ...` (the options of `chipcheck run` / `chipcheck links`)."""
-    from ..cli import distributed_cli
-
-    distributed_cli.main(args=argv, prog_name="python -m chipcheck.worker")
-    return 0

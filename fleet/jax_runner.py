@@ -74,7 +74,7 @@ class HostPlan:
 
 
 class _Call:
-    """Adapts a closure to worker._run_one's probe interface, so the JAX path shares its one broad catch."""
+    """Adapts a closure to worker.run_one's probe interface, so the JAX path shares its one broad catch."""
 
     def __init__(self, fn: Callable[[], Any]):
         self.fn = fn
@@ -421,7 +421,7 @@ def host_run(plan: HostPlan, send: Callable[[dict[str, Any]], None]) -> int:
     from ..probes import base, faults
     from ..probes import jax_backend as jb
     from . import jax_devices
-    from .worker import _run_one, stamp
+    from .worker import run_one, stamp
 
     if plan.multihost:
         from . import jax_multihost
@@ -463,7 +463,7 @@ def host_run(plan: HostPlan, send: Callable[[dict[str, Any]], None]) -> int:
             return
         send({"t": "start", "probe": probe, "case": case, "ranks": ranks})
         t0 = time.time()
-        outs = _run_one(_Call(fn), None, None, case)
+        outs = run_one(_Call(fn), None, None, case)
         if not isinstance(outs, list):  # one device's outcome, or an error every rank of a collective reports
             outs = [outs] * len(ranks)
         for rank, outcome in zip(ranks, outs, strict=True):
@@ -517,7 +517,7 @@ def _one_device(probe: str, device: Any, cfg: Any, case: str, seed: int, inj: An
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .worker import _open_channel
+    from .worker import open_channel
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] != "--plan":
@@ -525,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
               "--backend jax)", file=sys.stderr)
         return 2
     plan = HostPlan.from_json(Path(argv[1]).read_text())
-    chan = _open_channel()
+    chan = open_channel()
 
     def send(msg: dict[str, Any]) -> None:
         chan.write(json.dumps(msg) + "\n")

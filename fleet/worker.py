@@ -29,9 +29,22 @@ import time
 import traceback
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ..results import DeviceInfo, ErrorInfo, ErrorKind, ProbeResult, Verdict
+
+if TYPE_CHECKING:
+    from ..probes.base import CaseOutcome
+
+
+_Out = TypeVar("_Out", covariant=True)
+
+
+class RunsCases(Protocol[_Out]):
+    """What run_one runs: a probe (probes.base.Probe: a CaseOutcome), or the JAX path's adapter around
+    one call (one outcome per rank of a collective)."""
+
+    def run_case(self, ctx: Any, cfg: Any, case: str) -> _Out: ...
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -116,7 +129,7 @@ def apply_settings(device_kind: str, threads: int, cores: list[int]) -> dict[str
     return s
 
 
-class _HostLock:
+class HostLock:
     """Serialises timed sections of CPU workers sharing a host (a file lock: real processes).
 
     flock: the kernel releases it when its holder dies. The holder writes who it is into the file
@@ -199,7 +212,9 @@ def _op_counter(progress: dict[str, int]) -> Any:
     return _Count
 
 
-def _open_channel() -> IO[str]:
+def open_channel() -> IO[str]:
+    """The stream results go to (the launcher's fd $CHIPCHECK_RESULT_FD, else a copy of stdout);
+    stdout itself then points at stderr."""
     fd = int(os.environ.get("CHIPCHECK_RESULT_FD", "-1"))
     if fd < 0:
         # Standalone: keep stdout for results and send everything else to stderr.
@@ -209,7 +224,7 @@ def _open_channel() -> IO[str]:
 
 
 def run_plan(plan: WorkerPlan, control: IO[str] | None = None) -> int:
-    chan = _open_channel()
+    chan = open_channel()
     peers_lost = dict(plan.peers_lost)
     progress = {"ops": 0}
     env = torchrun_env()
@@ -240,7 +255,7 @@ def run_plan(plan: WorkerPlan, control: IO[str] | None = None) -> int:
     fault_list = [f for spec in plan.inject for f in faults.parse(spec)]
     # CPU workers share cores: a whole case runs alone on the host (the lock is host-wide), so
     # no device is timed while a neighbour computes. Collective probes run on all ranks at once.
-    lock = _HostLock(plan.lock_path) if plan.lock_path else None
+    lock = HostLock(plan.lock_path) if plan.lock_path else None
     timer = base.Timer(device)
     caps = _caps(info)
     group = _lazy_group(info.kind.value, env)
@@ -293,9 +308,9 @@ def run_plan(plan: WorkerPlan, control: IO[str] | None = None) -> int:
                 if probe.collective and info.kind.value == "cpu":
                     progress["ops"] = 0
                     with _op_counter(progress)():
-                        outcome = _run_one(probe, ctx, cfg, case)
+                        outcome = run_one(probe, ctx, cfg, case)
                 else:
-                    outcome = _run_one(probe, ctx, cfg, case)
+                    outcome = run_one(probe, ctx, cfg, case)
             result = stamp(plan.run_id, plan.seed, info, rank, probe_name, case, outcome, settings, fault_list, started)
             if probe.collective and outcome.error is not None and not group_failure:
                 group_failure = f"{case}: {outcome.error.message[:160]}"
@@ -330,7 +345,7 @@ def error_result(run_id: str, seed: int, info: DeviceInfo, rank: int, probe: str
                        error=ErrorInfo(kind=kind, message=message), started=now, ended=now)
 
 
-def _run_one(probe: Any, ctx: Any, cfg: Any, case: str) -> Any:
+def run_one(probe: RunsCases[_Out], ctx: Any, cfg: Any, case: str) -> _Out | CaseOutcome:
     """Run one case; any failure to run becomes an `error` outcome (the one broad catch)."""
     from ..probes import base
 
@@ -373,11 +388,9 @@ def _caps(info: DeviceInfo) -> frozenset[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m chipcheck.worker --plan PLAN.json|-`: the local launcher's worker (chipcheck/worker.py
+    sends `run|links`, the torchrun entry point, to chipcheck.torchrun)."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("run", "links"):
-        from .distributed import main as distributed_main
-
-        return distributed_main(argv)
     if len(argv) != 2 or argv[0] != "--plan":
         print("usage: python -m chipcheck.worker run|links [OPTIONS]  (under torchrun, srun, ...)\n"
               "       python -m chipcheck.worker --plan PLAN.json|-      (the local launcher's)", file=sys.stderr)
