@@ -117,7 +117,7 @@ def for_probe(p: ProbeSummary) -> FailureCode | None:
     """
     if p.verdict is Verdict.PASS:
         return None
-    cases = p.details.get("cases", [])
+    cases = p.cases
     if p.verdict is Verdict.SLOW:
         return SLOW
     if p.verdict is Verdict.FLAKY:
@@ -125,11 +125,10 @@ def for_probe(p: ProbeSummary) -> FailureCode | None:
     if p.verdict is Verdict.SUSPECT:
         return SUSPECT
     if p.verdict is Verdict.ERROR:
-        kinds = [ErrorKind(c["error"]["kind"]) for c in cases if c.get("error")]
+        kinds = [c.error.kind for c in cases if c.error is not None]
         return worst([_BY_ERROR[k] for k in kinds]) or ERR_CRASH
     # wrong: the oracles that fired locally, else the fleet's consensus (or a link endpoint)
-    oracles = [Oracle(m["oracle"]) for c in cases if c.get("verdict") == Verdict.WRONG.value
-               for m in c.get("mismatches", [])]
+    oracles = [m.oracle for c in cases if c.verdict is Verdict.WRONG for m in c.mismatches]
     if oracles:
         return for_mismatch_oracles(oracles)
     if p.probe == "links":

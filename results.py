@@ -301,13 +301,65 @@ class ConsensusGroup:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CaseSummary:
+    """One case of a probe on one device, as the reports show it."""
+
+    case: str
+    verdict: Verdict
+    """What the case holds against this device (a pass when its only evidence is shared)."""
+    repeats: int = 0
+    repeats_bad: int = 0
+    params: dict[str, Any] = field(default_factory=dict)
+    local_verdict: Verdict | None = None
+    """The case's own verdict where it differs from `verdict` (shared evidence: the fleet says whose)."""
+    mismatches: list[Mismatch] = field(default_factory=list)
+    error: ErrorInfo | None = None
+    output_hash: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"case": self.case, "verdict": self.verdict.value, "repeats": self.repeats,
+                             "repeats_bad": self.repeats_bad, "params": self.params}
+        if self.local_verdict is not None:
+            d["local_verdict"] = self.local_verdict.value
+        if self.mismatches:
+            d["mismatches"] = [m.to_dict() for m in self.mismatches]
+        if self.error is not None:
+            d["error"] = self.error.to_dict()
+        if self.output_hash:
+            d["output_hash"] = self.output_hash
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CaseSummary:
+        return cls(case=str(d["case"]), verdict=Verdict(d["verdict"]), repeats=int(d.get("repeats", 0)),
+                   repeats_bad=int(d.get("repeats_bad", 0)), params=dict(d.get("params") or {}),
+                   local_verdict=Verdict(d["local_verdict"]) if d.get("local_verdict") else None,
+                   mismatches=[Mismatch.from_dict(m) for m in d.get("mismatches", [])],
+                   error=ErrorInfo.from_dict(d["error"]) if d.get("error") else None,
+                   output_hash=str(d.get("output_hash", "")))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ProbeSummary:
     """One probe on one device after local and fleet judgement: what the reports show."""
 
     probe: str
     verdict: Verdict
     metrics: dict[str, float]
-    details: dict[str, Any]
+    cases: list[CaseSummary] = field(default_factory=list)
+    fleet: list[Judgement] = field(default_factory=list)
+    """The fleet's judgements about this probe on this device (consensus, speed, blame, ...)."""
+    reasons: list[str] = field(default_factory=list)
+    """One line a person can act on per finding: the cases' own, then the fleet's."""
+
+    def details(self) -> dict[str, Any]:
+        """The JSON report's `details` object (schema chipcheck.run/1)."""
+        d: dict[str, Any] = {"cases": [c.to_dict() for c in self.cases]}
+        if self.fleet:
+            d["fleet"] = [j.to_dict() for j in self.fleet]
+        if self.reasons:
+            d["reasons"] = list(self.reasons)
+        return d
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
 
 from ..results import (
+    CaseSummary,
     ConsensusGroup,
     DeviceInfo,
     DeviceSummary,
@@ -47,7 +47,8 @@ def summarize(run_id: str, devices: dict[int, DeviceInfo], results: list[ProbeRe
             for j in js:
                 for k, v in j.metrics.items():
                     metrics[f"{j.case}:{k}"] = v
-            probes.append(ProbeSummary(probe=name, verdict=verdict, metrics=metrics, details=_details(rs, js)))
+            probes.append(ProbeSummary(probe=name, verdict=verdict, metrics=metrics, cases=_cases(rs), fleet=list(js),
+                                       reasons=[why for why in (explain(r) for r in rs) if why] + [j.reason for j in js]))
         verdict = Verdict.worst([p.verdict for p in probes]) if probes else Verdict.ERROR
         out.append(DeviceSummary(rank=rank, device=info.label, host=info.host, uuid=info.uuid,
                                  fingerprint=info.fingerprint, verdict=verdict, probes=probes))
@@ -57,27 +58,13 @@ def summarize(run_id: str, devices: dict[int, DeviceInfo], results: list[ProbeRe
                       devices=out, groups=list(groups), links=links, findings=list(findings or []))
 
 
-def _details(rs: list[ProbeResult], js: list[Judgement]) -> dict[str, Any]:
-    cases = []
-    for r in rs:
-        c: dict[str, Any] = {"case": r.case, "verdict": held_against(r).value, "repeats": r.repeats,
-                             "repeats_bad": r.repeats_bad, "params": r.params}
-        if held_against(r) is not r.verdict:
-            c["local_verdict"] = r.verdict.value  # shared evidence only: the fleet judgement says whose
-        if r.mismatches:
-            c["mismatches"] = [m.to_dict() for m in r.mismatches]
-        if r.error:
-            c["error"] = r.error.to_dict()
-        if r.output_hash:
-            c["output_hash"] = r.output_hash
-        cases.append(c)
-    d: dict[str, Any] = {"cases": cases}
-    if js:
-        d["fleet"] = [j.to_dict() for j in js]
-    reasons = [why for why in (explain(r) for r in rs) if why] + [j.reason for j in js]
-    if reasons:
-        d["reasons"] = reasons
-    return d
+def _cases(rs: list[ProbeResult]) -> list[CaseSummary]:
+    return [CaseSummary(case=r.case, verdict=held_against(r), repeats=r.repeats, repeats_bad=r.repeats_bad,
+                        params=r.params,
+                        # shared evidence only: the fleet judgement says whose
+                        local_verdict=r.verdict if held_against(r) is not r.verdict else None,
+                        mismatches=list(r.mismatches), error=r.error, output_hash=r.output_hash)
+            for r in rs]
 
 
 def explain(r: ProbeResult) -> str:

@@ -30,7 +30,7 @@ def to_dict(s: RunSummary) -> dict[str, Any]:
                 "fingerprint": d.fingerprint,
                 "verdict": d.verdict.value,
                 "probes": [
-                    {"probe": p.probe, "verdict": p.verdict.value, "metrics": p.metrics, "details": p.details,
+                    {"probe": p.probe, "verdict": p.verdict.value, "metrics": p.metrics, "details": p.details(),
                      **_code(p)}
                     for p in d.probes
                 ],

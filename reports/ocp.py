@@ -28,7 +28,7 @@ from typing import Any
 
 from .. import failures
 from ..failures import FailureCode
-from ..results import DeviceInfo, DeviceSummary, ProbeSummary, RunSummary, Verdict
+from ..results import CaseSummary, DeviceInfo, DeviceSummary, Judgement, ProbeSummary, RunSummary, Verdict
 from .extras import ReportExtras
 
 TOOL = "chipcheck"
@@ -137,9 +137,9 @@ def _known(v: str | None) -> str | None:
     return v if v and v not in ("unknown", "n/a") else None
 
 
-def _code_of(probe: str, verdict: Verdict, cases: list[dict[str, Any]]) -> FailureCode | None:
+def _code_of(probe: str, verdict: Verdict, cases: list[CaseSummary]) -> FailureCode | None:
     """The failure code of one case or judgement, by the same rule as the probe's (failures.for_probe)."""
-    return failures.for_probe(ProbeSummary(probe=probe, verdict=verdict, metrics={}, details={"cases": cases}))
+    return failures.for_probe(ProbeSummary(probe=probe, verdict=verdict, metrics={}, cases=cases))
 
 
 def _message(code: FailureCode | None, text: str) -> str:
@@ -161,35 +161,29 @@ def _measure(tv: Any, step: Any, name: str, value: float, hw: Any, validators: l
 
 def _probe_steps(tv: Any, run: Any, d: DeviceSummary, p: ProbeSummary, hw: Any, extras: ReportExtras) -> None:
     """One step per case of `p` on `d`, plus one for judgements about the whole probe."""
-    cases = p.details.get("cases", [])
-    fleet = p.details.get("fleet", [])
-    names = [c["case"] for c in cases]
-    reasons = [r for r in p.details.get("reasons", []) if isinstance(r, str)]
-    for c in cases:
-        step = run.add_step(f"{d.host} {d.device} {p.probe} {c['case']}")
+    names = [c.case for c in p.cases]
+    for c in p.cases:
+        step = run.add_step(f"{d.host} {d.device} {p.probe} {c.case}")
         step.start()
         for key, value in p.metrics.items():
             case, _, metric = key.rpartition(":")
-            if case == c["case"]:
+            if case == c.case:
                 _measure(tv, step, metric, float(value), hw)
         zero = [tv.Validator(type=tv.ValidatorType.EQUAL, value=0, name="every repeat bit-exact")]
-        if c.get("repeats"):
-            _measure(tv, step, "repeats_bad", float(c.get("repeats_bad", 0)), hw, zero)
-        for m in c.get("mismatches", []):
-            name = f"bad_elements:{m.get('tensor', '?')}"
-            _measure(tv, step, name, float(m.get("bad_elements", 0)), hw,
-                     [tv.Validator(type=tv.ValidatorType.EQUAL, value=0, name=f"{m.get('oracle')} oracle")])
-        verdict = Verdict(c["verdict"])
-        if c.get("error"):
-            step.add_error(symptom=str(c["error"].get("kind", "error")), message=str(c["error"].get("message", "")),
-                           source_location=None)
-        why = next((r for r in reasons if f" {p.probe} {c['case']}:" in r), "")
-        _diagnose(tv, step, p.probe, verdict, _code_of(p.probe, verdict, [c]), why, hw)
-        for j in fleet:
-            if j.get("case") == c["case"]:
+        if c.repeats:
+            _measure(tv, step, "repeats_bad", float(c.repeats_bad), hw, zero)
+        for m in c.mismatches:
+            _measure(tv, step, f"bad_elements:{m.tensor}", float(m.bad_elements), hw,
+                     [tv.Validator(type=tv.ValidatorType.EQUAL, value=0, name=f"{m.oracle.value} oracle")])
+        if c.error is not None:
+            step.add_error(symptom=c.error.kind.value, message=c.error.message, source_location=None)
+        why = next((r for r in p.reasons if f" {p.probe} {c.case}:" in r), "")
+        _diagnose(tv, step, p.probe, c.verdict, _code_of(p.probe, c.verdict, [c]), why, hw)
+        for j in p.fleet:
+            if j.case == c.case:
                 _judgement(tv, step, p.probe, j, hw, extras)
-        step.end(status=tv.TestStatus.ERROR if c.get("error") else tv.TestStatus.COMPLETE)
-    rest = [j for j in fleet if j.get("case") not in names]
+        step.end(status=tv.TestStatus.ERROR if c.error is not None else tv.TestStatus.COMPLETE)
+    rest = [j for j in p.fleet if j.case not in names]
     if rest:
         step = run.add_step(f"{d.host} {d.device} {p.probe} fleet judgement")
         step.start()
@@ -198,17 +192,16 @@ def _probe_steps(tv: Any, run: Any, d: DeviceSummary, p: ProbeSummary, hw: Any, 
         step.end(status=tv.TestStatus.COMPLETE)
 
 
-def _judgement(tv: Any, step: Any, probe: str, j: dict[str, Any], hw: Any, extras: ReportExtras) -> None:
+def _judgement(tv: Any, step: Any, probe: str, j: Judgement, hw: Any, extras: ReportExtras) -> None:
     """A fleet judgement: its numbers as measurements (speed against peers validated by --min-gap), then
     its diagnosis."""
-    for key, value in (j.get("metrics") or {}).items():
+    for key, value in j.metrics.items():
         validators = None
         if key == "ratio_to_peers" and extras.min_gap is not None:
             validators = [tv.Validator(type=tv.ValidatorType.GREATER_THAN, value=1.0 - extras.min_gap,
                                        name="throughput against the fingerprint peers' median (--min-gap)")]
-        _measure(tv, step, f"{j.get('case', '*')}:{key}", float(value), hw, validators)
-    verdict = Verdict(j["verdict"])
-    _diagnose(tv, step, probe, verdict, _code_of(probe, verdict, []), str(j.get("reason", "")), hw)
+        _measure(tv, step, f"{j.case}:{key}", float(value), hw, validators)
+    _diagnose(tv, step, probe, j.verdict, _code_of(probe, j.verdict, []), j.reason, hw)
 
 
 def _device_step(tv: Any, run: Any, d: DeviceSummary, hw: Any) -> None:

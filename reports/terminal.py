@@ -27,11 +27,10 @@ def render(s: RunSummary) -> str:
         lines.append(f"rank {d.rank}  {d.host} {d.device}  uuid={d.uuid}  fingerprint={d.fingerprint}  "
                      f"=> {_MARK[d.verdict]}")
         for p in d.probes:
-            cases = p.details.get("cases", [])
-            for c in cases:
-                lines.append(f"    {p.probe:<11} {c['case']:<24} {c['verdict']:<6} {_speed(p.metrics, c['case'])}  "
-                             f"repeats {c['repeats_bad']}/{c['repeats']} bad")
-            reasons = p.details.get("reasons", [])
+            for c in p.cases:
+                lines.append(f"    {p.probe:<11} {c.case:<24} {c.verdict.value:<6} {_speed(p.metrics, c.case)}  "
+                             f"repeats {c.repeats_bad}/{c.repeats} bad")
+            reasons = p.reasons
             for why in reasons[:MAX_REASONS]:
                 lines.append(f"    ! {why}")
             if len(reasons) > MAX_REASONS:
@@ -62,7 +61,7 @@ def render_compact(s: RunSummary) -> str:
             code = failures.for_probe(p)
             head = f" {code.code} ({code.severity.label}, {code.action.value})" if code else ""
             lines.append(f"    {p.probe} {p.verdict.value}{head}")
-            for why in p.details.get("reasons", []):
+            for why in p.reasons:
                 lines.append(f"    ! {why}")
         lines.append("")
     return "\n".join(lines + _footer(s))

@@ -1,6 +1,6 @@
 """What a person needs to see, derived once from a `RunSummary`: the shared model of the rich reports.
 
-The HTML and JUnit reports both read this view rather than re-parsing `ProbeSummary.details`, so
+The HTML and JUnit reports both read this view rather than re-reading `ProbeSummary.cases`, so
 "what went wrong" is worded the same everywhere. Pure: results in, plain dataclasses out.
 """
 
@@ -10,7 +10,6 @@ import statistics
 from collections import Counter, defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..results import (
     SEVERITY,
@@ -30,7 +29,7 @@ DTYPE_BITS = {"float32": (32, 23, 31), "bfloat16": (16, 7, 15), "float16": (16, 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CaseView:
-    """One probe case on one device, typed back from `ProbeSummary.details`."""
+    """One probe case on one device, with its output dtype."""
 
     case: str
     verdict: Verdict
@@ -143,19 +142,17 @@ class RunView:
 def case_views(p: ProbeSummary) -> list[CaseView]:
     """The cases of one probe summary, typed."""
     out = []
-    for c in p.details.get("cases", []):
-        params: dict[str, Any] = c.get("params", {})
+    for c in p.cases:
         out.append(CaseView(
-            case=c["case"], verdict=Verdict(c["verdict"]), repeats=int(c.get("repeats", 0)),
-            repeats_bad=int(c.get("repeats_bad", 0)), dtype=str(params.get("out_dtype") or params.get("dtype", "")),
-            mismatches=[Mismatch.from_dict(m) for m in c.get("mismatches", [])],
-            error=ErrorInfo.from_dict(c["error"]) if c.get("error") else None,
+            case=c.case, verdict=c.verdict, repeats=c.repeats, repeats_bad=c.repeats_bad,
+            dtype=str(c.params.get("out_dtype") or c.params.get("dtype", "")),
+            mismatches=list(c.mismatches), error=c.error,
         ))
     return out
 
 
 def fleet_judgements(p: ProbeSummary) -> list[Judgement]:
-    return [Judgement.from_dict(j) for j in p.details.get("fleet", [])]
+    return list(p.fleet)
 
 
 def failure_modes_of(cases: list[CaseView], fleet: list[Judgement]) -> tuple[str, ...]:
@@ -271,6 +268,6 @@ def _card(d: DeviceSummary, p: ProbeSummary) -> FailureCard:
     fleet = fleet_judgements(p)
     return FailureCard(rank=d.rank, device=d.device, host=d.host, uuid=d.uuid, fingerprint=d.fingerprint,
                        probe=p.probe, verdict=p.verdict, modes=failure_modes_of(cases, fleet),
-                       reasons=list(p.details.get("reasons", [])), cases=[c for c in cases if c.verdict is not
+                       reasons=list(p.reasons), cases=[c for c in cases if c.verdict is not
                                                                           Verdict.PASS],
                        histograms=histograms_of(cases), fleet=fleet)

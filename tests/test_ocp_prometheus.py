@@ -18,7 +18,7 @@ from chipcheck import failures
 from chipcheck.fleet import synthetic
 from chipcheck.reports import formats, ocp, prom
 from chipcheck.reports.extras import HistoryPoint, ReportExtras
-from chipcheck.results import Verdict
+from chipcheck.results import Judgement, Verdict
 
 SPEC = Path(__file__).parent / "data" / "ocp-diag-core"
 
@@ -60,9 +60,8 @@ def mixed():
     s, _ = synthetic.judge(f)
     sus = next(d for d in s.devices if d.verdict is Verdict.PASS)
     probes = [replace(p, verdict=Verdict.SUSPECT,
-                      details={**p.details, "fleet": [{"rank": sus.rank, "probe": p.probe, "case": "*",
-                                                       "verdict": "suspect", "reason": "suspect: a shared loss "
-                                                       "went wrong in its group", "metrics": {}}]})
+                      fleet=[Judgement(rank=sus.rank, probe=p.probe, case="*", verdict=Verdict.SUSPECT,
+                                       reason="suspect: a shared loss went wrong in its group")])
               for p in sus.probes]
     devices = [replace(d, verdict=Verdict.SUSPECT, probes=probes) if d is sus else d for d in s.devices]
     s = replace(s, devices=devices)

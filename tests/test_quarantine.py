@@ -13,7 +13,7 @@ from chipcheck import failures
 from chipcheck.fleet import quarantine as q
 from chipcheck.fleet import synthetic
 from chipcheck.reports import json_report
-from chipcheck.results import ProbeSummary, Verdict
+from chipcheck.results import CaseSummary, ProbeSummary, Verdict
 
 
 def test_every_code_is_unique_and_well_formed() -> None:
@@ -35,7 +35,7 @@ def test_each_failure_gets_its_code_in_the_json() -> None:
                 seen.setdefault(p["verdict"], set()).add(p["failure_code"]["code"])
     assert seen["wrong"] == {"CC-SDC-001"}  # the exact oracle outranks the consensus one on the same probe
     only_consensus = ProbeSummary(probe="matmul", verdict=Verdict.WRONG, metrics={},
-                                  details={"cases": [{"case": "bfloat16/random", "verdict": "pass"}]})
+                                  cases=[CaseSummary(case="bfloat16/random", verdict=Verdict.PASS)])
     assert failures.for_probe(only_consensus) is failures.SDC_CONSENSUS
     assert seen["slow"] == {"CC-PERF-001"} and seen["flaky"] == {"CC-FLK-001"} and seen["error"] == {"CC-ERR-001"}
 

@@ -74,7 +74,7 @@ def test_html_sections_for_links_topology_history(fleet):
 def test_html_escapes_what_devices_report(fleet):
     d = fleet.devices[0]
     p = d.probes[0]
-    evil = replace(p, verdict=Verdict.ERROR, details={**p.details, "reasons": ["<script>alert(1)</script></script>"]})
+    evil = replace(p, verdict=Verdict.ERROR, reasons=["<script>alert(1)</script></script>"])
     s = replace(fleet, devices=[replace(d, verdict=Verdict.ERROR, probes=[evil]), *fleet.devices[1:]])
     doc = html.render(s)
     assert "<script>alert(1)" not in doc
@@ -94,9 +94,8 @@ def test_html_cards_are_capped_but_every_failure_is_listed(fleet):
 def test_junit_one_testcase_per_device_and_probe(fleet):
     errors_msg = "\x1b[31mkilled\x1b[0m"
     d = fleet.devices[1]
-    case = {**d.probes[0].details["cases"][0], "verdict": "error",
-            "error": ErrorInfo(kind=ErrorKind.CRASH, message=errors_msg).to_dict()}
-    crashed = replace(d.probes[0], verdict=Verdict.ERROR, details={"cases": [case], "reasons": [errors_msg]})
+    case = replace(d.probes[0].cases[0], verdict=Verdict.ERROR, error=ErrorInfo(kind=ErrorKind.CRASH, message=errors_msg))
+    crashed = replace(d.probes[0], verdict=Verdict.ERROR, cases=[case], reasons=[errors_msg])
     s = replace(fleet, devices=[fleet.devices[0], replace(d, verdict=Verdict.ERROR, probes=[crashed]),
                                 *fleet.devices[2:]])
     links = [LinkSummary(src="a", dst="b", verdict=Verdict.WRONG, reason="wrong: 3 bytes differ")]
