@@ -1,7 +1,8 @@
 """chipcheck.model: the reference training stack (a small GPT and its data/tensor-parallel step).
 
 Imports go one way: probes and reproducers import this package; it imports nothing of fleet/,
-reports/ or reproducers/ (only the leaf `chipcheck.probes.generator` for counter-based inputs).
+probes/, reports/ or reproducers/ (only the core, e.g. the leaf `chipcheck.generator` for counter-based
+inputs).
 """
 
 from .config import ConfigError, GPTConfig, TrainConfig

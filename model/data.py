@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..probes import generator as g
+from .. import generator as g
 from .config import GPTConfig
 
 

@@ -2,7 +2,7 @@
 a final norm and a head tied to the token embedding. No biases, no dropout: every bit of a step is
 a function of (config, seed, data).
 
-Init is counter-based (`chipcheck.probes.generator.uniform`): a parameter's values depend only on
+Init is counter-based (`chipcheck.generator.uniform`): a parameter's values depend only on
 (seed, its name, element index), never on a device's RNG, so CPU, CUDA and every tensor-parallel
 split start from the same bits (a TP rank takes its slice of the full tensor).
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..probes import generator as g
+from .. import generator as g
 from .config import GPTConfig
 
 

@@ -47,8 +47,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
+from .. import generator as g
 from ..results import Mismatch, Oracle
-from . import generator as g
 from . import oracles
 from .backends import oracles as bo
 from .backends.base import Backend

@@ -21,8 +21,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from .. import generator as g
 from ..results import Oracle
-from . import generator as g
 from . import oracles
 from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, profile_table, register
 

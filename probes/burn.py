@@ -25,8 +25,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from .. import generator as g
 from ..results import Mismatch, Oracle
-from . import generator as g
 from . import oracles
 from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, profile_table, register
 from .matmul import ALL_DTYPES, NEEDS, Kernel, hadamard_inputs

@@ -32,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from .. import generator as g
 from ..results import Mismatch, Oracle
-from . import generator as g
 from . import jax_backend as jb
 from . import np_oracles as npo
 from .attention import VARIANTS, AttentionKernel, Inputs, Shape, Variant, exact_on, random_on, run_flow

@@ -5,7 +5,7 @@ device the same inputs bit for bit, and the same `--inject` faults, so probes/ja
 probes/jax_collectives.py can reuse the torch path's closed forms and the numpy twins of its
 oracles (probes/np_oracles.py) and report identical diagnoses.
 
-- 64-bit integers: the counter-based generator (probes/generator.py) hashes in int64, which JAX
+- 64-bit integers: the counter-based generator (chipcheck/generator.py) hashes in int64, which JAX
   only has with `jax_enable_x64`. `init()` turns it on once per process and reports it in the
   settings stored with every result (it changes JAX's default dtypes; the probes here always
   name their dtypes, so nothing else depends on it).
@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from . import generator as g
+from .. import generator as g
 from .faults import Fault
 
 # The JAX ops a fault lands in when it names no `op` (the compute and communication kernels).

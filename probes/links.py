@@ -23,8 +23,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .. import generator as g
 from ..results import LinkResult, Oracle
-from . import generator as g
 from . import oracles
 from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, profile_table, register
 

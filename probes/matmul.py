@@ -29,8 +29,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import generator as g
 from ..results import Mismatch, Oracle
-from . import generator as g
 from .backends import oracles as ora
 from .backends.base import Backend
 from .backends.base import Kernel as KernelLike

@@ -33,8 +33,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import generator as g
 from ..results import Mismatch, Oracle
-from . import generator as g
 from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, profile_table, register
 
 CASES = ("walking", "address", "random", "inversions")

@@ -45,9 +45,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .. import generator as g
 from ..results import Blame, Mismatch, Oracle, Verdict
 from . import faults, oracles
-from . import generator as g
 from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, profile_table, register
 
 faults.CALL_TIME_PROBES.update({"model_step", "model_dp"})

@@ -21,8 +21,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import generator as g
 from ..results import Mismatch, Oracle
-from . import generator as g
 from . import oracles
 from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, profile_table, register
 

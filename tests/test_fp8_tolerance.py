@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from chipcheck.probes import generator as g
+from chipcheck import generator as g
 from chipcheck.probes import matmul
 from chipcheck.probes.backends import oracles as ora
 from chipcheck.probes.backends.base import FP8_TENSOR_CORE_SM90, FP32_ACCUMULATION, Accumulation

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from chipcheck.probes import generator as g
+from chipcheck import generator as g
 
 
 def _bits(t: torch.Tensor) -> np.ndarray:

@@ -21,8 +21,8 @@ jax = pytest.importorskip("jax", reason="jax is not installed (pip install 'chip
 
 from jax_cli import run_jax  # noqa: E402
 
+from chipcheck import generator as g  # noqa: E402
 from chipcheck.probes import faults, matmul, oracles  # noqa: E402
-from chipcheck.probes import generator as g  # noqa: E402
 from chipcheck.probes import jax_backend as jb  # noqa: E402
 from chipcheck.probes import jax_matmul as jm  # noqa: E402
 from chipcheck.probes import np_oracles as npo  # noqa: E402

@@ -20,8 +20,8 @@ SPEC = "bitflip:rank=1,bit=25,op=allreduce_,index=3,count=1"
 def _rank(rank: int, world: int, port: int, root: str) -> None:
     import torch.distributed as dist
 
+    from chipcheck import generator as g
     from chipcheck.probes import faults
-    from chipcheck.probes import generator as g
     from chipcheck.reproducers import capture
 
     torch.set_num_threads(1)

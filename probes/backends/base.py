@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .. import generator as g
+from ... import generator as g
 from ..base import Unsupported
 
 __all__ = ["FP8_TENSOR_CORE_SM90", "FP32_ACCUMULATION", "Accumulation", "Backend", "Kernel", "Unsupported"]

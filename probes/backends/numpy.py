@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import generator as g
+from ... import generator as g
 from .. import jax_backend as jb
 from ..base import Unsupported
 from .base import FP32_ACCUMULATION, INT_BY_WIDTH, Accumulation, Backend

@@ -149,12 +149,12 @@ class TorchBackend(Backend):
         return torch.tensor(values, dtype=torch.int64, device=self.device)
 
     def uniform(self, shape: tuple[int, ...], seed: int, stream: str) -> Any:
-        from .. import generator as g
+        from ... import generator as g
 
         return g.uniform(shape, seed, stream, device=self.device)
 
     def signs(self, shape: tuple[int, ...], seed: int, stream: str) -> Any:
-        from .. import generator as g
+        from ... import generator as g
 
         return g.signs(shape, seed, stream, device=self.device)
 
