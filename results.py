@@ -453,3 +453,75 @@ class RunSummary:
     def suspect(self) -> list[DeviceSummary]:
         """Devices of a group that holds a fault no check could pin to one member (retest them)."""
         return [d for d in self.devices if d.verdict is Verdict.SUSPECT]
+
+
+# ---- report inputs that live outside RunSummary (built by fleet/, rendered by reports/) ---------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LinkSummary:
+    """One link (a pair of endpoints) after judgement, as the reports show it."""
+
+    src: str
+    """Endpoint label, e.g. `node7 cuda:3` (the same text the device table shows)."""
+    dst: str
+    verdict: Verdict
+    busbw_gbps: float | None = None
+    """Measured bus bandwidth; None when the link could not be measured."""
+    latency_us: float | None = None
+    reason: str = ""
+    """One line a person can act on (empty for a passing link)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Topology:
+    """Where each endpoint sits, outermost level first (e.g. building, room, rack, node)."""
+
+    levels: tuple[str, ...]
+    """Level names, outermost first: ("room", "rack", "node")."""
+    placement: dict[str, tuple[str, ...]]
+    """Endpoint label -> its group at each level (same length as `levels`)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HistoryPoint:
+    """One past run of one device: what it was judged and how fast it was against its peers."""
+
+    run_id: str
+    started: float
+    verdict: Verdict
+    throughput_ratio: float | None = None
+    """Throughput relative to the fingerprint peers' median in that run (1.0 = typical)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ReportExtras:
+    """Everything a report can show beyond the run itself; all of it optional.
+
+    The link probes, the topology inference and the fleet history are built in fleet/; every report
+    renders without them and adds the matching section (link heatmap, topology, trend lines, JUnit
+    link testcases) when they are given."""
+
+    links: list[LinkSummary] = field(default_factory=list)
+    topology: Topology | None = None
+    history: dict[str, list[HistoryPoint]] = field(default_factory=dict)
+    """Device UUID -> its earlier runs, oldest first."""
+    devices: dict[str, DeviceInfo] = field(default_factory=dict)
+    """Device UUID -> what discovery found (serial, driver, libraries): the OCP report's DUT info."""
+    min_gap: float | None = None
+    """The run's --min-gap (throughput shortfall against peers that counts as slow), when known."""
+
+    @classmethod
+    def from_links(cls, s: RunSummary) -> ReportExtras:
+        """The link heatmap and topology sections from a run's judged link sweep."""
+        assert s.links is not None
+        label = {d.rank: f"{d.host} {d.device}" for d in s.devices}
+        links = [LinkSummary(src=label.get(x.src, str(x.src)), dst=label.get(x.dst, str(x.dst)), verdict=x.verdict,
+                             busbw_gbps=x.gbps, latency_us=x.latency_us, reason=x.reason) for x in s.links.links]
+        topology = None
+        if s.links.topology_levels:
+            topology = Topology(levels=tuple(s.links.topology_levels),
+                                placement={label.get(i, str(i)): tuple(f"{lvl} {g}" for lvl, g in
+                                                                       zip(s.links.topology_levels, grp, strict=False))
+                                           for i, grp in enumerate(s.links.topology_groups)})
+        return cls(links=links, topology=topology)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..results import RunStatus, RunSummary, Verdict
+from ..results import HistoryPoint, ReportExtras, RunStatus, RunSummary, Verdict
 from .judge.speed import SpeedPolicy
 from .store import Store, StoreError
 from .summary import summarize
@@ -225,12 +225,11 @@ MAX_HISTORY_DEVICES = 500
 """Devices whose history a report carries: every failing one first, then others up to this many."""
 
 
-def extras(store: Store, summary: RunSummary) -> Any:
+def extras(store: Store, summary: RunSummary) -> ReportExtras:
     """The report's optional sections for a stored run: links/topology and each device's history."""
-    from ..reports.extras import HistoryPoint, ReportExtras, from_links
     from . import history
 
-    base = from_links(summary) if summary.links is not None else ReportExtras()
+    base = ReportExtras.from_links(summary) if summary.links is not None else ReportExtras()
     ordered = [d for d in summary.devices if d.verdict is not Verdict.PASS] + [d for d in summary.devices if d.verdict is Verdict.PASS]
     hist: dict[str, list[HistoryPoint]] = {}
     for d in ordered[:MAX_HISTORY_DEVICES]:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..reports.extras import LinkSummary, Topology
+from ..results import LinkSummary, Topology
 from .judge.links import LinkReport
 
 

@@ -47,11 +47,6 @@ NOBODY_IMPORTS = {"chipcheck.cli"}
 """The top: `chipcheck` itself; the torchrun entry point builds on chipcheck.options instead."""
 
 ALLOWED_EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("chipcheck.fleet.topology", "chipcheck.reports.extras"):
-        "report input types (LinkSummary, Topology) live in reports/extras.py; they belong in results.py (issue 17: "
-        "link types in one place)",
-    ("chipcheck.fleet.reload", "chipcheck.reports.extras"):
-        "as fleet.topology: HistoryPoint / ReportExtras are to move to results.py",
     ("chipcheck.reports.view", "chipcheck.fleet.judge.verdicts"):
         "throughput() falls back to the judge's speed_tables() for each probe's speed metric; the metric is the "
         "registry's, so the caller (or a results field) should hand it in",

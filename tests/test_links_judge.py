@@ -18,8 +18,7 @@ from chipcheck.fleet.topology import (
     to_report_extras,
 )
 from chipcheck.probes import pairing
-from chipcheck.reports.extras import LinkSummary, Topology
-from chipcheck.results import Verdict
+from chipcheck.results import LinkSummary, Topology, Verdict
 
 N = 16
 HOSTS = {e: f"node{e // 4}" for e in range(N)}  # 4 hosts x 4 devices
