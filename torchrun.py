@@ -8,6 +8,7 @@ and the reports. It builds on the shared options and never imports cli.py.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -72,6 +73,10 @@ def _execute_distributed(make_opts: Callable[[], RunOptions], kw: dict[str, Any]
         code = distributed.run(opts, dopts)
     except (runner.UsageError, StoreError, click.BadParameter) as e:
         fail(str(e.format_message() if isinstance(e, click.BadParameter) else e))
+    except KeyboardInterrupt:  # SIGINT/SIGTERM/SIGHUP: rank 0 stored the run as interrupted
+        click.echo(f"chipcheck: rank {os.environ.get('RANK', '?')} interrupted; results so far are in its shard "
+                   f"under {local_dir} (rank 0: and in the store)", err=True)
+        sys.exit(130)
     sys.exit(code)
 
 

@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..results import DeviceInfo, DeviceKind, ErrorInfo, ErrorKind, ProbeResult, RunSummary, Verdict
 from . import devices as devmod
+from .launch import interrupt_on_signals
+from .session import RunSession
 from .worker import HostLock, apply_settings, error_result, run_one, stamp, torchrun_env
 
 if TYPE_CHECKING:
@@ -64,7 +66,19 @@ def _watchdog(timeout_s: float, on_expire: Any) -> threading.Timer:
 
 
 def run(opts: RunOptions, dopts: DistributedOptions) -> int:
-    """One rank's whole life; returns its exit code."""
+    """One rank's whole life; returns its exit code.
+
+    SIGINT, SIGTERM and SIGHUP (torchrun passes the one it got to every rank) end it with
+    KeyboardInterrupt. Rank 0 has the run in the store from the start, its own results kept as
+    they come: on the way out it adds what this host's shards hold of the other ranks and the
+    run is marked `interrupted` (fleet.session); `chipcheck ingest` adds the other hosts' shards.
+    """
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(interrupt_on_signals())
+        return _rank(opts, dopts, stack)
+
+
+def _rank(opts: RunOptions, dopts: DistributedOptions, stack: contextlib.ExitStack) -> int:
     import torch
     import torch.distributed as dist
 
@@ -92,13 +106,21 @@ def run(opts: RunOptions, dopts: DistributedOptions) -> int:
     # (and names who did not), and results travel through it even when a collective broke.
     kv = Rendezvous(rank, world, timeout)
     kv.store.set(f"chipcheck/joined/{rank}", json.dumps(info.to_dict()))
+    session: RunSession | None = None
     if rank == 0:
         joined = kv.wait_for("joined", time.monotonic() + timeout)
         if len(joined) < world:
             devs_known = {r: DeviceInfo.from_dict(json.loads(v)) for r, v in joined.items()}
             kv.store.set("chipcheck/abort", "1")
-            return _never_joined(opts, dopts, devs_known, world, timeout)
+            return _never_joined(opts, dopts, devs_known, world, timeout, stack)
         run_id = runner.new_run_id()
+        try:  # the store takes the run before any rank starts: a store that cannot calls the run off
+            session = _session(opts, dopts, run_id,
+                               [DeviceInfo.from_dict(json.loads(joined[r])) for r in range(world)], stack)
+        except BaseException:
+            kv.store.set("chipcheck/abort", "1")
+            raise
+        stack.push(_salvage_on_interrupt(session, Path(dopts.local_dir)))
         kv.store.set("chipcheck/go", run_id)
     else:
         go = kv.wait_go(time.monotonic() + 2 * timeout)
@@ -122,10 +144,15 @@ def run(opts: RunOptions, dopts: DistributedOptions) -> int:
     caps = devmod.capabilities(info)
     mine: list[ProbeResult] = []
 
-    def keep(r: ProbeResult) -> None:
+    def write(r: ProbeResult) -> None:
         mine.append(r)
         with shard.open("a") as f:
             f.write(r.to_json() + "\n")
+
+    def keep(r: ProbeResult) -> None:
+        write(r)
+        if session is not None:  # rank 0: in the store the moment it exists
+            session.keep(r)
 
     started = time.time()
     stop_faults = faults.start_process_faults(fault_list, rank)
@@ -149,8 +176,8 @@ def run(opts: RunOptions, dopts: DistributedOptions) -> int:
                     err = base.CaseOutcome(case=case, params={}, error=ErrorInfo(
                         kind=ErrorKind.TIMEOUT, message=f"{probe_name} {case} on {host} {info.label} (rank {rank}, "
                                                         f"seed {opts.seed}) exceeded its {timeout:g}s watchdog"))
-                    keep(stamp(run_id, opts.seed, info, rank, probe_name, case, err, settings, fault_list,
-                                t0))
+                    # (the shard only: the store belongs to the main thread)
+                    write(stamp(run_id, opts.seed, info, rank, probe_name, case, err, settings, fault_list, t0))
                     os._exit(3)
 
                 dog = _watchdog(timeout, expire)
@@ -181,8 +208,8 @@ def run(opts: RunOptions, dopts: DistributedOptions) -> int:
             parts = kv.wait_for("retested", time.monotonic() + timeout)
             results += [ProbeResult.from_dict(d) for v in parts.values() for d in json.loads(v)]
     stop_faults()
-    if rank == 0:
-        code = _finish(opts, dopts, run_id, devs, results, started)
+    if session is not None:
+        code = _finish(session, opts, dopts, devs, results, started)
         kv.store.set("chipcheck/code", str(code))
     else:
         with contextlib.suppress(Exception):
@@ -244,7 +271,7 @@ class Rendezvous:
 
 
 def _never_joined(opts: RunOptions, dopts: DistributedOptions, joined: dict[int, DeviceInfo], world: int,
-                  timeout: float) -> int:
+                  timeout: float, stack: contextlib.ExitStack) -> int:
     """Rank 0 when some ranks never arrived: a run that names them, and exit 1."""
     from . import runner
 
@@ -259,9 +286,13 @@ def _never_joined(opts: RunOptions, dopts: DistributedOptions, joined: dict[int,
     plan = runner.plan_probes(opts, devs)
     missing = sorted(set(range(world)) - set(joined))
     why = f"rank(s) {missing} never joined within {timeout:g}s"
-    results = [error_result(run_id, opts.seed, d, r, p, c, ErrorKind.TIMEOUT, why if r in missing else f"not run: {why}")
-               for r, d in enumerate(devs) for p, cases in plan for c in cases]
-    _finish(opts, dopts, run_id, devs, results, time.time())
+    session = _session(opts, dopts, run_id, devs, stack)
+    for r, d in enumerate(devs):
+        for p, cases in plan:
+            for c in cases:
+                session.keep(error_result(run_id, opts.seed, d, r, p, c, ErrorKind.TIMEOUT,
+                                          why if r in missing else f"not run: {why}"))
+    _finish(session, opts, dopts, devs, None, time.time())
     return 1
 
 
@@ -276,25 +307,56 @@ def _missing(results: list[ProbeResult], devs: list[DeviceInfo], plan: list[tupl
             if (rank, probe, case) not in have]
 
 
-def _finish(opts: RunOptions, dopts: DistributedOptions, run_id: str, devs: list[DeviceInfo], results: list[ProbeResult],
-            started: float) -> int:
-    """Rank 0: judge, store, then `dopts.show` the summary. Returns the run's exit code."""
+def _session(opts: RunOptions, dopts: DistributedOptions, run_id: str, devs: list[DeviceInfo],
+             stack: contextlib.ExitStack) -> RunSession:
+    """Rank 0: the run in the store (open until `stack` closes), begun with its devices and its plan
+    (an interrupted run lists what it did not reach)."""
     from . import runner
     from .store import Store, default_path
 
+    plan = runner.plan_probes(opts, devs)  # before the store: a bad plan is a usage error, nothing written
     store = Store(dopts.db_path or default_path())
-    store.begin_run(run_id, host=devs[0].host, profile=opts.profile, seed=opts.seed, argv=list(sys.argv),
-                    config={"devices": opts.devices, "probes": list(opts.probes), "inject": list(opts.inject),
-                            "launcher": "distributed", "world_size": len(devs), "options": dict(opts.options)})
-    store.add_devices(run_id, enumerate(devs))
-    for r in results:
-        store.add_result(r)
-    summary, judgements = runner.judge(run_id, dict(enumerate(devs)), results, opts, started)
-    store.add_judgements(run_id, judgements)
-    if summary.links is not None:
-        store.add_links(run_id, summary.links)
-    store.end_run(run_id, summary.verdict)
-    store.close()
+    stack.callback(store.close)
+    session = stack.enter_context(RunSession(store, run_id))
+    session.begin(host=devs[0].host, profile=opts.profile, seed=opts.seed, argv=list(sys.argv),
+                  config={"devices": opts.devices, "probes": list(opts.probes), "inject": list(opts.inject),
+                          "launcher": "distributed", "world_size": len(devs), "options": dict(opts.options),
+                          "pid": os.getpid(), "plan": plan})
+    session.add_devices(devs)
+    return session
+
+
+def _salvage_on_interrupt(session: RunSession, local_dir: Path) -> Callable[..., None]:
+    """Rank 0's way out of an interrupted run (an ExitStack exit callback, before the session marks
+    the run `interrupted`): keep what the other ranks' shards on this host (or in a shared folder)
+    hold of this run, so it holds every result measured here before the signal. A shard's last
+    line may be half-written: it is skipped."""
+    from .ingest import ShardUnreadable, read_shard
+
+    def salvage(kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if not isinstance(exc, KeyboardInterrupt):
+            return
+        for path in sorted(local_dir.glob(f"{session.run_id}-*.jsonl")):
+            with contextlib.suppress(ShardUnreadable):
+                for r in read_shard(path)[0]:
+                    if r.run_id == session.run_id:
+                        session.keep_new(r)
+
+    return salvage
+
+
+def _finish(session: RunSession, opts: RunOptions, dopts: DistributedOptions, devs: list[DeviceInfo],
+            results: list[ProbeResult] | None, started: float) -> int:
+    """Rank 0: keep the other ranks' results, judge `results` (default: those kept), end the run, then
+    `dopts.show` the summary. Returns the run's exit code."""
+    from . import runner
+
+    if results is not None:  # rank 0's own were kept as they came
+        for r in results:
+            if r.rank != 0:
+                session.keep(r)
+    summary = session.finish(lambda rs: runner.judge(session.run_id, dict(enumerate(devs)), rs, opts, started),
+                             results)
     if dopts.show is not None:
         dopts.show(summary)
     return 0 if summary.verdict is Verdict.PASS else 1

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..results import DeviceInfo, DeviceKind, ProbeResult
 from . import records
+from .session import RunSession
 from .store import Store
 
 
@@ -132,32 +133,30 @@ def ingest(store: Store, paths: list[str]) -> IngestReport:
     store.spool_unsaved = False  # the shards are the copy: a failed write stops here, ingest again later
     known = {run_id for run_id, _, _ in store.runs()}
     for run_id, results in sorted(by_run.items()):
+        run = RunSession(store, run_id)
         if run_id not in known:
             first = min(results, key=lambda r: (r.rank, r.started))
-            store.begin_run(run_id, host=first.host, profile="unknown", seed=first.seed, argv=["chipcheck", "ingest"],
-                            config={"launcher": "ingest"}, started=min(r.started for r in results))
+            run.begin(host=first.host, profile="unknown", seed=first.seed, argv=["chipcheck", "ingest"],
+                      config={"launcher": "ingest"}, started=min(r.started for r in results))
         have = store.devices(run_id)
         new_devs = {r.rank: device_from(r) for r in results if r.rank not in have}
         if new_devs:
-            store.add_devices(run_id, sorted(new_devs.items()))
-        added = 0
+            run.add_devices(sorted(new_devs.items()))
         for r in results:
-            if store.has_result(r):
+            if not run.keep_new(r):
                 rep.duplicates += 1
-                continue
-            store.add_result(r)
-            added += 1
-        if added:
-            rep.added += added
+        if run.results:
+            rep.added += len(run.results)
             rep.runs.append(run_id)
-            _judge(store, run_id)
+            _judge(run)
     return rep
 
 
-def _judge(store: Store, run_id: str) -> None:
+def _judge(run: RunSession) -> None:
     """Judge a run over everything stored for it, replacing earlier judgements."""
     from . import reload, runner
 
+    store, run_id = run.store, run.run_id
     rec = reload.record(store, run_id)
     row = store.conn.execute("SELECT config FROM runs WHERE run_id=?", (run_id,)).fetchone()
     options = json.loads(row[0]).get("options", {}) if row else {}
@@ -165,9 +164,5 @@ def _judge(store: Store, run_id: str) -> None:
     opts = runner.RunOptions(profile=rec.profile if rec.profile in runner.PROFILES else "quick", seed=rec.seed,
                              min_gap=rec.min_gap, options={k: str(v) for k, v in options.items()})
     devices = store.devices(run_id)
-    summary, judgements = runner.judge(run_id, devices, store.results(run_id), opts, rec.started, store)
-    store.clear_judgements(run_id)
-    store.add_judgements(run_id, judgements)
-    if summary.links is not None:
-        store.add_links(run_id, summary.links)
-    store.end_run(run_id, summary.verdict)
+    run.finish(lambda results: runner.judge(run_id, devices, results, opts, rec.started, store),
+               store.results(run_id), again=True)

@@ -25,6 +25,7 @@ import contextlib
 import json
 import os
 import queue
+import shutil
 import socket
 import subprocess
 import sys
@@ -39,6 +40,7 @@ from typing import Any
 from ..results import DeviceInfo, ErrorKind, ProbeResult, RunSummary
 from .launch import exit_text, kill_group, log_tail, read_messages
 from .runner import DEFAULT_TIMEOUT_S, RunOptions, UsageError, judge, new_run_id, validate
+from .session import RunSession
 from .store import Store
 from .worker import error_result
 
@@ -114,27 +116,19 @@ def execute(opts: RunOptions, store: Store, *, on_result: Callable[[ProbeResult]
     started = time.time()
     plan = HostPlan(run_id=run_id, profile=opts.profile, seed=opts.seed, probes=list(opts.probes),
                     inject=list(opts.inject), multihost=asdict(multihost) if job else None)
-    store.begin_run(run_id, host=socket.gethostname(), profile=opts.profile, seed=opts.seed,
-                    argv=opts.argv or sys.argv,
-                    config={"devices": opts.devices, "probes": list(opts.probes), "inject": list(opts.inject),
-                            "backend": "jax", "timeout_s": timeout, "min_gap": opts.min_gap, "pid": os.getpid(),
-                            **({"multihost": multihost.label} if job else {})})
-    collected: list[ProbeResult] = []
-
-    def keep(r: ProbeResult) -> None:
-        store.add_result(r)
-        collected.append(r)
-        if on_result:
-            on_result(r)
-
-    sup = _Supervisor(plan, timeout, keep, lambda devs: store.add_devices(run_id, enumerate(devs)), job)
-    devs = sup.run()
-    if job:
-        for r in job.exchange(collected, sup, timeout):
-            keep(r)
-    summary, judgements = judge(run_id, dict(enumerate(devs)), collected, opts, started)
-    store.add_judgements(run_id, judgements)
-    store.end_run(run_id, summary.verdict)
+    # SIGINT/SIGTERM/SIGHUP: the host process is killed (_one_process), what was measured is stored,
+    # and the session marks the run `interrupted` before the exception goes on.
+    with RunSession(store, run_id, on_result=on_result) as run:
+        run.begin(host=socket.gethostname(), profile=opts.profile, seed=opts.seed, argv=opts.argv or sys.argv,
+                  config={"devices": opts.devices, "probes": list(opts.probes), "inject": list(opts.inject),
+                          "backend": "jax", "timeout_s": timeout, "min_gap": opts.min_gap, "pid": os.getpid(),
+                          **({"multihost": multihost.label} if job else {})})
+        sup = _Supervisor(plan, timeout, run.keep, run.add_devices, job)
+        devs = sup.run()
+        if job:
+            for r in job.exchange(run.results, sup, timeout):
+                run.keep(r)
+        summary = run.finish(lambda results: judge(run_id, dict(enumerate(devs)), results, opts, started))
     return summary
 
 
@@ -154,17 +148,20 @@ class _Supervisor:
         self.starts = 0
 
     def run(self) -> list[DeviceInfo]:
-        while True:
-            self.starts += 1
-            finished = self._one_process()
-            if finished:
-                return self.devs
-            if self.plan.multihost:
-                # the job's other processes lost their peer with this one: no fresh job to rejoin
-                if self.job and not self.peer_lost:
-                    self.job.mark_lost(self.lost_reason)
-                self._abandon()
-                return self.devs
+        try:
+            while True:
+                self.starts += 1
+                finished = self._one_process()
+                if finished:
+                    return self.devs
+                if self.plan.multihost:
+                    # the job's other processes lost their peer with this one: no fresh job to rejoin
+                    if self.job and not self.peer_lost:
+                        self.job.mark_lost(self.lost_reason)
+                    self._abandon()
+                    return self.devs
+        finally:  # plans and host logs: whatever ends the run (an interrupt too), nothing is left in /tmp
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _one_process(self) -> bool:
         """One host process, to its end; True when it said bye (everything reported)."""

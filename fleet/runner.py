@@ -18,7 +18,8 @@ from typing import Any
 
 from ..results import DeviceInfo, Judgement, ProbeResult, RunSummary
 from . import devices
-from .launch import LaunchRequest, interrupt_on_signals, run_local
+from .launch import LaunchRequest, run_local
+from .session import RunSession
 from .store import Store
 from .summary import summarize
 
@@ -125,36 +126,20 @@ def execute(opts: RunOptions, store: Store, *, on_result: Callable[[ProbeResult]
     timeout = opts.timeout_s or DEFAULT_TIMEOUT_S[opts.profile] or max(600.0, opts.duration_s * 1.5)
     host = socket.gethostname()
     started = time.time()
-    store.begin_run(run_id, host=host, profile=opts.profile, seed=opts.seed, argv=opts.argv or sys.argv,
-                    config={"devices": opts.devices, "probes": list(opts.probes), "inject": list(opts.inject),
-                            "timeout_s": timeout, "duration_s": opts.duration_s, "min_gap": opts.min_gap,
-                            "pid": os.getpid(), "plan": probes})
-    store.add_devices(run_id, enumerate(devs))
-    collected: list[ProbeResult] = []
-
-    def keep(r: ProbeResult) -> None:
-        store.add_result(r)
-        collected.append(r)
-        if on_result:
-            on_result(r)
-
     req = LaunchRequest(run_id=run_id, devices=devs, probes=probes, profile=opts.profile, seed=opts.seed,
                         timeout_s=timeout, inject=list(opts.inject), duration_s=opts.duration_s,
                         options=dict(opts.options), epoch=started)
     # issue 20: SIGINT/SIGTERM/SIGHUP end the run here: its workers are killed (run_local), what it
-    # measured is already stored, and the run is marked `interrupted` before the exception goes on.
-    with interrupt_on_signals():
-        try:
-            run_local(req, keep, on_start)
-            retest(req, collected, opts, keep, on_start)
-            summary, judgements = judge(run_id, dict(enumerate(devs)), collected, opts, started, store)
-            store.add_judgements(run_id, judgements)
-            if summary.links is not None:
-                store.add_links(run_id, summary.links)
-        except KeyboardInterrupt:
-            store.interrupt_run(run_id)
-            raise
-    store.end_run(run_id, summary.verdict)
+    # measured is already stored, and the session marks the run `interrupted` before the exception goes on.
+    with RunSession(store, run_id, on_result=on_result) as run:
+        run.begin(host=host, profile=opts.profile, seed=opts.seed, argv=opts.argv or sys.argv,
+                  config={"devices": opts.devices, "probes": list(opts.probes), "inject": list(opts.inject),
+                          "timeout_s": timeout, "duration_s": opts.duration_s, "min_gap": opts.min_gap,
+                          "pid": os.getpid(), "plan": probes})
+        run.add_devices(devs)
+        run_local(req, run.keep, on_start)
+        retest(req, run.results, opts, run.keep, on_start)
+        summary = run.finish(lambda results: judge(run_id, dict(enumerate(devs)), results, opts, started, store))
     return summary
 
 
