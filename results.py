@@ -351,6 +351,9 @@ class ProbeSummary:
     """The fleet's judgements about this probe on this device (consensus, speed, blame, ...)."""
     reasons: list[str] = field(default_factory=list)
     """One line a person can act on per finding: the cases' own, then the fleet's."""
+    speed_metric: str = ""
+    """The metric the speed judge reads this probe by (its registry `speed_metric`: `tflops_best`,
+    `gbps_best`, `busbw_gbps_best`); empty: not judged per device on speed (links, retest)."""
 
     def details(self) -> dict[str, Any]:
         """The JSON report's `details` object (schema chipcheck.run/1)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Mapping
 
 from ..results import (
     CaseSummary,
@@ -22,10 +23,15 @@ from .judge.blame import held_against
 def summarize(run_id: str, devices: dict[int, DeviceInfo], results: list[ProbeResult], judgements: list[Judgement],
               groups: list[ConsensusGroup], *, profile: str, seed: int, started: float, ended: float,
               links: LinksSummary | None = None, findings: list[str] | None = None,
-              exonerate: set[tuple[int, str, str]] | None = None, fleet_verdict: Verdict = Verdict.PASS) -> RunSummary:
+              exonerate: set[tuple[int, str, str]] | None = None, fleet_verdict: Verdict = Verdict.PASS,
+              speed_metrics: Mapping[str, str] | None = None) -> RunSummary:
     """`exonerate`: (rank, probe, case) whose local verdict is not the chip's fault (a library wrong
-    on every device): reported as a finding, not held against the device."""
+    on every device): reported as a finding, not held against the device. `speed_metrics`: probe ->
+    the metric the speed judge reads it by (default: the registry's), carried by each ProbeSummary
+    so the reports rank it on that metric."""
     exonerate = exonerate or set()
+    if speed_metrics is None:
+        speed_metrics = registry_speed_metrics()
     by_dev: dict[int, dict[str, list[ProbeResult]]] = defaultdict(lambda: defaultdict(list))
     for r in results:
         by_dev[r.rank][r.probe].append(r)
@@ -48,7 +54,8 @@ def summarize(run_id: str, devices: dict[int, DeviceInfo], results: list[ProbeRe
                 for k, v in j.metrics.items():
                     metrics[f"{j.case}:{k}"] = v
             probes.append(ProbeSummary(probe=name, verdict=verdict, metrics=metrics, cases=_cases(rs), fleet=list(js),
-                                       reasons=[why for why in (explain(r) for r in rs) if why] + [j.reason for j in js]))
+                                       reasons=[why for why in (explain(r) for r in rs) if why] + [j.reason for j in js],
+                                       speed_metric=speed_metrics.get(name, "")))
         verdict = Verdict.worst([p.verdict for p in probes]) if probes else Verdict.ERROR
         out.append(DeviceSummary(rank=rank, device=info.label, host=info.host, uuid=info.uuid,
                                  fingerprint=info.fingerprint, verdict=verdict, probes=probes))
@@ -56,6 +63,13 @@ def summarize(run_id: str, devices: dict[int, DeviceInfo], results: list[ProbeRe
                             + [fleet_verdict])
     return RunSummary(run_id=run_id, verdict=overall, started=started, ended=ended, profile=profile, seed=seed,
                       devices=out, groups=list(groups), links=links, findings=list(findings or []))
+
+
+def registry_speed_metrics() -> dict[str, str]:
+    """Each registered probe's speed metric (empty where it is not judged per device on speed)."""
+    from .judge.verdicts import speed_tables
+
+    return speed_tables()[0]
 
 
 def _cases(rs: list[ProbeResult]) -> list[CaseSummary]:

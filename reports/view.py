@@ -189,16 +189,13 @@ def throughput(s: RunSummary, metric_by_probe: Mapping[str, str] | None = None
     """Per fingerprint group: each device's speed against the group median; and rank -> ratio.
 
     Each probe is read on the metric the speed judge reads it by (its registry `speed_metric`:
-    TFLOP/s for compute, GB/s for memory copies, bus GB/s for collectives)."""
-    if metric_by_probe is None:
-        from ..fleet.judge.verdicts import speed_tables
-
-        metric_by_probe = speed_tables()[0]
+    TFLOP/s for compute, GB/s for memory copies, bus GB/s for collectives), which its summary
+    carries (`ProbeSummary.speed_metric`); `metric_by_probe`, when given, overrides it per probe."""
     # (fingerprint, probe:case) -> rank -> value
     values: dict[str, dict[str, dict[int, float]]] = defaultdict(lambda: defaultdict(dict))
     for d in s.devices:
         for p in d.probes:
-            metric = metric_by_probe.get(p.probe, "")
+            metric = metric_by_probe.get(p.probe, "") if metric_by_probe is not None else p.speed_metric
             if not metric:
                 continue
             suffix = ":" + metric

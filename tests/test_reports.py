@@ -16,7 +16,7 @@ from chipcheck.fleet import reload, synthetic
 from chipcheck.fleet.store import Store, StoreError
 from chipcheck.reports import formats, html, json_report, junit, view
 from chipcheck.reports.extras import HistoryPoint, LinkSummary, ReportExtras, Topology
-from chipcheck.results import ErrorInfo, ErrorKind, Verdict
+from chipcheck.results import ErrorInfo, ErrorKind, RunSummary, Verdict
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
@@ -173,20 +173,33 @@ def test_reload_rebuilds_the_summary_from_sqlite(tmp_path):
 
 
 def test_throughput_reads_each_probe_on_its_own_speed_metric() -> None:
-    # collectives are judged on bus bandwidth: the view must rank them on it, not on tflops_best
+    # collectives are judged on bus bandwidth: the view must rank them on it, not on tflops_best.
+    # The summary carries each probe's metric (the registry's, filled by fleet.summary.summarize)
     from dataclasses import replace
 
-    from chipcheck.fleet import synthetic
+    from chipcheck.fleet import summary, synthetic
     from chipcheck.reports import view
 
+    metric = summary.registry_speed_metrics()
+    assert (metric["matmul"], metric["collectives"], metric["links"]) == ("tflops_best", "busbw_gbps_best", "")
     s = synthetic.run(16, fail_fraction=0.2, seed=1)
+    assert {p.speed_metric for d in s.devices for p in d.probes} == {"tflops_best"}
     _, before = view.throughput(s)
-    as_bus = replace(s, devices=[replace(d, probes=[replace(p, probe="collectives", metrics={
-        k.replace(":tflops_best", ":busbw_gbps_best"): v for k, v in p.metrics.items() if k.endswith(":tflops_best")})
-        for p in d.probes]) for d in s.devices])
+
+    def as_probe(s: RunSummary, probe: str, fix_metric: bool = True) -> RunSummary:
+        return replace(s, devices=[replace(d, probes=[replace(
+            p, probe=probe, speed_metric=metric[probe] if fix_metric else p.speed_metric, metrics={
+                k.replace(":tflops_best", ":busbw_gbps_best"): v for k, v in p.metrics.items()
+                if k.endswith(":tflops_best")}) for p in d.probes]) for d in s.devices])
+
+    as_bus = as_probe(s, "collectives")
     groups, after = view.throughput(as_bus)
     assert after == before and len(after) == 16
     assert all(g.median_tflops == {} for g in groups)  # bus GB/s is not TFLOP/s
-    bare = replace(as_bus, devices=[replace(d, probes=[replace(p, probe="links") for p in d.probes])
-                                    for d in as_bus.devices])
+    # a caller's own table wins over what the summary carries
+    stale = as_probe(s, "collectives", fix_metric=False)
+    assert view.throughput(stale)[1] == {}
+    assert view.throughput(stale, metric)[1] == before
+    bare = as_probe(s, "links")
     assert view.throughput(bare) == ([], {})  # links are judged per link, never per device
+    assert view.throughput(bare, metric) == ([], {})
