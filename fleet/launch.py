@@ -260,6 +260,14 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
         if any(o.killed_for is not None and o.current == w.current for o in workers):
             return  # a rank of this case is being ended: its loss decides for the others (peer_lost)
         group = [o for o in workers if o.current == w.current and o.killed_for is None and o.proc is not None]
+        absent = [o for o in workers if o.current != w.current and not o.done and w.current in o.todo]
+        if absent:
+            # A member is still in an earlier case (or waiting for the host lock): the group waits for
+            # it, not in a hang of its own. Its own watchdog decides about it (a hang there makes it a
+            # lost peer); the group's clock starts once every member is in the collective.
+            for o in group:
+                o.since, o.polled = now, 0.0
+            return
         if not w.polled:
             for o in group:
                 o.ops, o.polled = None, now

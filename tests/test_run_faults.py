@@ -142,6 +142,19 @@ def test_a_hang_is_that_ranks_timeout_only_and_the_run_ends_soon_after(tmp_path:
     assert took < 100, took
 
 
+def test_a_rank_that_hangs_after_its_peers_entered_a_collective_is_the_only_one_blamed(tmp_path: Path) -> None:
+    # rank 1 is slow in the memory probe and hangs in its last case, long after the others went on
+    # into the collectives: they wait for it there, and must not be timed out for its hang
+    rc, data, out = run_json(tmp_path, "--probes", "memory,collectives", "--devices", "cpu:4", *NO_SPEED,
+                             "--inject", "slow:rank=1,probe=memory,op=clone,factor=30; "
+                                         "hang:rank=1,probe=memory,op=clone,after=12", "--timeout", "15")
+    assert rc == 1, out
+    assert _verdicts(data) == {0: "pass", 1: "error", 2: "pass", 3: "pass"}, out
+    for r in (0, 2, 3):
+        assert all(c["error"]["kind"] == "peer_lost" and "peer rank 1 lost" in c["error"]["message"]
+                   and "peer rank 2" not in c["error"]["message"] for c in _cases(data, r, "collectives")), out
+
+
 @pytest.mark.parametrize("hung", [0, 2])
 def test_a_rank_hung_inside_a_collective_is_told_from_the_ranks_waiting_for_it(tmp_path: Path, hung: int) -> None:
     """Every rank of a hung collective waits past the watchdog; the one that stopped short of its peers'
