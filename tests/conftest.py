@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,3 +33,29 @@ def run_json(tmp_path: Path, *args: str, timeout: float = 300) -> tuple[int, dic
 
 def device(data: dict, rank: int) -> dict:
     return next(d for d in data["devices"] if d["rank"] == rank)
+
+
+def marked_processes(mark: str) -> list[int]:
+    """Live processes (not zombies) whose environment carries CHIPCHECK_TEST_MARK=mark: what a run
+    started, found again after it was killed."""
+    out = []
+    needle = f"CHIPCHECK_TEST_MARK={mark}".encode()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) == os.getpid():
+            continue
+        try:
+            if needle in (d / "environ").read_bytes().split(b"\0"):
+                if (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                    out.append(int(d.name))
+        except OSError:
+            continue
+    return out
+
+
+def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")

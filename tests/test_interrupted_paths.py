@@ -15,31 +15,13 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import marked_processes, run_cli, wait_until
 
 SIGNALS = [signal.SIGINT, signal.SIGTERM]
-
-
-def _marked(mark: str) -> list[int]:
-    """Live processes (not zombies) whose environment carries this test's mark."""
-    out = []
-    needle = f"CHIPCHECK_TEST_MARK={mark}".encode()
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            if needle in (d / "environ").read_bytes().split(b"\0"):
-                if (d / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                    out.append(int(d.name))
-        except OSError:
-            continue
-    return out
 
 
 def _per_rank(db: Path) -> dict[int, int]:
@@ -49,15 +31,6 @@ def _per_rank(db: Path) -> dict[int, int]:
             return dict(c.execute("SELECT rank, COUNT(*) FROM results GROUP BY rank").fetchall())
     except sqlite3.Error:
         return {}
-
-
-def _wait(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _shard_lines(shards: Path) -> dict[int, int]:
@@ -80,7 +53,7 @@ def _cut_short(proc: subprocess.Popen[bytes], sig: signal.Signals, mark: str, lo
     finally:
         proc.kill()
     # every process of the run is gone within moments
-    _wait(lambda: not _marked(mark), 15, f"no process of the run left after {sig.name}: {log.read_text()[-2000:]}")
+    wait_until(lambda: not marked_processes(mark), 15, f"no process of the run left after {sig.name}: {log.read_text()[-2000:]}")
     return rc
 
 
@@ -116,7 +89,7 @@ def test_torchrun_run_cut_short_is_stored_interrupted(tmp_path: Path, sig: signa
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "CHIPCHECK_TEST_MARK": mark})
     try:
         # rank 0 stores its results as they come (a speed judgement needs two on one rank)
-        _wait(lambda: _per_rank(db).get(0, 0) >= 2 and len(_shard_lines(shards)) == 2, 120,
+        wait_until(lambda: _per_rank(db).get(0, 0) >= 2 and len(_shard_lines(shards)) == 2, 120,
               f"results of both ranks: {log.read_text()[-2000:]}")
         before = _shard_lines(shards)
     except BaseException:
@@ -142,9 +115,9 @@ def test_jax_run_cut_short_is_stored_interrupted(tmp_path: Path, sig: signal.Sig
                                  "-q", "--min-gap", "0.9", "--probes", "matmul,collectives"],
                                 stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
-        _wait(lambda: max(_per_rank(db).values(), default=0) >= 2, 150, f"two results: {log.read_text()[-2000:]}")
+        wait_until(lambda: max(_per_rank(db).values(), default=0) >= 2, 150, f"two results: {log.read_text()[-2000:]}")
         before = _per_rank(db)
-        assert len(_marked(mark)) >= 2, "the supervisor and its JAX host process"
+        assert len(marked_processes(mark)) >= 2, "the supervisor and its JAX host process"
     except BaseException:
         proc.kill()
         raise

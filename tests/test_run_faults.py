@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import device, run_cli, run_json
+from conftest import device, marked_processes, run_cli, run_json, wait_until
 
 NO_SPEED = ("--min-gap", "0.9")
 COLLECTIVE_RUN = ("--probes", "matmul,collectives", "--devices", "cpu:4", *NO_SPEED)
@@ -36,23 +36,6 @@ def _cases(data: dict, rank: int, probe: str) -> list[dict]:
     return next(p for p in device(data, rank)["probes"] if p["probe"] == probe)["details"]["cases"]
 
 
-def _marked(mark: str) -> list[int]:
-    """Live processes (not zombies) whose environment carries this test's mark."""
-    out = []
-    needle = f"CHIPCHECK_TEST_MARK={mark}".encode()
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            if needle in (d / "environ").read_bytes().split(b"\0"):
-                state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
-                if state != "Z":
-                    out.append(int(d.name))
-        except OSError:
-            continue
-    return out
-
-
 def _env_of(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     return dict(x.decode(errors="replace").split("=", 1) for x in raw if b"=" in x)
@@ -61,7 +44,7 @@ def _env_of(pid: int) -> dict[str, str]:
 def _workers(mark: str) -> dict[int, int]:
     """rank -> pid of this test's live workers."""
     out = {}
-    for pid in _marked(mark):
+    for pid in marked_processes(mark):
         try:
             if b"chipcheck.worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 out[int(_env_of(pid)["RANK"])] = pid
@@ -94,15 +77,6 @@ def _start(tmp_path: Path, mark: str, *args: str, env: dict[str, str] | None = N
     return subprocess.Popen([sys.executable, "-m", "chipcheck.cli", "run", "--db", str(tmp_path / "results.db"),
                              "-q", *args], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "CHIPCHECK_TEST_MARK": mark, **(env or {})})
-
-
-def _wait(cond, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # ---- item 1: one lost rank is that rank's error only --------------------------------------------
@@ -175,7 +149,7 @@ def test_sigkill_of_one_worker_mid_run_is_that_ranks_error_only(tmp_path: Path) 
     out = tmp_path / "run.json"
     proc = _start(tmp_path, mark, *COLLECTIVE_RUN, "--json", str(out))
     try:
-        _wait(lambda: len(_workers(mark)) == 4 and _results(tmp_path / "results.db") >= 2, 240, "4 workers at work")
+        wait_until(lambda: len(_workers(mark)) == 4 and _results(tmp_path / "results.db") >= 2, 240, "4 workers at work")
         os.kill(_workers(mark)[1], signal.SIGKILL)
         proc.wait(timeout=240)
     finally:
@@ -185,7 +159,7 @@ def test_sigkill_of_one_worker_mid_run_is_that_ranks_error_only(tmp_path: Path) 
     assert _verdicts(data) == {0: "pass", 1: "error", 2: "pass", 3: "pass"}, (tmp_path / "run.log").read_text()
     errors = [c["error"] for p in device(data, 1)["probes"] for c in p["details"]["cases"] if "error" in c]
     assert errors[0]["kind"] == "crash" and "signal 9" in errors[0]["message"]
-    assert not _marked(mark)
+    assert not marked_processes(mark)
 
 
 # ---- items 2 and 3: a run cut short leaves nothing running and reads as interrupted -------------
@@ -196,14 +170,14 @@ def test_a_run_cut_short_leaves_no_process_and_reads_as_interrupted(tmp_path: Pa
     db = tmp_path / "results.db"
     proc = _start(tmp_path, mark, *COLLECTIVE_RUN)
     try:
-        _wait(lambda: len(_workers(mark)) == 4 and _most_per_rank(db) >= 2, 240, "4 workers at work")
+        wait_until(lambda: len(_workers(mark)) == 4 and _most_per_rank(db) >= 2, 240, "4 workers at work")
         os.kill(proc.pid, sig)
         rc = proc.wait(timeout=30)
     finally:
         proc.kill()
     assert rc != 0
     # every worker is gone within moments (killed on the way out, or by its parent-death signal)
-    _wait(lambda: not _marked(mark), 15, f"no process of the run left after {sig.name}")
+    wait_until(lambda: not marked_processes(mark), 15, f"no process of the run left after {sig.name}")
     run_id = sqlite3.connect(f"file:{db}?mode=ro", uri=True).execute("SELECT run_id FROM runs").fetchone()[0]
     assert not list(Path(tempfile.gettempdir()).glob(f"chipcheck-{run_id}*"))  # no temporary directory
     rep = run_cli("report", "latest", "--db", str(db))
