@@ -155,7 +155,11 @@ def test_jax_pods_of_the_manifest_join_one_job(tmp_path: Path) -> None:
     assert "resources" not in c
     script = c["command"][2].replace("chipcheck-0.chipcheck-rdzv:", "127.0.0.1:")
     (tmp_path / "bin").mkdir()
-    (tmp_path / "bin" / "python").symlink_to(sys.executable)
+    # a wrapper, not a symlink: a linked venv interpreter looks for pyvenv.cfg beside the link and
+    # leaves the venv (chipcheck then cannot be imported)
+    py = tmp_path / "bin" / "python"
+    py.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    py.chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     pods = [subprocess.Popen(["bash", "-c", script], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
