@@ -120,9 +120,10 @@ def suspects(results: list[ProbeResult], policy: SpeedPolicy, metric_by_probe: d
         throttled.setdefault(c.rank, c)
         fingerprint.setdefault(c.rank, c.fingerprint)
     suspected |= {(r, gemm) for r in throttled}
+    peers = _peers(evidence, suspected, fingerprint)
     for rank, kernel in sorted(suspected):
         evs = evidence.get((rank, kernel), [])
-        peer = _peer(rank, kernel, evidence, suspected, fingerprint)
+        peer = peers.get((kernel, fingerprint.get(rank, "")))
         if peer is None:
             continue  # no clean peer of its fingerprint: the SKU baseline is the only yardstick
         said = [f"{e.probe} {e.ratio:.2f}x (noise {_pct(e.noise)})" for e in sorted(evs, key=lambda e: e.ratio)]
@@ -170,15 +171,19 @@ def _suspect(evs: list[_Evidence], policy: SpeedPolicy, cut: float) -> bool:
     return math.log(ratio) <= cut and -math.log(ratio) >= policy.z * width
 
 
-def _peer(rank: int, kernel: str, evidence: dict[tuple[int, str], list[_Evidence]], suspected: set[tuple[int, str]],
-          fingerprint: dict[int, str]) -> int | None:
-    """The median-speed device of its fingerprint that is not itself suspected on this kernel."""
-    clean = [(_combined(evs)[0], r) for (r, k), evs in evidence.items()
-             if k == kernel and r != rank and (r, k) not in suspected and fingerprint.get(r) == fingerprint.get(rank)]
-    if not clean:
-        return None
-    clean.sort()
-    return clean[(len(clean) - 1) // 2][1]
+def _peers(evidence: dict[tuple[int, str], list[_Evidence]], suspected: set[tuple[int, str]],
+           fingerprint: dict[int, str]) -> dict[tuple[str, str], int]:
+    """Per (kernel, fingerprint): the median-speed device that is not itself suspected on the kernel
+    (every suspect of the group is retested against it; one pass over the evidence for all of them)."""
+    clean: dict[tuple[str, str], list[tuple[float, int]]] = defaultdict(list)
+    for (r, k), evs in evidence.items():
+        if (r, k) not in suspected and r in fingerprint:
+            clean[(k, fingerprint[r])].append((_combined(evs)[0], r))
+    out = {}
+    for key, xs in clean.items():
+        xs.sort()
+        out[key] = xs[(len(xs) - 1) // 2][1]
+    return out
 
 
 def retest_options(found: list[Suspect]) -> dict[str, str]:
