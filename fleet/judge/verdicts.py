@@ -16,7 +16,7 @@ from . import baselines as bl
 from . import blame, speed, throttle
 from . import own_history as oh
 from .consensus import consensus
-from .second_opinion import Culprit, second_opinion_findings
+from .second_opinion import Culprit, Finding, second_opinion_findings
 
 if TYPE_CHECKING:
     from ..store import Store
@@ -68,7 +68,8 @@ def fleet_verdicts(devs: dict[int, DeviceInfo], results: list[ProbeResult], *, m
     from .. import links_run
 
     cons, groups = consensus(results, collective_probes())
-    lib = library_findings(results)
+    chips, library = second_opinion_findings(results)
+    lib = library_findings(results, library)
     if judged is not None:
         return FleetVerdicts(judgements=judged, groups=groups, links=None, library=lib)
     slow = speed.judge(results, speed.SpeedPolicy(min_gap=min_gap), *speed_tables())
@@ -78,7 +79,6 @@ def fleet_verdicts(devs: dict[int, DeviceInfo], results: list[ProbeResult], *, m
         link_summary, link_js = speed.confirm_links(link_summary, link_js, results,
                                                     {r: d.host for r, d in devs.items()},
                                                     speed.SpeedPolicy(min_gap=links_run.policy_for(devs).min_gap))
-    chips, _ = second_opinion_findings(results)
     table = baselines if baselines is not None else bl.load()
     judgements = (cons + slow + link_js + chips + throttle.judgements(results, min_gap)
                   + bl.baseline_judgements(results, devs, table) + list(extra or []))
@@ -86,10 +86,10 @@ def fleet_verdicts(devs: dict[int, DeviceInfo], results: list[ProbeResult], *, m
     return FleetVerdicts(judgements=judgements, groups=groups, links=link_summary, library=lib)
 
 
-def library_findings(results: list[ProbeResult]) -> LibraryFindings:
-    """The library-vs-chip findings of a run: the independent GEMM's, and tolerance oracles that
-    fire identically on every device (fleet.judge.blame.systematic)."""
-    _, library = second_opinion_findings(results)
+def library_findings(results: list[ProbeResult], library: list[tuple[str, str, Finding]]) -> LibraryFindings:
+    """The library-vs-chip findings of a run: the independent GEMM's (`library`, from
+    second_opinion_findings), and tolerance oracles that fire identically on every device
+    (fleet.judge.blame.systematic)."""
     findings = [f"xgemm {case} (fingerprint {fp}): the library GEMM and the independent kernel disagree on "
                 f"{'every' if f.culprit is Culprit.LIBRARY else 'the only'} device {list(f.ranks)}: "
                 f"{'suspect the library (cuBLAS/BLAS), not the chips' if f.culprit is Culprit.LIBRARY else 'no peer to compare'}"
