@@ -60,6 +60,8 @@ def sensitivity(runs: int, devices: str, factors: list[float]) -> None:
             res = run("--devices", devices, *QUICK, "--seed", str(i), "--inject",
                       f"slow:rank={r},factor={f},scope=process")
             hit += res.verdicts[r] == "slow"
+            said = (res.slow_reasons.get(r) or res.speed_notes.get(r) or ["not a suspect"])[0]
+            print(f"  factor {f} run {i} rank {r}: {res.verdicts[r]:<5} {res.wall_s:4.0f}s  {said[:160]}", flush=True)
             wrong = {k: v for k, v in res.verdicts.items() if k != r and v != "pass"}
             others += bool(wrong)
             notes += [f"factor {f} run {i}: rank {k} {v}" for k, v in wrong.items()]

@@ -19,6 +19,8 @@ class Run:
     rc: int
     verdicts: dict[int, str]
     slow_reasons: dict[int, list[str]]
+    speed_notes: dict[int, list[str]]
+    """Per rank: the speed judge's `slow` reasons and its notes on suspects it cleared or could not retest."""
     retested: bool
     """Whether a speed suspect was retested (the run has retest results)."""
     wall_s: float
@@ -39,9 +41,12 @@ def run(*args: str, timeout: float = 900) -> Run:
         data = json.loads(out.read_text())
     slow = {d["rank"]: [r for pr in d["probes"] for r in pr["details"].get("reasons", []) if r.startswith("slow")]
             for d in data["devices"]}
+    notes = {d["rank"]: [r for pr in d["probes"] for r in pr["details"].get("reasons", [])
+                         if r.startswith("speed suspect")] for d in data["devices"]}
     retested = any(pr["probe"] == "retest" for d in data["devices"] for pr in d["probes"])
     return Run(rc=p.returncode, verdicts={d["rank"]: d["verdict"] for d in data["devices"]},
-               slow_reasons={k: v for k, v in slow.items() if v}, retested=retested, wall_s=wall)
+               slow_reasons={k: v for k, v in slow.items() if v},
+               speed_notes={k: v for k, v in notes.items() if v}, retested=retested, wall_s=wall)
 
 
 def machine() -> str:

@@ -26,9 +26,18 @@ from typing import TYPE_CHECKING, Any
 
 from ..results import DeviceInfo, DeviceKind, ErrorInfo, ErrorKind, ProbeResult, RunSummary, Verdict
 from . import devices as devmod
+from .harness import (
+    HostLock,
+    apply_settings,
+    context,
+    error_result,
+    run_one,
+    stamp,
+    torch_device,
+    torchrun_env,
+)
 from .launch import interrupt_on_signals
 from .session import RunSession
-from .worker import HostLock, apply_settings, error_result, run_one, stamp, torchrun_env
 
 if TYPE_CHECKING:
     from .runner import RunOptions
@@ -79,11 +88,11 @@ def run(opts: RunOptions, dopts: DistributedOptions) -> int:
 
 
 def _rank(opts: RunOptions, dopts: DistributedOptions, stack: contextlib.ExitStack) -> int:
-    import torch
     import torch.distributed as dist
 
     from ..probes import base, faults
     from . import runner
+    from .judge.speed import RETEST, retest_cases
     from .judge.verdicts import retest_options
 
     env = torchrun_env()
@@ -96,11 +105,7 @@ def _rank(opts: RunOptions, dopts: DistributedOptions, stack: contextlib.ExitSta
     cores = devmod.cores_for(env["local_rank"], local_world) if info.kind is DeviceKind.CPU else []
     settings = apply_settings(info.kind.value, threads, cores)
     settings.update({"world_size": world, "local_rank": env["local_rank"], "launcher": "distributed"})
-    if info.kind is DeviceKind.CUDA:
-        torch.cuda.set_device(info.index)
-        device = torch.device("cuda", info.index)
-    else:
-        device = torch.device("cpu")
+    device = torch_device(info)
     timeout = opts.timeout_s or runner.DEFAULT_TIMEOUT_S.get(opts.profile) or 600.0
     # Rendezvous through a TCPStore that outlives the process group: rank 0 learns who joined
     # (and names who did not), and results travel through it even when a collective broke.
@@ -162,10 +167,9 @@ def _rank(opts: RunOptions, dopts: DistributedOptions, stack: contextlib.ExitSta
             probe = base.get(probe_name)
             cfg = probe.config(opts.profile, info.kind.value, caps)
             injector = faults.make_injector(fault_list, rank, probe_name)
-            ctx = base.ProbeContext(device=device, device_kind=info.kind.value, seed=opts.seed, profile=opts.profile,
-                                    timer=base.Timer(device), under_test=injector or contextlib.nullcontext,
-                                    capabilities=caps, rank=rank, world_size=world, group=lambda: group, host=host,
-                                    host_lock=lock or contextlib.nullcontext, options=options)
+            ctx = context(device=device, info=info, seed=opts.seed, profile=opts.profile, rank=rank,
+                          world_size=world, group=lambda: group, lock=lock, injector=injector, options=options,
+                          capabilities=caps)
             exclusive = lock if (lock is not None and not probe.collective) else contextlib.nullcontext
             for case in cases:
                 t0 = time.time()
@@ -190,22 +194,27 @@ def _rank(opts: RunOptions, dopts: DistributedOptions, stack: contextlib.ExitSta
     kv.store.set(f"chipcheck/results/{rank}", json.dumps([r.to_dict() for r in mine]))
     code = 0
     results: list[ProbeResult] = []
+    lost: list[ProbeResult] = []
     if rank == 0:
         parts = kv.wait_for("results", time.monotonic() + timeout)
         results = [ProbeResult.from_dict(d) for v in parts.values() for d in json.loads(v)]
         lost = _missing(results, devs, plan, run_id, opts.seed)
-        # speed suspects are retested before they are called slow (never with a rank lost: it is collective)
-        retest = {} if lost else retest_options(results, dict(enumerate(devs)), opts.min_gap)
         results += lost
-        kv.store.set("chipcheck/retest", json.dumps(retest))
-    else:
-        retest = json.loads(kv.wait_key("chipcheck/retest", time.monotonic() + 2 * timeout) or "{}")
-    if retest:
-        done = len(mine)
-        run_plan([("retest", [k.removeprefix("retest_") for k in retest])], {**opts.options, **retest})
-        kv.store.set(f"chipcheck/retested/{rank}", json.dumps([r.to_dict() for r in mine[done:]]))
+    # speed suspects are retested before they are called slow, in stages (fleet.judge.speed); never
+    # with a rank lost: the retest is collective. Rank 0 decides each stage, every rank runs it.
+    for stage in range(3):
         if rank == 0:
-            parts = kv.wait_for("retested", time.monotonic() + timeout)
+            retest = {} if lost or stage == 2 else retest_options(results, dict(enumerate(devs)), opts.min_gap)
+            kv.store.set(f"chipcheck/retest/{stage}", json.dumps(retest))
+        else:
+            retest = json.loads(kv.wait_key(f"chipcheck/retest/{stage}", time.monotonic() + 2 * timeout) or "{}")
+        if not retest:
+            break
+        done = len(mine)
+        run_plan([(RETEST, retest_cases(retest))], {**opts.options, **retest})
+        kv.store.set(f"chipcheck/retested/{stage}/{rank}", json.dumps([r.to_dict() for r in mine[done:]]))
+        if rank == 0:
+            parts = kv.wait_for(f"retested/{stage}", time.monotonic() + timeout)
             results += [ProbeResult.from_dict(d) for v in parts.values() for d in json.loads(v)]
     stop_faults()
     if session is not None:

@@ -38,11 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from ..results import DeviceInfo, ErrorKind, ProbeResult, RunSummary
-from .launch import exit_text, kill_group, log_tail, read_messages
+from . import protocol
+from .harness import error_result
+from .launch import exit_text, kill_group, log_tail
 from .runner import DEFAULT_TIMEOUT_S, RunOptions, UsageError, judge, new_run_id, validate
 from .session import RunSession
 from .store import Store
-from .worker import error_result
 
 PROBES = ("matmul", "attention", "collectives")
 STARTUP_TIMEOUT_S = 180.0  # importing JAX and starting its backends on a loaded host
@@ -174,15 +175,15 @@ class _Supervisor:
             proc = subprocess.Popen([sys.executable, "-m", "chipcheck.fleet.jax_runner", "--plan", str(plan_path)],
                                     stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env,
                                     start_new_session=True)
-        q: queue.Queue[tuple[int, dict[str, Any] | None]] = queue.Queue()
-        threading.Thread(target=read_messages, args=(0, proc, q), daemon=True).start()
+        q: queue.Queue[protocol.Message | None] = queue.Queue()
+        threading.Thread(target=protocol.pump, args=(proc.stdout, q.put), daemon=True).start()
         current: tuple[str, str, list[int]] | None = None
         since, hello, killed, usage, bye = time.monotonic(), False, False, "", False
         barrier: tuple[str, float] | None = None  # (tag, limit): waiting for the job's other processes
         try:
             while True:
                 try:
-                    _, msg = q.get(timeout=0.2)
+                    msg = q.get(timeout=0.2)
                 except queue.Empty:
                     if killed:
                         continue
@@ -209,24 +210,24 @@ class _Supervisor:
                     continue
                 if msg is None:
                     break
-                if msg["t"] == "hello":
+                if isinstance(msg, protocol.Hello):
                     hello, since = True, time.monotonic()
-                    self._hello([DeviceInfo.from_dict(d) for d in msg["devices"]], list(msg["local_ranks"]))
-                elif msg["t"] == "usage":
-                    usage = msg["message"]
-                elif msg["t"] == "start":
-                    current, since = (msg["probe"], msg["case"], list(msg["ranks"])), time.monotonic()
-                elif msg["t"] == "result":
-                    self._record(ProbeResult.from_dict(msg["result"]))
+                    self._hello(msg.devices, msg.ranks)
+                elif isinstance(msg, protocol.Usage):
+                    usage = msg.message
+                elif isinstance(msg, protocol.Start):
+                    current, since = (msg.probe, msg.case, msg.ranks), time.monotonic()
+                elif isinstance(msg, protocol.Result):
+                    self._record(msg.result)
                     if current and all((current[0], current[1], k) in self.done for k in current[2]):
                         current, since = None, time.monotonic()
-                elif msg["t"] == "barrier":
+                elif isinstance(msg, protocol.Barrier):
                     # the other hosts may still be at most `cases` per-device cases behind this one
-                    barrier, since = (msg["tag"], STARTUP_TIMEOUT_S + self.timeout_s * max(1, msg["cases"])), \
+                    barrier, since = (msg.name, STARTUP_TIMEOUT_S + self.timeout_s * max(1, msg.cases)), \
                         time.monotonic()
-                elif msg["t"] == "synced":
+                elif isinstance(msg, protocol.Synced):
                     barrier, since = None, time.monotonic()
-                elif msg["t"] == "bye":
+                elif isinstance(msg, protocol.Bye):
                     bye, since = True, time.monotonic()
         finally:
             kill_group(proc)
@@ -413,12 +414,12 @@ def _cases(profile: str, probe: str, n_devices: int, device_kind: str) -> list[s
     return jax_collectives.cases(cfg) if n_devices >= 2 else []
 
 
-def host_run(plan: HostPlan, send: Callable[[dict[str, Any]], None]) -> int:
+def host_run(plan: HostPlan, send: Callable[[protocol.Message], None]) -> int:
     """Run the plan on this host's JAX devices, streaming the worker protocol through `send`."""
     from ..probes import base, faults
     from ..probes import jax_backend as jb
     from . import jax_devices
-    from .worker import run_one, stamp
+    from .harness import run_one, stamp
 
     if plan.multihost:
         from . import jax_multihost
@@ -428,44 +429,43 @@ def host_run(plan: HostPlan, send: Callable[[dict[str, Any]], None]) -> int:
         try:
             jax_multihost.initialize(spec)  # before anything starts a JAX backend
         except jax_multihost.MultiHostError as e:
-            send({"t": "usage", "message": str(e)})
+            send(protocol.Usage(message=str(e)))
             return 2
     settings = jb.init()
     try:
         job = jax_devices.discover_global(os.environ.get("CHIPCHECK_HOSTNAME") or None)
     except jax_devices.DeviceSpecError as e:
-        send({"t": "usage", "message": str(e)})
+        send(protocol.Usage(message=str(e)))
         return 2
     jdevs, infos, local = job.devices, job.infos, list(job.local)
     if "collectives" in plan.probes and len(infos) < 2:
-        send({"t": "usage", "message": f"probe 'collectives' needs at least 2 devices; JAX sees {len(infos)} "
-                                       "on this host"})
+        send(protocol.Usage(message=f"probe 'collectives' needs at least 2 devices; JAX sees {len(infos)} "
+                                    "on this host"))
         return 2
     names = _names(plan.probes, len(infos))
     kind = _profile_kind(infos[0])
     try:
         configs = {name: _config(plan.profile, name, kind) for name in names}
     except base.InvalidConfig as e:
-        send({"t": "usage", "message": str(e)})
+        send(protocol.Usage(message=str(e)))
         return 2
     if plan.multihost:
         settings["process_index"], settings["process_count"] = job.process_index, job.process_count
-    send({"t": "hello", "pid": os.getpid(), "devices": [i.to_dict() for i in infos], "local_ranks": local,
-          "settings": settings})
+    send(protocol.Hello(pid=os.getpid(), ranks=local, devices=infos, settings=settings))
     fault_list = [f for spec in plan.inject for f in faults.parse(spec)]
     done = set(plan.done)
 
     def run(probe: str, case: str, ranks: list[int], fn: Callable[[], Any]) -> None:
         if all((probe, case, r) in done for r in ranks):
             return
-        send({"t": "start", "probe": probe, "case": case, "ranks": ranks})
+        send(protocol.Start(probe=probe, case=case, ranks=ranks))
         t0 = time.time()
         outs = run_one(_Call(fn), None, None, case)
         if not isinstance(outs, list):  # one device's outcome, or an error every rank of a collective reports
             outs = [outs] * len(ranks)
         for rank, outcome in zip(ranks, outs, strict=True):
             r = stamp(plan.run_id, plan.seed, infos[rank], rank, probe, case, outcome, settings, fault_list, t0)
-            send({"t": "result", "result": r.to_dict()})
+            send(protocol.Result(result=r))
 
     def barrier(tag: str) -> None:
         """Multi-host: wait here for every process of the job (not under a case's watchdog: the
@@ -475,9 +475,9 @@ def host_run(plan: HostPlan, send: Callable[[dict[str, Any]], None]) -> int:
         from jax.experimental import multihost_utils
 
         per_device = sum(len(_cases(plan.profile, n, len(jdevs), kind)) for n in names if n != "collectives")
-        send({"t": "barrier", "tag": tag, "cases": per_device * len(local)})
+        send(protocol.Barrier(name=tag, cases=per_device * len(local)))
         multihost_utils.sync_global_devices(f"chipcheck/{plan.run_id}/{tag}")
-        send({"t": "synced"})
+        send(protocol.Synced())
 
     for name in names:
         cfg = configs[name]
@@ -498,7 +498,7 @@ def host_run(plan: HostPlan, send: Callable[[dict[str, Any]], None]) -> int:
     # Multi-host: process 0 serves the job's coordinator, and a process still computing when it
     # goes is aborted by JAX: everyone leaves together.
     barrier("end")
-    send({"t": "bye"})
+    send(protocol.Bye())
     if plan.multihost:
         from . import jax_multihost
 
@@ -514,21 +514,13 @@ def _one_device(probe: str, device: Any, cfg: Any, case: str, seed: int, inj: An
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .worker import open_channel
-
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 2 or argv[0] != "--plan":
         print("usage: python -m chipcheck.fleet.jax_runner --plan PLAN.json  (started by chipcheck run "
               "--backend jax)", file=sys.stderr)
         return 2
     plan = HostPlan.from_json(Path(argv[1]).read_text())
-    chan = open_channel()
-
-    def send(msg: dict[str, Any]) -> None:
-        chan.write(json.dumps(msg) + "\n")
-        chan.flush()
-
-    return host_run(plan, send)
+    return host_run(plan, protocol.Sender(protocol.open_channel()))
 
 
 if __name__ == "__main__":

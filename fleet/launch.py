@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 import queue
 import signal
@@ -39,7 +38,9 @@ from typing import IO, Any
 from ..probes import faults
 from ..results import DeviceInfo, DeviceKind, ErrorInfo, ErrorKind, ProbeResult, Verdict
 from . import devices as devmod
-from .worker import WorkerPlan, error_result, lock_holder
+from . import protocol
+from .harness import error_result, lock_holder
+from .worker import WorkerPlan
 
 STARTUP_TIMEOUT_S = 180.0  # importing torch and initialising a device on a loaded host
 LOCK_GRACE_S = 5.0  # a lock holder of this run is killed by its own watchdog first
@@ -151,7 +152,7 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
         _Worker(rank=r, info=d, todo=[(p, c) for p, cases in req.probes for c in cases])
         for r, d in enumerate(req.devices)
     ]
-    q: queue.Queue[tuple[int, Any, dict[str, Any] | None]] = queue.Queue()
+    q: queue.Queue[tuple[int, Any, protocol.Message | None]] = queue.Queue()
     master_port = req.master_port or free_port()
     launched = time.time()
     lost_ranks: dict[int, str] = {}  # rank -> what happened to it (said to every other worker)
@@ -182,7 +183,7 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
         w.proc = subprocess.Popen([sys.executable, "-m", "chipcheck.worker", "--plan", "-"],
                                   stdout=subprocess.PIPE, stderr=w.log, stdin=subprocess.PIPE, env=env,
                                   start_new_session=True)
-        _tell(w, plan.to_json())
+        _tell(w, plan)
         w.current, w.waiting, w.since, w.hello, w.killed_for, w.kill_note = None, None, time.monotonic(), False, None, ""
         w.ops, w.polled = None, 0.0
         threading.Thread(target=_pump, args=(w.rank, w.proc, q), daemon=True).start()
@@ -197,7 +198,7 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
         lost_ranks[w.rank] = what
         for o in workers:
             if o is not w and not o.done and o.proc is not None and o.proc.poll() is None:
-                _tell(o, json.dumps({"t": "peer_lost", "rank": w.rank, "why": what}))
+                _tell(o, protocol.PeerLost(rank=w.rank, why=what))
 
     def peers_text(rank: int) -> str:
         return "; ".join(f"peer rank {r} lost ({why})" for r, why in sorted(lost_ranks.items()) if r != rank)
@@ -271,7 +272,7 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
         if not w.polled:
             for o in group:
                 o.ops, o.polled = None, now
-                _tell(o, json.dumps({"t": "progress?"}))
+                _tell(o, protocol.ProgressQuery())
             return
         if now - w.polled < 2.0 and any(o.ops is None for o in group):
             return  # give them a moment to answer
@@ -322,18 +323,18 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
                     lost(w, proc)
                 elif proc is not w.proc:
                     pass  # a message from a worker already replaced
-                elif msg["t"] == "hello":
+                elif isinstance(msg, protocol.Hello):
                     w.hello, w.since = True, time.monotonic()
-                elif msg["t"] == "wait":
-                    w.waiting, w.since = (msg["probe"], msg["case"]), time.monotonic()
-                elif msg["t"] == "start":
-                    w.current, w.waiting, w.since = (msg["probe"], msg["case"]), None, time.monotonic()
+                elif isinstance(msg, protocol.Wait):
+                    w.waiting, w.since = (msg.probe, msg.case), time.monotonic()
+                elif isinstance(msg, protocol.Start):
+                    w.current, w.waiting, w.since = (msg.probe, msg.case), None, time.monotonic()
                     if on_start:
-                        on_start(rank, msg["probe"], msg["case"])
-                elif msg["t"] == "progress":
-                    w.ops = int(msg.get("ops", 0))
-                elif msg["t"] == "result":
-                    res = _blame_the_lost(ProbeResult.from_dict(msg["result"]), lost_ranks, workers)
+                        on_start(rank, msg.probe, msg.case)
+                elif isinstance(msg, protocol.Progress):
+                    w.ops = msg.ops
+                elif isinstance(msg, protocol.Result):
+                    res = _blame_the_lost(msg.result, lost_ranks, workers)
                     with contextlib.suppress(ValueError):
                         w.todo.remove((res.probe, res.case))
                     w.current = None
@@ -368,10 +369,11 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
                 w.log.close()
 
 
-def _tell(w: _Worker, line: str) -> None:
+def _tell(w: _Worker, msg: protocol.Message | WorkerPlan) -> None:
     """One line on the worker's control channel (its stdin); a worker that is gone is not told."""
     if w.proc is None or w.proc.stdin is None:
         return
+    line = msg.to_json() if isinstance(msg, WorkerPlan) else protocol.encode(msg)
     with contextlib.suppress(OSError, ValueError):
         w.proc.stdin.write(line.encode() + b"\n")
         w.proc.stdin.flush()
@@ -425,23 +427,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def read_messages(rank: int, proc: subprocess.Popen[bytes], q: queue.Queue[tuple[int, dict[str, Any] | None]]) -> None:
+def _pump(rank: int, proc: subprocess.Popen[bytes], q: queue.Queue[tuple[int, Any, protocol.Message | None]]) -> None:
+    """A worker's messages, tagged with the process: a restarted rank's old worker is told from its new one."""
     assert proc.stdout is not None
-    for line in proc.stdout:
-        try:
-            q.put((rank, json.loads(line)))
-        except json.JSONDecodeError:
-            continue  # not ours: the protocol lines are the only JSON objects on this pipe
-    q.put((rank, None))
-
-
-def _pump(rank: int, proc: subprocess.Popen[bytes], q: queue.Queue[tuple[int, Any, dict[str, Any] | None]]) -> None:
-    """`read_messages`, tagged with the process: a restarted rank's old worker is told from its new one."""
-    assert proc.stdout is not None
-    with contextlib.suppress(OSError, ValueError):  # the pipe closed under us: the run is ending
-        for line in proc.stdout:
-            try:
-                q.put((rank, proc, json.loads(line)))
-            except json.JSONDecodeError:
-                continue  # not ours: the protocol lines are the only JSON objects on this pipe
-    q.put((rank, proc, None))
+    protocol.pump(proc.stdout, lambda msg: q.put((rank, proc, msg)))

@@ -145,17 +145,18 @@ def execute(opts: RunOptions, store: Store, *, on_result: Callable[[ProbeResult]
 
 def retest(req: LaunchRequest, results: list[ProbeResult], opts: RunOptions, keep: Callable[[ProbeResult], None],
            on_start: Callable[[int, str, str], None] | None = None) -> None:
-    """Retest every slow suspect (device or link) against a peer, interleaved and alone on the host
-    (nothing to do, and no time spent, when the run has no suspect). Its results join the run's."""
+    """Retest every slow suspect (device or link) against a peer, interleaved and alone on the host,
+    and once more with more rounds where that was inconclusive (nothing to do, and no time spent,
+    when the run has no suspect). Its results join the run's."""
     from .judge import speed
     from .judge.verdicts import retest_options
 
-    options = retest_options(results, dict(enumerate(req.devices)), opts.min_gap)
-    if not options:
-        return
-    kernels = [k.removeprefix("retest_") for k in options]
-    run_local(replace(req, probes=[(speed.RETEST, kernels)], options={**req.options, **options}, duration_s=0.0),
-              keep, on_start)
+    while options := retest_options(results, dict(enumerate(req.devices)), opts.min_gap):
+        before = len(results)
+        run_local(replace(req, probes=[(speed.RETEST, speed.retest_cases(options))],
+                          options={**req.options, **options}, duration_s=0.0), keep, on_start)
+        if len(results) == before:
+            return  # nothing came back: the next stage would ask the same again
 
 
 def baseline_table(opts: RunOptions) -> Any:

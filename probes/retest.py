@@ -4,7 +4,9 @@ Purpose: confirm (or clear) a device the fleet suspects of being slow before it 
 Requirement: the suspects and their peers, named by the judge (fleet.judge.speed) through the
 options `retest_gemm` / `retest_copy` ("SUSPECT:PEER,...") and `retest_link` ("S>D:PS>PD,...": a
 suspect directed link and a comparable peer link); every rank of the run joins the process group,
-the others only keep the barriers.
+the others only keep the barriers. Cases `gemm`, `copy`, `link`; `gemm/extended` and
+`copy/extended` are the judge's second stage for a first retest that was inconclusive: the same
+turns, `extended_rounds` of them.
 Use case: a probe's ratio against its peers is noisy on a shared host (a model step spreads ±12%
 run to run); an interleaved measurement on the lowest-noise kernel is not.
 
@@ -24,6 +26,7 @@ from typing import Any, ClassVar
 from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, profile_table, register
 
 KERNELS = ("gemm", "copy", "link")
+EXTENDED = "extended"
 
 
 def parse_pairs(text: str) -> list[tuple[int, int]]:
@@ -119,6 +122,8 @@ class RetestProbe(Probe):
     class Config:
         rounds: int = 12
         """Interleaved rounds (each involved rank takes one turn per round)."""
+        extended_rounds: int = 36
+        """Rounds of the second stage (`KERNEL/extended`), for a first retest that was inconclusive."""
         calls: int = 3
         """Kernel calls per turn; the turn keeps its best."""
         gemm_n: int = 1024
@@ -132,8 +137,9 @@ class RetestProbe(Probe):
     def config(self, profile: str, device_kind: str, capabilities: frozenset[str]) -> Config:
         p = profile_table("retest", profile, device_kind)
         cfg = self.Config(**p)
-        if cfg.rounds < 4 or cfg.calls < 1:
-            raise InvalidConfig("retest: rounds must be >= 4 and calls >= 1 (profiles/retest.toml)")
+        if cfg.rounds < 4 or cfg.extended_rounds < 4 or cfg.calls < 1:
+            raise InvalidConfig("retest: rounds and extended_rounds must be >= 4 and calls >= 1 "
+                                "(profiles/retest.toml)")
         return cfg
 
     def cases(self, cfg: Config) -> list[str]:
@@ -142,25 +148,28 @@ class RetestProbe(Probe):
     def run_case(self, ctx: ProbeContext, cfg: Config, case: str) -> CaseOutcome:
         import torch.distributed as dist
 
-        if case not in KERNELS:
-            raise InvalidConfig(f"unknown retest case {case!r}; known: {', '.join(KERNELS)}")
+        kernel_name, _, stage = case.partition("/")
+        if kernel_name not in KERNELS or stage not in ("", EXTENDED) or (stage and kernel_name == "link"):
+            raise InvalidConfig(f"unknown retest case {case!r}; known: {', '.join(KERNELS)}, gemm/{EXTENDED}, "
+                                f"copy/{EXTENDED}")
         if ctx.group is None:
             raise InvalidConfig("retest is collective: it needs ctx.group (run it through the fleet worker)")
         if case == "link":
             return _links(ctx, cfg, parse_link_pairs(ctx.options.get("retest_link", "")))
-        pairs = parse_pairs(ctx.options.get(f"retest_{case}", ""))
+        pairs = parse_pairs(ctx.options.get(f"retest_{kernel_name}", ""))
+        rounds = cfg.extended_rounds if stage else cfg.rounds
         involved = sorted({r for p in pairs for r in p})
         ctx.group()
-        out = CaseOutcome(case=case, params={"pairs": [list(p) for p in pairs], "rounds": cfg.rounds,
+        out = CaseOutcome(case=case, params={"pairs": [list(p) for p in pairs], "rounds": rounds,
                                              "calls": cfg.calls})
-        kernel = _kernel(ctx, cfg, case) if ctx.rank in involved else None
+        kernel = _kernel(ctx, cfg, kernel_name) if ctx.rank in involved else None
         out.params.update(kernel[1] if kernel else {})
         times: list[float] = []
         if kernel is not None:
             with ctx.under_test():
                 for _ in range(2):  # allocations, library start-up, clocks ramping: never a turn's time
                     kernel[0]()
-        for i in range(cfg.rounds):
+        for i in range(rounds):
             order = involved if i % 2 == 0 else involved[::-1]
             for r in order:
                 if r == ctx.rank and kernel is not None:

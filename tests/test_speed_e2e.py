@@ -55,3 +55,20 @@ def test_a_chip_that_throttles_mid_burn_is_slow_after_its_retest_and_a_clean_bur
     (tmp_path / "clean").mkdir()
     rc, data, out = run_json(tmp_path / "clean", "--devices", "cpu:2", "--probes", "burn")
     assert rc == 0 and _verdicts(data) == {0: "pass", 1: "pass"}, out
+
+
+def test_the_retest_second_stage_runs_its_extended_rounds_on_real_workers() -> None:
+    # the second stage of an inconclusive retest (fleet.judge.speed): the same pair, more rounds,
+    # recorded as its own case so the judge can pool both stages
+    from chipcheck.fleet.judge import speed
+    from chipcheck.fleet.launch import LaunchRequest, run_local
+
+    options = {"retest_gemm": "1:0", "retest_stage": speed.EXTENDED}
+    got: list = []
+    req = LaunchRequest(run_id="t-extended", devices=devices.discover("cpu:2"), profile="quick", seed=0,
+                        probes=[(speed.RETEST, speed.retest_cases(options))], timeout_s=300, options=options)
+    run_local(req, got.append)
+    assert {(r.rank, r.case) for r in got} == {(0, "gemm/extended"), (1, "gemm/extended")}
+    for r in got:
+        assert r.error is None, r.error
+        assert r.params["rounds"] == 36 and len(r.params["turn_s"]) == 36

@@ -28,9 +28,58 @@ def _run(rng: random.Random, slow: dict[int, float], n: int = 4, *, model_noise:
     return out
 
 
-def _retest(rank: int, turns: list[float]) -> ProbeResult:
+def _retest(rank: int, turns: list[float], case: str = "gemm") -> ProbeResult:
     return ProbeResult(run_id="r", host="h", rank=rank, device=f"cpu:{rank}", fingerprint="fp", probe="retest",
-                       case="gemm", verdict=Verdict.PASS, seed=0, params={"turn_s": turns})
+                       case=case, verdict=Verdict.PASS, seed=0, params={"turn_s": turns})
+
+
+def _noisy_pair(rng: random.Random, rank: int, peer: int, factor: float, rounds: int, noise: float,
+                case: str = "gemm") -> list[ProbeResult]:
+    """Retest turns of a suspect `factor` times slower than its peer, each turn with `noise` spread."""
+    base = [0.030 * rng.gauss(1.0, noise) for _ in range(rounds)]
+    return [_retest(rank, [t * factor * rng.gauss(1.0, noise) for t in base], case), _retest(peer, base, case)]
+
+
+def _swinging_pair(rank: int, peer: int, factor: float, rounds: int, case: str = "gemm") -> list[ProbeResult]:
+    """Retest turns whose ratio swings 15% either way around 1/factor, round after round."""
+    peer_turns = [0.030] * rounds
+    return [_retest(rank, [0.030 * factor * (1.15 if i % 2 else 1 / 1.15) for i in range(rounds)], case),
+            _retest(peer, peer_turns, case)]
+
+
+def test_an_inconclusive_retest_is_extended_and_judged_on_all_its_rounds() -> None:
+    # a 15% slow chip on a noisy host: 12 rounds cannot tell it from 5% (interval ~0.80-0.95); the
+    # second stage's rounds, pooled with the first, can
+    rng = random.Random(5)
+    results = _run(rng, {1: 1 / 1.15})
+    (s,) = speed.suspects(results, POLICY, METRIC, KERNEL)
+    first = results + _swinging_pair(1, s.peer, 1.15, 12)
+    (j,) = speed.judge(first, POLICY, METRIC, KERNEL)
+    assert j.verdict is Verdict.PASS and 0.95 <= j.metrics["ratio_hi"] and j.metrics["ratio_lo"] < 0.90, j.reason
+    more = speed.extension_options(first, [s], POLICY)
+    assert more == {"retest_gemm": f"1:{s.peer}", "retest_stage": "extended"}
+    assert speed.retest_cases(more) == ["gemm/extended"]
+    done = first + _swinging_pair(1, s.peer, 1.15, 36, "gemm/extended")
+    assert speed.extension_options(done, [s], POLICY) == {}  # one extension, never a loop
+    (j,) = speed.judge(done, POLICY, METRIC, KERNEL)
+    assert j.verdict is Verdict.SLOW and j.metrics["rounds"] == 48 and "12+36 interleaved rounds" in j.reason
+
+
+def test_a_clean_suspect_is_cleared_at_once_or_by_its_extension_never_called_slow() -> None:
+    rng = random.Random(6)
+    cleared_at_once = extended = 0
+    for _ in range(40):
+        results = _run(rng, {1: 0.85})  # the run suspects rank 1; the retest shows it is as fast as its peer
+        s = next(x for x in speed.suspects(results, POLICY, METRIC, KERNEL) if x.rank == 1)
+        results += _noisy_pair(rng, 1, s.peer, 1.0, 12, 0.04)
+        if not (more := speed.extension_options(results, [s], POLICY)):
+            cleared_at_once += 1
+        else:
+            extended += 1
+            results += _noisy_pair(rng, 1, s.peer, 1.0, 36, 0.04, speed.retest_cases(more)[0])
+        j = next(x for x in speed.judge(results, POLICY, METRIC, KERNEL) if x.rank == 1)
+        assert j.verdict is Verdict.PASS and "cleared by retest" in j.reason
+    assert cleared_at_once > extended  # the extension is the exception: a clean suspect mostly costs one stage
 
 
 def test_noisy_clean_runs_make_no_slow_and_few_suspects() -> None:

@@ -21,6 +21,11 @@ The rule, for every path (live run, reloaded run, ingested sweep):
    suspect's speed over the peer's is a paired ratio; the suspect is `slow` only when the whole
    95% interval of that ratio lies below `1 - min_gap / 2`. A 10% slower chip (0.91x) is called,
    noise is not. The reason says the effect with its interval.
+   Sequential: a retest that neither confirms (interval below `1 - min_gap / 2`) nor clears (interval
+   above `1 - min_gap`: no slowdown of the size that matters) is *inconclusive*; that pair is
+   retested once more with more rounds (`KERNEL/extended`, probes/retest.py) and judged on all its
+   rounds together. A 15% slow chip on a noisy host (0.87x, interval 0.80-0.94 after 12 rounds)
+   is then called; a clean one (1.00x, 0.93-1.07) is cleared at once and costs nothing more.
 5. A suspect that was never retested (a path without a retest) or that the retest clears is not
    `slow`: the judgement says so, as a note.
 6. Links the same way: a directed link the link analysis calls slow is retested against a passing
@@ -38,11 +43,14 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ...probes import retest as retest_probe
 from ...results import Judgement, LinkJudgement, LinksSummary, ProbeResult, Verdict
 from . import throttle
 from .peers import peer_ratios
 
 RETEST = "retest"
+EXTENDED = retest_probe.EXTENDED
+"""The retest stage for inconclusive suspects: its cases are `KERNEL/extended`."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -194,22 +202,60 @@ def retest_options(found: list[Suspect]) -> dict[str, str]:
     return {k: ",".join(v) for k, v in pairs.items()}
 
 
+def retest_cases(options: dict[str, str]) -> list[str]:
+    """The retest probe's cases for these options: one per kernel, `/extended` in the second stage."""
+    stage = options.get("retest_stage", "")
+    return [k.removeprefix("retest_") + (f"/{stage}" if stage else "")
+            for k in options if k.startswith("retest_") and k != "retest_stage"]
+
+
+def _turns(results: list[ProbeResult]) -> dict[tuple[int, str], list[float]]:
+    """(rank, case) -> that retest case's turn times, for every retest case that ran."""
+    return {(r.rank, r.case): r.params.get("turn_s") or [] for r in results if r.probe == RETEST and r.error is None}
+
+
+def _paired(turns: dict[tuple[int, str], list[float]], s: Suspect, stage: str = "") -> list[float]:
+    """The suspect's per-round ratios (peer time / suspect time) in one stage; [] when it has none."""
+    case = f"{s.kernel}/{stage}" if stage else s.kernel
+    mine, peer = turns.get((s.rank, case), []), turns.get((s.peer, case), [])
+    if len(mine) < 3 or len(mine) != len(peer):
+        return []
+    return [p / m for m, p in zip(mine, peer, strict=True)]
+
+
+def inconclusive(ratios: list[float], policy: SpeedPolicy) -> bool:
+    """Neither confirmed (the interval below the bar) nor cleared (the interval above `1 - min_gap`)."""
+    _, lo, hi = paired_interval(ratios, policy.confidence)
+    return hi >= policy.bar and lo < 1.0 - policy.min_gap
+
+
+def extension_options(results: list[ProbeResult], found: list[Suspect], policy: SpeedPolicy) -> dict[str, str]:
+    """The second retest stage's options: the suspects whose first retest was inconclusive and that
+    were not extended yet; {} for none."""
+    turns = _turns(results)
+    todo = [s for s in found if (first := _paired(turns, s)) and inconclusive(first, policy)
+            and (s.rank, f"{s.kernel}/{EXTENDED}") not in turns]
+    return {**retest_options(todo), "retest_stage": EXTENDED} if todo else {}
+
+
 def judge(results: list[ProbeResult], policy: SpeedPolicy, metric_by_probe: dict[str, str],
           kernel_by_probe: dict[str, str]) -> list[Judgement]:
     """`slow` for every suspect its retest confirms; a note for every suspect cleared or never retested."""
-    turns = {(r.rank, r.case): r.params.get("turn_s") or [] for r in results if r.probe == RETEST and r.error is None}
+    turns = _turns(results)
     out = []
     for s in suspects(results, policy, metric_by_probe, kernel_by_probe):
-        mine, peer = turns.get((s.rank, s.kernel), []), turns.get((s.peer, s.kernel), [])
-        if len(mine) < 3 or len(mine) != len(peer):
+        first = _paired(turns, s)
+        if not first:
             out.append(Judgement(rank=s.rank, probe=RETEST, case=s.kernel, verdict=Verdict.PASS, reason=(
                 f"speed suspect, not retested: {s.ratio:.2f}x its peers ({s.evidence}); not called slow "
                 f"without an interleaved retest")))
             continue
-        ratio, lo, hi = paired_interval([p / m for m, p in zip(mine, peer, strict=True)], policy.confidence)
-        where = (f"{len(mine)} interleaved rounds of the {s.kernel} kernel against rank {s.peer}; "
+        more = _paired(turns, s, EXTENDED)
+        ratio, lo, hi = paired_interval(first + more, policy.confidence)
+        rounds = f"{len(first)}+{len(more)}" if more else f"{len(first)}"
+        where = (f"{rounds} interleaved rounds of the {s.kernel} kernel against rank {s.peer}; "
                  f"suspected from {s.evidence}")
-        metrics = {"ratio": ratio, "ratio_lo": lo, "ratio_hi": hi, "rounds": float(len(mine))}
+        metrics = {"ratio": ratio, "ratio_lo": lo, "ratio_hi": hi, "rounds": float(len(first) + len(more))}
         if hi < policy.bar:
             out.append(Judgement(rank=s.rank, probe=RETEST, case=s.kernel, verdict=Verdict.SLOW, metrics=metrics,
                                  reason=(f"slow: {ratio:.2f}x its peer, {policy.confidence:.0%} interval "

@@ -115,12 +115,19 @@ def own_history(store: Store, devs: dict[int, DeviceInfo], results: list[ProbeRe
 
 
 def retest_options(results: list[ProbeResult], devs: dict[int, DeviceInfo], min_gap: float) -> dict[str, str]:
-    """The retest probe's options for this run's speed suspects (devices and links); {} for none."""
+    """The retest probe's options for this run's next retest stage; {} when nothing is left to retest.
+
+    First stage (the run has no retest yet): every speed suspect (devices and links). Second: the
+    device suspects whose first retest was inconclusive, with more rounds (fleet.judge.speed)."""
     from .. import links_run
 
     if len(devs) < 2:
         return {}
-    options = speed.retest_options(speed.suspects(results, speed.SpeedPolicy(min_gap=min_gap), *speed_tables()))
+    policy = speed.SpeedPolicy(min_gap=min_gap)
+    found = speed.suspects(results, policy, *speed_tables())
+    if any(r.probe == speed.RETEST for r in results):
+        return speed.extension_options(results, found, policy)
+    options = speed.retest_options(found)
     linked = links_run.analyze(results, devs)
     if linked is not None:
         options.update(speed.link_retest_option(speed.link_suspects(linked[0], {r: d.host for r, d in devs.items()})))
