@@ -697,7 +697,10 @@ def repro_replay(capture_dir: str, reference: str, device: str | None, rank: int
 @_REFERENCE
 @click.option("--device", default=None, help="Suspect device [default: where the capture ran].")
 @click.option("--rank", type=int, default=None, help="Which rank's capture [default: the lowest].")
-@click.option("--repeat", type=int, default=3, show_default=True, help="k-of-n: runs per candidate.")
+@click.option("--repeat", type=int, default=3, show_default=True,
+              help="k-of-n: runs per candidate (more for an intermittent failure: its trial plan).")
+@click.option("--passes", type=click.IntRange(1, 1000), default=3, show_default=True,
+              help="Whole-step replays tried until one diverges (an intermittent chip computes some right).")
 @click.option("--collective", is_flag=True, help="Shrink a collective failure over every rank's capture.")
 @_INJECT
 @click.option("--live-inject", is_flag=True,
@@ -705,7 +708,7 @@ def repro_replay(capture_dir: str, reference: str, device: str | None, rank: int
                    "on what ran before), not per original op: simulates a failure that needs history.")
 @click.option("-o", "--output", default="repro.py", show_default=True, help="The single-file reproducer.")
 def repro_shrink(capture_dir: str, reference: str, device: str | None, rank: int | None, repeat: int,
-                 collective: bool, inject: str | None, live_inject: bool, output: str) -> None:
+                 passes: int, collective: bool, inject: str | None, live_inject: bool, output: str) -> None:
     """Shrink a failing capture to one file, repro.py (exit 2 when nothing fails).
 
     When the divergent op does not fail alone, the failure needs history: suffix bisection then ddmin over
@@ -723,20 +726,28 @@ def repro_shrink(capture_dir: str, reference: str, device: str | None, rank: int
                           collective=True)
     else:
         r = _repro_call(lambda: sk.shrink_capture(capture_dir, reference=reference, device=device, rank=rank,
-                                                  inject=inject, repeats=repeat, live_inject=live_inject))
+                                                  inject=inject, repeats=repeat, live_inject=live_inject,
+                                                  passes=passes))
         text = emit.render_ops(r.history, r.case, device=r.divergence.device, metric_line=r.metric.line(),
-                               where=r.stack)
+                               where=r.stack, rate=r.rate)
         shapes = ", ".join(f"{i.shape} {i.kind}" for i in r.case.inputs)
         after = f" after {len(r.history)} earlier ops ({', '.join(c.op for c in r.history)})" if r.history else ""
         click.echo(f"op #{r.divergence.index} {r.case.op}({shapes}){after}: {r.metric.line()} "
                    f"[{r.tries} candidates, {r.seconds:.1f} s]")
+        if r.rate is not None:
+            click.echo(r.rate.line())
         hook = _repro_call(lambda: vf.hook_spec(inject, r.divergence.rank, op=r.case.op, history=bool(r.history),
                                                 live=live_inject))
         ref_dev = _repro_call(lambda: vf.reference_device(reference, capture_dir))
-        check = vf.verify(text, suspect=r.divergence.device, reference=ref_dev, hook=hook)
+        # as many runs as the vendor's default (the trial plan), and never fewer than 10: the evidence
+        # chip against chip is then worth a p-value
+        check = vf.verify(text, suspect=r.divergence.device, reference=ref_dev, hook=hook,
+                          repeat=max(10, r.rate.plan if r.rate else 1))
     if not check.ok:  # a repro never lies: run as the vendor would, before it is written
         fail(f"{output} not written: {check.line()}")
     click.echo(check.line())
+    if check.evidence is not None:
+        text = emit.with_evidence(text, check.evidence)
     try:
         Path(output).write_text(text)
     except OSError as e:

@@ -5,6 +5,9 @@
 Capture overhead is the ratio of a captured step's wall time to a bare step's (medians over
 `--steps`, same trainer, tiny preset). Shrink time is `shrink_capture` end to end (differential
 replay, single-op isolation, input shrinking) on a step with one injected bit flip in a backward mm.
+Intermittent: the same capture shrunk under a fault that hits an mm with 25% probability
+(reproducers/trials.py): how often the shrunk op failed in 24 trials, the trial plan the repro.py
+runs by default, and the shrink's time.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from chipcheck.reproducers import capture, emit
 from chipcheck.reproducers import shrink as sk
 
 SPEC = "bitflip:rank=0,bit=25,op=mm,after=12,count=1,at=call"
+SPEC_25 = "bitflip:rank=0,bit=25,op=mm,chance=0.25,seed=1,at=call"
 
 
 def main() -> None:
@@ -57,6 +61,9 @@ def main() -> None:
         # the same op with its recorded (unshrunk) inputs embedded: the file size without input shrinking
         full = sk.op_case(next(o for o in c.result.ops if o.index == r.divergence.index), r.divergence.inputs, 0)
         text_full = emit.render_op(full, device="cpu", metric_line=r.metric.line())
+        t0 = time.perf_counter()
+        r25 = sk.shrink_capture(str(root), inject=SPEC_25, passes=5)
+        shrink25_s = time.perf_counter() - t0
     import os
     import platform
 
@@ -68,7 +75,11 @@ def main() -> None:
            "step_bare_ms": 1e3 * statistics.median(bare), "step_captured_ms": 1e3 * statistics.median(captured),
            "capture_overhead_ratio": statistics.median(captured) / statistics.median(bare),
            "ops_per_step": ops, "capture_dir_bytes": cap_bytes, "shrink_s": shrink_s, "shrink_candidates": r.tries,
-           "repro_bytes": len(text), "repro_bytes_unshrunk_inputs": len(text_full)}
+           "repro_bytes": len(text), "repro_bytes_unshrunk_inputs": len(text_full),
+           "intermittent_25pct": {"failed": r25.rate.failed if r25.rate else None,
+                                  "of": r25.rate.trials if r25.rate else None,
+                                  "planned_trials": r25.rate.plan if r25.rate else None,
+                                  "shrink_s": shrink25_s, "op": r25.case.op}}
     print(json.dumps(out, indent=2))
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=2) + "\n")

@@ -42,6 +42,10 @@ collective. Value faults then land as the kernel returns (`at=call`); `probe=` i
 the run began, across the run's worker processes, its retest included): a chip that throttles or
 fails once it has run hot for a while (`slow:rank=1,factor=2,after_s=1.5,scope=process`).
 `every=N` hits only every Nth matching call (a fault in every 2nd fp32 GEMM: `every=2,dtype=float32`).
+`chance=P` makes the fault intermittent: a call it would hit is hit with probability P, drawn from a
+generator seeded by `seed` that runs on across the whole process (every injector, every trial), so a
+given sequence of calls fails the same way twice while trial after trial of one op fails k of n
+times, as a marginal chip does (`bitflip:bit=25,op=mm,chance=0.25`).
 `side=recv` (c10d ops only) corrupts what the rank *receives* instead of what it sends: the op is
 waited for and its output corrupted, as a bad receive path would (`bitflip:rank=2,bit=3,op=allreduce_,
 side=recv,scope=process`).
@@ -52,6 +56,7 @@ bf16/fp16: 0..15); a bit beyond the dtype's width leaves that dtype alone.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import time
 from dataclasses import dataclass, field
@@ -67,7 +72,7 @@ _KEYS = {
     "crash": set(),
 }
 _COMMON = {"rank", "probe", "dtype", "op", "after", "seed", "output", "count", "at", "peer", "scope", "every", "side",
-           "after_s"}
+           "after_s", "chance"}
 SCOPES = ("probe", "process")
 EPOCH_ENV = "CHIPCHECK_FAULT_EPOCH"
 """When the run began (time.time()), for `after_s`; the launcher sets it for its workers."""
@@ -122,6 +127,7 @@ class Fault:
     every: int = 1  # hit every Nth matching call (after `after`)
     side: str = "send"  # c10d ops: corrupt what is sent, or what is received (recv)
     after_s: float = 0.0  # seconds of the run (since EPOCH_ENV) during which matching calls are spared
+    chance: float = 1.0  # a call the fault would hit is hit with this probability (intermittent)
 
     def applies_to(self, rank: int, probe: str) -> bool:
         return (self.ranks is None or rank in self.ranks) and (self.probe is None or self.probe == probe)
@@ -148,6 +154,10 @@ class Fault:
             parts.append(f"every={self.every}")
         if self.after_s:
             parts.append(f"after_s={self.after_s:g}")
+        if self.chance < 1.0:
+            parts.append(f"chance={self.chance:g}")
+        if self.seed:
+            parts.append(f"seed={self.seed}")
         if self.side != "send":
             parts.append(f"side={self.side}")
         if self.scope != "probe":
@@ -240,6 +250,11 @@ def _convert(k: str, v: str) -> dict[str, Any]:
         return {"rate": r}
     if k == "factor":
         return {"factor": float(v)}
+    if k == "chance":
+        c = float(v)
+        if not 0.0 < c <= 1.0:
+            raise ValueError("chance is a probability in (0, 1]")
+        return {"chance": c}
     if k == "after_s":
         t = float(v)
         if not 0.0 <= t < float("inf"):
@@ -250,6 +265,18 @@ def _convert(k: str, v: str) -> dict[str, Any]:
             raise ValueError("dtype must be float32, bfloat16, float16, float64 or float8_e4m3fn")
         return {"dtype": v}
     return {k: v}
+
+
+_DRAWS: dict[tuple[int, float], random.Random] = {}
+
+
+def chance_draw(f: Fault) -> float:
+    """The next draw of the fault's intermittency generator: one per (seed, chance), for the whole
+    process, so trials of the same op do not all draw alike."""
+    rng = _DRAWS.get((f.seed, f.chance))
+    if rng is None:
+        rng = _DRAWS[(f.seed, f.chance)] = random.Random(f"repro-chance:{f.seed}")
+    return rng.random()
 
 
 @dataclass(slots=True)
@@ -349,6 +376,8 @@ def _injector(active: list[Fault], *, call_time: bool) -> Any:
         n = state.calls.get(i, 0)
         state.calls[i] = n + 1
         if n < f.after or (n - f.after) % f.every or (f.count and n >= f.after + f.count * f.every):
+            return None
+        if f.chance < 1.0 and chance_draw(f) >= f.chance:
             return None
         if f.kind == "hang":
             while True:

@@ -127,9 +127,13 @@ def make(source: str | Path, output: str | Path, *, repro: str | None = None, re
         hosts = _host_names(env)
         env = _drop_hosts(env, hosts)
         repro = _scrub(repro, hosts)
-    readme = (f"# chipcheck reproducer\n\nRun: `python repro.py --device {device} --repeat 10`\n\n"
+    said = {k: m.group(1) for k in ("Trials", "Evidence") if (m := re.search(rf"^{k}: (.+)$", repro, re.M))}
+    run = (f"Run: `python repro.py --device {device}` (the failure is intermittent: its default --repeat is "
+           f"the trial plan)" if "Trials" in said else f"Run: `python repro.py --device {device} --repeat 10`")
+    readme = (f"# chipcheck reproducer\n\n{run}\n\n"
               f"Exit 1: the bug reproduces; exit 0: it does not.\n\n"
               f"Passes on: {passes_on}. Fails on: {device} ({env['chip'].get('name', env['software']['os'])}).\n\n"
+              + "".join(f"{k}: {v}\n\n" for k, v in said.items()) +
               "Needs only torch and numpy. env.json: the chip and software; inputs.sha256: every input's hash;"
               " history.json: this chip's chipcheck results.\n")
     files = {"repro.py": repro, "env.json": json.dumps(env, indent=2, default=str), "README.md": readme,

@@ -28,6 +28,7 @@ import torch
 
 from . import format as fmt
 from . import replay as rp
+from . import trials
 
 T = TypeVar("T")
 
@@ -241,6 +242,19 @@ class Target:
                     break  # one failure is enough while shrinking; the repro counts k of n itself
         return Outcome(metric=first, repeats=n, failed=failed)
 
+    def rate(self, case: OpCase, trials: int) -> tuple[int, rp.Metric | None]:
+        """(failures, the first failure's metric) of the case in `trials` runs, none skipped: how
+        often an intermittent failure shows."""
+        once = Target(device=self.device, reference=self.reference, faults=self.faults, repeats=1)
+        failed, first = 0, None
+        for _ in range(trials):
+            out = once.run(case)
+            if out.metric is not None:
+                failed += 1
+                first = first or out.metric
+        self.runs += once.runs
+        return failed, first
+
 
 def _fill(x: Any, ins: list[torch.Tensor], device: str, upcast: bool = False) -> Any:
     if isinstance(x, list):
@@ -336,13 +350,17 @@ class ShrinkResult:
     history: list[OpCase] = field(default_factory=list)
     """Earlier ops (recorded inputs, in order) the failure needs before `case`; empty: it fails alone.
     Their inputs are not shrunk, nor the target's in that case."""
+    rate: trials.Rate | None = None
+    """How often the shrunk op fails alone on the suspect (None: the failure needs history)."""
 
 
 def shrink_capture(root: str, *, reference: str = "cpu64", device: str | None = None, rank: int | None = None,
-                   inject: str | None = None, repeats: int = 3, live_inject: bool = False) -> ShrinkResult:
+                   inject: str | None = None, repeats: int = 3, live_inject: bool = False,
+                   passes: int = 3) -> ShrinkResult:
     """Capture -> the smallest case that fails like the step did (NotReproducible if none): one op when
     the divergent op fails alone, else the few earlier ops it needs (`shrink_history`).
 
+    `passes`: whole-step replays tried until one diverges (an intermittent chip computes some right).
     `live_inject`: the `inject` fault's after/count number the matching calls of each candidate as it
     runs (a chip whose fault depends on what ran before it) instead of staying attached to the
     original op; this is how the simulation exercises the history path."""
@@ -351,11 +369,15 @@ def shrink_capture(root: str, *, reference: str = "cpu64", device: str | None = 
     t0 = time.perf_counter()
     cap = fmt.load(root, rank)
     dev = device or cap.device
-    res = rp.replay(cap, device=dev, reference=reference, inject=inject)
-    div = res.divergence
+    for _ in range(max(1, passes)):  # an intermittent chip may compute one replay right
+        res = rp.replay(cap, device=dev, reference=reference, inject=inject)
+        div = res.divergence
+        if div is not None:
+            break
     if div is None:
         raise NotReproducible(f"{root} rank {cap.rank}: replay on {dev} agrees with {reference} at every op "
-                              f"({res.ops} ops); nothing to shrink (pass --inject to simulate a fault)")
+                              f"({res.ops} ops) in {max(1, passes)} replays; nothing to shrink (pass --inject to "
+                              "simulate a fault, or --passes N for a rarer intermittent one)")
     rec = next(o for o in cap.ops if o.index == div.index)
     sim = rp.Simulation.parse(inject, cap.rank)
     faults = sim.schedule(cap.ops).get(div.index) if sim else None
@@ -363,8 +385,10 @@ def shrink_capture(root: str, *, reference: str = "cpu64", device: str | None = 
         faults = [replace(f, ranks=None, probe=None, scope="probe", at="call") for f in sim.faults] if sim else None
     target = Target(device=dev, reference=reference, faults=faults, repeats=repeats)
     case = op_case(rec, div.inputs, div.output)
-    first = target.run(case)
-    if first.metric is None:
+    # how often the op fails alone: every time (a hard fault), k of n (intermittent: every candidate
+    # then gets the trials that see it at that rate), or never (the failure needs history)
+    failed, first_metric = target.rate(case, trials.MEASURE)
+    if first_metric is None:
         hist = shrink_history(cap, div, case, device=dev, reference=reference, inject=inject, faults=faults,
                               repeats=repeats)
         if hist is None:
@@ -373,7 +397,9 @@ def shrink_capture(root: str, *, reference: str = "cpu64", device: str | None = 
         kept, metric, runs, tries = hist
         return ShrinkResult(divergence=div, case=case, metric=metric, ops=len(kept) + 1, runs=target.runs + runs,
                             tries=tries, seconds=time.perf_counter() - t0, stack=div.stack, history=kept)
-    sig = first.metric.signature()
+    measured = trials.Rate(device=dev, failed=failed, trials=trials.MEASURE)
+    target.repeats = max(repeats, measured.plan)
+    sig = first_metric.signature()
 
     def fails(c: OpCase) -> bool:
         out = target.run(c)
@@ -381,9 +407,10 @@ def shrink_capture(root: str, *, reference: str = "cpu64", device: str | None = 
 
     sh: Shrinker[OpCase] = Shrinker(current=case, fails=fails, key=OpCase.key, ident=OpCase.ident)
     best = sh.run([pass_dims, pass_values])
-    final = target.run(best)
-    return ShrinkResult(divergence=div, case=best, metric=final.metric or first.metric, ops=1, runs=target.runs,
-                        tries=sh.calls, seconds=time.perf_counter() - t0, stack=div.stack)
+    k, final = target.rate(best, trials.MEASURE)
+    rate = trials.Rate(device=dev, failed=k, trials=trials.MEASURE) if k else measured
+    return ShrinkResult(divergence=div, case=best, metric=final or first_metric, ops=1, runs=target.runs,
+                        tries=sh.calls, seconds=time.perf_counter() - t0, stack=div.stack, rate=rate)
 
 
 # --- the failure needs history -------------------------------------------------------------------

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..probes import faults as faultmod
+from .trials import Evidence, counted
 
 _HOOK_KINDS = ("bitflip", "nan")
 
@@ -43,11 +44,14 @@ class Verification:
     ok: bool
     runs: list[Run] = field(default_factory=list)
     reason: str = ""
+    evidence: Evidence | None = None
+    """The trials chip against chip, as the two runs counted them."""
 
     def line(self) -> str:
         done = "; ".join(r.line() for r in self.runs)
         if self.ok:
-            return f"verified: {done}" + (f" ({self.reason})" if self.reason else "")
+            return (f"verified: {done}" + (f" ({self.reason})" if self.reason else "")
+                    + (f"\nevidence: {self.evidence.line()}" if self.evidence else ""))
         return f"not a reproducer: {self.reason}" + (f" ({done})" if done else "")
 
 
@@ -65,6 +69,8 @@ def hook_spec(inject: str | None, rank: int, *, op: str, history: bool, live: bo
     parts = [f"bit={f.bit}"] if f.kind == "bitflip" else []
     if f.index is not None:
         parts.append(f"index={f.index}")
+    if f.chance < 1.0:  # intermittent: the file's generator, seeded alike, runs on across its runs
+        parts += [f"chance={f.chance:g}", f"seed={f.seed}"]
     if history:  # the kept ops run before the last one: the hook must count calls as the candidates did
         if not live or f.every != 1:
             return ""
@@ -136,4 +142,8 @@ def verify(text: str, *, suspect: str, reference: str, hook: str | None, repeat:
     if bad.rc != 1:
         why = "it crashes" if bad.rc not in (0, 1) else "it passes"
         return Verification(ok=False, runs=runs, reason=f"{why} on the suspect {suspect} (last line: {bad.tail})")
-    return Verification(ok=True, runs=runs)
+    kc, kb = counted(clean.tail), counted(bad.tail)
+    evidence = Evidence(suspect=suspect + (" with the fault" if hook else ""), failed=kb[0], trials=kb[1],
+                        reference=clean_dev + (" without it" if hook else ""), ref_failed=kc[0],
+                        ref_trials=kc[1]) if kc and kb else None
+    return Verification(ok=True, runs=runs, evidence=evidence)

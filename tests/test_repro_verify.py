@@ -44,7 +44,7 @@ def test_a_real_fault_still_yields_a_verified_repro(tmp_path: Path) -> None:
     out = tmp_path / "repro.py"
     p = run_cli("repro", "shrink", str(root), "--inject", SPEC, "-o", str(out))
     assert p.returncode == 0, p.stderr
-    assert "verified: `python repro.py --device cpu --repeat 1` exit 0" in p.stdout
+    assert "verified: `python repro.py --device cpu --repeat 10` exit 0" in p.stdout
     assert "--inject bitflip:bit=25` exit 1" in p.stdout and out.exists()
 
 
