@@ -3,7 +3,9 @@
     python benchmarks/bench_repro.py [--steps 5] [--json benchmarks/results/repro.json]
 
 Capture overhead is the ratio of a captured step's wall time to a bare step's (medians over
-`--steps`, same trainer, tiny preset). Shrink time is `shrink_capture` end to end (differential
+`--steps`, same trainer, tiny preset, interleaved bare / flight recorder / full capture); the flight
+recorder's is a step inside `FlightRecorder.step` (a snapshot of the step's starting state) over a
+bare one. Shrink time is `shrink_capture` end to end (differential
 replay, single-op isolation, input shrinking) on a step with one injected bit flip in a backward mm.
 Intermittent: the same capture shrunk under a fault that hits an mm with 25% probability
 (reproducers/trials.py): how often the shrunk op failed in 24 trials, the trial plan the repro.py
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from chipcheck.model import GPTConfig, TrainConfig, Trainer, data
 from chipcheck.probes import faults
-from chipcheck.reproducers import capture, emit
+from chipcheck.reproducers import FlightRecorder, capture, emit
 from chipcheck.reproducers import shrink as sk
 
 SPEC = "bitflip:rank=0,bit=25,op=mm,after=12,count=1,at=call"
@@ -37,12 +39,17 @@ def main() -> None:
     tr = Trainer(mc, TrainConfig(), seed=1)
     x, y = data.batch(mc, 1, 0, batch_size=8)
     tr.step(x, y)
-    bare, captured = [], []
+    bare, captured, flown = [], [], []
+    rec = FlightRecorder(tr.model, tr.opt)
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(a.steps):
             t0 = time.perf_counter()
             tr.step(x, y)
             bare.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            with rec.step((x, y)):
+                tr.step(x, y)
+            flown.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             with capture(Path(tmp) / f"c{i}"):
                 tr.step(x, y)
@@ -74,6 +81,9 @@ def main() -> None:
                       f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}",
            "step_bare_ms": 1e3 * statistics.median(bare), "step_captured_ms": 1e3 * statistics.median(captured),
            "capture_overhead_ratio": statistics.median(captured) / statistics.median(bare),
+           "step_flight_recorder_ms": 1e3 * statistics.median(flown),
+           "flight_recorder_overhead_ratio": statistics.median(flown) / statistics.median(bare),
+           "snapshot_bytes": rec.last.nbytes(),
            "ops_per_step": ops, "capture_dir_bytes": cap_bytes, "shrink_s": shrink_s, "shrink_candidates": r.tries,
            "repro_bytes": len(text), "repro_bytes_unshrunk_inputs": len(text_full),
            "intermittent_25pct": {"failed": r25.rate.failed if r25.rate else None,

@@ -1,0 +1,100 @@
+"""The flight recorder: a snapshot per step, and a recaptured step that computes what the step computed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from chipcheck.model import GPTConfig, TrainConfig, Trainer, data
+from chipcheck.probes import faults
+from chipcheck.reproducers import flight
+from chipcheck.reproducers import format as fmt
+from chipcheck.reproducers import replay as rp
+from chipcheck.reproducers import shrink as sk
+
+
+def _trainer() -> tuple[Trainer, list[tuple[torch.Tensor, torch.Tensor]]]:
+    mc = GPTConfig.tiny()
+    tr = Trainer(mc, TrainConfig(), seed=1)
+    return tr, [data.batch(mc, 1, s, batch_size=4) for s in range(3)]
+
+
+def _state(tr: Trainer) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in tr.state_tensors()]
+
+
+def _noisy_step(tr: Trainer, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    # a step that draws from the RNGs (as dropout would): re-execution must draw the same
+    x, y = b
+    loss = tr.step(x, y)
+    return loss + torch.rand(()) * 0
+
+
+def test_a_recaptured_step_computes_the_same_bits_as_the_step_did(tmp_path: Path) -> None:
+    tr, batches = _trainer()
+    rec = flight.FlightRecorder(tr.model, tr.opt, keep=2)
+    losses, after = [], []
+    for b in batches:
+        with rec.step(b):
+            losses.append(_noisy_step(tr, b))
+        after.append(_state(tr))
+    assert [s.step for s in rec.snapshots] == [1, 2] and rec.last.nbytes() > 0
+    torch.rand(5)  # the RNG moved on since
+    where = rec.recapture(lambda b: _noisy_step(tr, b), tmp_path / "cap")
+    assert where == tmp_path / "cap" / "trial-0"
+    assert all(torch.equal(a, b) for a, b in zip(after[-1], _state(tr), strict=True))
+    cap = fmt.load(where)
+    assert any(o.op == "aten.mm.default" for o in cap.ops)
+    # the step before it, from the older snapshot, too
+    rec.recapture(lambda b: _noisy_step(tr, b), tmp_path / "cap1", snap=rec.snapshots[0])
+    assert all(torch.equal(a, b) for a, b in zip(after[-2], _state(tr), strict=True))
+
+
+SPEC = "bitflip:rank=0,bit=25,op=mm,chance=0.5,seed=2,at=call"
+
+
+def test_an_intermittent_fault_is_recaptured_on_the_trial_that_shows_it_and_shrinks(tmp_path: Path) -> None:
+    tr, batches = _trainer()
+    rec = flight.FlightRecorder(tr.model, tr.opt)
+    (f,) = faults.parse(SPEC)
+    inj = faults.make_injector([f], 0, "step")
+    clean = None
+    for b in batches:
+        with rec.step(b):
+            clean = tr.step(*b)  # the step ran clean; the chip is marginal
+    assert clean is not None and torch.isfinite(clean)
+
+    rec.restore()
+    expected = tr.step(*rec.last.batch)
+    with inj():  # the chip is marginal from now on, for every kernel (entered outside the capture)
+        where = rec.recapture(lambda b: tr.step(*b), tmp_path / "cap", trials=8,
+                              failed=lambda loss: not torch.equal(loss, expected))
+    assert where is not None
+    res = rp.replay(fmt.load(where), inject=SPEC)
+    assert res.divergence is not None and res.divergence.op == "aten.mm.default"
+    r = sk.shrink_capture(str(where), inject=SPEC)
+    assert r.case.op == "aten.mm.default" and r.rate is not None and r.rate.failed > 0
+
+
+def test_a_snapshot_saved_to_disk_recaptures_in_a_fresh_model(tmp_path: Path) -> None:
+    tr, batches = _trainer()
+    rec = flight.FlightRecorder(tr.model, tr.opt)
+    for b in batches:
+        with rec.step(b):
+            tr.step(*b)
+    after = _state(tr)
+    path = rec.save(tmp_path / "snap.pt")
+    fresh, _ = _trainer()  # another process would build its model and optimizer again
+    fresh.step(*batches[0])  # (its optimizer must hold state of the same shape to load)
+    other = flight.FlightRecorder(fresh.model, fresh.opt)
+    other.load(path)
+    other.recapture(lambda b: fresh.step(*b), tmp_path / "cap")
+    assert all(torch.equal(a, b) for a, b in zip(after, _state(fresh), strict=True))
+    with pytest.raises(LookupError):
+        flight.FlightRecorder(fresh.model).last
+    (tmp_path / "junk.pt").write_bytes(b"")
+    torch.save({"not": "a snapshot"}, tmp_path / "junk.pt")
+    with pytest.raises(ValueError, match="not a flight-recorder snapshot"):
+        other.load(tmp_path / "junk.pt")
