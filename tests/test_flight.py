@@ -93,8 +93,7 @@ def test_a_snapshot_saved_to_disk_recaptures_in_a_fresh_model(tmp_path: Path) ->
     other.recapture(lambda b: fresh.step(*b), tmp_path / "cap")
     assert all(torch.equal(a, b) for a, b in zip(after, _state(fresh), strict=True))
     with pytest.raises(LookupError):
-        flight.FlightRecorder(fresh.model).last
-    (tmp_path / "junk.pt").write_bytes(b"")
+        flight.FlightRecorder(fresh.model).restore()
     torch.save({"not": "a snapshot"}, tmp_path / "junk.pt")
     with pytest.raises(ValueError, match="not a flight-recorder snapshot"):
         other.load(tmp_path / "junk.pt")
