@@ -19,6 +19,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from chipcheck.model import GPTConfig, TrainConfig, Trainer, data
@@ -28,6 +29,54 @@ from chipcheck.reproducers import shrink as sk
 
 SPEC = "bitflip:rank=0,bit=25,op=mm,after=12,count=1,at=call"
 SPEC_25 = "bitflip:rank=0,bit=25,op=mm,chance=0.25,seed=1,at=call"
+
+
+def overheads(step: Callable[[], object], rec: FlightRecorder, batch: object, steps: int,
+              tmp: str) -> dict[str, float]:
+    """Medians of a bare step, one under the flight recorder and one under full capture, interleaved."""
+    bare, flown, captured = [], [], []
+    step()
+    for i in range(steps):
+        t0 = time.perf_counter()
+        step()
+        bare.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        with rec.step(batch):
+            step()
+        flown.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        with capture(Path(tmp) / f"o{i}"):
+            step()
+        captured.append(time.perf_counter() - t0)
+    b, f, c = (statistics.median(x) for x in (bare, flown, captured))
+    return {"step_bare_ms": 1e3 * b, "step_flight_recorder_ms": 1e3 * f, "step_captured_ms": 1e3 * c,
+            "flight_recorder_overhead_ratio": f / b, "capture_overhead_ratio": c / b,
+            "snapshot_bytes": rec.last.nbytes()}
+
+
+def hf_overheads(steps: int) -> dict[str, object]:
+    """The same on a HuggingFace transformers GPT-2 (tiny config, no download), one process."""
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        return {"skipped": "transformers is not installed (pip install -e .[test])"}
+    import torch
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=256, n_positions=64, attn_pdrop=0.0,
+                     embd_pdrop=0.0, resid_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+
+    def step() -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return {"model": "transformers GPT2LMHeadModel n_layer=2 n_embd=64, batch 4x32",
+                **overheads(step, FlightRecorder(model, opt), ids, steps, tmp)}
 
 
 def main() -> None:
@@ -86,6 +135,7 @@ def main() -> None:
            "snapshot_bytes": rec.last.nbytes(),
            "ops_per_step": ops, "capture_dir_bytes": cap_bytes, "shrink_s": shrink_s, "shrink_candidates": r.tries,
            "repro_bytes": len(text), "repro_bytes_unshrunk_inputs": len(text_full),
+           "hf": hf_overheads(a.steps),
            "intermittent_25pct": {"failed": r25.rate.failed if r25.rate else None,
                                   "of": r25.rate.trials if r25.rate else None,
                                   "planned_trials": r25.rate.plan if r25.rate else None,
