@@ -87,22 +87,8 @@ def main() -> None:
     mc = GPTConfig.tiny()
     tr = Trainer(mc, TrainConfig(), seed=1)
     x, y = data.batch(mc, 1, 0, batch_size=8)
-    tr.step(x, y)
-    bare, captured, flown = [], [], []
-    rec = FlightRecorder(tr.model, tr.opt)
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(a.steps):
-            t0 = time.perf_counter()
-            tr.step(x, y)
-            bare.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            with rec.step((x, y)):
-                tr.step(x, y)
-            flown.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            with capture(Path(tmp) / f"c{i}"):
-                tr.step(x, y)
-            captured.append(time.perf_counter() - t0)
+        tiny = overheads(lambda: tr.step(x, y), FlightRecorder(tr.model, tr.opt), (x, y), a.steps, tmp)
         root = Path(tmp) / "faulty"
         inj = faults.make_injector(faults.parse(SPEC), 0, "model_step")
         with inj():
@@ -128,11 +114,7 @@ def main() -> None:
     out = {"date": time.strftime("%Y-%m-%d"), "preset": "tiny",
            "machine": f"{os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}, "
                       f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}",
-           "step_bare_ms": 1e3 * statistics.median(bare), "step_captured_ms": 1e3 * statistics.median(captured),
-           "capture_overhead_ratio": statistics.median(captured) / statistics.median(bare),
-           "step_flight_recorder_ms": 1e3 * statistics.median(flown),
-           "flight_recorder_overhead_ratio": statistics.median(flown) / statistics.median(bare),
-           "snapshot_bytes": rec.last.nbytes(),
+           **tiny,
            "ops_per_step": ops, "capture_dir_bytes": cap_bytes, "shrink_s": shrink_s, "shrink_candidates": r.tries,
            "repro_bytes": len(text), "repro_bytes_unshrunk_inputs": len(text_full),
            "hf": hf_overheads(a.steps),
