@@ -144,6 +144,30 @@ def fill(x, ins, device, dtype_map):
     return x
 
 
+SETTERS = {
+    "deterministic_algorithms": lambda v: torch.use_deterministic_algorithms(v, warn_only=True),
+    "num_threads": torch.set_num_threads,
+    "float32_matmul_precision": torch.set_float32_matmul_precision,
+    "default_dtype": lambda v: torch.set_default_dtype(getattr(torch, v)),
+    "cuda_matmul_allow_tf32": lambda v: setattr(torch.backends.cuda.matmul, "allow_tf32", v),
+    "cudnn_allow_tf32": lambda v: setattr(torch.backends.cudnn, "allow_tf32", v),
+    "cudnn_deterministic": lambda v: setattr(torch.backends.cudnn, "deterministic", v),
+    "cudnn_benchmark": lambda v: setattr(torch.backends.cudnn, "benchmark", v),
+    "matmul_allow_bf16_reduced_precision_reduction":
+        lambda v: setattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", v),
+    "matmul_allow_fp16_reduced_precision_reduction":
+        lambda v: setattr(torch.backends.cuda.matmul, "allow_fp16_reduced_precision_reduction", v),
+}
+
+
+def apply_settings(settings):
+    """The bit-changing settings this failure needs (the header lists the ones it does not)."""
+    for k, v in settings.items():
+        SETTERS[k](v)
+    if settings:
+        print("settings: " + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())))
+
+
 def resolve(name):
     ns, rest = name.split(".", 1)
     packet, overload = rest.rsplit(".", 1)
@@ -175,6 +199,7 @@ def main():
                    help="runs; exit 1 if any run reproduces (default: %(default)s, the trial plan)")
     p.add_argument("--inject", default="", help="simulation hook for testing reproducers (see the docstring)")
     a = p.parse_args()
+    apply_settings(CASE.get("settings", {}))
     ops = CASE["ops"]
     up = lambda d: torch.float64 if d.is_floating_point else d  # noqa: E731
     same = lambda d: d  # noqa: E731
@@ -293,6 +318,14 @@ def with_evidence(text: str, evidence: Evidence) -> str:
     return text.replace(mark, f"\nEvidence: {evidence.line()}\n{mark}", 1)
 
 
+def _settings_lines(settings: dict[str, Any] | None, recorded: dict[str, Any] | None) -> list[str]:
+    if settings is None:
+        return []
+    said = ", ".join(f"{k}={v}" for k, v in sorted(settings.items())) or "none"
+    dropped = sorted(set(recorded or {}) - set(settings))
+    return [f"Settings: {said}" + (f" (not needed, dropped: {', '.join(dropped)})" if dropped else "")]
+
+
 def _trial_lines(rate: Rate | None, device: str) -> list[str]:
     if rate is None or not rate.intermittent:
         return [f"Run: python repro.py --device {device} --repeat 10"]
@@ -300,7 +333,8 @@ def _trial_lines(rate: Rate | None, device: str) -> list[str]:
 
 
 def render_op(case: OpCase, *, device: str, metric_line: str, where: list[str] | None = None,
-              rate: Rate | None = None) -> str:
+              rate: Rate | None = None, settings: dict[str, Any] | None = None,
+              recorded: dict[str, Any] | None = None) -> str:
     """repro.py for one op."""
     import torch
 
@@ -318,9 +352,10 @@ def render_op(case: OpCase, *, device: str, metric_line: str, where: list[str] |
     # one op is the history case with no history: one template serves both
     data = {"title": title, "ops": [{"op": case.op, "args": case.args, "kwargs": case.kwargs, "inputs": ins,
                                      "output": case.output}], "device": device, "rtol": rp.RTOL.get(out_dtype, 1e-3),
-            "repeat": rate.plan if rate else 1}
+            "repeat": rate.plan if rate else 1, "settings": settings or {}}
     head = _header(title, [f"Op: {case.op}({shapes})", f"Observed: {metric_line}",
-                           *(f"Seen at: {w}" for w in (where or [])), *_trial_lines(rate, device)])
+                           *(f"Seen at: {w}" for w in (where or [])), *_settings_lines(settings, recorded),
+                           *_trial_lines(rate, device)])
     return head + _COMMON + _MULTI.replace("__CASE__", json.dumps(data))
 
 
@@ -330,7 +365,8 @@ def _inputs(case: OpCase) -> list[dict[str, Any]]:
 
 
 def render_ops(history: list[OpCase], case: OpCase, *, device: str, metric_line: str,
-               where: list[str] | None = None, rate: Rate | None = None) -> str:
+               where: list[str] | None = None, rate: Rate | None = None, settings: dict[str, Any] | None = None,
+               recorded: dict[str, Any] | None = None) -> str:
     """repro.py for a failure that needs history: the earlier ops, each on its embedded recorded inputs,
     replayed in order, then `case`, whose output is compared with float64 on the host."""
     import torch
@@ -338,19 +374,20 @@ def render_ops(history: list[OpCase], case: OpCase, *, device: str, metric_line:
     from . import replay as rp
 
     if not history:
-        return render_op(case, device=device, metric_line=metric_line, where=where, rate=rate)
+        return render_op(case, device=device, metric_line=metric_line, where=where, rate=rate, settings=settings,
+                         recorded=recorded)
     out_dtype = getattr(torch, case.inputs[0].dtype) if case.inputs else torch.float32
     ops = [{"op": c.op, "args": c.args, "kwargs": c.kwargs, "inputs": _inputs(c), "output": c.output}
            for c in [*history, case]]
     title = f"chipcheck reproducer: {case.op} on {device} after {len(history)} earlier ops"
     data = {"title": title, "ops": ops, "device": device, "rtol": rp.RTOL.get(out_dtype, 1e-3),
-            "repeat": rate.plan if rate else 1}
+            "repeat": rate.plan if rate else 1, "settings": settings or {}}
     seq = [f"  {k + 1}. {c.op}(" + ", ".join(f"{tuple(i.shape)} {i.dtype}" for i in c.inputs) + ")"
            for k, c in enumerate([*history, case])]
     head = _header(title, ["The failure needs history: the last op is wrong only after the ones before it",
                            "(each op runs on its own recorded inputs; only the last op's output is checked).",
                            *seq, f"Observed: {metric_line}", *(f"Seen at: {w}" for w in (where or [])),
-                           *_trial_lines(rate, device)])
+                           *_settings_lines(settings, recorded), *_trial_lines(rate, device)])
     return head + _COMMON + _MULTI.replace("__CASE__", json.dumps(data))
 
 

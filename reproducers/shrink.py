@@ -19,6 +19,7 @@ exact host-side sum becomes a case with every rank's input.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
@@ -28,6 +29,7 @@ import torch
 
 from . import format as fmt
 from . import replay as rp
+from . import settings as st
 from . import trials
 
 T = TypeVar("T")
@@ -211,6 +213,8 @@ class Target:
     faults: list[Any] | None = None
     repeats: int = 3
     runs: int = 0
+    settings: dict[str, Any] | None = None
+    """The bit-changing settings the case runs under (reproducers/settings.py); None: the process's own."""
 
     def run(self, case: OpCase) -> Outcome:
         """k-of-n: the case on the suspect `repeats` times (stopping at the first failure)."""
@@ -219,7 +223,7 @@ class Target:
         first: rp.Metric | None = None
         failed = 0
         n = 0
-        with torch.no_grad():
+        with torch.no_grad(), (st.applied(self.settings) if self.settings is not None else contextlib.nullcontext()):
             for n in range(1, self.repeats + 1):
                 self.runs += 1
                 ins = [i.make(self.device) for i in case.inputs]
@@ -245,7 +249,8 @@ class Target:
     def rate(self, case: OpCase, trials: int) -> tuple[int, rp.Metric | None]:
         """(failures, the first failure's metric) of the case in `trials` runs, none skipped: how
         often an intermittent failure shows."""
-        once = Target(device=self.device, reference=self.reference, faults=self.faults, repeats=1)
+        once = Target(device=self.device, reference=self.reference, faults=self.faults, repeats=1,
+                      settings=self.settings)
         failed, first = 0, None
         for _ in range(trials):
             out = once.run(case)
@@ -352,6 +357,11 @@ class ShrinkResult:
     Their inputs are not shrunk, nor the target's in that case."""
     rate: trials.Rate | None = None
     """How often the shrunk op fails alone on the suspect (None: the failure needs history)."""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """The bit-changing settings repro.py sets: those the failure needs (the history path: as recorded)."""
+    recorded: dict[str, Any] = field(default_factory=dict)
+    """The recorded settings that differ from torch's defaults (what `settings` was shrunk from)."""
+    settings_shrunk: bool = True
 
 
 def shrink_capture(root: str, *, reference: str = "cpu64", device: str | None = None, rank: int | None = None,
@@ -383,7 +393,8 @@ def shrink_capture(root: str, *, reference: str = "cpu64", device: str | None = 
     faults = sim.schedule(cap.ops).get(div.index) if sim else None
     if live_inject:  # the simulated chip counts matching calls as they run: a fault may need history
         faults = [replace(f, ranks=None, probe=None, scope="probe", at="call") for f in sim.faults] if sim else None
-    target = Target(device=dev, reference=reference, faults=faults, repeats=repeats)
+    # the case runs under the settings the step ran under, until they are shrunk too
+    target = Target(device=dev, reference=reference, faults=faults, repeats=repeats, settings=dict(cap.settings))
     case = op_case(rec, div.inputs, div.output)
     # how often the op fails alone: every time (a hard fault), k of n (intermittent: every candidate
     # then gets the trials that see it at that rate), or never (the failure needs history)
@@ -396,7 +407,8 @@ def shrink_capture(root: str, *, reference: str = "cpu64", device: str | None = 
                                   f"every earlier op (replayed on recorded inputs) in {repeats} runs")
         kept, metric, runs, tries = hist
         return ShrinkResult(divergence=div, case=case, metric=metric, ops=len(kept) + 1, runs=target.runs + runs,
-                            tries=tries, seconds=time.perf_counter() - t0, stack=div.stack, history=kept)
+                            tries=tries, seconds=time.perf_counter() - t0, stack=div.stack, history=kept,
+                            settings=st.differs(cap.settings), settings_shrunk=False)
     measured = trials.Rate(device=dev, failed=failed, trials=trials.MEASURE)
     target.repeats = max(repeats, measured.plan)
     sig = first_metric.signature()
@@ -407,10 +419,18 @@ def shrink_capture(root: str, *, reference: str = "cpu64", device: str | None = 
 
     sh: Shrinker[OpCase] = Shrinker(current=case, fails=fails, key=OpCase.key, ident=OpCase.ident)
     best = sh.run([pass_dims, pass_values])
+
+    def fails_under(s: dict[str, Any]) -> bool:
+        target.settings = s
+        return fails(best)
+
+    needed = st.shrink(cap.settings, fails_under)
+    target.settings = needed
     k, final = target.rate(best, trials.MEASURE)
     rate = trials.Rate(device=dev, failed=k, trials=trials.MEASURE) if k else measured
     return ShrinkResult(divergence=div, case=best, metric=final or first_metric, ops=1, runs=target.runs,
-                        tries=sh.calls, seconds=time.perf_counter() - t0, stack=div.stack, rate=rate)
+                        tries=sh.calls, seconds=time.perf_counter() - t0, stack=div.stack, rate=rate,
+                        settings=needed, recorded=st.differs(cap.settings))
 
 
 # --- the failure needs history -------------------------------------------------------------------
