@@ -366,6 +366,10 @@ def _out_tensors(func: Any, args: list[Any]) -> list[Any]:
     return [t for t in _flat(args[0]) if isinstance(t, torch.Tensor)]
 
 
+REDUCE_OPS = {0: "sum", 1: "avg", 2: "product", 3: "min", 4: "max", 5: "band", 6: "bor", 7: "bxor", 8: "premul_sum"}
+"""c10d's RedOpType values."""
+
+
 def _group_info(func: Any, args: list[Any]) -> dict[str, Any]:
     """Group name, its global ranks, this rank and the world size (what a multi-rank repro needs)."""
     import torch.distributed as dist
@@ -376,6 +380,9 @@ def _group_info(func: Any, args: list[Any]) -> dict[str, Any]:
             pg = next(a for a in args if isinstance(a, torch.ScriptObject)
                       and "ProcessGroup" in str(a._type().qualified_name()))
             group = dist.ProcessGroup.unbox(pg)
+            red = [a for a in args if isinstance(a, torch.ScriptObject) and "ReduceOp" in str(a._type().qualified_name())]
+            if red:  # c10d's ReduceOp is opaque to a dispatch mode but for its `op()` (RedOpType's value)
+                info["reduce_op"] = REDUCE_OPS.get(int(red[0].op()), f"op{int(red[0].op())}")
         else:
             from torch.distributed.distributed_c10d import _resolve_process_group
 

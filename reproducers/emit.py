@@ -238,6 +238,24 @@ import torch.multiprocessing as mp
 CASE = json.loads(r"""__CASE__""")
 
 
+def reduction(op, ins):
+    """The exact float64 all-reduce of every rank's input, and the error allowed per element:
+    (world-1) roundings for a sum, an average or a product, none for min and max."""
+    world, u = len(ins), 2.0 ** -MANT[CASE["dtype"]]
+    xs = [x.double() for x in ins]
+    if op in ("sum", "avg"):
+        exp, tol = sum(xs), (world - 1) * u * sum(x.abs() for x in xs)
+        return (exp / world, tol / world + u * (exp / world).abs()) if op == "avg" else (exp, tol)
+    if op == "product":
+        exp = xs[0].clone()
+        for x in xs[1:]:
+            exp = exp * x
+        return exp, (world - 1) * u * exp.abs()
+    stack = torch.stack(xs)
+    exp = stack.amax(0) if op == "max" else stack.amin(0)
+    return exp, torch.zeros_like(exp)
+
+
 def rank_main(rank, world, port, device_kind, fault_spec, q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     backend = "nccl" if device_kind == "cuda" else "gloo"
@@ -246,15 +264,15 @@ def rank_main(rank, world, port, device_kind, fault_spec, q):
     ins = [load(s, "cpu") for s in CASE["inputs"]]
     t = ins[rank].clone().to(device)
     corrupt(t, parse_inject(fault_spec), rank)  # the simulated bad link / NIC: the outgoing payload
-    dist.all_reduce(t)
+    red = CASE["reduce_op"]
+    dist.all_reduce(t, op=getattr(dist.ReduceOp, red.upper()))
     dist.barrier()
-    expected = sum(x.double() for x in ins)  # exact on the host: float64 holds a sum of two floats exactly
-    absum = sum(x.double().abs() for x in ins)
-    u = 2.0 ** -MANT[CASE["dtype"]]
-    err = (t.cpu().double() - expected).abs()
-    bad = ~(err <= (world - 1) * u * absum)
+    expected, tol = reduction(red, ins)
+    got = t.cpu().double()
+    err = (got - expected).abs()
+    bad = ~((err <= tol) | (got == expected) | (torch.isnan(got) & torch.isnan(expected)))
     n = int(bad.sum())
-    text = "agrees with the exact sum" if n == 0 else metric(t.cpu(), expected, 0.0)[1]
+    text = f"agrees with the exact {red}" if n == 0 else metric(t.cpu(), expected, 0.0)[1]
     q.put((rank, n, text))
     dist.destroy_process_group()
 
@@ -282,11 +300,11 @@ def main():
             pr.join(60)
         bad = 0
         for rank, n, text in rows:
-            print(f"run {r + 1}/{a.repeat} rank {rank}/{world} all_reduce on {a.device}: {text}")
+            print(f"run {r + 1}/{a.repeat} rank {rank}/{world} all_reduce ({CASE['reduce_op']}) on {a.device}: {text}")
             bad += n
         failed += bad > 0
     print(f"{'REPRODUCED' if failed else 'not reproduced'}: {failed} of {a.repeat} runs wrong "
-          f"(all_reduce of {world} ranks vs the exact host-side sum)")
+          f"(all_reduce {CASE['reduce_op']} of {world} ranks vs the exact host-side {CASE['reduce_op']})")
     sys.exit(1 if failed else 0)
 
 
@@ -394,10 +412,11 @@ def render_ops(history: list[OpCase], case: OpCase, *, device: str, metric_line:
 def render_collective(case: CollectiveCase, *, metric_line: str) -> str:
     """repro.py for an all-reduce: spawns the group's ranks and embeds every rank's input."""
     t0 = case.inputs[0]
-    title = f"chipcheck reproducer: all_reduce over {case.world} ranks"
+    red = case.divergence.reduce_op or "sum"
+    title = f"chipcheck reproducer: all_reduce ({red}) over {case.world} ranks"
     data = {"title": title, "world": case.world, "dtype": str(t0.dtype).removeprefix("torch."),
-            "inputs": [_embed(t) for t in case.inputs]}
-    head = _header(title, [f"Op: {case.op}, {case.world} ranks, input {tuple(t0.shape)} {data['dtype']}",
+            "inputs": [_embed(t) for t in case.inputs], "reduce_op": red}
+    head = _header(title, [f"Op: {case.op} ({red}), {case.world} ranks, input {tuple(t0.shape)} {data['dtype']}",
                            f"Observed on rank {case.divergence.rank}: {metric_line}",
                            "Run: python repro.py --device cpu   (gloo; --device cuda uses NCCL, one GPU per rank)"])
     return head + _COMMON + _COLLECTIVE.replace("__CASE__", json.dumps(data))

@@ -96,6 +96,8 @@ class Divergence:
     stack: list[str] = field(default_factory=list)
     inputs: list[Any] = field(default_factory=list, repr=False)
     """The suspect's input tensors to the op (host copies), in `flat_tensors(args)` order."""
+    reduce_op: str = ""
+    """A collective divergence: the all-reduce's reduction (sum, avg, product, min, max)."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -408,9 +410,33 @@ def substitute(cap: fmt.Capture, rec: fmt.OpRecord, args: Any, dev: str, result:
     return outs
 
 
+CHECKED_REDUCTIONS = ("sum", "avg", "product", "min", "max")
+
+
+def expected_reduction(op: str, ins: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the exact float64 result, the allowed error per element) of an all-reduce `op` over every
+    rank's input: a sum or an average within (world-1) roundings of the absolute sum (0 ulp for two
+    ranks), a product within (world-1) roundings of its magnitude, min and max exactly."""
+    world = len(ins)
+    u = 2.0 ** -_MANTISSA.get(dtype, 53)
+    xs = [x.double() for x in ins]
+    if op in ("sum", "avg"):
+        exp = sum(xs)
+        tol = (world - 1) * u * sum(x.abs() for x in xs)
+        return (exp / world, tol / world + u * (exp / world).abs()) if op == "avg" else (exp, tol)
+    if op == "product":
+        exp = xs[0].clone()
+        for x in xs[1:]:
+            exp = exp * x
+        return exp, (world - 1) * u * exp.abs()
+    stack = torch.stack(xs)
+    exp = stack.amax(0) if op == "max" else stack.amin(0)
+    return exp, torch.zeros_like(exp)
+
+
 def check_collectives(results: list[ReplayResult], caps: list[fmt.Capture]) -> Divergence | None:
-    """The first all-reduce whose output on some rank differs from the exact host-side sum of every
-    rank's input (replayed bits), with a tolerance of (world-1) roundings (0 ulp for two ranks)."""
+    """The first all-reduce whose output on some rank differs from the exact host-side reduction
+    (its recorded op: sum, avg, product, min or max) of every rank's input (replayed bits)."""
     if len(results) < 2 or not all(r.collective_inputs for r in results):
         return None
     for k in range(min(len(r.collective_inputs) for r in results)):
@@ -418,22 +444,23 @@ def check_collectives(results: list[ReplayResult], caps: list[fmt.Capture]) -> D
         op = next(o for o in caps[0].ops if o.index == idx)
         if "allreduce" not in op.op and "all_reduce" not in op.op:
             continue
+        red = str((op.collective or {}).get("reduce_op", "sum"))
+        if red not in CHECKED_REDUCTIONS:
+            continue  # bitwise reductions of integers: not checked here
         ins = [r.collective_inputs[k][1] for r in results]
         for j in range(len(ins[0])):
-            exp64 = sum(x[j].double() for x in ins)
-            absum = sum(x[j].double().abs() for x in ins)
             for r, cap in zip(results, caps, strict=True):
                 act = r.collective_outputs[k][1][j]
-                u = 2.0 ** -_MANTISSA.get(act.dtype, 53)
+                exp64, tol = expected_reduction(red, [x[j] for x in ins], act.dtype)
                 err = (act.double() - exp64).abs()
-                bad = ~(err <= (len(ins) - 1) * u * absum)
+                bad = ~((err <= tol) | (act.double() == exp64) | (torch.isnan(act.double()) & torch.isnan(exp64)))
                 if bool(bad.any()):
                     mm = oracles.compare_bits(exp64.to(act.dtype)[bad], act[bad], tensor="out")
                     m = Metric(cls="wrong", max_abs=float(err[bad].max()), bad=int(bad.sum()), total=act.numel(),
                                bad_indices=_indices(bad), flipped_bits=dict(mm.bit_histogram) if mm else {},
-                               message="all_reduce result differs from the exact sum of every rank's input")
+                               message=f"all_reduce ({red}) result differs from the exact {red} of every rank's input")
                     rec = next(o for o in cap.ops if o.index == r.collective_inputs[k][0])
                     return Divergence(rank=cap.rank, index=rec.index, op=rec.op, output=j, metric=m,
                                       device=cap.device, reference="host-exact", stack=rec.stack,
-                                      inputs=[x[j] for x in ins])
+                                      inputs=[x[j] for x in ins], reduce_op=red)
     return None

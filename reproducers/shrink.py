@@ -550,7 +550,8 @@ class CollectiveCase:
 
 
 def shrink_collective(root: str, *, device: str | None = None) -> CollectiveCase:
-    """Every rank's replay; the first all-reduce that differs from the exact host-side sum."""
+    """Every rank's replay; the first all-reduce that differs from the exact host-side reduction (its
+    recorded op: sum, avg, product, min or max), over however many ranks captured it."""
     caps = fmt.load_all(root)
     if len(caps) < 2:
         raise NotReproducible(f"{root}: one rank captured; a collective repro needs every rank's capture")
@@ -558,5 +559,5 @@ def shrink_collective(root: str, *, device: str | None = None) -> CollectiveCase
                          keep_collectives=True) for c in caps]
     div = rp.check_collectives(results, caps)
     if div is None:
-        raise NotReproducible(f"{root}: every all-reduce matches the exact sum of the ranks' inputs")
+        raise NotReproducible(f"{root}: every all-reduce matches the exact reduction of the ranks' inputs")
     return CollectiveCase(op=div.op, world=len(caps), inputs=list(div.inputs), divergence=div)
