@@ -3,7 +3,7 @@ Kubernetes Indexed Job (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT from the envi
 
 It takes the options of `chipcheck run` / `chipcheck links` (chipcheck.options) and hands them to
 fleet.distributed, which runs this rank; rank 0 gathers the results and writes the store, --json
-and the reports. It builds on the shared options and never imports cli.py.
+and the reports. It builds on the shared options and never imports the cli package.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 `from chipcheck.reproducers import capture`; `with capture("out/cap"):` around an eager step on every
 rank. `FlightRecorder` (flight.py): always on, a snapshot of each step's starting state, the capture
 afterwards by re-executing it. See docs/reproducers.md. Imports go one way: this package may import model, probes and results;
-only cli.py imports it.
+only the cli package imports it.
 """
 
 from .capture import capture

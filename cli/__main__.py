@@ -1,0 +1,5 @@
+"""`python -m chipcheck.cli`."""
+
+from . import main
+
+main()
