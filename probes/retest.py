@@ -71,6 +71,7 @@ def _links(ctx: ProbeContext, cfg: RetestProbe.Config, pairs: list[tuple[Link, L
     import torch
     import torch.distributed as dist
 
+    assert ctx.group is not None  # run_case checked it
     ctx.group()
     links = sorted({x for p in pairs for x in p})
     out = CaseOutcome(case="link", params={"pairs": [[link_key(a), link_key(b)] for a, b in pairs],

@@ -98,7 +98,7 @@ def _histogram_rules(cards: list[view.FailureCard], drawn: _Plots) -> list[tuple
 
 def _device_json(v: view.RunView) -> str:
     """The device table as compact JSON (columns once, rows as arrays), safe inside <script>."""
-    first_card = {}
+    first_card: dict[int, str] = {}
     for c in v.cards:
         first_card.setdefault(c.rank, c.anchor)
     rows = [[r.rank, r.device, r.host, r.uuid, r.fingerprint, r.verdict.value,

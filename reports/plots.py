@@ -14,6 +14,7 @@ import statistics
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any, cast
 
 import matplotlib
 
@@ -37,7 +38,7 @@ MAX_HEATMAP_ENDPOINTS = 128
 
 @contextmanager
 def _figure(w: float, h: float, salt: str) -> Iterator[Figure]:
-    with plt.rc_context({**_RC, "svg.hashsalt": salt}):
+    with plt.rc_context(cast(Any, {**_RC, "svg.hashsalt": salt})):  # matplotlib types rc keys as literals
         fig = Figure(figsize=(w, h))  # not pyplot's registry: nothing to leak, safe in threads
         yield fig
 

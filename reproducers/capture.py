@@ -23,7 +23,7 @@ import platform
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Any
 
 import torch
@@ -139,11 +139,11 @@ class Recorder(TorchDispatchMode):
         blo, bhi = _span(b)
         if lo < blo or hi > bhi:
             return None
-        return t.storage_offset() - b.storage_offset() if base in self.tensors else t.storage_offset()
+        return int(t.storage_offset() - b.storage_offset() if base in self.tensors else t.storage_offset())
 
     def meta(self, t: torch.Tensor, storage: int) -> fmt.TensorMeta:
         return fmt.TensorMeta(shape=list(t.shape), stride=list(t.stride()), dtype=str(t.dtype).removeprefix("torch."),
-                              device=str(t.device), storage_offset=t.storage_offset(), storage=storage)
+                              device=str(t.device), storage_offset=int(t.storage_offset()), storage=storage)
 
     def _external(self, t: torch.Tensor) -> int:
         """A tensor no recorded op produced: save its bytes, or express it as a view of a known storage
@@ -219,8 +219,8 @@ class Recorder(TorchDispatchMode):
         """The innermost user frames (cheap: a frame walk, not traceback formatting)."""
         if not self.stacks:
             return []
-        out = []
-        f = sys._getframe(2)
+        out: list[str] = []
+        f: FrameType | None = sys._getframe(2)
         while f is not None and len(out) < 3:
             name = f.f_code.co_filename
             if not name.startswith(_TORCH_DIR) and not name.startswith(_HERE):
@@ -329,8 +329,8 @@ def _seeded(func: Any, args: list[Any], kwargs: dict[str, Any]) -> bool:
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
     """[first, last] storage element `t` addresses."""
-    lo = t.storage_offset()
-    return lo, lo + sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True) if n > 1)
+    lo = int(t.storage_offset())
+    return lo, lo + int(sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True) if n > 1))
 
 
 def _fields(rec: fmt.OpRecord) -> dict[str, Any]:
@@ -382,7 +382,8 @@ def _group_info(func: Any, args: list[Any]) -> dict[str, Any]:
             group = dist.ProcessGroup.unbox(pg)
             red = [a for a in args if isinstance(a, torch.ScriptObject) and "ReduceOp" in str(a._type().qualified_name())]
             if red:  # c10d's ReduceOp is opaque to a dispatch mode but for its `op()` (RedOpType's value)
-                info["reduce_op"] = REDUCE_OPS.get(int(red[0].op()), f"op{int(red[0].op())}")
+                code = int(getattr(red[0], "op")())  # noqa: B009 - a TorchScript method mypy cannot see
+                info["reduce_op"] = REDUCE_OPS.get(code, f"op{code}")
         else:
             from torch.distributed.distributed_c10d import _resolve_process_group
 

@@ -138,9 +138,9 @@ def suspects(results: list[ProbeResult], policy: SpeedPolicy, metric_by_probe: d
         thr = throttled.get(rank) if kernel == gemm else None
         if thr is not None:
             said.append(f"{thr.describe()} (no NVML reasons)")
-        ratio = _combined(evs)[0] if evs else 1.0
-        out.append(Suspect(rank=rank, peer=peer, kernel=kernel, ratio=min(ratio, thr.ratio) if thr else ratio,
-                           evidence=", ".join(said)))
+        combined = _combined(evs)[0] if evs else 1.0
+        out.append(Suspect(rank=rank, peer=peer, kernel=kernel,
+                           ratio=min(combined, thr.ratio) if thr else combined, evidence=", ".join(said)))
     return out
 
 
@@ -298,7 +298,7 @@ def link_suspects(links: LinksSummary, hosts: Mapping[int, str]) -> list[tuple[L
         return hosts.get(x.src) == hosts.get(x.dst)
 
     ok = [x for x in links.links if x.verdict is Verdict.PASS and x.gbps is not None]
-    out = []
+    out: list[tuple[LinkKey, LinkKey]] = []
     per_end: dict[int, int] = defaultdict(int)
     slow = sorted((x for x in links.links if x.verdict is Verdict.SLOW), key=lambda x: (x.gbps or 0.0, x.src, x.dst))
     for s in slow:
