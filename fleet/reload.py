@@ -46,6 +46,10 @@ class RunRecord:
     """The process of `chipcheck run` (config), to tell a run in progress from one that was killed."""
     plan: list[tuple[str, list[str]]] | None = None
     """The planned (probe, cases) (config), to list what an interrupted run did not reach."""
+    baselines: str = ""
+    """The run's --baselines file (config; "": the shipped table), for judging it again."""
+    declared: str = ""
+    """The run's declared topology file (config; "": none)."""
 
 
 def open_existing(path: str | Path) -> Store:
@@ -93,9 +97,10 @@ def record(store: Store, run_id: str) -> RunRecord:
         config, min_gap, backend = {}, SpeedPolicy().min_gap, "torch"
     pid = config.get("pid") if isinstance(config, dict) else None
     plan = _plan(config.get("plan")) if isinstance(config, dict) else None
+    files = {k: str(config.get(k) or "") if isinstance(config, dict) else "" for k in ("baselines", "declared")}
     return RunRecord(run_id=row[0], started=row[1], ended=row[2], profile=row[3], seed=row[4], min_gap=min_gap,
                      backend=backend, host=str(row[6]), status=status, pid=pid if isinstance(pid, int) else None,
-                     plan=plan)
+                     plan=plan, **files)
 
 
 def _plan(raw: Any) -> list[tuple[str, list[str]]] | None:
@@ -153,14 +158,20 @@ def load(store: Store, run_id: str = LATEST) -> RunSummary:
         devices = store.devices(rec.run_id)
     except (sqlite3.DatabaseError, ValueError, KeyError) as e:
         raise StoreError(f"run {rec.run_id} in {store.path} cannot be read ({e})") from None
-    from .judge.verdicts import fleet_verdicts
+    from .judge.verdicts import fleet_verdicts, own_history
 
     status = run_status(rec)
     # a judged run's stored judgements are the record; an interrupted one is judged as the run would have
     judged = judgements if status is RunStatus.COMPLETE or judgements else None
     not_judged: list[str] = []
+    # judged again (a run cut short): with what the live run would have read, its own files and each
+    # device's stored history included
+    table, declared, lost = (None, None, []) if judged is not None else _judged_with(rec)
+    not_judged += lost
+    own = [] if judged is not None else own_history(store, devices, results, rec.run_id, rec.started)
     try:
-        v = fleet_verdicts(devices, results, min_gap=rec.min_gap, judged=judged)
+        v = fleet_verdicts(devices, results, min_gap=rec.min_gap, judged=judged, baselines=table, declared=declared,
+                           extra=own)
     except ArithmeticError as e:
         if judged is not None:
             raise
@@ -185,6 +196,27 @@ def load(store: Store, run_id: str = LATEST) -> RunSummary:
                         findings=notice + not_judged + v.library.findings + unreadable,
                         exonerate=v.library.exonerate, fleet_verdict=v.library.fleet_verdict)
     return replace(summary, status=status, missing=missing)
+
+
+def _judged_with(rec: RunRecord) -> tuple[Any, dict[int, tuple[str, ...]] | None, list[str]]:
+    """The baseline table and declared topology the run was judged with (its own files), and a line
+    for each that can no longer be read (then: the shipped table, no declared topology)."""
+    from .judge import baselines
+    from .runner import UsageError, load_declared
+
+    said: list[str] = []
+    table = declared = None
+    if rec.baselines:
+        try:
+            table = baselines.load(rec.baselines)
+        except baselines.BaselineError as e:
+            said.append(f"the run's --baselines file cannot be read now ({e}); judged with the shipped table")
+    if rec.declared:
+        try:
+            declared = load_declared(rec.declared)
+        except UsageError as e:
+            said.append(f"the run's declared topology cannot be read now ({e}); judged without it")
+    return table, declared, said
 
 
 def load_many(store: Store, run_ids: list[str]) -> RunSummary:

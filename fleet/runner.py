@@ -135,6 +135,10 @@ def execute(opts: RunOptions, store: Store, *, on_result: Callable[[ProbeResult]
         run.begin(host=host, profile=opts.profile, seed=opts.seed, argv=opts.argv or sys.argv,
                   config={"devices": opts.devices, "probes": list(opts.probes), "inject": list(opts.inject),
                           "timeout_s": timeout, "duration_s": opts.duration_s, "min_gap": opts.min_gap,
+                          # what the judgement read besides the results: a run judged again later
+                          # (reloaded after an interrupt) reads them again
+                          "baselines": os.path.abspath(opts.baselines) if opts.baselines else "",
+                          "declared": os.path.abspath(opts.options["declared"]) if opts.options.get("declared") else "",
                           "pid": os.getpid(), "plan": probes})
         run.add_devices(devs)
         run_local(req, run.keep, on_start)

@@ -3,10 +3,11 @@ a uniformly slow group is caught by the SKU baseline."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
-from conftest import device, run_json
+from conftest import device, run_cli, run_json
 
 from chipcheck.fleet import devices
 
@@ -28,6 +29,33 @@ def test_a_uniformly_slow_group_is_caught_by_the_baseline(tmp_path: Path) -> Non
     assert _verdicts(data) == {0: "slow", 1: "slow"}
     reasons = " ".join(device(data, 0)["probes"][0]["details"]["reasons"])
     assert "of the this CPU float32 baseline" in reasons and "all 2 devices of its fingerprint" in reasons
+
+
+def test_a_run_judged_again_later_reads_its_own_baselines_file(tmp_path: Path) -> None:
+    # a run cut short is judged when it is reported: with the --baselines file it ran with, not the
+    # shipped table; when that file is gone, the report says so
+    import sqlite3
+
+    sku = devices.discover("cpu:1")[0].name
+    table = tmp_path / "baselines.toml"
+    table.write_text(f'[sku.this-cpu]\nlabel = "this CPU"\nkind = "cpu"\nmatch = ["{sku}"]\n'
+                     'source = "test: a figure no CPU reaches"\ngemm_min_n = 0\n'
+                     '[sku.this-cpu.gemm_tflops]\nfloat32 = { peak = 200.0, achievable = 0.5 }\n')
+    rc, data, out = run_json(tmp_path, "--devices", "cpu:2", "--probes", "matmul", "--baselines", str(table))
+    assert rc == 1 and _verdicts(data) == {0: "slow", 1: "slow"}, out
+    db = tmp_path / "results.db"
+    with sqlite3.connect(db) as conn:  # as if the run had been killed before it was judged
+        conn.execute("DELETE FROM judgements")
+        conn.execute("UPDATE runs SET status='interrupted', verdict=NULL, ended=NULL")
+    again = tmp_path / "again.json"
+    p = run_cli("report", "--db", str(db), "--format", "json", "-o", str(again))
+    assert p.returncode in (0, 1), p.stderr
+    assert _verdicts(json.loads(again.read_text())) == {0: "slow", 1: "slow"}
+    table.unlink()
+    p = run_cli("report", "--db", str(db), "--format", "json", "-o", str(again))
+    doc = json.loads(again.read_text())
+    assert _verdicts(doc) == {0: "pass", 1: "pass"}
+    assert any("--baselines file cannot be read now" in f for f in doc["findings"]), doc["findings"]
 
 
 @pytest.mark.timing
