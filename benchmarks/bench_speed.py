@@ -3,6 +3,7 @@
     python3 benchmarks/bench_speed.py clean [--runs 50] [--devices cpu:4]
     python3 benchmarks/bench_speed.py sensitivity [--runs 20] [--factors 1.10,1.15,1.20,1.30]
     python3 benchmarks/bench_speed.py drift [--runs 15]
+    python3 benchmarks/bench_speed.py links [--runs 20] [--devices cpu:8]
 
 clean: N clean `chipcheck run --profile quick`; every device-run that is not `pass` is a false
 flag (target 0). Also how many runs had a speed suspect (and so an interleaved retest), and the
@@ -10,6 +11,8 @@ median wall time of runs with and without one (what the retest adds).
 sensitivity: per slowdown factor F, N runs with `slow:rank=R,factor=F,scope=process` (R rotating
 over the ranks): the fraction in which the slow device is called `slow`, and the runs in which any
 other device was flagged at all (target 0).
+links: N clean `chipcheck links` sweeps; every directed link (or device) not `pass` is a false flag
+(target 0), and how many sweeps retested a suspect link.
 drift: N clean 0.8 s float32 burns in this process on one thread (as a CPU worker runs them): the
 range of their end/start throughput ratio and how many the burn's own timeline would make a
 throttle candidate: why a timeline alone never calls a chip slow (fleet/judge/throttle.py).
@@ -46,6 +49,22 @@ def clean(runs: int, devices: str) -> None:
     if walls_retest:
         print(f", with one {statistics.median(walls_retest):.1f}s", end="")
     print()
+    for f in flags:
+        print("  " + f)
+
+
+def links(runs: int, devices: str) -> None:
+    flags, retested, walls = [], 0, []
+    for i in range(runs):
+        res = run("--devices", devices, "--seed", str(i), command="links")
+        bad = [f"rank {k} {v}" for k, v in res.verdicts.items() if v != "pass"] + res.links_flagged
+        flags += [f"sweep {i}: {b[:200]}" for b in bad]
+        retested += res.retested
+        walls.append(res.wall_s)
+        print(f"sweep {i:>3}: {'retest ' if res.retested else '       '}{res.wall_s:5.0f}s  "
+              f"{len(bad)} flagged", flush=True)
+    print(f"false flags: {len(flags)} in {runs} sweeps; sweeps with a suspect link (retested): {retested}; "
+          f"median wall {statistics.median(walls):.1f}s")
     for f in flags:
         print("  " + f)
 
@@ -99,14 +118,17 @@ def drift(runs: int) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("clean", "sensitivity", "drift"))
+    ap.add_argument("what", choices=("clean", "sensitivity", "drift", "links"))
     ap.add_argument("--runs", type=int, default=0)
-    ap.add_argument("--devices", default="cpu:4")
+    ap.add_argument("--devices", default="")
     ap.add_argument("--factors", default="1.10,1.15,1.20,1.30")
     a = ap.parse_args()
+    a.devices = a.devices or ("cpu:8" if a.what == "links" else "cpu:4")
     print(f"# bench_speed {a.what} {datetime.date.today()} on {machine()}: {a.devices}")
     if a.what == "clean":
         clean(a.runs or 50, a.devices)
+    elif a.what == "links":
+        links(a.runs or 20, a.devices)
     elif a.what == "drift":
         drift(a.runs or 15)
     else:

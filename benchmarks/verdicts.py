@@ -24,14 +24,16 @@ class Run:
     retested: bool
     """Whether a speed suspect was retested (the run has retest results)."""
     wall_s: float
+    links_flagged: list[str]
+    """`chipcheck links`: every directed link not `pass`, with its verdict and reason."""
 
 
-def run(*args: str, timeout: float = 900) -> Run:
-    """`chipcheck run ARGS` in a fresh store; the verdict per rank from its JSON report."""
+def run(*args: str, timeout: float = 900, command: str = "run") -> Run:
+    """`chipcheck run ARGS` (or `links`) in a fresh store; the verdict per rank from its JSON report."""
     with tempfile.TemporaryDirectory(prefix="cc-bench-") as d:
         out = Path(d) / "run.json"
         t0 = time.perf_counter()
-        p = subprocess.run([sys.executable, "-m", "chipcheck.cli", "run", "--db", str(Path(d) / "r.db"), "--json",
+        p = subprocess.run([sys.executable, "-m", "chipcheck.cli", command, "--db", str(Path(d) / "r.db"), "--json",
                             str(out), "-q", *args], capture_output=True, text=True, timeout=timeout,
                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
         wall = time.perf_counter() - t0
@@ -46,7 +48,9 @@ def run(*args: str, timeout: float = 900) -> Run:
     retested = any(pr["probe"] == "retest" for d in data["devices"] for pr in d["probes"])
     return Run(rc=p.returncode, verdicts={d["rank"]: d["verdict"] for d in data["devices"]},
                slow_reasons={k: v for k, v in slow.items() if v},
-               speed_notes={k: v for k, v in notes.items() if v}, retested=retested, wall_s=wall)
+               speed_notes={k: v for k, v in notes.items() if v}, retested=retested, wall_s=wall,
+               links_flagged=[f"{x['src']}->{x['dst']} {x['verdict']}: {x.get('reason', '')}"
+                              for x in data.get("links") or [] if x["verdict"] != "pass"])
 
 
 def machine() -> str:
