@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import inspect
 import json
 import zlib
 from typing import Any
 
 from . import format as fmt
+from .reduction import reduction
 from .shrink import CollectiveCase, OpCase
 from .trials import Evidence, Rate
 
@@ -238,23 +240,7 @@ import torch.multiprocessing as mp
 CASE = json.loads(r"""__CASE__""")
 
 
-def reduction(op, ins):
-    """The exact float64 all-reduce of every rank's input, and the error allowed per element:
-    (world-1) roundings for a sum, an average or a product, none for min and max."""
-    world, u = len(ins), 2.0 ** -MANT[CASE["dtype"]]
-    xs = [x.double() for x in ins]
-    if op in ("sum", "avg"):
-        exp, tol = sum(xs), (world - 1) * u * sum(x.abs() for x in xs)
-        return (exp / world, tol / world + u * (exp / world).abs()) if op == "avg" else (exp, tol)
-    if op == "product":
-        exp = xs[0].clone()
-        for x in xs[1:]:
-            exp = exp * x
-        return exp, (world - 1) * u * exp.abs()
-    stack = torch.stack(xs)
-    exp = stack.amax(0) if op == "max" else stack.amin(0)
-    return exp, torch.zeros_like(exp)
-
+__REDUCTION__
 
 def rank_main(rank, world, port, device_kind, fault_spec, q):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -267,7 +253,7 @@ def rank_main(rank, world, port, device_kind, fault_spec, q):
     red = CASE["reduce_op"]
     dist.all_reduce(t, op=getattr(dist.ReduceOp, red.upper()))
     dist.barrier()
-    expected, tol = reduction(red, ins)
+    expected, tol = reduction(red, [x.double() for x in ins], 2.0 ** -MANT[CASE["dtype"]])
     got = t.cpu().double()
     err = (got - expected).abs()
     bad = ~((err <= tol) | (got == expected) | (torch.isnan(got) & torch.isnan(expected)))
@@ -419,4 +405,5 @@ def render_collective(case: CollectiveCase, *, metric_line: str) -> str:
     head = _header(title, [f"Op: {case.op} ({red}), {case.world} ranks, input {tuple(t0.shape)} {data['dtype']}",
                            f"Observed on rank {case.divergence.rank}: {metric_line}",
                            "Run: python repro.py --device cpu   (gloo; --device cuda uses NCCL, one GPU per rank)"])
-    return head + _COMMON + _COLLECTIVE.replace("__CASE__", json.dumps(data))
+    return head + _COMMON + _COLLECTIVE.replace("__CASE__", json.dumps(data)).replace(
+        "__REDUCTION__", inspect.getsource(reduction))

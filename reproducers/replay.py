@@ -27,6 +27,7 @@ import torch
 from ..probes import faults as faultmod
 from ..probes import oracles
 from . import format as fmt
+from .reduction import reduction
 
 # Relative tolerance vs float64 per output dtype, scaled by (|ref| + rms(ref)): loose enough for any
 # correct kernel's rounding (summation order, fused ops), far below a flipped exponent or high bit.
@@ -413,27 +414,6 @@ def substitute(cap: fmt.Capture, rec: fmt.OpRecord, args: Any, dev: str, result:
 CHECKED_REDUCTIONS = ("sum", "avg", "product", "min", "max")
 
 
-def expected_reduction(op: str, ins: list[torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the exact float64 result, the allowed error per element) of an all-reduce `op` over every
-    rank's input: a sum or an average within (world-1) roundings of the absolute sum (0 ulp for two
-    ranks), a product within (world-1) roundings of its magnitude, min and max exactly."""
-    world = len(ins)
-    u = 2.0 ** -_MANTISSA.get(dtype, 53)
-    xs = [x.double() for x in ins]
-    if op in ("sum", "avg"):
-        exp = sum(xs)
-        tol = (world - 1) * u * sum(x.abs() for x in xs)
-        return (exp / world, tol / world + u * (exp / world).abs()) if op == "avg" else (exp, tol)
-    if op == "product":
-        exp = xs[0].clone()
-        for x in xs[1:]:
-            exp = exp * x
-        return exp, (world - 1) * u * exp.abs()
-    stack = torch.stack(xs)
-    exp = stack.amax(0) if op == "max" else stack.amin(0)
-    return exp, torch.zeros_like(exp)
-
-
 def check_collectives(results: list[ReplayResult], caps: list[fmt.Capture]) -> Divergence | None:
     """The first all-reduce whose output on some rank differs from the exact host-side reduction
     (its recorded op: sum, avg, product, min or max) of every rank's input (replayed bits)."""
@@ -451,7 +431,7 @@ def check_collectives(results: list[ReplayResult], caps: list[fmt.Capture]) -> D
         for j in range(len(ins[0])):
             for r, cap in zip(results, caps, strict=True):
                 act = r.collective_outputs[k][1][j]
-                exp64, tol = expected_reduction(red, [x[j] for x in ins], act.dtype)
+                exp64, tol = reduction(red, [x[j].double() for x in ins], 2.0 ** -_MANTISSA.get(act.dtype, 53))
                 err = (act.double() - exp64).abs()
                 bad = ~((err <= tol) | (act.double() == exp64) | (torch.isnan(act.double()) & torch.isnan(exp64)))
                 if bool(bad.any()):

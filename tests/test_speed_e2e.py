@@ -16,14 +16,20 @@ def _verdicts(data: dict) -> dict[int, str]:
     return {d["rank"]: d["verdict"] for d in data["devices"]}
 
 
-def test_a_uniformly_slow_group_is_caught_by_the_baseline(tmp_path: Path) -> None:
-    # Peers cannot see a whole group slow together; a baseline can. This machine's CPU gets a table
-    # entry it cannot reach (100 TFLOP/s fp32), so every device is far below it.
+def _unreachable_table(tmp_path: Path) -> Path:
+    """A --baselines file with an entry for this machine's CPU that it cannot reach (100 TFLOP/s fp32)."""
     sku = devices.discover("cpu:1")[0].name
     table = tmp_path / "baselines.toml"
     table.write_text(f'[sku.this-cpu]\nlabel = "this CPU"\nkind = "cpu"\nmatch = ["{sku}"]\n'
                      'source = "test: a figure no CPU reaches"\ngemm_min_n = 0\n'
                      '[sku.this-cpu.gemm_tflops]\nfloat32 = { peak = 200.0, achievable = 0.5 }\n')
+    return table
+
+
+def test_a_uniformly_slow_group_is_caught_by_the_baseline(tmp_path: Path) -> None:
+    # Peers cannot see a whole group slow together; a baseline can. This machine's CPU gets a table
+    # entry it cannot reach (100 TFLOP/s fp32), so every device is far below it.
+    table = _unreachable_table(tmp_path)
     rc, data, out = run_json(tmp_path, "--devices", "cpu:2", "--probes", "matmul", "--baselines", str(table))
     assert rc == 1, out
     assert _verdicts(data) == {0: "slow", 1: "slow"}
@@ -36,11 +42,7 @@ def test_a_run_judged_again_later_reads_its_own_baselines_file(tmp_path: Path) -
     # shipped table; when that file is gone, the report says so
     import sqlite3
 
-    sku = devices.discover("cpu:1")[0].name
-    table = tmp_path / "baselines.toml"
-    table.write_text(f'[sku.this-cpu]\nlabel = "this CPU"\nkind = "cpu"\nmatch = ["{sku}"]\n'
-                     'source = "test: a figure no CPU reaches"\ngemm_min_n = 0\n'
-                     '[sku.this-cpu.gemm_tflops]\nfloat32 = { peak = 200.0, achievable = 0.5 }\n')
+    table = _unreachable_table(tmp_path)
     rc, data, out = run_json(tmp_path, "--devices", "cpu:2", "--probes", "matmul", "--baselines", str(table))
     assert rc == 1 and _verdicts(data) == {0: "slow", 1: "slow"}, out
     db = tmp_path / "results.db"
