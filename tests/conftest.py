@@ -9,8 +9,24 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+
+def cpu_ctx(probe: str, inject: str | None = None, *, seed: int = 0, rank: int = 0, **kw: object) -> Any:
+    """A probe context on the CPU, as a worker builds it, with `inject` faults on for `probe` (scope
+    probe) on `rank`: what the probe-level tests run cases in."""
+    import contextlib
+
+    import torch
+
+    from chipcheck.probes import base, faults
+
+    inj = faults.make_injector(faults.parse(inject), rank, probe) if inject else None
+    cpu = torch.device("cpu")
+    return base.ProbeContext(device=cpu, device_kind="cpu", seed=seed, profile="quick", timer=base.Timer(cpu),
+                             under_test=inj or contextlib.nullcontext, rank=rank, **kw)  # type: ignore[arg-type]
 
 
 @pytest.fixture

@@ -3,12 +3,11 @@ with the right tensor and bit named, the exact mode needs no tolerance, and the 
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import device, run_json
+from conftest import cpu_ctx, device, run_json
 
 from chipcheck.probes import attention, base, faults
 from chipcheck.probes.attention import AttentionProbe
@@ -25,9 +24,7 @@ CFG = AttentionProbe.Config(head_dims={"float32": (64,), "bfloat16": (64,), "flo
 
 
 def _ctx(spec: str | None = None) -> base.ProbeContext:
-    inj = faults.make_injector(faults.parse(spec), 0, "attention") if spec else None
-    return base.ProbeContext(device=torch.device("cpu"), device_kind="cpu", seed=SEED, profile="quick",
-                             timer=base.Timer(torch.device("cpu")), under_test=inj or contextlib.nullcontext)
+    return cpu_ctx("attention", spec, seed=SEED)
 
 
 def _run(case: str, spec: str | None = None) -> base.CaseOutcome:

@@ -6,13 +6,13 @@ backend with the same diagnosis (the same element, bit, values and bit patterns)
 
 from __future__ import annotations
 
-import contextlib
 import json
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from conftest import cpu_ctx
 
 from chipcheck.probes import base, faults, matmul
 from chipcheck.probes import jax_backend as jb
@@ -27,10 +27,7 @@ BACKENDS = ["torch", "jax", "numpy"]
 
 
 def _ctx(inject: str | None = None, seed: int = 7) -> base.ProbeContext:
-    inj = faults.make_injector(faults.parse(inject), 0, "matmul") if inject else None
-    cpu = torch.device("cpu")
-    return base.ProbeContext(device=cpu, device_kind="cpu", seed=seed, profile="quick", timer=base.Timer(cpu),
-                             under_test=inj or contextlib.nullcontext)
+    return cpu_ctx("matmul", inject, seed=seed)
 
 
 def _backend(name: str, inject: str | None = None, seed: int = 7) -> Backend:

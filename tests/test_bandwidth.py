@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import pytest
 import torch
+from conftest import cpu_ctx
 
-from chipcheck.probes import bandwidth, base, faults
+from chipcheck.probes import bandwidth, base
 from chipcheck.results import Oracle, Verdict
 
 PROBE = bandwidth.BandwidthProbe()
@@ -19,9 +19,7 @@ def _cfg() -> bandwidth.BandwidthProbe.Config:
 
 
 def _ctx(spec: str | None = None) -> base.ProbeContext:
-    inj = faults.make_injector(faults.parse(spec), 0, "bandwidth") if spec else None
-    return base.ProbeContext(device=torch.device("cpu"), device_kind="cpu", seed=0, profile="quick",
-                             timer=base.Timer(torch.device("cpu")), under_test=inj or contextlib.nullcontext)
+    return cpu_ctx("bandwidth", spec)
 
 
 @pytest.mark.parametrize("case", bandwidth.CASES)

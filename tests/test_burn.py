@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import time
 
 import pytest
 import torch
+from conftest import cpu_ctx
 
 from chipcheck.fleet.judge import throttle
 from chipcheck.probes import base, burn, faults
@@ -30,10 +30,7 @@ def _cfg(**kw: object) -> burn.BurnProbe.Config:
 
 
 def _ctx(spec: str | None = None, deadline: float | None = None) -> base.ProbeContext:
-    inj = faults.make_injector(faults.parse(spec), 0, "burn") if spec else None
-    return base.ProbeContext(device=torch.device("cpu"), device_kind="cpu", seed=0, profile="quick",
-                             timer=base.Timer(torch.device("cpu")), under_test=inj or contextlib.nullcontext,
-                             deadline=deadline)
+    return cpu_ctx("burn", spec, deadline=deadline)
 
 
 def test_clean_burn_passes_and_keeps_a_timeline() -> None:

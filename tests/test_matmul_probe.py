@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import pytest
 import torch
+from conftest import cpu_ctx
 
-from chipcheck.probes import base, faults
+from chipcheck.probes import base
 from chipcheck.probes.matmul import MatmulProbe, hadamard_inputs
 from chipcheck.results import Oracle, Verdict
 
@@ -15,10 +14,7 @@ SIZES = {"float32": 128, "bfloat16": 128, "float16": 64}
 
 
 def _ctx(inject: str | None = None, seed: int = 7) -> base.ProbeContext:
-    inj = faults.make_injector(faults.parse(inject), 0, "matmul") if inject else None
-    cpu = torch.device("cpu")
-    return base.ProbeContext(device=cpu, device_kind="cpu", seed=seed, profile="quick", timer=base.Timer(cpu),
-                             under_test=inj or contextlib.nullcontext)
+    return cpu_ctx("matmul", inject, seed=seed)
 
 
 def _cfg(**kw: object) -> MatmulProbe.Config:

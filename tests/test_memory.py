@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 
 import pytest
 import torch
-from conftest import device, run_json
+from conftest import cpu_ctx, device, run_json
 
-from chipcheck.probes import base, faults, memory
+from chipcheck.probes import base, memory
 from chipcheck.probes.base import InvalidConfig
 from chipcheck.results import Oracle, Verdict
 
@@ -22,9 +21,7 @@ def _cfg(**kw: object) -> memory.MemoryProbe.Config:
 
 
 def _ctx(spec: str | None = None, seed: int = 0) -> base.ProbeContext:
-    inj = faults.make_injector(faults.parse(spec), 0, "memory") if spec else None
-    return base.ProbeContext(device=torch.device("cpu"), device_kind="cpu", seed=seed, profile="quick",
-                             timer=base.Timer(torch.device("cpu")), under_test=inj or contextlib.nullcontext)
+    return cpu_ctx("memory", spec, seed=seed)
 
 
 def test_clean_run_passes_every_case() -> None:

@@ -3,7 +3,6 @@ a slow rank is flagged slow. In-process (with real spawned gloo ranks for model_
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import device, run_json
+from conftest import cpu_ctx, device, run_json
 
 from chipcheck.probes import base, faults
 from chipcheck.probes.model_step import ModelDPProbe, ModelStepProbe, UserStep, checksum, register_step
@@ -19,10 +18,7 @@ from chipcheck.results import Oracle, Verdict
 
 
 def _ctx(inject: str | None = None, probe: str = "model_step", rank: int = 0, **kw: object) -> base.ProbeContext:
-    inj = faults.make_injector(faults.parse(inject), rank, probe) if inject else None
-    return base.ProbeContext(device=torch.device("cpu"), device_kind="cpu", seed=1, profile="quick",
-                             timer=base.Timer(torch.device("cpu")), under_test=inj or contextlib.nullcontext,
-                             rank=rank, **kw)  # type: ignore[arg-type]
+    return cpu_ctx(probe, inject, seed=1, rank=rank, **kw)
 
 
 def test_checksum_sees_every_bit_and_order() -> None:

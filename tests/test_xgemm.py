@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
-import torch
-from conftest import run_cli, run_json
+from conftest import cpu_ctx, run_cli, run_json
 
 from chipcheck.fleet.judge.second_opinion import Culprit, Finding, culprit, second_opinion_findings
-from chipcheck.probes import base, faults, xgemm
+from chipcheck.probes import xgemm
 from chipcheck.results import ProbeResult, Verdict
 
 PROBE = xgemm.SecondOpinionProbe()
 
 
 def _run(spec: str | None = None, rank: int = 0) -> ProbeResult:
-    inj = faults.make_injector(faults.parse(spec), rank, "xgemm") if spec else None
-    ctx = base.ProbeContext(device=torch.device("cpu"), device_kind="cpu", seed=0, profile="quick",
-                            timer=base.Timer(torch.device("cpu")), under_test=inj or contextlib.nullcontext, rank=rank)
+    ctx = cpu_ctx("xgemm", spec, rank=rank)
     out = PROBE.run_case(ctx, PROBE.config("quick", "cpu", frozenset()), "float32")
     return ProbeResult(run_id="r", host="h", rank=rank, device=f"cpu:{rank}", fingerprint="fp", probe="xgemm",
                        case="float32", verdict=out.verdict, seed=0, params=out.params, metrics=out.metrics,
