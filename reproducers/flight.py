@@ -33,12 +33,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils import _pytree as pytree
 
 
 def _clone(x: Any) -> Any:
-    """Every tensor in a nested structure copied (same device); everything else as it is."""
-    return pytree.tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, x)
+    """Every tensor in a (tuple, list, dict) structure copied on its device; everything else as it is."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().clone()
+    if isinstance(x, (tuple, list)):
+        return type(x)(_clone(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _clone(v) for k, v in x.items()}
+    return x
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,25 +91,42 @@ def _apply_settings(s: dict[str, Any]) -> None:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Snapshot:
-    """One step's starting state."""
+    """One step's starting state. `tensors` holds, in order, the parameters, the gradients that exist
+    (of the parameters `grad_of` lists), the buffers and the optimizer's tensor state (`opt_tensors`:
+    (parameter index, key)); one flat list, so a new snapshot of the same model is one fused copy."""
 
     step: int
-    params: list[torch.Tensor]
-    grads: list[torch.Tensor | None]
-    buffers: list[torch.Tensor]
-    optimizer: dict[str, Any] | None
+    tensors: list[torch.Tensor]
+    n_params: int
+    grad_of: tuple[int, ...]
+    n_buffers: int
+    opt_tensors: tuple[tuple[int, str], ...]
+    opt_values: tuple[tuple[int, str, Any], ...]
+    """The optimizer's state that is not a tensor (a Python step count), by value."""
+    groups: tuple[dict[str, Any], ...]
+    """The optimizer's hyperparameters per parameter group (lr, betas, ...), without the parameters."""
     batch: Any
     rng: RngState
     settings: dict[str, Any]
 
+    @property
+    def params(self) -> list[torch.Tensor]:
+        return self.tensors[:self.n_params]
+
     def nbytes(self) -> int:
-        ts = [*self.params, *[g for g in self.grads if g is not None], *self.buffers,
-              *[t for t in pytree.tree_leaves(self.optimizer) if isinstance(t, torch.Tensor)]]
-        return sum(t.numel() * t.element_size() for t in ts)
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+    def layout(self) -> tuple[Any, ...]:
+        return (self.n_params, self.grad_of, self.n_buffers, self.opt_tensors,
+                tuple((t.shape, t.dtype, t.device) for t in self.tensors))
 
 
 class FlightRecorder:
-    """Keeps the starting state of the last `keep` steps of `model` (and `optimizer`)."""
+    """Keeps the starting state of the last `keep` steps of `model` (and `optimizer`).
+
+    Cheap by construction: the parameters and buffers are listed once, and a new snapshot of the same
+    layout is one fused copy into the memory of the snapshot it pushes out. So a snapshot is valid
+    while it is among the last `keep`: `save` it (or `recapture` from it) before more steps run."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *, keep: int = 1):
         if keep < 1:
@@ -112,15 +134,46 @@ class FlightRecorder:
         self.model, self.optimizer = model, optimizer
         self.snapshots: collections.deque[Snapshot] = collections.deque(maxlen=keep)
         self.steps = 0
+        self.relist()
+
+    def relist(self) -> None:
+        """List the model's parameters and buffers again (done once, here: walking the module tree
+        every step would cost more than the copy; call it after replacing parameters)."""
+        self._params = list(self.model.parameters())
+        self._buffers = list(self.model.buffers())
+        self._index = {id(p): i for i, p in enumerate(self._params)}
 
     def snapshot(self, batch: Any = None) -> Snapshot:
-        params = list(self.model.parameters())
+        params, buffers = self._params, self._buffers
+        grad_of = tuple(i for i, p in enumerate(params) if p.grad is not None)
+        live: list[torch.Tensor] = [*params, *(params[i].grad for i in grad_of), *buffers]  # type: ignore[misc, list-item]
+        opt_tensors: list[tuple[int, str]] = []
+        opt_values: list[tuple[int, str, Any]] = []
+        groups: tuple[dict[str, Any], ...] = ()
+        if self.optimizer is not None:
+            index = self._index
+            for p, st in self.optimizer.state.items():
+                for k, v in st.items():
+                    if isinstance(v, torch.Tensor):
+                        opt_tensors.append((index[id(p)], k))
+                        live.append(v)
+                    else:
+                        opt_values.append((index[id(p)], k, v))
+            groups = tuple({k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups)
         with torch.no_grad():
-            snap = Snapshot(step=self.steps, params=[p.detach().clone() for p in params],
-                            grads=[None if p.grad is None else p.grad.detach().clone() for p in params],
-                            buffers=[b.detach().clone() for b in self.model.buffers()],
-                            optimizer=_clone(self.optimizer.state_dict()) if self.optimizer is not None else None,
-                            batch=_clone(batch), rng=RngState.now(), settings=settings())
+            old = self.snapshots[0] if len(self.snapshots) == self.snapshots.maxlen else None
+            same = old is not None and old.n_params == len(params) and old.grad_of == grad_of \
+                and old.n_buffers == len(buffers) and old.opt_tensors == tuple(opt_tensors) \
+                and all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+                        for a, b in zip(old.tensors, live, strict=True))
+            if same and old is not None:  # the slot about to be dropped: one fused copy, no allocation
+                torch._foreach_copy_(old.tensors, live)
+                tensors = old.tensors
+            else:
+                tensors = [t.detach().clone() for t in live]
+        snap = Snapshot(step=self.steps, tensors=tensors, n_params=len(params), grad_of=grad_of,
+                        n_buffers=len(buffers), opt_tensors=tuple(opt_tensors), opt_values=tuple(opt_values),
+                        groups=groups, batch=_clone(batch), rng=RngState.now(), settings=settings())
         self.snapshots.append(snap)
         return snap
 
@@ -143,19 +196,27 @@ class FlightRecorder:
         """Put the model, optimizer, RNGs and settings back as they were when `snap` (default: the last)
         was taken; returns a fresh copy of its batch."""
         snap = snap or self.last
-        params = list(self.model.parameters())
-        buffers = list(self.model.buffers())
-        if len(params) != len(snap.params) or len(buffers) != len(snap.buffers):
-            raise ValueError(f"the snapshot holds {len(snap.params)} parameters and {len(snap.buffers)} buffers; "
+        params, buffers = self._params, self._buffers
+        if len(params) != snap.n_params or len(buffers) != snap.n_buffers:
+            raise ValueError(f"the snapshot holds {snap.n_params} parameters and {snap.n_buffers} buffers; "
                              f"this model has {len(params)} and {len(buffers)}")
+        t = iter(snap.tensors)
         with torch.no_grad():
-            for p, v, g in zip(params, snap.params, snap.grads, strict=True):
-                p.copy_(v)
-                p.grad = None if g is None else g.clone()
-            for b, v in zip(buffers, snap.buffers, strict=True):
-                b.copy_(v)
-        if self.optimizer is not None and snap.optimizer is not None:
-            self.optimizer.load_state_dict(_clone(snap.optimizer))
+            for p in params:
+                p.copy_(next(t))
+                p.grad = None
+            for i in snap.grad_of:
+                params[i].grad = next(t).clone()
+            for b in buffers:
+                b.copy_(next(t))
+            if self.optimizer is not None:
+                self.optimizer.state.clear()
+                for (i, k), v in zip(snap.opt_tensors, t, strict=True):
+                    self.optimizer.state[params[i]][k] = v.clone()
+                for i, k, value in snap.opt_values:
+                    self.optimizer.state[params[i]][k] = value
+                for g, saved in zip(self.optimizer.param_groups, snap.groups, strict=False):
+                    g.update(saved)
         _apply_settings(snap.settings)
         snap.rng.restore()
         return _clone(snap.batch)
