@@ -21,7 +21,7 @@ import math
 import os
 import tempfile
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -96,10 +96,13 @@ class Capture:
     schema: str = SCHEMA
 
     def to_json(self) -> str:
+        # shallow dicts, not dataclasses.asdict: its deep copy of every op's arguments cost more than
+        # the step itself on a small model (the capture is written when the step ends)
         d = {"schema": self.schema, "rank": self.rank, "world": self.world, "device": self.device,
              "env": self.env, "settings": self.settings,
-             "tensors": [asdict(t) for t in self.tensors.values()],
-             "ops": [asdict(o) for o in self.ops]}
+             "tensors": [{"vid": t.vid, "meta": _meta(t.meta), "sha256": t.sha256} for t in self.tensors.values()],
+             "ops": [{**{f: getattr(o, f) for f in _OP_FIELDS}, "out_meta": [_meta(m) for m in o.out_meta]}
+                     for o in self.ops]}
         return json.dumps(d, allow_nan=True)
 
     @classmethod
@@ -112,6 +115,14 @@ class Capture:
                for o in d["ops"]]
         return cls(rank=d["rank"], world=d["world"], device=d["device"], ops=ops, tensors=tensors,
                    env=d["env"], settings=d["settings"], root=root, schema=d["schema"])
+
+
+_OP_FIELDS = tuple(f.name for f in fields(OpRecord))
+_META_FIELDS = tuple(f.name for f in fields(TensorMeta))
+
+
+def _meta(m: TensorMeta | None) -> dict[str, Any] | None:
+    return None if m is None else {f: getattr(m, f) for f in _META_FIELDS}
 
 
 def rank_dirs(root: Path) -> list[Path]:
@@ -164,7 +175,7 @@ def put_blob(root: Path, data: bytes) -> str:
     path = root / "blobs" / f"{digest}.z"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, zlib.compress(data, 6))
+        _atomic_write(path, zlib.compress(data, 1))  # level 1: inside the captured step, speed over size
     return digest
 
 
