@@ -31,6 +31,7 @@ import zlib
 from typing import Any
 
 from . import format as fmt
+from . import settings as st
 from .reduction import reduction
 from .shrink import CollectiveCase, OpCase
 from .trials import Evidence, Rate
@@ -146,26 +147,11 @@ def fill(x, ins, device, dtype_map):
     return x
 
 
-SETTERS = {
-    "deterministic_algorithms": lambda v: torch.use_deterministic_algorithms(v, warn_only=True),
-    "num_threads": torch.set_num_threads,
-    "float32_matmul_precision": torch.set_float32_matmul_precision,
-    "default_dtype": lambda v: torch.set_default_dtype(getattr(torch, v)),
-    "cuda_matmul_allow_tf32": lambda v: setattr(torch.backends.cuda.matmul, "allow_tf32", v),
-    "cudnn_allow_tf32": lambda v: setattr(torch.backends.cudnn, "allow_tf32", v),
-    "cudnn_deterministic": lambda v: setattr(torch.backends.cudnn, "deterministic", v),
-    "cudnn_benchmark": lambda v: setattr(torch.backends.cudnn, "benchmark", v),
-    "matmul_allow_bf16_reduced_precision_reduction":
-        lambda v: setattr(torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction", v),
-    "matmul_allow_fp16_reduced_precision_reduction":
-        lambda v: setattr(torch.backends.cuda.matmul, "allow_fp16_reduced_precision_reduction", v),
-}
-
+__APPLY__
 
 def apply_settings(settings):
     """The bit-changing settings this failure needs (the header lists the ones it does not)."""
-    for k, v in settings.items():
-        SETTERS[k](v)
+    apply(settings)
     if settings:
         print("settings: " + ", ".join(f"{k}={v}" for k, v in sorted(settings.items())))
 
@@ -175,6 +161,9 @@ def resolve(name):
     packet, overload = rest.rsplit(".", 1)
     return getattr(getattr(getattr(torch.ops, ns), packet), overload)
 '''
+
+_COMMON = _COMMON.replace("__APPLY__", inspect.getsource(st.apply))  # one definition, embedded
+
 
 _MULTI = r'''
 CASE = json.loads(r"""__CASE__""")

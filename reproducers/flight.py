@@ -34,6 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import settings as st
+
 
 def _clone(x: Any) -> Any:
     """Every tensor in a (tuple, list, dict) structure copied on its device; everything else as it is."""
@@ -66,27 +68,6 @@ class RngState:
             random.setstate(self.python)
         if self.numpy is not None:
             np.random.set_state(self.numpy)
-
-
-def settings() -> dict[str, Any]:
-    """The bit-changing settings in force (recorded with every snapshot; restored with it)."""
-    return {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-            "float32_matmul_precision": torch.get_float32_matmul_precision(),
-            "allow_tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
-            "allow_tf32_cudnn": torch.backends.cudnn.allow_tf32,
-            "cudnn_deterministic": torch.backends.cudnn.deterministic,
-            "cudnn_benchmark": torch.backends.cudnn.benchmark,
-            "threads": torch.get_num_threads()}
-
-
-def _apply_settings(s: dict[str, Any]) -> None:
-    torch.use_deterministic_algorithms(s["deterministic_algorithms"], warn_only=True)
-    torch.set_float32_matmul_precision(s["float32_matmul_precision"])
-    torch.backends.cuda.matmul.allow_tf32 = s["allow_tf32_matmul"]
-    torch.backends.cudnn.allow_tf32 = s["allow_tf32_cudnn"]
-    torch.backends.cudnn.deterministic = s["cudnn_deterministic"]
-    torch.backends.cudnn.benchmark = s["cudnn_benchmark"]
-    torch.set_num_threads(s["threads"])
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -152,8 +133,8 @@ class FlightRecorder:
         groups: tuple[dict[str, Any], ...] = ()
         if self.optimizer is not None:
             index = self._index
-            for p, st in self.optimizer.state.items():
-                for k, v in st.items():
+            for p, state in self.optimizer.state.items():
+                for k, v in state.items():
                     if isinstance(v, torch.Tensor):
                         opt_tensors.append((index[id(p)], k))
                         live.append(v)
@@ -173,7 +154,7 @@ class FlightRecorder:
                 tensors = [t.detach().clone() for t in live]
         snap = Snapshot(step=self.steps, tensors=tensors, n_params=len(params), grad_of=grad_of,
                         n_buffers=len(buffers), opt_tensors=tuple(opt_tensors), opt_values=tuple(opt_values),
-                        groups=groups, batch=_clone(batch), rng=RngState.now(), settings=settings())
+                        groups=groups, batch=_clone(batch), rng=RngState.now(), settings=st.current())
         self.snapshots.append(snap)
         return snap
 
@@ -217,7 +198,7 @@ class FlightRecorder:
                     self.optimizer.state[params[i]][k] = value
                 for g, saved in zip(self.optimizer.param_groups, snap.groups, strict=False):
                     g.update(saved)
-        _apply_settings(snap.settings)
+        st.apply(snap.settings)
         snap.rng.restore()
         return _clone(snap.batch)
 

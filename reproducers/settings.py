@@ -28,13 +28,16 @@ DEFAULTS: dict[str, Any] = {
 """torch's own defaults; `num_threads` has none (it is the machine's): reverting it leaves it unset."""
 
 
-def _get() -> dict[str, Any]:
+def current() -> dict[str, Any]:
+    """The bit-changing settings in force (as a capture records them)."""
     from .capture import settings as now
 
     return now()
 
 
-def _set(s: dict[str, Any]) -> None:
+def apply(s):
+    """Set these settings (the keys capture.settings records). Embedded by its own source into
+    repro.py (emit.py), which has only torch: no annotations, no other names."""
     for k, v in s.items():
         if k == "deterministic_algorithms":
             torch.use_deterministic_algorithms(bool(v), warn_only=True)
@@ -61,12 +64,12 @@ def _set(s: dict[str, Any]) -> None:
 @contextlib.contextmanager
 def applied(s: dict[str, Any]) -> Iterator[None]:
     """These settings (the others as torch's defaults) while inside; the process's own afterwards."""
-    before = _get()
-    _set({**{k: v for k, v in DEFAULTS.items() if k in before}, **s})
+    before = current()
+    apply({**{k: v for k, v in DEFAULTS.items() if k in before}, **s})
     try:
         yield
     finally:
-        _set(before)
+        apply(before)
 
 
 def differs(recorded: dict[str, Any]) -> dict[str, Any]:
