@@ -103,7 +103,7 @@ def repro_shrink(capture_dir: str, reference: str, device: str | None, rank: int
                                                   passes=passes))
         text = emit.render_ops(r.history, r.case, device=r.divergence.device, metric_line=r.metric.line(),
                                where=r.stack, rate=r.rate, settings=r.settings,
-                               recorded=r.recorded if r.settings_shrunk else None)
+                               recorded=r.recorded)
         shapes = ", ".join(f"{i.shape} {i.kind}" for i in r.case.inputs)
         after = f" after {len(r.history)} earlier ops ({', '.join(c.op for c in r.history)})" if r.history else ""
         click.echo(f"op #{r.divergence.index} {r.case.op}({shapes}){after}: {r.metric.line()} "

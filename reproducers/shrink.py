@@ -360,8 +360,8 @@ class ShrinkResult:
     settings: dict[str, Any] = field(default_factory=dict)
     """The bit-changing settings repro.py sets: those the failure needs (the history path: as recorded)."""
     recorded: dict[str, Any] = field(default_factory=dict)
-    """The recorded settings that differ from torch's defaults (what `settings` was shrunk from)."""
-    settings_shrunk: bool = True
+    """The recorded settings that differ from torch's defaults (what `settings` was shrunk from; empty on
+    the history path, whose settings are kept as recorded)."""
 
 
 def shrink_capture(root: str, *, reference: str = "cpu64", device: str | None = None, rank: int | None = None,
@@ -408,7 +408,7 @@ def shrink_capture(root: str, *, reference: str = "cpu64", device: str | None = 
         kept, metric, runs, tries = hist
         return ShrinkResult(divergence=div, case=case, metric=metric, ops=len(kept) + 1, runs=target.runs + runs,
                             tries=tries, seconds=time.perf_counter() - t0, stack=div.stack, history=kept,
-                            settings=st.differs(cap.settings), settings_shrunk=False)
+                            settings=st.differs(cap.settings))
     measured = trials.Rate(device=dev, failed=failed, trials=trials.MEASURE)
     target.repeats = max(repeats, measured.plan)
     sig = first_metric.signature()
