@@ -40,7 +40,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
     from chipcheck.model import data
     from chipcheck.model.train import Trainer, make_parallel
     from chipcheck.probes import base
-    from chipcheck.probes.model_step import StepConfig, _configs, _seed, run_dp
+    from chipcheck.probes.model_step import StepConfig, model_configs, model_seed, run_dp
 
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) >= world:
@@ -56,8 +56,8 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
                      reference="off", verify_every=32, replica_every=8)
 
     def bare() -> None:
-        mc, tc = _configs(cfg, "fp32")
-        seed = _seed(ctx)
+        mc, tc = model_configs(cfg, "fp32")
+        seed = model_seed(ctx)
         tr = Trainer(mc, tc, seed=seed, par=par)
         batches = [data.batch(mc, seed, s, batch_size=cfg.batch_size, shard=par.dp_rank, shards=par.dp_size)
                    for s in range(cfg.steps)]
