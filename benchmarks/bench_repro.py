@@ -3,7 +3,10 @@
     python benchmarks/bench_repro.py [--steps 5] [--json benchmarks/results/repro.json]
 
 Capture overhead is the ratio of a captured step's wall time to a bare step's (medians over
-`--steps`, same trainer, tiny preset, interleaved bare / flight recorder / full capture); the flight
+`--steps`, same trainer, interleaved bare / flight recorder / full capture / a dispatch mode that
+records nothing, the floor under any Python op recorder), on the tiny GPT (468 ops of a few
+microseconds: the worst case), the `bench` preset (3 M parameters, the same ops on GEMMs that take
+time) and a HuggingFace GPT-2; the flight
 recorder's is a step inside `FlightRecorder.step` (a snapshot of the step's starting state) over a
 bare one. Shrink time is `shrink_capture` end to end (differential
 replay, single-op isolation, input shrinking) on a step with one injected bit flip in a backward mm.
@@ -16,11 +19,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from chipcheck.model import GPTConfig, TrainConfig, Trainer, data
 from chipcheck.probes import faults
@@ -31,10 +38,18 @@ SPEC = "bitflip:rank=0,bit=25,op=mm,after=12,count=1,at=call"
 SPEC_25 = "bitflip:rank=0,bit=25,op=mm,chance=0.25,seed=1,at=call"
 
 
+class _Passthrough(TorchDispatchMode):
+    """A dispatch mode that only calls the op: the floor under any Python-level op recorder."""
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        return func(*args, **(kwargs or {}))
+
+
 def overheads(step: Callable[[], object], rec: FlightRecorder, batch: object, steps: int,
               tmp: str) -> dict[str, float]:
-    """Medians of a bare step, one under the flight recorder and one under full capture, interleaved."""
-    bare, flown, captured = [], [], []
+    """Medians of a bare step, one under the flight recorder, one under full capture and one under a
+    dispatch mode that records nothing (the floor of any Python op recorder), interleaved."""
+    bare, flown, captured, floor = [], [], [], []
     step()
     for i in range(steps):
         t0 = time.perf_counter()
@@ -48,10 +63,23 @@ def overheads(step: Callable[[], object], rec: FlightRecorder, batch: object, st
         with capture(Path(tmp) / f"o{i}"):
             step()
         captured.append(time.perf_counter() - t0)
-    b, f, c = (statistics.median(x) for x in (bare, flown, captured))
+        t0 = time.perf_counter()
+        with _Passthrough():
+            step()
+        floor.append(time.perf_counter() - t0)
+        shutil.rmtree(Path(tmp) / f"o{i}")
+    b, f, c, p = (statistics.median(x) for x in (bare, flown, captured, floor))
     return {"step_bare_ms": 1e3 * b, "step_flight_recorder_ms": 1e3 * f, "step_captured_ms": 1e3 * c,
             "flight_recorder_overhead_ratio": f / b, "capture_overhead_ratio": c / b,
-            "snapshot_bytes": rec.last.nbytes()}
+            "dispatch_floor_ratio": p / b, "snapshot_bytes": rec.last.nbytes()}
+
+
+def trainer_overheads(preset: str, steps: int, tmp: str) -> dict[str, Any]:
+    mc = GPTConfig.preset(preset)
+    tr = Trainer(mc, TrainConfig(), seed=1)
+    x, y = data.batch(mc, 1, 0, batch_size=8)
+    return {"preset": preset, "params": sum(p.numel() for p in tr.model.parameters()),
+            **overheads(lambda: tr.step(x, y), FlightRecorder(tr.model, tr.opt), (x, y), steps, tmp)}
 
 
 def hf_overheads(steps: int) -> dict[str, object]:
@@ -88,7 +116,8 @@ def main() -> None:
     tr = Trainer(mc, TrainConfig(), seed=1)
     x, y = data.batch(mc, 1, 0, batch_size=8)
     with tempfile.TemporaryDirectory() as tmp:
-        tiny = overheads(lambda: tr.step(x, y), FlightRecorder(tr.model, tr.opt), (x, y), a.steps, tmp)
+        tiny = trainer_overheads("tiny", a.steps, tmp)
+        bench = trainer_overheads("bench", a.steps, tmp)
         root = Path(tmp) / "faulty"
         inj = faults.make_injector(faults.parse(SPEC), 0, "model_step")
         with inj():
@@ -117,7 +146,7 @@ def main() -> None:
            **tiny,
            "ops_per_step": ops, "capture_dir_bytes": cap_bytes, "shrink_s": shrink_s, "shrink_candidates": r.tries,
            "repro_bytes": len(text), "repro_bytes_unshrunk_inputs": len(text_full),
-           "hf": hf_overheads(a.steps),
+           "hf": hf_overheads(a.steps), "bench_preset": bench,
            "intermittent_25pct": {"failed": r25.rate.failed if r25.rate else None,
                                   "of": r25.rate.trials if r25.rate else None,
                                   "planned_trials": r25.rate.plan if r25.rate else None,

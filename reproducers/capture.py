@@ -2,7 +2,7 @@
 
 `with capture("out/cap"):` around a step (forward, backward, optimizer, collectives), on every rank.
 A TorchDispatchMode sees each ATen call with its real arguments: we log the overload, the arguments
-(tensors by identity), every output's shape/stride/dtype/device/storage and a SHA-256 fingerprint of
+(tensors by identity), every output's shape/stride/dtype/device/storage and an XXH3 fingerprint of
 its bytes. Only tensors that no recorded op produced (parameters, the batch) have their bytes saved,
 plus the outputs of random ops and of collectives: everything else replay recomputes.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -28,7 +29,6 @@ from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils.weak import WeakIdKeyDictionary
 
 from . import format as fmt
 
@@ -91,8 +91,8 @@ class Recorder(TorchDispatchMode):
     def __init__(self, root: Path, rank: int, world: int, stacks: bool = True):
         super().__init__()
         self.root, self.rank, self.world, self.stacks = root, rank, world, stacks
-        self.vids: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self.storages: dict[tuple[str, int], tuple[int, Any, int]] = {}  # key -> (storage id, weakref, vid)
+        self.vids = _Identities()
+        self.storages: dict[tuple[Any, int], tuple[int, Any, int]] = {}  # key -> (storage id, weakref, vid)
         self.ops: list[fmt.OpRecord | None] = []
         self.tensors: dict[int, fmt.TensorRef] = {}
         self.pending: list[_Pending] = []
@@ -109,13 +109,11 @@ class Recorder(TorchDispatchMode):
 
     def _storage_id(self, t: torch.Tensor, vid: int) -> tuple[int, int | None]:
         """(storage id, vid of a live tensor already holding that storage, if any)."""
-        import weakref
-
         st = t.untyped_storage()
         if st.nbytes() == 0:
             self._next_storage += 1
             return self._next_storage, None
-        key = (str(t.device), st.data_ptr())
+        key = (t.device, st.data_ptr())
         known = self.storages.get(key)
         if known is not None and known[1]() is not None:
             return known[0], known[2]
@@ -142,8 +140,8 @@ class Recorder(TorchDispatchMode):
         return int(t.storage_offset() - b.storage_offset() if base in self.tensors else t.storage_offset())
 
     def meta(self, t: torch.Tensor, storage: int) -> fmt.TensorMeta:
-        return fmt.TensorMeta(shape=list(t.shape), stride=list(t.stride()), dtype=str(t.dtype).removeprefix("torch."),
-                              device=str(t.device), storage_offset=int(t.storage_offset()), storage=storage)
+        return fmt.TensorMeta(shape=list(t.shape), stride=list(t.stride()), dtype=_name(t.dtype),
+                              device=_name(t.device), storage_offset=int(t.storage_offset()), storage=storage)
 
     def _external(self, t: torch.Tensor) -> int:
         """A tensor no recorded op produced: save its bytes, or express it as a view of a known storage
@@ -156,10 +154,10 @@ class Recorder(TorchDispatchMode):
         offset = self._alias_offset(t, base) if base is not None and base != vid else None
         if offset is not None:
             args = [{"t": base}, list(t.shape), list(t.stride()), offset]
-            self._append(fmt.OpRecord(index=-1, op="aten.as_strided.default", args=args, kwargs={}, outputs=[vid],
-                                      out_meta=[m], fingerprints=[fmt.fingerprint(t)]))
+            self.ops.append(fmt.OpRecord(index=len(self.ops), op="aten.as_strided.default", args=args, kwargs={},
+                                         outputs=[vid], out_meta=[m], fingerprints=[fmt.fingerprint(t)]))
             return vid
-        self.tensors[vid] = fmt.TensorRef(vid=vid, meta=m, sha256=fmt.put_blob(self.root, fmt.tensor_bytes(t)))
+        self.tensors[vid] = fmt.TensorRef(vid=vid, meta=m, sha256=fmt.put_tensor(self.root, t))
         return vid
 
     def encode(self, x: Any) -> Any:
@@ -187,10 +185,6 @@ class Recorder(TorchDispatchMode):
         return {"opaque": type(x).__name__}
 
     # --- recording --------------------------------------------------------------------------
-    def _append(self, rec: fmt.OpRecord) -> int:
-        slot = len(self.ops)
-        self.ops.append(fmt.OpRecord(**{**_fields(rec), "index": slot}))
-        return slot
 
     def _outputs(self, out: Any, reuse: bool = True) -> tuple[list[int | None], list[fmt.TensorMeta | None], list[Any]]:
         items = list(out) if isinstance(out, (tuple, list)) else [out]
@@ -222,9 +216,13 @@ class Recorder(TorchDispatchMode):
         out: list[str] = []
         f: FrameType | None = sys._getframe(2)
         while f is not None and len(out) < 3:
-            name = f.f_code.co_filename
-            if not name.startswith(_TORCH_DIR) and not name.startswith(_HERE):
-                out.append(f"{name}:{f.f_lineno}:{f.f_code.co_name}")
+            code = f.f_code
+            user = _USER_CODE.get(code)
+            if user is None:
+                name = code.co_filename
+                user = _USER_CODE[code] = not name.startswith(_TORCH_DIR) and not name.startswith(_HERE)
+            if user:
+                out.append(f"{code.co_filename}:{f.f_lineno}:{code.co_name}")
             f = f.f_back
         return out
 
@@ -238,8 +236,7 @@ class Recorder(TorchDispatchMode):
                 torch.cuda.synchronize(outs[0].device)
             vids, metas, _ = self._outputs(outs)
             fps = [fmt.fingerprint(o) if isinstance(o, torch.Tensor) else "" for o in outs]
-            blobs = [fmt.put_blob(self.root, fmt.tensor_bytes(o)) if isinstance(o, torch.Tensor) else ""
-                     for o in outs]
+            blobs = [fmt.put_tensor(self.root, o) if isinstance(o, torch.Tensor) else "" for o in outs]
             self.ops[p.slot] = fmt.OpRecord(
                 index=p.slot, op=str(p.func), args=p.args, kwargs=p.kwargs, outputs=vids, out_meta=metas,
                 fingerprints=fps, in_fingerprints=p.in_fps, substituted=True, collective=p.info,
@@ -248,15 +245,18 @@ class Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if func.namespace in _SKIP_NAMESPACES:
+        kind = _KINDS.get(func)
+        if kind is None:
+            kind = _KINDS[func] = _kind(func)
+        if kind == "skip":
             return func(*args, **kwargs)
-        if any(_is_subclass(t) for t in types):
+        if any(_is_subclass(t) for t in types if t is not torch.Tensor):
             # DTensor (FSDP2, TP), AsyncCollectiveTensor, ...: let the subclass run first; it re-dispatches
             # on its plain local tensors, which is what a chip computes and what we record.
             return NotImplemented
         if self.pending:
             self.flush()
-        if func is torch.ops._c10d_functional._wrap_tensor_autograd.default:
+        if kind == "wrap":
             out = func(*args, **kwargs)
             vid = self.vids.get(args[0])
             if vid is not None:
@@ -265,17 +265,17 @@ class Recorder(TorchDispatchMode):
         args = [_unwrap_async(a) if isinstance(a, torch.Tensor) else a for a in args]
         enc_args = self.encode(list(args))
         enc_kwargs = {k: self.encode(v) for k, v in kwargs.items()}
-        if func.namespace in ("c10d", "_c10d_functional"):
+        if kind == "collective":
             return self._collective(func, args, kwargs, enc_args, enc_kwargs)
         out = func(*args, **kwargs)
         seeded = _seeded(func, args, kwargs)
         vids, metas, tensors = self._outputs(out)
         fps = [fmt.fingerprint(t) if isinstance(t, torch.Tensor) else "" for t in tensors]
-        recorded = ([fmt.put_blob(self.root, fmt.tensor_bytes(t)) if isinstance(t, torch.Tensor) else ""
-                     for t in tensors] if seeded else [])
-        self._append(fmt.OpRecord(index=-1, op=str(func), args=enc_args, kwargs=enc_kwargs, outputs=vids,
-                                  out_meta=metas, fingerprints=fps, substituted=seeded, stack=self._stack(),
-                                  recorded=recorded))
+        recorded = ([fmt.put_tensor(self.root, t) if isinstance(t, torch.Tensor) else "" for t in tensors]
+                    if seeded else [])
+        self.ops.append(fmt.OpRecord(index=len(self.ops), op=_name(func), args=enc_args, kwargs=enc_kwargs,
+                                     outputs=vids, out_meta=metas, fingerprints=fps, substituted=seeded,
+                                     stack=self._stack(), recorded=recorded))
         return out
 
     def _collective(self, func: Any, args: list[Any], kwargs: dict[str, Any], enc_args: Any,
@@ -302,39 +302,82 @@ class Recorder(TorchDispatchMode):
         self.flush()
         ops = [o for o in self.ops if o is not None]
         cap = fmt.Capture(rank=self.rank, world=self.world, device=self.device, ops=ops, tensors=self.tensors,
-                          env=environment(), settings=settings(), root=self.root)
+                          env=environment(), settings=settings(), root=self.root, fingerprint=fmt.FINGERPRINT)
         fmt.save(cap)
         return cap
 
 
+class _Identities:
+    """Tensor object -> vid, by identity, without keeping the tensor alive (WeakIdKeyDictionary's job,
+    at a tenth of its cost per lookup: this runs for every argument of every op of the step)."""
+
+    def __init__(self) -> None:
+        self._by_id: dict[int, tuple[Any, int]] = {}
+
+    def get(self, t: torch.Tensor) -> int | None:
+        e = self._by_id.get(id(t))
+        return e[1] if e is not None and e[0]() is t else None  # a dead tensor's id may be reused
+
+    def __setitem__(self, t: torch.Tensor, vid: int) -> None:
+        self._by_id[id(t)] = (weakref.ref(t), vid)
+
+
 _PLAIN_DISPATCH = (torch.Tensor.__torch_dispatch__, torch._C._disabled_torch_dispatch_impl)
+_SUBCLASS: dict[type, bool] = {}
+_USER_CODE: dict[Any, bool] = {}
+_NAMES: dict[Any, str] = {}
+_SEEDED: dict[Any, tuple[bool, int, Any]] = {}
+_KINDS: dict[Any, str] = {}
+# Per-op facts that never change, looked up once: str(func), str(dtype), a code object's origin, a
+# schema's dropout argument. Each is a few microseconds, times every op of the step.
+
+
+def _kind(func: Any) -> str:
+    """How the recorder treats an op: skip (bookkeeping), wrap (a functional collective's autograd
+    wrapper: same value), collective, or compute."""
+    if func.namespace in _SKIP_NAMESPACES:
+        return "skip"
+    if func is torch.ops._c10d_functional._wrap_tensor_autograd.default:
+        return "wrap"
+    return "collective" if func.namespace in ("c10d", "_c10d_functional") else "compute"
+
+
+def _name(x: Any) -> str:
+    """str() of an op overload, dtype or device, without the `torch.` prefix (cached)."""
+    n = _NAMES.get(x)
+    if n is None:
+        n = _NAMES[x] = str(x).removeprefix("torch.")
+    return n
 
 
 def _is_subclass(t: type) -> bool:
     """A tensor subclass with its own __torch_dispatch__ (not a plain tensor or a Parameter)."""
-    return getattr(t, "__torch_dispatch__", torch.Tensor.__torch_dispatch__) not in _PLAIN_DISPATCH
+    known = _SUBCLASS.get(t)
+    if known is None:
+        known = _SUBCLASS[t] = getattr(t, "__torch_dispatch__", torch.Tensor.__torch_dispatch__) not in _PLAIN_DISPATCH
+    return known
 
 
 def _seeded(func: Any, args: list[Any], kwargs: dict[str, Any]) -> bool:
     """Does this call consume the RNG? Attention kernels carry the seeded tag for their dropout; with
     dropout_p == 0 they are plain compute (and a fault target), so replay must recompute them."""
-    if torch.Tag.nondeterministic_seeded not in func.tags:
+    facts = _SEEDED.get(func)
+    if facts is None:
+        i, default = next(((i, a.default_value) for i, a in enumerate(func._schema.arguments)
+                           if a.name == "dropout_p"), (-1, None))
+        facts = _SEEDED[func] = (torch.Tag.nondeterministic_seeded in func.tags, i, default)
+    tagged, i, default = facts
+    if not tagged:
         return False
-    for i, a in enumerate(func._schema.arguments):
-        if a.name == "dropout_p":
-            p = kwargs.get("dropout_p", args[i] if i < len(args) else a.default_value)
-            return bool(p)
-    return True
+    if i < 0:
+        return True
+    return bool(kwargs.get("dropout_p", args[i] if i < len(args) else default))
 
 
 def _span(t: torch.Tensor) -> tuple[int, int]:
     """[first, last] storage element `t` addresses."""
     lo = int(t.storage_offset())
     return lo, lo + int(sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True) if n > 1))
-
-
-def _fields(rec: fmt.OpRecord) -> dict[str, Any]:
-    return {k: getattr(rec, k) for k in rec.__slots__}  # type: ignore[attr-defined]
 
 
 def _flat(x: Any) -> list[Any]:

@@ -363,7 +363,7 @@ def replay(cap: fmt.Capture, *, device: str | None = None, reference: str = "cpu
                                 break
                 if result.capture_mismatch is None and compared:
                     for a, fp in zip(outs, rec.fingerprints, strict=False):
-                        if isinstance(a, torch.Tensor) and fp and fmt.fingerprint(a) != fp:
+                        if isinstance(a, torch.Tensor) and fp and fmt.fingerprint(a, cap.fingerprint) != fp:
                             result.capture_mismatch = rec.index
                             break
             for vid, t in zip(rec.outputs, outs, strict=False):
