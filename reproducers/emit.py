@@ -32,7 +32,7 @@ from typing import Any
 
 from . import format as fmt
 from . import settings as st
-from .reduction import reduction
+from .reduction import exact_result, reduction
 from .shrink import CollectiveCase, OpCase
 from .trials import Evidence, Rate
 
@@ -239,15 +239,27 @@ def rank_main(rank, world, port, device_kind, fault_spec, q):
     ins = [load(s, "cpu") for s in CASE["inputs"]]
     t = ins[rank].clone().to(device)
     corrupt(t, parse_inject(fault_spec), rank)  # the simulated bad link / NIC: the outgoing payload
-    red = CASE["reduce_op"]
-    dist.all_reduce(t, op=getattr(dist.ReduceOp, red.upper()))
+    kind, red, src = CASE["kind"], CASE["reduce_op"], CASE["source"]
+    op = getattr(dist.ReduceOp, red.upper()) if red else None
+    if kind == "all_reduce":
+        dist.all_reduce(t, op=op)
+        out = t
+    elif kind == "all_gather":
+        out = torch.empty(world * t.numel(), dtype=t.dtype, device=device)
+        dist.all_gather_into_tensor(out, t.reshape(-1))
+    elif kind == "reduce_scatter":
+        out = torch.empty(t.numel() // world, dtype=t.dtype, device=device)
+        dist.reduce_scatter_tensor(out, t.reshape(-1), op=op)
+    else:
+        dist.broadcast(t, src=src)
+        out = t
     dist.barrier()
-    expected, tol = reduction(red, [x.double() for x in ins], 2.0 ** -MANT[CASE["dtype"]])
-    got = t.cpu().double()
+    expected, tol = exact_result(kind, red, [x.double() for x in ins], rank, src, 2.0 ** -MANT[CASE["dtype"]])
+    got = out.cpu().double().reshape(-1)
     err = (got - expected).abs()
     bad = ~((err <= tol) | (got == expected) | (torch.isnan(got) & torch.isnan(expected)))
     n = int(bad.sum())
-    text = f"agrees with the exact {red}" if n == 0 else metric(t.cpu(), expected, 0.0)[1]
+    text = f"agrees with {CASE['exact']}" if n == 0 else metric(out.cpu().reshape(-1), expected, 0.0)[1]
     q.put((rank, n, text))
     dist.destroy_process_group()
 
@@ -275,11 +287,11 @@ def main():
             pr.join(60)
         bad = 0
         for rank, n, text in rows:
-            print(f"run {r + 1}/{a.repeat} rank {rank}/{world} all_reduce ({CASE['reduce_op']}) on {a.device}: {text}")
+            print(f"run {r + 1}/{a.repeat} rank {rank}/{world} {CASE['what']} on {a.device}: {text}")
             bad += n
         failed += bad > 0
     print(f"{'REPRODUCED' if failed else 'not reproduced'}: {failed} of {a.repeat} runs wrong "
-          f"(all_reduce {CASE['reduce_op']} of {world} ranks vs the exact host-side {CASE['reduce_op']})")
+          f"({CASE['what']} of {world} ranks vs {CASE['exact']}, computed on the host)")
     sys.exit(1 if failed else 0)
 
 
@@ -385,14 +397,21 @@ def render_ops(history: list[OpCase], case: OpCase, *, device: str, metric_line:
 
 
 def render_collective(case: CollectiveCase, *, metric_line: str) -> str:
-    """repro.py for an all-reduce: spawns the group's ranks and embeds every rank's input."""
+    """repro.py for a collective (all-reduce, all-gather, reduce-scatter, broadcast): spawns the
+    group's ranks, each sending its embedded recorded input, and checks every rank's result against
+    the exact one computed on the host."""
     t0 = case.inputs[0]
-    red = case.divergence.reduce_op or "sum"
-    title = f"chipcheck reproducer: all_reduce ({red}) over {case.world} ranks"
+    div = case.divergence
+    kind = div.collective or "all_reduce"
+    red = div.reduce_op or ("sum" if kind == "all_reduce" else "")
+    what = f"{kind} ({red})" if red else (f"broadcast from rank {div.source}" if kind == "broadcast" else kind)
+    exact = f"the exact {red} of every rank's input" if red else "what the ranks sent, bit for bit"
+    title = f"chipcheck reproducer: {what} over {case.world} ranks"
     data = {"title": title, "world": case.world, "dtype": str(t0.dtype).removeprefix("torch."),
-            "inputs": [_embed(t) for t in case.inputs], "reduce_op": red}
-    head = _header(title, [f"Op: {case.op} ({red}), {case.world} ranks, input {tuple(t0.shape)} {data['dtype']}",
-                           f"Observed on rank {case.divergence.rank}: {metric_line}",
+            "inputs": [_embed(t) for t in case.inputs], "kind": kind, "reduce_op": red, "source": div.source,
+            "what": what, "exact": exact}
+    head = _header(title, [f"Op: {case.op} ({what}), {case.world} ranks, input {tuple(t0.shape)} {data['dtype']}",
+                           f"Observed on rank {div.rank}: {metric_line}",
                            "Run: python repro.py --device cpu   (gloo; --device cuda uses NCCL, one GPU per rank)"])
     return head + _COMMON + _COLLECTIVE.replace("__CASE__", json.dumps(data)).replace(
-        "__REDUCTION__", inspect.getsource(reduction))
+        "__REDUCTION__", inspect.getsource(reduction) + "\n\n" + inspect.getsource(exact_result))

@@ -1,12 +1,16 @@
-"""An all-reduce's exact result on the host, written once for replay and for the emitted repro.py.
+"""A collective's exact result on the host, written once for replay and for the emitted repro.py.
 
-repro.py must run with only torch and numpy, so emit.py embeds this function's own source
-(`inspect.getsource`) into the file instead of importing it; replay.py calls it directly.
+repro.py must run with only torch and numpy, so emit.py embeds these functions' own source
+(`inspect.getsource`) into the file instead of importing them; replay.py calls them directly.
 """
 
 from __future__ import annotations
 
 import torch
+
+KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
+"""The collectives checked against their exact result (alltoall, send/recv and coalesced forms are
+substituted by their recorded outputs in replay, not checked)."""
 
 
 def reduction(op, xs, u):
@@ -23,4 +27,18 @@ def reduction(op, xs, u):
         return exp, (world - 1) * u * exp.abs()
     stack = torch.stack(xs)
     exp = stack.amax(0) if op == "max" else stack.amin(0)
+    return exp, torch.zeros_like(exp)
+
+
+def exact_result(kind, op, xs, rank, src, u):
+    """(what group rank `rank` must hold after collective `kind` over every group rank's input `xs`
+    (float64 tensors, in group-rank order), flattened; the error allowed per element). Moving data
+    (all_gather, broadcast) allows none; reducing it allows what `reduction` allows."""
+    flat = [x.reshape(-1) for x in xs]
+    if kind == "all_reduce":
+        return reduction(op, flat, u)
+    if kind == "reduce_scatter":
+        n = flat[0].numel() // len(flat)
+        return reduction(op, [x[rank * n:(rank + 1) * n] for x in flat], u)
+    exp = torch.cat(flat) if kind == "all_gather" else flat[src]
     return exp, torch.zeros_like(exp)

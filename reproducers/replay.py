@@ -27,7 +27,7 @@ import torch
 from ..probes import faults as faultmod
 from ..probes import oracles
 from . import format as fmt
-from .reduction import reduction
+from .reduction import exact_result
 
 # Relative tolerance vs float64 per output dtype, scaled by (|ref| + rms(ref)): loose enough for any
 # correct kernel's rounding (summation order, fused ops), far below a flipped exponent or high bit.
@@ -98,7 +98,12 @@ class Divergence:
     inputs: list[Any] = field(default_factory=list, repr=False)
     """The suspect's input tensors to the op (host copies), in `flat_tensors(args)` order."""
     reduce_op: str = ""
-    """A collective divergence: the all-reduce's reduction (sum, avg, product, min, max)."""
+    """A collective divergence: the reduction of an all-reduce or reduce-scatter (sum, avg, product,
+    min, max); "" for one that moves data."""
+    collective: str = ""
+    """A collective divergence: all_reduce, all_gather, reduce_scatter or broadcast."""
+    source: int = 0
+    """A broadcast's source (group rank)."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -414,33 +419,88 @@ def substitute(cap: fmt.Capture, rec: fmt.OpRecord, args: Any, dev: str, result:
 CHECKED_REDUCTIONS = ("sum", "avg", "product", "min", "max")
 
 
+def collective_kind(op: str) -> str | None:
+    """all_reduce, all_gather, reduce_scatter or broadcast for a c10d or functional collective's
+    overload name (`c10d._allgather_base_.default`, ...); None for the ones not checked."""
+    name = op.split(".")[1] if op.count(".") >= 2 else op
+    if "coalesced" in name:
+        return None
+    for kind, spellings in (("all_reduce", ("allreduce", "all_reduce")), ("all_gather", ("allgather", "all_gather")),
+                            ("reduce_scatter", ("reduce_scatter",)), ("broadcast", ("broadcast",))):
+        if any(name.lstrip("_").startswith(w) for w in spellings):
+            return kind
+    return None
+
+
+def _payload(kind: str, op: str, ins: list[Any], outs: list[Any]) -> list[tuple[Any, Any]]:
+    """(what this rank contributed, what it ended with) per tensor of the call. c10d ops list their
+    outputs first (`allgather_(outputs, input)`, `_reduce_scatter_base_(output, input)`); in-place
+    ones (all_reduce, broadcast) hold the value before the call in `ins` and after it in `outs`."""
+    c10d = op.startswith("c10d.")
+    if kind in ("all_reduce", "broadcast"):
+        return list(zip(ins, outs, strict=False))
+    if not outs:
+        return []
+    out = torch.cat([o.reshape(-1) for o in outs]) if kind == "all_gather" else outs[0]
+    if not c10d:
+        return [(ins[0], out)]
+    sent = ins[len(outs):] if kind == "all_gather" else ins[1:]
+    return [(torch.cat([t.reshape(-1) for t in sent]), out)] if sent else []
+
+
+def _source(rec: fmt.OpRecord) -> int:
+    """A broadcast's source (group rank): `broadcast_(tensors, pg, root_rank, ...)` or the functional
+    `broadcast(input, src, group)`."""
+    i = 2 if rec.op.startswith("c10d.") else 1
+    return int(rec.args[i]) if len(rec.args) > i and isinstance(rec.args[i], int) else 0
+
+
 def check_collectives(results: list[ReplayResult], caps: list[fmt.Capture]) -> Divergence | None:
-    """The first all-reduce whose output on some rank differs from the exact host-side reduction
-    (its recorded op: sum, avg, product, min or max) of every rank's input (replayed bits)."""
+    """The first collective whose result on some rank differs from the exact host-side result of
+    every group rank's input (replayed bits): an all-reduce or reduce-scatter from the exact reduction
+    (its recorded op: sum, avg, product, min or max) within the roundings it may make, an all-gather
+    or broadcast from the bytes sent, exactly. The ranks' k-th collectives are compared (the same
+    call on every rank of one group: a capture whose ranks disagree on it is not checked past it)."""
     if len(results) < 2 or not all(r.collective_inputs for r in results):
         return None
     for k in range(min(len(r.collective_inputs) for r in results)):
-        idx, _ = results[0].collective_inputs[k]
-        op = next(o for o in caps[0].ops if o.index == idx)
-        if "allreduce" not in op.op and "all_reduce" not in op.op:
-            continue
-        red = str((op.collective or {}).get("reduce_op", "sum"))
-        if red not in CHECKED_REDUCTIONS:
-            continue  # bitwise reductions of integers: not checked here
-        ins = [r.collective_inputs[k][1] for r in results]
-        for j in range(len(ins[0])):
-            for r, cap in zip(results, caps, strict=True):
-                act = r.collective_outputs[k][1][j]
-                exp64, tol = reduction(red, [x[j].double() for x in ins], 2.0 ** -_MANTISSA.get(act.dtype, 53))
-                err = (act.double() - exp64).abs()
-                bad = ~((err <= tol) | (act.double() == exp64) | (torch.isnan(act.double()) & torch.isnan(exp64)))
+        recs = [next(o for o in cap.ops if o.index == r.collective_inputs[k][0]) for r, cap in zip(results, caps,
+                                                                                                  strict=True)]
+        if len({(o.op, (o.collective or {}).get("group")) for o in recs}) != 1:
+            return None  # the ranks' k-th calls differ (subgroups): the order no longer lines up
+        kind = collective_kind(recs[0].op)
+        red = str((recs[0].collective or {}).get("reduce_op", "sum")) if kind in ("all_reduce", "reduce_scatter") else ""
+        if kind is None or (red and red not in CHECKED_REDUCTIONS):
+            continue  # bitwise reductions of integers, alltoall, coalesced calls: not checked here
+        order = sorted(range(len(results)), key=lambda i: int((recs[i].collective or {}).get("rank", i)))
+        parts = [_payload(kind, recs[i].op, results[i].collective_inputs[k][1], results[i].collective_outputs[k][1])
+                 for i in order]
+        for j in range(min(len(p) for p in parts)):
+            sent = [p[j][0] for p in parts]
+            for g, i in enumerate(order):
+                act = parts[g][j][1]
+                u = 2.0 ** -_MANTISSA.get(act.dtype, 53)
+                exp64, tol = exact_result(kind, red, [x.double() for x in sent], g, _source(recs[0]), u)
+                got = act.reshape(-1).double()
+                if got.shape != exp64.shape:
+                    continue  # a layout this check does not know: not judged
+                err = (got - exp64).abs()
+                bad = ~((err <= tol) | (got == exp64) | (torch.isnan(got) & torch.isnan(exp64)))
                 if bool(bad.any()):
-                    mm = oracles.compare_bits(exp64.to(act.dtype)[bad], act[bad], tensor="out")
-                    m = Metric(cls="wrong", max_abs=float(err[bad].max()), bad=int(bad.sum()), total=act.numel(),
-                               bad_indices=_indices(bad), flipped_bits=dict(mm.bit_histogram) if mm else {},
-                               message=f"all_reduce ({red}) result differs from the exact {red} of every rank's input")
-                    rec = next(o for o in cap.ops if o.index == r.collective_inputs[k][0])
+                    mm = oracles.compare_bits(exp64.to(act.dtype)[bad], act.reshape(-1)[bad], tensor="out")
+                    what = f"{kind} ({red})" if red else kind
+                    exact = f"the exact {red} of every rank's input" if red else "what the ranks sent, bit for bit"
+                    if kind == "all_gather":  # which sender's part arrived wrong (group ranks)
+                        n = max(sent[0].numel(), 1)
+                        senders = sorted({int(x) // n for x in bad.nonzero().reshape(-1).tolist()})
+                        exact += f" (wrong in the part{'s' if len(senders) > 1 else ''} from rank " \
+                                 f"{', '.join(map(str, senders))})"
+                    m = Metric(cls="wrong", max_abs=float(err[bad].max()), bad=int(bad.sum()), total=got.numel(),
+                               bad_indices=_indices(bad.reshape(act.shape) if bad.numel() == act.numel() else bad),
+                               flipped_bits=dict(mm.bit_histogram) if mm else {},
+                               message=f"{what} result differs from {exact}")
+                    rec, cap = recs[i], caps[i]
                     return Divergence(rank=cap.rank, index=rec.index, op=rec.op, output=j, metric=m,
                                       device=cap.device, reference="host-exact", stack=rec.stack,
-                                      inputs=[x[j] for x in ins], reduce_op=red)
+                                      inputs=sent, reduce_op=red, collective=kind, source=_source(rec))
     return None

@@ -13,8 +13,8 @@ Pipeline for a capture (`shrink_capture`):
 When the op does not fail alone, the failure needs history (`shrink_history`): every earlier op is cut
 at its recorded inputs, suffix bisection finds the shortest failing suffix, and ddmin (dead ops first)
 keeps the few the failure needs; the target's inputs are then kept as recorded.
-Collectives (several ranks) go through `shrink_collective`: the all-reduce that differs from the
-exact host-side sum becomes a case with every rank's input.
+Collectives (several ranks) go through `shrink_collective`: the all-reduce, all-gather, reduce-scatter
+or broadcast that differs from its exact host-side result becomes a case with every rank's input.
 """
 
 from __future__ import annotations
@@ -541,7 +541,7 @@ def shrink_history(cap: fmt.Capture, div: rp.Divergence, case: OpCase, *, device
 
 @dataclass(slots=True, kw_only=True)
 class CollectiveCase:
-    """An all-reduce that went wrong: every rank's input and the group size."""
+    """A collective that went wrong: every rank's input (group-rank order) and the group size."""
 
     op: str
     world: int
@@ -550,8 +550,9 @@ class CollectiveCase:
 
 
 def shrink_collective(root: str, *, device: str | None = None) -> CollectiveCase:
-    """Every rank's replay; the first all-reduce that differs from the exact host-side reduction (its
-    recorded op: sum, avg, product, min or max), over however many ranks captured it."""
+    """Every rank's replay; the first collective (all-reduce, all-gather, reduce-scatter, broadcast)
+    whose result differs from the exact host-side one (`rp.check_collectives`), over however many
+    ranks captured it."""
     caps = fmt.load_all(root)
     if len(caps) < 2:
         raise NotReproducible(f"{root}: one rank captured; a collective repro needs every rank's capture")
@@ -559,5 +560,6 @@ def shrink_collective(root: str, *, device: str | None = None) -> CollectiveCase
                          keep_collectives=True) for c in caps]
     div = rp.check_collectives(results, caps)
     if div is None:
-        raise NotReproducible(f"{root}: every all-reduce matches the exact reduction of the ranks' inputs")
+        raise NotReproducible(f"{root}: every all-reduce, all-gather, reduce-scatter and broadcast matches "
+                              "the exact result of the ranks' inputs")
     return CollectiveCase(op=div.op, world=len(caps), inputs=list(div.inputs), divergence=div)

@@ -1,5 +1,7 @@
-"""A corrupted all_reduce on one rank of a real gloo group shrinks to a single file of the same group
-size and reduction (sum over 2 ranks, max and product over 3)."""
+"""A corrupted collective on one rank of a real gloo group shrinks to a single file of the same group
+size and reduction: all_reduce (sum over 2 ranks, max and product over 3), and over 3 ranks an
+all-gather, a reduce-scatter and a broadcast (each file fails with the simulated bad link and passes
+without it); a healthy group's capture yields no reproducer."""
 
 from __future__ import annotations
 
@@ -62,3 +64,60 @@ def test_corrupted_all_reduce_becomes_a_file_of_its_group_size_and_reduction(tmp
     good = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert good.returncode == 0, good.stdout + good.stderr
     assert good.stdout.count(f"agrees with the exact {red}") == world
+
+
+MOVES = {"_allgather_base_": "all_gather", "_reduce_scatter_base_": "reduce_scatter", "broadcast_": "broadcast"}
+
+
+def _moves_rank(rank: int, world: int, root: str, op: str) -> None:
+    """A step of 3 ranks that gathers activations, reduce-scatters them and broadcasts from rank 1;
+    `op` (a c10d op) sends a flipped bit from rank 1 once, or nothing ("none")."""
+    import torch.distributed as dist
+
+    from chipcheck import generator as g
+    from chipcheck.probes import faults
+    from chipcheck.reproducers import capture
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root}-pg", rank=rank, world_size=world)
+    w = g.uniform((16, 16), 11, "w", device="cpu")
+    x = g.uniform((8, 16), 11 + rank, "x", device="cpu")
+    inj = faults.make_injector(faults.parse(f"bitflip:rank=1,bit=25,op={op},index=3,count=1"), rank, "repro") \
+        if op != "none" else None
+    with inj() if inj else contextlib.nullcontext():
+        with capture(root):
+            h = torch.sigmoid(x @ w)
+            full = torch.empty(world * h.numel())
+            dist.all_gather_into_tensor(full, h.reshape(-1))
+            part = torch.empty(h.numel())
+            dist.reduce_scatter_tensor(part, full * (rank + 1))
+            dist.broadcast(part, src=1)
+            part.mul_(2)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("op", [*MOVES, "none"])
+def test_a_corrupted_gather_scatter_or_broadcast_becomes_a_file_and_a_clean_one_does_not(tmp_path: Path,
+                                                                                         op: str) -> None:
+    root = tmp_path / "cap"
+    mp.start_processes(_moves_rank, args=(3, str(root), op), nprocs=3, start_method="spawn")
+    if op == "none":  # every collective of a healthy group agrees with its exact result: nothing to blame
+        with pytest.raises(sk.NotReproducible, match="matches the exact result"):
+            sk.shrink_collective(str(root))
+        return
+    case = sk.shrink_collective(str(root))
+    kind = MOVES[op]
+    assert case.op == f"c10d.{op}.default" and case.divergence.collective == kind and case.world == 3
+    if kind == "all_gather":
+        assert "wrong in the part from rank 1" in case.divergence.metric.message
+    if kind == "broadcast":
+        assert case.divergence.source == 1
+    path = tmp_path / "repro.py"
+    path.write_text(emit.render_collective(case, metric_line=case.divergence.metric.line()))
+    bad = subprocess.run([sys.executable, str(path), "--inject", "bitflip:rank=1,bit=25,index=3"],
+                         capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert bad.returncode == 1 and "REPRODUCED" in bad.stdout, bad.stdout + bad.stderr
+    assert all(f"rank {r}/3 {kind}" in bad.stdout for r in range(3)), bad.stdout
+    good = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert good.returncode == 0, good.stdout + good.stderr
+    assert good.stdout.count("agrees with") == 3, good.stdout
