@@ -432,20 +432,31 @@ def collective_kind(op: str) -> str | None:
     return None
 
 
-def _payload(kind: str, op: str, ins: list[Any], outs: list[Any]) -> list[tuple[Any, Any]]:
-    """(what this rank contributed, what it ended with) per tensor of the call. c10d ops list their
-    outputs first (`allgather_(outputs, input)`, `_reduce_scatter_base_(output, input)`); in-place
-    ones (all_reduce, broadcast) hold the value before the call in `ins` and after it in `outs`."""
-    c10d = op.startswith("c10d.")
+def _payload(kind: str, op: str, ins: list[Any], outs: list[Any]) -> list[tuple[list[int], Any]]:
+    """(positions in `ins` of what this rank contributed, what it ended with) per tensor of the call.
+    c10d ops list their outputs first (`allgather_(outputs, input)`, `_reduce_scatter_base_(output,
+    input)`); in-place ones (all_reduce, broadcast) hold the value before the call in `ins` and after
+    it in `outs`."""
     if kind in ("all_reduce", "broadcast"):
-        return list(zip(ins, outs, strict=False))
+        return [([j], o) for j, o in enumerate(outs[:len(ins)])]
     if not outs:
         return []
     out = torch.cat([o.reshape(-1) for o in outs]) if kind == "all_gather" else outs[0]
-    if not c10d:
-        return [(ins[0], out)]
-    sent = ins[len(outs):] if kind == "all_gather" else ins[1:]
-    return [(torch.cat([t.reshape(-1) for t in sent]), out)] if sent else []
+    if not op.startswith("c10d."):
+        return [([0], out)]
+    first = len(outs) if kind == "all_gather" else 1
+    return [(list(range(first, len(ins))), out)] if len(ins) > first else []
+
+
+def _sent(ins: list[Any], where: list[int]) -> Any:
+    return ins[where[0]] if len(where) == 1 else torch.cat([ins[p].reshape(-1) for p in where])
+
+
+def _as_sent(cap: fmt.Capture, rec: fmt.OpRecord, ins: list[Any], where: list[int]) -> bool:
+    """Is the replayed payload what the rank sent when it was captured (its recorded fingerprints)?
+    When it is not (an input the capture could not rebuild), the collective cannot be judged."""
+    fps = rec.in_fingerprints
+    return all(p < len(fps) and fps[p] and fmt.fingerprint(ins[p], cap.fingerprint) == fps[p] for p in where)
 
 
 def _source(rec: fmt.OpRecord) -> int:
@@ -455,12 +466,15 @@ def _source(rec: fmt.OpRecord) -> int:
     return int(rec.args[i]) if len(rec.args) > i and isinstance(rec.args[i], int) else 0
 
 
-def check_collectives(results: list[ReplayResult], caps: list[fmt.Capture]) -> Divergence | None:
+def check_collectives(results: list[ReplayResult], caps: list[fmt.Capture],
+                      unjudged: list[str] | None = None) -> Divergence | None:
     """The first collective whose result on some rank differs from the exact host-side result of
     every group rank's input (replayed bits): an all-reduce or reduce-scatter from the exact reduction
     (its recorded op: sum, avg, product, min or max) within the roundings it may make, an all-gather
     or broadcast from the bytes sent, exactly. The ranks' k-th collectives are compared (the same
-    call on every rank of one group: a capture whose ranks disagree on it is not checked past it)."""
+    call on every rank of one group: a capture whose ranks disagree on it is not checked past it).
+    A collective whose replayed payload is not what some rank sent (by the fingerprints recorded when
+    it was captured) is not judged: it is listed in `unjudged`, never blamed."""
     if len(results) < 2 or not all(r.collective_inputs for r in results):
         return None
     for k in range(min(len(r.collective_inputs) for r in results)):
@@ -476,11 +490,19 @@ def check_collectives(results: list[ReplayResult], caps: list[fmt.Capture]) -> D
         parts = [_payload(kind, recs[i].op, results[i].collective_inputs[k][1], results[i].collective_outputs[k][1])
                  for i in order]
         for j in range(min(len(p) for p in parts)):
-            sent = [p[j][0] for p in parts]
+            ins = [results[i].collective_inputs[k][1] for i in order]
+            sent = [_sent(x, p[j][0]) for x, p in zip(ins, parts, strict=True)]
+            src = _source(recs[0])
+            needed = [src] if kind == "broadcast" else range(len(order))
+            if not all(g < len(order) and _as_sent(caps[order[g]], recs[order[g]], ins[g], parts[g][j][0])
+                       for g in needed):
+                if unjudged is not None:
+                    unjudged.append(f"op #{recs[0].index} {recs[0].op}")
+                continue
             for g, i in enumerate(order):
                 act = parts[g][j][1]
                 u = 2.0 ** -_MANTISSA.get(act.dtype, 53)
-                exp64, tol = exact_result(kind, red, [x.double() for x in sent], g, _source(recs[0]), u)
+                exp64, tol = exact_result(kind, red, [x.double() for x in sent], g, src, u)
                 got = act.reshape(-1).double()
                 if got.shape != exp64.shape:
                     continue  # a layout this check does not know: not judged

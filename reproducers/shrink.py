@@ -558,8 +558,11 @@ def shrink_collective(root: str, *, device: str | None = None) -> CollectiveCase
         raise NotReproducible(f"{root}: one rank captured; a collective repro needs every rank's capture")
     results = [rp.replay(c, device=device or c.device, reference=c.device, stop_at_first=False,
                          keep_collectives=True) for c in caps]
-    div = rp.check_collectives(results, caps)
+    unjudged: list[str] = []
+    div = rp.check_collectives(results, caps, unjudged)
     if div is None:
+        left = (f"; {len(unjudged)} not judged, their replayed payload is not what was sent ({', '.join(unjudged[:3])}"
+                f"{', ...' if len(unjudged) > 3 else ''})" if unjudged else "")
         raise NotReproducible(f"{root}: every all-reduce, all-gather, reduce-scatter and broadcast matches "
-                              "the exact result of the ranks' inputs")
+                              f"the exact result of the ranks' inputs{left}")
     return CollectiveCase(op=div.op, world=len(caps), inputs=list(div.inputs), divergence=div)

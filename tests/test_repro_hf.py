@@ -14,6 +14,8 @@ import torch
 import torch.multiprocessing as mp
 from conftest import run_cli
 
+from chipcheck.reproducers import shrink as sk
+
 pytest.importorskip("transformers")
 
 FAULT = "bitflip:rank=1,bit=20,dtype=float32,every=2,scope=process"
@@ -85,6 +87,12 @@ def test_hf_gpt2_two_ranks_capture_replay_shrink(mode: str, tmp_path: Path) -> N
     p = run_cli("repro", "replay", str(root), "--rank", "1", "--reference", "cpu64", "--inject", FAULT)
     assert p.returncode == 1 and "first divergent op" in p.stdout and "20x1" in p.stdout, p.stdout + p.stderr
     assert any(g in p.stdout for g in ("aten.addmm.default", "aten.mm.default", "aten.bmm.default"))
+    # no collective is blamed: not on the healthy step (DDP's bucket all-reduce, FSDP's all-gather and
+    # reduce-scatter agree with their exact results), and not on the faulty one, whose bad GEMM fed
+    # the gradients rank 1 sent (its replayed payload is not what it sent: unjudged, never a bad link)
+    for cap in (f"{root}-clean", str(root)):
+        with pytest.raises(sk.NotReproducible, match="matches the exact result"):
+            sk.shrink_collective(cap)
     out = tmp_path / "repro.py"
     p = run_cli("repro", "shrink", str(root), "--rank", "1", "--reference", "cpu64", "--inject", FAULT,
                 "-o", str(out))
