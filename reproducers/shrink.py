@@ -356,7 +356,7 @@ class ShrinkResult:
     """Earlier ops (recorded inputs, in order) the failure needs before `case`; empty: it fails alone.
     Their inputs are not shrunk, nor the target's in that case."""
     rate: trials.Rate | None = None
-    """How often the shrunk op fails alone on the suspect (None: the failure needs history)."""
+    """How often the shrunk case fails on the suspect: the op alone, or after its kept history."""
     settings: dict[str, Any] = field(default_factory=dict)
     """The bit-changing settings repro.py sets: those the failure needs (the history path: as recorded)."""
     recorded: dict[str, Any] = field(default_factory=dict)
@@ -405,10 +405,10 @@ def shrink_capture(root: str, *, reference: str = "cpu64", device: str | None = 
         if hist is None:
             raise NotReproducible(f"op #{div.index} {div.op} diverged in the step but neither alone nor after "
                                   f"every earlier op (replayed on recorded inputs) in {repeats} runs")
-        kept, metric, runs, tries = hist
+        kept, metric, runs, tries, rate = hist
         return ShrinkResult(divergence=div, case=case, metric=metric, ops=len(kept) + 1, runs=target.runs + runs,
                             tries=tries, seconds=time.perf_counter() - t0, stack=div.stack, history=kept,
-                            settings=st.differs(cap.settings))
+                            settings=st.differs(cap.settings), rate=rate)
     measured = trials.Rate(device=dev, failed=failed, trials=trials.MEASURE)
     target.repeats = max(repeats, measured.plan)
     sig = first_metric.signature()
@@ -497,11 +497,13 @@ def prefix_cases(cap: fmt.Capture, upto: int, *, device: str, inject: str | None
 
 def shrink_history(cap: fmt.Capture, div: rp.Divergence, case: OpCase, *, device: str, reference: str,
                    inject: str | None, faults: list[Any] | None, repeats: int = 3
-                   ) -> tuple[list[OpCase], rp.Metric, int, int] | None:
-    """The divergent op fails only after earlier ops: (kept earlier ops, metric, runs, candidates tried),
-    or None when even the whole prefix does not reproduce.
+                   ) -> tuple[list[OpCase], rp.Metric, int, int, trials.Rate] | None:
+    """The divergent op fails only after earlier ops: (kept earlier ops, metric, runs, candidates tried,
+    how often the kept sequence fails), or None when even the whole prefix does not reproduce.
 
-    1. suffix bisection (`find_integer` from the divergent op backwards) for the shortest failing
+    0. the whole prefix runs `trials.MEASURE` times: a failure that shows k of n times is intermittent,
+       and every candidate below gets the trials that see it at that rate (a candidate tried too few
+       times would be dropped as not failing, and the history cut wrongly); 1. suffix bisection (`find_integer` from the divergent op backwards) for the shortest failing
        suffix of the op list; 2. dead-code removal: every kept op is dead (cut at recorded values, none
        reads another's output), so first try keeping only the ops of the target's kind, then 3. `ddmin`
        over what is left, the target always last. Candidates are cached by their op positions."""
@@ -523,9 +525,22 @@ def shrink_history(cap: fmt.Capture, div: rp.Divergence, case: OpCase, *, device
             cache[idx] = ok
         return cache[idx]
 
+    def rate(idx: tuple[int, ...]) -> tuple[int, rp.Metric | None]:
+        nonlocal runs
+        k, first = 0, None
+        for _ in range(trials.MEASURE):
+            runs += 1
+            m = run_sequence([prior[i] for i in idx], case, device=device, reference=reference, faults=faults)
+            if m is not None and m.signature() == sig:
+                k, first = k + 1, first or m
+        return k, first
+
     n = len(prior)
-    if not fails(tuple(range(n))):
+    whole, _ = rate(tuple(range(n)))
+    if not whole:
         return None
+    repeats = max(repeats, trials.Rate(device=device, failed=whole, trials=trials.MEASURE).plan)
+    cache[tuple(range(n))] = True
     # largest suffix length that does NOT fail, so +1 is the shortest failing one (monotone enough)
     k = find_integer(lambda m: m < n and not fails(tuple(range(n - m, n)))) + 1
     idx = list(range(n - k, n))
@@ -535,8 +550,9 @@ def shrink_history(cap: fmt.Capture, div: rp.Divergence, case: OpCase, *, device
     if idx:
         idx = ddmin(idx, lambda sub: fails(tuple(sub)))
     kept = [prior[i] for i in idx]
-    metric = run_sequence(kept, case, device=device, reference=reference, faults=faults) or div.metric
-    return kept, metric, runs, len(cache)
+    k, metric = rate(tuple(idx))
+    measured = trials.Rate(device=device, failed=k or whole, trials=trials.MEASURE)
+    return kept, metric or div.metric, runs, len(cache), measured
 
 
 @dataclass(slots=True, kw_only=True)

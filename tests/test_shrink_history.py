@@ -75,3 +75,23 @@ def test_cli_shrink_live_inject_writes_a_multi_op_repro(history_capture: Path, t
     assert "after 2 earlier ops" in p.stdout and "wrote" in p.stdout
     r = subprocess.run([sys.executable, str(out), "--inject", SPEC], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stdout + r.stderr
+
+
+def test_an_intermittent_failure_that_needs_history_gets_a_trial_plan(history_capture: Path, tmp_path: Path) -> None:
+    """The same warm-up fault, hitting only half the time: the whole prefix is measured first, every
+    candidate gets the planned trials (too few would drop a needed op as "not failing"), and the
+    file runs the plan by default and reproduces with the fault, never without it."""
+    spec = SPEC.replace("at=call", "at=call,chance=0.5,seed=3")
+    r = sk.shrink_capture(str(history_capture), reference="cpu64", inject=spec, live_inject=True, repeats=1,
+                          passes=8)
+    assert [c.op for c in r.history] == ["aten.mm.default"] * 2 and r.case.op == "aten.mm.default"
+    assert r.rate is not None and r.rate.intermittent and 1 < r.rate.plan <= 200, r.rate
+    path = tmp_path / "repro.py"
+    path.write_text(emit.render_ops(r.history, r.case, device="cpu", metric_line=r.metric.line(), where=r.stack,
+                                    rate=r.rate))
+    assert f"--repeat {r.rate.plan} by default" in path.read_text()
+    bad = subprocess.run([sys.executable, str(path), "--inject", spec], capture_output=True, text=True,
+                         timeout=300, cwd=tmp_path)
+    assert bad.returncode == 1 and f"of {r.rate.plan}" in bad.stdout, bad.stdout + bad.stderr
+    good = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert good.returncode == 0, good.stdout + good.stderr
