@@ -153,7 +153,8 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
         for r, d in enumerate(req.devices)
     ]
     q: queue.Queue[tuple[int, Any, protocol.Message | None]] = queue.Queue()
-    master_port = req.master_port or free_port()
+    store = None if req.master_port else agent_store()  # held to the end of the run: it is the rendezvous
+    master_port = req.master_port or int(store.port)
     launched = time.time()
     lost_ranks: dict[int, str] = {}  # rank -> what happened to it (said to every other worker)
 
@@ -176,7 +177,8 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
         env = {**os.environ, "RANK": str(w.rank), "LOCAL_RANK": str(w.rank), "WORLD_SIZE": str(len(workers)),
                "LOCAL_WORLD_SIZE": str(len(workers)), "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(master_port), "OMP_NUM_THREADS": str(plan.cpu_threads),
-               "CHIPCHECK_PARENT_PID": str(os.getpid()), faults.EPOCH_ENV: repr(req.epoch or launched)}
+               "CHIPCHECK_PARENT_PID": str(os.getpid()), faults.EPOCH_ENV: repr(req.epoch or launched),
+               **({"TORCHELASTIC_USE_AGENT_STORE": "True"} if store is not None else {})}
         env.pop("CHIPCHECK_RESULT_FD", None)
         if w.log is None:
             w.log = tempfile.TemporaryFile(prefix=f"chipcheck-{req.run_id}-rank{w.rank}-")
@@ -236,7 +238,7 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
                 f"{req.timeout_s:g}s watchdog; worker killed")
         elif not w.hello and w.killed_for is None:
             kind, msg = ErrorKind.CRASH, (f"worker for {w.info.label} on {w.info.host} died at start-up "
-                                          f"(exit {code}): {_tail_of(w.log.fileno()) if w.log else ''}")
+                                          f"({exit_text(code)}): {_tail_of(w.log.fileno()) if w.log else ''}")
         else:
             kind, msg = ErrorKind.CRASH, (f"worker for {w.info.label} on {w.info.host} died in {probe} {case} "
                                           f"(rank {w.rank}, seed {req.seed}): {exit_text(code)}. "
@@ -417,6 +419,16 @@ def _blame_the_lost(res: ProbeResult, lost_ranks: dict[int, str], workers: list[
     text = "; ".join(f"peer rank {r} lost ({why})" for r, why in sorted(who.items()))
     err = ErrorInfo(kind=ErrorKind.PEER_LOST, message=f"not run: {text}; here: {res.error.message}"[:600])
     return dataclasses.replace(res, verdict=Verdict.PASS, error=err)
+
+
+def agent_store() -> Any:
+    """The run's rendezvous store, hosted by the launcher as torchrun's agent hosts it (every worker a
+    client: TORCHELASTIC_USE_AGENT_STORE), on a port the OS picks and this process holds from the
+    start. A free port found, closed and handed to rank 0 to bind later could be taken in between on
+    a busy host: rank 0 then failed its rendezvous (EADDRINUSE) and a healthy device was `error`."""
+    from torch.distributed import TCPStore
+
+    return TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
 
 
 def free_port() -> int:

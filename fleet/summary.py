@@ -105,7 +105,13 @@ def explain(r: ProbeResult) -> str:
             line = f"{m.oracle.value}: {m.tensor}: {_strip_step(m.note) or 'differs'}"
         parts[line] = parts.get(line, 0) + 1
     said = "; ".join(line + (f" (x{n})" if n > 1 else "") for line, n in parts.items())
-    return f"{where}: {r.verdict.value} in {r.repeats_bad} of {r.repeats} repeats; " + said
+    if r.repeats_bad:
+        how = f"{r.verdict.value} in {r.repeats_bad} of {r.repeats} repeats"
+    elif r.verdict is Verdict.FLAKY:  # no repeat failed a check, yet they disagree among themselves
+        how = f"flaky: its {r.repeats} repeats differ bit for bit, none failed a check against its reference"
+    else:
+        how = r.verdict.value
+    return f"{where}: {how}; " + said
 
 
 def _strip_step(note: str) -> str:

@@ -95,3 +95,12 @@ def test_a_reference_deviation_every_chip_shares_bit_for_bit_blames_no_chip() ->
     assert blame.systematic(odd).exonerate == set()
     exact = [_res(r, "matmul", "float32/exact", Verdict.WRONG, mismatches=[_own()], h="same") for r in range(4)]
     assert blame.systematic(exact).exonerate == set()
+
+
+def test_a_flaky_case_whose_repeats_only_disagree_says_so_not_flaky_in_0_of_n() -> None:
+    rep = Mismatch(oracle=Oracle.REPEAT, tensor="loss", bad_elements=1, total_elements=4)
+    r = dataclasses.replace(_res(1, "model_step", "fp32", Verdict.FLAKY, mismatches=[rep]), repeats=2, repeats_bad=0)
+    line = summary.explain(r)
+    assert "repeats differ bit for bit" in line and "0 of 2" not in line, line
+    bad = dataclasses.replace(r, verdict=Verdict.WRONG, repeats_bad=2)
+    assert "wrong in 2 of 2 repeats" in summary.explain(bad)

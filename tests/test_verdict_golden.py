@@ -25,9 +25,9 @@ Left out, because they vary between runs or hosts rather than with behaviour:
   host's rounding against the float64 reference, not the injected fault.
 Each configuration was run at least three times on one host while this was written (most six times, and
 against the code before and after the attention and model_step package splits); nothing else flickered.
-One run did differ: `collectives-crash-rank1` once failed with EADDRINUSE on rank 0 (both ranks `error`),
-the launcher's port race (fleet/launch.py free_port releases the port before rank 0 binds it; another
-process on a busy host can take it in between). Such a failure is that race, not a behaviour change.
+One run did differ: `collectives-crash-rank1` once failed with EADDRINUSE on rank 0 (both ranks `error`):
+the launcher's port race, found by this test and fixed since (the launcher now hosts the rendezvous
+store on a port it holds from the start: fleet/launch.py agent_store).
 
 Regenerating the golden. Only when a change of verdicts or diagnoses is *intended* (never to make a
 refactor pass), rerun:
