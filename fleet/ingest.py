@@ -14,7 +14,6 @@ stopping the others.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,8 +157,8 @@ def _judge(run: RunSession) -> None:
 
     store, run_id = run.store, run.run_id
     rec = reload.record(store, run_id)
-    row = store.conn.execute("SELECT config FROM runs WHERE run_id=?", (run_id,)).fetchone()
-    options = json.loads(row[0]).get("options", {}) if row else {}
+    row = store.run(run_id)
+    options = dict(row.config.get("options") or {}) if row else {}
     options.pop("declared", None)  # a topology file on the node that ran it need not exist here
     opts = runner.RunOptions(profile=rec.profile if rec.profile in runner.PROFILES else "quick", seed=rec.seed,
                              min_gap=rec.min_gap, options={k: str(v) for k, v in options.items()})

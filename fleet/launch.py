@@ -154,7 +154,7 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
     ]
     q: queue.Queue[tuple[int, Any, protocol.Message | None]] = queue.Queue()
     store = None if req.master_port else agent_store()  # held to the end of the run: it is the rendezvous
-    master_port = req.master_port or int(store.port)
+    master_port = int(store.port) if store is not None else req.master_port
     launched = time.time()
     lost_ranks: dict[int, str] = {}  # rank -> what happened to it (said to every other worker)
 

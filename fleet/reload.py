@@ -10,7 +10,6 @@ its process is gone (SIGKILL, a lost host).
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -80,27 +79,24 @@ def resolve(store: Store, run_id: str) -> str:
 
 
 def record(store: Store, run_id: str) -> RunRecord:
-    # the store has no typed accessor for one run's row yet; this is the only raw query here
     try:
-        row = store.conn.execute("SELECT run_id, started, ended, profile, seed, config, host FROM runs WHERE run_id=?",
-                                 (run_id,)).fetchone()
+        row = store.run(run_id)
         status = store.run_status(run_id)
     except sqlite3.DatabaseError as e:
         raise StoreError(f"{store.path} cannot be read ({e})") from None
     if row is None:
         raise RunNotFound(f"no run {run_id!r} in {store.path}")
+    config = row.config
     try:
-        config = json.loads(row[5])
         min_gap = float(config.get("min_gap", SpeedPolicy().min_gap))
-        backend = str(config.get("backend", "torch"))
-    except (ValueError, AttributeError):
-        config, min_gap, backend = {}, SpeedPolicy().min_gap, "torch"
-    pid = config.get("pid") if isinstance(config, dict) else None
-    plan = _plan(config.get("plan")) if isinstance(config, dict) else None
-    files = {k: str(config.get(k) or "") if isinstance(config, dict) else "" for k in ("baselines", "declared")}
-    return RunRecord(run_id=row[0], started=row[1], ended=row[2], profile=row[3], seed=row[4], min_gap=min_gap,
-                     backend=backend, host=str(row[6]), status=status, pid=pid if isinstance(pid, int) else None,
-                     plan=plan, **files)
+    except (TypeError, ValueError):
+        min_gap = SpeedPolicy().min_gap
+    backend = str(config.get("backend", "torch"))
+    pid = config.get("pid")
+    files = {k: str(config.get(k) or "") for k in ("baselines", "declared")}
+    return RunRecord(run_id=row.run_id, started=row.started, ended=row.ended, profile=row.profile, seed=row.seed,
+                     min_gap=min_gap, backend=backend, host=row.host, status=status,
+                     pid=pid if isinstance(pid, int) else None, plan=_plan(config.get("plan")), **files)
 
 
 def _plan(raw: Any) -> list[tuple[str, list[str]]] | None:

@@ -13,6 +13,7 @@ import sqlite3
 import tempfile
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -528,12 +529,54 @@ class Store:
                 self.skipped_rows += 1
         return out
 
+    def run(self, run_id: str) -> StoredRun | None:
+        """The run's row (None: no such run)."""
+        row = self.conn.execute("SELECT run_id, started, ended, host, profile, seed, config FROM runs WHERE run_id=?",
+                                (run_id,)).fetchone()
+        if row is None:
+            return None
+        try:
+            config = json.loads(row[6])
+        except (TypeError, ValueError, RecursionError):
+            config = {}
+        return StoredRun(run_id=str(row[0]), started=float(row[1]), ended=None if row[2] is None else float(row[2]),
+                         host=str(row[3]), profile=str(row[4]), seed=int(row[5]),
+                         config=config if isinstance(config, dict) else {})
+
+    def device_results(self, uuid: str, probe: str, *, since: float, until: float) -> list[ProbeResult]:
+        """One device's (by UUID) results of one probe that started in [since, until], in arrival
+        order (through the results table's device_uuid index); unreadable bodies are skipped and
+        counted in `skipped_rows`, as in `results`."""
+        out = []
+        for (body,) in self.conn.execute(
+                "SELECT body FROM results WHERE device_uuid=? AND probe=? AND started>=? AND started<=? ORDER BY id",
+                (uuid, probe, since, until)):
+            try:
+                out.append(records.parse_line(body))
+            except (records.BadRecord, TypeError):
+                self.skipped_rows += 1
+        return out
+
     def runs(self) -> list[tuple[str, float, str | None]]:
         return list(self.conn.execute("SELECT run_id, started, verdict FROM runs ORDER BY started"))
 
     def latest_run(self) -> str | None:
         row = self.conn.execute("SELECT run_id FROM runs ORDER BY started DESC LIMIT 1").fetchone()
         return row[0] if row else None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StoredRun:
+    """One run's row: when and where it ran, how, and the options it was run with (`config`, parsed;
+    {} when the stored text is not a JSON object)."""
+
+    run_id: str
+    started: float
+    ended: float | None
+    host: str
+    profile: str
+    seed: int
+    config: dict[str, Any]
 
 
 def _has_column(conn: sqlite3.Connection, table: str, column: str) -> bool:

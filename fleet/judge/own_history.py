@@ -13,7 +13,6 @@ called slow for a 22% dip. Figures are per run the best over that run's cases (n
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -74,14 +73,11 @@ def speed_history(store: Store, uuid: str, key: SpeedKey, *, now: float, days: f
 
     Reads the results table through its device_uuid index (no schema change); bodies are parsed with
     the same rules as a live run's (speed_samples)."""
-    rows = store.conn.execute(
-        "SELECT run_id, body FROM results WHERE device_uuid=? AND probe=? AND started>=? AND started<=? ORDER BY id",
-        (uuid, key.probe, now - days * DAY_S, now))
     per_run: dict[str, float] = {}
-    for run_id, body in rows:
-        if run_id == exclude_run:
+    for r in store.device_results(uuid, key.probe, since=now - days * DAY_S, until=now):
+        if r.run_id == exclude_run:
             continue
-        for s in speed_samples([ProbeResult.from_dict(json.loads(body))]):
-            if s.key == key and s.value > per_run.get(run_id, 0.0):
-                per_run[run_id] = s.value
+        for s in speed_samples([r]):
+            if s.key == key and s.value > per_run.get(r.run_id, 0.0):
+                per_run[r.run_id] = s.value
     return list(per_run.values())
