@@ -18,10 +18,12 @@ top mode and fingerprints what the kernel (and the simulated bad chip) returned.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import platform
 import sys
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -94,7 +96,9 @@ class Recorder(TorchDispatchMode):
         self.vids = _Identities()
         self.storages: dict[tuple[Any, int], tuple[int, Any, int]] = {}  # key -> (storage id, weakref, vid)
         self.ops: list[fmt.OpRecord | None] = []
-        self.tensors: dict[int, fmt.TensorRef] = {}
+        self.saved: dict[int, tuple[fmt.TensorMeta, Future[str]]] = {}  # vid -> (meta, its blob's digest)
+        self.recorded: list[tuple[int, list[Future[str] | str]]] = []  # (op slot, its outputs' blobs)
+        self.blobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chipcheck-capture-blobs")
         self.pending: list[_Pending] = []
         self.device = "cpu"
         self._next_vid = 0
@@ -137,7 +141,7 @@ class Recorder(TorchDispatchMode):
         blo, bhi = _span(b)
         if lo < blo or hi > bhi:
             return None
-        return int(t.storage_offset() - b.storage_offset() if base in self.tensors else t.storage_offset())
+        return int(t.storage_offset() - b.storage_offset() if base in self.saved else t.storage_offset())
 
     def meta(self, t: torch.Tensor, storage: int) -> fmt.TensorMeta:
         return fmt.TensorMeta(shape=list(t.shape), stride=list(t.stride()), dtype=_name(t.dtype),
@@ -157,7 +161,7 @@ class Recorder(TorchDispatchMode):
             self.ops.append(fmt.OpRecord(index=len(self.ops), op="aten.as_strided.default", args=args, kwargs={},
                                          outputs=[vid], out_meta=[m], fingerprints=[fmt.fingerprint(t)]))
             return vid
-        self.tensors[vid] = fmt.TensorRef(vid=vid, meta=m, sha256=fmt.put_tensor(self.root, t))
+        self.saved[vid] = (m, self._put(t))
         return vid
 
     def encode(self, x: Any) -> Any:
@@ -236,11 +240,11 @@ class Recorder(TorchDispatchMode):
                 torch.cuda.synchronize(outs[0].device)
             vids, metas, _ = self._outputs(outs)
             fps = [fmt.fingerprint(o) if isinstance(o, torch.Tensor) else "" for o in outs]
-            blobs = [fmt.put_tensor(self.root, o) if isinstance(o, torch.Tensor) else "" for o in outs]
+            self.recorded.append((p.slot, [self._put(o) if isinstance(o, torch.Tensor) else "" for o in outs]))
             self.ops[p.slot] = fmt.OpRecord(
                 index=p.slot, op=str(p.func), args=p.args, kwargs=p.kwargs, outputs=vids, out_meta=metas,
                 fingerprints=fps, in_fingerprints=p.in_fps, substituted=True, collective=p.info,
-                stack=p.stack, recorded=blobs)
+                stack=p.stack)
         self.pending.clear()
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -270,12 +274,14 @@ class Recorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         seeded = _seeded(func, args, kwargs)
         vids, metas, tensors = self._outputs(out)
-        fps = [fmt.fingerprint(t) if isinstance(t, torch.Tensor) else "" for t in tensors]
-        recorded = ([fmt.put_tensor(self.root, t) if isinstance(t, torch.Tensor) else "" for t in tensors]
-                    if seeded else [])
+        # a view computes nothing: its bytes are its base's, fingerprinted where they were made
+        fps = ([""] * len(tensors) if kind == "view" else
+               [fmt.fingerprint(t) if isinstance(t, torch.Tensor) else "" for t in tensors])
+        if seeded:
+            self.recorded.append((len(self.ops), [self._put(t) if isinstance(t, torch.Tensor) else "" for t in tensors]))
         self.ops.append(fmt.OpRecord(index=len(self.ops), op=_name(func), args=enc_args, kwargs=enc_kwargs,
                                      outputs=vids, out_meta=metas, fingerprints=fps, substituted=seeded,
-                                     stack=self._stack(), recorded=recorded))
+                                     stack=self._stack()))
         return out
 
     def _collective(self, func: Any, args: list[Any], kwargs: dict[str, Any], enc_args: Any,
@@ -298,10 +304,27 @@ class Recorder(TorchDispatchMode):
                                      in_fps=in_fps, info=info, stack=self._stack()))
         return out
 
+    def _put(self, t: torch.Tensor) -> Future[str]:
+        """The tensor's bytes to the blob store, off the step's thread: the step pays for one host copy
+        (it may overwrite `t` in place next: an optimizer's parameters do); hashing and writing run
+        beside it, and a write that fails (a full disk) is raised by `finish`, after the step."""
+        data = fmt.tensor_bytes(t)
+        return self.blobs.submit(fmt.put_blob, self.root, data)
+
     def finish(self) -> fmt.Capture:
         self.flush()
+        self.blobs.shutdown(wait=True)
+        try:
+            tensors = {vid: fmt.TensorRef(vid=vid, meta=m, sha256=f.result()) for vid, (m, f) in self.saved.items()}
+            for slot, blobs in self.recorded:
+                rec = self.ops[slot]
+                if rec is not None:
+                    self.ops[slot] = dataclasses.replace(
+                        rec, recorded=[b.result() if isinstance(b, Future) else b for b in blobs])
+        except OSError as e:
+            raise fmt.CaptureError(f"{self.root}: the capture's tensors could not be written ({e})") from None
         ops = [o for o in self.ops if o is not None]
-        cap = fmt.Capture(rank=self.rank, world=self.world, device=self.device, ops=ops, tensors=self.tensors,
+        cap = fmt.Capture(rank=self.rank, world=self.world, device=self.device, ops=ops, tensors=tensors,
                           env=environment(), settings=settings(), root=self.root, fingerprint=fmt.FINGERPRINT)
         fmt.save(cap)
         return cap
@@ -334,12 +357,14 @@ _KINDS: dict[Any, str] = {}
 
 def _kind(func: Any) -> str:
     """How the recorder treats an op: skip (bookkeeping), wrap (a functional collective's autograd
-    wrapper: same value), collective, or compute."""
+    wrapper: same value), collective, view (recorded, not fingerprinted), or compute."""
     if func.namespace in _SKIP_NAMESPACES:
         return "skip"
     if func is torch.ops._c10d_functional._wrap_tensor_autograd.default:
         return "wrap"
-    return "collective" if func.namespace in ("c10d", "_c10d_functional") else "compute"
+    if func.namespace in ("c10d", "_c10d_functional"):
+        return "collective"
+    return "view" if func.is_view else "compute"
 
 
 def _name(x: Any) -> str:

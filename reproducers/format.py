@@ -188,14 +188,6 @@ def put_blob(root: Path, data: bytes | memoryview) -> str:
     return digest
 
 
-def put_tensor(root: Path, t: Any) -> str:
-    """`put_blob` of a tensor's bytes, read in place when it is a contiguous host tensor."""
-    if not materialised(t):
-        return put_blob(root, b"")
-    flat = host_contiguous(t)  # held: the borrowed view is only valid while its tensor lives
-    return put_blob(root, _borrow(flat))
-
-
 def get_blob(root: Path, digest: str) -> bytes:
     path = root / "blobs" / f"{digest}.z"
     try:
