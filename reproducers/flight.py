@@ -89,6 +89,9 @@ class Snapshot:
     batch: Any
     rng: RngState
     settings: dict[str, Any]
+    sources: tuple[int, ...] = field(default=(), repr=False, compare=False)
+    """id() of the live tensors copied (a later snapshot into this slot skips the layout check when
+    they are the same objects)."""
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -143,10 +146,13 @@ class FlightRecorder:
             groups = tuple({k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups)
         with torch.no_grad():
             old = self.snapshots[0] if len(self.snapshots) == self.snapshots.maxlen else None
+            # the same tensor objects the slot was copied from: the usual case, known without a
+            # Python loop over every tensor's layout on every step
+            ids = tuple(map(id, live))
             same = old is not None and old.n_params == len(params) and old.grad_of == grad_of \
                 and old.n_buffers == len(buffers) and old.opt_tensors == tuple(opt_tensors) \
-                and all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
-                        for a, b in zip(old.tensors, live, strict=True))
+                and (old.sources == ids or all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+                                               for a, b in zip(old.tensors, live, strict=True)))
             if same and old is not None:  # the slot about to be dropped: one fused copy, no allocation
                 torch._foreach_copy_(old.tensors, live)
                 tensors = old.tensors
@@ -154,7 +160,7 @@ class FlightRecorder:
                 tensors = [t.detach().clone() for t in live]
         snap = Snapshot(step=self.steps, tensors=tensors, n_params=len(params), grad_of=grad_of,
                         n_buffers=len(buffers), opt_tensors=tuple(opt_tensors), opt_values=tuple(opt_values),
-                        groups=groups, batch=_clone(batch), rng=RngState.now(), settings=st.current())
+                        groups=groups, batch=_clone(batch), rng=RngState.now(), settings=st.current(), sources=ids)
         self.snapshots.append(snap)
         return snap
 
