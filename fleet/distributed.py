@@ -36,8 +36,8 @@ from .harness import (
     torch_device,
     torchrun_env,
 )
-from .launch import interrupt_on_signals
 from .session import RunSession
+from .supervisor import interrupt_on_signals
 
 if TYPE_CHECKING:
     from .runner import RunOptions

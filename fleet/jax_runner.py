@@ -30,7 +30,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -40,10 +39,10 @@ from typing import Any
 from ..results import DeviceInfo, ErrorKind, ProbeResult, RunSummary
 from . import protocol
 from .harness import error_result
-from .launch import exit_text, kill_group, log_tail
 from .runner import DEFAULT_TIMEOUT_S, RunOptions, UsageError, judge, new_run_id, validate
 from .session import RunSession
 from .store import Store
+from .supervisor import child_env, exit_text, kill_group, log_tail, not_run, spawn
 
 PROBES = ("matmul", "attention", "collectives")
 STARTUP_TIMEOUT_S = 180.0  # importing JAX and starting its backends on a loaded host
@@ -170,13 +169,10 @@ class _Supervisor:
         plan_path = Path(self.workdir) / f"plan-{self.starts}.json"
         plan_path.write_text(plan.to_json())
         log_path = Path(self.workdir) / f"host-{self.starts}.log"
-        env = {k: v for k, v in os.environ.items() if k != "CHIPCHECK_RESULT_FD"}
-        with open(log_path, "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "chipcheck.fleet.jax_runner", "--plan", str(plan_path)],
-                                    stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, env=env,
-                                    start_new_session=True)
         q: queue.Queue[protocol.Message | None] = queue.Queue()
-        threading.Thread(target=protocol.pump, args=(proc.stdout, q.put), daemon=True).start()
+        with open(log_path, "ab") as log:
+            proc = spawn([sys.executable, "-m", "chipcheck.fleet.jax_runner", "--plan", str(plan_path)],
+                         env=child_env(), log=log, stdin=subprocess.DEVNULL, on_message=lambda _p, m: q.put(m))
         current: tuple[str, str, list[int]] | None = None
         since, hello, killed, usage, bye = time.monotonic(), False, False, "", False
         barrier: tuple[str, float] | None = None  # (tag, limit): waiting for the job's other processes
@@ -281,19 +277,21 @@ class _Supervisor:
                 kind, msg = ErrorKind.CRASH, f"the JAX host process died in {where}: {exit_text(code)}. {log_tail(log_path)}"
             self._record(error_result(p.run_id, p.seed, info, rank, probe, case, kind, msg))
         # as on the torch path: what is left of this probe on these ranks is not run; later probes are
-        for c in self._cases_left(probe, ranks):
-            for rank in ranks:
-                self._record(error_result(p.run_id, p.seed, self.devs[rank], rank, probe, c, ErrorKind.CRASH,
-                                          f"not run: the JAX host process was lost in {probe} {case}"))
+        left = self._cases_left(probe, ranks)
+        for rank in ranks:
+            for r in not_run(p.run_id, p.seed, self.devs[rank], rank, probe, left, ErrorKind.CRASH,
+                             f"the JAX host process was lost in {probe} {case}"):
+                self._record(r)
 
     def _abandon(self) -> None:
         """Multi-host: every case this host has not reported is recorded as not run."""
         p = self.plan
         for probe in _names(p.probes, len(self.devs)):
-            for c in self._cases_left(probe, self.local):
-                for rank in self.local:
-                    self._record(error_result(p.run_id, p.seed, self.devs[rank], rank, probe, c, ErrorKind.CRASH,
-                                              f"not run: {self.lost_reason}"))
+            left = self._cases_left(probe, self.local)
+            for rank in self.local:
+                for r in not_run(p.run_id, p.seed, self.devs[rank], rank, probe, left, ErrorKind.CRASH,
+                                 self.lost_reason):
+                    self._record(r)
 
     def _cases_left(self, probe: str, ranks: list[int]) -> list[str]:
         return [c for probe_, c, r in self.planned if probe_ == probe and r == ranks[0]

@@ -15,7 +15,7 @@ so the run ends within about one watchdog period of the loss.
 
 No process outlives its run: workers are started in their own process group, die with the
 launcher (parent-death signal, end of file on their control channel), and are killed on the way
-out whatever ends the run (SIGINT/SIGTERM become `RunInterrupted`, see `interrupt_on_signals`).
+out whatever ends the run (SIGINT/SIGTERM become `RunInterrupted`, see `supervisor.interrupt_on_signals`).
 Nothing is written to disk: plans travel on the workers' stdin, logs live in unlinked files.
 """
 
@@ -25,13 +25,11 @@ import contextlib
 import dataclasses
 import os
 import queue
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -40,38 +38,12 @@ from ..results import DeviceInfo, DeviceKind, ErrorInfo, ErrorKind, ProbeResult,
 from . import devices as devmod
 from . import protocol
 from .harness import error_result, lock_holder
+from .supervisor import child_env, exit_text, kill_group, not_run, spawn, tail_of
 from .worker import WorkerPlan
 
 STARTUP_TIMEOUT_S = 180.0  # importing torch and initialising a device on a loaded host
 LOCK_GRACE_S = 5.0  # a lock holder of this run is killed by its own watchdog first
 MAX_LOSSES = 2  # a rank lost this often in one run is not started again
-
-
-class RunInterrupted(KeyboardInterrupt):
-    """SIGINT/SIGTERM/SIGHUP reached the run: workers are killed and the run is stored as interrupted."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def interrupt_on_signals() -> Iterator[None]:
-    """SIGTERM and SIGHUP raise `RunInterrupted` like Ctrl-C raises KeyboardInterrupt, so the
-    `finally`s that kill the workers run (the main thread only; elsewhere a no-op)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def raise_it(signum: int, _frame: Any) -> None:
-        raise RunInterrupted(signum)
-
-    old = {s: signal.signal(s, raise_it) for s in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -123,25 +95,6 @@ def _peer_lost_result(req: LaunchRequest, w: _Worker, probe: str, case: str, msg
     return dataclasses.replace(r, verdict=Verdict.PASS)
 
 
-def log_tail(path: str | os.PathLike[str], lines: int = 3) -> str:
-    try:
-        with open(path, "rb") as f:
-            return _tail_of(f.fileno(), lines)
-    except OSError:
-        return ""
-
-
-def _tail_of(fd: int, lines: int = 3, limit: int = 8192) -> str:
-    """The last lines of an open file, read without moving its offset (the worker still writes it)."""
-    try:
-        size = os.fstat(fd).st_size
-        data = os.pread(fd, limit, max(0, size - limit))
-    except OSError:
-        return ""
-    text = data.decode(errors="replace").strip().splitlines()
-    return " | ".join(t.strip() for t in text[-lines:])
-
-
 def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
               on_start: Callable[[int, str, str], None] | None = None) -> None:
     """Run every planned case on every device; returns when each case has a result."""
@@ -174,21 +127,18 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
             collectives_ok=w.losses == 0,
             peers_lost={str(r): why for r, why in lost_ranks.items() if r != w.rank},
         )
-        env = {**os.environ, "RANK": str(w.rank), "LOCAL_RANK": str(w.rank), "WORLD_SIZE": str(len(workers)),
-               "LOCAL_WORLD_SIZE": str(len(workers)), "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(master_port), "OMP_NUM_THREADS": str(plan.cpu_threads),
-               "CHIPCHECK_PARENT_PID": str(os.getpid()), faults.EPOCH_ENV: repr(req.epoch or launched),
-               **({"TORCHELASTIC_USE_AGENT_STORE": "True"} if store is not None else {})}
-        env.pop("CHIPCHECK_RESULT_FD", None)
+        env = child_env({"RANK": str(w.rank), "LOCAL_RANK": str(w.rank), "WORLD_SIZE": str(len(workers)),
+                         "LOCAL_WORLD_SIZE": str(len(workers)), "MASTER_ADDR": "127.0.0.1",
+                         "MASTER_PORT": str(master_port), "OMP_NUM_THREADS": str(plan.cpu_threads),
+                         "CHIPCHECK_PARENT_PID": str(os.getpid()), faults.EPOCH_ENV: repr(req.epoch or launched),
+                         **({"TORCHELASTIC_USE_AGENT_STORE": "True"} if store is not None else {})})
         if w.log is None:
             w.log = tempfile.TemporaryFile(prefix=f"chipcheck-{req.run_id}-rank{w.rank}-")
-        w.proc = subprocess.Popen([sys.executable, "-m", "chipcheck.worker", "--plan", "-"],
-                                  stdout=subprocess.PIPE, stderr=w.log, stdin=subprocess.PIPE, env=env,
-                                  start_new_session=True)
-        _tell(w, plan)
         w.current, w.waiting, w.since, w.hello, w.killed_for, w.kill_note = None, None, time.monotonic(), False, None, ""
         w.ops, w.polled = None, 0.0
-        threading.Thread(target=_pump, args=(w.rank, w.proc, q), daemon=True).start()
+        w.proc = spawn([sys.executable, "-m", "chipcheck.worker", "--plan", "-"], env=env, log=w.log,
+                       on_message=lambda proc, msg, rank=w.rank: q.put((rank, proc, msg)))
+        _tell(w, plan)
 
     def kill(w: _Worker, why: ErrorKind, note: str = "") -> None:
         w.killed_for, w.kill_note = why, note
@@ -210,7 +160,8 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
             start(w)  # later probes get a fresh worker (collective ones cannot rejoin the group)
             return
         for p, c in list(w.todo):
-            on_result(_error_result(req, w, p, c, kind, f"not run: {why}"))
+            for r in not_run(req.run_id, req.seed, w.info, w.rank, p, [c], kind, why):
+                on_result(r)
         w.todo.clear()
         w.done = True
 
@@ -238,19 +189,20 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
                 f"{req.timeout_s:g}s watchdog; worker killed")
         elif not w.hello and w.killed_for is None:
             kind, msg = ErrorKind.CRASH, (f"worker for {w.info.label} on {w.info.host} died at start-up "
-                                          f"({exit_text(code)}): {_tail_of(w.log.fileno()) if w.log else ''}")
+                                          f"({exit_text(code)}): {tail_of(w.log.fileno()) if w.log else ''}")
         else:
             kind, msg = ErrorKind.CRASH, (f"worker for {w.info.label} on {w.info.host} died in {probe} {case} "
                                           f"(rank {w.rank}, seed {req.seed}): {exit_text(code)}. "
-                                          f"{_tail_of(w.log.fileno()) if w.log else ''}")
+                                          f"{tail_of(w.log.fileno()) if w.log else ''}")
         on_result(_error_result(req, w, probe, case, kind, msg))
         w.todo.remove((probe, case))
         w.losses += 1
         what = f"{w.where}: {'hung' if kind is ErrorKind.TIMEOUT else 'crashed'} in {probe} {case}"
         lose(w, what)
-        for p, c in [t for t in w.todo if t[0] == probe]:
-            on_result(_error_result(req, w, p, c, kind, f"not run: the worker was lost in {probe} {case}"))
-            w.todo.remove((p, c))
+        rest = [c for p, c in w.todo if p == probe]
+        for r in not_run(req.run_id, req.seed, w.info, w.rank, probe, rest, kind, f"the worker was lost in {probe} {case}"):
+            on_result(r)
+        w.todo = [t for t in w.todo if t[0] != probe]
         # A hung chip hangs again, and a rank lost twice would only spend the run's time: stop there.
         restart = kind is ErrorKind.CRASH and w.losses < MAX_LOSSES
         finish_or_restart(w, restart, f"rank {w.rank} ({what}) was lost; not started again", kind)
@@ -381,18 +333,6 @@ def _tell(w: _Worker, msg: protocol.Message | WorkerPlan) -> None:
         w.proc.stdin.flush()
 
 
-def kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL a child started with start_new_session, and whatever it started, if still running."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-def exit_text(code: int) -> str:
-    """A child's return code as people read it: "signal 9" or "exit 1"."""
-    return f"signal {-code}" if code < 0 else f"exit {code}"
-
-
 def _is_collective(probe: str) -> bool:
     from ..probes import base
 
@@ -437,9 +377,3 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _pump(rank: int, proc: subprocess.Popen[bytes], q: queue.Queue[tuple[int, Any, protocol.Message | None]]) -> None:
-    """A worker's messages, tagged with the process: a restarted rank's old worker is told from its new one."""
-    assert proc.stdout is not None
-    protocol.pump(proc.stdout, lambda msg: q.put((rank, proc, msg)))

@@ -10,7 +10,7 @@
         ...  run.keep(result) for every result, the moment it exists
         summary = run.finish(judge)  # judgements, links, verdict: the run is complete
 
-A run cut short (Ctrl-C, SIGTERM, SIGHUP: `KeyboardInterrupt`, see launch.interrupt_on_signals)
+A run cut short (Ctrl-C, SIGTERM, SIGHUP: `KeyboardInterrupt`, see supervisor.interrupt_on_signals)
 leaves the `with` marked `interrupted`, with everything kept so far, and the exception goes on,
 so the caller's `finally`s (killing workers) run and the command exits non-zero. The session
 neither launches nor judges: the path brings its own judge (fleet.runner.judge, with or without
@@ -25,8 +25,8 @@ from types import TracebackType
 from typing import Any
 
 from ..results import DeviceInfo, Judgement, ProbeResult, RunSummary
-from .launch import interrupt_on_signals
 from .store import Store
+from .supervisor import interrupt_on_signals
 
 Judge = Callable[[list[ProbeResult]], tuple[RunSummary, list[Judgement]]]
 """A path's fleet analysis: results in, the run's summary and per-device judgements out."""
