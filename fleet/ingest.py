@@ -82,23 +82,32 @@ def read_shard(path: Path, rep: IngestReport | None = None) -> tuple[list[ProbeR
         data = path.read_bytes()
     except OSError as e:
         raise ShardUnreadable(f"cannot read ({e.strerror or e})") from None
-    if b"\0" in data[:65536]:
-        raise ShardUnreadable("a binary file, not a JSONL shard")
-    results, bad = [], 0
+    results, problems = [], []
     for number, raw in enumerate(data.split(b"\n"), 1):
         if not raw.strip():
             continue
         try:
             results.append(records.parse_line(raw.decode("utf-8")))
         except UnicodeDecodeError:
-            why = "not UTF-8 text"
+            problems.append(f"{path}:{number}: not UTF-8 text")
         except records.BadRecord as e:
-            why = str(e)
-        else:
-            continue
-        bad += 1
-        rep.warn(f"{path}:{number}: {why}")
-    return results, bad
+            problems.append(f"{path}:{number}: {e}")
+    # Binary: NUL bytes, not UTF-8, and not one record. A shard whose tail a crash left zero-filled
+    # (NUL lines after the last complete record), or with a torn sector amid its records, is read:
+    # its results are kept and the bad lines counted.
+    if b"\0" in data and not results and not _utf8(data):
+        raise ShardUnreadable("a binary file, not a JSONL shard")
+    for why in problems:
+        rep.warn(why)
+    return results, len(problems)
+
+
+def _utf8(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class ShardUnreadable(Exception):

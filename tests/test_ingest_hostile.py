@@ -157,3 +157,18 @@ def test_fuzz_ingest_never_crashes_and_keeps_every_valid_line(tmp_path: Path, li
         assert store.skipped_rows == 0
     finally:
         store.close()
+
+
+def test_a_shard_with_a_zero_filled_tail_keeps_its_results(tmp_path: Path) -> None:
+    """A node that lost power mid-append can leave NUL bytes after its last record: the shard is
+    still text, its results are kept and the NUL line is counted bad (found by the fuzz test above:
+    one NUL line made the whole shard a "binary file")."""
+    d = tmp_path / "shards"
+    d.mkdir()
+    (d / "a.jsonl").write_bytes(("\n".join(_lines(2)) + "\n").encode() + b"\0" * 4096 + b"\n")
+    store = Store(tmp_path / "r.db")
+    try:
+        rep = ingest.ingest(store, [str(d)])
+        assert (rep.shards, rep.added, rep.bad_lines, rep.bad_files) == (1, len(_lines(2)), 1, 0), rep
+    finally:
+        store.close()
