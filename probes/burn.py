@@ -43,6 +43,11 @@ BENIGN = 0x1 | 0x2 | 0x10 | 0x100  # reasons that say nothing about a chip's hea
 class BurnProbe(Probe):
     order = 60
     default = False
+    speed_metric: ClassVar[str] = "tflops"
+    """Sustained (median) throughput, not the best iteration: a chip that throttled early in the
+    burn, before its first quarter was over, keeps a full-speed best iteration and no step down
+    between its quarters; its median still shows where it spent the burn (a CI run, 2026-12-01:
+    0.46x its peer by the median, passed on the best iteration)."""
     default_profiles: ClassVar[frozenset[str]] = frozenset({"burnin"})
     """Profiles under which a run without --probes includes this probe (the runner's to honour)."""
 

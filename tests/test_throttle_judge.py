@@ -4,16 +4,16 @@ or on a confirming retest, never on its own timeline (a busy host makes the same
 from __future__ import annotations
 
 from chipcheck.fleet.judge import speed, throttle
+from chipcheck.fleet.judge.verdicts import speed_tables
 from chipcheck.results import ProbeResult, Verdict
 
-METRIC = {"burn": "tflops_best", "retest": ""}
-KERNEL = {"burn": "gemm", "retest": ""}
+METRIC, KERNEL = speed_tables()  # the registry's: what a live run judges a burn by
 POLICY = speed.SpeedPolicy(min_gap=0.10)
 
 
 def _burn(rank: int, ratio: float, onset: float | None = 0.4, reasons: tuple[str, ...] = (),
-          tf: float = 1.0) -> ProbeResult:
-    m = {"tflops_best": tf, "throughput_ratio": ratio}
+          tf: float = 1.0, best: float = 1.0) -> ProbeResult:
+    m = {"tflops": tf, "tflops_best": best, "throughput_ratio": ratio}
     if onset is not None:
         m["throttle_onset_s"] = onset
     return ProbeResult(run_id="r", host="h", rank=rank, device=f"cpu:{rank}", fingerprint="fp", probe="burn",
@@ -64,3 +64,15 @@ def test_a_drop_without_reasons_is_a_suspect_the_retest_confirms_or_clears() -> 
 
 def test_small_or_unsustained_drops_are_no_candidates() -> None:
     assert throttle.candidates([_burn(0, 0.93), _burn(1, 0.70, None)], 0.10) == []
+
+
+def test_a_chip_slow_from_early_in_its_burn_is_a_suspect_by_its_sustained_speed() -> None:
+    # What a CI run gave (2026-12-01): rank 1 throttled before the first quarter of its burn was over,
+    # so its quarters agree (no step down) and its best iteration ran at full speed; only its median
+    # (0.46x its peer) shows where it spent the burn. Judged by the best iteration, it passed.
+    results = [_burn(0, 1.0, None, tf=0.068, best=0.072), _burn(1, 0.98, None, tf=0.031, best=0.071)]
+    assert throttle.candidates(results, POLICY.min_gap) == []
+    [s] = speed.suspects(results, POLICY, METRIC, KERNEL)
+    assert (s.rank, s.peer, s.kernel) == (1, 0, "gemm") and "burn 0.46x" in s.evidence
+    # a clean pair on a busy host, 0.85x by the median, is no suspect (a burn's noise is unknown)
+    assert speed.suspects([_burn(0, 1.0, None, tf=0.068), _burn(1, 1.0, None, tf=0.058)], POLICY, METRIC, KERNEL) == []
