@@ -19,6 +19,7 @@ top mode and fingerprints what the kernel (and the simulated bad chip) returned.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import platform
 import sys
@@ -26,7 +27,7 @@ import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import CodeType, FrameType, TracebackType
 from typing import Any
 
 import torch
@@ -221,11 +222,7 @@ class Recorder(TorchDispatchMode):
         f: FrameType | None = sys._getframe(2)
         while f is not None and len(out) < 3:
             code = f.f_code
-            user = _USER_CODE.get(code)
-            if user is None:
-                name = code.co_filename
-                user = _USER_CODE[code] = not name.startswith(_TORCH_DIR) and not name.startswith(_HERE)
-            if user:
+            if _is_user(code):
                 out.append(f"{code.co_filename}:{f.f_lineno}:{code.co_name}")
             f = f.f_back
         return out
@@ -249,9 +246,7 @@ class Recorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        kind = _KINDS.get(func)
-        if kind is None:
-            kind = _KINDS[func] = _kind(func)
+        kind = _kind(func)
         if kind == "skip":
             return func(*args, **kwargs)
         if any(_is_subclass(t) for t in types if t is not torch.Tensor):
@@ -346,15 +341,17 @@ class _Identities:
 
 
 _PLAIN_DISPATCH = (torch.Tensor.__torch_dispatch__, torch._C._disabled_torch_dispatch_impl)
-_SUBCLASS: dict[type, bool] = {}
-_USER_CODE: dict[Any, bool] = {}
-_NAMES: dict[Any, str] = {}
-_SEEDED: dict[Any, tuple[bool, int, Any]] = {}
-_KINDS: dict[Any, str] = {}
-# Per-op facts that never change, looked up once: str(func), str(dtype), a code object's origin, a
-# schema's dropout argument. Each is a few microseconds, times every op of the step.
+# Per-op facts below never change and are cached (functools.cache): str(func), str(dtype), a code
+# object's origin, a schema's dropout argument. Each costs a few microseconds, times every op of a step.
 
 
+@functools.cache
+def _is_user(code: CodeType) -> bool:
+    """Code outside torch and this package: the frames a stack names."""
+    return not code.co_filename.startswith(_TORCH_DIR) and not code.co_filename.startswith(_HERE)
+
+
+@functools.cache
 def _kind(func: Any) -> str:
     """How the recorder treats an op: skip (bookkeeping), wrap (a functional collective's autograd
     wrapper: same value), collective, view (recorded, not fingerprinted), or compute."""
@@ -367,31 +364,30 @@ def _kind(func: Any) -> str:
     return "view" if func.is_view else "compute"
 
 
+@functools.cache
 def _name(x: Any) -> str:
-    """str() of an op overload, dtype or device, without the `torch.` prefix (cached)."""
-    n = _NAMES.get(x)
-    if n is None:
-        n = _NAMES[x] = str(x).removeprefix("torch.")
-    return n
+    """str() of an op overload, dtype or device, without the `torch.` prefix."""
+    return str(x).removeprefix("torch.")
 
 
+@functools.cache
 def _is_subclass(t: type) -> bool:
     """A tensor subclass with its own __torch_dispatch__ (not a plain tensor or a Parameter)."""
-    known = _SUBCLASS.get(t)
-    if known is None:
-        known = _SUBCLASS[t] = getattr(t, "__torch_dispatch__", torch.Tensor.__torch_dispatch__) not in _PLAIN_DISPATCH
-    return known
+    return getattr(t, "__torch_dispatch__", torch.Tensor.__torch_dispatch__) not in _PLAIN_DISPATCH
+
+
+@functools.cache
+def _seeded_facts(func: Any) -> tuple[bool, int, Any]:
+    """(tagged nondeterministic_seeded, index of its dropout_p argument or -1, that argument's default)."""
+    i, default = next(((i, a.default_value) for i, a in enumerate(func._schema.arguments)
+                       if a.name == "dropout_p"), (-1, None))
+    return torch.Tag.nondeterministic_seeded in func.tags, i, default
 
 
 def _seeded(func: Any, args: list[Any], kwargs: dict[str, Any]) -> bool:
     """Does this call consume the RNG? Attention kernels carry the seeded tag for their dropout; with
     dropout_p == 0 they are plain compute (and a fault target), so replay must recompute them."""
-    facts = _SEEDED.get(func)
-    if facts is None:
-        i, default = next(((i, a.default_value) for i, a in enumerate(func._schema.arguments)
-                           if a.name == "dropout_p"), (-1, None))
-        facts = _SEEDED[func] = (torch.Tag.nondeterministic_seeded in func.tags, i, default)
-    tagged, i, default = facts
+    tagged, i, default = _seeded_facts(func)
     if not tagged:
         return False
     if i < 0:
