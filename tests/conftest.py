@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -75,3 +76,12 @@ def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def free_port() -> int:
+    """A port free at this moment, for a daemon a test starts (Slurm's, a JAX coordinator). Racy by
+    nature (another process may take it before the daemon binds it): only tests use it; the
+    launcher itself holds its rendezvous port from the start (fleet.launch.agent_store)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

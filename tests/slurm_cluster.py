@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from conftest import free_port
+
 DAEMONS = ("munged", "slurmctld", "slurmd")
 
 
@@ -33,11 +35,6 @@ def why_not() -> str:
         return f"Slurm/munge not installed ({', '.join(missing)}): apt-get install slurm-wlm munge"
     return ""
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -64,7 +61,7 @@ class SlurmCluster:
         key = r / "munge" / "munge.key"
         key.write_bytes(os.urandom(1024))
         key.chmod(0o400)
-        ctld, slurmd = _free_port(), _free_port()
+        ctld, slurmd = free_port(), free_port()
         self.conf.write_text(f"""\
 ClusterName=chipcheck-test
 SlurmctldHost={self.node}(127.0.0.1)

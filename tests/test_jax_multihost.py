@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,8 @@ import pytest
 
 pytest.importorskip("jax", reason="jax is not installed (pip install 'chipcheck[jax]')")
 
+from conftest import free_port
+
 from chipcheck.fleet import jax_multihost as mh  # noqa: E402
 from chipcheck.fleet.jax_multihost import MultiHost, MultiHostSpecError  # noqa: E402
 
@@ -27,16 +28,11 @@ WORKER = Path(__file__).with_name("jax_multihost_worker.py")
 ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 @pytest.fixture(scope="module")
 def job() -> list[dict[str, Any]]:
     """Both processes' reports, by process id (one job for the whole module: ~15 s)."""
-    coord = f"127.0.0.1:{_free_port()}"
+    coord = f"127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if k not in mh.ENV_VARS}
     procs = [subprocess.Popen([sys.executable, str(WORKER), coord, "2", str(pid)], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, env={**env, **ENV}) for pid in (0, 1)]

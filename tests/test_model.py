@@ -3,7 +3,6 @@ tensor parallelism on real gloo process groups (two spawned processes)."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -83,18 +82,13 @@ def test_training_learns_the_synthetic_stream() -> None:
 # ---- two real processes over gloo ----------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def _worker(rank: int, world: int, port: int, out: str, tp: int, steps: int) -> None:
+def _worker(rank: int, world: int, out: str, tp: int, steps: int) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     # A file rendezvous in the test's own directory: no port to race for with tests running beside it.
-    dist.init_process_group("gloo", init_method=f"file://{out}/pg-{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{out}/pg", rank=rank, world_size=world)
     try:
         par = make_parallel(tp)
         tc = TrainConfig(batch_size=4, tp=tp)
@@ -116,7 +110,7 @@ def _worker(rank: int, world: int, port: int, out: str, tp: int, steps: int) -> 
 
 
 def _spawn(tmp_path: Path, tp: int, steps: int = 3) -> list[dict]:
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path), tp, steps), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path), tp, steps), nprocs=2, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 

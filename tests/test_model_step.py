@@ -4,7 +4,6 @@ a slow rank is flagged slow. In-process (with real spawned gloo ranks for model_
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -90,18 +89,13 @@ def test_user_step_registers_as_a_probe() -> None:
 # ---- model_dp on real gloo ranks, in-process probe calls --------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
-
-def _dp_rank(rank: int, world: int, port: int, out: str, inject: str, cases: list[str]) -> None:
+def _dp_rank(rank: int, world: int, out: str, inject: str, cases: list[str]) -> None:
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     # A file rendezvous in the test's own directory: no port to race for with tests running beside it.
-    dist.init_process_group("gloo", init_method=f"file://{out}/pg-{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{out}/pg", rank=rank, world_size=world)
     try:
         probe = ModelDPProbe()
         cfg = probe.config("quick", "cpu", frozenset())
@@ -118,7 +112,7 @@ def _dp_rank(rank: int, world: int, port: int, out: str, inject: str, cases: lis
 
 
 def _dp(tmp_path: Path, world: int, inject: str, cases: list[str]) -> list[list[dict]]:
-    mp.spawn(_dp_rank, args=(world, _free_port(), str(tmp_path), inject, cases), nprocs=world, join=True)
+    mp.spawn(_dp_rank, args=(world, str(tmp_path), inject, cases), nprocs=world, join=True)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
 
 

@@ -22,10 +22,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 from slurm_cluster import SlurmCluster, why_not
 
 from chipcheck.fleet import slurm, sweep
-from chipcheck.fleet.launch import free_port
 
 REASON = why_not()
 try:
