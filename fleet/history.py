@@ -20,40 +20,11 @@ from .. import failures
 from ..failures import FailureCode
 from ..results import SEVERITY, DeviceInfo, Judgement, ProbeResult, Verdict
 from . import trends
-from .store import Store
+from .store import DeviceRun, LinkRow, Store
 
 SPEED_METRICS = ("tflops_best", "busbw_gbps_best", "gbps_best")
 """Speed metrics (higher is better) a device's history follows, first present per result."""
 _VERDICTS = sorted(SEVERITY, key=lambda v: SEVERITY[v])  # index = severity; -1 = not in that run
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DeviceRun:
-    """One device in one judged run."""
-
-    run_id: str
-    rank: int
-    uuid: str
-    host: str
-    device: str
-    fingerprint: str
-    started: float
-    verdict: Verdict
-    speed_ratio: float | None
-    """Median over its cases of (its speed / the median speed of its fingerprint group); None alone."""
-    wrong: bool
-    flaky: bool
-
-    def row(self) -> tuple[object, ...]:
-        return (self.run_id, self.rank, self.uuid, self.host, self.device, self.fingerprint, self.started,
-                self.verdict.value, self.speed_ratio, int(self.wrong), int(self.flaky))
-
-    @classmethod
-    def from_row(cls, r: tuple[object, ...]) -> DeviceRun:
-        run_id, rank, uuid, host, device, fp, started, verdict, ratio, wrong, flaky = r
-        return cls(run_id=str(run_id), rank=int(rank), uuid=str(uuid), host=str(host), device=str(device),  # type: ignore[call-overload]
-                   fingerprint=str(fp), started=float(started), verdict=Verdict(verdict),  # type: ignore[arg-type]
-                   speed_ratio=None if ratio is None else float(ratio), wrong=bool(wrong), flaky=bool(flaky))  # type: ignore[arg-type]
 
 
 def device_rows(run_id: str, started: float, devices: dict[int, DeviceInfo], results: list[ProbeResult],
@@ -93,7 +64,7 @@ def index(store: Store) -> int:
         if run_id in done or verdict is None:  # an unjudged (interrupted) run has no fleet verdicts yet
             continue
         rows = device_rows(run_id, started, store.devices(run_id), store.results(run_id), store.judgements(run_id))
-        store.add_device_runs(r.row() for r in rows)
+        store.add_device_runs(rows)
         added += 1
     return added
 
@@ -101,8 +72,7 @@ def index(store: Store) -> int:
 def device_history(store: Store, key: str) -> list[DeviceRun]:
     """One device's runs (by UUID) or one host's devices' runs (by host name), oldest first."""
     index(store)
-    rows = store.device_runs(uuid=key) or store.device_runs(host=key)
-    return [DeviceRun.from_row(r) for r in rows]
+    return store.device_runs(uuid=key) or store.device_runs(host=key)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -185,7 +155,7 @@ def arrays(rows: Iterable[DeviceRun]) -> FleetArrays:
                        flaky=flaky, wrong=wrong)
 
 
-def analyze(a: FleetArrays, link_rows: list[tuple[object, ...]] | None = None,
+def analyze(a: FleetArrays, link_rows: list[LinkRow] | None = None,
             policy: trends.TrendPolicy = trends.TrendPolicy()) -> TrendReport:
     """New failures of the latest sweep, then drops, flaky turns, lemons and slower links (pure)."""
     if not a.run_ids:
@@ -202,11 +172,11 @@ def analyze(a: FleetArrays, link_rows: list[tuple[object, ...]] | None = None,
     turned, lemons = trends.flags_matrix(flags, policy)
     t_before, l_before = trends.flags_matrix(flags[:, :-1], policy)
     n_last = min(policy.lemon_n, len(a.run_ids))
-    for row in np.nonzero(lemons)[0]:
+    for row in np.nonzero(lemons)[0].tolist():
         findings.append(Finding(code=failures.LEMON, subject=a.uuids[row], hosts=(a.hosts[row],),
                                 device=a.devices[row], run_id=a.run_ids[-1], new=not l_before[row],
                                 detail=f"wrong in {lemons[row]} of its last {n_last} runs"))
-    for row in np.nonzero(turned)[0]:
+    for row in np.nonzero(turned)[0].tolist():
         findings.append(Finding(code=failures.TREND_FLAKY, subject=a.uuids[row], hosts=(a.hosts[row],),
                                 device=a.devices[row], run_id=a.run_ids[-1], new=not t_before[row],
                                 detail=f"flaky in {int(a.flaky[row, -policy.flaky_n:].sum())} of its last "
@@ -231,23 +201,23 @@ def _new_failures(a: FleetArrays) -> list[NewFailure]:
     return out
 
 
-def _link_findings(rows: list[tuple[object, ...]], run_ids: list[str], policy: trends.TrendPolicy) -> list[Finding]:
+def _link_findings(rows: list[LinkRow], run_ids: list[str], policy: trends.TrendPolicy) -> list[Finding]:
     """Links whose bandwidth, relative to each run's median link, fell against their own history."""
     if not rows:
         return []
     col = {r: i for i, r in enumerate(run_ids)}
     per_run: dict[str, list[float]] = defaultdict(list)
-    for run_id, _, _, _, _, _, gbps, _ in rows:
-        if gbps:
-            per_run[str(run_id)].append(float(gbps))  # type: ignore[arg-type]
+    for x in rows:
+        if x.gbps:
+            per_run[x.run_id].append(x.gbps)
     med = {r: statistics.median(v) for r, v in per_run.items()}
     keys: dict[tuple[str, str, str, str], int] = {}
-    for _, _, sh, sd, dh, dd, _, _ in rows:
-        keys.setdefault((str(sh), str(sd), str(dh), str(dd)), len(keys))
+    for x in rows:
+        keys.setdefault(x.ends, len(keys))
     m = np.full((len(keys), len(run_ids)), np.nan)
-    for run_id, _, sh, sd, dh, dd, gbps, _ in rows:
-        if gbps and str(run_id) in col:
-            m[keys[(str(sh), str(sd), str(dh), str(dd))], col[str(run_id)]] = float(gbps) / med[str(run_id)]  # type: ignore[arg-type]
+    for x in rows:
+        if x.gbps and x.run_id in col:
+            m[keys[x.ends], col[x.run_id]] = x.gbps / med[x.run_id]
     names = list(keys)
     out = []
     for row, cp in sorted(trends.drops(m, policy).items()):
@@ -263,11 +233,11 @@ def _link_findings(rows: list[tuple[object, ...]], run_ids: list[str], policy: t
 def report(store: Store, policy: trends.TrendPolicy = trends.TrendPolicy(), upto: str | None = None) -> TrendReport:
     """The trend report over every judged run in the store (or those up to and including `upto`)."""
     index(store)
-    rows = [DeviceRun.from_row(r) for r in store.device_runs()]
+    rows = store.device_runs()
     links = store.link_rows()
     if upto is not None:
         cutoff = next((r.started for r in rows if r.run_id == upto), None)
         if cutoff is not None:
             rows = [r for r in rows if r.started <= cutoff]
-            links = [x for x in links if float(x[1]) <= cutoff]  # type: ignore[arg-type]
+            links = [x for x in links if x.started <= cutoff]
     return analyze(arrays(rows), links, policy)

@@ -450,14 +450,14 @@ class Store:
                     self.conn.execute(f"DELETE FROM {table} WHERE run_id=?", (run_id,))
         self._write("the judgements", write)
 
-    def add_device_runs(self, rows: Iterable[tuple[Any, ...]]) -> None:
+    def add_device_runs(self, runs: Iterable[DeviceRun]) -> None:
         """fleet.history's per-device rows of one judged run (see the device_runs table). A read-only
         store keeps them in a TEMP table for this connection: the file is not written."""
+        rows = [r.row() for r in runs]
         if self.readonly:
             self._scratch_device_runs()
             self.conn.executemany("INSERT OR REPLACE INTO temp.device_runs VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
             return
-        rows = list(rows)
         self._write("the history index", lambda: self._many(
             "INSERT OR REPLACE INTO device_runs VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows))
 
@@ -470,19 +470,22 @@ class Store:
             self.conn.execute("INSERT INTO temp.device_runs SELECT * FROM main.device_runs")
         self._scratch = True
 
-    def device_runs(self, *, uuid: str | None = None, host: str | None = None) -> list[tuple[Any, ...]]:
+    def device_runs(self, *, uuid: str | None = None, host: str | None = None) -> list[DeviceRun]:
         """device_runs rows (all, or one device's, or one host's), oldest run first."""
         where, args = ("WHERE uuid=?", (uuid,)) if uuid else ("WHERE host=?", (host,)) if host else ("", ())
-        return list(self.conn.execute(f"SELECT * FROM device_runs {where} ORDER BY started, rank", args))
+        return [DeviceRun.from_row(r)
+                for r in self.conn.execute(f"SELECT * FROM device_runs {where} ORDER BY started, rank", args)]
 
-    def link_rows(self) -> list[tuple[Any, ...]]:
-        """Every judged link direction of every run, endpoints named by host and device:
-        (run_id, started, src_host, src_device, dst_host, dst_device, gbps, verdict), oldest run first."""
-        return list(self.conn.execute(
+    def link_rows(self) -> list[LinkRow]:
+        """Every judged link direction of every run, endpoints named by host and device, oldest run first."""
+        return [LinkRow(run_id=str(run_id), started=float(started), src_host=str(sh), src_device=str(sd),
+                        dst_host=str(dh), dst_device=str(dd), gbps=None if gbps is None else float(gbps),
+                        verdict=str(verdict))
+                for run_id, started, sh, sd, dh, dd, gbps, verdict in self.conn.execute(
             "SELECT l.run_id, r.started, s.host, s.device, d.host, d.device, l.gbps, l.verdict FROM links l"
             " JOIN runs r ON r.run_id = l.run_id"
             " JOIN devices s ON s.run_id = l.run_id AND s.rank = l.src"
-            " JOIN devices d ON d.run_id = l.run_id AND d.rank = l.dst ORDER BY r.started"))
+            " JOIN devices d ON d.run_id = l.run_id AND d.rank = l.dst ORDER BY r.started")]
 
     def indexed_runs(self) -> set[str]:
         if self.readonly:
@@ -577,6 +580,54 @@ class StoredRun:
     profile: str
     seed: int
     config: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DeviceRun:
+    """One device in one judged run."""
+
+    run_id: str
+    rank: int
+    uuid: str
+    host: str
+    device: str
+    fingerprint: str
+    started: float
+    verdict: Verdict
+    speed_ratio: float | None
+    """Median over its cases of (its speed / the median speed of its fingerprint group); None alone."""
+    wrong: bool
+    flaky: bool
+
+    def row(self) -> tuple[object, ...]:
+        """The device_runs table's columns, in order."""
+        return (self.run_id, self.rank, self.uuid, self.host, self.device, self.fingerprint, self.started,
+                self.verdict.value, self.speed_ratio, int(self.wrong), int(self.flaky))
+
+    @classmethod
+    def from_row(cls, r: sqlite3.Row | tuple[Any, ...]) -> DeviceRun:
+        run_id, rank, uuid, host, device, fp, started, verdict, ratio, wrong, flaky = r
+        return cls(run_id=str(run_id), rank=int(rank), uuid=str(uuid), host=str(host), device=str(device),
+                   fingerprint=str(fp), started=float(started), verdict=Verdict(verdict),
+                   speed_ratio=None if ratio is None else float(ratio), wrong=bool(wrong), flaky=bool(flaky))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LinkRow:
+    """One judged link direction of one run, its ends named by host and device."""
+
+    run_id: str
+    started: float
+    src_host: str
+    src_device: str
+    dst_host: str
+    dst_device: str
+    gbps: float | None
+    verdict: str
+
+    @property
+    def ends(self) -> tuple[str, str, str, str]:
+        return self.src_host, self.src_device, self.dst_host, self.dst_device
 
 
 def _has_column(conn: sqlite3.Connection, table: str, column: str) -> bool:

@@ -13,7 +13,7 @@ typed=$(mktemp -d)
 ln -s "$PWD" "$typed/chipcheck"
 (cd "$typed" && python3 -m mypy --config-file chipcheck/setup.cfg -m chipcheck.results -m chipcheck.failures \
     -m chipcheck.generator -p chipcheck.fleet.judge -m chipcheck.fleet.protocol -m chipcheck.fleet.harness -m chipcheck.fleet.supervisor \
-    -m chipcheck.fleet.session -m chipcheck.fleet.store -m chipcheck.fleet.summary -p chipcheck.reports \
+    -m chipcheck.fleet.session -m chipcheck.fleet.store -m chipcheck.fleet.history -m chipcheck.fleet.trends -m chipcheck.fleet.summary -p chipcheck.reports \
     -m chipcheck.reproducers.trials -m chipcheck.reproducers.settings -m chipcheck.reproducers.flight)
 types=$?
 rm -rf "$typed"
