@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from ..results import ErrorInfo, LinkResult, Mismatch, Verdict
+from .keeping import Kept
 
 
 class ProbeError(Exception):
@@ -43,6 +44,8 @@ class CaseOutcome:
     output_hash: str = ""
     error: ErrorInfo | None = None
     links: list[LinkResult] = field(default_factory=list)
+    kept: list[Kept] = field(default_factory=list, repr=False, compare=False)
+    """While the case runs: what `keeping.keep` tracks of the mismatches it kept (never reported)."""
 
     @property
     def verdict(self) -> Verdict:

@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .. import generator as g
-from ..results import Mismatch, Oracle
+from ..results import Oracle
 from . import oracles
 from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, profile_table, register
+from .keeping import KeepPolicy, Stamp, keep
 from .matmul import ALL_DTYPES, NEEDS, Kernel, hadamard_inputs
 
 MAX_WINDOWS = 240  # timeline windows kept per case (longer runs are re-binned into wider windows)
@@ -37,6 +38,8 @@ REASONS = {0x1: "gpu_idle", 0x2: "applications_clocks_setting", 0x4: "sw_power_c
            0x10: "sync_boost", 0x20: "sw_thermal_slowdown", 0x40: "hw_thermal_slowdown",
            0x80: "hw_power_brake_slowdown", 0x100: "display_clock_setting"}
 BENIGN = 0x1 | 0x2 | 0x10 | 0x100  # reasons that say nothing about a chip's health
+KEEP = KeepPolicy(by_tensor=True, stamp=Stamp.FIRST_BAD_ITERATION)
+"""The first mismatch per (oracle, tensor), stamped with the iteration and second it appeared."""
 
 
 @register("burn")
@@ -148,7 +151,7 @@ def _burn(ctx: ProbeContext, cfg: BurnProbe.Config, case: str, kernel: Kernel, n
             i = len(iters)
             iters.append(_Iter(t=now - start, gemm_s=t1 + t2, bad=bool(found)))
             for m in found:
-                _keep(out, m, i, now - start)
+                keep(out, m, KEEP, iteration=i, seconds=now - start)
         elapsed = time.monotonic() - start
     _finish(out, cfg, iters, samples, 4.0 * n**3, elapsed)
     if warm_bad is not None:  # one more repeat, and a bad one: the chip was wrong before it was warm
@@ -158,16 +161,6 @@ def _burn(ctx: ProbeContext, cfg: BurnProbe.Config, case: str, kernel: Kernel, n
         out.repeats_bad += 1
         out.mismatches.insert(0, replace(warm_bad, note=(warm_bad.note + " on the warm-up call").strip()))
     return out
-
-
-def _keep(out: CaseOutcome, m: Mismatch, iteration: int, t: float) -> None:
-    """The first mismatch per oracle, stamped with the iteration and second it appeared."""
-    from dataclasses import replace
-
-    for old in out.mismatches:
-        if old.oracle == m.oracle and old.tensor == m.tensor:
-            return
-    out.mismatches.append(replace(m, note=(m.note + f" first_bad_iteration={iteration} first_bad_s={t:.3f}").strip()))
 
 
 def _finish(out: CaseOutcome, cfg: BurnProbe.Config, iters: list[_Iter], samples: list[tuple[float, dict[str, float]]],

@@ -24,6 +24,7 @@ from typing import Any
 from ..results import Blame, Mismatch, Oracle
 from . import oracles
 from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, Unsupported, profile_table, register
+from .keeping import KeepPolicy, keep
 
 OPS = ("all_reduce_sum", "all_reduce_max", "all_gather", "reduce_scatter", "broadcast", "all_to_all",
        "sendrecv_ring")
@@ -32,6 +33,8 @@ REPLICATED = frozenset({"all_reduce_sum", "all_reduce_max", "all_gather", "broad
 """Ops after which every rank holds the same result: a strict majority holding it right outvotes the rest."""
 # Largest integer every value (and every partial sum) must stay below to be exact in the dtype.
 EXACT_LIMIT = {"float32": 2**24, "bfloat16": 2**8, "float16": 2**11, "int32": 2**31}
+KEEP = KeepPolicy(by_tensor=True)
+"""The first mismatch per (oracle, tensor) a rank is blamed for (the torch and JAX paths alike)."""
 
 
 def bus_factor(op: str, n: int) -> float:
@@ -191,26 +194,26 @@ def _judge_check(ctx: ProbeContext, out: CaseOutcome, step: CollectiveStep, grou
     mine = step.suspects(m) if m is not None else []
     views: list[Any] = [None] * step.n
     dist.all_gather_object(views, (m is not None, mine), group=group)
-    keep, observed = blame(step.r, m, views, tensor=step.op, count=step.count)
+    kept, observed = blame(step.r, m, views, tensor=step.op, count=step.count)
     if _needs_pairs(views, step.op) and step.n >= 3:
         # Decoding names a rank only by inference (a flipped bit can mimic a missing contribution) or
         # names nobody: run the op again in pairs, so the fault follows the chip. When the pairs name
         # no one (an intermittent fault), the decoding stands.
         culprits, why = _localize(ctx, step, group)
         if culprits:
-            keep = None
+            kept = None
             if step.r in culprits:
-                keep = Mismatch(oracle=Oracle.EXACT, tensor=step.op, bad_elements=m.bad_elements if m else 0,
-                                total_elements=step.count, first_indices=m.first_indices if m else [],
-                                bit_histogram=m.bit_histogram if m else {},
-                                note=f"pair tests name rank {step.r}: {why}")
+                kept = Mismatch(oracle=Oracle.EXACT, tensor=step.op, bad_elements=m.bad_elements if m else 0,
+                                 total_elements=step.count, first_indices=m.first_indices if m else [],
+                                 bit_histogram=m.bit_histogram if m else {},
+                                 note=f"pair tests name rank {step.r}: {why}")
             elif m is not None:
                 observed = f"saw {m.bad_elements} bad elements; pair tests name rank(s) {culprits}: {why}"
     if observed:
         out.params.setdefault("observed", []).append(observed)
-    if keep is None:
+    if kept is None:
         return False
-    keep_mismatch(out, keep)
+    keep(out, kept, KEEP)
     return True
 
 
@@ -294,12 +297,6 @@ def blame(me: int, m: Mismatch | None, views: list[tuple[bool, list[int]]], *, t
 
 def _sync(ctx: ProbeContext) -> None:
     ctx.timer.sync()
-
-
-def keep_mismatch(out: CaseOutcome, m: Mismatch) -> None:
-    """Keep `m` unless a mismatch of the same oracle on the same tensor is already kept."""
-    if not any(x.oracle == m.oracle and x.tensor == m.tensor for x in out.mismatches):
-        out.mismatches.append(m)
 
 
 @dataclass

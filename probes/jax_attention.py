@@ -39,6 +39,7 @@ from . import np_oracles as npo
 from .attention import VARIANTS, AttentionKernel, Inputs, Shape, Variant, exact_on, random_on, run_flow
 from .backends.numpy import NumpyBackend
 from .base import CaseOutcome, InvalidConfig
+from .keeping import KeepPolicy, Stamp, keep
 
 OP = "attention"
 DTYPES = ("float32", "bfloat16")
@@ -257,12 +258,13 @@ def run_case(device: Any, cfg: Config, case: str, seed: int, inj: jb.Injector) -
     return out
 
 
+KEEP = KeepPolicy(by_tensor=True, stamp=Stamp.REPEAT, stamp_oracles=frozenset({Oracle.EXACT, Oracle.REFERENCE}))
+"""The first mismatch per (oracle, tensor); the exact and reference oracles name their round."""
+
+
 def _keep(out: CaseOutcome, m: Mismatch, kernel: str | None, r: int) -> None:
-    """The first mismatch per (oracle, tensor); the exact and reference oracles name their round."""
-    if m.oracle in (Oracle.EXACT, Oracle.REFERENCE):
-        m = _with_note(m, f"repeat={r}")
-    if not any(x.tensor == m.tensor and x.oracle is m.oracle for x in out.mismatches):
-        out.mismatches.append(m)
+    """attention.Keep: one kernel here (`formula`), so its name is no part of the identity."""
+    keep(out, m, KEEP, repeat=r)
 
 
 class _HostReference:

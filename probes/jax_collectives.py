@@ -37,7 +37,8 @@ import numpy as np
 from ..results import Mismatch
 from . import jax_backend as jb
 from .base import CaseOutcome, InvalidConfig
-from .collectives import EXACT_LIMIT, CollectivesProbe, CollectiveStep, blame, bus_factor, keep_mismatch
+from .collectives import EXACT_LIMIT, KEEP, CollectivesProbe, CollectiveStep, blame, bus_factor
+from .keeping import keep
 
 # op -> the JAX op name `--inject op=` matches
 JAX_OPS = {"all_reduce_sum": "psum", "all_reduce_max": "pmax", "all_gather": "all_gather",
@@ -282,10 +283,10 @@ def _judge(outs: dict[int, CaseOutcome], checked: dict[int, tuple[CollectiveStep
     """collectives.blame for this process's ranks in one check, given every rank's view."""
     result = {}
     for r, (s, m) in checked.items():
-        keep, observed = blame(r, m, views, tensor=s.op, count=s.count)
+        kept, observed = blame(r, m, views, tensor=s.op, count=s.count)
         if observed:
             outs[r].params.setdefault("observed", []).append(observed)
-        if keep is not None:
-            keep_mismatch(outs[r], keep)
-        result[r] = keep is not None
+        if kept is not None:
+            keep(outs[r], kept, KEEP)
+        result[r] = kept is not None
     return result

@@ -30,12 +30,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import generator as g
-from ..results import Mismatch, Oracle
+from ..results import Oracle
 from .backends import oracles as ora
 from .backends.base import Backend
 from .backends.base import Kernel as KernelLike
 from .backends.torch import Kernel, TorchBackend
 from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, profile_table, register
+from .keeping import KeepPolicy, Stamp, Tally, keep
 
 __all__ = ["ALL_DTYPES", "NEEDS", "Kernel", "MatmulProbe", "hadamard", "hadamard_inputs", "run", "sylvester",
            "validate"]
@@ -44,6 +45,9 @@ ALL_DTYPES = ("float32", "tf32", "bfloat16", "float16", "float8_e4m3fn")
 # dtypes that need a capability of the device (reported by fleet.devices)
 NEEDS = {"tf32": "tf32", "float8_e4m3fn": "fp8"}
 MODES = ("exact", "random")
+# The first mismatch per oracle, with the repeat it came from; later repeats add their flipped bits
+# and bad elements to it, so the repeat rate stays visible.
+KEEP = KeepPolicy(histogram=True, tally=Tally.LATER_BAD_ELEMENTS, stamp=Stamp.FIRST_REPEAT)
 
 
 @register("matmul")
@@ -174,7 +178,7 @@ def _exact(bk: Backend, cfg: MatmulProbe.Config, kernel: KernelLike, n: int, see
     def check(c: Any, r: int) -> bool:
         m = ora.compare_bits(bk, expected, c, tensor="C", oracle=Oracle.EXACT)
         if m is not None:
-            _keep(out, m, r)
+            keep(out, m, KEEP, repeat=r)
         return m is not None
 
     return a, b, check
@@ -222,7 +226,7 @@ def _random(bk: Backend, cfg: MatmulProbe.Config, kernel: KernelLike, n: int, se
                                   u_in=kernel.u_in, acc=kernel.acc)
             if r == 0 else None,
         ]):
-            _keep(out, m, r)
+            keep(out, m, KEEP, repeat=r)
             bad = True
         if r == 0:
             first.append(bk.copy(c))
@@ -232,38 +236,13 @@ def _random(bk: Backend, cfg: MatmulProbe.Config, kernel: KernelLike, n: int, se
             rep = ora.compare_bits(bk, first[0], c, tensor="C", oracle=Oracle.REPEAT)
             if rep is not None:
                 out.nondeterministic = True
-                _keep(out, rep, r)
+                keep(out, rep, KEEP, repeat=r)
         return bad
 
     return a, b, check
 
 
 # ---- shared ------------------------------------------------------------------------------
-
-
-def _keep(out: CaseOutcome, m: Mismatch, repeat: int) -> None:
-    """Keep the first mismatch per oracle (with the repeat it came from); count the rest."""
-    for i, old in enumerate(out.mismatches):
-        if old.oracle == m.oracle:
-            hist = dict(old.bit_histogram)
-            for b, c in m.bit_histogram.items():
-                hist[b] = hist.get(b, 0) + c
-            out.mismatches[i] = _replace(old, bit_histogram=hist,
-                                         note=_bump_note(old.note, m.bad_elements))
-            return
-    out.mismatches.append(_replace(m, note=(m.note + f" first_repeat={repeat}").strip()))
-
-
-def _bump_note(note: str, bad: int) -> str:
-    parts = dict(p.split("=", 1) for p in note.split() if "=" in p)
-    parts["later_repeats_bad_elements"] = str(int(parts.get("later_repeats_bad_elements", "0")) + bad)
-    return " ".join(f"{k}={v}" for k, v in parts.items())
-
-
-def _replace(m: Mismatch, **kw: Any) -> Mismatch:
-    from dataclasses import replace
-
-    return replace(m, **kw)
 
 
 def _repeat(bk: Backend, cfg: MatmulProbe.Config, kernel: KernelLike, a: Any, b: Any, out: CaseOutcome,

@@ -47,6 +47,7 @@ from ... import generator as g
 from ...results import Mismatch, Oracle
 from ..backends.torch import TorchBackend
 from ..base import CaseOutcome, InvalidConfig, Probe, ProbeContext, Unsupported, profile_table, register
+from ..keeping import KeepPolicy, Stamp, Tally, keep
 from .flow import AttentionKernel, CaseReference, Keep, flops, run_flow
 from .inputs import (
     EXACT_SCALE,
@@ -206,8 +207,14 @@ class _TorchReference:
                                   to_index=lambda ix: ix, note=note)
 
 
+KEEP = KeepPolicy(by_tensor=True, by_backend=True, histogram=True, tally=Tally.ROUNDS, stamp=Stamp.FIRST_REPEAT)
+"""The first mismatch per (oracle, tensor, backend), with the round it came from; later rounds add to
+its bit histogram and count of bad rounds, so the repeat rate stays visible."""
+
+
 def _torch_keep(out: CaseOutcome, m: Mismatch, kernel: str | None, r: int) -> None:
-    _keep(out, m if kernel is None else _note(m, f"backend={kernel}"), r)
+    """attention.Keep: a kernel's mismatch names its backend (None: a comparison between two)."""
+    keep(out, m if kernel is None else _note(m, f"backend={kernel}"), KEEP, repeat=r, backend=kernel)
 
 
 def _run(ctx: ProbeContext, cfg: AttentionProbe.Config, case: str, shape: Shape, var: Variant,
@@ -259,19 +266,3 @@ def _sdpa_call(ctx: ProbeContext, name: str, inp: Inputs, var: Variant,
 def _note(m: Mismatch, tag: str) -> Mismatch:
     return m if tag in m.note else replace(m, note=f"{tag} {m.note}".strip())
 
-
-def _keep(out: CaseOutcome, m: Mismatch, repeat: int) -> None:
-    """First mismatch per (oracle, tensor, backend), with the round it came from; later rounds
-    add to its bit histogram and bad-element count, so the repeat rate stays visible."""
-    backend = next((p for p in m.note.split() if p.startswith(("backend=", "cross_backend="))), "")
-    for i, old in enumerate(out.mismatches):
-        if old.oracle == m.oracle and old.tensor == m.tensor and backend and backend in old.note.split():
-            hist = dict(old.bit_histogram)
-            for b, c in m.bit_histogram.items():
-                hist[b] = hist.get(b, 0) + c
-            parts = old.note.split()
-            rounds = next((int(p.split("=")[1]) for p in parts if p.startswith("bad_rounds=")), 1)
-            note = " ".join(p for p in parts if not p.startswith("bad_rounds=")) + f" bad_rounds={rounds + 1}"
-            out.mismatches[i] = replace(old, bit_histogram=hist, note=note)
-            return
-    out.mismatches.append(replace(m, note=f"{m.note} first_repeat={repeat} bad_rounds=1".strip()))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
-from ...results import Mismatch, Oracle, Verdict
+from ...results import Oracle, Verdict
 from ..base import CaseOutcome, InvalidConfig, Probe, ProbeContext, register
+from ..keeping import KeepPolicy, Stamp, keep
 from .checks import (
     checksum,
     fp64_reference,
@@ -18,6 +19,9 @@ from .checks import (
     trace_hash,
 )
 from .config import StepConfig, model_configs, model_seed, step_config
+
+KEEP = KeepPolicy(stamp=Stamp.FIRST_REPEAT)
+"""The first mismatch per oracle, with the repeat it came from."""
 
 
 @dataclass(slots=True)
@@ -93,7 +97,7 @@ def repeat_runs(ctx: ProbeContext, repeats: int, once: Callable[[], Run], out: C
                 out.nondeterministic = True
                 found.append(rep)
         for m in found:
-            _keep(out, m, r)
+            keep(out, m, KEEP, repeat=r)
         out.repeats_bad += bool(found and any(m.oracle is not Oracle.REPEAT for m in found))
         out.repeats = r + 1
     assert first is not None
@@ -106,9 +110,3 @@ def repeat_runs(ctx: ProbeContext, repeats: int, once: Callable[[], Run], out: C
         # Only a device whose own oracles passed votes in fleet consensus (a caught one must not
         # leave its peers without a majority).
         out.output_hash = trace_hash(first.losses, first.state)
-
-
-def _keep(out: CaseOutcome, m: Mismatch, repeat: int) -> None:
-    """First mismatch per oracle, with the repeat it came from."""
-    if not any(old.oracle == m.oracle for old in out.mismatches):
-        out.mismatches.append(replace(m, note=(m.note + f" first_repeat={repeat}").strip()))
