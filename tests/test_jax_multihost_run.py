@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("jax", reason="jax is not installed (pip install 'chipcheck[jax]')")
 
-from chipcheck.fleet.launch import free_port  # noqa: E402
+from conftest import free_port  # noqa: E402
 
 
 def _job(tmp_path: Path, *args: str) -> list[tuple[int, dict, str]]:

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import run_cli
+from conftest import free_port, run_cli
 
 from chipcheck.fleet import k8s, slurm, sweep
-from chipcheck.fleet.launch import free_port
 
 
 def _spec(**kw: object) -> sweep.SweepSpec:
