@@ -215,7 +215,8 @@ def throughput(s: RunSummary, metric_by_probe: Mapping[str, str] | None = None
         ratios = {rank: statistics.median(rs) for rank, rs in per_rank.items()}
         ratio_of.update(ratios)
         outliers = sorted(((r, labels[r], x) for r, x in ratios.items() if r in slow_ranks), key=lambda t: t[2])
-        tflops = {c.rsplit(":", 1)[0]: v for c, v in medians.items() if c.endswith(":tflops_best")}
+        # compute probes' figures, whichever TFLOP/s metric each is judged by (best call; a burn's median)
+        tflops = {c.rsplit(":", 1)[0]: v for c, v in medians.items() if c.endswith((":tflops_best", ":tflops"))}
         groups.append(ThroughputGroup(fingerprint=fp, devices=len(ratios), median_tflops=tflops,
                                       ratios=sorted(ratios.values()), outliers=outliers))
     groups.sort(key=lambda g: -g.devices)
