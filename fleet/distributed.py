@@ -19,7 +19,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,12 +27,12 @@ from typing import TYPE_CHECKING, Any
 from ..results import DeviceInfo, DeviceKind, ErrorInfo, ErrorKind, ProbeResult, RunSummary, Verdict
 from . import devices as devmod
 from .harness import (
+    Case,
+    CaseLoop,
     HostLock,
     apply_settings,
-    context,
     error_result,
-    run_one,
-    stamp,
+    probe_cases,
     torch_device,
     torchrun_env,
 )
@@ -65,13 +65,6 @@ def _device(spec: str, local_rank: int, local_world: int, host: str) -> DeviceIn
         return devmod.cuda_devices((index,), host)[0]
     d = devmod.cpu_devices(local_world, host)[0]
     return replace(d, index=local_rank, uuid=f"cpu-{host}-{local_rank}")
-
-
-def _watchdog(timeout_s: float, on_expire: Any) -> threading.Timer:
-    t = threading.Timer(timeout_s, on_expire)
-    t.daemon = True
-    t.start()
-    return t
 
 
 def run(opts: RunOptions, dopts: DistributedOptions) -> int:
@@ -154,7 +147,7 @@ def _rank(opts: RunOptions, dopts: DistributedOptions, stack: contextlib.ExitSta
         with shard.open("a") as f:
             f.write(r.to_json() + "\n")
 
-    def keep(r: ProbeResult) -> None:
+    def keep(_: Case, r: ProbeResult) -> None:
         write(r)
         if session is not None:  # rank 0: in the store the moment it exists
             session.keep(r)
@@ -162,33 +155,31 @@ def _rank(opts: RunOptions, dopts: DistributedOptions, stack: contextlib.ExitSta
     started = time.time()
     stop_faults = faults.start_process_faults(fault_list, rank)
 
+    @contextlib.contextmanager
+    def watch(c: Case, t0: float) -> Iterator[None]:
+        def expire() -> None:
+            # A hung probe cannot be interrupted in-process: record it, then leave. Rank 0
+            # reports this rank from its shard-less silence; this shard keeps the reason.
+            err = base.CaseOutcome(case=c.case, params={}, error=ErrorInfo(
+                kind=ErrorKind.TIMEOUT, message=f"{c.probe} {c.case} on {host} {info.label} (rank {rank}, "
+                                                f"seed {opts.seed}) exceeded its {timeout:g}s watchdog"))
+            write(loop.stamp(c, rank, err, t0))  # (the shard only: the store belongs to the main thread)
+            os._exit(3)
+
+        dog = threading.Timer(timeout, expire)
+        dog.daemon = True
+        dog.start()
+        yield
+        dog.cancel()
+
+    # one watchdog times a case from before it queues for the host lock, and its result is timed alike
+    loop = CaseLoop(run_id=run_id, seed=opts.seed, infos={rank: info}, settings=settings, fault_list=fault_list,
+                    keep=keep, watch=watch, timed_from_queue=True)
+
     def run_plan(items: list[tuple[str, list[str]]], options: dict[str, str]) -> None:
-        for probe_name, cases in items:
-            probe = base.get(probe_name)
-            cfg = probe.config(opts.profile, info.kind.value, caps)
-            injector = faults.make_injector(fault_list, rank, probe_name)
-            ctx = context(device=device, info=info, seed=opts.seed, profile=opts.profile, rank=rank,
-                          world_size=world, group=lambda: group, lock=lock, injector=injector, options=options,
-                          capabilities=caps)
-            exclusive = lock if (lock is not None and not probe.collective) else contextlib.nullcontext
-            for case in cases:
-                t0 = time.time()
-
-                def expire(probe_name: str = probe_name, case: str = case, t0: float = t0) -> None:
-                    # A hung probe cannot be interrupted in-process: record it, then leave. Rank 0
-                    # reports this rank from its shard-less silence; this shard keeps the reason.
-                    err = base.CaseOutcome(case=case, params={}, error=ErrorInfo(
-                        kind=ErrorKind.TIMEOUT, message=f"{probe_name} {case} on {host} {info.label} (rank {rank}, "
-                                                        f"seed {opts.seed}) exceeded its {timeout:g}s watchdog"))
-                    # (the shard only: the store belongs to the main thread)
-                    write(stamp(run_id, opts.seed, info, rank, probe_name, case, err, settings, fault_list, t0))
-                    os._exit(3)
-
-                dog = _watchdog(timeout, expire)
-                with exclusive():
-                    outcome = run_one(probe, ctx, cfg, case)
-                dog.cancel()
-                keep(stamp(run_id, opts.seed, info, rank, probe_name, case, outcome, settings, fault_list, t0))
+        loop.run(probe_cases(items, device=device, info=info, seed=opts.seed, profile=opts.profile, rank=rank,
+                             world_size=world, group=lambda: group, lock=lock, fault_list=fault_list,
+                             options=options, capabilities=caps))
 
     run_plan(plan, dict(opts.options))
     kv.store.set(f"chipcheck/results/{rank}", json.dumps([r.to_dict() for r in mine]))

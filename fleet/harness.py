@@ -2,10 +2,11 @@
 
 Used by the local launcher's worker (fleet.worker), the torchrun/Slurm entry point
 (fleet.distributed) and the JAX host process (fleet.jax_runner): the process's settings that change
-bits (`apply_settings`), the host-wide CPU timing lock (`HostLock`), the probe context
-(`context`), the one broad catch around a case (`run_one`), and the result stamped with where,
-when and under which settings it was measured (`stamp`; `error_result` for a case that produced
-nothing).
+bits (`apply_settings`), the host-wide CPU timing lock (`HostLock`), a torch plan's cases with their
+probe contexts (`probe_cases`), the one broad catch around a case (`run_one`), and the case loop all
+three run (`CaseLoop`: each `Case` under its lock, its outcome stamped with where, when and under which
+settings it was measured and handed on; each path's own surroundings of a case are its hooks;
+`error_result` for a case that produced nothing).
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ..results import DeviceInfo, ErrorInfo, ErrorKind, ProbeResult, Verdict
 
 if TYPE_CHECKING:
     from ..probes.base import CaseOutcome, ProbeContext
+    from ..probes.faults import Fault
 
 
 _Out = TypeVar("_Out", covariant=True)
@@ -131,22 +134,6 @@ def lock_holder(path: str) -> dict[str, Any] | None:
     return d
 
 
-def stamp(run_id: str, seed: int, info: DeviceInfo, rank: int, probe: str, case: str, outcome: Any,
-          settings: dict[str, Any], fault_list: list[Any], started: float) -> ProbeResult:
-    """The outcome as a ProbeResult, with where, when and under which settings it was measured.
-
-    The one place every launcher (local worker, torchrun worker, the in-process JAX path) makes it.
-    """
-    return ProbeResult(
-        run_id=run_id, host=info.host, rank=rank, device=info.label, fingerprint=info.fingerprint,
-        probe=probe, case=case, verdict=outcome.verdict, seed=seed, params=outcome.params,
-        metrics=outcome.metrics, mismatches=outcome.mismatches, repeats=outcome.repeats,
-        repeats_bad=outcome.repeats_bad, output_hash=outcome.output_hash, error=outcome.error,
-        settings={**settings, "inject": [f.spec() for f in fault_list if f.applies_to(rank, probe)]},
-        started=started, ended=time.time(), device_uuid=info.uuid, links=outcome.links,
-    )
-
-
 def error_result(run_id: str, seed: int, info: DeviceInfo, rank: int, probe: str, case: str, kind: ErrorKind,
                  message: str) -> ProbeResult:
     """A case that produced no outcome of its own (the worker died, hung or never joined)."""
@@ -190,14 +177,90 @@ def torch_device(info: DeviceInfo) -> Any:
     return torch.device("cpu")
 
 
-def context(*, device: Any, info: DeviceInfo, seed: int, profile: str, rank: int, world_size: int,
-            group: Callable[[], Any], lock: HostLock | None, injector: Any, options: dict[str, str],
-            capabilities: frozenset[str]) -> ProbeContext:
-    """The probe context one probe's cases run in (its deadline is set per case)."""
-    from ..probes import base
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Case:
+    """One case to run: on one rank, or (JAX) on several at once."""
 
-    return base.ProbeContext(device=device, device_kind=info.kind.value, seed=seed, profile=profile,
-                             timer=base.Timer(device), under_test=injector or contextlib.nullcontext,
-                             deadline=None, capabilities=capabilities, rank=rank, world_size=world_size,
-                             group=group, host=info.host, host_lock=lock or contextlib.nullcontext,
-                             options=options)
+    probe: str
+    case: str
+    ranks: list[int]
+    runs: RunsCases[Any]  # the probe, or the JAX path's adapter around one call (one outcome, or one per rank)
+    ctx: ProbeContext | None = None
+    cfg: Any = None
+    lock: HostLock | None = None  # the host lock it runs under (CPU workers' non-collective cases)
+    collective: bool = False
+    budget_s: float = 0.0  # its time budget (ctx.deadline), counted once it holds the host; 0: none
+
+
+def probe_cases(plan: Iterable[tuple[str, list[str]]], *, device: Any, info: DeviceInfo, seed: int, profile: str,
+                rank: int, world_size: int, group: Callable[[], Any], lock: HostLock | None, fault_list: list[Fault],
+                options: dict[str, str], capabilities: frozenset[str], budget_s: float = 0.0) -> Iterator[Case]:
+    """A torch rank's plan, (probe, cases) in order, as cases: per probe its registry entry, config, fault
+    injector and context, and the host lock unless it is collective (its ranks run at once)."""
+    from ..probes import base, faults
+
+    for probe_name, cases in plan:
+        probe = base.get(probe_name)
+        cfg = probe.config(profile, info.kind.value, capabilities)
+        injector = faults.make_injector(fault_list, rank, probe_name)
+        ctx = base.ProbeContext(device=device, device_kind=info.kind.value, seed=seed, profile=profile,
+                                timer=base.Timer(device), under_test=injector or contextlib.nullcontext,
+                                deadline=None, capabilities=capabilities, rank=rank, world_size=world_size,
+                                group=group, host=info.host, host_lock=lock or contextlib.nullcontext,
+                                options=dict(options))
+        for case in cases:
+            yield Case(probe=probe_name, case=case, ranks=[rank], runs=probe, ctx=ctx, cfg=cfg,
+                       lock=None if probe.collective else lock, collective=probe.collective, budget_s=budget_s)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CaseLoop:
+    """One process's cases in turn, and the hooks its path adds around each: `skip` (True: handled without
+    running), `watch` (around the whole case, given its time stamp), `wait` (before it queues for its host
+    lock), `start` (once it holds it), `running` (around the run itself) and `keep` (each rank's stamped
+    result). A case is timed from after `start` (its budget too), or, where one watchdog times the queue
+    for the lock as well, from before `watch` (`timed_from_queue`)."""
+
+    run_id: str
+    seed: int
+    infos: Mapping[int, DeviceInfo]
+    settings: dict[str, Any]
+    fault_list: list[Fault]
+    keep: Callable[[Case, ProbeResult], None]
+    skip: Callable[[Case], bool] = lambda c: False
+    watch: Callable[[Case, float], contextlib.AbstractContextManager[None]] = lambda c, t: contextlib.nullcontext()
+    wait: Callable[[Case, HostLock], None] = lambda c, lock: None
+    start: Callable[[Case], None] = lambda c: None
+    running: Callable[[Case], contextlib.AbstractContextManager[None]] = lambda c: contextlib.nullcontext()
+    timed_from_queue: bool = False
+
+    def run(self, cases: Iterable[Case]) -> None:
+        for c in cases:
+            if self.skip(c):
+                continue
+            started = time.time()
+            with self.watch(c, started):
+                if c.lock is not None:
+                    self.wait(c, c.lock)
+                with c.lock() if c.lock is not None else contextlib.nullcontext():
+                    self.start(c)
+                    started = started if self.timed_from_queue else time.time()
+                    if c.ctx is not None:
+                        c.ctx.deadline = time.monotonic() + c.budget_s if c.budget_s else None
+                    with self.running(c):
+                        outs = run_one(c.runs, c.ctx, c.cfg, c.case)
+            # one device's outcome, or an error every rank of a collective reports
+            for rank, outcome in zip(c.ranks, outs if isinstance(outs, list) else [outs] * len(c.ranks), strict=True):
+                self.keep(c, self.stamp(c, rank, outcome, started))
+
+    def stamp(self, c: Case, rank: int, outcome: Any, started: float) -> ProbeResult:
+        """The outcome as a ProbeResult, with where, when and under which settings it was measured."""
+        info = self.infos[rank]
+        return ProbeResult(
+            run_id=self.run_id, host=info.host, rank=rank, device=info.label, fingerprint=info.fingerprint,
+            probe=c.probe, case=c.case, verdict=outcome.verdict, seed=self.seed, params=outcome.params,
+            metrics=outcome.metrics, mismatches=outcome.mismatches, repeats=outcome.repeats,
+            repeats_bad=outcome.repeats_bad, output_hash=outcome.output_hash, error=outcome.error,
+            settings={**self.settings, "inject": [f.spec() for f in self.fault_list if f.applies_to(rank, c.probe)]},
+            started=started, ended=time.time(), device_uuid=info.uuid, links=outcome.links,
+        )

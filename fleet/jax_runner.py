@@ -31,14 +31,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..results import DeviceInfo, ErrorKind, ProbeResult, RunSummary
 from . import protocol
-from .harness import error_result
+from .harness import Case, CaseLoop, error_result
 from .runner import DEFAULT_TIMEOUT_S, RunOptions, UsageError, judge, new_run_id, validate
 from .session import RunSession
 from .store import Store
@@ -76,7 +76,7 @@ class HostPlan:
 
 
 class _Call:
-    """Adapts a closure to worker.run_one's probe interface, so the JAX path shares its one broad catch."""
+    """Adapts a closure to a probe's interface, so the JAX path shares the harness's case loop and broad catch."""
 
     def __init__(self, fn: Callable[[], Any]):
         self.fn = fn
@@ -417,7 +417,6 @@ def host_run(plan: HostPlan, send: Callable[[protocol.Message], None]) -> int:
     from ..probes import base, faults
     from ..probes import jax_backend as jb
     from . import jax_devices
-    from .harness import run_one, stamp
 
     if plan.multihost:
         from . import jax_multihost
@@ -453,18 +452,6 @@ def host_run(plan: HostPlan, send: Callable[[protocol.Message], None]) -> int:
     fault_list = [f for spec in plan.inject for f in faults.parse(spec)]
     done = set(plan.done)
 
-    def run(probe: str, case: str, ranks: list[int], fn: Callable[[], Any]) -> None:
-        if all((probe, case, r) in done for r in ranks):
-            return
-        send(protocol.Start(probe=probe, case=case, ranks=ranks))
-        t0 = time.time()
-        outs = run_one(_Call(fn), None, None, case)
-        if not isinstance(outs, list):  # one device's outcome, or an error every rank of a collective reports
-            outs = [outs] * len(ranks)
-        for rank, outcome in zip(ranks, outs, strict=True):
-            r = stamp(plan.run_id, plan.seed, infos[rank], rank, probe, case, outcome, settings, fault_list, t0)
-            send(protocol.Result(result=r))
-
     def barrier(tag: str) -> None:
         """Multi-host: wait here for every process of the job (not under a case's watchdog: the
         supervisor bounds the wait by how far behind another host can be)."""
@@ -477,22 +464,32 @@ def host_run(plan: HostPlan, send: Callable[[protocol.Message], None]) -> int:
         multihost_utils.sync_global_devices(f"chipcheck/{plan.run_id}/{tag}")
         send(protocol.Synced())
 
-    for name in names:
-        cfg = configs[name]
-        injectors = [jb.Injector.for_rank(fault_list, r, name) for r in range(len(jdevs))]
-        if name == "collectives":
-            barrier("collectives")  # so no host's first collective waits, on its watchdog, for the others
-        for case in _cases(plan.profile, name, len(jdevs), kind):
+    def cases() -> Iterator[Case]:
+        """Each matmul and attention case on each of this host's devices in turn, each collectives case
+        once over all of them."""
+        for name in names:
+            cfg = configs[name]
+            injectors = [jb.Injector.for_rank(fault_list, r, name) for r in range(len(jdevs))]
             if name == "collectives":
-                from ..probes import jax_collectives
+                barrier("collectives")  # so no host's first collective waits, on its watchdog, for the others
+            for case in _cases(plan.profile, name, len(jdevs), kind):
+                if name == "collectives":
+                    from ..probes import jax_collectives
 
-                run(name, case, local, lambda case=case, cfg=cfg, inj=injectors: [
-                    outs[r] for outs in [jax_collectives.run_ranks(jdevs, cfg, case, inj)] for r in local])
-                continue
-            for rank in local:
-                d = jdevs[rank]
-                run(name, case, [rank], lambda d=d, case=case, name=name, cfg=cfg, inj=injectors[rank]: _one_device(
-                    name, d, cfg, case, plan.seed, inj))
+                    yield Case(probe=name, case=case, ranks=local, runs=_Call(
+                        lambda case=case, cfg=cfg, inj=injectors: [
+                            outs[r] for outs in [jax_collectives.run_ranks(jdevs, cfg, case, inj)] for r in local]))
+                    continue
+                for rank in local:
+                    d = jdevs[rank]
+                    yield Case(probe=name, case=case, ranks=[rank], runs=_Call(
+                        lambda d=d, case=case, name=name, cfg=cfg, inj=injectors[rank]: _one_device(
+                            name, d, cfg, case, plan.seed, inj)))
+
+    CaseLoop(run_id=plan.run_id, seed=plan.seed, infos=dict(enumerate(infos)), settings=settings,
+             fault_list=fault_list, keep=lambda c, r: send(protocol.Result(result=r)),
+             skip=lambda c: all((c.probe, c.case, r) in done for r in c.ranks),  # reported by a lost host process
+             start=lambda c: send(protocol.Start(probe=c.probe, case=c.case, ranks=c.ranks))).run(cases())
     # Multi-host: process 0 serves the job's coordinator, and a process still computing when it
     # goes is aborted by JAX: everyone leaves together.
     barrier("end")

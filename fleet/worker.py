@@ -26,15 +26,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import IO, Any
 
-from ..results import DeviceInfo, ErrorInfo, ErrorKind, Verdict
+from ..results import DeviceInfo, ErrorInfo, ErrorKind, ProbeResult, Verdict
 from . import protocol
 from .harness import (
+    Case,
+    CaseLoop,
     HostLock,
     apply_settings,
     capabilities,
-    context,
-    run_one,
-    stamp,
+    probe_cases,
     torch_device,
     torchrun_env,
 )
@@ -129,61 +129,57 @@ def run_plan(plan: WorkerPlan, control: IO[str] | None = None) -> int:
     # CPU workers share cores: a whole case runs alone on the host (the lock is host-wide), so
     # no device is timed while a neighbour computes. Collective probes run on all ranks at once.
     lock = HostLock(plan.lock_path) if plan.lock_path else None
-    caps = capabilities(info)
-    group = _lazy_group(info.kind.value, env)
     group_failure = "" if plan.collectives_ok else "this rank's worker was lost earlier in the run"
+    per_case_s = plan.duration_s / max(1, sum(len(c) for _, c in plan.probes)) if plan.duration_s > 0 else 0.0
+
+    def not_run(c: Case) -> bool:
+        if not c.collective:
+            return False
+        if peers_lost and plan.collectives_ok and str(rank) not in peers_lost:
+            # A rank of the group is gone: the group cannot complete, and that is not this chip's doing.
+            who = "; ".join(f"peer rank {r} lost ({why})" for r, why in sorted(peers_lost.items()))
+            error = ErrorInfo(kind=ErrorKind.PEER_LOST, message=f"not run: {who}"[:600])
+        elif group_failure:
+            # A failed collective leaves the process group unusable: say so, quickly.
+            error = ErrorInfo(kind=ErrorKind.CRASH,
+                              message=f"not run: the process group failed earlier ({group_failure})")
+        else:
+            return False
+        send(protocol.Start(probe=c.probe, case=c.case))
+        result = loop.stamp(c, rank, base.CaseOutcome(case=c.case, params={}, error=error), time.time())
+        lost = error.kind is ErrorKind.PEER_LOST  # (a peer's loss is not this chip's failure)
+        send(protocol.Result(result=replace(result, verdict=Verdict.PASS) if lost else result))
+        return True
+
+    def wait(c: Case, lock: HostLock) -> None:
+        # The launcher times the queue for the lock too: a holder that stalls past its own
+        # watchdog (another run's hung worker) makes this case an error naming the lock.
+        lock.what = f"run {plan.run_id} rank {rank} {c.probe} {c.case}"
+        send(protocol.Wait(probe=c.probe, case=c.case))
+
+    def running(c: Case) -> contextlib.AbstractContextManager[None]:
+        # CPU only: a Python dispatch mode costs microseconds per op, which a GPU's timed
+        # collectives would feel; there the launcher times out the whole hung group instead.
+        if not (c.collective and info.kind.value == "cpu"):
+            return contextlib.nullcontext()
+        progress["ops"] = 0
+        return _op_counter(progress)()
+
+    def keep(c: Case, result: ProbeResult) -> None:
+        nonlocal group_failure
+        if c.collective and result.error is not None and not group_failure:
+            group_failure = f"{c.case}: {result.error.message[:160]}"
+        send(protocol.Result(result=result))
+
+    # `start` once the host lock is held: the case's own watchdog times the case alone.
+    loop = CaseLoop(run_id=plan.run_id, seed=plan.seed, infos={rank: info}, settings=settings, fault_list=fault_list,
+                    keep=keep, skip=not_run, wait=wait, running=running,
+                    start=lambda c: send(protocol.Start(probe=c.probe, case=c.case)))
+    cases = probe_cases(plan.probes, device=device, info=info, seed=plan.seed, profile=plan.profile, rank=rank,
+                        world_size=env["world_size"], group=_lazy_group(info.kind.value, env), lock=lock,
+                        fault_list=fault_list, options=plan.options, capabilities=capabilities(info), budget_s=per_case_s)
     stop_faults = faults.start_process_faults(fault_list, rank)
-    for probe_name, cases in plan.probes:
-        probe = base.get(probe_name)
-        cfg = probe.config(plan.profile, info.kind.value, caps)
-        injector = faults.make_injector(fault_list, rank, probe_name)
-        per_case_s = plan.duration_s / max(1, sum(len(c) for _, c in plan.probes)) if plan.duration_s > 0 else 0.0
-        ctx = context(device=device, info=info, seed=plan.seed, profile=plan.profile, rank=rank,
-                      world_size=env["world_size"], group=group, lock=lock, injector=injector,
-                      options=dict(plan.options), capabilities=caps)
-        exclusive = lock if (lock is not None and not probe.collective) else contextlib.nullcontext
-        for case in cases:
-            if probe.collective and peers_lost and plan.collectives_ok and str(rank) not in peers_lost:
-                # A rank of the group is gone: the group cannot complete, and that is not this chip's doing.
-                who = "; ".join(f"peer rank {r} lost ({why})" for r, why in sorted(peers_lost.items()))
-                outcome = base.CaseOutcome(case=case, params={}, error=ErrorInfo(
-                    kind=ErrorKind.PEER_LOST, message=f"not run: {who}"[:600]))
-                send(protocol.Start(probe=probe_name, case=case))
-                result = stamp(plan.run_id, plan.seed, info, rank, probe_name, case, outcome, settings, fault_list,
-                               time.time())
-                send(protocol.Result(result=replace(result, verdict=Verdict.PASS)))
-                continue
-            if probe.collective and group_failure:
-                # A failed collective leaves the process group unusable: say so, quickly.
-                outcome = base.CaseOutcome(case=case, params={}, error=ErrorInfo(
-                    kind=ErrorKind.CRASH, message=f"not run: the process group failed earlier ({group_failure})"))
-                send(protocol.Start(probe=probe_name, case=case))
-                send(protocol.Result(result=stamp(plan.run_id, plan.seed, info, rank, probe_name, case, outcome,
-                                                    settings, fault_list, time.time())))
-                continue
-            if exclusive is lock and lock is not None:
-                # The launcher times the queue for the lock too: a holder that stalls past its own
-                # watchdog (another run's hung worker) makes this case an error naming the lock.
-                lock.what = f"run {plan.run_id} rank {rank} {probe_name} {case}"
-                send(protocol.Wait(probe=probe_name, case=case))
-            with exclusive():
-                # `start` once the host lock is held: the case's own watchdog times the case alone.
-                send(protocol.Start(probe=probe_name, case=case))
-                started = time.time()
-                # a time-budgeted case's clock starts once it holds the host, not while it queues
-                ctx.deadline = time.monotonic() + per_case_s if per_case_s else None
-                # CPU only: a Python dispatch mode costs microseconds per op, which a GPU's timed
-                # collectives would feel; there the launcher times out the whole hung group instead.
-                if probe.collective and info.kind.value == "cpu":
-                    progress["ops"] = 0
-                    with _op_counter(progress)():
-                        outcome = run_one(probe, ctx, cfg, case)
-                else:
-                    outcome = run_one(probe, ctx, cfg, case)
-            result = stamp(plan.run_id, plan.seed, info, rank, probe_name, case, outcome, settings, fault_list, started)
-            if probe.collective and outcome.error is not None and not group_failure:
-                group_failure = f"{case}: {outcome.error.message[:160]}"
-            send(protocol.Result(result=result))
+    loop.run(cases)
     stop_faults()
     send(protocol.Bye())
     return 0
