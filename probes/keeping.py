@@ -14,12 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from enum import Enum
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..results import Mismatch, Oracle
-
-if TYPE_CHECKING:
-    from .base import CaseOutcome
 
 
 class Stamp(Enum):
@@ -72,6 +69,13 @@ class Kept:
     backend: str | None = None
     rounds: int = 1
     later_bad_elements: int = 0
+
+
+class CaseOutcome(Protocol):
+    """What `keep` needs of a case's outcome (probes.base.CaseOutcome, which imports this module)."""
+
+    mismatches: list[Mismatch]
+    kept: list[Kept]
 
 
 def keep(out: CaseOutcome, m: Mismatch, policy: KeepPolicy, *, repeat: int | None = None,

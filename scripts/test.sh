@@ -14,7 +14,8 @@ ln -s "$PWD" "$typed/chipcheck"
 (cd "$typed" && python3 -m mypy --config-file chipcheck/setup.cfg -m chipcheck.results -m chipcheck.failures \
     -m chipcheck.generator -p chipcheck.fleet.judge -m chipcheck.fleet.protocol -m chipcheck.fleet.harness -m chipcheck.fleet.supervisor \
     -m chipcheck.fleet.session -m chipcheck.fleet.store -m chipcheck.fleet.history -m chipcheck.fleet.trends -m chipcheck.fleet.summary -p chipcheck.reports \
-    -m chipcheck.reproducers.trials -m chipcheck.reproducers.settings -m chipcheck.reproducers.flight)
+    -m chipcheck.reproducers.trials -m chipcheck.reproducers.settings -m chipcheck.reproducers.flight \
+    -m chipcheck.probes.keeping)
 types=$?
 rm -rf "$typed"
 python3 -m pytest -n 2 -q -m "not timing" "$@"
