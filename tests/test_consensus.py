@@ -35,10 +35,14 @@ def test_no_majority_is_reported_never_passed() -> None:
 
 
 def test_devices_caught_locally_do_not_vote() -> None:
-    # two devices: one already wrong by its own oracles; the other is the majority of one voter? no:
-    # a single voter is not a majority, so the group is reported - but the known-bad one stays wrong
+    # a device its own oracles caught does not vote; the others' agreement stands against it, and the
+    # reason says the vote was among those that passed (not "1 of 1 devices agree", read as unanimity)
     js, _ = consensus([_r(0, "a"), _r(1, "b", verdict=Verdict.WRONG), _r(2, "a")])
     assert [j.rank for j in js] == [1]
+    assert "differ from the 2 device(s) with fingerprint fp1 that passed their own checks" in js[0].reason
+    assert "1 of 3 failed them, this one included" in js[0].reason
+    [j] = consensus([_r(0, "a"), _r(1, "b", verdict=Verdict.WRONG)])[0]
+    assert j.rank == 1 and "the 1 device(s)" in j.reason and " of 1 devices" not in j.reason
 
 
 def test_different_fingerprints_are_never_compared() -> None:

@@ -42,9 +42,15 @@ def consensus(results: list[ProbeResult], collective: frozenset[str] = frozenset
         else:
             dissent = list(voters)
         shared = not has_majority or (probe in collective and len(dissent) > 1)
+        caught = len(members) - len(voters)
         for m in ([] if shared else dissent):
-            reason = (f"consensus: output bits differ from the majority ({n_top} of {len(voters)} devices "
-                      f"with fingerprint {fp} agree; hash {m.output_hash[:12]} vs {top[:12]})")
+            if m.verdict is Verdict.PASS:
+                reason = (f"consensus: output bits differ from the majority ({n_top} of {len(voters)} devices "
+                          f"with fingerprint {fp} agree; hash {m.output_hash[:12]} vs {top[:12]})")
+            else:  # its own checks caught it already: the vote is among the others, say so
+                reason = (f"consensus: output bits differ from the {n_top} device(s) with fingerprint {fp} "
+                          f"that passed their own checks ({caught} of {len(members)} failed them, this one "
+                          f"included; hash {m.output_hash[:12]} vs {top[:12]})")
             judgements.append(Judgement(rank=m.rank, probe=probe, case=case, verdict=Verdict.WRONG, reason=reason,
                                         metrics={"agree": float(n_top), "voters": float(len(voters))}))
         summary.append(ConsensusGroup(fingerprint=fp, probe=probe, case=case, devices=len(members), majority_hash=top,
