@@ -118,7 +118,10 @@ class Recorder(TorchDispatchMode):
         if st.nbytes() == 0:
             self._next_storage += 1
             return self._next_storage, None
-        key = (t.device, st.data_ptr())
+        # The storage itself (its StorageImpl), not its address: FSDP frees a parameter's storage
+        # (resize to 0) and the allocator hands that address to a new storage, which its address
+        # would make an alias of the freed one's tensor (read back as a stale `as_strided` of it).
+        key = (t.device, st._cdata)
         known = self.storages.get(key)
         if known is not None and known[1]() is not None:
             return known[0], known[2]

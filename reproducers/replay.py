@@ -18,6 +18,7 @@ exactly when op #i saw it during the step.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -27,6 +28,7 @@ import torch
 from ..probes import faults as faultmod
 from ..probes import oracles
 from . import format as fmt
+from . import settings as st
 from .reduction import exact_result
 
 # Relative tolerance vs float64 per output dtype, scaled by (|ref| + rms(ref)): loose enough for any
@@ -329,7 +331,9 @@ def replay(cap: fmt.Capture, *, device: str | None = None, reference: str = "cpu
     schedule = sim.schedule(cap.ops) if sim else {}
     live: dict[int, Any] = {vid: external(cap, ref, dev) for vid, ref in cap.tensors.items()}
     result = ReplayResult(rank=cap.rank, ops=len(cap.ops), divergence=None, capture_mismatch=None)
-    with torch.no_grad():
+    # under the settings the step ran with (threads, matmul precision, ...): the same kernels, so the
+    # replay rebuilds what was captured bit for bit (a collective's payload as it was sent)
+    with torch.no_grad(), st.applied(cap.settings) if cap.settings else contextlib.nullcontext():
         for rec in cap.ops:
             args = decode(rec.args, live, dev)
             kwargs = {k: decode(v, live, dev) for k, v in rec.kwargs.items()}
