@@ -52,7 +52,7 @@ def _state(model: torch.nn.Module) -> list[torch.Tensor]:
             for p in model.parameters()]
 
 
-def _rank(rank: int, world: int, root: str, mode: str) -> None:
+def _rank(rank: int, world: int, root: str, mode: str, fault: str = FAULT) -> None:
     import torch.distributed as dist
 
     from chipcheck.probes import faults
@@ -70,7 +70,7 @@ def _rank(rank: int, world: int, root: str, mode: str) -> None:
     for a, b in zip(_state(bare), _state(model), strict=True):
         assert torch.equal(a, b), f"rank {rank}: capture changed the step's result"
     # the chip goes bad on rank 1: every 2nd fp32 GEMM of the process flips bit 20
-    off = faults.start_process_faults(faults.parse(FAULT), rank)
+    off = faults.start_process_faults(faults.parse(fault), rank)
     with capture(root):
         _step(model, opt, ids)
     off()
@@ -108,3 +108,17 @@ def test_hf_gpt2_two_ranks_capture_replay_shrink(mode: str, tmp_path: Path) -> N
     assert bad.returncode == 1 and "REPRODUCED" in bad.stdout, bad.stdout + bad.stderr
     good = subprocess.run([sys.executable, str(out)], capture_output=True, text=True, timeout=120)
     assert good.returncode == 0, good.stdout + good.stderr
+
+
+def test_hf_gpt2_fsdp2_a_corrupted_reduce_scatter_is_a_link_fault_on_its_sender(tmp_path: Path) -> None:
+    # a bad link, not a bad chip: one bit of the gradients rank 1 sends in FSDP2's first reduce-scatter
+    # flips on the way. The chip computed them right, so replay rebuilds the payload as sent and the
+    # received result differs from the exact sum: the reduce-scatter is named, with the element it hit.
+    root = tmp_path / "cap"
+    link = "bitflip:rank=1,bit=25,op=_reduce_scatter_base_,index=3,count=1,scope=process"
+    mp.start_processes(_rank, args=(2, str(root), "fsdp2", link), nprocs=2, start_method="spawn")
+    case = sk.shrink_collective(str(root))
+    div = case.divergence
+    assert div.collective == "reduce_scatter" and case.world == 2, div
+    assert div.rank == 0 and div.metric.bad == 1, div  # element 3 of what rank 1 sent lands in rank 0's part
+    assert "_reduce_scatter_base_" in div.op
