@@ -73,7 +73,11 @@ def test_cli_attention_fault_on_one_jax_device(tmp_path: Path) -> None:
     rc, data, out = run_jax(tmp_path, 2, "--probes", "attention", "--inject", "bitflip:rank=1,bit=27")
     assert rc == 1, out[-3000:]
     assert {d["rank"]: d["verdict"] for d in data["devices"]} == {0: "pass", 1: "wrong"}
-    (probe,) = data["devices"][1]["probes"]
+    # besides its attention entry, a device may carry a speed note (a busy host made it a speed suspect:
+    # CI, 2026-12-02, "0.45x its peers ... not called slow"); a note, never a verdict against it
+    probes = data["devices"][1]["probes"]
+    (probe,) = [p for p in probes if p["probe"] == "attention"]
+    assert all(p["probe"] == "retest" and p["verdict"] == "pass" for p in probes if p is not probe), probes
     cases = {c["case"]: c for c in probe["details"]["cases"]}
     assert set(cases) == set(ja.cases())
     # bit 27 exists in float32 only: the float32 cases are wrong, each through its own oracle
