@@ -52,6 +52,16 @@ def device(data: dict, rank: int) -> dict:
     return next(d for d in data["devices"] if d["rank"] == rank)
 
 
+def probe_of(data: dict, rank: int, name: str) -> dict:
+    """Device `rank`'s entry for probe `name`. On a busy host a device may also carry a speed note (a
+    suspect the retest cleared: CI 2026-12-02, "0.45x its peers ... not called slow"); any other entry
+    beside the one asked for must be just that, a passing retest."""
+    probes = device(data, rank)["probes"]
+    (probe,) = [p for p in probes if p["probe"] == name]
+    assert all(p["probe"] == "retest" and p["verdict"] == "pass" for p in probes if p is not probe), probes
+    return probe
+
+
 def marked_processes(mark: str) -> list[int]:
     """Live processes (not zombies) whose environment carries CHIPCHECK_TEST_MARK=mark: what a run
     started, found again after it was killed."""

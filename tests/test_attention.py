@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import cpu_ctx, device, run_json
+from conftest import cpu_ctx, device, probe_of, run_json
 
 from chipcheck.probes import attention, base, faults
 from chipcheck.probes.attention import AttentionProbe
@@ -120,7 +120,7 @@ def test_cli_names_the_corrupted_device(tmp_path: Path) -> None:
     assert device(data, 0)["verdict"] == "pass", out
     bad = device(data, 1)
     assert bad["verdict"] == "wrong"
-    (probe,) = bad["probes"]
+    probe = probe_of(data, 1, "attention")
     tensors = {m["tensor"] for c in probe["details"]["cases"] for m in c.get("mismatches", [])
                if m["oracle"] in ("exact", "fp64_reference")}
     assert tensors == {"dk"}

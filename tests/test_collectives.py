@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import device, run_json
+from conftest import device, probe_of, run_json
 
 from chipcheck.probes.collectives import EXACT_LIMIT, Code, CollectiveStep, bus_factor
 
@@ -85,10 +85,10 @@ def test_a_rank_lost_mid_collective_is_named(tmp_path: Path) -> None:
     assert rc == 1, out
     # only the lost rank is an error: what the others could not run is not held against them (issue 20)
     assert {d["rank"]: d["verdict"] for d in data["devices"]} == {0: "pass", 1: "error", 2: "pass"}
-    lost = device(data, 1)["probes"][0]["details"]["cases"][0]["error"]
+    lost = probe_of(data, 1, "collectives")["details"]["cases"][0]["error"]
     assert lost["kind"] == "crash" and "signal 9" in lost["message"]
     for r in (0, 2):
-        other = device(data, r)["probes"][0]["details"]["cases"]
+        other = probe_of(data, r, "collectives")["details"]["cases"]
         assert all(c["error"]["kind"] == "peer_lost" and "peer rank 1 lost" in c["error"]["message"]
                    for c in other)
         assert len(other) == 21  # every case is accounted for

@@ -6,7 +6,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import device, run_json
+from conftest import device, probe_of, run_json
 
 MATMUL = ("--probes", "matmul", "--devices", "cpu:4")
 # Tests of corruption, hangs and crashes judge no speed: only a 10x shortfall would count as slow,
@@ -48,7 +48,7 @@ def test_exponent_flip_in_fp32_on_one_worker(tmp_path: Path) -> None:
     assert _verdicts(data) == {0: "pass", 1: "pass", 2: "wrong", 3: "pass"}
     dev = device(data, 2)
     assert _bits(dev) == {27}
-    (probe,) = dev["probes"]
+    probe = probe_of(data, 2, "matmul")
     exact = next(c for c in probe["details"]["cases"] if c["case"] == "float32/exact")
     m = exact["mismatches"][0]
     assert m["oracle"] == "exact" and m["bad_elements"] == 1 and exact["repeats_bad"] == exact["repeats"]
@@ -80,18 +80,18 @@ def test_hang_is_an_error_and_the_others_are_kept(tmp_path: Path) -> None:
     rc, data, out = run_json(tmp_path, *MATMUL, *NO_SPEED, "--inject", "hang:rank=3", "--timeout", "8")
     assert rc == 1, out
     assert _verdicts(data) == {0: "pass", 1: "pass", 2: "pass", 3: "error"}
-    cases = device(data, 3)["probes"][0]["details"]["cases"]
+    cases = probe_of(data, 3, "matmul")["details"]["cases"]
     assert cases[0]["error"]["kind"] == "timeout" and "watchdog" in cases[0]["error"]["message"]
     assert all(c["verdict"] == "error" for c in cases)
     # the other devices' results are all there
-    assert all(len(device(data, r)["probes"][0]["details"]["cases"]) == 6 for r in (0, 1, 2))
+    assert all(len(probe_of(data, r, "matmul")["details"]["cases"]) == 6 for r in (0, 1, 2))
 
 
 def test_crash_is_an_error_naming_the_signal(tmp_path: Path) -> None:
     rc, data, out = run_json(tmp_path, "--probes", "matmul", "--devices", "cpu:2", *NO_SPEED, "--inject", "crash:rank=0")
     assert rc == 1, out
     assert _verdicts(data) == {0: "error", 1: "pass"}
-    first = device(data, 0)["probes"][0]["details"]["cases"][0]
+    first = probe_of(data, 0, "matmul")["details"]["cases"][0]
     assert first["error"]["kind"] == "crash" and "signal 9" in first["error"]["message"]
 
 
@@ -99,5 +99,5 @@ def test_nan_is_caught(tmp_path: Path) -> None:
     rc, data, out = run_json(tmp_path, "--probes", "matmul", "--devices", "cpu:2", *NO_SPEED, "--inject", "nan:rank=0")
     assert rc == 1, out
     assert _verdicts(data) == {0: "wrong", 1: "pass"}
-    oracles = {m["oracle"] for c in device(data, 0)["probes"][0]["details"]["cases"] for m in c.get("mismatches", [])}
+    oracles = {m["oracle"] for c in probe_of(data, 0, "matmul")["details"]["cases"] for m in c.get("mismatches", [])}
     assert "nonfinite" in oracles and "exact" in oracles
