@@ -37,16 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from ..results import DeviceInfo, ErrorKind, ProbeResult, RunSummary
-from . import protocol
+from . import protocol, supervisor
 from .harness import Case, CaseLoop, error_result
 from .runner import DEFAULT_TIMEOUT_S, RunOptions, UsageError, judge, new_run_id, validate
 from .session import RunSession
 from .store import Store
-from .supervisor import child_env, exit_text, kill_group, log_tail, not_run, spawn
+from .supervisor import Phase, Watch, child_env, exit_text, kill_group, log_tail, not_run, spawn
 
 PROBES = ("matmul", "attention", "collectives")
-STARTUP_TIMEOUT_S = 180.0  # importing JAX and starting its backends on a loaded host
-EXIT_GRACE_S = 60.0  # after `bye`: leaving the JAX job waits for the other processes to leave too
 ATTENTION_SEQ = {"quick": 64, "standard": 256, "nightly": 512}
 """Sequence length of the JAX attention probe per profile (CPU-sized; a TPU run wants more)."""
 
@@ -173,9 +171,7 @@ class _Supervisor:
         with open(log_path, "ab") as log:
             proc = spawn([sys.executable, "-m", "chipcheck.fleet.jax_runner", "--plan", str(plan_path)],
                          env=child_env(), log=log, stdin=subprocess.DEVNULL, on_message=lambda _p, m: q.put(m))
-        current: tuple[str, str, list[int]] | None = None
-        since, hello, killed, usage, bye = time.monotonic(), False, False, "", False
-        barrier: tuple[str, float] | None = None  # (tag, limit): waiting for the job's other processes
+        watch, ranks, killed, usage = Watch(self.timeout_s), [0], False, ""  # ranks: those the case occupies
         try:
             while True:
                 try:
@@ -183,66 +179,48 @@ class _Supervisor:
                 except queue.Empty:
                     if killed:
                         continue
-                    waits_for_peers = barrier is not None or (current is not None and current[0] == "collectives")
+                    waits_for_peers = watch.phase is Phase.BARRIER or (watch.current or ("",))[0] == "collectives"
                     if self.job and waits_for_peers and (lost := self.job.peer_lost()):
                         # a lost peer never reaches this barrier or collective: stop waiting now
                         self.peer_lost, killed = lost, True
                         self.lost_reason = f"not reached: {lost}"
                         kill_group(proc)
-                        continue
-                    if bye:  # everything is reported: a process slow to leave the job is only ended
-                        limit = EXIT_GRACE_S
-                    elif current:
-                        limit = self.timeout_s
-                    elif barrier:
-                        limit = barrier[1]
-                    elif not hello:
-                        limit = max(STARTUP_TIMEOUT_S, self.timeout_s)
-                    else:
-                        continue
-                    if time.monotonic() - since > limit:
-                        killed = not bye
+                    elif watch.overdue(time.monotonic()):
+                        # after bye everything is reported: a process slow to leave the job is only ended
+                        killed = watch.phase is not Phase.LEAVING
                         kill_group(proc)
                     continue
                 if msg is None:
                     break
+                watch.on(msg)
                 if isinstance(msg, protocol.Hello):
-                    hello, since = True, time.monotonic()
                     self._hello(msg.devices, msg.ranks)
                 elif isinstance(msg, protocol.Usage):
                     usage = msg.message
                 elif isinstance(msg, protocol.Start):
-                    current, since = (msg.probe, msg.case, msg.ranks), time.monotonic()
+                    ranks = msg.ranks
                 elif isinstance(msg, protocol.Result):
                     self._record(msg.result)
-                    if current and all((current[0], current[1], k) in self.done for k in current[2]):
-                        current, since = None, time.monotonic()
-                elif isinstance(msg, protocol.Barrier):
-                    # the other hosts may still be at most `cases` per-device cases behind this one
-                    barrier, since = (msg.name, STARTUP_TIMEOUT_S + self.timeout_s * max(1, msg.cases)), \
-                        time.monotonic()
-                elif isinstance(msg, protocol.Synced):
-                    barrier, since = None, time.monotonic()
-                elif isinstance(msg, protocol.Bye):
-                    bye, since = True, time.monotonic()
+                    if (c := watch.current) and all((*c, k) in self.done for k in ranks):
+                        watch.to(Phase.IDLE)
         finally:
             kill_group(proc)
         code = proc.wait()
         if usage:
             raise UsageError(usage)
-        if bye:
+        if watch.phase is Phase.LEAVING:
             return True
-        if not hello:
+        if not watch.hello:
             why = "did not start in time" if killed else f"died at start-up ({exit_text(code)})"
             raise UsageError(f"the JAX host process {why}: {log_tail(log_path)}")
-        if current is None and barrier is not None:
+        if watch.barrier is not None:
             if not self.peer_lost:
-                how = f"waited {barrier[1]:g}s" if killed else f"died ({exit_text(code)})"
-                self.lost_reason = f"the JAX job's processes never all reached {barrier[0]} (this host {how})"
+                how = f"waited {watch.barrier[1]:g}s" if killed else f"died ({exit_text(code)})"
+                self.lost_reason = f"the JAX job's processes never all reached {watch.barrier[0]} (this host {how})"
             return False
-        if current is None:
+        if watch.current is None:
             raise UsageError(f"the JAX host process exited between cases ({exit_text(code)}): {log_tail(log_path)}")
-        self._lost(current, killed, code, log_path)
+        self._lost((*watch.current, ranks), killed, code, log_path)
         return False
 
     def _hello(self, devs: list[DeviceInfo], local: list[int]) -> None:
@@ -322,7 +300,7 @@ class _Job:
         if port >= 65535:
             raise UsageError(f"coordinator port {port}: chipcheck also needs port {port + 1} there")
         try:
-            kv = Rendezvous(spec.process_id, spec.num_processes, max(timeout, STARTUP_TIMEOUT_S), addr=host,
+            kv = Rendezvous(spec.process_id, spec.num_processes, max(timeout, supervisor.STARTUP_TIMEOUT_S), addr=host,
                             port=port + 1)
         except Exception as e:  # TCPStore raises RuntimeError/DistStoreError: unreachable or port taken
             raise UsageError(f"{spec.label}: cannot reach the results store at {host}:{port + 1}: "
@@ -331,7 +309,7 @@ class _Job:
             run_id = new_run_id()
             kv.store.set("chipcheck/go", run_id)
         else:
-            got = kv.wait_go(time.monotonic() + max(timeout, STARTUP_TIMEOUT_S))
+            got = kv.wait_go(time.monotonic() + max(timeout, supervisor.STARTUP_TIMEOUT_S))
             if got is None:
                 raise UsageError(f"{spec.label}: process 0 never started the run")
             run_id = got

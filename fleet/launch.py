@@ -38,10 +38,9 @@ from ..results import DeviceInfo, DeviceKind, ErrorInfo, ErrorKind, ProbeResult,
 from . import devices as devmod
 from . import protocol
 from .harness import error_result, lock_holder
-from .supervisor import child_env, exit_text, kill_group, not_run, spawn, tail_of
+from .supervisor import Phase, Watch, child_env, exit_text, kill_group, not_run, spawn, tail_of
 from .worker import WorkerPlan
 
-STARTUP_TIMEOUT_S = 180.0  # importing torch and initialising a device on a loaded host
 LOCK_GRACE_S = 5.0  # a lock holder of this run is killed by its own watchdog first
 MAX_LOSSES = 2  # a rank lost this often in one run is not started again
 
@@ -67,11 +66,8 @@ class _Worker:
     rank: int
     info: DeviceInfo
     todo: list[tuple[str, str]]  # (probe, case) not yet reported
+    watch: Watch
     proc: subprocess.Popen[bytes] | None = None
-    current: tuple[str, str] | None = None
-    since: float = 0.0
-    waiting: tuple[str, str] | None = None  # queued for the host lock
-    hello: bool = False
     killed_for: ErrorKind | None = None
     kill_note: str = ""
     log: IO[bytes] | None = None  # an unlinked file: the worker's stderr
@@ -102,7 +98,7 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
     lock_path = os.path.join(tempfile.gettempdir(), f"chipcheck-{os.getuid()}-cpu-timing.lock")
     n_cpu = sum(1 for d in req.devices if d.kind is DeviceKind.CPU)
     workers = [
-        _Worker(rank=r, info=d, todo=[(p, c) for p, cases in req.probes for c in cases])
+        _Worker(rank=r, info=d, todo=[(p, c) for p, cases in req.probes for c in cases], watch=Watch(req.timeout_s))
         for r, d in enumerate(req.devices)
     ]
     q: queue.Queue[tuple[int, Any, protocol.Message | None]] = queue.Queue()
@@ -134,8 +130,7 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
                          **({"TORCHELASTIC_USE_AGENT_STORE": "True"} if store is not None else {})})
         if w.log is None:
             w.log = tempfile.TemporaryFile(prefix=f"chipcheck-{req.run_id}-rank{w.rank}-")
-        w.current, w.waiting, w.since, w.hello, w.killed_for, w.kill_note = None, None, time.monotonic(), False, None, ""
-        w.ops, w.polled = None, 0.0
+        w.watch, w.killed_for, w.kill_note, w.ops, w.polled = Watch(req.timeout_s), None, "", None, 0.0
         w.proc = spawn([sys.executable, "-m", "chipcheck.worker", "--plan", "-"], env=env, log=w.log,
                        on_message=lambda proc, msg, rank=w.rank: q.put((rank, proc, msg)))
         _tell(w, plan)
@@ -174,7 +169,7 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
         if not w.todo:
             w.done = True
             return
-        probe, case = w.current or w.waiting or w.todo[0]
+        probe, case = w.watch.case or w.todo[0]
         if w.killed_for is ErrorKind.PEER_LOST:
             # stopped by us inside a collective whose group lost a rank: not this rank's doing
             why = f"not run: {peers_text(w.rank)}"
@@ -187,7 +182,7 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
             kind, msg = ErrorKind.TIMEOUT, w.kill_note or (
                 f"{probe} {case} on {w.info.host} {w.info.label} (rank {w.rank}, seed {req.seed}) exceeded its "
                 f"{req.timeout_s:g}s watchdog; worker killed")
-        elif not w.hello and w.killed_for is None:
+        elif not w.watch.hello and w.killed_for is None:
             kind, msg = ErrorKind.CRASH, (f"worker for {w.info.label} on {w.info.host} died at start-up "
                                           f"({exit_text(code)}): {tail_of(w.log.fileno()) if w.log else ''}")
         else:
@@ -211,17 +206,18 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
         """A collective case past its watchdog: every rank in it waits, so ask each how far it got
         (`progress?`) and time out the ranks that stopped short of their peers; when none can be told
         apart, the whole group is timed out, saying so."""
-        assert w.current is not None
-        if any(o.killed_for is not None and o.current == w.current for o in workers):
+        current = w.watch.current
+        assert current is not None
+        if any(o.killed_for is not None and o.watch.current == current for o in workers):
             return  # a rank of this case is being ended: its loss decides for the others (peer_lost)
-        group = [o for o in workers if o.current == w.current and o.killed_for is None and o.proc is not None]
-        absent = [o for o in workers if o.current != w.current and not o.done and w.current in o.todo]
+        group = [o for o in workers if o.watch.current == current and o.killed_for is None and o.proc is not None]
+        absent = [o for o in workers if o.watch.current != current and not o.done and current in o.todo]
         if absent:
             # A member is still in an earlier case (or waiting for the host lock): the group waits for
             # it, not in a hang of its own. Its own watchdog decides about it (a hang there makes it a
             # lost peer); the group's clock starts once every member is in the collective.
             for o in group:
-                o.since, o.polled = now, 0.0
+                o.watch.since, o.polled = now, 0.0
             return
         if not w.polled:
             for o in group:
@@ -231,7 +227,7 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
         if now - w.polled < 2.0 and any(o.ops is None for o in group):
             return  # give them a moment to answer
         said = {o.rank: o.ops for o in group if o.ops is not None}
-        probe, case = w.current
+        probe, case = current
         base = (f"{probe} {case} on {{host}} {{label}} (rank {{rank}}, seed {req.seed}) exceeded its "
                 f"{req.timeout_s:g}s watchdog")
         if len(group) > 1 and said and len(set(said.values())) > 1:
@@ -246,21 +242,19 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
             kill(o, ErrorKind.TIMEOUT, base.format(host=o.info.host, label=o.info.label, rank=o.rank) + note)
 
     def lock_stalled(w: _Worker, now: float) -> str:
-        """Why `w`'s wait for the host lock is over (its holder stalled past the watchdog), or ''."""
-        if w.waiting is None or now - w.since <= req.timeout_s:
-            return ""
+        """Why `w`'s wait for the host lock, past its watchdog, is over (its holder stalled too), or ''."""
         holder = lock_holder(lock_path)
         ours = {o.proc.pid for o in workers if o.proc is not None and o.proc.poll() is None}
         if holder is not None and holder["pid"] in ours:
             return ""  # held by a worker of this run: its own watchdog ends a stall
-        held = time.time() - float(holder["since"]) if holder else now - w.since
+        held = time.time() - float(holder["since"]) if holder else now - w.watch.since
         if held <= req.timeout_s + LOCK_GRACE_S:
             return ""  # the lock changes hands: another run is progressing
         who = (f"held for {held:.0f}s by pid {holder['pid']} ({holder.get('what') or 'unknown'})" if holder
                else "its holder did not say who it is")
-        probe, case = w.waiting
+        probe, case = w.watch.case or ("", "")
         return (f"{probe} {case} on {w.info.host} {w.info.label} (rank {w.rank}, seed {req.seed}) waited "
-                f"{now - w.since:.0f}s, past its {req.timeout_s:g}s watchdog, for the host CPU timing lock "
+                f"{now - w.watch.since:.0f}s, past its {req.timeout_s:g}s watchdog, for the host CPU timing lock "
                 f"{lock_path}, {who}; worker killed")
 
     try:
@@ -277,36 +271,31 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
                     lost(w, proc)
                 elif proc is not w.proc:
                     pass  # a message from a worker already replaced
-                elif isinstance(msg, protocol.Hello):
-                    w.hello, w.since = True, time.monotonic()
-                elif isinstance(msg, protocol.Wait):
-                    w.waiting, w.since = (msg.probe, msg.case), time.monotonic()
-                elif isinstance(msg, protocol.Start):
-                    w.current, w.waiting, w.since = (msg.probe, msg.case), None, time.monotonic()
-                    if on_start:
-                        on_start(rank, msg.probe, msg.case)
                 elif isinstance(msg, protocol.Progress):
                     w.ops = msg.ops
                 elif isinstance(msg, protocol.Result):
                     res = _blame_the_lost(msg.result, lost_ranks, workers)
                     with contextlib.suppress(ValueError):
                         w.todo.remove((res.probe, res.case))
-                    w.current = None
+                    w.watch.to(Phase.IDLE)
                     on_result(res)
+                else:
+                    w.watch.on(msg)
+                    if isinstance(msg, protocol.Start) and on_start:
+                        on_start(rank, msg.probe, msg.case)
             now = time.monotonic()
             for w in workers:
                 if w.done or w.killed_for is not None or w.proc is None:
                     continue
-                if not w.hello and now - w.since > max(STARTUP_TIMEOUT_S, req.timeout_s):
-                    kill(w, ErrorKind.TIMEOUT)
-                elif (w.current is not None and _is_collective(w.current[0])
-                      and any(r != w.rank for r in lost_ranks)):
+                current = w.watch.current
+                if current is not None and _is_collective(current[0]) and any(r != w.rank for r in lost_ranks):
                     kill(w, ErrorKind.PEER_LOST)  # blocked on a rank that is gone: stop waiting now
-                elif w.current is not None and now - w.since > req.timeout_s:
-                    if _is_collective(w.current[0]):
-                        collective_timeout(w, now)
-                    else:
-                        kill(w, ErrorKind.TIMEOUT)
+                elif not w.watch.overdue(now):
+                    continue
+                elif current is not None and _is_collective(current[0]):
+                    collective_timeout(w, now)
+                elif w.watch.phase is not Phase.WAITING:
+                    kill(w, ErrorKind.TIMEOUT)  # a hang in its case, or at start-up
                 elif why := lock_stalled(w, now):
                     kill(w, ErrorKind.TIMEOUT, why)
     finally:

@@ -10,6 +10,8 @@ the cases they never reached.
 - `not_run`: the error results of cases a lost child never reached.
 - `interrupt_on_signals`: SIGTERM and SIGHUP end a run like Ctrl-C, so the `finally`s that kill
   the children run and the run is stored as interrupted.
+- `Watch`: where a child is in its run (starting, between cases, queued for the host lock, in a
+  case, at a barrier of its job, leaving) and since when: the one state machine every watchdog reads.
 """
 
 from __future__ import annotations
@@ -19,12 +21,18 @@ import os
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
 from typing import IO, Any
 
 from ..results import DeviceInfo, ErrorKind, ProbeResult
 from . import protocol
 from .harness import error_result
+
+STARTUP_TIMEOUT_S = 180.0  # importing torch or JAX and initialising a device on a loaded host
+EXIT_GRACE_S = 60.0  # after `bye`: leaving a multi-host job waits for the other processes to leave too
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -111,3 +119,61 @@ def not_run(run_id: str, seed: int, info: DeviceInfo, rank: int, probe: str, cas
             why: str) -> list[ProbeResult]:
     """The results of cases a lost child never reached: `error` of the loss's kind, "not run: why"."""
     return [error_result(run_id, seed, info, rank, probe, c, kind, f"not run: {why}") for c in cases]
+
+
+class Phase(Enum):
+    STARTING = "starting"  # started, has not said hello
+    IDLE = "idle"  # between cases: nothing to time
+    WAITING = "waiting"  # queued for the host CPU timing lock before a case
+    IN_CASE = "in case"
+    BARRIER = "barrier"  # waiting for the job's other processes (multi-host JAX)
+    LEAVING = "leaving"  # said bye: everything is reported
+
+
+@dataclass
+class Watch:
+    """Where a child is in its run and since when. Its messages move it (`on`); `overdue` says its
+    phase has outlived its limit: start-up (importing torch or JAX on a loaded host), one case's
+    watchdog, a barrier's own limit, the grace for leaving a job. Between cases nothing is timed."""
+
+    timeout_s: float
+    phase: Phase = Phase.STARTING
+    since: float = field(default_factory=time.monotonic)
+    case: tuple[str, str] | None = None  # (probe, case) while WAITING or IN_CASE
+    barrier: tuple[str, float] | None = None  # (name, limit) while at a BARRIER
+
+    def to(self, phase: Phase, case: tuple[str, str] | None = None, barrier: tuple[str, float] | None = None) -> None:
+        self.phase, self.case, self.barrier, self.since = phase, case, barrier, time.monotonic()
+
+    def on(self, msg: protocol.Message) -> None:
+        if isinstance(msg, protocol.Hello):
+            self.to(Phase.IDLE)
+        elif isinstance(msg, protocol.Wait):
+            self.to(Phase.WAITING, (msg.probe, msg.case))
+        elif isinstance(msg, protocol.Start):
+            self.to(Phase.IN_CASE, (msg.probe, msg.case))
+        elif isinstance(msg, protocol.Barrier):
+            # the other hosts may still be at most `cases` per-device cases behind this one
+            self.to(Phase.BARRIER, barrier=(msg.name, STARTUP_TIMEOUT_S + self.timeout_s * max(1, msg.cases)))
+        elif isinstance(msg, protocol.Synced):
+            self.to(Phase.IDLE)
+        elif isinstance(msg, protocol.Bye):
+            self.to(Phase.LEAVING)
+
+    @property
+    def current(self) -> tuple[str, str] | None:
+        """The case it runs now."""
+        return self.case if self.phase is Phase.IN_CASE else None
+
+    @property
+    def hello(self) -> bool:
+        return self.phase is not Phase.STARTING
+
+    def limit(self) -> float | None:
+        return {Phase.STARTING: max(STARTUP_TIMEOUT_S, self.timeout_s), Phase.WAITING: self.timeout_s,
+                Phase.IN_CASE: self.timeout_s, Phase.BARRIER: self.barrier[1] if self.barrier else None,
+                Phase.LEAVING: EXIT_GRACE_S}.get(self.phase)
+
+    def overdue(self, now: float) -> bool:
+        limit = self.limit()
+        return limit is not None and now - self.since > limit
