@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 
 from .. import generator as g
 from ..results import Oracle
-from . import oracles
+from .backends import backend_of, oracles
 from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, profile_table, register
 
 CASES = ("copy", "read")
@@ -78,7 +78,7 @@ class BandwidthProbe(Probe):
                     times.append(dt)
                     if torch.equal(src.view(torch.int32), dst.view(torch.int32)):
                         continue
-                    m = oracles.compare_bits(src, dst, tensor="dst", oracle=Oracle.EXACT)
+                    m = oracles.compare_bits(backend_of(dst), src, dst, tensor="dst", oracle=Oracle.EXACT)
                     if m is not None:
                         out.repeats_bad += 1
                         if not out.mismatches:

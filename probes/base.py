@@ -211,7 +211,7 @@ def registry() -> dict[str, type[Probe]]:
     return dict(sorted(_REGISTRY.items(), key=lambda kv: kv[1].order))
 
 
-_NOT_PROBES = {"base", "oracles", "faults"}
+_NOT_PROBES = {"base", "faults"}
 
 
 def _package_path() -> list[str]:

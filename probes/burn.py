@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 from .. import generator as g
 from ..results import Oracle
-from . import oracles
+from .backends import backend_of, oracles
 from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, profile_table, register
 from .keeping import KeepPolicy, Stamp, keep
 from .matmul import ALL_DTYPES, NEEDS, Kernel, hadamard_inputs
@@ -111,7 +111,9 @@ def _burn(ctx: ProbeContext, cfg: BurnProbe.Config, case: str, kernel: Kernel, n
     ar, br = kernel.prepare(g.uniform((n, n), seed, "burn/A", device=ctx.device),
                             g.uniform((n, n), seed, "burn/B", device=ctx.device))
     ar_ref, br_ref = ar.float(), br.float()
-    plan = oracles.freivalds_plan(ar_ref, br_ref, kernel.out_dtype, seed=seed, sigmas=cfg.sigmas, u_in=kernel.u_in)
+    bk = backend_of(ar)
+    plan = oracles.freivalds_plan(bk, ar_ref, br_ref, kernel.out_name, seed=seed, sigmas=cfg.sigmas,
+                                  u_in=kernel.u_in)
     out = CaseOutcome(case=case, params={"m": n, "n": n, "k": n, "dtype": case, "gemms_per_iteration": 2})
     sampler = NvmlSampler(ctx.device)
     iters: list[_Iter] = []
@@ -119,7 +121,7 @@ def _burn(ctx: ProbeContext, cfg: BurnProbe.Config, case: str, kernel: Kernel, n
     first_random: list[Any] = []
     with kernel.settings(), ctx.timer.exclusive():
         # warm-up (library heuristics, caches): untimed but checked, like every call a chip computes
-        warm_bad = oracles.compare_bits(expected, kernel(ah, bh), tensor="C_exact", oracle=Oracle.EXACT)
+        warm_bad = oracles.compare_bits(bk, expected, kernel(ah, bh), tensor="C_exact", oracle=Oracle.EXACT)
         with ctx.under_test():
             # The first op dispatched through an injector costs ~1 s once (Python dispatch
             # set-up); a non-GEMM op keeps that out of the first window and off fault counters.
@@ -137,15 +139,15 @@ def _burn(ctx: ProbeContext, cfg: BurnProbe.Config, case: str, kernel: Kernel, n
                 c1, t1 = ctx.timer.time(lambda: kernel(ah, bh))
             with ctx.under_test():
                 c2, t2 = ctx.timer.time(lambda: kernel(ar, br))
-            found = [m for m in (oracles.compare_bits(expected, c1, tensor="C_exact", oracle=Oracle.EXACT),
-                                 oracles.nonfinite(c2, tensor="C_random"),
-                                 oracles.freivalds(plan, ar_ref, br_ref, c2, tensor="C_random")) if m is not None]
+            found = [m for m in (oracles.compare_bits(bk, expected, c1, tensor="C_exact", oracle=Oracle.EXACT),
+                                 oracles.nonfinite(bk, c2, tensor="C_random"),
+                                 oracles.freivalds(bk, plan, ar_ref, br_ref, c2, tensor="C_random")) if m is not None]
             if not first_random:
                 first_random.append(c2.clone())
-                out.output_hash = oracles.tensor_hash(c2)
+                out.output_hash = oracles.array_hash(bk, c2)
             elif not found and not torch.equal(first_random[0], c2):
                 out.nondeterministic = True
-                rep = oracles.compare_bits(first_random[0], c2, tensor="C_random", oracle=Oracle.REPEAT)
+                rep = oracles.compare_bits(bk, first_random[0], c2, tensor="C_random", oracle=Oracle.REPEAT)
                 if rep is not None:
                     found.append(rep)
             i = len(iters)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..results import Blame, Mismatch, Oracle
-from . import oracles
+from .backends import backend_of, oracles
 from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, Unsupported, profile_table, register
 from .keeping import KeepPolicy, keep
 
@@ -410,7 +410,7 @@ class CollectiveStep:
         import dataclasses
 
         exp = self.expected()
-        m = oracles.compare_bits(exp, self.buf, tensor=self.op, oracle=Oracle.EXACT, tile=max(1, self.chunk))
+        m = oracles.compare_bits(backend_of(self.buf), exp, self.buf, tensor=self.op, oracle=Oracle.EXACT, tile=max(1, self.chunk))
         if m is None:
             return None
         return dataclasses.replace(m, note=(m.note + " " + self.decode(m)).strip())

@@ -25,7 +25,7 @@ from typing import Any
 
 from .. import generator as g
 from ..results import LinkResult, Oracle
-from . import oracles
+from .backends import backend_of, oracles
 from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, profile_table, register
 
 
@@ -228,7 +228,7 @@ class _Link:
                 dist.send(self.ack, src, group=g_)
             # checked after the acknowledgement, so checking never counts against the link's speed
             expected = self.payload(src, dst)
-            bad = oracles.compare_bits(expected, self.recv_buf, tensor=f"link {src}->{dst}", oracle=Oracle.EXACT)
+            bad = oracles.compare_bits(backend_of(self.recv_buf), expected, self.recv_buf, tensor=f"link {src}->{dst}", oracle=Oracle.EXACT)
             total = expected.numel() * 4
             if bad is None:
                 return LinkResult(src=src, dst=dst, measured_by=self.me, total_bytes=total)

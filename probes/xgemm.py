@@ -23,7 +23,7 @@ from typing import Any
 
 from .. import generator as g
 from ..results import Mismatch, Oracle
-from . import oracles
+from .backends import backend_of, oracles
 from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, profile_table, register
 
 
@@ -71,12 +71,12 @@ class SecondOpinionProbe(Probe):
             spread, _ = ctx.timer.time(lambda: independent(a * a, b * b))
         out = CaseOutcome(case=case, params={"m": n, "n": n, "k": n, "dtype": case, "library": "torch.matmul",
                                              "independent": backend}, repeats=1)
-        out.output_hash = oracles.tensor_hash(lib)
+        out.output_hash = oracles.array_hash(backend_of(lib), lib)
         m = disagreement(lib, ind, spread, k=n, sigmas=cfg.sigmas, independent=backend)
         if m is not None:
             out.mismatches.append(m)
             out.repeats_bad = 1
-        first = oracles.compare_bits(lib, warm, tensor="C (first call)", oracle=Oracle.REPEAT)
+        first = oracles.compare_bits(backend_of(warm), lib, warm, tensor="C (first call)", oracle=Oracle.REPEAT)
         if first is not None:  # the first call gave other bits than the timed one: the chip's doing
             out.mismatches.append(first)
             out.repeats_bad = 1

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from ..probes import faults as faultmod
-from ..probes import oracles
+from ..probes.backends import backend_of, oracles
 from . import format as fmt
 from . import settings as st
 from .reduction import exact_result
@@ -223,7 +223,8 @@ def compare(actual: torch.Tensor, ref: torch.Tensor, exact: bool) -> Metric | No
     err = (a64 - r64).abs()
     same_special = (a64 == r64) | (torch.isnan(a64) & torch.isnan(r64))
     if exact:
-        bad = oracles.int_view(a) != oracles.int_view(r.to(a.dtype))
+        bk = backend_of(a)
+        bad = bk.bits(a) != bk.bits(r.to(a.dtype))
     else:
         scale = r64.abs() + (r64[torch.isfinite(r64)].pow(2).mean().sqrt() if r64.numel() else 0.0)
         bad = ~((err <= RTOL[a.dtype] * scale) | same_special)
@@ -238,8 +239,8 @@ def compare(actual: torch.Tensor, ref: torch.Tensor, exact: bool) -> Metric | No
     exp = torch.frexp(r64[bad].to(a.dtype).double().abs().clamp_min(torch.finfo(a.dtype).tiny)).exponent
     ulp = torch.ldexp(torch.ones_like(e), (exp - _MANTISSA[a.dtype]).to(torch.int64))
     ulps = (e / ulp)[torch.isfinite(e / ulp)]
-    mm = oracles.compare_bits(r.to(a.dtype).reshape(-1)[bad.reshape(-1)], a.reshape(-1)[bad.reshape(-1)],
-                              tensor="out")
+    mm = oracles.compare_bits(backend_of(a), r.to(a.dtype).reshape(-1)[bad.reshape(-1)],
+                              a.reshape(-1)[bad.reshape(-1)], tensor="out")
     return Metric(cls="nonfinite" if nonfinite else "wrong",
                   max_abs=float(finite.max()) if finite.numel() else math.inf,
                   max_rel=float(rel.max()) if rel.numel() else math.inf,
@@ -513,7 +514,7 @@ def check_collectives(results: list[ReplayResult], caps: list[fmt.Capture],
                 err = (got - exp64).abs()
                 bad = ~((err <= tol) | (got == exp64) | (torch.isnan(got) & torch.isnan(exp64)))
                 if bool(bad.any()):
-                    mm = oracles.compare_bits(exp64.to(act.dtype)[bad], act.reshape(-1)[bad], tensor="out")
+                    mm = oracles.compare_bits(backend_of(act), exp64.to(act.dtype)[bad], act.reshape(-1)[bad], tensor="out")
                     what = f"{kind} ({red})" if red else kind
                     exact = f"the exact {red} of every rank's input" if red else "what the ranks sent, bit for bit"
                     if kind == "all_gather":  # which sender's part arrived wrong (group ranks)

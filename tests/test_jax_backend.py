@@ -22,10 +22,11 @@ jax = pytest.importorskip("jax", reason="jax is not installed (pip install 'chip
 from jax_cli import run_jax  # noqa: E402
 
 from chipcheck import generator as g  # noqa: E402
-from chipcheck.probes import faults, matmul, oracles  # noqa: E402
+from chipcheck.probes import faults, matmul  # noqa: E402
 from chipcheck.probes import jax_backend as jb  # noqa: E402
 from chipcheck.probes import jax_matmul as jm  # noqa: E402
 from chipcheck.probes import np_oracles as npo  # noqa: E402
+from chipcheck.probes.backends import backend_of, oracles  # noqa: E402
 from chipcheck.results import Oracle  # noqa: E402
 
 FORCE4 = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
@@ -65,7 +66,7 @@ def test_numpy_oracles_match_torch_oracles() -> None:
     a = e.clone()
     a.view(-1).view(torch.int32)[[5, 999, 11999]] ^= 1 << 20
     a.view(-1)[7000] = float("nan")
-    want = oracles.compare_bits(e, a, tensor="C", tile=16)
+    want = oracles.compare_bits(backend_of(a), e, a, tensor="C", tile=16)
     got = npo.compare_bits(e.numpy(), a.numpy(), tensor="C", tile=16)
     assert got is not None and want is not None
     assert json.dumps(got.to_dict()) == json.dumps(want.to_dict())  # NaN != NaN as a field; as text it is
@@ -75,10 +76,11 @@ def test_numpy_oracles_match_torch_oracles() -> None:
     def np_bf16(t: torch.Tensor) -> np.ndarray:
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
 
-    got, want = npo.compare_bits(np_bf16(eb), np_bf16(ab), tensor="C"), oracles.compare_bits(eb, ab, tensor="C")
+    got = npo.compare_bits(np_bf16(eb), np_bf16(ab), tensor="C")
+    want = oracles.compare_bits(backend_of(ab), eb, ab, tensor="C")
     assert got is not None and want is not None
     assert json.dumps(got.to_dict()) == json.dumps(want.to_dict())
-    assert npo.array_hash(a.numpy()) == oracles.tensor_hash(a)
+    assert npo.array_hash(a.numpy()) == oracles.array_hash(backend_of(a), a)
     assert npo.compare_bits(e.numpy(), e.numpy().copy(), tensor="C") is None
 
 

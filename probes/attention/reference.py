@@ -11,7 +11,7 @@ from typing import Any
 
 from ... import generator as g
 from ...results import Mismatch, Oracle
-from .. import oracles
+from ..backends import oracles
 from .inputs import Inputs, Shape, Variant
 
 
@@ -110,7 +110,7 @@ def u_eff(dtype: Any, s: int, d: int) -> float:
     in the output dtype add one rounding per block (measured on the CPU flash kernel: the error
     of dk/dv grows like sqrt(s)). (s + d) 2^-48: fp32 accumulation over s keys and d dims.
     """
-    u = oracles.unit_roundoff(dtype)
+    u = oracles.unit_roundoff(str(dtype).removeprefix("torch."))  # by name, as every backend spells it
     return math.sqrt(u * u * (1.0 + s / 256.0) + (s + d) * 2.0**-48)
 
 

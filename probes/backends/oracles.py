@@ -12,8 +12,9 @@ The heavy part of every oracle runs on the backend's device (a bit view and one 
 per repeat, two mat-vecs for Freivalds); only small results come to the host: the residual
 vectors, the few mismatching elements, the first 4096 bad positions. The diagnosis is then
 built on the host the same way for every backend, so a TPU's report reads exactly like a GPU's.
-probes/oracles.py (torch tensors) and probes/np_oracles.py (host arrays) are this module's
-entry points for the probes not yet written against a Backend.
+Code that holds arrays rather than a Backend passes `backends.backend_of(x)` (a torch tensor's
+own device, else numpy); probes/np_oracles.py (host arrays) is an entry point for the probes not
+yet written against a Backend.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Timing is the context's `Timer` (CUDA events on GPUs, thread CPU time on one-thr
 devices) inside its `exclusive()` host lock; faults are the TorchDispatchMode of
 `ctx.under_test()` (probes/faults.py), which corrupts the kernel's output tensor itself; the
 deadline is the context's. Without a context (`TorchBackend(device)`) it is a plain torch array
-backend: probes/oracles.py runs the shared oracles on any tensor's device that way.
+backend: `backends.backend_of(tensor)` runs the shared oracles on any tensor's device that way.
 
 torch is imported inside the functions: the probe registry imports this module, and the CLI
 starts without torch.

@@ -12,7 +12,7 @@ from dataclasses import replace
 from typing import Any
 
 from ...results import Mismatch, Oracle
-from .. import oracles
+from ..backends import backend_of, oracles
 from ..base import CaseOutcome, ProbeContext
 from .config import StepConfig
 
@@ -85,15 +85,16 @@ def nonfinite(losses: list[float], tensor: str) -> Mismatch | None:
     """Non-finite losses in a loss trace (the non-finite oracle)."""
     import torch
 
-    return oracles.nonfinite(torch.tensor(losses, dtype=torch.float32), tensor=tensor)
+    t = torch.tensor(losses, dtype=torch.float32)
+    return oracles.nonfinite(backend_of(t), t, tensor=tensor)
 
 
 def repeat_mismatch(first: list[float], again: list[float], h0: int, h1: int, tensor: str) -> Mismatch | None:
     """Where two runs of the same steps differ: their loss traces bitwise, then their state checksums."""
     import torch
 
-    m = oracles.compare_bits(torch.tensor(first, dtype=torch.float32), torch.tensor(again, dtype=torch.float32),
-                             tensor=tensor, oracle=Oracle.REPEAT)
+    a, b = torch.tensor(first, dtype=torch.float32), torch.tensor(again, dtype=torch.float32)
+    m = oracles.compare_bits(backend_of(b), a, b, tensor=tensor, oracle=Oracle.REPEAT)
     if m is None and h0 == h1:
         return None
     if m is None:  # same losses, different final state: the last step's update differed

@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ...results import Blame, Mismatch, Oracle
-from .. import oracles
+from ..backends import backend_of, oracles
 from ..base import ProbeContext
 from .checks import checksum
 
@@ -98,7 +98,7 @@ def _resolve(ctx: ProbeContext, tr: Any, par: Any, step: int, owner: int, checke
         good, wrong = a, b
     if me in bad:
         role = "owner" if me == owner else "checker"
-        m = oracles.compare_bits(good, wrong, tensor=f"grad(shard {owner})", oracle=Oracle.REPLICA)
+        m = oracles.compare_bits(backend_of(wrong), good, wrong, tensor=f"grad(shard {owner})", oracle=Oracle.REPLICA)
         note = (f"data-parallel gradient cross-check: rank {par.dp_ranks[me]} ({role} of shard {owner}; peer rank "
                 f"{par.dp_ranks[checker if me == owner else owner]}): {why}")
         if m is None:
