@@ -44,10 +44,7 @@ def overhead(rounds: int) -> list[tuple[str, float, float, float]]:
                   max_repeats=rounds)
     rows = []
     for case in ("float32/d128/full", "float32/d128/causal", "bfloat16/d128/full", "bfloat16/d128/causal"):
-        dtype_name, d, variant = attention._parse_case(cfg, case)
-        var = attention.VARIANTS[variant]
-        shape = attention.Shape(b=cfg.batch, hq=cfg.q_heads, hkv=cfg.kv_heads if var.gqa else cfg.q_heads,
-                                s=cfg.seq[dtype_name], d=d)
+        dtype_name, shape, var = attention.plan(cfg, case)
         inp = attention.random_inputs(shape, var, getattr(torch, dtype_name), 0, "cpu")
         attention.call("flash", inp, var, shape)
         bare = []

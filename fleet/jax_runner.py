@@ -45,8 +45,6 @@ from .store import Store
 from .supervisor import Phase, Watch, child_env, exit_text, kill_group, log_tail, not_run, spawn
 
 PROBES = ("matmul", "attention", "collectives")
-ATTENTION_SEQ = {"quick": 64, "standard": 256, "nightly": 512}
-"""Sequence length of the JAX attention probe per profile (CPU-sized; a TPU run wants more)."""
 
 Task = tuple[str, str, int]  # (probe, case, rank)
 
@@ -371,10 +369,8 @@ def _names(probes: list[str], n_devices: int) -> list[str]:
 
 
 def _config(profile: str, probe: str, device_kind: str) -> Any:
-    from ..probes import base, jax_attention
+    from ..probes import base
 
-    if probe == "attention":
-        return jax_attention.Config(seq=ATTENTION_SEQ.get(profile, 64))
     return base.get(probe).config(profile, device_kind, frozenset())
 
 
@@ -384,7 +380,7 @@ def _cases(profile: str, probe: str, n_devices: int, device_kind: str) -> list[s
 
     cfg = _config(profile, probe, device_kind)
     if probe == "attention":
-        return jax_attention.cases()
+        return jax_attention.cases(cfg)
     if probe == "matmul":
         return jax_matmul.cases(cfg)
     return jax_collectives.cases(cfg) if n_devices >= 2 else []

@@ -1,9 +1,9 @@
 """The JAX/XLA backend: inputs, timing and fault injection for probes that run through JAX.
 
 The torch path's probes are defined by their inputs and oracles; this module gives a JAX
-device the same inputs bit for bit, and the same `--inject` faults, so probes/jax_matmul.py and
-probes/jax_collectives.py can reuse the torch path's closed forms and the numpy twins of its
-oracles (probes/np_oracles.py) and report identical diagnoses.
+device the same inputs bit for bit, and the same `--inject` faults, so probes/jax_matmul.py,
+probes/jax_attention.py and probes/jax_collectives.py can reuse the torch path's closed forms and
+oracles and report identical diagnoses.
 
 - 64-bit integers: the counter-based generator (chipcheck/generator.py) hashes in int64, which JAX
   only has with `jax_enable_x64`. `init()` turns it on once per process and reports it in the
@@ -195,12 +195,12 @@ class Injector:
                 continue
             if f.kind == "nan" and host.dtype.kind != "f" and dt_name != "bfloat16":
                 continue  # an integer output has no NaN
-            t = _torch_view(host, torch)
+            t = torch_view(host, torch)
             faults.corrupt(f, t, n)
         return host
 
 
-def _torch_view(host: np.ndarray, torch: Any) -> Any:
+def torch_view(host: np.ndarray, torch: Any) -> Any:
     """A torch tensor sharing `host`'s memory, so faults.corrupt hits the very bits the checks read."""
     if host.dtype.name == "bfloat16":
         return torch.from_numpy(host.view(np.int16)).view(torch.bfloat16)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from chipcheck.probes import attention, burn, collectives, jax_attention, matmul
+from chipcheck.probes import attention, burn, collectives, matmul
 from chipcheck.probes.base import CaseOutcome
 from chipcheck.probes.keeping import KeepPolicy, Stamp, Tally, keep
 from chipcheck.probes.model_step import step
@@ -153,7 +153,6 @@ def test_the_probes_declare_their_policies() -> None:
     assert step.KEEP == KeepPolicy(stamp=Stamp.FIRST_REPEAT)
     assert attention.KEEP == KeepPolicy(by_tensor=True, by_backend=True, histogram=True, tally=Tally.ROUNDS,
                                         stamp=Stamp.FIRST_REPEAT)
-    assert jax_attention.KEEP.by_tensor and jax_attention.KEEP.stamp is Stamp.REPEAT
     assert burn.KEEP == KeepPolicy(by_tensor=True, stamp=Stamp.FIRST_BAD_ITERATION)
     assert collectives.KEEP == KeepPolicy(by_tensor=True)
 
@@ -169,11 +168,3 @@ def test_torch_attention_keeps_per_backend_and_tags_it() -> None:
         ("backend=flash sigmas=12 first_repeat=1 bad_rounds=1", {1: 2}),
         ("cross_backend=flash_vs_math first_repeat=0 bad_rounds=1", {}),
     ]
-
-
-def test_jax_attention_names_the_round_of_exact_and_reference_only() -> None:
-    out = _out()
-    jax_attention._keep(out, _m(Oracle.EXACT, tensor="out", note="n=1"), "formula", 1)
-    jax_attention._keep(out, _m(Oracle.REPEAT, tensor="out", note="n=1"), "formula", 2)
-    jax_attention._keep(out, _m(Oracle.EXACT, tensor="out"), "formula", 3)
-    assert [m.note for m in out.mismatches] == ["repeat=1 n=1", "n=1"]

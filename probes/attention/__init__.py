@@ -66,8 +66,8 @@ from .reference import Reference, reference, tolerance_mismatch, u_eff
 
 __all__ = ["BACKENDS", "DTYPES", "EXACT_SCALE", "EXACT_WINDOW", "NONDETERMINISTIC_BACKWARD", "OFFERED", "TENSORS",
            "VARIANTS", "AttentionKernel", "AttentionProbe", "CaseReference", "Inputs", "Keep", "Reference", "Shape",
-           "Variant", "call", "exact_inputs", "exact_on", "random_inputs", "random_on", "reference", "run_flow",
-           "tolerance_mismatch", "u_eff", "validate"]
+           "Variant", "call", "exact_inputs", "exact_on", "plan", "random_inputs", "random_on", "reference",
+           "run_flow", "run_kernels", "tolerance_mismatch", "u_eff", "validate"]
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -128,13 +128,9 @@ class AttentionProbe(Probe):
         return [f"{dt}/d{d}/{v}" for dt, dims in cfg.head_dims.items() for d in dims for v in cfg.variants]
 
     def run_case(self, ctx: ProbeContext, cfg: Config, case: str) -> CaseOutcome:
-        dtype_name, d, variant = _parse_case(cfg, case)
-        var = VARIANTS[variant]
-        kv = cfg.kv_heads if var.gqa else cfg.q_heads
-        shape = Shape(b=cfg.batch, hq=cfg.q_heads, hkv=kv, s=cfg.seq[dtype_name], d=d)
+        dtype_name, shape, var = plan(cfg, case)
         seed = ctx.seed ^ g.stream_id(case)
-        dtype = _dtype(dtype_name)
-        inp = (exact_inputs if var.exact else random_inputs)(shape, var, dtype, seed, ctx.device)
+        inp = (exact_inputs if var.exact else random_inputs)(shape, var, _dtype(dtype_name), seed, ctx.device)
         return _run(ctx, cfg, case, shape, var, inp)
 
 
@@ -160,12 +156,15 @@ def validate(cfg: AttentionProbe.Config) -> None:
         raise InvalidConfig("attention: need 2 <= repeats <= max_repeats (repeat-determinism compares rounds)")
 
 
-def _parse_case(cfg: AttentionProbe.Config, case: str) -> tuple[str, int, str]:
+def plan(cfg: AttentionProbe.Config, case: str) -> tuple[str, Shape, Variant]:
+    """Case `<dtype>/d<head dim>/<variant>` of `cfg`: its dtype name, shape and variant."""
     parts = case.split("/")
     if len(parts) == 3 and parts[0] in cfg.head_dims and parts[1].startswith("d") and parts[1][1:].isdigit():
         d = int(parts[1][1:])
         if d in cfg.head_dims[parts[0]] and parts[2] in VARIANTS:
-            return parts[0], d, parts[2]
+            var = VARIANTS[parts[2]]
+            kv = cfg.kv_heads if var.gqa else cfg.q_heads
+            return parts[0], Shape(b=cfg.batch, hq=cfg.q_heads, hkv=kv, s=cfg.seq[parts[0]], d=d), var
     raise InvalidConfig(f"unknown attention case {case!r}; e.g. bfloat16/d128/causal")
 
 
@@ -220,11 +219,6 @@ def _torch_keep(out: CaseOutcome, m: Mismatch, kernel: str | None, r: int) -> No
 def _run(ctx: ProbeContext, cfg: AttentionProbe.Config, case: str, shape: Shape, var: Variant,
          inp: Inputs) -> CaseOutcome:
     kind = "cuda" if ctx.device.type == "cuda" else ctx.device.type
-    dtype_name = str(inp.q.dtype).removeprefix("torch.")
-    out = CaseOutcome(case=case, params={
-        "b": shape.b, "hq": shape.hq, "hkv": shape.hkv, "s": shape.s, "d": shape.d, "dtype": dtype_name,
-        "causal": var.causal, "mask": var.mask, "gqa": shape.hkv != shape.hq,
-        "mode": "exact" if var.exact else "random", "scale": inp.scale or 1.0 / math.sqrt(shape.d)})
     ran: list[AttentionKernel] = []
     skipped: dict[str, str] = {}
     with ctx.timer.exclusive():
@@ -237,14 +231,29 @@ def _run(ctx: ProbeContext, cfg: AttentionProbe.Config, case: str, shape: Shape,
                 continue
             ran.append(AttentionKernel(name, kernel, (kind, name) not in NONDETERMINISTIC_BACKWARD, warm=warm))
         ctx.timer.sync()
+    return run_kernels(TorchBackend.of(ctx), cfg, case, shape, var, inp, ran, skipped, ctx.seed ^ g.stream_id(case))
+
+
+def run_kernels(bk: TorchBackend, cfg: AttentionProbe.Config, case: str, shape: Shape, var: Variant, inp: Inputs,
+                ran: list[AttentionKernel], skipped: dict[str, str], seed: int) -> CaseOutcome:
+    """One case around a backend's attention kernels, the same on every path: its params, the
+    float64 reference and its tolerance, `run_flow`'s rounds and checks, the speed metrics.
+
+    `inp` and the kernels' outputs are torch tensors on `bk`'s device (the JAX path: host copies on
+    the CPU); `skipped` names the kernels that could not run, and why; `seed` is the case's.
+    """
+    out = CaseOutcome(case=case, params={
+        "b": shape.b, "hq": shape.hq, "hkv": shape.hkv, "s": shape.s, "d": shape.d,
+        "dtype": str(inp.q.dtype).removeprefix("torch."), "causal": var.causal, "mask": var.mask,
+        "gqa": shape.hkv != shape.hq, "mode": "exact" if var.exact else "random",
+        "scale": inp.scale or 1.0 / math.sqrt(shape.d)})
     out.params["backends"] = [kn.name for kn in ran]
     out.params["skipped"] = skipped
     if not ran:
-        raise Unsupported(f"attention {case}: no SDPA backend can run it here ({skipped})")
-    seed = ctx.seed ^ g.stream_id(case)
+        raise Unsupported(f"attention {case}: no attention kernel can run it here ({skipped})")
     ref = None if var.exact else _TorchReference(reference(inp, var, shape, cfg.ref_groups, seed), cfg.sigmas,
                                                  shape.group)
-    check_s = run_flow(TorchBackend.of(ctx), ran, inp, shape, var, out, ref=ref, keep=_torch_keep,
+    check_s = run_flow(bk, ran, inp, shape, var, out, ref=ref, keep=_torch_keep,
                        repeats=cfg.repeats, max_repeats=cfg.max_repeats, budget_s=cfg.budget_s)
     out.params["timed_backend"] = ran[0].name
     out.params["flops_fwd_bwd"] = flops(shape, var)[1]

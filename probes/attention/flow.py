@@ -1,9 +1,9 @@
 """One case: the flow, written once for every backend.
 
 A backend supplies its named attention kernels (`AttentionKernel.call`: one forward + backward with its
-faults on, timed its way), the Backend its checks run on (torch: the device; JAX: numpy on
-the host copies its faults corrupt), its float64 reference (`CaseReference`) and how it keeps
-mismatches (`Keep`). `run_flow` owns the repeat rounds, the nonfinite / exact / reference /
+faults on, timed its way) and the Backend its checks run on (torch: the device; JAX: torch on the
+CPU, over the host copies its faults corrupt); `attention.run_kernels` adds the float64 reference
+(`CaseReference`) and how mismatches are kept (`Keep`). `run_flow` owns the repeat rounds, the nonfinite / exact / reference /
 repeat-determinism / cross-kernel checks, the consensus hash and the speed metrics.
 """
 

@@ -1,7 +1,7 @@
 """Attention inputs: what a case is (`Shape`, `Variant`, `Inputs`) and its arrays, built from streams.
 
 Written once against the backend layer (probes/backends/): `random_on` / `exact_on` build a case's
-arrays on any Backend with identical bits (torch here, JAX in jax_attention, numpy as the reference).
+arrays on any Backend with identical bits (torch here, JAX in probes/jax_attention.py, numpy as the reference).
 Their pure part is one traceable builder per mode (static: shape, dtype; arguments: the stream keys),
 which a JAX backend compiles once. `random_inputs` / `exact_inputs` are the torch entry points.
 """
