@@ -25,8 +25,8 @@ from chipcheck import generator as g  # noqa: E402
 from chipcheck.probes import faults, matmul  # noqa: E402
 from chipcheck.probes import jax_backend as jb  # noqa: E402
 from chipcheck.probes import jax_matmul as jm  # noqa: E402
-from chipcheck.probes import np_oracles as npo  # noqa: E402
 from chipcheck.probes.backends import backend_of, oracles  # noqa: E402
+from chipcheck.probes.backends.numpy import NumpyBackend  # noqa: E402
 from chipcheck.results import Oracle  # noqa: E402
 
 FORCE4 = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
@@ -67,7 +67,8 @@ def test_numpy_oracles_match_torch_oracles() -> None:
     a.view(-1).view(torch.int32)[[5, 999, 11999]] ^= 1 << 20
     a.view(-1)[7000] = float("nan")
     want = oracles.compare_bits(backend_of(a), e, a, tensor="C", tile=16)
-    got = npo.compare_bits(e.numpy(), a.numpy(), tensor="C", tile=16)
+    host = NumpyBackend()  # the JAX path's host copies
+    got = oracles.compare_bits(host, e.numpy(), a.numpy(), tensor="C", tile=16)
     assert got is not None and want is not None
     assert json.dumps(got.to_dict()) == json.dumps(want.to_dict())  # NaN != NaN as a field; as text it is
     eb, ab = e.to(torch.bfloat16), a.to(torch.bfloat16)
@@ -76,12 +77,12 @@ def test_numpy_oracles_match_torch_oracles() -> None:
     def np_bf16(t: torch.Tensor) -> np.ndarray:
         return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
 
-    got = npo.compare_bits(np_bf16(eb), np_bf16(ab), tensor="C")
+    got = oracles.compare_bits(host, np_bf16(eb), np_bf16(ab), tensor="C")
     want = oracles.compare_bits(backend_of(ab), eb, ab, tensor="C")
     assert got is not None and want is not None
     assert json.dumps(got.to_dict()) == json.dumps(want.to_dict())
-    assert npo.array_hash(a.numpy()) == oracles.array_hash(backend_of(a), a)
-    assert npo.compare_bits(e.numpy(), e.numpy().copy(), tensor="C") is None
+    assert oracles.array_hash(host, a.numpy()) == oracles.array_hash(backend_of(a), a)
+    assert oracles.compare_bits(host, e.numpy(), e.numpy().copy(), tensor="C") is None
 
 
 CFG = matmul.MatmulProbe.Config(sizes={"float32": 128, "bfloat16": 128}, repeats=3, max_repeats=3)

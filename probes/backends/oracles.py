@@ -13,8 +13,7 @@ per repeat, two mat-vecs for Freivalds); only small results come to the host: th
 vectors, the few mismatching elements, the first 4096 bad positions. The diagnosis is then
 built on the host the same way for every backend, so a TPU's report reads exactly like a GPU's.
 Code that holds arrays rather than a Backend passes `backends.backend_of(x)` (a torch tensor's
-own device, else numpy); probes/np_oracles.py (host arrays) is an entry point for the probes not
-yet written against a Backend.
+own device, else numpy).
 """
 
 from __future__ import annotations
