@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping
 
-from ..results import DeviceInfo, Judgement, LinkJudgement, LinksSummary, ProbeResult, Verdict
+from ..results import DeviceInfo, Judgement, LinksSummary, ProbeResult, Verdict
 from . import topology as tp
 from .judge import links as la
 
@@ -79,8 +79,7 @@ def analyze(results: list[ProbeResult], devs: Mapping[int, DeviceInfo],
     params = link_results[0].params
     summary = LinksSummary(
         pairing=str(params.get("pairing", "")), rounds=int(params.get("rounds", 0)),
-        links=[LinkJudgement(src=x.src, dst=x.dst, verdict=x.verdict, reason=x.reason, latency_us=x.latency_us,
-                             gbps=x.gbps, bad_bytes=report.errors[x.src][x.dst]) for x in report.links],
+        links=report.links,
         latency_us=report.latency, gbps=report.bandwidth, bad_bytes=report.errors,
         topology_levels=list(topo.levels), topology_groups=[list(g) for g in topo.groups],
         topology_text=tp.render_topology(topo, labels) if topo.levels else "",

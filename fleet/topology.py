@@ -15,9 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from ..results import LinkSummary, Topology
-from .judge.links import LinkReport
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class InferredTopology:
@@ -277,17 +274,3 @@ def _mode(items: Iterable[Any]) -> Any:
     counts = Counter(items)
     best = max(counts.values())
     return min(k for k, c in counts.items() if c == best)
-
-
-def to_report_extras(report: LinkReport, topology: InferredTopology,
-                     labels: Mapping[int, str]) -> tuple[list[LinkSummary], Topology]:
-    """The shapes the reports consume: one LinkSummary per directed link, and the placement per label."""
-
-    def name(e: int) -> str:
-        return labels.get(e, f"endpoint {e}")
-
-    links = [LinkSummary(src=name(lv.src), dst=name(lv.dst), verdict=lv.verdict, busbw_gbps=lv.gbps,
-                         latency_us=lv.latency_us, reason=lv.reason) for lv in report.links]
-    placement = {name(e): tuple(f"{lv} {gid}" for lv, gid in zip(topology.levels, g, strict=True))
-                 for e, g in enumerate(topology.groups)}
-    return links, Topology(levels=topology.levels, placement=placement)

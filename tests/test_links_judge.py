@@ -15,10 +15,17 @@ from chipcheck.fleet.topology import (
     compare_declared,
     infer_topology,
     render_topology,
-    to_report_extras,
 )
 from chipcheck.probes import pairing
-from chipcheck.results import LinkSummary, Topology, Verdict
+from chipcheck.results import (
+    DeviceSummary,
+    LinksSummary,
+    LinkSummary,
+    ReportExtras,
+    RunSummary,
+    Topology,
+    Verdict,
+)
 
 N = 16
 HOSTS = {e: f"node{e // 4}" for e in range(N)}  # 4 hosts x 4 devices
@@ -402,9 +409,18 @@ def test_declared_apart_but_measured_together_and_the_reverse() -> None:
 # ----------------------------------------------------------------------------- report shapes
 
 
-def test_to_report_extras() -> None:
+def test_the_reports_link_and_topology_sections() -> None:
     report = judge_links(fleet(slow_link=(2, 9)), N, HOSTS)
-    links, topo = to_report_extras(report, infer_topology(report.latency), LABELS)
+    inferred = infer_topology(report.latency)
+    judged = LinksSummary(pairing="ring", rounds=1, links=report.links, latency_us=report.latency,
+                          gbps=report.bandwidth, bad_bytes=report.errors, topology_levels=list(inferred.levels),
+                          topology_groups=[list(g) for g in inferred.groups])
+    devices = [DeviceSummary(rank=e, device=f"cuda:{e % 4}", host=HOSTS[e], uuid="", fingerprint="",
+                             verdict=Verdict.PASS, probes=[]) for e in range(N)]
+    run = RunSummary(run_id="r", verdict=Verdict.PASS, started=0.0, ended=0.0, profile="quick", seed=0,
+                     devices=devices, links=judged)
+    extras = ReportExtras.from_links(run)
+    links, topo = extras.links, extras.topology
     assert len(links) == N * (N - 1) and all(isinstance(x, LinkSummary) for x in links)
     slow = next(x for x in links if x.verdict is Verdict.SLOW)
     assert (slow.src, slow.dst) == ("node0 cuda:2", "node2 cuda:1") and slow.busbw_gbps == report.bandwidth[2][9]

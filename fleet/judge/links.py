@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...results import SEVERITY, Verdict
+from ...results import SEVERITY, LinkJudgement, Verdict
 
 Matrix = list[list[float | None]]
 
@@ -58,19 +58,6 @@ class LinkPolicy:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class LinkVerdict:
-    """One directed link after judgement."""
-
-    src: int
-    dst: int
-    verdict: Verdict
-    reason: str
-    """One actionable line; empty for a passing link."""
-    latency_us: float | None
-    gbps: float | None
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class EndpointVerdict:
     """One endpoint after localization: failing only when the problem is its own, not its peers'."""
 
@@ -83,7 +70,8 @@ class EndpointVerdict:
 class LinkReport:
     """All links and endpoints of one run, plus N x N matrices (row = src, column = dst)."""
 
-    links: list[LinkVerdict]
+    links: list[LinkJudgement]
+    """Each directed link after judgement (results.LinkJudgement: what the run summary stores)."""
     endpoints: list[EndpointVerdict]
     latency: Matrix
     """Microseconds; None where unmeasured (and on the diagonal)."""
@@ -437,9 +425,9 @@ def judge_links(measurements: Iterable[LinkMeasurement], n: int, hosts: Mapping[
         problems = _link_reasons(rec, blamed, hosts, stats)
         verdict = Verdict.worst([v for v, _ in problems])
         problems.sort(key=lambda p: -SEVERITY[p[0]])
-        verdicts.append(LinkVerdict(src=rec.src, dst=rec.dst, verdict=verdict,
-                                    reason="; ".join(text for _, text in problems),
-                                    latency_us=rec.latency_us, gbps=rec.gbps))
+        verdicts.append(LinkJudgement(src=rec.src, dst=rec.dst, verdict=verdict,
+                                      reason="; ".join(text for _, text in problems),
+                                      latency_us=rec.latency_us, gbps=rec.gbps, bad_bytes=rec.bad_bytes))
 
     touched = {e for key in links for e in key}
     paths: dict[int, set[str]] = defaultdict(set)
