@@ -100,9 +100,6 @@ class GlobalDevices:
     def process_count(self) -> int:
         return len(self.hosts)
 
-    def process_of(self, rank: int) -> int:
-        """The process index that drives global rank `rank`."""
-        return int(self.devices[rank].process_index)
 
 
 def global_order(devices: list[Any]) -> list[Any]:

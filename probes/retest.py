@@ -40,10 +40,6 @@ def parse_pairs(text: str) -> list[tuple[int, int]]:
     return pairs
 
 
-def format_pairs(pairs: list[tuple[int, int]]) -> str:
-    return ",".join(f"{a}:{b}" for a, b in pairs)
-
-
 Link = tuple[int, int]
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
-import math
 import os
 import tempfile
 import zlib
@@ -272,7 +271,3 @@ def fingerprint(t: Any, algo: str = FINGERPRINT) -> str:
         return hashlib.sha256(data).hexdigest()[:16]
     raise CaptureError(f"fingerprint {algo!r} is not known to this chipcheck (xxh3_64, sha256)")
 
-
-def jsonable(x: float) -> float | str:
-    """Floats that JSON cannot hold become strings (NaN, Inf), so logs stay strict JSON for tools."""
-    return x if math.isfinite(x) else repr(x)
