@@ -5,11 +5,12 @@ iteration and the second it happened are named), and chips that throttle (throug
 with the second it started to drop, plus NVML clocks / temperature / power / throttle reasons
 on NVIDIA GPUs).
 
-Every iteration runs two GEMMs of one dtype, and checks both (gpu-burn style, but exact):
-- the matmul probe's exact Hadamard inputs (`matmul.hadamard_inputs`): the product is known in
-  closed form, so any differing bit is an error;
-- full-mantissa random inputs checked by Freivalds (O(n^2), locates the bad rows/columns) and
-  against the first iteration's bits (a chip that drifts becomes nondeterministic).
+Every iteration is the matmul probe's two cases of one dtype (gpu-burn style, but exact), with
+matmul's inputs, kernel and checks (`matmul.exact_case` / `random_case`):
+- `C_exact`: the Hadamard inputs, whose product is known in closed form: any differing bit is an error;
+- `C_random`: full-mantissa random inputs, checked by Freivalds (O(n^2), locates the bad rows and
+  columns) and, where no other oracle fired, against the first iteration's bits (a chip that drifts
+  becomes nondeterministic). No rows are recomputed in fp64 (`sample_rows=0`).
 Runs until `ctx.deadline` (set by the worker from `--duration`), else for `duration_s`.
 Throughput is the GEMMs' own time (checks excluded), binned in windows of `window_s`; the
 timeline (per window: throughput, bad iterations, NVML samples) is kept in params["timeline"].
@@ -26,11 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .. import generator as g
-from ..results import Oracle
-from .backends import backend_of, oracles
+from ..results import Mismatch, Oracle
+from .backends import Backend
+from .backends.torch import TorchBackend
 from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, profile_table, register
 from .keeping import KeepPolicy, Stamp, keep
-from .matmul import ALL_DTYPES, NEEDS, Kernel, hadamard_inputs
+from .matmul import ALL_DTYPES, NEEDS, MatmulProbe, exact_case, random_case
 
 MAX_WINDOWS = 240  # timeline windows kept per case (longer runs are re-binned into wider windows)
 # NVML clock-event ("throttle") reason bits, nvml.h nvmlClocksEventReason*.
@@ -69,7 +71,7 @@ class BurnProbe(Probe):
         sample_s: float = 5.0
         """Seconds between NVML samples (GPUs with pynvml)."""
         sigmas: float = 12.0
-        """Width of Freivalds' statistical tolerance (see oracles.freivalds_plan)."""
+        """Width of Freivalds' statistical tolerance (matmul's `sigmas`)."""
 
     def config(self, profile: str, device_kind: str, capabilities: frozenset[str]) -> Config:
         p = profile_table("burn", profile, device_kind)
@@ -91,7 +93,7 @@ class BurnProbe(Probe):
     def run_case(self, ctx: ProbeContext, cfg: Config, case: str) -> CaseOutcome:
         if case not in cfg.sizes:
             raise InvalidConfig(f"unknown burn case {case!r}; known: {', '.join(cfg.sizes)}")
-        return _burn(ctx, cfg, case, Kernel.for_dtype(case, ctx.device), cfg.sizes[case])
+        return _burn(ctx, cfg, case, cfg.sizes[case])
 
 
 @dataclass(slots=True)
@@ -101,27 +103,21 @@ class _Iter:
     bad: bool
 
 
-def _burn(ctx: ProbeContext, cfg: BurnProbe.Config, case: str, kernel: Kernel, n: int) -> CaseOutcome:
-    import torch
-
+def _burn(ctx: ProbeContext, cfg: BurnProbe.Config, case: str, n: int) -> CaseOutcome:
+    bk: Backend = TorchBackend.of(ctx)
+    kernel = bk.kernel(case)
     seed = ctx.seed ^ g.stream_id("burn/" + case)
-    ah, bh, eh = hadamard_inputs(n, seed, ctx.device)
-    ah, bh = kernel.prepare(ah, bh)
-    expected = eh.to(kernel.out_dtype)
-    ar, br = kernel.prepare(g.uniform((n, n), seed, "burn/A", device=ctx.device),
-                            g.uniform((n, n), seed, "burn/B", device=ctx.device))
-    ar_ref, br_ref = ar.float(), br.float()
-    bk = backend_of(ar)
-    plan = oracles.freivalds_plan(bk, ar_ref, br_ref, kernel.out_name, seed=seed, sigmas=cfg.sigmas,
-                                  u_in=kernel.u_in)
     out = CaseOutcome(case=case, params={"m": n, "n": n, "k": n, "dtype": case, "gemms_per_iteration": 2})
+    found: list[Mismatch] = []  # what the checks report, per call
+    one = MatmulProbe.Config(sizes={case: n}, sigmas=cfg.sigmas, sample_rows=0)
+    ah, bh, check_exact = exact_case(bk, one, kernel, n, seed, out, lambda m, _: found.append(m), tensor="C_exact")
+    ar, br, check_random = random_case(bk, one, kernel, n, seed, out, lambda m, _: found.append(m), tensor="C_random")
     sampler = NvmlSampler(ctx.device)
     iters: list[_Iter] = []
     samples: list[tuple[float, dict[str, float]]] = []
-    first_random: list[Any] = []
     with kernel.settings(), ctx.timer.exclusive():
         # warm-up (library heuristics, caches): untimed but checked, like every call a chip computes
-        warm_bad = oracles.compare_bits(bk, expected, kernel(ah, bh), tensor="C_exact", oracle=Oracle.EXACT)
+        warm_bad = found.pop() if check_exact(kernel(ah, bh), -1) else None
         with ctx.under_test():
             # The first op dispatched through an injector costs ~1 s once (Python dispatch
             # set-up); a non-GEMM op keeps that out of the first window and off fault counters.
@@ -139,22 +135,16 @@ def _burn(ctx: ProbeContext, cfg: BurnProbe.Config, case: str, kernel: Kernel, n
                 c1, t1 = ctx.timer.time(lambda: kernel(ah, bh))
             with ctx.under_test():
                 c2, t2 = ctx.timer.time(lambda: kernel(ar, br))
-            found = [m for m in (oracles.compare_bits(bk, expected, c1, tensor="C_exact", oracle=Oracle.EXACT),
-                                 oracles.nonfinite(bk, c2, tensor="C_random"),
-                                 oracles.freivalds(bk, plan, ar_ref, br_ref, c2, tensor="C_random")) if m is not None]
-            if not first_random:
-                first_random.append(c2.clone())
-                out.output_hash = oracles.array_hash(bk, c2)
-            elif not found and not torch.equal(first_random[0], c2):
-                out.nondeterministic = True
-                rep = oracles.compare_bits(bk, first_random[0], c2, tensor="C_random", oracle=Oracle.REPEAT)
-                if rep is not None:
-                    found.append(rep)
             i = len(iters)
-            iters.append(_Iter(t=now - start, gemm_s=t1 + t2, bad=bool(found)))
-            for m in found:
+            found.clear()
+            bad = check_exact(c1, i) | check_random(c2, i)  # both run (`|`); bad also for bad bits seen before
+            # bits that differ from the first iteration's add nothing where an oracle fired
+            kept = [m for m in found if m.oracle is not Oracle.REPEAT or len(found) == 1]
+            iters.append(_Iter(t=now - start, gemm_s=t1 + t2, bad=bad or bool(kept)))
+            for m in kept:
                 keep(out, m, KEEP, iteration=i, seconds=now - start)
         elapsed = time.monotonic() - start
+    out.nondeterministic = any(m.oracle is Oracle.REPEAT for m in out.mismatches)  # only where no oracle fired
     _finish(out, cfg, iters, samples, 4.0 * n**3, elapsed)
     if warm_bad is not None:  # one more repeat, and a bad one: the chip was wrong before it was warm
         from dataclasses import replace

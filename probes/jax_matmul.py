@@ -43,7 +43,7 @@ def run_case(device: Any, cfg: MatmulProbe.Config, case: str, seed: int, inj: jb
 
 
 def sylvester(n: int, device: Any = None) -> Any:
-    """matmul.sylvester on a JAX device."""
+    """matmul.sylvester_on on a JAX device."""
     from .backends.jax import JaxBackend
 
     return matmul.sylvester_on(JaxBackend(device), n)

@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .. import generator as g
-from ..results import Oracle
+from ..results import Mismatch, Oracle
 from .backends import oracles as ora
 from .backends.base import Backend
 from .backends.base import Kernel as KernelLike
@@ -38,8 +39,8 @@ from .backends.torch import Kernel, TorchBackend
 from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, profile_table, register
 from .keeping import KeepPolicy, Stamp, Tally, keep
 
-__all__ = ["ALL_DTYPES", "NEEDS", "Kernel", "MatmulProbe", "hadamard", "hadamard_inputs", "run", "sylvester",
-           "validate"]
+__all__ = ["ALL_DTYPES", "NEEDS", "Kernel", "MatmulProbe", "exact_case", "hadamard", "hadamard_inputs",
+           "random_case", "run", "validate"]
 
 ALL_DTYPES = ("float32", "tf32", "bfloat16", "float16", "float8_e4m3fn")
 # dtypes that need a capability of the device (reported by fleet.devices)
@@ -48,6 +49,8 @@ MODES = ("exact", "random")
 # The first mismatch per oracle, with the repeat it came from; later repeats add their flipped bits
 # and bad elements to it, so the repeat rate stays visible.
 KEEP = KeepPolicy(histogram=True, tally=Tally.LATER_BAD_ELEMENTS, stamp=Stamp.FIRST_REPEAT)
+Report = Callable[[Mismatch, int], None]  # where a case's check hands each mismatch, with its call r
+Check = Callable[[Any, int], bool]  # a case's check of call r's C: True when it is bad
 
 
 @register("matmul")
@@ -103,8 +106,10 @@ def run(bk: Backend, cfg: MatmulProbe.Config, case: str, seed: int) -> CaseOutco
     seed ^= g.stream_id(case)
     out = CaseOutcome(case=case, params={"m": n, "n": n, "k": n, "dtype": kernel.name, "mode": mode,
                                          "out_dtype": kernel.out_name, **bk.params()})
-    setup = _exact if mode == "exact" else _random
-    a, b, check = setup(bk, cfg, kernel, n, seed, out)
+    if mode == "random":  # the error model of the tolerances: how this kernel accumulates (docs/tolerances.md)
+        out.params["accumulation"] = kernel.acc.describe()
+    setup = exact_case if mode == "exact" else random_case
+    a, b, check = setup(bk, cfg, kernel, n, seed, out, lambda m, r: keep(out, m, KEEP, repeat=r))
     times = _repeat(bk, cfg, kernel, a, b, out, check)
     _finish(out, times, n)
     return out
@@ -158,27 +163,23 @@ def hadamard(bk: Backend, n: int, seed: int) -> tuple[Any, Any, Any]:
     return a, b, expected
 
 
-def sylvester(n: int, device: Any) -> Any:
-    """`sylvester_on` for a torch device."""
-    return sylvester_on(TorchBackend(device), n)
-
-
 def hadamard_inputs(n: int, seed: int, device: Any) -> tuple[Any, Any, Any]:
     """`hadamard` on a torch device: (A, B, expected C) as float32 tensors."""
     return hadamard(TorchBackend(device), n, seed)
 
 
-def _exact(bk: Backend, cfg: MatmulProbe.Config, kernel: KernelLike, n: int, seed: int,
-           out: CaseOutcome) -> tuple[Any, Any, Any]:
+def exact_case(bk: Backend, cfg: MatmulProbe.Config, kernel: KernelLike, n: int, seed: int, out: CaseOutcome,
+               report: Report, tensor: str = "C") -> tuple[Any, Any, Check]:
+    """The exact case's A, B (prepared for `kernel`) and its check: C against the closed form, bit for bit."""
     a32, b32, e32 = hadamard(bk, n, seed)
     a, b = kernel.prepare(a32, b32)
     expected = bk.cast(e32, kernel.out_name)
     del a32, b32, e32
 
     def check(c: Any, r: int) -> bool:
-        m = ora.compare_bits(bk, expected, c, tensor="C", oracle=Oracle.EXACT)
+        m = ora.compare_bits(bk, expected, c, tensor=tensor, oracle=Oracle.EXACT)
         if m is not None:
-            keep(out, m, KEEP, repeat=r)
+            report(m, r)
         return m is not None
 
     return a, b, check
@@ -194,8 +195,10 @@ def sample_rows(n: int, count: int) -> list[int]:
     return torch.linspace(0, n - 1, min(count, n)).long().tolist()
 
 
-def _random(bk: Backend, cfg: MatmulProbe.Config, kernel: KernelLike, n: int, seed: int,
-            out: CaseOutcome) -> tuple[Any, Any, Any]:
+def random_case(bk: Backend, cfg: MatmulProbe.Config, kernel: KernelLike, n: int, seed: int, out: CaseOutcome,
+                report: Report, tensor: str = "C") -> tuple[Any, Any, Check]:
+    """The random case's A, B (for `kernel`) and its check of call r's C: Freivalds, non-finite, on call 0
+    the fp64 reference and hash, on later calls call 0's bits (REPEAT, reported last)."""
     # B is A with its rows reversed: independent enough for every oracle (the product is not
     # symmetric, so a transposed result is still caught) at half the generation cost.
     a32 = bk.uniform((n, n), seed, "matmul/A")
@@ -204,8 +207,6 @@ def _random(bk: Backend, cfg: MatmulProbe.Config, kernel: KernelLike, n: int, se
     # The oracles reason about the values the kernel was actually given (e.g. after fp8 rounding).
     a_ref, b_ref = bk.cast(a, "float32"), bk.cast(b, "float32")
     sig = cfg.sigmas
-    # The error model of the tolerances: how this kernel accumulates (docs/tolerances.md), recorded.
-    out.params["accumulation"] = kernel.acc.describe()
     plan = ora.freivalds_plan(bk, a_ref, b_ref, kernel.out_name, seed=seed, sigmas=sig, u_in=kernel.u_in,
                               acc=kernel.acc)
     rows = sample_rows(n, cfg.sample_rows)
@@ -217,26 +218,26 @@ def _random(bk: Backend, cfg: MatmulProbe.Config, kernel: KernelLike, n: int, se
             # The same bits as the first call, which every oracle checked: nothing new to learn.
             return repeat0_bad[0]
         bad = False
-        fr = ora.freivalds(bk, plan, a_ref, b_ref, c, tensor="C")
+        fr = ora.freivalds(bk, plan, a_ref, b_ref, c, tensor=tensor)
         # NaN/Inf always trip Freivalds (a NaN residual fails every comparison): look for them only then
         for m in filter(None, [
-            ora.nonfinite(bk, c, tensor="C") if fr is not None else None,
+            ora.nonfinite(bk, c, tensor=tensor) if fr is not None else None,
             fr,
-            ora.sampled_reference(bk, a_ref, plan.b64, c, kernel.out_name, rows=rows, tensor="C", sigmas=sig,
+            ora.sampled_reference(bk, a_ref, plan.b64, c, kernel.out_name, rows=rows, tensor=tensor, sigmas=sig,
                                   u_in=kernel.u_in, acc=kernel.acc)
-            if r == 0 else None,
+            if r == 0 and rows else None,
         ]):
-            keep(out, m, KEEP, repeat=r)
+            report(m, r)
             bad = True
         if r == 0:
             first.append(bk.copy(c))
             out.output_hash = ora.array_hash(bk, c)
             repeat0_bad[0] = bad
         else:
-            rep = ora.compare_bits(bk, first[0], c, tensor="C", oracle=Oracle.REPEAT)
+            rep = ora.compare_bits(bk, first[0], c, tensor=tensor, oracle=Oracle.REPEAT)
             if rep is not None:
                 out.nondeterministic = True
-                keep(out, rep, KEEP, repeat=r)
+                report(rep, r)
         return bad
 
     return a, b, check
@@ -246,7 +247,7 @@ def _random(bk: Backend, cfg: MatmulProbe.Config, kernel: KernelLike, n: int, se
 
 
 def _repeat(bk: Backend, cfg: MatmulProbe.Config, kernel: KernelLike, a: Any, b: Any, out: CaseOutcome,
-            check: Any) -> list[float]:
+            check: Check) -> list[float]:
     """Call the GEMM `repeats`+ times (to `max_repeats` within the time budget or the deadline),
     each under the backend's faults and checked. The first call warms the library (heuristics,
     caches, clocks, compilation): it is checked like every other (a chip may fail only its first

@@ -72,7 +72,7 @@ def emulate(a: np.ndarray, b: np.ndarray, *, variant: str = "result", acc: Accum
 
 
 def _inputs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The random case's fp8 inputs, as matmul._random builds them (B is A with its rows reversed)."""
+    """The random case's fp8 inputs, as matmul.random_case builds them (B is A with its rows reversed)."""
     a32 = NumpyBackend().uniform((n, n), seed, "matmul/A")
     f8 = np_dtype("float8_e4m3fn")
     return a32.astype(f8), a32[::-1].astype(f8)
@@ -82,7 +82,7 @@ def _inputs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 class Sampled:
     """C with only the sampled rows computed (the reference oracle reads nothing else)."""
 
-    a: np.ndarray  # float32 values of the fp8 inputs, as matmul._random hands them to the oracles
+    a: np.ndarray  # float32 values of the fp8 inputs, as matmul.random_case hands them to the oracles
     b64: np.ndarray
     c: np.ndarray  # bfloat16
     rows: list[int]
