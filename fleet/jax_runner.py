@@ -42,7 +42,7 @@ from .harness import Case, CaseLoop, error_result
 from .runner import DEFAULT_TIMEOUT_S, RunOptions, UsageError, judge, new_run_id, validate
 from .session import RunSession
 from .store import Store
-from .supervisor import Phase, Watch, child_env, exit_text, kill_group, log_tail, not_run, spawn
+from .supervisor import Phase, Watch, child_env, exit_text, kill_group, log_tail, lost_in, not_run, spawn
 
 PROBES = ("matmul", "attention", "collectives")
 
@@ -239,9 +239,9 @@ class _Supervisor:
         if not self.peer_lost:
             how = "hung" if killed else f"died ({exit_text(code)})"
             self.lost_reason = f"its JAX process {how} in {probe} {case} on {self.devs[ranks[0]].host}"
+        left = [c for c in self._cases_left(probe, ranks) if c != case]
+        fates = []
         for rank in ranks:
-            if (probe, case, rank) in self.done:
-                continue
             info = self.devs[rank]
             where = f"{probe} {case} on {info.host} {info.label} (rank {rank}, seed {p.seed})"
             if self.peer_lost:
@@ -251,13 +251,9 @@ class _Supervisor:
                                                 f"the JAX host process was killed")
             else:
                 kind, msg = ErrorKind.CRASH, f"the JAX host process died in {where}: {exit_text(code)}. {log_tail(log_path)}"
-            self._record(error_result(p.run_id, p.seed, info, rank, probe, case, kind, msg))
-        # as on the torch path: what is left of this probe on these ranks is not run; later probes are
-        left = self._cases_left(probe, ranks)
-        for rank in ranks:
-            for r in not_run(p.run_id, p.seed, self.devs[rank], rank, probe, left, ErrorKind.CRASH,
-                             f"the JAX host process was lost in {probe} {case}"):
-                self._record(r)
+            fates.append(lost_in(p.run_id, p.seed, info, rank, probe, case, kind, msg, left, "the JAX host process"))
+        for r in [f[0] for f in fates] + [r for f in fates for r in f[1:]]:  # the lost case on every rank first
+            self._record(r)  # (a rank that reported the case before the loss keeps its own result)
 
     def _abandon(self) -> None:
         """Multi-host: every case this host has not reported is recorded as not run."""

@@ -38,7 +38,7 @@ from ..results import DeviceInfo, DeviceKind, ErrorInfo, ErrorKind, ProbeResult,
 from . import devices as devmod
 from . import protocol
 from .harness import error_result, lock_holder
-from .supervisor import Phase, Watch, child_env, exit_text, kill_group, not_run, spawn, tail_of
+from .supervisor import Phase, Watch, child_env, exit_text, kill_group, lost_in, not_run, spawn, tail_of
 from .worker import WorkerPlan
 
 LOCK_GRACE_S = 5.0  # a lock holder of this run is killed by its own watchdog first
@@ -189,15 +189,13 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
             kind, msg = ErrorKind.CRASH, (f"worker for {w.info.label} on {w.info.host} died in {probe} {case} "
                                           f"(rank {w.rank}, seed {req.seed}): {exit_text(code)}. "
                                           f"{tail_of(w.log.fileno()) if w.log else ''}")
-        on_result(_error_result(req, w, probe, case, kind, msg))
-        w.todo.remove((probe, case))
+        rest = [c for p, c in w.todo if p == probe and c != case]
+        for r in lost_in(req.run_id, req.seed, w.info, w.rank, probe, case, kind, msg, rest, "the worker"):
+            on_result(r)
+        w.todo = [t for t in w.todo if t[0] != probe]
         w.losses += 1
         what = f"{w.where}: {'hung' if kind is ErrorKind.TIMEOUT else 'crashed'} in {probe} {case}"
         lose(w, what)
-        rest = [c for p, c in w.todo if p == probe]
-        for r in not_run(req.run_id, req.seed, w.info, w.rank, probe, rest, kind, f"the worker was lost in {probe} {case}"):
-            on_result(r)
-        w.todo = [t for t in w.todo if t[0] != probe]
         # A hung chip hangs again, and a rank lost twice would only spend the run's time: stop there.
         restart = kind is ErrorKind.CRASH and w.losses < MAX_LOSSES
         finish_or_restart(w, restart, f"rank {w.rank} ({what}) was lost; not started again", kind)

@@ -7,7 +7,8 @@ the cases they never reached.
   a log, its stdout read by a thread that hands every worker message (`protocol`) to a callback, and
   None at end of file: the one signal that the child is gone.
 - `kill_group`, `exit_text`, `log_tail`: end a child and say how it ended, with the end of its log.
-- `not_run`: the error results of cases a lost child never reached.
+- `not_run`: the error results of cases a lost child never reached; `lost_in`: the case a child was
+  lost in and the rest of that probe there (later probes go to a fresh child).
 - `interrupt_on_signals`: SIGTERM and SIGHUP end a run like Ctrl-C, so the `finally`s that kill
   the children run and the run is stored as interrupted.
 - `Watch`: where a child is in its run (starting, between cases, queued for the host lock, in a
@@ -119,6 +120,14 @@ def not_run(run_id: str, seed: int, info: DeviceInfo, rank: int, probe: str, cas
             why: str) -> list[ProbeResult]:
     """The results of cases a lost child never reached: `error` of the loss's kind, "not run: why"."""
     return [error_result(run_id, seed, info, rank, probe, c, kind, f"not run: {why}") for c in cases]
+
+
+def lost_in(run_id: str, seed: int, info: DeviceInfo, rank: int, probe: str, case: str, kind: ErrorKind,
+            message: str, rest: list[str], child: str) -> list[ProbeResult]:
+    """A child lost in `probe case` on `rank`: that case's error (the loss's kind, `message`), then the
+    rest of the probe there, not run; later probes go to a fresh child."""
+    return [error_result(run_id, seed, info, rank, probe, case, kind, message),
+            *not_run(run_id, seed, info, rank, probe, rest, kind, f"{child} was lost in {probe} {case}")]
 
 
 class Phase(Enum):
