@@ -50,10 +50,11 @@ def run_case(device: Any, cfg: ta.AttentionProbe.Config, case: str, seed: int, i
     bk = JaxBackend(device)
     inp = (ta.exact_on if var.exact else ta.random_on)(bk, shape, var, dtype_name, seed)
     args = (inp.q, inp.k, inp.v, inp.dout, inp.mask)
-    ran, skipped = [], {}
+    ran: list[ta.AttentionKernel] = []
+    skipped: dict[str, str] = {}
     for name, program in _programs(var.causal, inp.scale or 1.0 / math.sqrt(shape.d)):
         try:
-            jb.timed(lambda program=program: program(*args))  # compile + warm-up, outside the faults
+            jb.timed(functools.partial(program, *args))  # compile + warm-up, outside the faults
         except Exception as e:  # jax.nn where this platform cannot run it: said, not the chip's fault
             if name == "formula":
                 raise

@@ -67,7 +67,8 @@ def test_an_injected_flip_is_caught_in_out_with_its_place() -> None:
 
 
 def test_cli_attention_fault_on_one_jax_device(tmp_path: Path) -> None:
-    rc, data, out = run_jax(tmp_path, 2, "--probes", "attention", "--inject", "bitflip:rank=1,bit=27")
+    # 16 cases x 2 devices, ~35 s of CPU per device (docs/jax.md): a loaded 2-core host needs the time
+    rc, data, out = run_jax(tmp_path, 2, "--probes", "attention", "--inject", "bitflip:rank=1,bit=27", timeout=480)
     assert rc == 1, out[-3000:]
     assert {d["rank"]: d["verdict"] for d in data["devices"]} == {0: "pass", 1: "wrong"}
     cases = {c["case"]: c for c in probe_of(data, 1, "attention")["details"]["cases"]}
