@@ -144,10 +144,6 @@ class Backend(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def warm_up(self, fn: Callable[[], Any]) -> None:
-        """Run `fn` once to completion outside the faults (compilation, library heuristics, clocks)."""
-
-    @abc.abstractmethod
     def run(self, op: str, fn: Callable[[], Any]) -> tuple[Any, float]:
         """Run the code under test once with this backend's faults on; (output, seconds)."""
 

@@ -113,9 +113,6 @@ class JaxBackend(Backend):
     def params(self) -> dict[str, Any]:
         return {"precision": "HIGHEST", "backend": "jax", "jax_device": str(self.device)}
 
-    def warm_up(self, fn: Callable[[], Any]) -> None:
-        jb.timed(fn)  # compile + warm-up, outside the faults as on the torch path
-
     def run(self, op: str, fn: Callable[[], Any]) -> tuple[Any, float]:
         if self.inj is None:
             return jb.timed(fn)

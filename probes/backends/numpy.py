@@ -83,9 +83,6 @@ class NumpyBackend(Backend):
     def params(self) -> dict[str, Any]:
         return {"backend": "numpy"}
 
-    def warm_up(self, fn: Callable[[], Any]) -> None:
-        fn()
-
     def run(self, op: str, fn: Callable[[], Any]) -> tuple[Any, float]:
         factor = self.inj.begin(op) if self.inj is not None else 1.0
         t0 = time.perf_counter()

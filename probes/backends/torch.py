@@ -119,12 +119,6 @@ class TorchBackend(Backend):
     def deadline(self) -> float | None:
         return self.ctx.deadline if self.ctx is not None else None
 
-    def warm_up(self, fn: Callable[[], Any]) -> None:
-        ctx = self._need_ctx()
-        with ctx.timer.exclusive():
-            fn()
-            ctx.timer.sync()
-
     def run(self, op: str, fn: Callable[[], Any]) -> tuple[Any, float]:
         # `op` is for backends without a dispatch hook: the TorchDispatchMode sees the aten op itself.
         ctx = self._need_ctx()
