@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Protocol
 
-from ..results import Mismatch, Oracle
+from ..results import Mismatch
 
 
 class Stamp(Enum):
@@ -25,8 +25,6 @@ class Stamp(Enum):
     NONE = "none"
     FIRST_REPEAT = "first_repeat"
     """Appended: `first_repeat=R` (the repeat, or round, it came from)."""
-    REPEAT = "repeat"
-    """Prepended: `repeat=R`."""
     FIRST_BAD_ITERATION = "first_bad_iteration"
     """Appended: `first_bad_iteration=I first_bad_s=T` (the iteration, and seconds into the run)."""
 
@@ -54,8 +52,6 @@ class KeepPolicy:
     """A later mismatch adds its bit histogram to the kept one's."""
     tally: Tally = Tally.NONE
     stamp: Stamp = Stamp.NONE
-    stamp_oracles: frozenset[Oracle] | None = None
-    """The oracles whose mismatches are stamped (None: every oracle)."""
 
 
 @dataclass(slots=True)
@@ -100,7 +96,7 @@ def keep(out: CaseOutcome, m: Mismatch, policy: KeepPolicy, *, repeat: int | Non
 def _stamped(m: Mismatch, policy: KeepPolicy, repeat: int | None, iteration: int | None,
              seconds: float | None) -> str:
     stamp = policy.stamp
-    if stamp is Stamp.NONE or (policy.stamp_oracles is not None and m.oracle not in policy.stamp_oracles):
+    if stamp is Stamp.NONE:
         return m.note
     if stamp is Stamp.FIRST_BAD_ITERATION:
         if iteration is None or seconds is None:
@@ -108,8 +104,6 @@ def _stamped(m: Mismatch, policy: KeepPolicy, repeat: int | None, iteration: int
         return (m.note + f" first_bad_iteration={iteration} first_bad_s={seconds:.3f}").strip()
     if repeat is None:
         raise ValueError("keep: this policy stamps the repeat: pass repeat=")
-    if stamp is Stamp.REPEAT:
-        return f"repeat={repeat} {m.note}".strip()
     return (m.note + f" first_repeat={repeat}").strip()
 
 
