@@ -42,7 +42,7 @@ class AttentionKernel:
 
 
 class CaseReference(Protocol):
-    """A backend's float64 reference for one random case (its tolerance model is its own)."""
+    """The float64 reference of one random case and its tolerance (attention.run_kernels gives it)."""
 
     def check(self, name: str, act: Any) -> Mismatch | None:
         """Oracle `fp64_reference` on output `name` of one call."""
