@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -60,6 +61,14 @@ def probe_of(data: dict, rank: int, name: str) -> dict:
     (probe,) = [p for p in probes if p["probe"] == name]
     assert all(p["probe"] == "retest" and p["verdict"] == "pass" for p in probes if p is not probe), probes
     return probe
+
+
+def ctrl_c_default() -> None:
+    """`preexec_fn` for a run a test interrupts with SIGINT: Ctrl-C's default action in the child, as
+    at a terminal. A shell without job control starts a background command with SIGINT ignored
+    (POSIX), Python then installs no KeyboardInterrupt handler, and the child would never see the
+    signal: a suite started as `cmd &` failed its SIGINT tests (2026-12-02) for that reason alone."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def marked_processes(mark: str) -> list[int]:

@@ -19,7 +19,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import marked_processes, run_cli, wait_until
+from conftest import ctrl_c_default, marked_processes, run_cli, wait_until
 
 SIGNALS = [signal.SIGINT, signal.SIGTERM]
 
@@ -86,7 +86,8 @@ def test_torchrun_run_cut_short_is_stored_interrupted(tmp_path: Path, sig: signa
              "--master-addr", "127.0.0.1", "--master-port", str(_port()),
              "-m", "chipcheck.worker", "run", "--devices", "cpu", "--probes", "matmul,collectives", "--db", str(db),
              "--local-dir", str(shards), "-q", "--timeout", "90", "--min-gap", "0.9"],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "CHIPCHECK_TEST_MARK": mark})
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "CHIPCHECK_TEST_MARK": mark},
+            preexec_fn=ctrl_c_default)
     try:
         # rank 0 stores its results as they come (a speed judgement needs two on one rank)
         wait_until(lambda: _per_rank(db).get(0, 0) >= 2 and len(_shard_lines(shards)) == 2, 120,
@@ -113,7 +114,7 @@ def test_jax_run_cut_short_is_stored_interrupted(tmp_path: Path, sig: signal.Sig
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-m", "chipcheck.cli", "run", "--backend", "jax", "--db", str(db),
                                  "-q", "--min-gap", "0.9", "--probes", "matmul,collectives"],
-                                stdout=out, stderr=subprocess.STDOUT, env=env)
+                                stdout=out, stderr=subprocess.STDOUT, env=env, preexec_fn=ctrl_c_default)
     try:
         wait_until(lambda: max(_per_rank(db).values(), default=0) >= 2, 150, f"two results: {log.read_text()[-2000:]}")
         before = _per_rank(db)

@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import device, marked_processes, run_cli, run_json, wait_until
+from conftest import ctrl_c_default, device, marked_processes, run_cli, run_json, wait_until
 
 NO_SPEED = ("--min-gap", "0.9")
 COLLECTIVE_RUN = ("--probes", "matmul,collectives", "--devices", "cpu:4", *NO_SPEED)
@@ -76,7 +76,7 @@ def _start(tmp_path: Path, mark: str, *args: str, env: dict[str, str] | None = N
     log = open(tmp_path / "run.log", "wb")  # noqa: SIM115 (the child writes it)
     return subprocess.Popen([sys.executable, "-m", "chipcheck.cli", "run", "--db", str(tmp_path / "results.db"),
                              "-q", *args], stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "CHIPCHECK_TEST_MARK": mark, **(env or {})})
+                            env={**os.environ, "CHIPCHECK_TEST_MARK": mark, **(env or {})}, preexec_fn=ctrl_c_default)
 
 
 # ---- item 1: one lost rank is that rank's error only --------------------------------------------
