@@ -101,7 +101,6 @@ class GlobalDevices:
         return len(self.hosts)
 
 
-
 def global_order(devices: list[Any]) -> list[Any]:
     """`devices` in global-rank order: (process index, id), the same in every process."""
     return sorted(devices, key=lambda d: (int(d.process_index), int(d.id)))
