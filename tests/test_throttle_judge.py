@@ -76,3 +76,18 @@ def test_a_chip_slow_from_early_in_its_burn_is_a_suspect_by_its_sustained_speed(
     assert (s.rank, s.peer, s.kernel) == (1, 0, "gemm") and "burn 0.46x" in s.evidence
     # a clean pair on a busy host, 0.85x by the median, is no suspect (a burn's noise is unknown)
     assert speed.suspects([_burn(0, 1.0, None, tf=0.068), _burn(1, 1.0, None, tf=0.058)], POLICY, METRIC, KERNEL) == []
+
+
+def test_a_slow_chip_is_retested_when_its_only_peer_is_a_suspect_too() -> None:
+    # What a CI run gave (2026-12-02): rank 1 ran its whole burn at half speed (0.49x by the median), and
+    # rank 0's burn stepped down when rank 1 started computing beside it on the 2-core host (a throttle
+    # candidate). Both suspects, no unsuspected peer left: both were dropped, and the run passed.
+    results = [_burn(0, 0.85, 2.0, tf=0.067), _burn(1, 1.0, None, tf=0.033)]
+    found = {s.rank: s for s in speed.suspects(results, POLICY, METRIC, KERNEL)}
+    assert sorted(found) == [0, 1] and (found[1].peer, found[0].peer) == (0, 1)
+    # one interleaved retest of the pair answers for both: rank 1 confirmed, rank 0 cleared
+    assert speed.retest_options(list(found.values())) in ({"retest_gemm": "1:0"}, {"retest_gemm": "0:1"})
+    confirmed = results + [_retest(1, [2.0, 2.02, 1.98, 2.01, 2.0]), _retest(0, [1.0, 1.01, 0.99, 1.0, 1.0])]
+    js = {j.rank: j for j in speed.judge(confirmed, POLICY, METRIC, KERNEL)}
+    assert js[1].verdict is Verdict.SLOW and "confirmed by retest" in js[1].reason
+    assert js[0].verdict is Verdict.PASS and "cleared by retest" in js[0].reason

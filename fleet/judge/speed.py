@@ -16,11 +16,11 @@ The rule, for every path (live run, reloaded run, ingested sweep):
    below `1 - 3 min_gap` (0.70x): far beyond any noise seen, and a suspect costs a retest, not a verdict.
    A burn that slowed down and stayed down with no NVML reason for it is a GEMM suspect as well
    (fleet.judge.throttle): a device's own timeline cannot tell a throttling chip from a busy host.
-4. Confirmation. Each suspect and one peer of its fingerprint (the median one) are retested on the
-   kernel of their class, alone on the host, interleaved (probes/retest.py). Round by round the
-   suspect's speed over the peer's is a paired ratio; the suspect is `slow` only when the whole
-   95% interval of that ratio lies below `1 - min_gap / 2`. A 10% slower chip (0.91x) is called,
-   noise is not. The reason says the effect with its interval.
+4. Confirmation. Each suspect and one peer of its fingerprint (the median unsuspected one; the
+   fastest other one where all are suspects) are retested on the kernel of their class, alone on
+   the host, interleaved (probes/retest.py). Round by round the suspect's speed over the peer's is
+   a paired ratio; the suspect is `slow` only when the whole 95% interval of that ratio lies below
+   `1 - min_gap / 2`. A 10% slower chip (0.91x) is called, noise is not. The reason says the effect with its interval.
    Sequential: a retest that neither confirms (interval below `1 - min_gap / 2`) nor clears (interval
    above `1 - min_gap`: no slowdown of the size that matters) is *inconclusive*; that pair is
    retested once more with more rounds (`KERNEL/extended`, probes/retest.py) and judged on all its
@@ -131,9 +131,9 @@ def suspects(results: list[ProbeResult], policy: SpeedPolicy, metric_by_probe: d
     peers = _peers(evidence, suspected, fingerprint)
     for rank, kernel in sorted(suspected):
         evs = evidence.get((rank, kernel), [])
-        peer = peers.get((kernel, fingerprint.get(rank, "")))
+        peer = peers.get((rank, kernel))
         if peer is None:
-            continue  # no clean peer of its fingerprint: the SKU baseline is the only yardstick
+            continue  # no other device of its fingerprint: the SKU baseline is the only yardstick
         said = [f"{e.probe} {e.ratio:.2f}x (noise {_pct(e.noise)})" for e in sorted(evs, key=lambda e: e.ratio)]
         thr = throttled.get(rank) if kernel == gemm else None
         if thr is not None:
@@ -180,25 +180,36 @@ def _suspect(evs: list[_Evidence], policy: SpeedPolicy, cut: float) -> bool:
 
 
 def _peers(evidence: dict[tuple[int, str], list[_Evidence]], suspected: set[tuple[int, str]],
-           fingerprint: dict[int, str]) -> dict[tuple[str, str], int]:
-    """Per (kernel, fingerprint): the median-speed device that is not itself suspected on the kernel
-    (every suspect of the group is retested against it; one pass over the evidence for all of them)."""
-    clean: dict[tuple[str, str], list[tuple[float, int]]] = defaultdict(list)
+           fingerprint: dict[int, str]) -> dict[tuple[int, str], int]:
+    """Per suspect (rank, kernel): the device it is retested against. The median-speed device of its
+    fingerprint not itself suspected on the kernel; where every device of the group is a suspect (two
+    devices on a busy host: one slow, the other's burn stepped down when the first began beside it),
+    the fastest other one: the retest is a paired comparison, so a slow peer can clear a suspect
+    (a miss) but never make a clean one slow."""
+    speeds: dict[tuple[str, str], list[tuple[float, int]]] = defaultdict(list)
     for (r, k), evs in evidence.items():
-        if (r, k) not in suspected and r in fingerprint:
-            clean[(k, fingerprint[r])].append((_combined(evs)[0], r))
+        if r in fingerprint:
+            speeds[(k, fingerprint[r])].append((_combined(evs)[0], r))
     out = {}
-    for key, xs in clean.items():
-        xs.sort()
-        out[key] = xs[(len(xs) - 1) // 2][1]
+    for rank, kernel in suspected:
+        group = sorted(speeds.get((kernel, fingerprint.get(rank, "")), []))
+        clean = [x for x in group if (x[1], kernel) not in suspected]
+        if clean:
+            out[(rank, kernel)] = clean[(len(clean) - 1) // 2][1]
+        elif others := [x for x in group if x[1] != rank]:
+            out[(rank, kernel)] = others[-1][1]
     return out
 
 
 def retest_options(found: list[Suspect]) -> dict[str, str]:
-    """The retest probe's options: `retest_<kernel>` = "SUSPECT:PEER,..." (probes/retest.py)."""
+    """The retest probe's options: `retest_<kernel>` = "SUSPECT:PEER,..." (probes/retest.py). Two
+    suspects retested against each other are one pair: its turns answer for both."""
     pairs: dict[str, list[str]] = defaultdict(list)
+    seen: set[tuple[str, frozenset[int]]] = set()
     for s in found:
-        pairs[f"retest_{s.kernel}"].append(f"{s.rank}:{s.peer}")
+        if (s.kernel, frozenset((s.rank, s.peer))) not in seen:
+            seen.add((s.kernel, frozenset((s.rank, s.peer))))
+            pairs[f"retest_{s.kernel}"].append(f"{s.rank}:{s.peer}")
     return {k: ",".join(v) for k, v in pairs.items()}
 
 
