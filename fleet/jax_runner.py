@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..probes.base import is_collective
 from ..results import DeviceInfo, ErrorKind, ProbeResult, RunSummary
 from . import protocol, supervisor
 from .harness import Case, CaseLoop, error_result
@@ -44,7 +45,21 @@ from .session import RunSession
 from .store import Store
 from .supervisor import Phase, Watch, child_env, exit_text, kill_group, log_tail, lost_in, not_run, spawn
 
-PROBES = ("matmul", "attention", "collectives")
+
+def jax_probes() -> list[str]:
+    """The probes the JAX path runs: every registered probe that names its JAX module."""
+    from ..probes import base
+
+    return [n for n, cls in base.registry().items() if cls.jax]
+
+
+def _entry(probe: str) -> Any:
+    """The probe's JAX module (probes/<Probe.jax>.py)."""
+    import importlib
+
+    from ..probes import base
+
+    return importlib.import_module(f"{base.__package__}.{base.registry()[probe].jax}")
 
 Task = tuple[str, str, int]  # (probe, case, rank)
 
@@ -87,9 +102,10 @@ def validate_jax(opts: RunOptions) -> None:
     if opts.devices != "auto":
         raise UsageError(f"--backend jax runs on every device JAX sees on this host; drop --devices {opts.devices} "
                          "(choose devices with JAX_PLATFORMS / CUDA_VISIBLE_DEVICES / XLA_FLAGS)")
-    unknown = [p for p in opts.probes if p not in PROBES]
+    unknown = [p for p in opts.probes if p not in jax_probes()]
     if unknown:
-        raise UsageError(f"probe {unknown[0]!r} is not on the JAX path yet; --backend jax runs: {', '.join(PROBES)}")
+        raise UsageError(f"probe {unknown[0]!r} is not on the JAX path yet; --backend jax runs: "
+                         f"{', '.join(jax_probes())}")
     if opts.profile == "burnin":
         raise UsageError("--profile burnin is not on the JAX path yet; use quick, standard or nightly")
 
@@ -177,7 +193,7 @@ class _Supervisor:
                 except queue.Empty:
                     if killed:
                         continue
-                    waits_for_peers = watch.phase is Phase.BARRIER or (watch.current or ("",))[0] == "collectives"
+                    waits_for_peers = watch.phase is Phase.BARRIER or is_collective((watch.current or ("",))[0])
                     if self.job and waits_for_peers and (lost := self.job.peer_lost()):
                         # a lost peer never reaches this barrier or collective: stop waiting now
                         self.peer_lost, killed = lost, True
@@ -361,7 +377,7 @@ def _names(probes: list[str], n_devices: int) -> list[str]:
     """The probes of a run: those asked for, else every JAX probe the job's devices allow."""
     from ..probes import base
 
-    return list(probes) or [p for p in PROBES if base.registry()[p].min_devices <= n_devices]
+    return list(probes) or [p for p in jax_probes() if base.registry()[p].min_devices <= n_devices]
 
 
 def _config(profile: str, probe: str, device_kind: str) -> Any:
@@ -372,14 +388,12 @@ def _config(profile: str, probe: str, device_kind: str) -> Any:
 
 def _cases(profile: str, probe: str, n_devices: int, device_kind: str) -> list[str]:
     """The cases of one JAX probe (the same names as the torch path's)."""
-    from ..probes import jax_attention, jax_collectives, jax_matmul
+    from ..probes import base
 
-    cfg = _config(profile, probe, device_kind)
-    if probe == "attention":
-        return jax_attention.cases(cfg)
-    if probe == "matmul":
-        return jax_matmul.cases(cfg)
-    return jax_collectives.cases(cfg) if n_devices >= 2 else []
+    if base.registry()[probe].min_devices > n_devices:
+        return []
+    cases: list[str] = _entry(probe).cases(_config(profile, probe, device_kind))
+    return cases
 
 
 def host_run(plan: HostPlan, send: Callable[[protocol.Message], None]) -> int:
@@ -405,10 +419,11 @@ def host_run(plan: HostPlan, send: Callable[[protocol.Message], None]) -> int:
         send(protocol.Usage(message=str(e)))
         return 2
     jdevs, infos, local = job.devices, job.infos, list(job.local)
-    if "collectives" in plan.probes and len(infos) < 2:
-        send(protocol.Usage(message=f"probe 'collectives' needs at least 2 devices; JAX sees {len(infos)} "
-                                    "on this host"))
-        return 2
+    for name in plan.probes:
+        if (need := base.registry()[name].min_devices) > len(infos):
+            send(protocol.Usage(message=f"probe {name!r} needs at least {need} devices; JAX sees {len(infos)} "
+                                        "on this host"))
+            return 2
     names = _names(plan.probes, len(infos))
     kind = _profile_kind(infos[0])
     try:
@@ -429,7 +444,7 @@ def host_run(plan: HostPlan, send: Callable[[protocol.Message], None]) -> int:
             return
         from jax.experimental import multihost_utils
 
-        per_device = sum(len(_cases(plan.profile, n, len(jdevs), kind)) for n in names if n != "collectives")
+        per_device = sum(len(_cases(plan.profile, n, len(jdevs), kind)) for n in names if not is_collective(n))
         send(protocol.Barrier(name=tag, cases=per_device * len(local)))
         multihost_utils.sync_global_devices(f"chipcheck/{plan.run_id}/{tag}")
         send(protocol.Synced())
@@ -440,21 +455,19 @@ def host_run(plan: HostPlan, send: Callable[[protocol.Message], None]) -> int:
         for name in names:
             cfg = configs[name]
             injectors = [jb.Injector.for_rank(fault_list, r, name) for r in range(len(jdevs))]
-            if name == "collectives":
-                barrier("collectives")  # so no host's first collective waits, on its watchdog, for the others
+            entry, collective = _entry(name), is_collective(name)
+            if collective:
+                barrier(name)  # so no host's first collective waits, on its watchdog, for the others
             for case in _cases(plan.profile, name, len(jdevs), kind):
-                if name == "collectives":
-                    from ..probes import jax_collectives
-
+                if collective:
                     yield Case(probe=name, case=case, ranks=local, runs=_Call(
-                        lambda case=case, cfg=cfg, inj=injectors: [
-                            outs[r] for outs in [jax_collectives.run_ranks(jdevs, cfg, case, inj)] for r in local]))
+                        lambda entry=entry, case=case, cfg=cfg, inj=injectors: [
+                            outs[r] for outs in [entry.run_ranks(jdevs, cfg, case, inj)] for r in local]))
                     continue
                 for rank in local:
-                    d = jdevs[rank]
                     yield Case(probe=name, case=case, ranks=[rank], runs=_Call(
-                        lambda d=d, case=case, name=name, cfg=cfg, inj=injectors[rank]: _one_device(
-                            name, d, cfg, case, plan.seed, inj)))
+                        lambda entry=entry, d=jdevs[rank], case=case, cfg=cfg, inj=injectors[rank]: entry.run_case(
+                            d, cfg, case, plan.seed, inj)))
 
     CaseLoop(run_id=plan.run_id, seed=plan.seed, infos=dict(enumerate(infos)), settings=settings,
              fault_list=fault_list, keep=lambda c, r: send(protocol.Result(result=r)),
@@ -469,13 +482,6 @@ def host_run(plan: HostPlan, send: Callable[[protocol.Message], None]) -> int:
 
         jax_multihost.shutdown()
     return 0
-
-
-def _one_device(probe: str, device: Any, cfg: Any, case: str, seed: int, inj: Any) -> Any:
-    from ..probes import jax_attention, jax_matmul
-
-    mod = jax_attention if probe == "attention" else jax_matmul
-    return mod.run_case(device, cfg, case, seed, inj)
 
 
 def main(argv: list[str] | None = None) -> int:

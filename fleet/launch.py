@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import IO, Any
 
 from ..probes import faults
+from ..probes.base import is_collective
 from ..results import DeviceInfo, DeviceKind, ErrorInfo, ErrorKind, ProbeResult, Verdict
 from . import devices as devmod
 from . import protocol
@@ -173,7 +174,7 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
         if w.killed_for is ErrorKind.PEER_LOST:
             # stopped by us inside a collective whose group lost a rank: not this rank's doing
             why = f"not run: {peers_text(w.rank)}"
-            for p, c in [t for t in w.todo if t[0] == probe and _is_collective(probe)]:
+            for p, c in [t for t in w.todo if t[0] == probe and is_collective(probe)]:
                 on_result(_peer_lost_result(req, w, p, c, why))
                 w.todo.remove((p, c))
             finish_or_restart(w, True, why, ErrorKind.CRASH)
@@ -286,11 +287,11 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
                 if w.done or w.killed_for is not None or w.proc is None:
                     continue
                 current = w.watch.current
-                if current is not None and _is_collective(current[0]) and any(r != w.rank for r in lost_ranks):
+                if current is not None and is_collective(current[0]) and any(r != w.rank for r in lost_ranks):
                     kill(w, ErrorKind.PEER_LOST)  # blocked on a rank that is gone: stop waiting now
                 elif not w.watch.overdue(now):
                     continue
-                elif current is not None and _is_collective(current[0]):
+                elif current is not None and is_collective(current[0]):
                     collective_timeout(w, now)
                 elif w.watch.phase is not Phase.WAITING:
                     kill(w, ErrorKind.TIMEOUT)  # a hang in its case, or at start-up
@@ -320,17 +321,10 @@ def _tell(w: _Worker, msg: protocol.Message | WorkerPlan) -> None:
         w.proc.stdin.flush()
 
 
-def _is_collective(probe: str) -> bool:
-    from ..probes import base
-
-    cls = base.registry().get(probe)
-    return bool(cls and cls.collective)
-
-
 def _blame_the_lost(res: ProbeResult, lost_ranks: dict[int, str], workers: list[_Worker]) -> ProbeResult:
     """A collective that failed because a peer was lost is not run here, and says which rank it was:
     evidence against that rank, not this one (`peer_lost`, verdict pass)."""
-    if res.error is None or res.verdict is not Verdict.ERROR or not _is_collective(res.probe) \
+    if res.error is None or res.verdict is not Verdict.ERROR or not is_collective(res.probe) \
             or res.error.kind is ErrorKind.PEER_LOST:
         return res
     who = {r: why for r, why in lost_ranks.items() if r != res.rank}

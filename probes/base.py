@@ -150,6 +150,10 @@ class Probe(abc.ABC):
     speed_kernel: ClassVar[str] = "gemm"
     """The retest kernel (probes/retest.py) that confirms this probe's slow suspects: `gemm` for
     compute-bound probes, `copy` for memory-bound ones, '' where speed is judged elsewhere."""
+    jax: ClassVar[str] = ""
+    """The module of this package that runs the probe on JAX devices ('': torch only). It has
+    `cases(cfg)` (the torch path's case names) and `run_case(device, cfg, case, seed, injector)`, or,
+    for a collective probe, `run_ranks(devices, cfg, case, injectors)` (one outcome per rank)."""
 
     @abc.abstractmethod
     def config(self, profile: str, device_kind: str, capabilities: frozenset[str]) -> Any:
@@ -212,6 +216,12 @@ def registry() -> dict[str, type[Probe]]:
 
 
 _NOT_PROBES = {"base", "faults"}
+
+
+def is_collective(name: str) -> bool:
+    """Whether the registered probe `name` runs on all ranks together (False for an unknown name)."""
+    cls = registry().get(name)
+    return bool(cls and cls.collective)
 
 
 def _package_path() -> list[str]:

@@ -91,6 +91,7 @@ class CollectivesProbe(Probe):
     collective = True
     speed_metric = "busbw_gbps_best"
     speed_kernel = ""  # a slow collective is a link's matter: chipcheck links
+    jax = "jax_collectives"
 
     @dataclass(frozen=True, slots=True, kw_only=True)
     class Config:

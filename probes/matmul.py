@@ -56,6 +56,7 @@ Check = Callable[[Any, int], bool]  # a case's check of call r's C: True when it
 @register("matmul")
 class MatmulProbe(Probe):
     order = 10
+    jax = "jax_matmul"
     @dataclass(frozen=True, slots=True, kw_only=True)
     class Config:
         sizes: dict[str, int] = field(default_factory=lambda: {"float32": 256})

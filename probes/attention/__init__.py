@@ -82,6 +82,7 @@ VARIANTS = {
 @register("attention")
 class AttentionProbe(Probe):
     order = 20
+    jax = "jax_attention"
 
     @dataclass(frozen=True, slots=True, kw_only=True)
     class Config:
