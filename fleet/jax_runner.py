@@ -185,7 +185,7 @@ class _Supervisor:
         with open(log_path, "ab") as log:
             proc = spawn([sys.executable, "-m", "chipcheck.fleet.jax_runner", "--plan", str(plan_path)],
                          env=child_env(), log=log, stdin=subprocess.DEVNULL, on_message=lambda _p, m: q.put(m))
-        watch, ranks, killed, usage = Watch(self.timeout_s), [0], False, ""  # ranks: those the case occupies
+        watch, killed, usage = Watch(self.timeout_s), False, ""
         try:
             while True:
                 try:
@@ -211,11 +211,9 @@ class _Supervisor:
                     self._hello(msg.devices, msg.ranks)
                 elif isinstance(msg, protocol.Usage):
                     usage = msg.message
-                elif isinstance(msg, protocol.Start):
-                    ranks = msg.ranks
                 elif isinstance(msg, protocol.Result):
                     self._record(msg.result)
-                    if (c := watch.current) and all((*c, k) in self.done for k in ranks):
+                    if (c := watch.current) and all((*c, k) in self.done for k in watch.ranks):
                         watch.to(Phase.IDLE)
         finally:
             kill_group(proc)
@@ -234,7 +232,7 @@ class _Supervisor:
             return False
         if watch.current is None:
             raise UsageError(f"the JAX host process exited between cases ({exit_text(code)}): {log_tail(log_path)}")
-        self._lost((*watch.current, ranks), killed, code, log_path)
+        self._lost((*watch.current, list(watch.ranks)), killed, code, log_path)
         return False
 
     def _hello(self, devs: list[DeviceInfo], local: list[int]) -> None:

@@ -150,9 +150,12 @@ class Watch:
     since: float = field(default_factory=time.monotonic)
     case: tuple[str, str] | None = None  # (probe, case) while WAITING or IN_CASE
     barrier: tuple[str, float] | None = None  # (name, limit) while at a BARRIER
+    ranks: tuple[int, ...] = ()
+    """The ranks the case occupies, where one child works for several (JAX); empty: the child's own."""
 
-    def to(self, phase: Phase, case: tuple[str, str] | None = None, barrier: tuple[str, float] | None = None) -> None:
-        self.phase, self.case, self.barrier, self.since = phase, case, barrier, time.monotonic()
+    def to(self, phase: Phase, case: tuple[str, str] | None = None, barrier: tuple[str, float] | None = None,
+           ranks: tuple[int, ...] = ()) -> None:
+        self.phase, self.case, self.barrier, self.ranks, self.since = phase, case, barrier, ranks, time.monotonic()
 
     def on(self, msg: protocol.Message) -> None:
         if isinstance(msg, protocol.Hello):
@@ -160,7 +163,7 @@ class Watch:
         elif isinstance(msg, protocol.Wait):
             self.to(Phase.WAITING, (msg.probe, msg.case))
         elif isinstance(msg, protocol.Start):
-            self.to(Phase.IN_CASE, (msg.probe, msg.case))
+            self.to(Phase.IN_CASE, (msg.probe, msg.case), ranks=tuple(msg.ranks))
         elif isinstance(msg, protocol.Barrier):
             # the other hosts may still be at most `cases` per-device cases behind this one
             self.to(Phase.BARRIER, barrier=(msg.name, STARTUP_TIMEOUT_S + self.timeout_s * max(1, msg.cases)))
