@@ -41,16 +41,3 @@ def run_case(device: Any, cfg: MatmulProbe.Config, case: str, seed: int, inj: jb
 
     return matmul.run(JaxBackend(device, inj), cfg, case, seed)
 
-
-def sylvester(n: int, device: Any = None) -> Any:
-    """matmul.sylvester_on on a JAX device."""
-    from .backends.jax import JaxBackend
-
-    return matmul.sylvester_on(JaxBackend(device), n)
-
-
-def hadamard_inputs(n: int, seed: int, device: Any = None) -> tuple[Any, Any, Any]:
-    """matmul.hadamard_inputs on a JAX device: (A, B, expected C) in float32, bit-identical."""
-    from .backends.jax import JaxBackend
-
-    return matmul.hadamard(JaxBackend(device), n, seed)

@@ -39,7 +39,7 @@ from .backends.torch import Kernel, TorchBackend
 from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, profile_table, register
 from .keeping import KeepPolicy, Stamp, Tally, keep
 
-__all__ = ["ALL_DTYPES", "NEEDS", "Kernel", "MatmulProbe", "exact_case", "hadamard", "hadamard_inputs",
+__all__ = ["ALL_DTYPES", "NEEDS", "Kernel", "MatmulProbe", "exact_case", "hadamard",
            "random_case", "run", "validate"]
 
 ALL_DTYPES = ("float32", "tf32", "bfloat16", "float16", "float8_e4m3fn")
@@ -162,11 +162,6 @@ def hadamard(bk: Backend, n: int, seed: int) -> tuple[Any, Any, Any]:
     # Elementwise, no scatter: C[i, j] = sa_i sb_j n where pa(i) == pb(j), else +0.
     expected = bk.where(ra[:, None] == cb[None, :], sa[:, None] * (sb * n)[None, :], 0.0)
     return a, b, expected
-
-
-def hadamard_inputs(n: int, seed: int, device: Any) -> tuple[Any, Any, Any]:
-    """`hadamard` on a torch device: (A, B, expected C) as float32 tensors."""
-    return hadamard(TorchBackend(device), n, seed)
 
 
 def exact_case(bk: Backend, cfg: MatmulProbe.Config, kernel: KernelLike, n: int, seed: int, out: CaseOutcome,

@@ -7,7 +7,8 @@ import torch
 from conftest import cpu_ctx
 
 from chipcheck.probes import base
-from chipcheck.probes.matmul import MatmulProbe, hadamard_inputs
+from chipcheck.probes.backends.torch import TorchBackend
+from chipcheck.probes.matmul import MatmulProbe, hadamard
 from chipcheck.results import Oracle, Verdict
 
 SIZES = {"float32": 128, "bfloat16": 128, "float16": 64}
@@ -23,7 +24,7 @@ def _cfg(**kw: object) -> MatmulProbe.Config:
 
 @pytest.mark.parametrize("n", [2, 16, 256])
 def test_hadamard_expected_is_the_true_product(n: int) -> None:
-    a, b, e = hadamard_inputs(n, 123, "cpu")
+    a, b, e = hadamard(TorchBackend("cpu"), n, 123)
     assert torch.equal((a.double() @ b.double()).float(), e)
     assert set(a.unique().tolist()) <= {-2.0, -1.0, 1.0, 2.0} and set(b.unique().tolist()) == {-1.0, 1.0}
     assert int((e != 0).sum()) == n  # a scaled signed permutation
