@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..probes.base import is_collective
+from ..probes import base
 from ..results import DeviceInfo, ErrorKind, ProbeResult, RunSummary
 from . import protocol, supervisor
 from .harness import Case, CaseLoop, error_result
@@ -48,8 +48,6 @@ from .supervisor import Phase, Watch, child_env, exit_text, kill_group, log_tail
 
 def jax_probes() -> list[str]:
     """The probes the JAX path runs: every registered probe that names its JAX module."""
-    from ..probes import base
-
     return [n for n, cls in base.registry().items() if cls.jax]
 
 
@@ -57,9 +55,8 @@ def _entry(probe: str) -> Any:
     """The probe's JAX module (probes/<Probe.jax>.py)."""
     import importlib
 
-    from ..probes import base
-
     return importlib.import_module(f"{base.__package__}.{base.registry()[probe].jax}")
+
 
 Task = tuple[str, str, int]  # (probe, case, rank)
 
@@ -193,7 +190,7 @@ class _Supervisor:
                 except queue.Empty:
                     if killed:
                         continue
-                    waits_for_peers = watch.phase is Phase.BARRIER or is_collective((watch.current or ("",))[0])
+                    waits_for_peers = watch.phase is Phase.BARRIER or base.is_collective((watch.current or ("",))[0])
                     if self.job and waits_for_peers and (lost := self.job.peer_lost()):
                         # a lost peer never reaches this barrier or collective: stop waiting now
                         self.peer_lost, killed = lost, True
@@ -373,21 +370,15 @@ def _profile_kind(info: DeviceInfo) -> str:
 
 def _names(probes: list[str], n_devices: int) -> list[str]:
     """The probes of a run: those asked for, else every JAX probe the job's devices allow."""
-    from ..probes import base
-
     return list(probes) or [p for p in jax_probes() if base.registry()[p].min_devices <= n_devices]
 
 
 def _config(profile: str, probe: str, device_kind: str) -> Any:
-    from ..probes import base
-
     return base.get(probe).config(profile, device_kind, frozenset())
 
 
 def _cases(profile: str, probe: str, n_devices: int, device_kind: str) -> list[str]:
     """The cases of one JAX probe (the same names as the torch path's)."""
-    from ..probes import base
-
     if base.registry()[probe].min_devices > n_devices:
         return []
     cases: list[str] = _entry(probe).cases(_config(profile, probe, device_kind))
@@ -396,7 +387,7 @@ def _cases(profile: str, probe: str, n_devices: int, device_kind: str) -> list[s
 
 def host_run(plan: HostPlan, send: Callable[[protocol.Message], None]) -> int:
     """Run the plan on this host's JAX devices, streaming the worker protocol through `send`."""
-    from ..probes import base, faults
+    from ..probes import faults
     from ..probes import jax_backend as jb
     from . import jax_devices
 
@@ -442,7 +433,7 @@ def host_run(plan: HostPlan, send: Callable[[protocol.Message], None]) -> int:
             return
         from jax.experimental import multihost_utils
 
-        per_device = sum(len(_cases(plan.profile, n, len(jdevs), kind)) for n in names if not is_collective(n))
+        per_device = sum(len(_cases(plan.profile, n, len(jdevs), kind)) for n in names if not base.is_collective(n))
         send(protocol.Barrier(name=tag, cases=per_device * len(local)))
         multihost_utils.sync_global_devices(f"chipcheck/{plan.run_id}/{tag}")
         send(protocol.Synced())
@@ -453,7 +444,7 @@ def host_run(plan: HostPlan, send: Callable[[protocol.Message], None]) -> int:
         for name in names:
             cfg = configs[name]
             injectors = [jb.Injector.for_rank(fault_list, r, name) for r in range(len(jdevs))]
-            entry, collective = _entry(name), is_collective(name)
+            entry, collective = _entry(name), base.is_collective(name)
             if collective:
                 barrier(name)  # so no host's first collective waits, on its watchdog, for the others
             for case in _cases(plan.profile, name, len(jdevs), kind):
