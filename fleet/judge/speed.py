@@ -20,7 +20,8 @@ The rule, for every path (live run, reloaded run, ingested sweep):
    fastest other one where all are suspects) are retested on the kernel of their class, alone on
    the host, interleaved (probes/retest.py). Round by round the suspect's speed over the peer's is
    a paired ratio; the suspect is `slow` only when the whole 95% interval of that ratio lies below
-   `1 - min_gap / 2`. A 10% slower chip (0.91x) is called, noise is not. The reason says the effect with its interval.
+   `1 - min_gap / 2`. A 10% slower chip (0.91x) is called, noise is not. The reason says the effect
+   with its interval.
    Sequential: a retest that neither confirms (interval below `1 - min_gap / 2`) nor clears (interval
    above `1 - min_gap`: no slowdown of the size that matters) is *inconclusive*; that pair is
    retested once more with more rounds (`KERNEL/extended`, probes/retest.py) and judged on all its
@@ -190,14 +191,18 @@ def _peers(evidence: dict[tuple[int, str], list[_Evidence]], suspected: set[tupl
     for (r, k), evs in evidence.items():
         if r in fingerprint:
             speeds[(k, fingerprint[r])].append((_combined(evs)[0], r))
+    median_clean: dict[tuple[str, str], int] = {}  # one pass per group, however many suspects it has
+    for (k, fp), group in speeds.items():
+        group.sort()
+        if clean := [r for _, r in group if (r, k) not in suspected]:
+            median_clean[(k, fp)] = clean[(len(clean) - 1) // 2]
     out = {}
     for rank, kernel in suspected:
-        group = sorted(speeds.get((kernel, fingerprint.get(rank, "")), []))
-        clean = [x for x in group if (x[1], kernel) not in suspected]
-        if clean:
-            out[(rank, kernel)] = clean[(len(clean) - 1) // 2][1]
-        elif others := [x for x in group if x[1] != rank]:
-            out[(rank, kernel)] = others[-1][1]
+        key = (kernel, fingerprint.get(rank, ""))
+        if key in median_clean:
+            out[(rank, kernel)] = median_clean[key]
+        elif others := [r for _, r in speeds.get(key, []) if r != rank]:
+            out[(rank, kernel)] = others[-1]
     return out
 
 
