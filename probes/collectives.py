@@ -12,6 +12,10 @@ came from (copies carry rank * M + index).
 Speed as nccl-tests reports it: time per op, algbw = bytes / time, busbw = algbw * factor
 (all_reduce 2(n-1)/n; all_gather, reduce_scatter, all_to_all (n-1)/n; broadcast and the
 send/recv ring 1), with sizes swept from `min_bytes` to `max_bytes` by `factor` (-b/-e/-f).
+
+Defined once for every backend: the sizes, patterns, checks, timing, metrics and blame are
+`measure`'s; a backend supplies only a `Group` (the collective over the ranks this process drives:
+`TorchGroup` here, one c10d rank per process; probes/jax_collectives.py's over a JAX mesh).
 """
 
 from __future__ import annotations
@@ -125,61 +129,104 @@ class CollectivesProbe(Probe):
         return [f"{op}/{dt}" for op in cfg.ops for dt in cfg.dtypes]
 
     def run_case(self, ctx: ProbeContext, cfg: Config, case: str) -> CaseOutcome:
-        op, _, dtype = case.partition("/")
-        if op not in OPS or dtype not in EXACT_LIMIT:
-            raise InvalidConfig(f"unknown collectives case {case!r}")
         if ctx.group is None:
             raise InvalidConfig("collectives need a process group (run under the launcher or torchrun)")
-        import torch
-        import torch.distributed as dist
+        g = TorchGroup(ctx)
+        return measure(g, cfg, case)[g.local[0]]
 
-        group = ctx.group()
-        n, r = dist.get_world_size(group), dist.get_rank(group)
-        tdt = getattr(torch, dtype)
-        esize = torch.empty((), dtype=tdt).element_size()
-        out = CaseOutcome(case=case, params={"op": op, "dtype": dtype, "world_size": n, "sizes": []})
-        best_bus, med_bus = 0.0, 0.0
-        size = cfg.min_bytes
-        while size <= cfg.max_bytes:
-            count = max(n, size // esize)
-            count -= count % n  # per-rank buffers split evenly into n chunks
-            step = CollectiveStep(op=op, n=n, r=r, count=count, dtype=dtype, tdt=tdt, device=ctx.device, group=group)
-            bad = False
-            for _ in range(cfg.checks):
-                step.init()
-                with ctx.under_test():
-                    step.run()
-                _sync(ctx)
-                bad |= _judge_check(ctx, out, step, group)
-            out.repeats += 1
-            out.repeats_bad += int(bad)
-            loops = []
-            for _ in range(cfg.timed_loops):
-                step.init()
-                dist.barrier(group)
-                t0 = time.perf_counter()
-                with ctx.under_test():
-                    for _ in range(cfg.iters):
-                        step.run()
-                _sync(ctx)
-                loops.append((time.perf_counter() - t0) / cfg.iters)
-            nbytes = count * esize
-            t_best, t_med = min(loops), statistics.median(loops)
-            bus_best = nbytes / t_best / 1e9 * bus_factor(op, n)
-            bus_med = nbytes / t_med / 1e9 * bus_factor(op, n)
+
+View = tuple[bool, list[int]]
+"""One rank's view of one check: (saw a mismatch, the ranks its decoding names)."""
+
+
+class Group:
+    """A collective over the ranks this process drives: a backend's whole part of the probe.
+
+    `measure` builds every step (inputs, expected output) on `device`, and calls these in the same
+    order in every process of the job; each is collective over all of the group's ranks.
+    """
+
+    n: int
+    local: list[int]  # the global ranks this process drives
+    device: Any  # where the steps' torch tensors live
+    params: dict[str, Any]  # what the outcome records about the backend
+
+    def check_once(self, steps: dict[int, CollectiveStep]) -> None:
+        """The op once on freshly initialised steps, under the fault model; each output lands in step.buf."""
+        raise NotImplementedError
+
+    def timed(self, steps: dict[int, CollectiveStep], iters: int, loops: int) -> list[float]:
+        """Seconds per op: `loops` measurements of `iters` back-to-back ops."""
+        raise NotImplementedError
+
+    def exchange(self, case: str, views: list[dict[int, View]]) -> list[list[View]]:
+        """Every rank's view of every check, from this process's ranks' views (collective)."""
+        raise NotImplementedError
+
+    def localize(self, step: CollectiveStep) -> tuple[list[int], str]:
+        """The ranks a re-run in smaller groups names (collective), with why; none where the backend
+        cannot re-run in pairs (then the decoding stands)."""
+        return [], ""
+
+
+def measure(g: Group, cfg: CollectivesProbe.Config, case: str) -> dict[int, CaseOutcome]:
+    """One collectives case over the group: each size's checks, then its timed loops; then one
+    exchange of every rank's views and the blame. One outcome per rank this process drives."""
+    import torch
+
+    op, _, dtype = case.partition("/")
+    if op not in OPS or dtype not in EXACT_LIMIT:
+        raise InvalidConfig(f"unknown collectives case {case!r}")
+    n = g.n
+    tdt = getattr(torch, dtype)
+    esize = torch.empty((), dtype=tdt).element_size()
+    outs = {r: CaseOutcome(case=case, params={"op": op, "dtype": dtype, "world_size": n, "sizes": [], **g.params})
+            for r in g.local}
+    checked: list[dict[int, tuple[CollectiveStep, Mismatch | None]]] = []  # per check: this process's ranks
+    size = cfg.min_bytes
+    while size <= cfg.max_bytes:
+        count = max(n, size // esize)
+        count -= count % n  # per-rank buffers split evenly into n chunks
+        steps = {r: CollectiveStep(op=op, n=n, r=r, count=count, dtype=dtype, tdt=tdt, device=g.device)
+                 for r in g.local}
+        for _ in range(cfg.checks):
+            for s in steps.values():
+                s.init()
+            g.check_once(steps)
+            # judged once every rank's views are in; suspects() and the blame need only the step's
+            # shape (op, rank, count), which the next check keeps
+            checked.append({r: (s, s.check()) for r, s in steps.items()})
+        for s in steps.values():
+            s.init()
+        loops = g.timed(steps, cfg.iters, cfg.timed_loops)
+        nbytes = count * esize
+        t_best, t_med = min(loops), statistics.median(loops)
+        for out in outs.values():
             out.params["sizes"].append(nbytes)
             out.metrics[f"{nbytes}B:time_us"] = t_med * 1e6
             out.metrics[f"{nbytes}B:algbw_gbps"] = nbytes / t_med / 1e9
-            out.metrics[f"{nbytes}B:busbw_gbps"] = bus_med
-            best_bus, med_bus = bus_best, bus_med
-            size *= cfg.factor
-        out.metrics["busbw_gbps"] = med_bus  # at the largest size, as nccl-tests' headline
-        out.metrics["busbw_gbps_best"] = best_bus
-        return out
+            out.metrics[f"{nbytes}B:busbw_gbps"] = nbytes / t_med / 1e9 * bus_factor(op, n)
+            # at the largest size, as nccl-tests' headline
+            out.metrics["busbw_gbps"] = nbytes / t_med / 1e9 * bus_factor(op, n)
+            out.metrics["busbw_gbps_best"] = nbytes / t_best / 1e9 * bus_factor(op, n)
+        size *= cfg.factor
+    views = g.exchange(case, [{r: (m is not None, s.suspects(m) if m is not None else []) for r, (s, m) in c.items()}
+                              for c in checked])
+    sizes = len(checked) // max(1, cfg.checks)
+    for i in range(sizes):
+        bad = dict.fromkeys(g.local, False)
+        for k in range(i * cfg.checks, (i + 1) * cfg.checks):
+            for r, b in _judge(g, outs, checked[k], views[k]).items():
+                bad[r] |= b
+        for r, out in outs.items():
+            out.repeats += 1
+            out.repeats_bad += int(bad[r])
+    return outs
 
 
-def _judge_check(ctx: ProbeContext, out: CaseOutcome, step: CollectiveStep, group: Any) -> bool:
-    """Check this rank's output, then agree with every rank on who is to blame.
+def _judge(g: Group, outs: dict[int, CaseOutcome], checked: dict[int, tuple[CollectiveStep, Mismatch | None]],
+           views: list[View]) -> dict[int, bool]:
+    """Every rank's view of one check -> whether each of this process's ranks is to blame.
 
     All ranks of a collective see a corrupted result; blaming all of them would drain innocent
     nodes. Decoding names the source of bad data where the pattern allows (copies: the source
@@ -188,72 +235,110 @@ def _judge_check(ctx: ProbeContext, out: CaseOutcome, step: CollectiveStep, grou
     be named, the observers share the evidence (fleet.judge.blame resolves it; `chipcheck links`
     localises further).
     """
-
-    import torch.distributed as dist
-
-    m = step.check()
-    mine = step.suspects(m) if m is not None else []
-    views: list[Any] = [None] * step.n
-    dist.all_gather_object(views, (m is not None, mine), group=group)
-    kept, observed = blame(step.r, m, views, tensor=step.op, count=step.count)
-    if _needs_pairs(views, step.op) and step.n >= 3:
+    first = next(iter(checked.values()))[0]
+    culprits: list[int] = []
+    why = ""
+    if _needs_pairs(views, first.op) and first.n >= 3:
         # Decoding names a rank only by inference (a flipped bit can mimic a missing contribution) or
         # names nobody: run the op again in pairs, so the fault follows the chip. When the pairs name
         # no one (an intermittent fault), the decoding stands.
-        culprits, why = _localize(ctx, step, group)
+        culprits, why = g.localize(first)
+    result = {}
+    for r, (s, m) in checked.items():
+        kept, observed = blame(r, m, views, tensor=s.op, count=s.count)
         if culprits:
             kept = None
-            if step.r in culprits:
-                kept = Mismatch(oracle=Oracle.EXACT, tensor=step.op, bad_elements=m.bad_elements if m else 0,
-                                 total_elements=step.count, first_indices=m.first_indices if m else [],
-                                 bit_histogram=m.bit_histogram if m else {},
-                                 note=f"pair tests name rank {step.r}: {why}")
+            if r in culprits:
+                kept = Mismatch(oracle=Oracle.EXACT, tensor=s.op, bad_elements=m.bad_elements if m else 0,
+                                total_elements=s.count, first_indices=m.first_indices if m else [],
+                                bit_histogram=m.bit_histogram if m else {}, note=f"pair tests name rank {r}: {why}")
             elif m is not None:
                 observed = f"saw {m.bad_elements} bad elements; pair tests name rank(s) {culprits}: {why}"
-    if observed:
-        out.params.setdefault("observed", []).append(observed)
-    if kept is None:
-        return False
-    keep(out, kept, KEEP)
-    return True
+        if observed:
+            outs[r].params.setdefault("observed", []).append(observed)
+        if kept is not None:
+            keep(outs[r], kept, KEEP)
+        result[r] = kept is not None
+    return result
+
+
+class TorchGroup(Group):
+    """torch.distributed: this process is one rank of the probe's process group (c10d; gloo or NCCL)."""
+
+    def __init__(self, ctx: ProbeContext):
+        import torch.distributed as dist
+
+        assert ctx.group is not None
+        self.ctx, self.pg = ctx, ctx.group()
+        self.n, self.local = dist.get_world_size(self.pg), [dist.get_rank(self.pg)]
+        self.device, self.params = ctx.device, {}
+
+    def check_once(self, steps: dict[int, CollectiveStep]) -> None:
+        [s] = steps.values()
+        with self.ctx.under_test():
+            _c10d(s, self.pg)
+        self.ctx.timer.sync()
+
+    def timed(self, steps: dict[int, CollectiveStep], iters: int, loops: int) -> list[float]:
+        import torch.distributed as dist
+
+        [s] = steps.values()
+        out = []
+        for _ in range(loops):
+            s.init()
+            dist.barrier(self.pg)
+            t0 = time.perf_counter()
+            with self.ctx.under_test():
+                for _ in range(iters):
+                    _c10d(s, self.pg)
+            self.ctx.timer.sync()
+            out.append((time.perf_counter() - t0) / iters)
+        return out
+
+    def exchange(self, case: str, views: list[dict[int, View]]) -> list[list[View]]:
+        import torch.distributed as dist
+
+        [r] = self.local
+        got: list[Any] = [None] * self.n
+        dist.all_gather_object(got, [v[r] for v in views], group=self.pg)
+        return [[got[i][k] for i in range(self.n)] for k in range(len(views))]
+
+    def localize(self, step: CollectiveStep) -> tuple[list[int], str]:
+        """Every rank runs the op once more in each ring pair (k, k+1) it belongs to; a rank is named
+        when every pair that holds it fails and every pair without it passes."""
+        import torch.distributed as dist
+
+        n, r = step.n, step.r
+        pairs = [(k, (k + 1) % n) for k in range(n)]
+        if n not in _PAIR_GROUPS:  # new_group is collective: every rank creates every pair's, in order
+            _PAIR_GROUPS[n] = [dist.new_group(list(p)) for p in pairs]
+        mine = []
+        for p, pg in zip(pairs, _PAIR_GROUPS[n], strict=True):
+            if r not in p:
+                mine.append(False)
+                continue
+            sub = CollectiveStep(op=step.op, n=2, r=p.index(r), count=step.count - step.count % 2, dtype=step.dtype,
+                                 tdt=step.tdt, device=step.device)
+            sub.init()
+            with self.ctx.under_test():
+                _c10d(sub, pg)
+            self.ctx.timer.sync()
+            mine.append(sub.check() is not None)
+        views: list[Any] = [None] * n
+        dist.all_gather_object(views, mine, group=self.pg)
+        bad = {i for i in range(n) if any(v[i] for v in views)}
+        named = [k for k in range(n) if all((i in bad) == (k in p) for i, p in enumerate(pairs))]
+        return named, (f"the op failed in pairs {[pairs[i] for i in sorted(bad)]} and passed in the others "
+                       f"(ring pairs of {n} ranks)")
+
+
+_PAIR_GROUPS: dict[int, list[Any]] = {}
 
 
 def _needs_pairs(views: list[tuple[bool, list[int]]], op: str) -> bool:
     """Whether the blame rests on more than a strict majority's vote (the same answer on every rank)."""
     observers = [i for i, (bad, _) in enumerate(views) if bad]
     return bool(observers) and not (op in REPLICATED and len(observers) * 2 < len(views))
-
-
-_PAIR_GROUPS: dict[int, list[Any]] = {}
-
-
-def _localize(ctx: ProbeContext, step: CollectiveStep, group: Any) -> tuple[list[int], str]:
-    """Every rank runs the op once more in each ring pair (k, k+1) it belongs to; a rank is named
-    when every pair that holds it fails and every pair without it passes (collective: all ranks)."""
-    import torch.distributed as dist
-
-    n, r = step.n, step.r
-    pairs = [(k, (k + 1) % n) for k in range(n)]
-    if n not in _PAIR_GROUPS:  # new_group is collective: every rank creates every pair's, in order
-        _PAIR_GROUPS[n] = [dist.new_group(list(p)) for p in pairs]
-    mine = []
-    for p, pg in zip(pairs, _PAIR_GROUPS[n], strict=True):
-        if r not in p:
-            mine.append(False)
-            continue
-        sub = CollectiveStep(op=step.op, n=2, r=p.index(r), count=step.count - step.count % 2, dtype=step.dtype,
-                    tdt=step.tdt, device=step.device, group=pg)
-        sub.init()
-        with ctx.under_test():
-            sub.run()
-        _sync(ctx)
-        mine.append(sub.check() is not None)
-    views: list[Any] = [None] * n
-    dist.all_gather_object(views, mine, group=group)
-    bad = {i for i in range(n) if any(v[i] for v in views)}
-    named = [k for k in range(n) if all((i in bad) == (k in p) for i, p in enumerate(pairs))]
-    return named, (f"the op failed in pairs {[pairs[i] for i in sorted(bad)]} and passed in the others "
-                   f"(ring pairs of {n} ranks)")
 
 
 def blame(me: int, m: Mismatch | None, views: list[tuple[bool, list[int]]], *, tensor: str,
@@ -296,10 +381,6 @@ def blame(me: int, m: Mismatch | None, views: list[tuple[bool, list[int]]], *, t
     return dataclasses.replace(m, note=f"{m.note}; blamed {blamed}"), ""
 
 
-def _sync(ctx: ProbeContext) -> None:
-    ctx.timer.sync()
-
-
 @dataclass
 class CollectiveStep:
     """One collective at one size: its inputs, the call, and the exact expected output."""
@@ -311,7 +392,6 @@ class CollectiveStep:
     dtype: str
     tdt: Any
     device: Any
-    group: Any
 
     def __post_init__(self) -> None:
         import torch
@@ -363,29 +443,10 @@ class CollectiveStep:
             self.inp = self._t((r % c.slot_mod) * c.g_mod + self.idx % c.g_mod)
             self.buf = torch.zeros(self.count, dtype=self.tdt, device=self.device)
 
-    # ---- the collective ------------------------------------------------------------------------
-
-    def run(self) -> None:
-        import torch.distributed as dist
-
-        g = self.group
-        if self.op == "all_reduce_sum":
-            dist.all_reduce(self.buf, op=dist.ReduceOp.SUM, group=g)
-        elif self.op == "all_reduce_max":
-            dist.all_reduce(self.buf, op=dist.ReduceOp.MAX, group=g)
-        elif self.op == "reduce_scatter":
-            dist.reduce_scatter_tensor(self.buf, self.inp, op=dist.ReduceOp.SUM, group=g)
-        elif self.op == "all_gather":
-            dist.all_gather_into_tensor(self.buf, self.inp, group=g)
-        elif self.op == "broadcast":
-            dist.broadcast(self.buf, src=self.root, group=g)
-        elif self.op == "all_to_all":
-            dist.all_to_all_single(self.buf, self.inp, group=g)
-        elif self.op == "sendrecv_ring":
-            ops = [dist.P2POp(dist.isend, self.inp, (self.r + 1) % self.n, g),
-                   dist.P2POp(dist.irecv, self.buf, (self.r - 1) % self.n, g)]
-            for w in dist.batch_isend_irecv(ops):
-                w.wait()
+    @property
+    def payload(self) -> Any:
+        """What this rank contributes (for the all-reduces, the buffer reduced in place)."""
+        return self.buf if self.op in ("all_reduce_sum", "all_reduce_max") else self.inp
 
     # ---- the exact expected output and its decoding ---------------------------------------------
 
@@ -471,3 +532,26 @@ class CollectiveStep:
                     src = self.root if self.op == "broadcast" else (self.r - 1) % n
                     notes.append(f"[{pos}] holds rank {slot}'s elem {i}; expected rank {src}'s")
         return "decoded: " + "; ".join(notes)
+
+
+def _c10d(s: CollectiveStep, g: Any) -> None:
+    """The step's collective through torch.distributed over process group `g`."""
+    import torch.distributed as dist
+
+    if s.op == "all_reduce_sum":
+        dist.all_reduce(s.buf, op=dist.ReduceOp.SUM, group=g)
+    elif s.op == "all_reduce_max":
+        dist.all_reduce(s.buf, op=dist.ReduceOp.MAX, group=g)
+    elif s.op == "reduce_scatter":
+        dist.reduce_scatter_tensor(s.buf, s.inp, op=dist.ReduceOp.SUM, group=g)
+    elif s.op == "all_gather":
+        dist.all_gather_into_tensor(s.buf, s.inp, group=g)
+    elif s.op == "broadcast":
+        dist.broadcast(s.buf, src=s.root, group=g)
+    elif s.op == "all_to_all":
+        dist.all_to_all_single(s.buf, s.inp, group=g)
+    elif s.op == "sendrecv_ring":
+        ops = [dist.P2POp(dist.isend, s.inp, (s.r + 1) % s.n, g),
+               dist.P2POp(dist.irecv, s.buf, (s.r - 1) % s.n, g)]
+        for w in dist.batch_isend_irecv(ops):
+            w.wait()

@@ -1,9 +1,9 @@
 """The JAX/XLA backend: inputs, timing and fault injection for probes that run through JAX.
 
 The torch path's probes are defined by their inputs and oracles; this module gives a JAX
-device the same inputs bit for bit, and the same `--inject` faults, so probes/jax_matmul.py,
-probes/jax_attention.py and probes/jax_collectives.py can reuse the torch path's closed forms and
-oracles and report identical diagnoses.
+device the same inputs bit for bit, and the same `--inject` faults, so matmul, attention and
+collectives run their one definition on JAX devices (probes/jax_matmul.py, jax_attention.py and
+jax_collectives.py are the entry points) and report identical diagnoses.
 
 - 64-bit integers: the counter-based generator (chipcheck/generator.py) hashes in int64, which JAX
   only has with `jax_enable_x64`. `init()` turns it on once per process and reports it in the

@@ -2,11 +2,11 @@
 ppermute ring via shard_map on a one-axis mesh: over the devices of this host, or over every
 device of a multi-host job (jax.distributed; fleet/jax_multihost.py).
 
-Golden semantics are the torch path's, reused rather than restated: each rank's inputs, the exact
+The probe is defined once, in probes/collectives.py: the sizes, each rank's inputs, the exact
 expected output, the comparison (oracles.compare_bits on the host copy), the decoding ("missing
-the contribution of rank(s) [2]", "holds rank 1's elem 5; expected rank 2's") and the blame rule
-(a rank the decoding names is wrong; ranks that only observed it are not) all come from
-probes/collectives.py (`CollectiveStep`, `Code`, `bus_factor`). Only the collective itself runs in JAX.
+the contribution of rank(s) [2]", "holds rank 1's elem 5; expected rank 2's"), the timing, the
+metrics and the blame rule are `collectives.measure`'s. This module is its `Group` on a JAX mesh:
+only the collective itself, its timing and the exchange of views run here.
 
 | torch.distributed            | JAX (inside shard_map, axis "x")          |
 | all_reduce SUM / MAX          | lax.psum / lax.pmax                       |
@@ -28,17 +28,14 @@ the collective for every rank of the job (its factor is shared, as a real stragg
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from ..results import Mismatch
 from . import jax_backend as jb
 from .base import CaseOutcome, InvalidConfig
-from .collectives import EXACT_LIMIT, KEEP, CollectivesProbe, CollectiveStep, blame, bus_factor
-from .keeping import keep
+from .collectives import EXACT_LIMIT, CollectivesProbe, CollectiveStep, Group, View, measure
 
 # op -> the JAX op name `--inject op=` matches
 JAX_OPS = {"all_reduce_sum": "psum", "all_reduce_max": "pmax", "all_gather": "all_gather",
@@ -130,81 +127,64 @@ def run_ranks(devices: list[Any], cfg: CollectivesProbe.Config, case: str,
     `injectors[r]` is global rank r's; only this process's ranks' are used. Returns the outcomes
     of this process's ranks, keyed by global rank; the timings are this process's.
     """
-    import jax
-    import torch
-    from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    op, _, dtype = case.partition("/")
-    if op not in JAX_OPS or dtype not in EXACT_LIMIT:
+    op = case.partition("/")[0]
+    if op not in JAX_OPS or case.partition("/")[2] not in EXACT_LIMIT:
         raise InvalidConfig(f"unknown collectives case {case!r} on the JAX path")
-    n = len(devices)
-    if n < 2:
-        raise InvalidConfig("collectives need at least 2 devices")
-    me = jax.process_index()
-    local = [r for r, d in enumerate(devices) if d.process_index == me]
-    if not local:
-        raise InvalidConfig(f"collectives case {case}: none of the {n} devices belongs to process {me}")
-    mesh = Mesh(np.array(devices), (AXIS,))
-    sharding = NamedSharding(mesh, P(AXIS))
-    fn = program(op, mesh)
-    tdt = getattr(torch, dtype)
-    esize = torch.empty((), dtype=tdt).element_size()
-    outs = {r: CaseOutcome(case=case, params={"op": op, "dtype": dtype, "world_size": n, "sizes": [],
-                                              "backend": "jax", "jax_op": JAX_OPS[op]}) for r in local}
-    pos = {d: i for i, d in enumerate(devices)}
-    checked: list[dict[int, tuple[CollectiveStep, Mismatch | None]]] = []  # per check: this process's ranks
-    sizes: list[int] = []
-    size = cfg.min_bytes
-    while size <= cfg.max_bytes:
-        count = max(n, size // esize)
-        count -= count % n
-        steps = {r: CollectiveStep(op=op, n=n, r=r, count=count, dtype=dtype, tdt=tdt, device="cpu", group=None)
-                 for r in local}
-        for _ in range(cfg.checks):
-            inputs = {}
-            for r, s in steps.items():
-                s.init()
-                injectors[r].begin(JAX_OPS[op])
-                inputs[r] = injectors[r].corrupt(_to_np(_payload(s)).copy())
-            y = fn(_global(inputs, sharding, pos, n))
-            jax.block_until_ready(y)
-            for shard in y.addressable_shards:
-                steps[pos[shard.device]].buf = _to_torch(np.array(shard.data)[0])
-            # judged once every process's views are in (after the last size); suspects() and the
-            # blame need only the step's shape (op, rank, count), which the next check keeps
-            checked.append({r: (s, s.check()) for r, s in steps.items()})
-        x = _global({r: _to_np(_payload(s)) for r, s in steps.items()}, sharding, pos, n)
-        jax.block_until_ready(fn(x))  # compiled and warm before timing
+    return measure(JaxGroup(devices, op, injectors), cfg, case)
+
+
+class JaxGroup(Group):
+    """One op's SPMD program over a one-axis mesh of `devices` (rank = position); this process drives
+    its own devices' ranks."""
+
+    def __init__(self, devices: list[Any], op: str,
+                 injectors: Sequence[jb.Injector] | Mapping[int, jb.Injector]):
+        import jax
+        from jax.sharding import Mesh, NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        self.n = len(devices)
+        if self.n < 2:
+            raise InvalidConfig("collectives need at least 2 devices")
+        me = jax.process_index()
+        self.local = [r for r, d in enumerate(devices) if d.process_index == me]
+        if not self.local:
+            raise InvalidConfig(f"collectives: none of the {self.n} devices belongs to process {me}")
+        mesh = Mesh(np.array(devices), (AXIS,))
+        self.devices, self.op, self.injectors = devices, op, injectors
+        self.sharding = NamedSharding(mesh, P(AXIS))
+        self.fn = program(op, mesh)
+        self.pos = {d: i for i, d in enumerate(devices)}
+        self.device = "cpu"  # the steps' patterns and checks run on host torch tensors
+        self.params = {"backend": "jax", "jax_op": JAX_OPS[op]}
+
+    def check_once(self, steps: dict[int, CollectiveStep]) -> None:
+        import jax
+
+        inputs = {}
+        for r, s in steps.items():
+            self.injectors[r].begin(JAX_OPS[self.op])
+            inputs[r] = self.injectors[r].corrupt(_to_np(s.payload).copy())
+        y = self.fn(_global(inputs, self.sharding, self.pos, self.n))
+        jax.block_until_ready(y)
+        for shard in y.addressable_shards:
+            steps[self.pos[shard.device]].buf = _to_torch(np.array(shard.data)[0])
+
+    def timed(self, steps: dict[int, CollectiveStep], iters: int, loops: int) -> list[float]:
+        import jax
+
+        x = _global({r: _to_np(s.payload) for r, s in steps.items()}, self.sharding, self.pos, self.n)
+        jax.block_until_ready(self.fn(x))  # compiled and warm before timing
         # a slow rank slows the collective for every rank: the slowest factor of the job applies
-        local_factors = [max(injectors[r].begin(JAX_OPS[op]) for r in local) for _ in range(cfg.timed_loops)]
-        factors = _allmax(local_factors)
-        loops = []
+        factors = _allmax([max(self.injectors[r].begin(JAX_OPS[self.op]) for r in self.local) for _ in range(loops)])
+        out = []
         for factor in factors:
-            _, dt = jb.timed(lambda x=x: [fn(x) for _ in range(cfg.iters)])
-            loops.append((dt + jb.stall(dt * (factor - 1.0))) / cfg.iters)
-        nbytes = count * esize
-        sizes.append(nbytes)
-        t_best, t_med = min(loops), statistics.median(loops)
-        for out in outs.values():
-            out.params["sizes"].append(nbytes)
-            out.metrics[f"{nbytes}B:time_us"] = t_med * 1e6
-            out.metrics[f"{nbytes}B:algbw_gbps"] = nbytes / t_med / 1e9
-            out.metrics[f"{nbytes}B:busbw_gbps"] = nbytes / t_med / 1e9 * bus_factor(op, n)
-            out.metrics["busbw_gbps"] = nbytes / t_med / 1e9 * bus_factor(op, n)
-            out.metrics["busbw_gbps_best"] = nbytes / t_best / 1e9 * bus_factor(op, n)
-        size *= cfg.factor
-    views = _exchange(devices, case, checked)
-    for i in range(len(sizes)):
-        bad = dict.fromkeys(local, False)
-        for c in range(cfg.checks):
-            k = i * cfg.checks + c
-            for r, b in _judge(outs, checked[k], views[k]).items():
-                bad[r] |= b
-        for r, out in outs.items():
-            out.repeats += 1
-            out.repeats_bad += int(bad[r])
-    return outs
+            _, dt = jb.timed(lambda: [self.fn(x) for _ in range(iters)])
+            out.append((dt + jb.stall(dt * (factor - 1.0))) / iters)
+        return out
+
+    def exchange(self, case: str, views: list[dict[int, View]]) -> list[list[View]]:
+        return _exchange(self.devices, case, views)
 
 
 def _global(inputs: dict[int, np.ndarray], sharding: Any, pos: dict[Any, int], n: int) -> Any:
@@ -229,8 +209,7 @@ def _allmax(values: list[float]) -> list[float]:
     return [float(v) for v in got.reshape(-1, len(values)).max(axis=0)]
 
 
-def _exchange(devices: list[Any], case: str, checked: list[dict[int, tuple[CollectiveStep, Mismatch | None]]]
-              ) -> list[list[tuple[bool, list[int]]]]:
+def _exchange(devices: list[Any], case: str, checked: list[dict[int, View]]) -> list[list[View]]:
     """Every rank's view (saw a mismatch, ranks its decoding names) for every check, from every process.
 
     Each process sends a fixed-size bit array: a header (a hash of the case and the device
@@ -249,10 +228,10 @@ def _exchange(devices: list[Any], case: str, checked: list[dict[int, tuple[Colle
     bits = np.zeros((len(checked), width, 1 + n), dtype=bool)
     for k, views in enumerate(checked):
         for j, r in enumerate(ranks_of[jax.process_index()]):
-            s, m = views[r]
-            if m is not None:
+            bad, named = views[r]
+            if bad:
                 bits[k, j, 0] = True
-                bits[k, j, 1 + np.asarray([x for x in s.suspects(m) if 0 <= x < n], dtype=np.int64)] = True
+                bits[k, j, 1 + np.asarray([x for x in named if 0 <= x < n], dtype=np.int64)] = True
     mine = np.concatenate([np.frombuffer(np.uint32(sig).tobytes(), dtype=np.uint8), np.packbits(bits.reshape(-1))])
     if jax.process_count() == 1:
         rows = mine[None]
@@ -264,29 +243,10 @@ def _exchange(devices: list[Any], case: str, checked: list[dict[int, tuple[Colle
     if len(sigs) != 1:
         raise InvalidConfig(f"collectives case {case}: the processes ran different cases or device orders "
                             "(every process must call run_ranks with the same devices, cfg and case)")
-    out: list[list[tuple[bool, list[int]]]] = [[(False, [])] * n for _ in checked]
+    out: list[list[View]] = [[(False, [])] * n for _ in checked]
     for p, ranks in ranks_of.items():
         got = np.unpackbits(rows[p, 4:], count=bits.size).astype(bool).reshape(bits.shape)
         for k in range(len(checked)):
             for j, r in enumerate(ranks):
                 out[k][r] = (bool(got[k, j, 0]), [int(s) for s in np.flatnonzero(got[k, j, 1:])])
     return out
-
-
-def _payload(s: CollectiveStep) -> Any:
-    """What rank `s.r` contributes (the torch path's input buffer for this op)."""
-    return s.buf if s.op in ("all_reduce_sum", "all_reduce_max") else s.inp
-
-
-def _judge(outs: dict[int, CaseOutcome], checked: dict[int, tuple[CollectiveStep, Mismatch | None]],
-           views: list[tuple[bool, list[int]]]) -> dict[int, bool]:
-    """collectives.blame for this process's ranks in one check, given every rank's view."""
-    result = {}
-    for r, (s, m) in checked.items():
-        kept, observed = blame(r, m, views, tensor=s.op, count=s.count)
-        if observed:
-            outs[r].params.setdefault("observed", []).append(observed)
-        if kept is not None:
-            keep(outs[r], kept, KEEP)
-        result[r] = kept is not None
-    return result

@@ -26,8 +26,7 @@ def test_bus_factors_are_nccl_tests() -> None:
 
 
 def _step(op: str, n: int = 4, r: int = 1, dtype: str = "float32") -> CollectiveStep:
-    s = CollectiveStep(op=op, n=n, r=r, count=64, dtype=dtype, tdt=getattr(torch, dtype), device=torch.device("cpu"),
-              group=None)
+    s = CollectiveStep(op=op, n=n, r=r, count=64, dtype=dtype, tdt=getattr(torch, dtype), device=torch.device("cpu"))
     s.init()
     return s
 
