@@ -247,11 +247,14 @@ def _judge(g: Group, outs: dict[int, CaseOutcome], checked: dict[int, tuple[Coll
     for r, (s, m) in checked.items():
         kept, observed = blame(r, m, views, tensor=s.op, count=s.count)
         if culprits:
+            # the pairs' verdict first, then what the decoding said (this rank's view, or who named it)
+            said = kept.note if kept is not None else m.note if m is not None else ""
             kept = None
             if r in culprits:
                 kept = Mismatch(oracle=Oracle.EXACT, tensor=s.op, bad_elements=m.bad_elements if m else 0,
                                 total_elements=s.count, first_indices=m.first_indices if m else [],
-                                bit_histogram=m.bit_histogram if m else {}, note=f"pair tests name rank {r}: {why}")
+                                bit_histogram=m.bit_histogram if m else {},
+                                note=f"pair tests name rank {r}: {why}" + (f"; {said}" if said else ""))
             elif m is not None:
                 observed = f"saw {m.bad_elements} bad elements; pair tests name rank(s) {culprits}: {why}"
         if observed:
@@ -309,7 +312,7 @@ class TorchGroup(Group):
         import torch.distributed as dist
 
         n, r = step.n, step.r
-        pairs = [(k, (k + 1) % n) for k in range(n)]
+        pairs = ring_pairs(n)
         if n not in _PAIR_GROUPS:  # new_group is collective: every rank creates every pair's, in order
             _PAIR_GROUPS[n] = [dist.new_group(list(p)) for p in pairs]
         mine = []
@@ -326,13 +329,24 @@ class TorchGroup(Group):
             mine.append(sub.check() is not None)
         views: list[Any] = [None] * n
         dist.all_gather_object(views, mine, group=self.pg)
-        bad = {i for i in range(n) if any(v[i] for v in views)}
-        named = [k for k in range(n) if all((i in bad) == (k in p) for i, p in enumerate(pairs))]
-        return named, (f"the op failed in pairs {[pairs[i] for i in sorted(bad)]} and passed in the others "
-                       f"(ring pairs of {n} ranks)")
+        return pair_verdict(n, {i for i in range(n) if any(v[i] for v in views)})
 
 
 _PAIR_GROUPS: dict[int, list[Any]] = {}
+
+
+def ring_pairs(n: int) -> list[tuple[int, int]]:
+    """The pairs a localising re-run uses: (k, k+1 mod n) for every rank k."""
+    return [(k, (k + 1) % n) for k in range(n)]
+
+
+def pair_verdict(n: int, failed: set[int]) -> tuple[list[int], str]:
+    """The ranks named by which ring pairs failed (indices into ring_pairs(n)): a rank is named when
+    every pair that holds it failed and every pair without it passed; with why."""
+    pairs = ring_pairs(n)
+    named = [k for k in range(n) if all((i in failed) == (k in p) for i, p in enumerate(pairs))]
+    return named, (f"the op failed in pairs {[pairs[i] for i in sorted(failed)]} and passed in the others "
+                   f"(ring pairs of {n} ranks)")
 
 
 def _needs_pairs(views: list[tuple[bool, list[int]]], op: str) -> bool:

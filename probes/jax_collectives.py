@@ -24,6 +24,8 @@ Timings are the collective's as this process measures it, the same for each of i
 Value faults corrupt a rank's *outgoing* contribution (its input shard) on the host before the
 collective, as the torch path's c10d faults corrupt the outgoing payload; a `slow` rank slows
 the collective for every rank of the job (its factor is shared, as a real straggler's wait is).
+Where the blame would rest on inference (the decoding names a rank every observer holds, or
+nobody), the op runs again on a 2-device mesh per ring pair, as the torch path's pair groups do.
 """
 
 from __future__ import annotations
@@ -33,9 +35,10 @@ from typing import Any
 
 import numpy as np
 
+from . import collectives as co
 from . import jax_backend as jb
 from .base import CaseOutcome, InvalidConfig
-from .collectives import EXACT_LIMIT, CollectivesProbe, CollectiveStep, Group, View, measure
+from .collectives import EXACT_LIMIT, CollectivesProbe, CollectiveStep, Group, View
 
 # op -> the JAX op name `--inject op=` matches
 JAX_OPS = {"all_reduce_sum": "psum", "all_reduce_max": "pmax", "all_gather": "all_gather",
@@ -130,7 +133,7 @@ def run_ranks(devices: list[Any], cfg: CollectivesProbe.Config, case: str,
     op = case.partition("/")[0]
     if op not in JAX_OPS or case.partition("/")[2] not in EXACT_LIMIT:
         raise InvalidConfig(f"unknown collectives case {case!r} on the JAX path")
-    return measure(JaxGroup(devices, op, injectors), cfg, case)
+    return co.measure(JaxGroup(devices, op, injectors), cfg, case)
 
 
 class JaxGroup(Group):
@@ -185,6 +188,38 @@ class JaxGroup(Group):
 
     def exchange(self, case: str, views: list[dict[int, View]]) -> list[list[View]]:
         return _exchange(self.devices, case, views)
+
+    def localize(self, step: CollectiveStep) -> tuple[list[int], str]:
+        """TorchGroup.localize on the mesh: the op once more on a 2-device mesh for each ring pair
+        (k, k+1), faults on; a process runs only the pairs that hold one of its devices (JAX runs a
+        program on the processes that own its devices), then every process learns which pairs failed."""
+        import jax
+        from jax.sharding import Mesh, NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        pairs = co.ring_pairs(self.n)
+        failed = [0.0] * len(pairs)
+        for i, p in enumerate(pairs):
+            mine = [r for r in p if r in self.local]
+            if not mine:
+                continue
+            devs = [self.devices[r] for r in p]
+            mesh = Mesh(np.array(devs), (AXIS,))
+            pos = {d: j for j, d in enumerate(devs)}
+            subs = {r: CollectiveStep(op=step.op, n=2, r=p.index(r), count=step.count - step.count % 2,
+                                      dtype=step.dtype, tdt=step.tdt, device=step.device) for r in mine}
+            inputs = {}
+            for r, s in subs.items():
+                s.init()
+                self.injectors[r].begin(JAX_OPS[self.op])
+                inputs[p.index(r)] = self.injectors[r].corrupt(_to_np(s.payload).copy())
+            y = program(self.op, mesh)(_global(inputs, NamedSharding(mesh, P(AXIS)), pos, 2))
+            jax.block_until_ready(y)
+            for shard in y.addressable_shards:
+                s = subs[p[pos[shard.device]]]
+                s.buf = _to_torch(np.array(shard.data)[0])
+                failed[i] = max(failed[i], float(s.check() is not None))
+        return co.pair_verdict(self.n, {i for i, f in enumerate(_allmax(failed)) if f})
 
 
 def _global(inputs: dict[int, np.ndarray], sharding: Any, pos: dict[Any, int], n: int) -> Any:

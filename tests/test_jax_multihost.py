@@ -86,17 +86,21 @@ def test_psum_fault_on_a_remote_rank_is_decoded_and_blamed_on_it_alone(job: list
     assert [psum[r]["verdict"] for r in range(4)] == ["pass", "pass", "wrong", "pass"]
     assert psum[2]["repeats"] == [2, 2]  # both sizes, every check
     assert "missing the contribution of rank(s) [2]" in psum[2]["notes"][0]
-    # ranks 0 and 1 (process 0) and 3 saw the same corruption, decoded the same rank, and are not blamed
+    # every rank's decoding names rank 2 (an inference), so the op runs again in ring pairs, pair (1, 2)
+    # across the two processes: the pairs holding rank 2 fail and the others pass
+    assert "pair tests name rank 2: the op failed in pairs [(1, 2), (2, 3)]" in psum[2]["notes"][0]
+    # ranks 0 and 1 (process 0) and 3 saw the same corruption and are not blamed
     for r in (0, 1, 3):
         assert len(psum[r]["observed"]) == 4  # 2 sizes x 2 checks
-        assert all("missing the contribution of rank(s) [2]" in o for o in psum[r]["observed"])
+        assert all("pair tests name rank(s) [2]" in o for o in psum[r]["observed"])
 
 
 def test_ring_blames_the_sender_in_the_other_process(job: list[dict[str, Any]]) -> None:
     ring = _faulty(job, "ring")  # rank 1 (process 0) sends bad data; only rank 2 (process 1) sees it
     assert [ring[r]["verdict"] for r in range(4)] == ["pass", "wrong", "pass", "pass"]
     assert "named by rank(s) [2]" in ring[1]["notes"][0]
-    assert ring[2]["observed"] and "decoding names rank(s) [1]" in ring[2]["observed"][0]
+    assert "pair tests name rank 1: the op failed in pairs [(0, 1), (1, 2)]" in ring[1]["notes"][0]
+    assert ring[2]["observed"] and "pair tests name rank(s) [1]" in ring[2]["observed"][0]
     assert not ring[0]["observed"] and not ring[3]["observed"]
 
 
