@@ -30,6 +30,7 @@ nobody), the op runs again on a 2-device mesh per ring pair, as the torch path's
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -194,7 +195,7 @@ class JaxGroup(Group):
         (k, k+1), faults on; a process runs only the pairs that hold one of its devices (JAX runs a
         program on the processes that own its devices), then every process learns which pairs failed."""
         import jax
-        from jax.sharding import Mesh, NamedSharding
+        from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
         pairs = co.ring_pairs(self.n)
@@ -204,7 +205,7 @@ class JaxGroup(Group):
             if not mine:
                 continue
             devs = [self.devices[r] for r in p]
-            mesh = Mesh(np.array(devs), (AXIS,))
+            mesh, fn = _pair_program(self.op, devs[0], devs[1])
             pos = {d: j for j, d in enumerate(devs)}
             subs = {r: CollectiveStep(op=step.op, n=2, r=p.index(r), count=step.count - step.count % 2,
                                       dtype=step.dtype, tdt=step.tdt, device=step.device) for r in mine}
@@ -213,13 +214,23 @@ class JaxGroup(Group):
                 s.init()
                 self.injectors[r].begin(JAX_OPS[self.op])
                 inputs[p.index(r)] = self.injectors[r].corrupt(_to_np(s.payload).copy())
-            y = program(self.op, mesh)(_global(inputs, NamedSharding(mesh, P(AXIS)), pos, 2))
+            y = fn(_global(inputs, NamedSharding(mesh, P(AXIS)), pos, 2))
             jax.block_until_ready(y)
             for shard in y.addressable_shards:
                 s = subs[p[pos[shard.device]]]
                 s.buf = _to_torch(np.array(shard.data)[0])
                 failed[i] = max(failed[i], float(s.check() is not None))
         return co.pair_verdict(self.n, {i for i, f in enumerate(_allmax(failed)) if f})
+
+
+@functools.cache
+def _pair_program(op: str, a: Any, b: Any) -> tuple[Any, Any]:
+    """The mesh of devices (a, b) and the op's program on it, built once per process (a faulty case
+    re-runs every ring pair after each check that needs it)."""
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.array([a, b]), (AXIS,))
+    return mesh, program(op, mesh)
 
 
 def _global(inputs: dict[int, np.ndarray], sharding: Any, pos: dict[Any, int], n: int) -> Any:

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import device, probe_of, run_json
 
-from chipcheck.probes.collectives import EXACT_LIMIT, Code, CollectiveStep, bus_factor
+from chipcheck.probes.collectives import EXACT_LIMIT, Code, CollectiveStep, bus_factor, pair_verdict, ring_pairs
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int32"])
@@ -23,6 +23,21 @@ def test_bus_factors_are_nccl_tests() -> None:
     assert bus_factor("all_reduce_sum", 8) == 2 * 7 / 8
     assert bus_factor("all_gather", 4) == bus_factor("reduce_scatter", 4) == bus_factor("all_to_all", 4) == 0.75
     assert bus_factor("broadcast", 4) == bus_factor("sendrecv_ring", 4) == 1.0
+
+
+@pytest.mark.parametrize(("n", "failed", "named"), [
+    (4, {1, 2}, [2]),  # (1, 2) and (2, 3) failed: every pair holding rank 2, and no other
+    (3, {2, 0}, [0]),  # (2, 0) and (0, 1)
+    (4, set(), []),  # nothing failed: nobody
+    (4, {1}, []),  # one pair alone (an intermittent fault, or the link between them): nobody
+    (3, {0, 1, 2}, []),  # every pair: not one chip's fault
+])
+def test_ring_pairs_name_a_rank_only_when_every_pair_holding_it_fails_and_no_other(n: int, failed: set[int],
+                                                                                named: list[int]) -> None:
+    assert ring_pairs(n)[-1] == (n - 1, 0)
+    got, why = pair_verdict(n, failed)
+    assert got == named
+    assert f"ring pairs of {n} ranks" in why
 
 
 def _step(op: str, n: int = 4, r: int = 1, dtype: str = "float32") -> CollectiveStep:
