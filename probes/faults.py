@@ -46,9 +46,9 @@ fails once it has run hot for a while (`slow:rank=1,factor=2,after_s=1.5,scope=p
 generator seeded by `seed` that runs on across the whole process (every injector, every trial), so a
 given sequence of calls fails the same way twice while trial after trial of one op fails k of n
 times, as a marginal chip does (`bitflip:bit=25,op=mm,chance=0.25`).
-`side=recv` (c10d ops only) corrupts what the rank *receives* instead of what it sends: the op is
-waited for and its output corrupted, as a bad receive path would (`bitflip:rank=2,bit=3,op=allreduce_,
-side=recv,scope=process`).
+`side=recv` (collective ops: c10d's, or JAX's `psum`, ...) corrupts what the rank *receives* instead of
+what it sends: the op is waited for and its output corrupted, as a bad receive path would
+(`bitflip:rank=2,bit=3,op=allreduce_,side=recv,scope=process`).
 A bit index counts from the least significant bit of the output dtype (fp32: 0..31, sign 31;
 bf16/fp16: 0..15); a bit beyond the dtype's width leaves that dtype alone.
 """

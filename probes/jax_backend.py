@@ -180,9 +180,11 @@ class Injector:
         """Whether a value fault is due for the last call (only then must its output visit the host)."""
         return bool(self._due)
 
-    def corrupt(self, host: np.ndarray, output: int = 0) -> np.ndarray:
+    def corrupt(self, host: np.ndarray, output: int = 0, side: str | None = None) -> np.ndarray:
         """Apply the value faults due for the last call to `host`, the kernel's output number
-        `output` (a fault's `output=`, default 0), in place (and return it)."""
+        `output` (a fault's `output=`, default 0), in place (and return it). A collective calls it
+        twice: with side="send" on what this rank contributes, side="recv" on what it received
+        (a fault's `side=`); a kernel once, without a side."""
         if not self._due or host.size == 0:
             return host
         import torch
@@ -191,7 +193,7 @@ class Injector:
 
         dt_name = host.dtype.name
         for f, n in self._due:
-            if (f.output or 0) != output or (f.dtype and f.dtype != dt_name):
+            if (f.output or 0) != output or (f.dtype and f.dtype != dt_name) or (side and f.side != side):
                 continue
             if f.kind == "nan" and host.dtype.kind != "f" and dt_name != "bfloat16":
                 continue  # an integer output has no NaN

@@ -22,7 +22,8 @@ outputs, and the processes exchange each rank's small view (saw a mismatch; whic
 decoding names) before collectives.blame judges, as the torch path's all_gather_object does.
 Timings are the collective's as this process measures it, the same for each of its ranks.
 Value faults corrupt a rank's *outgoing* contribution (its input shard) on the host before the
-collective, as the torch path's c10d faults corrupt the outgoing payload; a `slow` rank slows
+collective, as the torch path's c10d faults corrupt the outgoing payload, or with `side=recv` what
+the rank received (its output shard, after the collective); a `slow` rank slows
 the collective for every rank of the job (its factor is shared, as a real straggler's wait is).
 Where the blame would rest on inference (the decoding names a rank every observer holds, or
 nobody), the op runs again on a 2-device mesh per ring pair, as the torch path's pair groups do.
@@ -168,11 +169,12 @@ class JaxGroup(Group):
         inputs = {}
         for r, s in steps.items():
             self.injectors[r].begin(JAX_OPS[self.op])
-            inputs[r] = self.injectors[r].corrupt(_to_np(s.payload).copy())
+            inputs[r] = self.injectors[r].corrupt(_to_np(s.payload).copy(), side="send")
         y = self.fn(_global(inputs, self.sharding, self.pos, self.n))
         jax.block_until_ready(y)
         for shard in y.addressable_shards:
-            steps[self.pos[shard.device]].buf = _to_torch(np.array(shard.data)[0])
+            r = self.pos[shard.device]
+            steps[r].buf = _to_torch(self.injectors[r].corrupt(np.array(shard.data)[0], side="recv"))
 
     def timed(self, steps: dict[int, CollectiveStep], iters: int, loops: int) -> list[float]:
         import jax
@@ -213,12 +215,13 @@ class JaxGroup(Group):
             for r, s in subs.items():
                 s.init()
                 self.injectors[r].begin(JAX_OPS[self.op])
-                inputs[p.index(r)] = self.injectors[r].corrupt(_to_np(s.payload).copy())
+                inputs[p.index(r)] = self.injectors[r].corrupt(_to_np(s.payload).copy(), side="send")
             y = fn(_global(inputs, NamedSharding(mesh, P(AXIS)), pos, 2))
             jax.block_until_ready(y)
             for shard in y.addressable_shards:
-                s = subs[p[pos[shard.device]]]
-                s.buf = _to_torch(np.array(shard.data)[0])
+                r = p[pos[shard.device]]
+                s = subs[r]
+                s.buf = _to_torch(self.injectors[r].corrupt(np.array(shard.data)[0], side="recv"))
                 failed[i] = max(failed[i], float(s.check() is not None))
         return co.pair_verdict(self.n, {i for i, f in enumerate(_allmax(failed)) if f})
 

@@ -8,7 +8,14 @@ import pytest
 import torch
 from conftest import device, probe_of, run_json
 
-from chipcheck.probes.collectives import EXACT_LIMIT, Code, CollectiveStep, bus_factor, pair_verdict, ring_pairs
+from chipcheck.probes.collectives import (
+    EXACT_LIMIT,
+    Code,
+    CollectiveStep,
+    bus_factor,
+    pair_verdict,
+    ring_pairs,
+)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int32"])

@@ -131,6 +131,8 @@ _COLLECTIVES = textwrap.dedent("""
     res["psum"] = faulty("all_reduce_sum/int32", "bitflip:rank=2,bit=2,index=0,op=psum")
     res["gather"] = faulty("all_gather/float32", "bitflip:rank=2,bit=20,index=1,op=all_gather")
     res["ring"] = faulty("sendrecv_ring/int32", "bitflip:rank=1,bit=4,index=3")
+    res["gather_recv"] = faulty("all_gather/float32", "bitflip:rank=2,bit=20,index=1,op=all_gather,side=recv")
+    res["ring_recv"] = faulty("sendrecv_ring/int32", "bitflip:rank=2,bit=4,index=3,side=recv,op=ppermute")
     print(json.dumps(res, default=str))
 """)
 
@@ -155,6 +157,13 @@ def test_collectives_across_four_forced_host_devices() -> None:
     assert [v[0] for v in ring] == ["pass", "wrong", "pass", "pass"]
     assert "pair tests name rank 1: the op failed in pairs [(0, 1), (1, 2)]" in ring[1][1][0]
     assert "named by rank(s) [2]" in ring[1][1][0]
+    # side=recv: what rank 2 received is damaged, not what anyone sent
+    gather_recv = res["gather_recv"]  # only rank 2's gathered copy is bad: the other three outvote it
+    assert [v[0] for v in gather_recv] == ["pass", "pass", "wrong", "pass"]
+    assert "damaged on this rank's side" in gather_recv[2][1][0] and gather_recv[2][2][0] == {"20": 1}
+    ring_recv = res["ring_recv"]  # rank 2's decoding names its sender, rank 1; the ring pairs name rank 2
+    assert [v[0] for v in ring_recv] == ["pass", "pass", "wrong", "pass"]
+    assert "pair tests name rank 2: the op failed in pairs [(1, 2), (2, 3)]" in ring_recv[2][1][0]
 
 
 def _cli(tmp_path: Path, *args: str) -> tuple[int, dict, str]:
