@@ -95,20 +95,38 @@ FP8_TENSOR_CORE_SM90 = Accumulation(
 
 
 class Kernel(Protocol):
-    """One dtype's GEMM on one backend, and the numbers its error model needs."""
+    """One dtype's GEMM on one backend, and the numbers its error model needs (read-only: the
+    implementations are frozen dataclasses)."""
 
-    name: str
-    """The case's dtype name (e.g. "tf32", "float8_e4m3fn")."""
-    in_name: str
-    """The dtype of the kernel's inputs."""
-    out_name: str
-    """The dtype of C."""
-    u_in: float
-    """Relative rounding of inputs inside the kernel (tf32 rounds float32 inputs to 2**-11)."""
-    acc: Accumulation
-    """How the kernel accumulates its dot products (FP32_ACCUMULATION unless a tensor core sums narrower)."""
-    op: str
-    """The op a fault spec's `op=` names for this kernel on this backend."""
+    @property
+    def name(self) -> str:
+        """The case's dtype name (e.g. "tf32", "float8_e4m3fn")."""
+        ...
+
+    @property
+    def in_name(self) -> str:
+        """The dtype of the kernel's inputs."""
+        ...
+
+    @property
+    def out_name(self) -> str:
+        """The dtype of C."""
+        ...
+
+    @property
+    def u_in(self) -> float:
+        """Relative rounding of inputs inside the kernel (tf32 rounds float32 inputs to 2**-11)."""
+        ...
+
+    @property
+    def acc(self) -> Accumulation:
+        """How the kernel accumulates its dot products (FP32_ACCUMULATION unless a tensor core sums narrower)."""
+        ...
+
+    @property
+    def op(self) -> str:
+        """The op a fault spec's `op=` names for this kernel on this backend."""
+        ...
 
     def prepare(self, a32: Any, b32: Any) -> tuple[Any, Any]:
         """float32 inputs in this kernel's dtype and layout."""
