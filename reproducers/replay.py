@@ -476,58 +476,100 @@ def check_collectives(results: list[ReplayResult], caps: list[fmt.Capture],
     """The first collective whose result on some rank differs from the exact host-side result of
     every group rank's input (replayed bits): an all-reduce or reduce-scatter from the exact reduction
     (its recorded op: sum, avg, product, min or max) within the roundings it may make, an all-gather
-    or broadcast from the bytes sent, exactly. The ranks' k-th collectives are compared (the same
-    call on every rank of one group: a capture whose ranks disagree on it is not checked past it).
+    or broadcast from the bytes sent, exactly. Calls are lined up per process group (`_calls`), so a
+    capture with subgroups (TP and DP groups interleaved) is checked call by call in each group.
     A collective whose replayed payload is not what some rank sent (by the fingerprints recorded when
     it was captured) is not judged: it is listed in `unjudged`, never blamed."""
     if len(results) < 2 or not all(r.collective_inputs for r in results):
         return None
-    for k in range(min(len(r.collective_inputs) for r in results)):
-        recs = [next(o for o in cap.ops if o.index == r.collective_inputs[k][0]) for r, cap in zip(results, caps,
-                                                                                                  strict=True)]
-        if len({(o.op, (o.collective or {}).get("group")) for o in recs}) != 1:
-            return None  # the ranks' k-th calls differ (subgroups): the order no longer lines up
-        kind = collective_kind(recs[0].op)
-        red = str((recs[0].collective or {}).get("reduce_op", "sum")) if kind in ("all_reduce", "reduce_scatter") else ""
-        if kind is None or (red and red not in CHECKED_REDUCTIONS):
-            continue  # bitwise reductions of integers, alltoall, coalesced calls: not checked here
-        order = sorted(range(len(results)), key=lambda i: int((recs[i].collective or {}).get("rank", i)))
-        parts = [_payload(kind, recs[i].op, results[i].collective_inputs[k][1], results[i].collective_outputs[k][1])
-                 for i in order]
-        for j in range(min(len(p) for p in parts)):
-            ins = [results[i].collective_inputs[k][1] for i in order]
-            sent = [_sent(x, p[j][0]) for x, p in zip(ins, parts, strict=True)]
-            src = _source(recs[0])
-            needed = [src] if kind == "broadcast" else range(len(order))
-            if not all(g < len(order) and _as_sent(caps[order[g]], recs[order[g]], ins[g], parts[g][j][0])
-                       for g in needed):
-                if unjudged is not None:
-                    unjudged.append(f"op #{recs[0].index} {recs[0].op}")
-                continue
-            for g, i in enumerate(order):
-                act = parts[g][j][1]
-                u = 2.0 ** -_MANTISSA.get(act.dtype, 53)
-                exp64, tol = exact_result(kind, red, [x.double() for x in sent], g, src, u)
-                got = act.reshape(-1).double()
-                if got.shape != exp64.shape:
-                    continue  # a layout this check does not know: not judged
-                err = (got - exp64).abs()
-                bad = ~((err <= tol) | (got == exp64) | (torch.isnan(got) & torch.isnan(exp64)))
-                if bool(bad.any()):
-                    mm = oracles.compare_bits(backend_of(act), exp64.to(act.dtype)[bad], act.reshape(-1)[bad], tensor="out")
-                    what = f"{kind} ({red})" if red else kind
-                    exact = f"the exact {red} of every rank's input" if red else "what the ranks sent, bit for bit"
-                    if kind == "all_gather":  # which sender's part arrived wrong (group ranks)
-                        n = max(sent[0].numel(), 1)
-                        senders = sorted({int(x) // n for x in bad.nonzero().reshape(-1).tolist()})
-                        exact += f" (wrong in the part{'s' if len(senders) > 1 else ''} from rank " \
-                                 f"{', '.join(map(str, senders))})"
-                    m = Metric(cls="wrong", max_abs=float(err[bad].max()), bad=int(bad.sum()), total=got.numel(),
-                               bad_indices=_indices(bad.reshape(act.shape) if bad.numel() == act.numel() else bad),
-                               flipped_bits=dict(mm.bit_histogram) if mm else {},
-                               message=f"{what} result differs from {exact}")
-                    rec, cap = recs[i], caps[i]
-                    return Divergence(rank=cap.rank, index=rec.index, op=rec.op, output=j, metric=m,
-                                      device=cap.device, reference="host-exact", stack=rec.stack,
-                                      inputs=sent, reduce_op=red, collective=kind, source=_source(rec))
+    for call in _calls(results, caps, unjudged):
+        div = _check_call(results, caps, call, unjudged)
+        if div is not None:
+            return div
+    return None
+
+
+def _calls(results: list[ReplayResult], caps: list[fmt.Capture],
+           unjudged: list[str] | None) -> list[list[tuple[int, int, fmt.OpRecord]]]:
+    """Every collective call, as (capture, k, record) of each member that made it, in group-rank order.
+
+    Calls on one process group are ordered (one communicator), so the i-th call on a group is the i-th
+    call of each of its members on that group. A group's members are the global ranks recorded with
+    its calls (every capture where none were recorded). A group with a member that was not captured
+    is not checked (listed in `unjudged`), nor are its calls from the first where its members disagree
+    on the op (they no longer line up). Ordered by where the lowest member made each call."""
+    by_index = [{o.index: o for o in cap.ops} for cap in caps]
+    seqs: list[dict[str, list[tuple[int, fmt.OpRecord]]]] = []
+    for i, r in enumerate(results):
+        seq: dict[str, list[tuple[int, fmt.OpRecord]]] = {}
+        for k, (idx, _) in enumerate(r.collective_inputs):
+            rec = by_index[i][idx]
+            seq.setdefault(str((rec.collective or {}).get("group", "")), []).append((k, rec))
+        seqs.append(seq)
+    where = {cap.rank: i for i, cap in enumerate(caps)}
+    calls: list[list[tuple[int, int, fmt.OpRecord]]] = []
+    for group in sorted({g for s in seqs for g in s}):
+        first = next(s[group][0][1] for s in seqs if group in s)
+        ranks = [int(x) for x in (first.collective or {}).get("ranks", [])]
+        if ranks and any(x not in where for x in ranks):
+            if unjudged is not None:
+                unjudged.append(f"group {group or '(default)'}: rank(s) "
+                                f"{sorted(x for x in ranks if x not in where)} not captured")
+            continue
+        members = [where[x] for x in ranks] if ranks else [i for i, s in enumerate(seqs) if group in s]
+        if len(members) < 2 or any(group not in seqs[m] for m in members):
+            continue
+        for j in range(min(len(seqs[m][group]) for m in members)):
+            call = [(m, *seqs[m][group][j]) for m in members]
+            if len({rec.op for _, _, rec in call}) != 1:
+                break  # the members' j-th calls differ: the order no longer lines up
+            calls.append(sorted(call, key=lambda c: int((c[2].collective or {}).get("rank", c[0]))))
+    return sorted(calls, key=lambda c: min(k for _, k, _ in c))
+
+
+def _check_call(results: list[ReplayResult], caps: list[fmt.Capture], call: list[tuple[int, int, fmt.OpRecord]],
+                unjudged: list[str] | None) -> Divergence | None:
+    """One lined-up collective call (its members in group-rank order) against its exact result."""
+    recs = [rec for _, _, rec in call]
+    kind = collective_kind(recs[0].op)
+    red = str((recs[0].collective or {}).get("reduce_op", "sum")) if kind in ("all_reduce", "reduce_scatter") else ""
+    if kind is None or (red and red not in CHECKED_REDUCTIONS):
+        return None  # bitwise reductions of integers, alltoall, coalesced calls: not checked here
+    ins = [results[i].collective_inputs[k][1] for i, k, _ in call]
+    parts = [_payload(kind, rec.op, results[i].collective_inputs[k][1], results[i].collective_outputs[k][1])
+             for i, k, rec in call]
+    src = _source(recs[0])
+    for j in range(min(len(p) for p in parts)):
+        sent = [_sent(x, p[j][0]) for x, p in zip(ins, parts, strict=True)]
+        needed = [src] if kind == "broadcast" else range(len(call))
+        if not all(g < len(call) and _as_sent(caps[call[g][0]], recs[g], ins[g], parts[g][j][0]) for g in needed):
+            if unjudged is not None:
+                unjudged.append(f"op #{recs[0].index} {recs[0].op}")
+            continue
+        for g, (i, _, rec) in enumerate(call):
+            act = parts[g][j][1]
+            u = 2.0 ** -_MANTISSA.get(act.dtype, 53)
+            exp64, tol = exact_result(kind, red, [x.double() for x in sent], g, src, u)
+            got = act.reshape(-1).double()
+            if got.shape != exp64.shape:
+                continue  # a layout this check does not know: not judged
+            err = (got - exp64).abs()
+            bad = ~((err <= tol) | (got == exp64) | (torch.isnan(got) & torch.isnan(exp64)))
+            if bool(bad.any()):
+                mm = oracles.compare_bits(backend_of(act), exp64.to(act.dtype)[bad], act.reshape(-1)[bad], tensor="out")
+                what = f"{kind} ({red})" if red else kind
+                exact = f"the exact {red} of every rank's input" if red else "what the ranks sent, bit for bit"
+                if kind == "all_gather":  # which sender's part arrived wrong (group ranks)
+                    n = max(sent[0].numel(), 1)
+                    senders = sorted({int(x) // n for x in bad.nonzero().reshape(-1).tolist()})
+                    exact += f" (wrong in the part{'s' if len(senders) > 1 else ''} from rank " \
+                             f"{', '.join(map(str, senders))})"
+                m = Metric(cls="wrong", max_abs=float(err[bad].max()), bad=int(bad.sum()), total=got.numel(),
+                           bad_indices=_indices(bad.reshape(act.shape) if bad.numel() == act.numel() else bad),
+                           flipped_bits=dict(mm.bit_histogram) if mm else {},
+                           message=f"{what} result differs from {exact}")
+                cap = caps[i]
+                return Divergence(rank=cap.rank, index=rec.index, op=rec.op, output=j, metric=m,
+                                  device=cap.device, reference="host-exact", stack=rec.stack,
+                                  inputs=sent, reduce_op=red, collective=kind, source=_source(rec))
     return None

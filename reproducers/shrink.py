@@ -581,4 +581,5 @@ def shrink_collective(root: str, *, device: str | None = None) -> CollectiveCase
                 f"{', ...' if len(unjudged) > 3 else ''})" if unjudged else "")
         raise NotReproducible(f"{root}: every all-reduce, all-gather, reduce-scatter and broadcast matches "
                               f"the exact result of the ranks' inputs{left}")
-    return CollectiveCase(op=div.op, world=len(caps), inputs=list(div.inputs), divergence=div)
+    # the group of the call that went wrong: a subgroup's size, not the number of ranks captured
+    return CollectiveCase(op=div.op, world=len(div.inputs), inputs=list(div.inputs), divergence=div)
