@@ -250,6 +250,9 @@ def rank_main(rank, world, port, device_kind, fault_spec, q):
     elif kind == "reduce_scatter":
         out = torch.empty(t.numel() // world, dtype=t.dtype, device=device)
         dist.reduce_scatter_tensor(out, t.reshape(-1), op=op)
+    elif kind == "all_to_all":
+        out = torch.empty(t.numel(), dtype=t.dtype, device=device)
+        dist.all_to_all_single(out, t.reshape(-1))
     else:
         dist.broadcast(t, src=src)
         out = t

@@ -33,12 +33,16 @@ def reduction(op, xs, u):
 def exact_result(kind, op, xs, rank, src, u):
     """(what group rank `rank` must hold after collective `kind` over every group rank's input `xs`
     (float64 tensors, in group-rank order), flattened; the error allowed per element). Moving data
-    (all_gather, broadcast) allows none; reducing it allows what `reduction` allows."""
+    (all_gather, broadcast, all_to_all) allows none; reducing it allows what `reduction` allows."""
     flat = [x.reshape(-1) for x in xs]
     if kind == "all_reduce":
         return reduction(op, flat, u)
     if kind == "reduce_scatter":
         n = flat[0].numel() // len(flat)
         return reduction(op, [x[rank * n:(rank + 1) * n] for x in flat], u)
+    if kind == "all_to_all":  # rank `rank` receives chunk `rank` of every rank, in rank order
+        n = flat[0].numel() // len(flat)
+        exp = torch.cat([x[rank * n:(rank + 1) * n] for x in flat])
+        return exp, torch.zeros_like(exp)
     exp = torch.cat(flat) if kind == "all_gather" else flat[src]
     return exp, torch.zeros_like(exp)

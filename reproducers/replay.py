@@ -103,7 +103,7 @@ class Divergence:
     """A collective divergence: the reduction of an all-reduce or reduce-scatter (sum, avg, product,
     min, max); "" for one that moves data."""
     collective: str = ""
-    """A collective divergence: all_reduce, all_gather, reduce_scatter or broadcast."""
+    """A collective divergence: all_reduce, all_gather, reduce_scatter, broadcast or all_to_all."""
     source: int = 0
     """A broadcast's source (group rank)."""
 
@@ -425,13 +425,15 @@ CHECKED_REDUCTIONS = ("sum", "avg", "product", "min", "max")
 
 
 def collective_kind(op: str) -> str | None:
-    """all_reduce, all_gather, reduce_scatter or broadcast for a c10d or functional collective's
-    overload name (`c10d._allgather_base_.default`, ...); None for the ones not checked."""
+    """all_reduce, all_gather, reduce_scatter, broadcast or all_to_all for a c10d or functional
+    collective's overload name (`c10d._allgather_base_.default`, ...); None for the ones not checked
+    (coalesced calls, the list form of alltoall)."""
     name = op.split(".")[1] if op.count(".") >= 2 else op
-    if "coalesced" in name:
+    if "coalesced" in name or name == "alltoall_":
         return None
     for kind, spellings in (("all_reduce", ("allreduce", "all_reduce")), ("all_gather", ("allgather", "all_gather")),
-                            ("reduce_scatter", ("reduce_scatter",)), ("broadcast", ("broadcast",))):
+                            ("reduce_scatter", ("reduce_scatter",)), ("broadcast", ("broadcast",)),
+                            ("all_to_all", ("alltoall", "all_to_all"))):
         if any(name.lstrip("_").startswith(w) for w in spellings):
             return kind
     return None
@@ -451,6 +453,12 @@ def _payload(kind: str, op: str, ins: list[Any], outs: list[Any]) -> list[tuple[
         return [([0], out)]
     first = len(outs) if kind == "all_gather" else 1
     return [(list(range(first, len(ins))), out)] if len(ins) > first else []
+
+
+def _uneven(rec: fmt.OpRecord) -> bool:
+    """An all-to-all with split sizes that differ between ranks (the exact check assumes equal chunks)."""
+    return any(isinstance(a, list) and a and all(isinstance(x, int) for x in a) and len(set(a)) > 1
+               for a in rec.args)
 
 
 def _sent(ins: list[Any], where: list[int]) -> Any:
@@ -533,8 +541,8 @@ def _check_call(results: list[ReplayResult], caps: list[fmt.Capture], call: list
     recs = [rec for _, _, rec in call]
     kind = collective_kind(recs[0].op)
     red = str((recs[0].collective or {}).get("reduce_op", "sum")) if kind in ("all_reduce", "reduce_scatter") else ""
-    if kind is None or (red and red not in CHECKED_REDUCTIONS):
-        return None  # bitwise reductions of integers, alltoall, coalesced calls: not checked here
+    if kind is None or (red and red not in CHECKED_REDUCTIONS) or (kind == "all_to_all" and _uneven(recs[0])):
+        return None  # bitwise reductions of integers, uneven all-to-alls, coalesced calls: not checked here
     ins = [results[i].collective_inputs[k][1] for i, k, _ in call]
     parts = [_payload(kind, rec.op, results[i].collective_inputs[k][1], results[i].collective_outputs[k][1])
              for i, k, rec in call]
@@ -559,8 +567,8 @@ def _check_call(results: list[ReplayResult], caps: list[fmt.Capture], call: list
                 mm = oracles.compare_bits(backend_of(act), exp64.to(act.dtype)[bad], act.reshape(-1)[bad], tensor="out")
                 what = f"{kind} ({red})" if red else kind
                 exact = f"the exact {red} of every rank's input" if red else "what the ranks sent, bit for bit"
-                if kind == "all_gather":  # which sender's part arrived wrong (group ranks)
-                    n = max(sent[0].numel(), 1)
+                if kind in ("all_gather", "all_to_all"):  # which sender's part arrived wrong (group ranks)
+                    n = max(sent[0].numel() // (len(call) if kind == "all_to_all" else 1), 1)
                     senders = sorted({int(x) // n for x in bad.nonzero().reshape(-1).tolist()})
                     exact += f" (wrong in the part{'s' if len(senders) > 1 else ''} from rank " \
                              f"{', '.join(map(str, senders))})"

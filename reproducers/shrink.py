@@ -566,7 +566,7 @@ class CollectiveCase:
 
 
 def shrink_collective(root: str, *, device: str | None = None) -> CollectiveCase:
-    """Every rank's replay; the first collective (all-reduce, all-gather, reduce-scatter, broadcast)
+    """Every rank's replay; the first collective (all-reduce, all-gather, reduce-scatter, broadcast, all-to-all)
     whose result differs from the exact host-side one (`rp.check_collectives`), over however many
     ranks captured it."""
     caps = fmt.load_all(root)
@@ -579,7 +579,7 @@ def shrink_collective(root: str, *, device: str | None = None) -> CollectiveCase
     if div is None:
         left = (f"; {len(unjudged)} not judged, their replayed payload is not what was sent ({', '.join(unjudged[:3])}"
                 f"{', ...' if len(unjudged) > 3 else ''})" if unjudged else "")
-        raise NotReproducible(f"{root}: every all-reduce, all-gather, reduce-scatter and broadcast matches "
+        raise NotReproducible(f"{root}: every all-reduce, all-gather, reduce-scatter, broadcast and all-to-all matches "
                               f"the exact result of the ranks' inputs{left}")
     # the group of the call that went wrong: a subgroup's size, not the number of ranks captured
     return CollectiveCase(op=div.op, world=len(div.inputs), inputs=list(div.inputs), divergence=div)

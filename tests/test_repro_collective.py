@@ -1,6 +1,6 @@
 """A corrupted collective on one rank of a real gloo group shrinks to a single file of the same group
 size and reduction: all_reduce (sum over 2 ranks, max and product over 3), and over 3 ranks an
-all-gather, a reduce-scatter and a broadcast (each file fails with the simulated bad link and passes
+all-gather, a reduce-scatter, a broadcast and an all-to-all (each file fails with the simulated bad link and passes
 without it); a healthy group's capture yields no reproducer."""
 
 from __future__ import annotations
@@ -66,11 +66,13 @@ def test_corrupted_all_reduce_becomes_a_file_of_its_group_size_and_reduction(tmp
     assert good.stdout.count(f"agrees with the exact {red}") == world
 
 
-MOVES = {"_allgather_base_": "all_gather", "_reduce_scatter_base_": "reduce_scatter", "broadcast_": "broadcast"}
+MOVES = {"_allgather_base_": "all_gather", "_reduce_scatter_base_": "reduce_scatter", "broadcast_": "broadcast",
+         "alltoall_base_": "all_to_all"}
 
 
 def _moves_rank(rank: int, world: int, root: str, op: str) -> None:
-    """A step of 3 ranks that gathers activations, reduce-scatters them and broadcasts from rank 1;
+    """A step of 3 ranks that gathers activations, reduce-scatters them, broadcasts from rank 1 and
+    exchanges the gathered buffer all-to-all;
     `op` (a c10d op) sends a flipped bit from rank 1 once, or nothing ("none")."""
     import torch.distributed as dist
 
@@ -93,6 +95,9 @@ def _moves_rank(rank: int, world: int, root: str, op: str) -> None:
             dist.reduce_scatter_tensor(part, full * (rank + 1))
             dist.broadcast(part, src=1)
             part.mul_(2)
+            mixed = torch.empty_like(full)
+            dist.all_to_all_single(mixed, full)  # chunk k of every rank to rank k
+            mixed.mul_(2)
     dist.destroy_process_group()
 
 
@@ -108,7 +113,7 @@ def test_a_corrupted_gather_scatter_or_broadcast_becomes_a_file_and_a_clean_one_
     case = sk.shrink_collective(str(root))
     kind = MOVES[op]
     assert case.op == f"c10d.{op}.default" and case.divergence.collective == kind and case.world == 3
-    if kind == "all_gather":
+    if kind in ("all_gather", "all_to_all"):
         assert "wrong in the part from rank 1" in case.divergence.metric.message
     if kind == "broadcast":
         assert case.divergence.source == 1
