@@ -233,7 +233,11 @@ class Recorder(TorchDispatchMode):
     def flush(self) -> None:
         """Snapshot pending collectives after their work completed."""
         for p in self.pending:
-            if p.work is not None:
+            if p.work is not None and not fmt.is_p2p(_name(p.func)):
+                # Not a send or receive's: gloo's p2p work waits for one *more* completion per wait(),
+                # so a second wait (after the user's own: dist.send/recv wait inside) hangs the step.
+                # A received tensor is then recorded as it is at the next op: final after dist.recv,
+                # possibly not yet after an irecv the user has not waited for.
                 p.work.wait()
             outs = [_wait_functional(o) if isinstance(o, torch.Tensor) else o for o in p.outs]
             if outs and outs[0] is not None and outs[0].device.type == "cuda":

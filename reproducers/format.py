@@ -254,6 +254,11 @@ def tensor_from_bytes(data: bytes, shape: list[int], dtype: str, device: str = "
     return t.reshape(shape).to(device)
 
 
+def is_p2p(op: str) -> bool:
+    """A c10d point-to-point op (`c10d.send.default`, `c10d.recv_.default`, ...): two ranks, not a group."""
+    return op.split(".")[1:2] in (["send"], ["recv_"], ["recv_any_source_"])
+
+
 FINGERPRINT = "xxh3_64"
 """The hash new captures fingerprint outputs with: a change-detector, not a seal (the blob store keeps
 SHA-256), at a tenth of SHA-256's cost per byte on the hundreds of outputs of a step."""

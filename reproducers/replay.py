@@ -501,8 +501,9 @@ def _calls(results: list[ReplayResult], caps: list[fmt.Capture],
            unjudged: list[str] | None) -> list[list[tuple[int, int, fmt.OpRecord]]]:
     """Every collective call, as (capture, k, record) of each member that made it, in group-rank order.
 
-    Calls on one process group are ordered (one communicator), so the i-th call on a group is the i-th
-    call of each of its members on that group. A group's members are the global ranks recorded with
+    Calls on one process group are ordered (one communicator), so the i-th collective on a group is the
+    i-th collective of each of its members on that group (sends and receives, which only two members
+    make, are left out: a pipeline stage's p2p between collectives does not shift them). A group's members are the global ranks recorded with
     its calls (every capture where none were recorded). A group with a member that was not captured
     is not checked (listed in `unjudged`), nor are its calls from the first where its members disagree
     on the op (they no longer line up). Ordered by where the lowest member made each call."""
@@ -512,6 +513,8 @@ def _calls(results: list[ReplayResult], caps: list[fmt.Capture],
         seq: dict[str, list[tuple[int, fmt.OpRecord]]] = {}
         for k, (idx, _) in enumerate(r.collective_inputs):
             rec = by_index[i][idx]
+            if fmt.is_p2p(rec.op):
+                continue  # point-to-point: pairs a sender with a receiver, not every member; not lined up
             seq.setdefault(str((rec.collective or {}).get("group", "")), []).append((k, rec))
         seqs.append(seq)
     where = {cap.rank: i for i, cap in enumerate(caps)}

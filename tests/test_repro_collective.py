@@ -128,10 +128,17 @@ def test_a_corrupted_gather_scatter_or_broadcast_becomes_a_file_and_a_clean_one_
     assert good.stdout.count("agrees with") == 3, good.stdout
 
 
-def _subgroups_rank(rank: int, world: int, root: str, faulty: bool) -> None:
+SUBGROUP_FAULTS = {  # name: rank 3's fault (its first all-reduce is its pair's, its second the world's)
+    "pair": "bitflip:rank=3,bit=25,op=allreduce_,index=3,count=1",
+    "world": "bitflip:rank=3,bit=25,op=allreduce_,index=3,after=1,count=1",
+    "none": "",
+}
+
+
+def _subgroups_rank(rank: int, world: int, root: str, fault: str) -> None:
     """4 ranks as 2 tensor-parallel pairs ({0, 1}, {2, 3}) inside one data-parallel world: each step
-    all-reduces within its pair, then over the world (the ranks' k-th calls are on different groups).
-    Faulty: rank 3 sends a flipped bit in its first all-reduce, the one within its pair."""
+    all-reduces within its pair, rank 0 sends a pipeline-style activation to rank 2, then every rank
+    all-reduces over the world (the ranks' k-th calls are on different groups, or are p2p)."""
     import torch.distributed as dist
 
     from chipcheck import generator as g
@@ -144,35 +151,40 @@ def _subgroups_rank(rank: int, world: int, root: str, faulty: bool) -> None:
     tp = pairs[rank // 2]
     w = g.uniform((16, 16), 11, "w", device="cpu")
     x = g.uniform((8, 16), 11 + rank, "x", device="cpu")
-    inj = faults.make_injector(faults.parse("bitflip:rank=3,bit=25,op=allreduce_,index=3,count=1"), rank, "repro") \
-        if faulty else None
+    inj = faults.make_injector(faults.parse(SUBGROUP_FAULTS[fault]), rank, "repro") if SUBGROUP_FAULTS[fault] else None
     with inj() if inj else contextlib.nullcontext():
         with capture(root):
             h = torch.sigmoid(x @ w).sum(dim=0)
             dist.all_reduce(h, group=tp)
+            if rank == 0:
+                dist.send(h, 2)
+            elif rank == 2:
+                dist.recv(h, 0)
             grad = h * 0.5
             dist.all_reduce(grad)
             grad.div_(world)
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("faulty", [True, False])
+@pytest.mark.parametrize("fault", list(SUBGROUP_FAULTS))
 def test_subgroup_collectives_line_up_per_group_and_a_fault_in_one_becomes_a_file_of_its_size(
-        tmp_path: Path, faulty: bool) -> None:
+        tmp_path: Path, fault: str) -> None:
     root = tmp_path / "cap"
-    mp.start_processes(_subgroups_rank, args=(4, str(root), faulty), nprocs=4, start_method="spawn")
-    if not faulty:  # every call of both pairs and of the world agrees with its exact result
+    mp.start_processes(_subgroups_rank, args=(4, str(root), fault), nprocs=4, start_method="spawn")
+    if fault == "none":  # every call of both pairs and of the world agrees with its exact result
         with pytest.raises(sk.NotReproducible, match="matches the exact result"):
             sk.shrink_collective(str(root))
         return
     case = sk.shrink_collective(str(root))
-    # the pair {2, 3}'s all-reduce, 2 ranks (not the 4 captured), rank 3's bad payload in both results
-    assert case.op == "c10d.allreduce_.default" and case.world == 2 and case.divergence.rank in (2, 3)
+    # pair: the pair {2, 3}'s all-reduce, 2 ranks (not the 4 captured); world: the world's, after the p2p
+    size = 2 if fault == "pair" else 4
+    assert case.op == "c10d.allreduce_.default" and case.world == size
+    assert case.divergence.rank in ((2, 3) if fault == "pair" else range(4))
     assert case.divergence.metric.bad_indices == [[3]]
     path = tmp_path / "repro.py"
     path.write_text(emit.render_collective(case, metric_line=case.divergence.metric.line()))
-    bad = subprocess.run([sys.executable, str(path), "--inject", "bitflip:rank=1,bit=25,index=3"],
+    bad = subprocess.run([sys.executable, str(path), "--inject", f"bitflip:rank={size - 1},bit=25,index=3"],
                          capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert bad.returncode == 1 and "REPRODUCED" in bad.stdout, bad.stdout + bad.stderr
     good = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
-    assert good.returncode == 0 and good.stdout.count("agrees with the exact sum") == 2, good.stdout + good.stderr
+    assert good.returncode == 0 and good.stdout.count("agrees with the exact sum") == size, good.stdout + good.stderr
