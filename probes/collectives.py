@@ -201,14 +201,15 @@ def measure(g: Group, cfg: CollectivesProbe.Config, case: str) -> dict[int, Case
         loops = g.timed(steps, cfg.iters, cfg.timed_loops)
         nbytes = count * esize
         t_best, t_med = min(loops), statistics.median(loops)
+        algbw, factor = nbytes / t_med / 1e9, bus_factor(op, n)
         for out in outs.values():
             out.params["sizes"].append(nbytes)
             out.metrics[f"{nbytes}B:time_us"] = t_med * 1e6
-            out.metrics[f"{nbytes}B:algbw_gbps"] = nbytes / t_med / 1e9
-            out.metrics[f"{nbytes}B:busbw_gbps"] = nbytes / t_med / 1e9 * bus_factor(op, n)
+            out.metrics[f"{nbytes}B:algbw_gbps"] = algbw
+            out.metrics[f"{nbytes}B:busbw_gbps"] = algbw * factor
             # at the largest size, as nccl-tests' headline
-            out.metrics["busbw_gbps"] = nbytes / t_med / 1e9 * bus_factor(op, n)
-            out.metrics["busbw_gbps_best"] = nbytes / t_best / 1e9 * bus_factor(op, n)
+            out.metrics["busbw_gbps"] = algbw * factor
+            out.metrics["busbw_gbps_best"] = nbytes / t_best / 1e9 * factor
         size *= cfg.factor
     views = g.exchange(case, [{r: (m is not None, s.suspects(m) if m is not None else []) for r, (s, m) in c.items()}
                               for c in checked])

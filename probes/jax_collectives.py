@@ -164,17 +164,7 @@ class JaxGroup(Group):
         self.params = {"backend": "jax", "jax_op": JAX_OPS[op]}
 
     def check_once(self, steps: dict[int, CollectiveStep]) -> None:
-        import jax
-
-        inputs = {}
-        for r, s in steps.items():
-            self.injectors[r].begin(JAX_OPS[self.op])
-            inputs[r] = self.injectors[r].corrupt(_to_np(s.payload).copy(), side="send")
-        y = self.fn(_global(inputs, self.sharding, self.pos, self.n))
-        jax.block_until_ready(y)
-        for shard in y.addressable_shards:
-            r = self.pos[shard.device]
-            steps[r].buf = _to_torch(self.injectors[r].corrupt(np.array(shard.data)[0], side="recv"))
+        _once(self.fn, self.sharding, self.devices, list(range(self.n)), steps, self.injectors, self.op)
 
     def timed(self, steps: dict[int, CollectiveStep], iters: int, loops: int) -> list[float]:
         import jax
@@ -196,7 +186,6 @@ class JaxGroup(Group):
         """TorchGroup.localize on the mesh: the op once more on a 2-device mesh for each ring pair
         (k, k+1), faults on; a process runs only the pairs that hold one of its devices (JAX runs a
         program on the processes that own its devices), then every process learns which pairs failed."""
-        import jax
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
@@ -208,22 +197,33 @@ class JaxGroup(Group):
                 continue
             devs = [self.devices[r] for r in p]
             mesh, fn = _pair_program(self.op, devs[0], devs[1])
-            pos = {d: j for j, d in enumerate(devs)}
             subs = {r: CollectiveStep(op=step.op, n=2, r=p.index(r), count=step.count - step.count % 2,
                                       dtype=step.dtype, tdt=step.tdt, device=step.device) for r in mine}
-            inputs = {}
-            for r, s in subs.items():
+            for s in subs.values():
                 s.init()
-                self.injectors[r].begin(JAX_OPS[self.op])
-                inputs[p.index(r)] = self.injectors[r].corrupt(_to_np(s.payload).copy(), side="send")
-            y = fn(_global(inputs, NamedSharding(mesh, P(AXIS)), pos, 2))
-            jax.block_until_ready(y)
-            for shard in y.addressable_shards:
-                r = p[pos[shard.device]]
-                s = subs[r]
-                s.buf = _to_torch(self.injectors[r].corrupt(np.array(shard.data)[0], side="recv"))
-                failed[i] = max(failed[i], float(s.check() is not None))
+            _once(fn, NamedSharding(mesh, P(AXIS)), devs, list(p), subs, self.injectors, self.op)
+            failed[i] = float(any(s.check() is not None for s in subs.values()))
         return co.pair_verdict(self.n, {i for i, f in enumerate(_allmax(failed)) if f})
+
+
+def _once(fn: Any, sharding: Any, devices: list[Any], ranks: list[int], steps: dict[int, CollectiveStep],
+          injectors: Sequence[jb.Injector] | Mapping[int, jb.Injector], op: str) -> None:
+    """`fn` once over the mesh of `devices`, whose position j is global rank ranks[j]; `steps` are this
+    process's ranks' (global rank -> a freshly initialised step). Each rank's faults act on what it
+    sends (before) and what it receives (after); its output lands in its step's buf."""
+    import jax
+
+    where = {r: j for j, r in enumerate(ranks)}
+    rank_of = {d: ranks[j] for j, d in enumerate(devices)}
+    inputs = {}
+    for r, s in steps.items():
+        injectors[r].begin(JAX_OPS[op])
+        inputs[where[r]] = injectors[r].corrupt(_to_np(s.payload).copy(), side="send")
+    y = fn(_global(inputs, sharding, {d: j for j, d in enumerate(devices)}, len(devices)))
+    jax.block_until_ready(y)
+    for shard in y.addressable_shards:
+        r = rank_of[shard.device]
+        steps[r].buf = _to_torch(injectors[r].corrupt(np.array(shard.data)[0], side="recv"))
 
 
 @functools.cache
