@@ -239,7 +239,7 @@ def rank_main(rank, world, port, device_kind, fault_spec, q):
     ins = [load(s, "cpu") for s in CASE["inputs"]]
     t = ins[rank].clone().to(device)
     corrupt(t, parse_inject(fault_spec), rank)  # the simulated bad link / NIC: the outgoing payload
-    kind, red, src = CASE["kind"], CASE["reduce_op"], CASE["source"]
+    kind, red, src, splits = CASE["kind"], CASE["reduce_op"], CASE["source"], CASE.get("splits")
     op = getattr(dist.ReduceOp, red.upper()) if red else None
     if kind == "all_reduce":
         dist.all_reduce(t, op=op)
@@ -250,6 +250,10 @@ def rank_main(rank, world, port, device_kind, fault_spec, q):
     elif kind == "reduce_scatter":
         out = torch.empty(t.numel() // world, dtype=t.dtype, device=device)
         dist.reduce_scatter_tensor(out, t.reshape(-1), op=op)
+    elif kind == "all_to_all" and splits:  # uneven: rank j sends splits[j][k] rows to rank k
+        rows = [s[rank] for s in splits]
+        out = torch.empty((sum(rows), *t.shape[1:]), dtype=t.dtype, device=device)
+        dist.all_to_all_single(out, t, output_split_sizes=rows, input_split_sizes=splits[rank])
     elif kind == "all_to_all":
         out = torch.empty(t.numel(), dtype=t.dtype, device=device)
         dist.all_to_all_single(out, t.reshape(-1))
@@ -257,7 +261,8 @@ def rank_main(rank, world, port, device_kind, fault_spec, q):
         dist.broadcast(t, src=src)
         out = t
     dist.barrier()
-    expected, tol = exact_result(kind, red, [x.double() for x in ins], rank, src, 2.0 ** -MANT[CASE["dtype"]])
+    expected, tol = exact_result(kind, red, [x.double() for x in ins], rank, src, 2.0 ** -MANT[CASE["dtype"]],
+                                 splits)
     got = out.cpu().double().reshape(-1)
     err = (got - expected).abs()
     bad = ~((err <= tol) | (got == expected) | (torch.isnan(got) & torch.isnan(expected)))
@@ -400,7 +405,7 @@ def render_ops(history: list[OpCase], case: OpCase, *, device: str, metric_line:
 
 
 def render_collective(case: CollectiveCase, *, metric_line: str) -> str:
-    """repro.py for a collective (all-reduce, all-gather, reduce-scatter, broadcast): spawns the
+    """repro.py for a collective (all-reduce, all-gather, reduce-scatter, broadcast, all-to-all): spawns the
     group's ranks, each sending its embedded recorded input, and checks every rank's result against
     the exact one computed on the host."""
     t0 = case.inputs[0]
@@ -408,11 +413,13 @@ def render_collective(case: CollectiveCase, *, metric_line: str) -> str:
     kind = div.collective or "all_reduce"
     red = div.reduce_op or ("sum" if kind == "all_reduce" else "")
     what = f"{kind} ({red})" if red else (f"broadcast from rank {div.source}" if kind == "broadcast" else kind)
+    if div.splits:
+        what += f" (uneven: rows sent per rank {div.splits})"
     exact = f"the exact {red} of every rank's input" if red else "what the ranks sent, bit for bit"
     title = f"chipcheck reproducer: {what} over {case.world} ranks"
     data = {"title": title, "world": case.world, "dtype": str(t0.dtype).removeprefix("torch."),
             "inputs": [_embed(t) for t in case.inputs], "kind": kind, "reduce_op": red, "source": div.source,
-            "what": what, "exact": exact}
+            "what": what, "exact": exact, "splits": div.splits}
     head = _header(title, [f"Op: {case.op} ({what}), {case.world} ranks, input {tuple(t0.shape)} {data['dtype']}",
                            f"Observed on rank {div.rank}: {metric_line}",
                            "Run: python repro.py --device cpu   (gloo; --device cuda uses NCCL, one GPU per rank)"])

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
-"""The collectives checked against their exact result (alltoall, send/recv and coalesced forms are
-substituted by their recorded outputs in replay, not checked)."""
+KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
+"""The collectives checked against their exact result (the list form of alltoall, send/recv and
+coalesced forms are substituted by their recorded outputs in replay, not checked)."""
 
 
 def reduction(op, xs, u):
@@ -30,19 +30,27 @@ def reduction(op, xs, u):
     return exp, torch.zeros_like(exp)
 
 
-def exact_result(kind, op, xs, rank, src, u):
+def exact_result(kind, op, xs, rank, src, u, splits=None):
     """(what group rank `rank` must hold after collective `kind` over every group rank's input `xs`
     (float64 tensors, in group-rank order), flattened; the error allowed per element). Moving data
-    (all_gather, broadcast, all_to_all) allows none; reducing it allows what `reduction` allows."""
+    (all_gather, broadcast, all_to_all) allows none; reducing it allows what `reduction` allows.
+    `splits`: an all-to-all's input split sizes per group rank (rows of dim 0 it sends to each rank;
+    None or empty: equal chunks)."""
     flat = [x.reshape(-1) for x in xs]
+    if kind == "all_to_all":  # rank `rank` receives, from every rank in order, the rows addressed to it
+        parts = []
+        for j, x in enumerate(xs):
+            rows = x.shape[0] if x.dim() else 1
+            sizes = splits[j] if splits and splits[j] else [rows // len(xs)] * len(xs)
+            per = x.numel() // max(rows, 1)
+            start = sum(sizes[:rank]) * per
+            parts.append(flat[j][start:start + sizes[rank] * per])
+        exp = torch.cat(parts)
+        return exp, torch.zeros_like(exp)
     if kind == "all_reduce":
         return reduction(op, flat, u)
     if kind == "reduce_scatter":
         n = flat[0].numel() // len(flat)
         return reduction(op, [x[rank * n:(rank + 1) * n] for x in flat], u)
-    if kind == "all_to_all":  # rank `rank` receives chunk `rank` of every rank, in rank order
-        n = flat[0].numel() // len(flat)
-        exp = torch.cat([x[rank * n:(rank + 1) * n] for x in flat])
-        return exp, torch.zeros_like(exp)
     exp = torch.cat(flat) if kind == "all_gather" else flat[src]
     return exp, torch.zeros_like(exp)

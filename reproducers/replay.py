@@ -18,7 +18,9 @@ exactly when op #i saw it during the step.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import math
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -106,6 +108,8 @@ class Divergence:
     """A collective divergence: all_reduce, all_gather, reduce_scatter, broadcast or all_to_all."""
     source: int = 0
     """A broadcast's source (group rank)."""
+    splits: list[list[int]] | None = None
+    """An uneven all-to-all: every group rank's input split sizes (rows to each rank); None otherwise."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -455,10 +459,27 @@ def _payload(kind: str, op: str, ins: list[Any], outs: list[Any]) -> list[tuple[
     return [(list(range(first, len(ins))), out)] if len(ins) > first else []
 
 
-def _uneven(rec: fmt.OpRecord) -> bool:
-    """An all-to-all with split sizes that differ between ranks (the exact check assumes equal chunks)."""
-    return any(isinstance(a, list) and a and all(isinstance(x, int) for x in a) and len(set(a)) > 1
-               for a in rec.args)
+def _a2a_splits(rec: fmt.OpRecord) -> tuple[list[int], list[int]]:
+    """An all-to-all's (output, input) split sizes, rows of dim 0 per group rank ([] for equal chunks):
+    `alltoall_base_(output, input, pg, output_split_sizes, input_split_sizes, timeout)` or the
+    functional `all_to_all_single(input, output_split_sizes, input_split_sizes, group)`."""
+    i = 3 if rec.op.startswith("c10d.") else 1
+    got = [a if isinstance(a, list) and all(isinstance(x, int) for x in a) else None for a in rec.args[i:i + 2]]
+    return (got[0] or [], got[1] or []) if len(got) == 2 else ([], [])
+
+
+def _a2a_layout(recs: list[fmt.OpRecord], ins: list[Any]) -> list[list[int]] | None:
+    """Every group rank's input split sizes, None for equal chunks; raises ValueError when the ranks'
+    recorded splits do not fit together (what rank j sends to rank g is what g expects from j)."""
+    pairs = [_a2a_splits(r) for r in recs]
+    if not any(o or i for o, i in pairs):
+        return None
+    world = len(recs)
+    sent = [i or [x.shape[0] // world] * world for (_, i), x in zip(pairs, ins, strict=True)]
+    for g, (o, _) in enumerate(pairs):
+        if len(sent[g]) != world or (o and o != [sent[j][g] for j in range(world)]):
+            raise ValueError("the ranks' all-to-all split sizes do not fit together")
+    return sent
 
 
 def _sent(ins: list[Any], where: list[int]) -> Any:
@@ -544,14 +565,20 @@ def _check_call(results: list[ReplayResult], caps: list[fmt.Capture], call: list
     recs = [rec for _, _, rec in call]
     kind = collective_kind(recs[0].op)
     red = str((recs[0].collective or {}).get("reduce_op", "sum")) if kind in ("all_reduce", "reduce_scatter") else ""
-    if kind is None or (red and red not in CHECKED_REDUCTIONS) or (kind == "all_to_all" and _uneven(recs[0])):
-        return None  # bitwise reductions of integers, uneven all-to-alls, coalesced calls: not checked here
+    if kind is None or (red and red not in CHECKED_REDUCTIONS):
+        return None  # bitwise reductions of integers, coalesced calls: not checked here
     ins = [results[i].collective_inputs[k][1] for i, k, _ in call]
     parts = [_payload(kind, rec.op, results[i].collective_inputs[k][1], results[i].collective_outputs[k][1])
              for i, k, rec in call]
     src = _source(recs[0])
     for j in range(min(len(p) for p in parts)):
         sent = [_sent(x, p[j][0]) for x, p in zip(ins, parts, strict=True)]
+        try:
+            splits = _a2a_layout(recs, sent) if kind == "all_to_all" else None
+        except ValueError:
+            if unjudged is not None:
+                unjudged.append(f"op #{recs[0].index} {recs[0].op}: split sizes do not fit together")
+            continue
         needed = [src] if kind == "broadcast" else range(len(call))
         if not all(g < len(call) and _as_sent(caps[call[g][0]], recs[g], ins[g], parts[g][j][0]) for g in needed):
             if unjudged is not None:
@@ -560,7 +587,7 @@ def _check_call(results: list[ReplayResult], caps: list[fmt.Capture], call: list
         for g, (i, _, rec) in enumerate(call):
             act = parts[g][j][1]
             u = 2.0 ** -_MANTISSA.get(act.dtype, 53)
-            exp64, tol = exact_result(kind, red, [x.double() for x in sent], g, src, u)
+            exp64, tol = exact_result(kind, red, [x.double() for x in sent], g, src, u, splits)
             got = act.reshape(-1).double()
             if got.shape != exp64.shape:
                 continue  # a layout this check does not know: not judged
@@ -571,8 +598,8 @@ def _check_call(results: list[ReplayResult], caps: list[fmt.Capture], call: list
                 what = f"{kind} ({red})" if red else kind
                 exact = f"the exact {red} of every rank's input" if red else "what the ranks sent, bit for bit"
                 if kind in ("all_gather", "all_to_all"):  # which sender's part arrived wrong (group ranks)
-                    n = max(sent[0].numel() // (len(call) if kind == "all_to_all" else 1), 1)
-                    senders = sorted({int(x) // n for x in bad.nonzero().reshape(-1).tolist()})
+                    ends = _part_ends(kind, sent, g, splits)
+                    senders = sorted({bisect.bisect_right(ends, int(x)) for x in bad.nonzero().reshape(-1).tolist()})
                     exact += f" (wrong in the part{'s' if len(senders) > 1 else ''} from rank " \
                              f"{', '.join(map(str, senders))})"
                 m = Metric(cls="wrong", max_abs=float(err[bad].max()), bad=int(bad.sum()), total=got.numel(),
@@ -582,5 +609,18 @@ def _check_call(results: list[ReplayResult], caps: list[fmt.Capture], call: list
                 cap = caps[i]
                 return Divergence(rank=cap.rank, index=rec.index, op=rec.op, output=j, metric=m,
                                   device=cap.device, reference="host-exact", stack=rec.stack,
-                                  inputs=sent, reduce_op=red, collective=kind, source=_source(rec))
+                                  inputs=sent, reduce_op=red, collective=kind, source=_source(rec), splits=splits)
+    return None
+
+
+def _part_ends(kind: str, sent: list[Any], rank: int, splits: list[list[int]] | None) -> list[int]:
+    """Where each sender's part of group rank `rank`'s all-gather or all-to-all result ends (flat
+    elements, cumulative, in sender order)."""
+    if kind == "all_gather":
+        return list(itertools.accumulate(x.numel() for x in sent))
+    sizes = []
+    for j, x in enumerate(sent):
+        rows = x.shape[0] if x.dim() else 1
+        sizes.append(x.numel() // max(rows, 1) * (splits[j][rank] if splits else rows // len(sent)))
+    return list(itertools.accumulate(sizes))
     return None

@@ -188,3 +188,56 @@ def test_subgroup_collectives_line_up_per_group_and_a_fault_in_one_becomes_a_fil
     assert bad.returncode == 1 and "REPRODUCED" in bad.stdout, bad.stdout + bad.stderr
     good = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert good.returncode == 0 and good.stdout.count("agrees with the exact sum") == size, good.stdout + good.stderr
+
+
+def _rows(sender: int, receiver: int) -> int:
+    """Tokens rank `sender` routes to rank `receiver` in the MoE-style step below (1 to 3, uneven)."""
+    return (sender + 2 * receiver) % 3 + 1
+
+
+def _moe_rank(rank: int, world: int, root: str, fault: bool) -> None:
+    """An expert-parallel dispatch: each rank routes an uneven number of 4-wide token rows to every
+    rank (`all_to_all_single` with split sizes), the receiving experts scale them. With `fault`, rank 1
+    flips a bit of the first row it sends (to rank 0) once."""
+    import torch.distributed as dist
+
+    from chipcheck import generator as g
+    from chipcheck.probes import faults
+    from chipcheck.reproducers import capture
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root}-pg", rank=rank, world_size=world)
+    sends = [_rows(rank, k) for k in range(world)]
+    receives = [_rows(j, rank) for j in range(world)]
+    x = g.uniform((sum(sends), 4), 11 + rank, "tokens", device="cpu")
+    spec = "bitflip:rank=1,bit=25,op=alltoall_base_,index=3,count=1"
+    inj = faults.make_injector(faults.parse(spec), rank, "repro") if fault else None
+    with inj() if inj else contextlib.nullcontext():
+        with capture(root):
+            tokens = torch.sigmoid(x)
+            got = torch.empty((sum(receives), 4))
+            dist.all_to_all_single(got, tokens, output_split_sizes=receives, input_split_sizes=sends)
+            got.mul_(2)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("fault", [True, False])
+def test_an_uneven_all_to_all_is_checked_and_a_corrupted_one_becomes_a_file(tmp_path: Path, fault: bool) -> None:
+    root = tmp_path / "cap"
+    mp.start_processes(_moe_rank, args=(3, str(root), fault), nprocs=3, start_method="spawn")
+    if not fault:
+        with pytest.raises(sk.NotReproducible, match="matches the exact result"):
+            sk.shrink_collective(str(root))
+        return
+    case = sk.shrink_collective(str(root))
+    div = case.divergence
+    assert div.collective == "all_to_all" and case.world == 3 and div.rank == 0
+    assert div.splits == [[_rows(j, k) for k in range(3)] for j in range(3)]
+    assert "wrong in the part from rank 1" in div.metric.message and div.metric.bad == 1
+    path = tmp_path / "repro.py"
+    path.write_text(emit.render_collective(case, metric_line=div.metric.line()))
+    bad = subprocess.run([sys.executable, str(path), "--inject", "bitflip:rank=1,bit=25,index=3"],
+                         capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert bad.returncode == 1 and "REPRODUCED" in bad.stdout, bad.stdout + bad.stderr
+    good = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert good.returncode == 0 and good.stdout.count("agrees with") == 3, good.stdout + good.stderr
