@@ -233,18 +233,25 @@ class Recorder(TorchDispatchMode):
     def flush(self) -> None:
         """Snapshot pending collectives after their work completed."""
         for p in self.pending:
-            if p.work is not None and not fmt.is_p2p(_name(p.func)):
-                # Not a send or receive's: gloo's p2p work waits for one *more* completion per wait(),
-                # so a second wait (after the user's own: dist.send/recv wait inside) hangs the step.
-                # A received tensor is then recorded as it is at the next op: final after dist.recv,
-                # possibly not yet after an irecv the user has not waited for.
+            p2p = fmt.is_p2p(_name(p.func))
+            if p.work is not None and not p2p:
                 p.work.wait()
             outs = [_wait_functional(o) if isinstance(o, torch.Tensor) else o for o in p.outs]
-            if outs and outs[0] is not None and outs[0].device.type == "cuda":
+            if not p2p and outs and outs[0] is not None and outs[0].device.type == "cuda":
                 torch.cuda.synchronize(outs[0].device)
             vids, metas, _ = self._outputs(outs)
             fps = [fmt.fingerprint(o) if isinstance(o, torch.Tensor) else "" for o in outs]
             self.recorded.append((p.slot, [self._put(o) if isinstance(o, torch.Tensor) else "" for o in outs]))
+            if p.work is not None and p2p:
+                # A send's or receive's work is neither waited for nor synchronized: gloo's p2p work
+                # waits for one *more* completion per wait(), so a second wait (after the user's own:
+                # dist.send/recv wait inside) hangs the step, and a device synchronize behind an irecv
+                # whose send the peer makes only after this rank's next send deadlocks both. A received
+                # tensor is thus recorded as it is at the next op: final after dist.recv, possibly not
+                # after an irecv the user has not waited for. Replay compares what arrived with what was
+                # sent only when the work had completed once its bytes were copied (on CUDA the copy is
+                # ordered after the user's wait, so a waited NCCL receive has completed by then).
+                p.info["complete"] = _completed(p.work)
             self.ops[p.slot] = fmt.OpRecord(
                 index=p.slot, op=str(p.func), args=p.args, kwargs=p.kwargs, outputs=vids, out_meta=metas,
                 fingerprints=fps, in_fingerprints=p.in_fps, substituted=True, collective=p.info,
@@ -425,6 +432,18 @@ def _unwrap_async(t: Any) -> Any:
 def _wait_functional(t: torch.Tensor) -> torch.Tensor:
     """A functional collective's output after its work completed (a no-op for c10d outputs)."""
     return torch.ops._c10d_functional.wait_tensor.default(t)
+
+
+def _completed(work: Any) -> bool:
+    """Has a c10d op's work (a boxed `Work`, as a dispatch mode sees it) completed? False when it
+    cannot tell: a capture never breaks the step, and an unknown receive is only left unjudged."""
+    import torch.distributed as dist
+
+    try:
+        return bool(dist.Work.unbox(work).is_completed() if isinstance(work, torch.ScriptObject)
+                    else work.is_completed())
+    except (RuntimeError, AttributeError, TypeError):
+        return False
 
 
 def _out_tensors(func: Any, args: list[Any]) -> list[Any]:

@@ -257,6 +257,12 @@ def rank_main(rank, world, port, device_kind, fault_spec, q):
     elif kind == "all_to_all":
         out = torch.empty(t.numel(), dtype=t.dtype, device=device)
         dist.all_to_all_single(out, t.reshape(-1))
+    elif kind == "send_recv":  # rank 0 sends what the sender sent, rank 1 receives it
+        if rank == 0:
+            dist.send(t, 1)
+        else:
+            dist.recv(t, 0)
+        out = t
     else:
         dist.broadcast(t, src=src)
         out = t
@@ -405,14 +411,15 @@ def render_ops(history: list[OpCase], case: OpCase, *, device: str, metric_line:
 
 
 def render_collective(case: CollectiveCase, *, metric_line: str) -> str:
-    """repro.py for a collective (all-reduce, all-gather, reduce-scatter, broadcast, all-to-all): spawns the
-    group's ranks, each sending its embedded recorded input, and checks every rank's result against
-    the exact one computed on the host."""
+    """repro.py for a collective (all-reduce, all-gather, reduce-scatter, broadcast, all-to-all, a send
+    and its receive): spawns the group's ranks, each sending its embedded recorded input, and checks
+    every rank's result against the exact one computed on the host."""
     t0 = case.inputs[0]
     div = case.divergence
     kind = div.collective or "all_reduce"
     red = div.reduce_op or ("sum" if kind == "all_reduce" else "")
-    what = f"{kind} ({red})" if red else (f"broadcast from rank {div.source}" if kind == "broadcast" else kind)
+    what = f"{kind} ({red})" if red else {"broadcast": f"broadcast from rank {div.source}",
+                                          "send_recv": "send from rank 0, recv on rank 1"}.get(kind, kind)
     if div.splits:
         what += f" (uneven: rows sent per rank {div.splits})"
     exact = f"the exact {red} of every rank's input" if red else "what the ranks sent, bit for bit"

@@ -504,8 +504,9 @@ def check_collectives(results: list[ReplayResult], caps: list[fmt.Capture],
                       unjudged: list[str] | None = None) -> Divergence | None:
     """The first collective whose result on some rank differs from the exact host-side result of
     every group rank's input (replayed bits): an all-reduce or reduce-scatter from the exact reduction
-    (its recorded op: sum, avg, product, min or max) within the roundings it may make, an all-gather
-    or broadcast from the bytes sent, exactly. Calls are lined up per process group (`_calls`), so a
+    (its recorded op: sum, avg, product, min or max) within the roundings it may make, an all-gather,
+    broadcast or all-to-all from the bytes sent, exactly, and what a receive got from the bytes its
+    send sent. Calls are lined up per process group (`_calls`), so a
     capture with subgroups (TP and DP groups interleaved) is checked call by call in each group.
     A collective whose replayed payload is not what some rank sent (by the fingerprints recorded when
     it was captured) is not judged: it is listed in `unjudged`, never blamed."""
@@ -523,23 +524,37 @@ def _calls(results: list[ReplayResult], caps: list[fmt.Capture],
     """Every collective call, as (capture, k, record) of each member that made it, in group-rank order.
 
     Calls on one process group are ordered (one communicator), so the i-th collective on a group is the
-    i-th collective of each of its members on that group (sends and receives, which only two members
-    make, are left out: a pipeline stage's p2p between collectives does not shift them). A group's members are the global ranks recorded with
-    its calls (every capture where none were recorded). A group with a member that was not captured
-    is not checked (listed in `unjudged`), nor are its calls from the first where its members disagree
-    on the op (they no longer line up). Ordered by where the lowest member made each call."""
+    i-th collective of each of its members on that group. Sends and receives, which only two members
+    make, are lined up apart (a pipeline stage's p2p between collectives does not shift them): the i-th
+    send from one rank to another (in one group, with one tag) is the i-th receive there from it, a
+    call of (sender, receiver); a receive from any source is not matched (listed in `unjudged`). A
+    group's members are the global ranks recorded with its calls (every capture where none were
+    recorded). A group with a member that was not captured is not checked (listed in `unjudged`), nor
+    are its calls from the first where its members disagree on the op (they no longer line up).
+    Ordered by where the lowest member made each call."""
     by_index = [{o.index: o for o in cap.ops} for cap in caps]
     seqs: list[dict[str, list[tuple[int, fmt.OpRecord]]]] = []
+    p2p: dict[str, dict[tuple[int, int, str, int], list[tuple[int, int, fmt.OpRecord]]]] = {"send": {}, "recv_": {}}
     for i, r in enumerate(results):
         seq: dict[str, list[tuple[int, fmt.OpRecord]]] = {}
         for k, (idx, _) in enumerate(r.collective_inputs):
             rec = by_index[i][idx]
-            if fmt.is_p2p(rec.op):
-                continue  # point-to-point: pairs a sender with a receiver, not every member; not lined up
+            if fmt.is_p2p(rec.op):  # pairs a sender with a receiver, not every member: matched below
+                key = _p2p_key(caps[i].rank, rec)
+                if key is None:
+                    if unjudged is not None:
+                        unjudged.append(f"op #{rec.index} {rec.op}: its peer is not known")
+                else:
+                    p2p[rec.op.split(".")[1]].setdefault(key, []).append((i, k, rec))
+                continue
             seq.setdefault(str((rec.collective or {}).get("group", "")), []).append((k, rec))
         seqs.append(seq)
     where = {cap.rank: i for i, cap in enumerate(caps)}
-    calls: list[list[tuple[int, int, fmt.OpRecord]]] = []
+    # the i-th send from a rank to another (one group, one tag) is the i-th receive there from it; one
+    # whose peer was not captured has no partner
+    recvs = p2p["recv_"]
+    calls: list[list[tuple[int, int, fmt.OpRecord]]] = [
+        [sent, got] for key, sends in p2p["send"].items() for sent, got in zip(sends, recvs.get(key, []), strict=False)]
     for group in sorted({g for s in seqs for g in s}):
         first = next(s[group][0][1] for s in seqs if group in s)
         ranks = [int(x) for x in (first.collective or {}).get("ranks", [])]
@@ -559,9 +574,64 @@ def _calls(results: list[ReplayResult], caps: list[fmt.Capture],
     return sorted(calls, key=lambda c: min(k for _, k, _ in c))
 
 
+def _p2p_key(rank: int, rec: fmt.OpRecord) -> tuple[int, int, str, int] | None:
+    """(sender, receiver, group, tag), global ranks, of `send(tensors, pg, dst, tag)` or
+    `recv_(tensors, pg, src, tag)` made by global rank `rank`; None for a receive from any source
+    (its source is not recorded)."""
+    info = rec.collective or {}
+    ranks = [int(x) for x in info.get("ranks", [])]
+    if rec.op.split(".")[1] == "recv_any_source_" or len(rec.args) < 4 or not isinstance(rec.args[2], int):
+        return None
+    peer = ranks[rec.args[2]] if ranks and rec.args[2] < len(ranks) else rec.args[2]
+    tag = rec.args[3] if isinstance(rec.args[3], int) else 0
+    group = str(info.get("group", ""))
+    return (rank, peer, group, tag) if rec.op.split(".")[1] == "send" else (peer, rank, group, tag)
+
+
+_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _check_p2p(results: list[ReplayResult], caps: list[fmt.Capture], call: list[tuple[int, int, fmt.OpRecord]],
+               unjudged: list[str] | None) -> Divergence | None:
+    """A send and its receive: what arrived (recorded at capture) against what the sender sent (its
+    replayed payload, when that is what it sent: its recorded fingerprint), bit for bit."""
+    (si, sk, srec), (ri, rk, rrec) = call
+    ins = results[si].collective_inputs[sk][1]
+    outs = results[ri].collective_outputs[rk][1]
+    why = ("the receive was recorded before it landed (an irecv not yet waited for)"
+           if not (rrec.collective or {}).get("complete") else
+           "the sender's replayed payload is not what it sent" if not ins or not _as_sent(caps[si], srec, ins, [0]) else
+           "what arrived differs in shape or dtype from what was sent"
+           if not outs or outs[0].shape != ins[0].shape or outs[0].dtype != ins[0].dtype else "")
+    if why:
+        if unjudged is not None:
+            unjudged.append(f"op #{rrec.index} {rrec.op} on rank {caps[ri].rank}: {why}")
+        return None
+    sent, got = ins[0], outs[0]
+    width = _SAME_WIDTH_INT.get(sent.element_size())
+    if width is None:
+        return None
+    bad = sent.reshape(-1).contiguous().view(width) != got.reshape(-1).contiguous().view(width)
+    if not bool(bad.any()):
+        return None
+    mm = oracles.compare_bits(backend_of(got), sent.reshape(-1)[bad], got.reshape(-1)[bad], tensor="out")
+    err = (got.double() - sent.double()).abs().reshape(-1)[bad]
+    src, dst = caps[si].rank, caps[ri].rank
+    m = Metric(cls="wrong", max_abs=float(err.max()), bad=int(bad.sum()), total=got.numel(),
+               bad_indices=_indices(bad.reshape(got.shape)), flipped_bits=dict(mm.bit_histogram) if mm else {},
+               message=f"what rank {dst} received from rank {src} differs from what rank {src} sent, bit for bit "
+                       f"(the link between them or either end's NIC)")
+    return Divergence(rank=dst, index=rrec.index, op=rrec.op, output=0, metric=m, device=caps[ri].device,
+                      reference="host-exact", stack=rrec.stack, inputs=[sent, torch.zeros_like(sent)],
+                      collective="send_recv", source=0)
+
+
 def _check_call(results: list[ReplayResult], caps: list[fmt.Capture], call: list[tuple[int, int, fmt.OpRecord]],
                 unjudged: list[str] | None) -> Divergence | None:
-    """One lined-up collective call (its members in group-rank order) against its exact result."""
+    """One lined-up collective call (its members in group-rank order; a send and its receive, in that
+    order) against its exact result."""
+    if fmt.is_p2p(call[0][2].op):
+        return _check_p2p(results, caps, call, unjudged)
     recs = [rec for _, _, rec in call]
     kind = collective_kind(recs[0].op)
     red = str((recs[0].collective or {}).get("reduce_op", "sum")) if kind in ("all_reduce", "reduce_scatter") else ""
@@ -582,7 +652,7 @@ def _check_call(results: list[ReplayResult], caps: list[fmt.Capture], call: list
         needed = [src] if kind == "broadcast" else range(len(call))
         if not all(g < len(call) and _as_sent(caps[call[g][0]], recs[g], ins[g], parts[g][j][0]) for g in needed):
             if unjudged is not None:
-                unjudged.append(f"op #{recs[0].index} {recs[0].op}")
+                unjudged.append(f"op #{recs[0].index} {recs[0].op}: a replayed payload is not what was sent")
             continue
         for g, (i, _, rec) in enumerate(call):
             act = parts[g][j][1]

@@ -566,8 +566,8 @@ class CollectiveCase:
 
 
 def shrink_collective(root: str, *, device: str | None = None) -> CollectiveCase:
-    """Every rank's replay; the first collective (all-reduce, all-gather, reduce-scatter, broadcast, all-to-all)
-    whose result differs from the exact host-side one (`rp.check_collectives`), over however many
+    """Every rank's replay; the first collective (all-reduce, all-gather, reduce-scatter, broadcast,
+    all-to-all, a send and its receive) whose result differs from the exact host-side one (`rp.check_collectives`), over however many
     ranks captured it."""
     caps = fmt.load_all(root)
     if len(caps) < 2:
@@ -577,9 +577,9 @@ def shrink_collective(root: str, *, device: str | None = None) -> CollectiveCase
     unjudged: list[str] = []
     div = rp.check_collectives(results, caps, unjudged)
     if div is None:
-        left = (f"; {len(unjudged)} not judged, their replayed payload is not what was sent ({', '.join(unjudged[:3])}"
-                f"{', ...' if len(unjudged) > 3 else ''})" if unjudged else "")
-        raise NotReproducible(f"{root}: every all-reduce, all-gather, reduce-scatter, broadcast and all-to-all matches "
-                              f"the exact result of the ranks' inputs{left}")
+        left = (f"; {len(unjudged)} not judged ({'; '.join(unjudged[:3])}{'; ...' if len(unjudged) > 3 else ''})"
+                if unjudged else "")
+        raise NotReproducible(f"{root}: every all-reduce, all-gather, reduce-scatter, broadcast, all-to-all and "
+                              f"send/recv matches the exact result of the ranks' inputs{left}")
     # the group of the call that went wrong: a subgroup's size, not the number of ranks captured
     return CollectiveCase(op=div.op, world=len(div.inputs), inputs=list(div.inputs), divergence=div)

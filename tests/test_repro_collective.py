@@ -132,6 +132,7 @@ SUBGROUP_FAULTS = {  # name: rank 3's fault (its first all-reduce is its pair's,
     "pair": "bitflip:rank=3,bit=25,op=allreduce_,index=3,count=1",
     "world": "bitflip:rank=3,bit=25,op=allreduce_,index=3,after=1,count=1",
     "none": "",
+    "send": "bitflip:rank=0,bit=25,op=send,index=3,count=1",  # what rank 0 sends rank 2
 }
 
 
@@ -166,7 +167,7 @@ def _subgroups_rank(rank: int, world: int, root: str, fault: str) -> None:
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("fault", list(SUBGROUP_FAULTS))
+@pytest.mark.parametrize("fault", ["pair", "world", "none"])
 def test_subgroup_collectives_line_up_per_group_and_a_fault_in_one_becomes_a_file_of_its_size(
         tmp_path: Path, fault: str) -> None:
     root = tmp_path / "cap"
@@ -188,6 +189,57 @@ def test_subgroup_collectives_line_up_per_group_and_a_fault_in_one_becomes_a_fil
     assert bad.returncode == 1 and "REPRODUCED" in bad.stdout, bad.stdout + bad.stderr
     good = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert good.returncode == 0 and good.stdout.count("agrees with the exact sum") == size, good.stdout + good.stderr
+
+
+def test_a_corrupted_send_becomes_a_two_rank_file_naming_sender_and_receiver(tmp_path: Path) -> None:
+    """The pipeline-style send from rank 0 to rank 2 in the 4-rank step above, a bit flipped on the way:
+    the receive is checked against what was sent (the collectives around it agree with their inputs)."""
+    root = tmp_path / "cap"
+    mp.start_processes(_subgroups_rank, args=(4, str(root), "send"), nprocs=4, start_method="spawn")
+    case = sk.shrink_collective(str(root))
+    div = case.divergence
+    assert case.op == "c10d.recv_.default" and case.world == 2 and div.collective == "send_recv"
+    assert div.rank == 2 and div.metric.bad_indices == [[3]] and div.metric.flipped_bits == {25: 1}
+    assert "what rank 2 received from rank 0 differs from what rank 0 sent" in div.metric.message
+    path = tmp_path / "repro.py"
+    path.write_text(emit.render_collective(case, metric_line=div.metric.line()))
+    bad = subprocess.run([sys.executable, str(path), "--inject", "bitflip:rank=0,bit=25,index=3"],
+                         capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert bad.returncode == 1 and "REPRODUCED" in bad.stdout, bad.stdout + bad.stderr
+    good = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert good.returncode == 0 and good.stdout.count("agrees with") == 2, good.stdout + good.stderr
+
+
+def _early_irecv_rank(rank: int, world: int, root: str) -> None:
+    """Rank 1 posts an irecv and computes before it waits; rank 0 sends only after a barrier rank 1
+    reaches after that computation: the capture records the received tensor before it lands."""
+    import torch.distributed as dist
+
+    from chipcheck.reproducers import capture
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root}-pg", rank=rank, world_size=world)
+    h = torch.full((8,), 1.0 + rank)
+    with capture(root):
+        if rank == 0:
+            dist.barrier()
+            dist.send(h * 3, 1)
+        else:
+            req = dist.irecv(h, 0)
+            early = h * 2  # the next op: the receive is recorded here, not yet landed
+            dist.barrier()
+            req.wait()
+            early.add_(h)
+    dist.destroy_process_group()
+
+
+def test_a_receive_recorded_before_it_landed_is_not_judged(tmp_path: Path) -> None:
+    """What an irecv held when the capture recorded it is not what was sent; comparing the two would
+    blame a healthy link. It is listed as not judged instead."""
+    root = tmp_path / "cap"
+    mp.start_processes(_early_irecv_rank, args=(2, str(root)), nprocs=2, start_method="spawn")
+    with pytest.raises(sk.NotReproducible, match="recorded before it landed"):
+        sk.shrink_collective(str(root))
 
 
 def _rows(sender: int, receiver: int) -> int:
