@@ -110,6 +110,9 @@ class Divergence:
     """A broadcast's source (group rank)."""
     splits: list[list[int]] | None = None
     """An uneven all-to-all: every group rank's input split sizes (rows to each rank); None otherwise."""
+    members: list[int] = field(default_factory=list)
+    """A collective divergence: the global rank of each of the call's ranks, in group-rank order (a send
+    and its receive: sender, receiver); the file's rank k stands for `members[k]`."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -623,7 +626,7 @@ def _check_p2p(results: list[ReplayResult], caps: list[fmt.Capture], call: list[
                        f"(the link between them or either end's NIC)")
     return Divergence(rank=dst, index=rrec.index, op=rrec.op, output=0, metric=m, device=caps[ri].device,
                       reference="host-exact", stack=rrec.stack, inputs=[sent, torch.zeros_like(sent)],
-                      collective="send_recv", source=0)
+                      collective="send_recv", source=0, members=[src, dst])
 
 
 def _check_call(results: list[ReplayResult], caps: list[fmt.Capture], call: list[tuple[int, int, fmt.OpRecord]],
@@ -679,7 +682,8 @@ def _check_call(results: list[ReplayResult], caps: list[fmt.Capture], call: list
                 cap = caps[i]
                 return Divergence(rank=cap.rank, index=rec.index, op=rec.op, output=j, metric=m,
                                   device=cap.device, reference="host-exact", stack=rec.stack,
-                                  inputs=sent, reduce_op=red, collective=kind, source=_source(rec), splits=splits)
+                                  inputs=sent, reduce_op=red, collective=kind, source=_source(rec), splits=splits,
+                                  members=[caps[m].rank for m, _, _ in call])
     return None
 
 

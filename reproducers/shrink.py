@@ -13,8 +13,9 @@ Pipeline for a capture (`shrink_capture`):
 When the op does not fail alone, the failure needs history (`shrink_history`): every earlier op is cut
 at its recorded inputs, suffix bisection finds the shortest failing suffix, and ddmin (dead ops first)
 keeps the few the failure needs; the target's inputs are then kept as recorded.
-Collectives (several ranks) go through `shrink_collective`: the all-reduce, all-gather, reduce-scatter
-or broadcast that differs from its exact host-side result becomes a case with every rank's input.
+Collectives (several ranks) go through `shrink_collective`: the all-reduce, all-gather, reduce-scatter,
+broadcast, all-to-all or send/recv that differs from its exact host-side result becomes a case with every
+rank's input.
 """
 
 from __future__ import annotations

@@ -79,15 +79,22 @@ def hook_spec(inject: str | None, rank: int, *, op: str, history: bool, live: bo
     return f"{f.kind}:" + ",".join(parts)
 
 
-def collective_hook(inject: str | None) -> str | None:
-    """repro.py's `--inject` for a simulated bad link in a collective file (rank, kind, bit, index)."""
+def collective_hook(inject: str | None, members: list[int] | None = None) -> str | None:
+    """repro.py's `--inject` for a simulated bad link in a collective file (rank, kind, bit, index).
+    `members`: the global rank each of the file's ranks stands for (a pair of a 4-rank job: 2 ranks);
+    the fault's rank is translated into the file's ("" when it is none of them: not expressible)."""
     if not inject:
         return None
     fs = [f for f in faultmod.parse(inject) if f.kind in _HOOK_KINDS]
     if len(fs) != 1 or fs[0].ranks is None or len(fs[0].ranks) != 1:
         return ""
     f = fs[0]
-    parts = [f"rank={f.ranks[0]}"] + ([f"bit={f.bit}"] if f.kind == "bitflip" else [])
+    rank = f.ranks[0]
+    if members:
+        if rank not in members:
+            return ""
+        rank = members.index(rank)
+    parts = [f"rank={rank}"] + ([f"bit={f.bit}"] if f.kind == "bitflip" else [])
     return f"{f.kind}:" + ",".join(parts + ([f"index={f.index}"] if f.index is not None else []))
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import run_cli
 
 from chipcheck.reproducers import emit
 from chipcheck.reproducers import shrink as sk
@@ -189,6 +190,14 @@ def test_subgroup_collectives_line_up_per_group_and_a_fault_in_one_becomes_a_fil
     assert bad.returncode == 1 and "REPRODUCED" in bad.stdout, bad.stdout + bad.stderr
     good = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert good.returncode == 0 and good.stdout.count("agrees with the exact sum") == size, good.stdout + good.stderr
+    if fault == "pair":  # the CLI verifies the file with the fault moved onto the file's rank (rank 3 -> 1)
+        _cli_writes_a_verified_file(root, SUBGROUP_FAULTS[fault], tmp_path / "cli.py")
+
+
+def _cli_writes_a_verified_file(root: Path, spec: str, out: Path) -> None:
+    p = run_cli("repro", "shrink", str(root), "--collective", "--inject", spec, "-o", str(out), timeout=600)
+    assert p.returncode == 0 and out.exists(), p.stdout + p.stderr
+    assert "verified: `python repro.py" in p.stdout and "exit 1" in p.stdout, p.stdout
 
 
 def test_a_corrupted_send_becomes_a_two_rank_file_naming_sender_and_receiver(tmp_path: Path) -> None:
@@ -208,6 +217,7 @@ def test_a_corrupted_send_becomes_a_two_rank_file_naming_sender_and_receiver(tmp
     assert bad.returncode == 1 and "REPRODUCED" in bad.stdout, bad.stdout + bad.stderr
     good = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
     assert good.returncode == 0 and good.stdout.count("agrees with") == 2, good.stdout + good.stderr
+    _cli_writes_a_verified_file(root, SUBGROUP_FAULTS["send"], tmp_path / "cli.py")
 
 
 def _early_irecv_rank(rank: int, world: int, root: str) -> None:
