@@ -24,6 +24,19 @@ BIT = {"sum": 25, "max": 30, "product": 25}
 """max: bit 30 of a value in (0.5, 1.5) makes it ~1e38, so the bad payload is the maximum."""
 
 
+def _run_file(tmp_path: Path, case: sk.CollectiveCase, inject: str) -> tuple[str, str]:
+    """The case's repro.py run with the simulated bad link (it must fail) and without (it must pass):
+    what each printed."""
+    path = tmp_path / "repro.py"
+    path.write_text(emit.render_collective(case, metric_line=case.divergence.metric.line()))
+    bad = subprocess.run([sys.executable, str(path), "--inject", inject],
+                         capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert bad.returncode == 1 and "REPRODUCED" in bad.stdout, bad.stdout + bad.stderr
+    good = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert good.returncode == 0, good.stdout + good.stderr
+    return bad.stdout, good.stdout
+
+
 def _rank(rank: int, world: int, port: int, root: str, red: str = "sum") -> None:
     import torch.distributed as dist
 
@@ -56,15 +69,9 @@ def test_corrupted_all_reduce_becomes_a_file_of_its_group_size_and_reduction(tmp
     case = sk.shrink_collective(str(root))
     assert case.world == world and case.op == "c10d.allreduce_.default" and case.divergence.reduce_op == red
     assert case.divergence.metric.bad == 1 and case.divergence.metric.bad_indices == [[3]]
-    path = tmp_path / "repro.py"
-    path.write_text(emit.render_collective(case, metric_line=case.divergence.metric.line()))
-    bad = subprocess.run([sys.executable, str(path), "--inject", f"bitflip:rank=1,bit={BIT[red]},index=3"],
-                         capture_output=True, text=True, timeout=180, cwd=tmp_path)
-    assert bad.returncode == 1, bad.stdout + bad.stderr
-    assert all(f"rank {r}/{world} all_reduce ({red})" in bad.stdout for r in range(world)) and "REPRODUCED" in bad.stdout
-    good = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
-    assert good.returncode == 0, good.stdout + good.stderr
-    assert good.stdout.count(f"agrees with the exact {red}") == world
+    bad, good = _run_file(tmp_path, case, f"bitflip:rank=1,bit={BIT[red]},index=3")
+    assert all(f"rank {r}/{world} all_reduce ({red})" in bad for r in range(world))
+    assert good.count(f"agrees with the exact {red}") == world
 
 
 MOVES = {"_allgather_base_": "all_gather", "_reduce_scatter_base_": "reduce_scatter", "broadcast_": "broadcast",
@@ -118,15 +125,8 @@ def test_a_corrupted_gather_scatter_or_broadcast_becomes_a_file_and_a_clean_one_
         assert "wrong in the part from rank 1" in case.divergence.metric.message
     if kind == "broadcast":
         assert case.divergence.source == 1
-    path = tmp_path / "repro.py"
-    path.write_text(emit.render_collective(case, metric_line=case.divergence.metric.line()))
-    bad = subprocess.run([sys.executable, str(path), "--inject", "bitflip:rank=1,bit=25,index=3"],
-                         capture_output=True, text=True, timeout=180, cwd=tmp_path)
-    assert bad.returncode == 1 and "REPRODUCED" in bad.stdout, bad.stdout + bad.stderr
-    assert all(f"rank {r}/3 {kind}" in bad.stdout for r in range(3)), bad.stdout
-    good = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
-    assert good.returncode == 0, good.stdout + good.stderr
-    assert good.stdout.count("agrees with") == 3, good.stdout
+    bad, good = _run_file(tmp_path, case, "bitflip:rank=1,bit=25,index=3")
+    assert all(f"rank {r}/3 {kind}" in bad for r in range(3)) and good.count("agrees with") == 3, bad + good
 
 
 SUBGROUP_FAULTS = {  # name: rank 3's fault (its first all-reduce is its pair's, its second the world's)
@@ -183,13 +183,8 @@ def test_subgroup_collectives_line_up_per_group_and_a_fault_in_one_becomes_a_fil
     assert case.op == "c10d.allreduce_.default" and case.world == size
     assert case.divergence.rank in ((2, 3) if fault == "pair" else range(4))
     assert case.divergence.metric.bad_indices == [[3]]
-    path = tmp_path / "repro.py"
-    path.write_text(emit.render_collective(case, metric_line=case.divergence.metric.line()))
-    bad = subprocess.run([sys.executable, str(path), "--inject", f"bitflip:rank={size - 1},bit=25,index=3"],
-                         capture_output=True, text=True, timeout=180, cwd=tmp_path)
-    assert bad.returncode == 1 and "REPRODUCED" in bad.stdout, bad.stdout + bad.stderr
-    good = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
-    assert good.returncode == 0 and good.stdout.count("agrees with the exact sum") == size, good.stdout + good.stderr
+    _, good = _run_file(tmp_path, case, f"bitflip:rank={size - 1},bit=25,index=3")
+    assert good.count("agrees with the exact sum") == size, good
     if fault == "pair":  # the CLI verifies the file with the fault moved onto the file's rank (rank 3 -> 1)
         _cli_writes_a_verified_file(root, SUBGROUP_FAULTS[fault], tmp_path / "cli.py")
 
@@ -210,13 +205,8 @@ def test_a_corrupted_send_becomes_a_two_rank_file_naming_sender_and_receiver(tmp
     assert case.op == "c10d.recv_.default" and case.world == 2 and div.collective == "send_recv"
     assert div.rank == 2 and div.metric.bad_indices == [[3]] and div.metric.flipped_bits == {25: 1}
     assert "what rank 2 received from rank 0 differs from what rank 0 sent" in div.metric.message
-    path = tmp_path / "repro.py"
-    path.write_text(emit.render_collective(case, metric_line=div.metric.line()))
-    bad = subprocess.run([sys.executable, str(path), "--inject", "bitflip:rank=0,bit=25,index=3"],
-                         capture_output=True, text=True, timeout=180, cwd=tmp_path)
-    assert bad.returncode == 1 and "REPRODUCED" in bad.stdout, bad.stdout + bad.stderr
-    good = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
-    assert good.returncode == 0 and good.stdout.count("agrees with") == 2, good.stdout + good.stderr
+    _, good = _run_file(tmp_path, case, "bitflip:rank=0,bit=25,index=3")
+    assert good.count("agrees with") == 2, good
     _cli_writes_a_verified_file(root, SUBGROUP_FAULTS["send"], tmp_path / "cli.py")
 
 
@@ -296,10 +286,5 @@ def test_an_uneven_all_to_all_is_checked_and_a_corrupted_one_becomes_a_file(tmp_
     assert div.collective == "all_to_all" and case.world == 3 and div.rank == 0
     assert div.splits == [[_rows(j, k) for k in range(3)] for j in range(3)]
     assert "wrong in the part from rank 1" in div.metric.message and div.metric.bad == 1
-    path = tmp_path / "repro.py"
-    path.write_text(emit.render_collective(case, metric_line=div.metric.line()))
-    bad = subprocess.run([sys.executable, str(path), "--inject", "bitflip:rank=1,bit=25,index=3"],
-                         capture_output=True, text=True, timeout=180, cwd=tmp_path)
-    assert bad.returncode == 1 and "REPRODUCED" in bad.stdout, bad.stdout + bad.stderr
-    good = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=180, cwd=tmp_path)
-    assert good.returncode == 0 and good.stdout.count("agrees with") == 3, good.stdout + good.stderr
+    _, good = _run_file(tmp_path, case, "bitflip:rank=1,bit=25,index=3")
+    assert good.count("agrees with") == 3, good
