@@ -28,7 +28,9 @@ kernel returns, so later kernels consume the bad bits, as on a real faulty chip.
 faults land at `call` in the probes listed in `CALL_TIME_PROBES` (training steps: their backward
 reads the forward's outputs, which are dead by the time the step is left) and at `exit` elsewhere.
 Collectives: with `op=` naming a c10d op (`send`, `allreduce_`, `broadcast_`, `_allgather_base_`,
-`_reduce_scatter_base_`, `alltoall_base_`), a value fault corrupts the *outgoing* payload before
+`_reduce_scatter_base_`, `alltoall_base_`, and the coalesced `allreduce_coalesced_`,
+`allgather_into_tensor_coalesced_`, `reduce_scatter_tensor_coalesced_`: their first tensor), a value
+fault corrupts the *outgoing* payload before
 it leaves (a bad NIC or link), `slow` stretches the op, and `peer=N` limits a fault to sends to
 rank N: `bitflip:rank=1,bit=12,op=send,peer=2,probe=links` corrupts only the link 1 -> 2.
 
@@ -334,6 +336,10 @@ def _busy_wait(seconds: float) -> None:
         pass
 
 
+_OUTPUTS_FIRST = ("allgather_into_tensor_coalesced_", "reduce_scatter_tensor_coalesced_")
+"""c10d's coalesced ops that take (outputs, inputs) tensor lists: the payload sent is an input."""
+
+
 def make_injector(faults: list[Fault], rank: int, probe: str) -> Any:
     """A context-manager factory that turns on these faults for one probe's code under test (or None).
 
@@ -440,8 +446,12 @@ def _injector(active: list[Fault], *, call_time: bool) -> Any:
             """c10d ops (send, allreduce_, ...): a value fault corrupts the *outgoing* payload before
             it leaves, as a bad NIC or link would (`peer` limits it to sends to one rank), or with
             `side=recv` what arrives: the op is waited for and its output corrupted."""
-            sent = args[1] if name.endswith("_base_") else (args[0][0] if args and args[0] else None)
-            got = args[0] if name.endswith("_base_") else (args[0][0] if args and args[0] else None)
+            if name.endswith("_base_"):  # (output, input)
+                sent, got = args[1], args[0]
+            elif name in _OUTPUTS_FIRST:  # (outputs, inputs): the first tensor of each
+                sent, got = (args[1][0] if args[1] else None), (args[0][0] if args[0] else None)
+            else:
+                sent = got = args[0][0] if args and args[0] else None
             while isinstance(got, (list, tuple)):  # allgather_: a list of outputs per input
                 got = got[0] if got else None
             t0 = time.perf_counter()

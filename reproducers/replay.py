@@ -433,10 +433,11 @@ CHECKED_REDUCTIONS = ("sum", "avg", "product", "min", "max")
 
 def collective_kind(op: str) -> str | None:
     """all_reduce, all_gather, reduce_scatter, broadcast or all_to_all for a c10d or functional
-    collective's overload name (`c10d._allgather_base_.default`, ...); None for the ones not checked
-    (coalesced calls, the list form of alltoall)."""
+    collective's overload name (`c10d._allgather_base_.default`, ...; c10d's coalesced forms are their
+    collective over several tensors); None for the ones not checked (the functional coalesced forms,
+    the list form of alltoall)."""
     name = op.split(".")[1] if op.count(".") >= 2 else op
-    if "coalesced" in name or name == "alltoall_":
+    if ("coalesced" in name and not op.startswith("c10d.")) or name == "alltoall_":
         return None
     for kind, spellings in (("all_reduce", ("allreduce", "all_reduce")), ("all_gather", ("allgather", "all_gather")),
                             ("reduce_scatter", ("reduce_scatter",)), ("broadcast", ("broadcast",)),
@@ -455,6 +456,8 @@ def _payload(kind: str, op: str, ins: list[Any], outs: list[Any]) -> list[tuple[
         return [([j], o) for j, o in enumerate(outs[:len(ins)])]
     if not outs:
         return []
+    if "coalesced" in op:  # `allgather_into_tensor_coalesced_(outputs, inputs)`: input j makes output j
+        return [([len(outs) + j], o) for j, o in enumerate(outs)] if len(ins) == 2 * len(outs) else []
     out = torch.cat([o.reshape(-1) for o in outs]) if kind == "all_gather" else outs[0]
     if not op.startswith("c10d."):
         return [([0], out)]

@@ -288,3 +288,54 @@ def test_an_uneven_all_to_all_is_checked_and_a_corrupted_one_becomes_a_file(tmp_
     assert "wrong in the part from rank 1" in div.metric.message and div.metric.bad == 1
     _, good = _run_file(tmp_path, case, "bitflip:rank=1,bit=25,index=3")
     assert good.count("agrees with") == 3, good
+
+
+COALESCED = {"allreduce_coalesced_": "all_reduce", "allgather_into_tensor_coalesced_": "all_gather",
+             "reduce_scatter_tensor_coalesced_": "reduce_scatter"}
+
+
+def _coalesced_rank(rank: int, world: int, root: str, op: str) -> None:
+    """A ZeRO-style step of 3 ranks: two gradients all-reduced in one coalesced call, then two shards
+    gathered and two buffers reduce-scattered, each pair coalesced (`_coalescing_manager`). `op` (a
+    c10d coalesced op) sends a flipped bit from rank 1's first tensor once, or nothing ("none")."""
+    import torch.distributed as dist
+
+    from chipcheck import generator as g
+    from chipcheck.probes import faults
+    from chipcheck.reproducers import capture
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root}-pg", rank=rank, world_size=world)
+    x = g.uniform((6, 8), 11 + rank, "x", device="cpu")
+    inj = faults.make_injector(faults.parse(f"bitflip:rank=1,bit=25,op={op},index=3,count=1"), rank, "repro") \
+        if op != "none" else None
+    with inj() if inj else contextlib.nullcontext():
+        with capture(root):
+            a, b = torch.sigmoid(x[:3]).reshape(-1), torch.sigmoid(x[3:]).sum(dim=0)
+            dist.all_reduce_coalesced([a, b])
+            full = [torch.empty(world * a.numel()), torch.empty(world * b.numel())]
+            with dist._coalescing_manager():
+                dist.all_gather_into_tensor(full[0], a * 2)
+                dist.all_gather_into_tensor(full[1], b * 2)
+            part = [torch.empty(a.numel()), torch.empty(b.numel())]
+            with dist._coalescing_manager():
+                dist.reduce_scatter_tensor(part[0], full[0])
+                dist.reduce_scatter_tensor(part[1], full[1])
+            (part[0].sum() + part[1].sum()).item()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("op", [*COALESCED, "none"])
+def test_a_corrupted_coalesced_collective_becomes_a_file_and_a_clean_one_does_not(tmp_path: Path, op: str) -> None:
+    root = tmp_path / "cap"
+    mp.start_processes(_coalesced_rank, args=(3, str(root), op), nprocs=3, start_method="spawn")
+    if op == "none":
+        with pytest.raises(sk.NotReproducible, match="matches the exact result"):
+            sk.shrink_collective(str(root))
+        return
+    case = sk.shrink_collective(str(root))
+    div = case.divergence
+    assert case.op == f"c10d.{op}.default" and div.collective == COALESCED[op] and case.world == 3
+    assert div.metric.bad == 1 and div.output == 0, div.metric.line()
+    bad, good = _run_file(tmp_path, case, "bitflip:rank=1,bit=25,index=3")
+    assert all(f"rank {r}/3 {COALESCED[op]}" in bad for r in range(3)) and good.count("agrees with") == 3, bad + good
