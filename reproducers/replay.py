@@ -350,7 +350,8 @@ def replay(cap: fmt.Capture, *, device: str | None = None, reference: str = "cpu
             else:
                 func = resolve_op(rec.op)
                 snapshot = [t.detach().clone().cpu() for t in flat_tensors(args)] if stop_at_first else []
-                ref_args = ref_kwargs = None
+                ref_args: Any = None
+                ref_kwargs: dict[str, Any] = {}
                 compared = not func.is_view and not any(rec.op.split(".")[1] == u for u in _UNDEFINED)
                 if compared and result.divergence is None:
                     ref_args = map_tensors(args, lambda t: to_reference(t, ref_dev, upcast))

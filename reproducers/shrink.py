@@ -238,8 +238,8 @@ class Target:
                         out = rp.out_list(func(*args, **kwargs))
                     ref = rp.out_list(func(*rargs, **rkw))
                 except Exception as e:  # a shape the op rejects is not "the same failure"
-                    m = rp.Metric(cls="crash", message=f"{type(e).__name__}: {e}")
-                    return Outcome(metric=m, repeats=n, failed=1)
+                    return Outcome(metric=rp.Metric(cls="crash", message=f"{type(e).__name__}: {e}"), repeats=n,
+                                   failed=1)
                 m = rp.compare(out[case.output], ref[case.output], exact=not upcast)
                 if m is not None:
                     failed += 1

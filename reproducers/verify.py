@@ -86,10 +86,10 @@ def collective_hook(inject: str | None, members: list[int] | None = None) -> str
     if not inject:
         return None
     fs = [f for f in faultmod.parse(inject) if f.kind in _HOOK_KINDS]
-    if len(fs) != 1 or fs[0].ranks is None or len(fs[0].ranks) != 1:
+    ranks = fs[0].ranks if len(fs) == 1 else None
+    if ranks is None or len(ranks) != 1:
         return ""
-    f = fs[0]
-    rank = f.ranks[0]
+    f, rank = fs[0], ranks[0]
     if members:
         if rank not in members:
             return ""

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 python3 -m ruff check .
 lint=$?
 # mypy on the core (the typed results, the judges, the worker protocol and harness, the store, the
-# reports, the reproducers' statistics, the backend layer and the probes written once on it). The
+# reports, the reproducers, the backend layer and the probes written once on it). The
 # editable install is an import hook mypy cannot follow, so the checkout is seen as `chipcheck`
 # through a link.
 typed=$(mktemp -d)
@@ -15,7 +15,7 @@ ln -s "$PWD" "$typed/chipcheck"
 (cd "$typed" && python3 -m mypy --config-file chipcheck/setup.cfg -m chipcheck.results -m chipcheck.failures \
     -m chipcheck.generator -p chipcheck.fleet.judge -m chipcheck.fleet.protocol -m chipcheck.fleet.harness -m chipcheck.fleet.supervisor \
     -m chipcheck.fleet.session -m chipcheck.fleet.store -m chipcheck.fleet.history -m chipcheck.fleet.trends -m chipcheck.fleet.summary -p chipcheck.reports \
-    -m chipcheck.reproducers.trials -m chipcheck.reproducers.settings -m chipcheck.reproducers.flight \
+    -p chipcheck.reproducers \
     -m chipcheck.probes.keeping -p chipcheck.probes.backends -m chipcheck.probes.matmul -m chipcheck.probes.collectives \
     -m chipcheck.probes.jax_collectives)
 types=$?
