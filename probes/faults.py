@@ -29,7 +29,8 @@ faults land at `call` in the probes listed in `CALL_TIME_PROBES` (training steps
 reads the forward's outputs, which are dead by the time the step is left) and at `exit` elsewhere.
 Collectives: with `op=` naming a c10d op (`send`, `allreduce_`, `broadcast_`, `_allgather_base_`,
 `_reduce_scatter_base_`, `alltoall_base_`, and the coalesced `allreduce_coalesced_`,
-`allgather_into_tensor_coalesced_`, `reduce_scatter_tensor_coalesced_`: their first tensor), a value
+`allgather_into_tensor_coalesced_`, `reduce_scatter_tensor_coalesced_`: their first tensor; `alltoall_`:
+the tensor to rank 0), a value
 fault corrupts the *outgoing* payload before
 it leaves (a bad NIC or link), `slow` stretches the op, and `peer=N` limits a fault to sends to
 rank N: `bitflip:rank=1,bit=12,op=send,peer=2,probe=links` corrupts only the link 1 -> 2.
@@ -336,8 +337,9 @@ def _busy_wait(seconds: float) -> None:
         pass
 
 
-_OUTPUTS_FIRST = ("allgather_into_tensor_coalesced_", "reduce_scatter_tensor_coalesced_")
-"""c10d's coalesced ops that take (outputs, inputs) tensor lists: the payload sent is an input."""
+_OUTPUTS_FIRST = ("allgather_into_tensor_coalesced_", "reduce_scatter_tensor_coalesced_", "alltoall_")
+"""c10d's ops that take (outputs, inputs) tensor lists (the coalesced ones, alltoall's list form): the
+payload sent is an input (alltoall_: the one to rank 0)."""
 
 
 def make_injector(faults: list[Fault], rank: int, probe: str) -> Any:

@@ -435,10 +435,10 @@ CHECKED_REDUCTIONS = ("sum", "avg", "product", "min", "max")
 def collective_kind(op: str) -> str | None:
     """all_reduce, all_gather, reduce_scatter, broadcast or all_to_all for a c10d or functional
     collective's overload name (`c10d._allgather_base_.default`, ...; c10d's coalesced forms are their
-    collective over several tensors); None for the ones not checked (the functional coalesced forms,
-    the list form of alltoall)."""
+    collective over several tensors, its list form of alltoall an uneven all-to-all); None for the ones
+    not checked (the functional coalesced forms)."""
     name = op.split(".")[1] if op.count(".") >= 2 else op
-    if ("coalesced" in name and not op.startswith("c10d.")) or name == "alltoall_":
+    if "coalesced" in name and not op.startswith("c10d."):
         return None
     for kind, spellings in (("all_reduce", ("allreduce", "all_reduce")), ("all_gather", ("allgather", "all_gather")),
                             ("reduce_scatter", ("reduce_scatter",)), ("broadcast", ("broadcast",)),
@@ -459,10 +459,11 @@ def _payload(kind: str, op: str, ins: list[Any], outs: list[Any]) -> list[tuple[
         return []
     if "coalesced" in op:  # `allgather_into_tensor_coalesced_(outputs, inputs)`: input j makes output j
         return [([len(outs) + j], o) for j, o in enumerate(outs)] if len(ins) == 2 * len(outs) else []
-    out = torch.cat([o.reshape(-1) for o in outs]) if kind == "all_gather" else outs[0]
+    listed = kind == "all_gather" or _listed_a2a(op)  # a list of outputs, one per group rank
+    out = torch.cat([o.reshape(-1) for o in outs]) if listed else outs[0]
     if not op.startswith("c10d."):
         return [([0], out)]
-    first = len(outs) if kind == "all_gather" else 1
+    first = len(outs) if listed else 1
     return [(list(range(first, len(ins))), out)] if len(ins) > first else []
 
 
@@ -475,10 +476,18 @@ def _a2a_splits(rec: fmt.OpRecord) -> tuple[list[int], list[int]]:
     return (got[0] or [], got[1] or []) if len(got) == 2 else ([], [])
 
 
-def _a2a_layout(recs: list[fmt.OpRecord], ins: list[Any]) -> list[list[int]] | None:
+def _listed_a2a(op: str) -> bool:
+    """c10d's list form, `alltoall_(outputs, inputs, pg, timeout)`: input k goes to rank k, output j
+    comes from rank j; the tensors' sizes are its split sizes (in elements: it is checked flattened)."""
+    return op.split(".")[1:2] == ["alltoall_"]
+
+
+def _a2a_layout(recs: list[fmt.OpRecord], ins: list[Any],
+                listed: list[tuple[list[int], list[int]]] | None = None) -> list[list[int]] | None:
     """Every group rank's input split sizes, None for equal chunks; raises ValueError when the ranks'
-    recorded splits do not fit together (what rank j sends to rank g is what g expects from j)."""
-    pairs = [_a2a_splits(r) for r in recs]
+    recorded splits do not fit together (what rank j sends to rank g is what g expects from j).
+    `listed`: the list form's (output, input) sizes per group rank, in place of recorded splits."""
+    pairs = listed or [_a2a_splits(r) for r in recs]
     if not any(o or i for o, i in pairs):
         return None
     world = len(recs)
@@ -487,6 +496,18 @@ def _a2a_layout(recs: list[fmt.OpRecord], ins: list[Any]) -> list[list[int]] | N
         if len(sent[g]) != world or (o and o != [sent[j][g] for j in range(world)]):
             raise ValueError("the ranks' all-to-all split sizes do not fit together")
     return sent
+
+
+def _listed_sizes(results: list[ReplayResult], call: list[tuple[int, int, fmt.OpRecord]]
+                  ) -> list[tuple[list[int], list[int]]] | None:
+    """The list form of alltoall's (output, input) tensor sizes per group rank; None for other forms."""
+    if not _listed_a2a(call[0][2].op):
+        return None
+    out = []
+    for i, k, _ in call:
+        outs = results[i].collective_outputs[k][1]
+        out.append(([o.numel() for o in outs], [x.numel() for x in results[i].collective_inputs[k][1][len(outs):]]))
+    return out
 
 
 def _sent(ins: list[Any], where: list[int]) -> Any:
@@ -651,7 +672,7 @@ def _check_call(results: list[ReplayResult], caps: list[fmt.Capture], call: list
     for j in range(min(len(p) for p in parts)):
         sent = [_sent(x, p[j][0]) for x, p in zip(ins, parts, strict=True)]
         try:
-            splits = _a2a_layout(recs, sent) if kind == "all_to_all" else None
+            splits = _a2a_layout(recs, sent, _listed_sizes(results, call)) if kind == "all_to_all" else None
         except ValueError:
             if unjudged is not None:
                 unjudged.append(f"op #{recs[0].index} {recs[0].op}: split sizes do not fit together")

@@ -242,15 +242,17 @@ def test_a_receive_recorded_before_it_landed_is_not_judged(tmp_path: Path) -> No
         sk.shrink_collective(str(root))
 
 
-def _rows(sender: int, receiver: int) -> int:
-    """Tokens rank `sender` routes to rank `receiver` in the MoE-style step below (1 to 3, uneven)."""
-    return (sender + 2 * receiver) % 3 + 1
+def _rows(sender: int, receiver: int, form: str = "single") -> int:
+    """Tokens rank `sender` routes to rank `receiver` in the MoE-style step below (1 to 3, uneven; 2
+    through the list form)."""
+    return (sender + 2 * receiver) % 3 + 1 if form == "single" else 2
 
 
-def _moe_rank(rank: int, world: int, root: str, fault: bool) -> None:
+def _moe_rank(rank: int, world: int, root: str, fault: bool, form: str) -> None:
     """An expert-parallel dispatch: each rank routes an uneven number of 4-wide token rows to every
-    rank (`all_to_all_single` with split sizes), the receiving experts scale them. With `fault`, rank 1
-    flips a bit of the first row it sends (to rank 0) once."""
+    rank (`all_to_all_single` with split sizes), or 2 rows to each through the list form `all_to_all`
+    (one tensor per rank; gloo's takes equal sizes only, NCCL's any), the receiving experts scale them. With `fault`, rank 1 flips a bit of the first row it sends (to
+    rank 0) once."""
     import torch.distributed as dist
 
     from chipcheck import generator as g
@@ -259,24 +261,30 @@ def _moe_rank(rank: int, world: int, root: str, fault: bool) -> None:
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{root}-pg", rank=rank, world_size=world)
-    sends = [_rows(rank, k) for k in range(world)]
-    receives = [_rows(j, rank) for j in range(world)]
+    sends = [_rows(rank, k, form) for k in range(world)]
+    receives = [_rows(j, rank, form) for j in range(world)]
     x = g.uniform((sum(sends), 4), 11 + rank, "tokens", device="cpu")
-    spec = "bitflip:rank=1,bit=25,op=alltoall_base_,index=3,count=1"
+    spec = f"bitflip:rank=1,bit=25,op={'alltoall_base_' if form == 'single' else 'alltoall_'},index=3,count=1"
     inj = faults.make_injector(faults.parse(spec), rank, "repro") if fault else None
     with inj() if inj else contextlib.nullcontext():
         with capture(root):
             tokens = torch.sigmoid(x)
-            got = torch.empty((sum(receives), 4))
-            dist.all_to_all_single(got, tokens, output_split_sizes=receives, input_split_sizes=sends)
-            got.mul_(2)
+            if form == "single":
+                got = torch.empty((sum(receives), 4))
+                dist.all_to_all_single(got, tokens, output_split_sizes=receives, input_split_sizes=sends)
+                got.mul_(2)
+            else:
+                parts = [torch.empty((n, 4)) for n in receives]
+                dist.all_to_all(parts, list(tokens.split(sends)))
+                torch.cat(parts).mul_(2)
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("fault", [True, False])
-def test_an_uneven_all_to_all_is_checked_and_a_corrupted_one_becomes_a_file(tmp_path: Path, fault: bool) -> None:
+@pytest.mark.parametrize(("fault", "form"), [(True, "single"), (False, "single"), (True, "list"), (False, "list")])
+def test_an_uneven_all_to_all_is_checked_and_a_corrupted_one_becomes_a_file(tmp_path: Path, fault: bool,
+                                                                            form: str) -> None:
     root = tmp_path / "cap"
-    mp.start_processes(_moe_rank, args=(3, str(root), fault), nprocs=3, start_method="spawn")
+    mp.start_processes(_moe_rank, args=(3, str(root), fault, form), nprocs=3, start_method="spawn")
     if not fault:
         with pytest.raises(sk.NotReproducible, match="matches the exact result"):
             sk.shrink_collective(str(root))
@@ -284,7 +292,9 @@ def test_an_uneven_all_to_all_is_checked_and_a_corrupted_one_becomes_a_file(tmp_
     case = sk.shrink_collective(str(root))
     div = case.divergence
     assert div.collective == "all_to_all" and case.world == 3 and div.rank == 0
-    assert div.splits == [[_rows(j, k) for k in range(3)] for j in range(3)]
+    per = 1 if form == "single" else 4  # rows of the tensor, or elements of the list's tensors
+    assert div.splits == [[_rows(j, k, form) * per for k in range(3)] for j in range(3)]
+    assert case.op == f"c10d.{'alltoall_base_' if form == 'single' else 'alltoall_'}.default"
     assert "wrong in the part from rank 1" in div.metric.message and div.metric.bad == 1
     _, good = _run_file(tmp_path, case, "bitflip:rank=1,bit=25,index=3")
     assert good.count("agrees with") == 3, good
