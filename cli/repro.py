@@ -95,8 +95,8 @@ def repro_shrink(capture_dir: str, reference: str, device: str | None, rank: int
         case = _repro_call(lambda: sk.shrink_collective(capture_dir, device=device))
         text = emit.render_collective(case, metric_line=case.divergence.metric.line())
         click.echo(f"{case.op}: {case.world} ranks; {case.divergence.metric.line()}")
-        check = vf.verify(text, suspect="cpu", reference="cpu", hook=_repro_call(lambda: vf.collective_hook(inject, case.divergence.members)),
-                          collective=True)
+        hook = _repro_call(lambda: vf.collective_hook(inject, case.divergence.members))
+        check = vf.verify(text, suspect="cpu", reference="cpu", hook=hook, collective=True)
     else:
         r = _repro_call(lambda: sk.shrink_capture(capture_dir, reference=reference, device=device, rank=rank,
                                                   inject=inject, repeats=repeat, live_inject=live_inject,

@@ -421,7 +421,7 @@ def render_collective(case: CollectiveCase, *, metric_line: str) -> str:
     what = f"{kind} ({red})" if red else {"broadcast": f"broadcast from rank {div.source}",
                                           "send_recv": "send from rank 0, recv on rank 1"}.get(kind, kind)
     if div.splits:
-        what += f" (uneven: rows sent per rank {div.splits})"
+        what += f" (uneven: sizes sent per rank {div.splits})"
     exact = f"the exact {red} of every rank's input" if red else "what the ranks sent, bit for bit"
     title = f"chipcheck reproducer: {what} over {case.world} ranks"
     data = {"title": title, "world": case.world, "dtype": str(t0.dtype).removeprefix("torch."),

@@ -8,10 +8,6 @@ from __future__ import annotations
 
 import torch
 
-KINDS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "all_to_all")
-"""The collectives checked against their exact result (the list form of alltoall, send/recv and
-coalesced forms are substituted by their recorded outputs in replay, not checked)."""
-
 
 def reduction(op, xs, u):
     """(the exact float64 all-reduce `op` of every rank's input `xs` (float64 tensors), the error allowed

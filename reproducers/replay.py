@@ -29,6 +29,7 @@ import torch
 
 from ..probes import faults as faultmod
 from ..probes.backends import backend_of, oracles
+from ..probes.backends.base import INT_BY_WIDTH
 from . import format as fmt
 from . import settings as st
 from .reduction import exact_result
@@ -109,7 +110,8 @@ class Divergence:
     source: int = 0
     """A broadcast's source (group rank)."""
     splits: list[list[int]] | None = None
-    """An uneven all-to-all: every group rank's input split sizes (rows to each rank); None otherwise."""
+    """An uneven all-to-all: every group rank's input split sizes (rows of dim 0 to each rank; elements
+    for the list form, checked flattened); None otherwise."""
     members: list[int] = field(default_factory=list)
     """A collective divergence: the global rank of each of the call's ranks, in group-rank order (a send
     and its receive: sender, receiver); the file's rank k stands for `members[k]`."""
@@ -616,9 +618,6 @@ def _p2p_key(rank: int, rec: fmt.OpRecord) -> tuple[int, int, str, int] | None:
     return (rank, peer, group, tag) if rec.op.split(".")[1] == "send" else (peer, rank, group, tag)
 
 
-_SAME_WIDTH_INT = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
 def _check_p2p(results: list[ReplayResult], caps: list[fmt.Capture], call: list[tuple[int, int, fmt.OpRecord]],
                unjudged: list[str] | None) -> Divergence | None:
     """A send and its receive: what arrived (recorded at capture) against what the sender sent (its
@@ -630,19 +629,19 @@ def _check_p2p(results: list[ReplayResult], caps: list[fmt.Capture], call: list[
            if not (rrec.collective or {}).get("complete") else
            "the sender's replayed payload is not what it sent" if not ins or not _as_sent(caps[si], srec, ins, [0]) else
            "what arrived differs in shape or dtype from what was sent"
-           if not outs or outs[0].shape != ins[0].shape or outs[0].dtype != ins[0].dtype else "")
+           if not outs or outs[0].shape != ins[0].shape or outs[0].dtype != ins[0].dtype else
+           "no integer of its element's width to compare bits with" if ins[0].element_size() not in INT_BY_WIDTH
+           else "")
     if why:
         if unjudged is not None:
             unjudged.append(f"op #{rrec.index} {rrec.op} on rank {caps[ri].rank}: {why}")
         return None
     sent, got = ins[0], outs[0]
-    width = _SAME_WIDTH_INT.get(sent.element_size())
-    if width is None:
-        return None
-    bad = sent.reshape(-1).contiguous().view(width) != got.reshape(-1).contiguous().view(width)
+    bk = backend_of(got)
+    bad = bk.bits(sent.reshape(-1)) != bk.bits(got.reshape(-1))
     if not bool(bad.any()):
         return None
-    mm = oracles.compare_bits(backend_of(got), sent.reshape(-1)[bad], got.reshape(-1)[bad], tensor="out")
+    mm = oracles.compare_bits(bk, sent.reshape(-1)[bad], got.reshape(-1)[bad], tensor="out")
     err = (got.double() - sent.double()).abs().reshape(-1)[bad]
     src, dst = caps[si].rank, caps[ri].rank
     m = Metric(cls="wrong", max_abs=float(err.max()), bad=int(bad.sum()), total=got.numel(),
@@ -664,7 +663,7 @@ def _check_call(results: list[ReplayResult], caps: list[fmt.Capture], call: list
     kind = collective_kind(recs[0].op)
     red = str((recs[0].collective or {}).get("reduce_op", "sum")) if kind in ("all_reduce", "reduce_scatter") else ""
     if kind is None or (red and red not in CHECKED_REDUCTIONS):
-        return None  # bitwise reductions of integers, coalesced calls: not checked here
+        return None  # bitwise reductions of integers, functional coalesced calls: not checked here
     ins = [results[i].collective_inputs[k][1] for i, k, _ in call]
     parts = [_payload(kind, rec.op, results[i].collective_inputs[k][1], results[i].collective_outputs[k][1])
              for i, k, rec in call]
@@ -722,4 +721,3 @@ def _part_ends(kind: str, sent: list[Any], rank: int, splits: list[list[int]] | 
         rows = x.shape[0] if x.dim() else 1
         sizes.append(x.numel() // max(rows, 1) * (splits[j][rank] if splits else rows // len(sent)))
     return list(itertools.accumulate(sizes))
-    return None

@@ -568,8 +568,8 @@ class CollectiveCase:
 
 def shrink_collective(root: str, *, device: str | None = None) -> CollectiveCase:
     """Every rank's replay; the first collective (all-reduce, all-gather, reduce-scatter, broadcast,
-    all-to-all, a send and its receive) whose result differs from the exact host-side one (`rp.check_collectives`), over however many
-    ranks captured it."""
+    all-to-all, a send and its receive) whose result differs from the exact host-side one
+    (`rp.check_collectives`), over however many ranks captured it."""
     caps = fmt.load_all(root)
     if len(caps) < 2:
         raise NotReproducible(f"{root}: one rank captured; a collective repro needs every rank's capture")
