@@ -3,8 +3,9 @@
     python benchmarks/bench_repro.py [--steps 5] [--json benchmarks/results/repro.json]
 
 Capture overhead is the ratio of a captured step's wall time to a bare step's (medians over
-`--steps`, same trainer, interleaved bare / flight recorder / full capture / a dispatch mode that
-records nothing, the floor under any Python op recorder), on the tiny GPT (468 ops of a few
+`--steps`, same trainer, interleaved bare / flight recorder / flight recorder with the live C++ op
+log, then bare / full capture / a dispatch mode that records nothing, the floor under any Python op
+recorder), on the tiny GPT (468 ops of a few
 microseconds: the worst case), the `bench` preset (3 M parameters, the same ops on GEMMs that take
 time) and a HuggingFace GPT-2; the flight
 recorder's is a step inside `FlightRecorder.step` (a snapshot of the step's starting state) over a
@@ -32,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from chipcheck.model import GPTConfig, TrainConfig, Trainer, data
 from chipcheck.probes import faults
-from chipcheck.reproducers import FlightRecorder, capture, emit
+from chipcheck.reproducers import FlightRecorder, capture, emit, oplog
 from chipcheck.reproducers import shrink as sk
 
 SPEC = "bitflip:rank=0,bit=25,op=mm,after=12,count=1,at=call"
@@ -53,17 +54,27 @@ def _timed(step: Callable[[], object], around: Callable[[int], Any]) -> float:
     return time.perf_counter() - t0
 
 
-def overheads(step: Callable[[], object], rec: FlightRecorder, batch: object, steps: int,
-              tmp: str) -> dict[str, float]:
-    """Medians of a bare step and one under the flight recorder, interleaved; then, in a loop of their
+def _recorders(model: Any, opt: Any) -> tuple[FlightRecorder, FlightRecorder | None]:
+    """A flight recorder, and one that keeps the live op log too (None where it cannot be built)."""
+    return FlightRecorder(model, opt), FlightRecorder(model, opt, oplog=True) if oplog.available() is None else None
+
+
+def overheads(step: Callable[[], object], recs: tuple[FlightRecorder, FlightRecorder | None], batch: object,
+              steps: int, tmp: str) -> dict[str, Any]:
+    """Medians of a bare step, one under the flight recorder and one under the flight recorder with
+    the live op log (a C++ RecordFunction callback: every top-level op with its tensors' dtypes and
+    shapes; the values come from re-execution), interleaved; then, in a loop of their
     own (a captured step leaves the allocator and caches in another state than a bare one, and the
     recorder's few percent must not carry that), a bare step, one under full capture and one under a
     dispatch mode that records nothing (the floor of any Python op recorder), interleaved."""
-    bare, flown = [], []
+    rec, logged = recs
+    bare, flown, flown_log = [], [], []
     step()
     for _ in range(steps):
         bare.append(_timed(step, lambda _i: contextlib.nullcontext()))
         flown.append(_timed(step, lambda _i: rec.step(batch)))
+        if logged is not None:
+            flown_log.append(_timed(step, lambda _i: logged.step(batch)))
     bare2, captured, floor = [], [], []
     for i in range(steps):
         bare2.append(_timed(step, lambda _i: contextlib.nullcontext()))
@@ -71,7 +82,13 @@ def overheads(step: Callable[[], object], rec: FlightRecorder, batch: object, st
         floor.append(_timed(step, lambda _i: _Passthrough()))
         shutil.rmtree(Path(tmp) / f"o{i}")
     b, f, b2, c, p = (statistics.median(x) for x in (bare, flown, bare2, captured, floor))
-    return {"step_bare_ms": 1e3 * b, "step_flight_recorder_ms": 1e3 * f, "step_bare_capture_loop_ms": 1e3 * b2,
+    with_log: dict[str, Any] = {"flight_recorder_oplog": oplog.available()}  # why not, where it cannot run
+    if logged is not None:
+        fl = statistics.median(flown_log)
+        with_log = {"step_flight_recorder_oplog_ms": 1e3 * fl, "flight_recorder_oplog_overhead_ratio": fl / b,
+                    "oplog_ops_per_step": len(logged.last.oplog or ())}
+    return {"step_bare_ms": 1e3 * b, "step_flight_recorder_ms": 1e3 * f, **with_log,
+            "step_bare_capture_loop_ms": 1e3 * b2,
             "step_captured_ms": 1e3 * c, "flight_recorder_overhead_ratio": f / b, "capture_overhead_ratio": c / b2,
             "dispatch_floor_ratio": p / b2, "snapshot_bytes": rec.last.nbytes()}
 
@@ -81,7 +98,7 @@ def trainer_overheads(preset: str, steps: int, tmp: str) -> dict[str, Any]:
     tr = Trainer(mc, TrainConfig(), seed=1)
     x, y = data.batch(mc, 1, 0, batch_size=8)
     return {"preset": preset, "params": sum(p.numel() for p in tr.model.parameters()),
-            **overheads(lambda: tr.step(x, y), FlightRecorder(tr.model, tr.opt), (x, y), steps, tmp)}
+            **overheads(lambda: tr.step(x, y), _recorders(tr.model, tr.opt), (x, y), steps, tmp)}
 
 
 def hf_overheads(steps: int) -> dict[str, object]:
@@ -106,7 +123,7 @@ def hf_overheads(steps: int) -> dict[str, object]:
 
     with tempfile.TemporaryDirectory() as tmp:
         return {"model": "transformers GPT2LMHeadModel n_layer=2 n_embd=64, batch 4x32",
-                **overheads(step, FlightRecorder(model, opt), ids, steps, tmp)}
+                **overheads(step, _recorders(model, opt), ids, steps, tmp)}
 
 
 def main() -> None:

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import random
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import oplog as ol
 from . import settings as st
 
 
@@ -89,6 +92,8 @@ class Snapshot:
     batch: Any
     rng: RngState
     settings: dict[str, Any]
+    oplog: ol.OpLog | None = field(default=None, repr=False, compare=False)
+    """The ops the step ran live, when the recorder keeps the op log (oplog.py)."""
     sources: tuple[int, ...] = field(default=(), repr=False, compare=False)
     """id() of the live tensors copied (a later snapshot into this slot skips the layout check when
     they are the same objects)."""
@@ -112,10 +117,16 @@ class FlightRecorder:
     layout is one fused copy into the memory of the snapshot it pushes out. So a snapshot is valid
     while it is among the last `keep`: `save` it (or `recapture` from it) before more steps run."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *, keep: int = 1):
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *, keep: int = 1,
+                 oplog: bool = False):
         if keep < 1:
             raise ValueError("keep must be >= 1")
+        if oplog and (why := ol.available()) is not None:
+            raise ol.OpLogUnavailable(why)
         self.model, self.optimizer = model, optimizer
+        self.log_ops = oplog
+        self.path_check: ol.PathCheck | None = None
+        """The last recapture's check of its re-execution against the live op log."""
         self.snapshots: collections.deque[Snapshot] = collections.deque(maxlen=keep)
         self.steps = 0
         self.relist()
@@ -166,12 +177,18 @@ class FlightRecorder:
 
     @contextlib.contextmanager
     def step(self, batch: Any = None) -> Iterator[Snapshot]:
-        """Around one training step: its starting state is kept before the step runs."""
+        """Around one training step: its starting state is kept before the step runs (and, with
+        `oplog=True`, the ops it runs: on `last`, once the step is over)."""
         snap = self.snapshot(batch)
+        log = ol.recording() if self.log_ops else contextlib.nullcontext()
+        kept: ol.Recording | None = None
         try:
-            yield snap
+            with log as kept:
+                yield snap
         finally:
             self.steps += 1
+            if kept is not None and kept.result is not None and self.snapshots and self.snapshots[-1] is snap:
+                self.snapshots[-1] = dataclasses.replace(snap, oplog=kept.result)
 
     @property
     def last(self) -> Snapshot:
@@ -212,9 +229,23 @@ class FlightRecorder:
                   trials: int = 1, failed: Callable[[Any], bool] | None = None) -> Path | None:
         """Re-run the step from `snap` (default: the last) under full op capture, up to `trials` times,
         until `failed(step's return value)` says the failure showed (without `failed`: the first trial).
-        Returns the capture directory of that trial (root/trial-N), or None when no trial failed."""
+        Returns the capture directory of that trial (root/trial-N), or None when no trial failed.
+
+        When the snapshot holds the live op log, the step is first re-executed under the log alone (as
+        it ran live: a dispatch mode changes some of what autograd runs) and the two logs compared;
+        the verdict is `path_check`, written to root/path-check.txt, and a warning when the
+        re-execution ran other ops than the live step (state the snapshot does not hold, a branch on
+        something else): the capture then describes another step."""
         from .capture import capture
 
+        snap = snap or self.last
+        self.path_check = None
+        if snap.oplog is not None:
+            self.path_check = self.check_path(step_fn, snap)
+            Path(root).mkdir(parents=True, exist_ok=True)
+            (Path(root) / "path-check.txt").write_text(self.path_check.line() + "\n")
+            if not self.path_check.same:
+                warnings.warn(f"flight recorder: the re-executed step is {self.path_check.line()}", stacklevel=2)
         for i in range(max(1, trials)):
             batch = self.restore(snap)
             where = Path(root) / f"trial-{i}"
@@ -223,6 +254,17 @@ class FlightRecorder:
             if failed is None or failed(out):
                 return where
         return None
+
+    def check_path(self, step_fn: Callable[[Any], Any], snap: Snapshot | None = None) -> ol.PathCheck:
+        """Re-run the step from `snap` under the op log alone; compare with the ops it ran live."""
+        snap = snap or self.last
+        if snap.oplog is None:
+            raise ValueError("this snapshot has no live op log (FlightRecorder(..., oplog=True) keeps one)")
+        batch = self.restore(snap)
+        with ol.recording() as kept:
+            step_fn(batch)
+        assert kept.result is not None
+        return ol.PathCheck.of(snap.oplog, kept.result)
 
     def save(self, path: str | Path, snap: Snapshot | None = None) -> Path:
         """Write a snapshot (default: the last) to `path` (torch.save), to recapture elsewhere."""

@@ -1,0 +1,151 @@
+"""The live op log (C++ RecordFunction callback) and the flight recorder's check of a re-execution against it."""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from chipcheck.model import GPTConfig, TrainConfig, Trainer, data
+from chipcheck.reproducers import flight
+from chipcheck.reproducers import oplog as ol
+
+
+def _trainer() -> tuple[Trainer, list[tuple[torch.Tensor, torch.Tensor]]]:
+    mc = GPTConfig.tiny()
+    return Trainer(mc, TrainConfig(), seed=1), [data.batch(mc, 1, s, batch_size=4) for s in range(3)]
+
+
+def _log(fn) -> ol.OpLog:  # type: ignore[no-untyped-def]
+    with ol.recording() as kept:
+        fn()
+    assert kept.result is not None
+    return kept.result
+
+
+def test_the_log_holds_every_top_level_op_of_a_step_forward_backward_and_optimizer() -> None:
+    tr, (b, *_) = _trainer()
+    log = _log(lambda: tr.step(*b))
+    names = [o.name for o in log.ops]
+    # forward, the backward ops autograd runs (inside its evaluate_function records), the optimizer
+    assert names[0] == "aten::embedding" and "aten::nll_loss_backward" in names and "aten::mm" in names
+    assert names[-1] == "aten::addcdiv_"
+    first = log.op(0)
+    assert first.inputs == (("Float", (256, 64)), ("Long", (4, 32)))
+    assert first.line() == "#0 aten::embedding(Float[256, 64], Long[4, 32])"
+    # the parts of a composite op are not top-level: linear is logged, its addmm/mm inside it is not
+    assert "aten::linear" in names and "aten::addmm" not in names and "aten::matmul" not in names
+    # the first step made the optimizer's state: the next one runs other ops (the log says which);
+    # the steps after it run the same ops as each other; a smaller batch does not
+    second = _log(lambda: tr.step(*b))
+    diff = log.first_difference(second)
+    assert diff is not None and diff[0] is not None and diff[0].name == "aten::empty"
+    assert second.first_difference(_log(lambda: tr.step(*b))) is None
+    x, y = b[0][:2], b[1][:2]
+    diff = second.first_difference(_log(lambda: tr.step(x, y)))
+    assert diff is not None and diff[0] is not None and diff[1] is not None
+    assert diff[0].index == 0 and diff[1].inputs[1] == ("Long", (2, 32))
+
+
+def test_ops_a_dispatch_mode_runs_inside_an_op_are_not_logged() -> None:
+    class Busy(TorchDispatchMode):  # runs ops of its own inside each op, as a recorder or a fault injector does
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.is_floating_point():
+                out.detach().abs().sum()
+            return out
+
+    tr, (b, *_) = _trainer()
+    x, _ = b
+    with torch.no_grad():
+        bare = _log(lambda: tr.model(x))
+        with Busy():
+            moded = _log(lambda: tr.model(x))
+    assert len(bare) > 10 and bare.first_difference(moded) is None
+
+
+def test_lists_of_tensors_and_other_threads_are_logged() -> None:
+    a, b = torch.ones(3), torch.ones(2, 2)
+
+    def work() -> None:
+        torch.mm(b, b)
+
+    def step() -> None:
+        torch._foreach_add_([a, a], 1.0)
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+
+    log = _log(step)
+    ops = log.ops
+    assert ops[0].name == "aten::_foreach_add_" and ops[0].inputs[0] == [("Float", (3,)), ("Float", (3,))]
+    (mm,) = [o for o in ops if o.name == "aten::mm"]
+    assert mm.thread == 1 and mm.line().endswith("on thread 1")
+
+
+def test_only_one_log_at_a_time_and_a_failing_step_still_ends_it() -> None:
+    with pytest.raises(ZeroDivisionError):
+        with ol.recording() as kept:
+            torch.ones(2).add_(1)
+            1 / 0  # noqa: B018
+    assert kept.result is not None and [o.name for o in kept.result.ops] == ["aten::ones", "aten::add_"]
+    with ol.recording():
+        with pytest.raises(RuntimeError, match="already being kept"):
+            with ol.recording():
+                pass
+
+
+def test_a_flight_recorder_with_the_op_log_checks_its_re_execution_against_the_live_step(tmp_path: Path) -> None:
+    tr, batches = _trainer()
+    rec = flight.FlightRecorder(tr.model, tr.opt, oplog=True)
+    for b in batches:
+        with rec.step(b):
+            tr.step(*b)
+    assert rec.last.oplog is not None and len(rec.last.oplog) > 300
+    where = rec.recapture(lambda b: tr.step(*b), tmp_path / "cap")
+    assert where is not None and rec.path_check is not None and rec.path_check.same
+    assert (tmp_path / "cap" / "path-check.txt").read_text().startswith("same ops as the live step")
+    # the op log travels with a saved snapshot
+    saved = rec.load(rec.save(tmp_path / "snap.pt"))
+    assert saved.oplog is not None and saved.oplog.first_difference(rec.snapshots[0].oplog) is None  # type: ignore[arg-type]
+
+    # a step that depends on state the snapshot does not hold (here a flag; in real code a counter,
+    # a data loader's position): the re-execution runs other ops, and says where it parts
+    halve = [True]
+    half = batches[-1][0][:2], batches[-1][1][:2]
+
+    def step(b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return tr.step(*half) if halve[0] else tr.step(*b)
+
+    with pytest.warns(UserWarning, match="not the live step"):
+        rec.recapture(step, tmp_path / "cap2")
+    check = rec.path_check
+    assert check is not None and not check.same and check.live is not None and check.here is not None
+    assert check.live.index == 0 and check.here.inputs[1] == ("Long", (2, 32))
+    assert "not the live step" in (tmp_path / "cap2" / "path-check.txt").read_text()
+
+
+def test_a_recorder_without_the_log_checks_nothing_and_an_unbuildable_log_is_one_clear_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tr, batches = _trainer()
+    rec = flight.FlightRecorder(tr.model, tr.opt)
+    with rec.step(batches[0]):
+        tr.step(*batches[0])
+    assert rec.last.oplog is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rec.recapture(lambda b: tr.step(*b), tmp_path / "cap")
+    assert rec.path_check is None and not (tmp_path / "cap" / "path-check.txt").exists()
+    with pytest.raises(ValueError, match="no live op log"):
+        rec.check_path(lambda b: tr.step(*b))
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler, no ninja
+    with pytest.raises(ol.OpLogUnavailable, match="needs ninja"):
+        ol._build()
+    monkeypatch.setattr(ol, "available", lambda: "the live op log is compiled on first use and needs c++: ...")
+    with pytest.raises(ol.OpLogUnavailable, match="needs c\\+\\+"):
+        flight.FlightRecorder(tr.model, tr.opt, oplog=True)
