@@ -1,6 +1,7 @@
 """Flight recorder: always-on and cheap; the op-level capture afterwards, by re-executing a snapshot.
 
-Full op capture (reproducers/capture.py) costs about 2x a step; nobody leaves it on. The flight
+Full op capture with its values taken live (reproducers/capture.py) costs 2x to 10x a step; nobody leaves
+it on. The flight
 recorder instead keeps, per step, only the step's starting state: the model's parameters, buffers and
 gradients, the optimizer's state, the batch, every RNG state (torch CPU and CUDA, Python, NumPy) and
 the bit-changing settings, as copies on the device they live on. When a step goes wrong (a NaN loss,
@@ -19,6 +20,10 @@ Re-execution is exact when the step is deterministic given that state (chipcheck
 the deterministic flags; the snapshot records them): the recaptured step computes the same bits as
 the original did, which tests/test_flight.py checks on the tiny GPT. `save`/`load` keep a snapshot
 on disk, to recapture in another process with a freshly built model and optimizer.
+
+`FlightRecorder(model, optimizer, oplog=True)` also keeps the live op log (oplog.py: every top-level
+ATen op with its tensors' dtypes and shapes, from C++), and `recapture` checks its re-execution against
+it: `path_check` says whether the recaptured step ran the ops the live one did.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """The live op log: which ATen ops a step ran, in order, with their tensors' dtypes and shapes.
 
 Full op capture (capture.py) sees every op's values but costs a Python call and a hash per op (about
-11x a step of small ops, 2x on one of real GEMMs). The live part of the flight recorder's capture is
-this log instead, kept by a C++ RecordFunction callback (oplog.cpp, compiled on first use with
+10x a 3 ms step of small ops, 2x on one of real GEMMs). The live part of the flight recorder's capture
+is this log instead, kept by a C++ RecordFunction callback (oplog.cpp, compiled on first use with
 torch.utils.cpp_extension: a C++ compiler and ninja are needed, about 20 s once, cached after) at
-about 1.1x; the values come from re-executing the step's snapshot under full capture, and comparing
+about 1.3 us an op (1.29x with the snapshot on the tiny GPT, 1.05x on the bench GPT: docs/reproducers.md
+"Numbers"); the values come from re-executing the step's snapshot under full capture, and comparing
 the two logs says whether that re-execution ran the step that ran live (same ops, same shapes, in the
 same order on each thread), or where it went another way.
 

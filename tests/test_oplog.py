@@ -149,3 +149,42 @@ def test_a_recorder_without_the_log_checks_nothing_and_an_unbuildable_log_is_one
     monkeypatch.setattr(ol, "available", lambda: "the live op log is compiled on first use and needs c++: ...")
     with pytest.raises(ol.OpLogUnavailable, match="needs c\\+\\+"):
         flight.FlightRecorder(tr.model, tr.opt, oplog=True)
+
+
+def _ddp_rank(rank: int, world: int, root: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root}-pg", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=256, n_positions=64, attn_pdrop=0.0,
+                     embd_pdrop=0.0, resid_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    model = DistributedDataParallel(GPT2LMHeadModel(cfg))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step(ids: torch.Tensor) -> None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    rec = flight.FlightRecorder(model, opt, oplog=True)
+    for s in range(3):
+        ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(10 * s + rank))
+        with rec.step(ids):
+            step(ids)
+    live = rec.last.oplog
+    assert live is not None and any(o.name == "c10d::allreduce_" for o in live.ops)  # DDP's bucket all-reduce
+    where = rec.recapture(step, f"{root}/rank{rank}")  # both ranks re-execute: the collectives pair up
+    assert where is not None and rec.path_check is not None and rec.path_check.same, rec.path_check
+    dist.destroy_process_group()
+
+
+def test_a_huggingface_gpt2_under_ddp_on_two_ranks_re_executes_the_ops_it_ran_live(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_ddp_rank, args=(2, str(tmp_path / "x")), nprocs=2, start_method="spawn")
+    for rank in (0, 1):
+        assert (tmp_path / "x" / f"rank{rank}" / "path-check.txt").read_text().startswith("same ops as the live step")
