@@ -63,6 +63,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from .backends.base import INT_BY_WIDTH
+
 KINDS = ("bitflip", "stuck", "nan", "slow", "hang", "crash")
 _KEYS = {
     "bitflip": {"bit", "rate", "index"},
@@ -315,7 +317,7 @@ def corrupt(fault: Fault, out: Any, call: int) -> None:
     if fault.kind == "nan":
         flat[idx] = float("nan")
         return
-    ints = flat.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[out.element_size()])
+    ints = flat.view(getattr(torch, INT_BY_WIDTH[out.element_size()]))  # a view: written through to `out`
     assert fault.bit is not None
     bit = 1 << fault.bit
     if bit >= 1 << (width - 1):  # the sign bit, as a signed integer of this width

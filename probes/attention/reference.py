@@ -12,6 +12,7 @@ from typing import Any
 from ... import generator as g
 from ...results import Mismatch, Oracle
 from ..backends import oracles
+from ..backends.base import INT_BY_WIDTH
 from .inputs import Inputs, Shape, Variant
 
 
@@ -132,7 +133,7 @@ def tolerance_mismatch(expected: Any, actual: Any, tol: Any, *, tensor: str, ora
         return None
     flat = torch.nonzero(bad.reshape(-1)).reshape(-1)[:4096]
     width = actual.element_size() * 8
-    ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[actual.element_size()]
+    ints = getattr(torch, INT_BY_WIDTH[actual.element_size()])
     e_bits = expected.to(actual.dtype).reshape(-1)[flat].contiguous().view(ints).to(torch.int64).cpu()
     a_bits = actual.reshape(-1)[flat].contiguous().view(ints).to(torch.int64).cpu()
     xor = e_bits ^ a_bits
