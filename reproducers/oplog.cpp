@@ -27,6 +27,7 @@ namespace {
 // One op: its name's index, its thread's index, then per argument a code and its payload:
 //   tensor: -(100 + scalar type), ndim, sizes...   undefined tensor: -2
 //   tensor list: -3, count, then each tensor as above
+//   nested tensor: -(100 + scalar type), -1         arguments unreadable: -4 (alone)
 struct Log {
   std::vector<int32_t> name;
   std::vector<int32_t> thread;
@@ -52,6 +53,10 @@ void put_tensor(std::vector<int64_t>& out, const at::Tensor& t) {
     return;
   }
   out.push_back(-100 - static_cast<int64_t>(t.scalar_type()));
+  if (t.is_nested()) {  // no sizes() to read: its dtype only
+    out.push_back(-1);
+    return;
+  }
   out.push_back(t.dim());
   for (auto s : t.sizes()) out.push_back(s);
 }
@@ -75,15 +80,19 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
   if (thread_key == 0) thread_key = next_thread++;
   std::vector<int64_t>& codes = scratch;
   codes.clear();
-  for (const auto& v : fn.inputs()) {
-    if (v.isTensor()) {
-      put_tensor(codes, v.toTensor());
-    } else if (v.isTensorList()) {
-      auto list = v.toTensorList();
-      codes.push_back(-3);
-      codes.push_back(static_cast<int64_t>(list.size()));
-      for (const at::Tensor& t : list) put_tensor(codes, t);
+  try {
+    for (const auto& v : fn.inputs()) {
+      if (v.isTensor()) {
+        put_tensor(codes, v.toTensor());
+      } else if (v.isTensorList()) {
+        auto list = v.toTensorList();
+        codes.push_back(-3);
+        codes.push_back(static_cast<int64_t>(list.size()));
+        for (const at::Tensor& t : list) put_tensor(codes, t);
+      }
     }
+  } catch (const std::exception&) {  // a tensor whose metadata cannot be read (symbolic sizes): the op, marked
+    codes.assign(1, -4);
   }
   std::lock_guard<std::mutex> g(mu);
   if (!running) return nullptr;

@@ -69,16 +69,17 @@ class LoggedOp:
     thread: int
     """The thread's index in order of first appearance in the log (backward runs elsewhere on GPUs)."""
     inputs: tuple[Any, ...]
-    """Per tensor argument (dtype, shape); None for an undefined tensor; a tuple of those for a list."""
+    """Per tensor argument (dtype, shape); None for an undefined tensor; a list of those for a tensor
+    list; shape "nested" for a nested tensor; the one string "unreadable" when torch could not say."""
 
     def line(self) -> str:
         def one(t: Any) -> str:
-            if t is None:
-                return "None"
+            if t is None or isinstance(t, str):
+                return str(t)
             if isinstance(t, list):
                 return "[" + ", ".join(map(one, t)) + "]"
             dtype, shape = t
-            return f"{dtype}[{', '.join(map(str, shape))}]"
+            return f"{dtype}[{', '.join(map(str, shape))}]" if isinstance(shape, tuple) else f"{dtype} {shape}"
         return f"#{self.index} {self.name}({', '.join(map(one, self.inputs))})" + \
             (f" on thread {self.thread}" if self.thread else "")
 
@@ -108,13 +109,20 @@ class OpLog:
             pos += 1
             if c == -2:
                 return None
+            dt = -100 - c
+            dtype = self.dtypes[dt] if dt < len(self.dtypes) else f"scalar type {dt}"
             nd = codes[pos]
+            if nd < 0:  # a nested tensor: no one shape
+                pos += 1
+                return (dtype, "nested")
             shape = tuple(codes[pos + 1:pos + 1 + nd])
             pos += 1 + nd
-            dt = -100 - c
-            return (self.dtypes[dt] if dt < len(self.dtypes) else f"scalar type {dt}", shape)
+            return (dtype, shape)
 
         inputs: list[Any] = []
+        if codes == [-4]:
+            inputs.append("unreadable")
+            codes = []
         while pos < len(codes):
             if codes[pos] == -3:
                 n = codes[pos + 1]

@@ -68,14 +68,17 @@ def test_ops_a_dispatch_mode_runs_inside_an_op_are_not_logged() -> None:
     assert len(bare) > 10 and bare.first_difference(moded) is None
 
 
-def test_lists_of_tensors_and_other_threads_are_logged() -> None:
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+def test_lists_of_tensors_nested_tensors_and_other_threads_are_logged() -> None:
     a, b = torch.ones(3), torch.ones(2, 2)
+    nt = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
 
     def work() -> None:
         torch.mm(b, b)
 
     def step() -> None:
         torch._foreach_add_([a, a], 1.0)
+        nt.mul(2)  # no sizes() to read: logged with its dtype (reading them raised inside the callback)
         t = threading.Thread(target=work)
         t.start()
         t.join()
@@ -83,6 +86,8 @@ def test_lists_of_tensors_and_other_threads_are_logged() -> None:
     log = _log(step)
     ops = log.ops
     assert ops[0].name == "aten::_foreach_add_" and ops[0].inputs[0] == [("Float", (3,)), ("Float", (3,))]
+    assert ops[1].name == "aten::mul" and ops[1].inputs == (("Float", "nested"), ("Long", ()))  # 2: a wrapped number
+    assert ops[1].line() == "#1 aten::mul(Float nested, Long[])"
     (mm,) = [o for o in ops if o.name == "aten::mm"]
     assert mm.thread == 1 and mm.line().endswith("on thread 1")
 
