@@ -252,6 +252,8 @@ class Recorder(TorchDispatchMode):
                 # sent only when the work had completed once its bytes were copied (on CUDA the copy is
                 # ordered after the user's wait, so a waited NCCL receive has completed by then).
                 p.info["complete"] = _completed(p.work)
+                if p.info["complete"] and _name(p.func).split(".")[1] == "recv_any_source_":
+                    p.info["source"] = _source_rank(p.work)  # which group rank it came from, known once landed
             self.ops[p.slot] = fmt.OpRecord(
                 index=p.slot, op=str(p.func), args=p.args, kwargs=p.kwargs, outputs=vids, out_meta=metas,
                 fingerprints=fps, in_fingerprints=p.in_fps, substituted=True, collective=p.info,
@@ -444,6 +446,18 @@ def _completed(work: Any) -> bool:
                     else work.is_completed())
     except (RuntimeError, AttributeError, TypeError):
         return False
+
+
+def _source_rank(work: Any) -> int | None:
+    """The group rank a completed receive from any source came from (None when the backend cannot say:
+    the receive is then left unjudged)."""
+    import torch.distributed as dist
+
+    try:
+        w = dist.Work.unbox(work) if isinstance(work, torch.ScriptObject) else work
+        return int(w._source_rank())
+    except (RuntimeError, AttributeError, TypeError):
+        return None
 
 
 def _out_tensors(func: Any, args: list[Any]) -> list[Any]:

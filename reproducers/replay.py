@@ -557,7 +557,8 @@ def _calls(results: list[ReplayResult], caps: list[fmt.Capture],
     i-th collective of each of its members on that group. Sends and receives, which only two members
     make, are lined up apart (a pipeline stage's p2p between collectives does not shift them): the i-th
     send from one rank to another (in one group, with one tag) is the i-th receive there from it, a
-    call of (sender, receiver); a receive from any source is not matched (listed in `unjudged`). A
+    call of (sender, receiver); a receive from any source is matched by the source its work reported
+    once it landed (one that had not: listed in `unjudged`). A
     group's members are the global ranks recorded with its calls (every capture where none were
     recorded). A group with a member that was not captured is not checked (listed in `unjudged`), nor
     are its calls from the first where its members disagree on the op (they no longer line up).
@@ -573,9 +574,11 @@ def _calls(results: list[ReplayResult], caps: list[fmt.Capture],
                 key = _p2p_key(caps[i].rank, rec)
                 if key is None:
                     if unjudged is not None:
-                        unjudged.append(f"op #{rec.index} {rec.op}: its peer is not known")
+                        unjudged.append(f"op #{rec.index} {rec.op}: its peer is not known" + (
+                            " (a receive from any source that had not landed when it was recorded)"
+                            if "recv_any_source_" in rec.op else ""))
                 else:
-                    p2p[rec.op.split(".")[1]].setdefault(key, []).append((i, k, rec))
+                    p2p["send" if rec.op.split(".")[1] == "send" else "recv_"].setdefault(key, []).append((i, k, rec))
                 continue
             seq.setdefault(str((rec.collective or {}).get("group", "")), []).append((k, rec))
         seqs.append(seq)
@@ -606,14 +609,20 @@ def _calls(results: list[ReplayResult], caps: list[fmt.Capture],
 
 def _p2p_key(rank: int, rec: fmt.OpRecord) -> tuple[int, int, str, int] | None:
     """(sender, receiver, group, tag), global ranks, of `send(tensors, pg, dst, tag)` or
-    `recv_(tensors, pg, src, tag)` made by global rank `rank`; None for a receive from any source
-    (its source is not recorded)."""
+    `recv_(tensors, pg, src, tag)` made by global rank `rank`, or of `recv_any_source_(tensors, pg, tag)`
+    by the source its work reported (recorded at capture); None when the peer is not known."""
     info = rec.collective or {}
     ranks = [int(x) for x in info.get("ranks", [])]
-    if rec.op.split(".")[1] == "recv_any_source_" or len(rec.args) < 4 or not isinstance(rec.args[2], int):
+    if rec.op.split(".")[1] == "recv_any_source_":
+        peer_arg, tag_arg = info.get("source"), rec.args[2] if len(rec.args) > 2 else 0
+    elif len(rec.args) >= 4:
+        peer_arg, tag_arg = rec.args[2], rec.args[3]
+    else:
         return None
-    peer = ranks[rec.args[2]] if ranks and rec.args[2] < len(ranks) else rec.args[2]
-    tag = rec.args[3] if isinstance(rec.args[3], int) else 0
+    if not isinstance(peer_arg, int):
+        return None
+    peer = ranks[peer_arg] if ranks and peer_arg < len(ranks) else peer_arg
+    tag = tag_arg if isinstance(tag_arg, int) else 0
     group = str(info.get("group", ""))
     return (rank, peer, group, tag) if rec.op.split(".")[1] == "send" else (peer, rank, group, tag)
 

@@ -242,6 +242,42 @@ def test_a_receive_recorded_before_it_landed_is_not_judged(tmp_path: Path) -> No
         sk.shrink_collective(str(root))
 
 
+def _gather_rank(rank: int, world: int, root: str) -> None:
+    """Ranks 0 and 1 each send rank 2 a tensor; rank 2 takes them in whatever order they come
+    (`dist.recv` with no source, as a parameter server or a gather by hand does). Rank 1's send
+    has a bit flipped once."""
+    import torch.distributed as dist
+
+    from chipcheck.probes import faults
+    from chipcheck.reproducers import capture
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root}-pg", rank=rank, world_size=world)
+    inj = faults.make_injector(faults.parse("bitflip:rank=1,bit=25,op=send,index=2,count=1"), rank, "repro")
+    with inj() if inj else contextlib.nullcontext():
+        with capture(root):
+            h = torch.sigmoid(torch.arange(8.0) + rank)
+            if rank < 2:
+                dist.send(h * 2, 2)
+            else:
+                got = [torch.empty(8), torch.empty(8)]
+                for t in got:
+                    dist.recv(t)  # from any source
+                h = h + got[0] + got[1]
+    dist.destroy_process_group()
+
+
+def test_a_receive_from_any_source_is_checked_against_the_rank_it_came_from(tmp_path: Path) -> None:
+    root = tmp_path / "cap"
+    mp.start_processes(_gather_rank, args=(3, str(root)), nprocs=3, start_method="spawn")
+    case = sk.shrink_collective(str(root))
+    div = case.divergence
+    assert case.op == "c10d.recv_any_source_.default" and case.world == 2 and div.collective == "send_recv"
+    assert div.members == [1, 2] and div.metric.bad_indices == [[2]] and div.metric.flipped_bits == {25: 1}
+    assert "what rank 2 received from rank 1 differs from what rank 1 sent" in div.metric.message
+    _run_file(tmp_path, case, "bitflip:rank=0,bit=25,index=2")
+
+
 def _rows(sender: int, receiver: int, form: str = "single") -> int:
     """Tokens rank `sender` routes to rank `receiver` in the MoE-style step below (1 to 3, uneven; 2
     through the list form)."""
