@@ -5,7 +5,8 @@
 # script goes on. Outputs land under $OUT (the device tool's output folder; default ./gpu_out).
 # Steps:
 #   env        GPU, driver, torch/CUDA/cuBLAS/jax versions
-#   pytest     the gpu-marked tests (fp8 _scaled_mm against the accumulator model, generator identity, ...)
+#   pytest     the gpu-marked tests (fp8 _scaled_mm against the accumulator model, generator identity,
+#              the flight recorder's C++ op log with CUDA's backward thread: compiled there, ~20 s, ...)
 #   quick      `chipcheck run --profile quick` on the GPU: every default probe, expect pass
 #   inject     the matmul probe with one flipped bit per output dtype: expect wrong in every case,
 #              the flipped bit reported

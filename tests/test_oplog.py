@@ -193,3 +193,22 @@ def test_a_huggingface_gpt2_under_ddp_on_two_ranks_re_executes_the_ops_it_ran_li
     mp.start_processes(_ddp_rank, args=(2, str(tmp_path / "x")), nprocs=2, start_method="spawn")
     for rank in (0, 1):
         assert (tmp_path / "x" / f"rank{rank}" / "path-check.txt").read_text().startswith("same ops as the live step")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_on_a_gpu_the_backward_thread_is_logged_apart_and_a_re_execution_matches(tmp_path: Path) -> None:
+    mc = GPTConfig.tiny()
+    tr = Trainer(mc, TrainConfig(), seed=1, device="cuda")
+    batches = [data.batch(mc, 1, s, batch_size=4, device="cuda") for s in range(3)]
+    rec = flight.FlightRecorder(tr.model, tr.opt, oplog=True)
+    for b in batches:
+        with rec.step(b):
+            tr.step(*b)
+    live = rec.last.oplog
+    assert live is not None
+    # autograd runs CUDA backward on its device thread: those ops are logged as another thread's
+    assert {o.thread for o in live.ops} == {0, 1}
+    assert any(o.name == "aten::mm" and o.thread == 1 for o in live.ops)
+    rec.recapture(lambda b: tr.step(*b), tmp_path / "cap")
+    assert rec.path_check is not None and rec.path_check.same, rec.path_check
