@@ -337,6 +337,20 @@ def _busy_wait(seconds: float) -> None:
         pass
 
 
+_NOT_SENT = ("wait_tensor", "_wrap_tensor_autograd")
+"""Functional-collective ops that move nothing: the wait for a result, its autograd wrapper."""
+
+
+def _with_first_input(args: Any, replacement: Any) -> tuple[Any, Any]:
+    """A functional collective's arguments with its first input tensor replaced: (replacement, args)."""
+    first = args[0]
+    if isinstance(first, (list, tuple)):
+        first = [replacement, *first[1:]]
+    else:
+        first = replacement
+    return replacement, (first, *args[1:])
+
+
 _OUTPUTS_FIRST = ("allgather_into_tensor_coalesced_", "reduce_scatter_tensor_coalesced_", "alltoall_")
 """c10d's ops that take (outputs, inputs) tensor lists (the coalesced ones, alltoall's list form): the
 payload sent is an input (alltoall_: the one to rank 0)."""
@@ -415,7 +429,7 @@ def _injector(active: list[Fault], *, call_time: bool) -> Any:
             mine = [f for f in active if (f.op == name if f.op else name in DEFAULT_OPS)]
             if not mine:
                 return func(*args, **kwargs)
-            if func.namespace == "c10d":
+            if func.namespace == "c10d" or (func.namespace == "_c10d_functional" and name not in _NOT_SENT):
                 return self._collective(func, name, mine, args, kwargs)
             t0 = time.perf_counter()
             out = func(*args, **kwargs)
@@ -448,7 +462,13 @@ def _injector(active: list[Fault], *, call_time: bool) -> Any:
             """c10d ops (send, allreduce_, ...): a value fault corrupts the *outgoing* payload before
             it leaves, as a bad NIC or link would (`peer` limits it to sends to one rank), or with
             `side=recv` what arrives: the op is waited for and its output corrupted."""
-            if name.endswith("_base_"):  # (output, input)
+            import torch
+
+            functional = func.namespace == "_c10d_functional"
+            if functional:  # out of place: (input or inputs, ...); what arrives is the result
+                first = args[0]
+                sent, got = (first if isinstance(first, torch.Tensor) else first[0] if first else None), None
+            elif name.endswith("_base_"):  # (output, input)
                 sent, got = args[1], args[0]
             elif name in _OUTPUTS_FIRST:  # (outputs, inputs): the first tensor of each
                 sent, got = (args[1][0] if args[1] else None), (args[0][0] if args[0] else None)
@@ -458,6 +478,7 @@ def _injector(active: list[Fault], *, call_time: bool) -> Any:
                 got = got[0] if got else None
             t0 = time.perf_counter()
             slow = 1.0
+            fired = False
             late: list[tuple[Fault, int]] = []
             for f in mine:
                 if f.peer is not None and (name != "send" or len(args) < 3 or args[2] != f.peer):
@@ -470,8 +491,16 @@ def _injector(active: list[Fault], *, call_time: bool) -> Any:
                 elif f.side == "recv":
                     late.append((f, n))
                 elif sent is not None:
+                    if functional and not fired and not name.endswith("_"):
+                        # out of place: a NIC corrupts what leaves, not the memory it left from
+                        sent, args = _with_first_input(args, sent.clone())
+                    fired = True
                     corrupt(f, sent, n)
             out = func(*args, **kwargs)
+            if functional:
+                got = out if isinstance(out, torch.Tensor) else out[0] if out else None
+                if late and got is not None:
+                    got = torch.ops._c10d_functional.wait_tensor.default(got)
             if late and got is not None:
                 for w in (out if isinstance(out, (tuple, list)) else (out,)):
                     if hasattr(w, "wait"):

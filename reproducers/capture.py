@@ -297,6 +297,8 @@ class Recorder(TorchDispatchMode):
 
     def _collective(self, func: Any, args: list[Any], kwargs: dict[str, Any], enc_args: Any,
                     enc_kwargs: Any) -> Any:
+        if func is torch.ops._c10d_functional.wait_tensor.default:
+            return func(*args, **kwargs)  # completes a functional collective recorded when it was issued
         ins = [t for t in _flat(args) if isinstance(t, torch.Tensor)]
         in_fps = [fmt.fingerprint(t) for t in ins]
         info = _group_info(func, args)
@@ -305,10 +307,8 @@ class Recorder(TorchDispatchMode):
             # (tensors, work) or a bare work: the tensors written are the op's tensor arguments
             work = out[-1] if isinstance(out, tuple) else out
             outs = _out_tensors(func, args)
-        else:
-            work, outs = None, [out]
-            if func is torch.ops._c10d_functional.wait_tensor.default:
-                return out
+        else:  # functional: out of place, one tensor or (coalesced) a list of them
+            work, outs = None, list(out) if isinstance(out, (list, tuple)) else [out]
         slot = len(self.ops)
         self.ops.append(None)
         self.pending.append(_Pending(slot=slot, func=func, args=enc_args, kwargs=enc_kwargs, outs=outs, work=work,
@@ -495,8 +495,8 @@ def _group_info(func: Any, args: list[Any]) -> dict[str, Any]:
             info["reduce_op"] = args[1] if isinstance(args[1], str) else "sum"
         info.update(group=group.group_name, ranks=list(dist.get_process_group_ranks(group)), rank=group.rank(),
                     world=group.size())
-    except (StopIteration, RuntimeError, ValueError, AttributeError):
-        pass  # recorded without group details; single-rank replay substitutes the outputs anyway
+    except (StopIteration, RuntimeError, ValueError, AttributeError, TypeError, IndexError):
+        pass  # recorded without group details (never breaks the step); single-rank replay substitutes the outputs
     return info
 
 

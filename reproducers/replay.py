@@ -437,11 +437,9 @@ CHECKED_REDUCTIONS = ("sum", "avg", "product", "min", "max")
 def collective_kind(op: str) -> str | None:
     """all_reduce, all_gather, reduce_scatter, broadcast or all_to_all for a c10d or functional
     collective's overload name (`c10d._allgather_base_.default`, ...; c10d's coalesced forms are their
-    collective over several tensors, its list form of alltoall an uneven all-to-all); None for the ones
-    not checked (the functional coalesced forms)."""
+    collective over several tensors, as are the functional coalesced forms; c10d's list form of alltoall
+    is an uneven all-to-all); None for an op that is not one of these."""
     name = op.split(".")[1] if op.count(".") >= 2 else op
-    if "coalesced" in name and not op.startswith("c10d."):
-        return None
     for kind, spellings in (("all_reduce", ("allreduce", "all_reduce")), ("all_gather", ("allgather", "all_gather")),
                             ("reduce_scatter", ("reduce_scatter",)), ("broadcast", ("broadcast",)),
                             ("all_to_all", ("alltoall", "all_to_all"))):
@@ -459,8 +457,10 @@ def _payload(kind: str, op: str, ins: list[Any], outs: list[Any]) -> list[tuple[
         return [([j], o) for j, o in enumerate(outs[:len(ins)])]
     if not outs:
         return []
-    if "coalesced" in op:  # `allgather_into_tensor_coalesced_(outputs, inputs)`: input j makes output j
+    if "coalesced" in op and op.startswith("c10d."):  # `allgather_into_tensor_coalesced_(outputs, inputs)`
         return [([len(outs) + j], o) for j, o in enumerate(outs)] if len(ins) == 2 * len(outs) else []
+    if "coalesced" in op:  # functional: `all_gather_into_tensor_coalesced(inputs, ...)` returns one per input
+        return [([j], o) for j, o in enumerate(outs)] if len(ins) == len(outs) else []
     listed = kind == "all_gather" or _listed_a2a(op)  # a list of outputs, one per group rank
     out = torch.cat([o.reshape(-1) for o in outs]) if listed else outs[0]
     if not op.startswith("c10d."):
@@ -672,7 +672,11 @@ def _check_call(results: list[ReplayResult], caps: list[fmt.Capture], call: list
     kind = collective_kind(recs[0].op)
     red = str((recs[0].collective or {}).get("reduce_op", "sum")) if kind in ("all_reduce", "reduce_scatter") else ""
     if kind is None or (red and red not in CHECKED_REDUCTIONS):
-        return None  # bitwise reductions of integers, functional coalesced calls: not checked here
+        # reduce/gather/scatter to one root, bitwise reductions of integers: listed, never silently passed
+        if unjudged is not None and "barrier" not in recs[0].op:  # a barrier moves no data
+            unjudged.append(f"op #{recs[0].index} {recs[0].op}: " +
+                            ("not a collective this check knows" if kind is None else f"the {red} reduction is not checked"))
+        return None
     ins = [results[i].collective_inputs[k][1] for i, k, _ in call]
     parts = [_payload(kind, rec.op, results[i].collective_inputs[k][1], results[i].collective_outputs[k][1])
              for i, k, rec in call]

@@ -385,3 +385,56 @@ def test_a_corrupted_coalesced_collective_becomes_a_file_and_a_clean_one_does_no
     assert div.metric.bad == 1 and div.output == 0, div.metric.line()
     bad, good = _run_file(tmp_path, case, "bitflip:rank=1,bit=25,index=3")
     assert all(f"rank {r}/3 {COALESCED[op]}" in bad for r in range(3)) and good.count("agrees with") == 3, bad + good
+
+
+FUNCTIONAL = {"all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather",
+              "reduce_scatter_tensor": "reduce_scatter", "all_reduce_coalesced": "all_reduce",
+              "all_gather_into_tensor_coalesced": "all_gather", "reduce_scatter_tensor_coalesced": "reduce_scatter"}
+
+
+def _functional_rank(rank: int, world: int, root: str, op: str) -> None:
+    """The same kind of step through the functional collectives (torch.distributed._functional_collectives,
+    what DTensor's redistributions and compiled code issue): out-of-place, waited for when their
+    result is used. `op` (a `_c10d_functional` op) sends a flipped bit from rank 1's first tensor once,
+    or nothing ("none")."""
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+
+    from chipcheck import generator as g
+    from chipcheck.probes import faults
+    from chipcheck.reproducers import capture
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{root}-pg", rank=rank, world_size=world)
+    group = dist.group.WORLD
+    x = g.uniform((6, 8), 11 + rank, "x", device="cpu")
+    inj = faults.make_injector(faults.parse(f"bitflip:rank=1,bit=25,op={op},index=3,count=1"), rank, "repro") \
+        if op != "none" else None
+    with inj() if inj else contextlib.nullcontext():
+        with capture(root):
+            a, b = torch.sigmoid(x[:3]).reshape(-1), torch.sigmoid(x[3:]).sum(dim=0)
+            s = funcol.all_reduce(a, "sum", group) * 1
+            full = funcol.all_gather_tensor(b * 2, 0, group) * 1
+            part = funcol.reduce_scatter_tensor(s.reshape(3, 8) * 1, "sum", 0, group) * 1
+            ca, cb = funcol.all_reduce_coalesced([a * 3, b * 3], "sum", group)
+            ga, gb = funcol.all_gather_into_tensor_coalesced([a * 4, b * 4], group)
+            ra, rb = funcol.reduce_scatter_tensor_coalesced([ga * 1, gb * 1], "sum", [0, 0], group)
+            (s.sum() + full.sum() + part.sum() + ca.sum() + cb.sum() + ra.sum() + rb.sum()).item()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("op", [*FUNCTIONAL, "none"])
+def test_a_corrupted_functional_collective_becomes_a_file_and_a_clean_one_does_not(tmp_path: Path, op: str) -> None:
+    root = tmp_path / "cap"
+    mp.start_processes(_functional_rank, args=(3, str(root), op), nprocs=3, start_method="spawn")
+    if op == "none":
+        with pytest.raises(sk.NotReproducible, match="matches the exact result") as e:
+            sk.shrink_collective(str(root))
+        assert "not judged" not in str(e.value), str(e.value)  # every one of the six calls was checked
+        return
+    case = sk.shrink_collective(str(root))
+    div = case.divergence
+    assert case.op == f"_c10d_functional.{op}.default" and div.collective == FUNCTIONAL[op] and case.world == 3
+    assert div.metric.bad == 1 and div.output == 0, div.metric.line()
+    bad, good = _run_file(tmp_path, case, "bitflip:rank=1,bit=25,index=3")
+    assert all(f"rank {r}/3 {FUNCTIONAL[op]}" in bad for r in range(3)) and good.count("agrees with") == 3, bad + good
