@@ -356,6 +356,14 @@ _OUTPUTS_FIRST = ("allgather_into_tensor_coalesced_", "reduce_scatter_tensor_coa
 payload sent is an input (alltoall_: the one to rank 0)."""
 
 
+def fake_mode_active() -> bool:
+    """Is a FakeTensorMode handling ops under the current one? (DTensor's sharding propagation runs
+    each op on fake tensors first: nothing is computed, no bytes exist, no chip is involved.)"""
+    import torch
+
+    return torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None
+
+
 def make_injector(faults: list[Fault], rank: int, probe: str) -> Any:
     """A context-manager factory that turns on these faults for one probe's code under test (or None).
 
@@ -427,7 +435,7 @@ def _injector(active: list[Fault], *, call_time: bool) -> Any:
             kwargs = kwargs or {}
             name = func.overloadpacket.__name__
             mine = [f for f in active if (f.op == name if f.op else name in DEFAULT_OPS)]
-            if not mine:
+            if not mine or fake_mode_active():  # a fake op computes nothing: nothing to corrupt or count
                 return func(*args, **kwargs)
             if func.namespace == "c10d" or (func.namespace == "_c10d_functional" and name not in _NOT_SENT):
                 return self._collective(func, name, mine, args, kwargs)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..probes.faults import fake_mode_active
 from . import format as fmt
 
 # Ops that are bookkeeping, not computation: executed, never recorded (replay has nothing to redo).
@@ -263,7 +264,7 @@ class Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         kind = _kind(func)
-        if kind == "skip":
+        if kind == "skip" or fake_mode_active():  # bookkeeping; ops on fake tensors (no bytes, no chip)
             return func(*args, **kwargs)
         if any(_is_subclass(t) for t in types if t is not torch.Tensor):
             # DTensor (FSDP2, TP), AsyncCollectiveTensor, ...: let the subclass run first; it re-dispatches

@@ -184,6 +184,11 @@ def decode(x: Any, live: dict[int, Any], device: str, upcast: bool = False) -> A
         return getattr(torch, x["memory_format"])
     if "script_object" in x:
         return None  # a process group / reduce op / work: only substituted collectives take them
+    if "opaque" in x:
+        # an object capture could not encode: a torch.Generator, which only random ops take (their recorded
+        # outputs are substituted); any other op given None instead fails on every device alike, and
+        # replay reports that as a capture defect, never as the chip's fault
+        return None
     raise ReplayError(f"cannot replay an argument of type {x}")
 
 
