@@ -92,6 +92,14 @@ def environment() -> dict[str, Any]:
 class Recorder(TorchDispatchMode):
     """The dispatch mode behind `capture`; one per rank and step."""
 
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        # Under a plain dispatch mode torch.compile runs the step eagerly, which computes other bits
+        # than the compiled kernels (capture would change the step). With this, the compiled artifact
+        # runs as compiled: the recorder sees the ops it calls through the dispatcher (its GEMMs), and
+        # a fused kernel's outputs are recorded as inputs of the ops that read them.
+        return True
+
     def __init__(self, root: Path, rank: int, world: int, stacks: bool = True):
         super().__init__()
         self.root, self.rank, self.world, self.stacks = root, rank, world, stacks
