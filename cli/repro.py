@@ -54,6 +54,9 @@ def repro_replay(capture_dir: str, reference: str, device: str | None, rank: int
                                         inject=inject))
     if res.capture_mismatch is not None:
         click.echo(f"note: replay differs from the captured bits first at op #{res.capture_mismatch}")
+    if res.not_compared:
+        click.echo(f"note: {len(res.not_compared)} op(s) replayed but not compared: "
+                   f"{'; '.join(res.not_compared[:3])}{'; ...' if len(res.not_compared) > 3 else ''}")
     d = res.divergence
     if d is None:
         click.echo(f"rank {res.rank}: {res.ops} ops replayed; every op agrees with {reference}")
