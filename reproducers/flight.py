@@ -56,6 +56,34 @@ def _clone(x: Any) -> Any:
     return x
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
+    """dst[i].copy_(src[i]) for all i: one fused copy when they are plain tensors. A DTensor (FSDP2's and
+    tensor parallelism's parameters) has no sharding rule for the fused copy, which raised into the
+    user's step: its local shard is copied instead; any other subclass is copied one by one."""
+    if all(type(t) in _PLAIN for t in src) and all(type(t) in _PLAIN for t in dst):
+        torch._foreach_copy_(dst, src)
+        return
+    plain_d, plain_s = [], []
+    for d, s in zip(dst, src, strict=True):
+        d, s = _local(d), _local(s)
+        if type(d) in _PLAIN and type(s) in _PLAIN:
+            plain_d.append(d)
+            plain_s.append(s)
+        else:
+            d.copy_(s)
+    if plain_d:
+        torch._foreach_copy_(plain_d, plain_s)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (the memory this rank holds); any other tensor as it is."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None and hasattr(t, "device_mesh") else t
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RngState:
     cpu: torch.Tensor
@@ -170,7 +198,7 @@ class FlightRecorder:
                 and (old.sources == ids or all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
                                                for a, b in zip(old.tensors, live, strict=True)))
             if same and old is not None:  # the slot about to be dropped: one fused copy, no allocation
-                torch._foreach_copy_(old.tensors, live)
+                _copy_all(old.tensors, live)
                 tensors = old.tensors
             else:
                 tensors = [t.detach().clone() for t in live]

@@ -156,41 +156,37 @@ def test_a_recorder_without_the_log_checks_nothing_and_an_unbuildable_log_is_one
         flight.FlightRecorder(tr.model, tr.opt, oplog=True)
 
 
-def _ddp_rank(rank: int, world: int, root: str) -> None:
+def _hf_rank(rank: int, world: int, root: str, mode: str) -> None:
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from test_repro_hf import _model, _state, _step
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{root}-pg", rank=rank, world_size=world)
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=256, n_positions=64, attn_pdrop=0.0,
-                     embd_pdrop=0.0, resid_pdrop=0.0, bos_token_id=0, eos_token_id=0)
-    model = DistributedDataParallel(GPT2LMHeadModel(cfg))
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-
-    def step(ids: torch.Tensor) -> None:
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-
+    model, opt = _model(mode)
     rec = flight.FlightRecorder(model, opt, oplog=True)
-    for s in range(3):
+    for s in range(3):  # from the second on, each snapshot is one fused copy into the previous one's memory
         ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(10 * s + rank))
         with rec.step(ids):
-            step(ids)
+            _step(model, opt, ids)
+    after = [t.clone() for t in _state(model)]
     live = rec.last.oplog
-    assert live is not None and any(o.name == "c10d::allreduce_" for o in live.ops)  # DDP's bucket all-reduce
-    where = rec.recapture(step, f"{root}/rank{rank}")  # both ranks re-execute: the collectives pair up
+    collective = {"ddp": "c10d::allreduce_", "fsdp2": "c10d::_reduce_scatter_base_"}[mode]
+    assert live is not None and any(o.name == collective for o in live.ops), {o.name for o in live.ops}
+    # both ranks re-execute (their collectives pair up); the step ends where the live one did
+    where = rec.recapture(lambda b: _step(model, opt, b), f"{root}/rank{rank}")
     assert where is not None and rec.path_check is not None and rec.path_check.same, rec.path_check
+    assert all(torch.equal(a, b) for a, b in zip(after, _state(model), strict=True)), f"rank {rank}: not the live step"
     dist.destroy_process_group()
 
 
-def test_a_huggingface_gpt2_under_ddp_on_two_ranks_re_executes_the_ops_it_ran_live(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_a_huggingface_gpt2_on_two_ranks_re_executes_the_ops_it_ran_live(tmp_path: Path, mode: str) -> None:
+    """DDP and FSDP2 (whose parameters are DTensors: the snapshot's fused copy raised into the step for
+    them, there is no sharding rule for it; their local shards are copied now)."""
     pytest.importorskip("transformers")
     import torch.multiprocessing as mp
 
-    mp.start_processes(_ddp_rank, args=(2, str(tmp_path / "x")), nprocs=2, start_method="spawn")
+    mp.start_processes(_hf_rank, args=(2, str(tmp_path / "x"), mode), nprocs=2, start_method="spawn")
     for rank in (0, 1):
         assert (tmp_path / "x" / f"rank{rank}" / "path-check.txt").read_text().startswith("same ops as the live step")
 
