@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -373,18 +374,26 @@ def _coalesced_rank(rank: int, world: int, root: str, op: str) -> None:
 
 @pytest.mark.parametrize("op", [*COALESCED, "none"])
 def test_a_corrupted_coalesced_collective_becomes_a_file_and_a_clean_one_does_not(tmp_path: Path, op: str) -> None:
+    _three_ranks_one_corrupted_call(tmp_path, _coalesced_rank, op, f"c10d.{op}.default", COALESCED.get(op, ""))
+
+
+def _three_ranks_one_corrupted_call(tmp_path: Path, rank_fn: Any, op: str, recorded: str, kind: str) -> None:
+    """3 ranks run `rank_fn` with `op` corrupted once on rank 1 ("none": clean): the capture shrinks to
+    a 3-rank file of that `kind` of collective that fails with the fault and passes without; a clean
+    capture to no file, every call judged."""
     root = tmp_path / "cap"
-    mp.start_processes(_coalesced_rank, args=(3, str(root), op), nprocs=3, start_method="spawn")
+    mp.start_processes(rank_fn, args=(3, str(root), op), nprocs=3, start_method="spawn")
     if op == "none":
-        with pytest.raises(sk.NotReproducible, match="matches the exact result"):
+        with pytest.raises(sk.NotReproducible, match="matches the exact result") as e:
             sk.shrink_collective(str(root))
+        assert "not judged" not in str(e.value), str(e.value)
         return
     case = sk.shrink_collective(str(root))
     div = case.divergence
-    assert case.op == f"c10d.{op}.default" and div.collective == COALESCED[op] and case.world == 3
+    assert case.op == recorded and div.collective == kind and case.world == 3
     assert div.metric.bad == 1 and div.output == 0, div.metric.line()
     bad, good = _run_file(tmp_path, case, "bitflip:rank=1,bit=25,index=3")
-    assert all(f"rank {r}/3 {COALESCED[op]}" in bad for r in range(3)) and good.count("agrees with") == 3, bad + good
+    assert all(f"rank {r}/3 {kind}" in bad for r in range(3)) and good.count("agrees with") == 3, bad + good
 
 
 FUNCTIONAL = {"all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather",
@@ -425,16 +434,5 @@ def _functional_rank(rank: int, world: int, root: str, op: str) -> None:
 
 @pytest.mark.parametrize("op", [*FUNCTIONAL, "none"])
 def test_a_corrupted_functional_collective_becomes_a_file_and_a_clean_one_does_not(tmp_path: Path, op: str) -> None:
-    root = tmp_path / "cap"
-    mp.start_processes(_functional_rank, args=(3, str(root), op), nprocs=3, start_method="spawn")
-    if op == "none":
-        with pytest.raises(sk.NotReproducible, match="matches the exact result") as e:
-            sk.shrink_collective(str(root))
-        assert "not judged" not in str(e.value), str(e.value)  # every one of the six calls was checked
-        return
-    case = sk.shrink_collective(str(root))
-    div = case.divergence
-    assert case.op == f"_c10d_functional.{op}.default" and div.collective == FUNCTIONAL[op] and case.world == 3
-    assert div.metric.bad == 1 and div.output == 0, div.metric.line()
-    bad, good = _run_file(tmp_path, case, "bitflip:rank=1,bit=25,index=3")
-    assert all(f"rank {r}/3 {FUNCTIONAL[op]}" in bad for r in range(3)) and good.count("agrees with") == 3, bad + good
+    _three_ranks_one_corrupted_call(tmp_path, _functional_rank, op, f"_c10d_functional.{op}.default",
+                                    FUNCTIONAL.get(op, ""))
