@@ -90,6 +90,7 @@ def repro_shrink(capture_dir: str, reference: str, device: str | None, rank: int
     When the divergent op does not fail alone, the failure needs history: suffix bisection then ddmin over
     the earlier ops (each on its recorded inputs) keep the few it needs, and repro.py replays them in order."""
     from ..reproducers import emit
+    from ..reproducers import settings as st
     from ..reproducers import shrink as sk
     from ..reproducers import verify as vf
 
@@ -104,9 +105,6 @@ def repro_shrink(capture_dir: str, reference: str, device: str | None, rank: int
         r = _repro_call(lambda: sk.shrink_capture(capture_dir, reference=reference, device=device, rank=rank,
                                                   inject=inject, repeats=repeat, live_inject=live_inject,
                                                   passes=passes))
-        text = emit.render_ops(r.history, r.case, device=r.divergence.device, metric_line=r.metric.line(),
-                               where=r.stack, rate=r.rate, settings=r.settings,
-                               recorded=r.recorded)
         shapes = ", ".join(f"{i.shape} {i.kind}" for i in r.case.inputs)
         after = f" after {len(r.history)} earlier ops ({', '.join(c.op for c in r.history)})" if r.history else ""
         click.echo(f"op #{r.divergence.index} {r.case.op}({shapes}){after}: {r.metric.line()} "
@@ -116,10 +114,22 @@ def repro_shrink(capture_dir: str, reference: str, device: str | None, rank: int
         hook = _repro_call(lambda: vf.hook_spec(inject, r.divergence.rank, op=r.case.op, history=bool(r.history),
                                                 live=live_inject))
         ref_dev = _repro_call(lambda: vf.reference_device(reference, capture_dir))
+
+        def render(settings: dict[str, Any]) -> str:
+            return emit.render_ops(r.history, r.case, device=r.divergence.device, metric_line=r.metric.line(),
+                                   where=r.stack, rate=r.rate, settings=settings, recorded=r.recorded)
+
         # as many runs as the vendor's default (the trial plan), and never fewer than 10: the evidence
         # chip against chip is then worth a p-value
-        check = vf.verify(text, suspect=r.divergence.device, reference=ref_dev, hook=hook,
-                          repeat=max(10, r.rate.plan if r.rate else 1))
+        plan = max(10, r.rate.plan if r.rate else 1)
+        settings, env_runs = vf.shrink_env(render, r.settings, suspect=r.divergence.device, hook=hook, repeat=plan)
+        for k, run in zip(sorted(x for x in r.settings if x.startswith(st.ENV)), env_runs, strict=False):
+            click.echo(f"{k.removeprefix(st.ENV)}={r.settings[k]}: "
+                       + ("not needed, dropped (the file still fails without it)" if k not in settings
+                          else "needed, kept (the file passes without it)")
+                       + f": {run.line()}")
+        text = render(settings)
+        check = vf.verify(text, suspect=r.divergence.device, reference=ref_dev, hook=hook, repeat=plan)
     if not check.ok:  # a repro never lies: run as the vendor would, before it is written
         fail(f"{output} not written: {check.line()}")
     click.echo(check.line())

@@ -35,6 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..probes.faults import fake_mode_active
 from . import format as fmt
+from . import settings as st
 
 # Ops that are bookkeeping, not computation: executed, never recorded (replay has nothing to redo).
 _SKIP_NAMESPACES = ("profiler",)
@@ -64,7 +65,13 @@ def settings() -> dict[str, Any]:
         "num_threads": torch.get_num_threads(),
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "default_dtype": str(torch.get_default_dtype()).removeprefix("torch."),
+        # which SDPA kernels may run (CPU too: its flash kernel and the math path differ in bits)
+        **{"sdp_" + k: f() for k in ("flash", "mem_efficient", "math", "cudnn")
+           if (f := getattr(torch.backends.cuda, k + "_sdp_enabled", None)) is not None},
+        **st.environment(),
     }
+    if (low := getattr(torch.backends.cuda, "fp16_bf16_reduction_math_sdp_allowed", None)) is not None:
+        s["sdp_math_low_precision_reduction"] = low()
     if torch.cuda.is_available():
         s.update({"cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
                   "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,

@@ -337,6 +337,18 @@ def with_evidence(text: str, evidence: Evidence) -> str:
     return text.replace(mark, f"\nEvidence: {evidence.line()}\n{mark}", 1)
 
 
+def _environment(settings: dict[str, Any] | None) -> str:
+    """repro.py's first lines: the bit-changing environment variables the failure needs set and the
+    others cleared, before torch loads (they are read then), so the vendor's shell cannot change the
+    run; as it was verified."""
+    env = st.env_of(settings or {})
+    return ("\nimport os\n\n# bit-changing environment variables (read when torch and its libraries load): the ones this\n"
+            "# failure needs, the others cleared\n"
+            f"ENV = {json.dumps(env)}\n"
+            f"for name in {json.dumps(sorted(st.ENV_VARS))}:\n"
+            "    os.environ.pop(name, None)\nos.environ.update(ENV)\n")
+
+
 def _settings_lines(settings: dict[str, Any] | None, recorded: dict[str, Any] | None) -> list[str]:
     if settings is None:
         return []
@@ -375,7 +387,7 @@ def render_op(case: OpCase, *, device: str, metric_line: str, where: list[str] |
     head = _header(title, [f"Op: {case.op}({shapes})", f"Observed: {metric_line}",
                            *(f"Seen at: {w}" for w in (where or [])), *_settings_lines(settings, recorded),
                            *_trial_lines(rate, device)])
-    return head + _COMMON + _MULTI.replace("__CASE__", json.dumps(data))
+    return head + _environment(settings) + _COMMON + _MULTI.replace("__CASE__", json.dumps(data))
 
 
 def _inputs(case: OpCase) -> list[dict[str, Any]]:
@@ -407,7 +419,7 @@ def render_ops(history: list[OpCase], case: OpCase, *, device: str, metric_line:
                            "(each op runs on its own recorded inputs; only the last op's output is checked).",
                            *seq, f"Observed: {metric_line}", *(f"Seen at: {w}" for w in (where or [])),
                            *_settings_lines(settings, recorded), *_trial_lines(rate, device)])
-    return head + _COMMON + _MULTI.replace("__CASE__", json.dumps(data))
+    return head + _environment(settings) + _COMMON + _MULTI.replace("__CASE__", json.dumps(data))
 
 
 def render_collective(case: CollectiveCase, *, metric_line: str) -> str:
