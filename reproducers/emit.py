@@ -441,6 +441,9 @@ def render_collective(case: CollectiveCase, *, metric_line: str) -> str:
             "what": what, "exact": exact, "splits": div.splits}
     head = _header(title, [f"Op: {case.op} ({what}), {case.world} ranks, input {tuple(t0.shape)} {data['dtype']}",
                            f"Observed on rank {div.rank}: {metric_line}",
+                           *([f"Environment: {', '.join(f'{k}={v}' for k, v in sorted(case.env.items()))} "
+                              "(as recorded, not shrunk)"] if case.env else []),
                            "Run: python repro.py --device cpu   (gloo; --device cuda uses NCCL, one GPU per rank)"])
-    return head + _COMMON + _COLLECTIVE.replace("__CASE__", json.dumps(data)).replace(
+    env = {st.ENV + k: v for k, v in case.env.items()}
+    return head + _environment(env) + _COMMON + _COLLECTIVE.replace("__CASE__", json.dumps(data)).replace(
         "__REDUCTION__", inspect.getsource(reduction) + "\n\n" + inspect.getsource(exact_result))

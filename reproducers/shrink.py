@@ -564,6 +564,9 @@ class CollectiveCase:
     world: int
     inputs: list[torch.Tensor]
     divergence: rp.Divergence
+    env: dict[str, str] = field(default_factory=dict)
+    """The bit-changing environment variables the divergent rank ran under (NCCL's algorithm, protocol,
+    channels: they decide a reduction's order on GPUs), set as recorded, unshrunk."""
 
 
 def shrink_collective(root: str, *, device: str | None = None) -> CollectiveCase:
@@ -583,4 +586,5 @@ def shrink_collective(root: str, *, device: str | None = None) -> CollectiveCase
         raise NotReproducible(f"{root}: every all-reduce, all-gather, reduce-scatter, broadcast, all-to-all and "
                               f"send/recv matches the exact result of the ranks' inputs{left}")
     # the group of the call that went wrong: a subgroup's size, not the number of ranks captured
-    return CollectiveCase(op=div.op, world=len(div.inputs), inputs=list(div.inputs), divergence=div)
+    env = next((st.env_of(c.settings) for c in caps if c.rank == div.rank), {})
+    return CollectiveCase(op=div.op, world=len(div.inputs), inputs=list(div.inputs), divergence=div, env=env)

@@ -61,8 +61,9 @@ def _rank(rank: int, world: int, port: int, root: str, red: str = "sum") -> None
 
 @pytest.mark.parametrize(("world", "red"), [(2, "sum"), (3, "max"), (3, "product")])
 def test_corrupted_all_reduce_becomes_a_file_of_its_group_size_and_reduction(tmp_path: Path, world: int,
-                                                                             red: str) -> None:
+                                                                             red: str, monkeypatch) -> None:
     root = tmp_path / "cap"
+    monkeypatch.setenv("NCCL_ALGO", "Ring")  # NCCL's reduction order: the file runs under it as recorded
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -70,7 +71,10 @@ def test_corrupted_all_reduce_becomes_a_file_of_its_group_size_and_reduction(tmp
     case = sk.shrink_collective(str(root))
     assert case.world == world and case.op == "c10d.allreduce_.default" and case.divergence.reduce_op == red
     assert case.divergence.metric.bad == 1 and case.divergence.metric.bad_indices == [[3]]
+    assert case.env == {"NCCL_ALGO": "Ring"}
     bad, good = _run_file(tmp_path, case, f"bitflip:rank=1,bit={BIT[red]},index=3")
+    text = (tmp_path / "repro.py").read_text()
+    assert 'ENV = {"NCCL_ALGO": "Ring"}' in text and "Environment: NCCL_ALGO=Ring (as recorded" in text
     assert all(f"rank {r}/{world} all_reduce ({red})" in bad for r in range(world))
     assert good.count(f"agrees with the exact {red}") == world
 
