@@ -82,6 +82,7 @@ def overheads(step: Callable[[], object], recs: tuple[FlightRecorder, FlightReco
         floor.append(_timed(step, lambda _i: _Passthrough()))
         shutil.rmtree(Path(tmp) / f"o{i}")
     b, f, b2, c, p = (statistics.median(x) for x in (bare, flown, bare2, captured, floor))
+    parts = snapshot_parts(step, rec, batch, steps)
     with_log: dict[str, Any] = {"flight_recorder_oplog": oplog.available()}  # why not, where it cannot run
     if logged is not None:
         fl = statistics.median(flown_log)
@@ -90,7 +91,29 @@ def overheads(step: Callable[[], object], recs: tuple[FlightRecorder, FlightReco
     return {"step_bare_ms": 1e3 * b, "step_flight_recorder_ms": 1e3 * f, **with_log,
             "step_bare_capture_loop_ms": 1e3 * b2,
             "step_captured_ms": 1e3 * c, "flight_recorder_overhead_ratio": f / b, "capture_overhead_ratio": c / b2,
-            "dispatch_floor_ratio": p / b2, "snapshot_bytes": rec.last.nbytes()}
+            "dispatch_floor_ratio": p / b2, "snapshot_bytes": rec.last.nbytes(), "snapshot_parts": parts}
+
+
+def snapshot_parts(step: Callable[[], object], rec: FlightRecorder, batch: object, steps: int) -> dict[str, float]:
+    """Where a snapshot's time goes, each part timed right after a step (as in use: the step has
+    just pushed the state out of the caches): the whole snapshot, its fused copy of the state into the
+    slot's memory, the RNG states (torch, Python, numpy) and the settings; microseconds, medians."""
+    from chipcheck.reproducers import flight
+    from chipcheck.reproducers import settings as st
+
+    parts: dict[str, list[float]] = {"snapshot_us": [], "copy_us": [], "rng_us": [], "settings_us": []}
+    slot = rec.snapshot(batch)
+    live = [t.clone() for t in slot.tensors]  # a second copy of the state, as the live tensors are sized
+    timed: dict[str, Callable[[], object]] = {
+        "snapshot_us": lambda: rec.snapshot(batch), "copy_us": lambda: flight._copy_all(slot.tensors, live),
+        "rng_us": flight.RngState.now, "settings_us": st.current}
+    for _ in range(steps):
+        for name, part in timed.items():
+            step()
+            t0 = time.perf_counter()
+            part()
+            parts[name].append(time.perf_counter() - t0)
+    return {k: 1e6 * statistics.median(v) for k, v in parts.items()}
 
 
 def trainer_overheads(preset: str, steps: int, tmp: str) -> dict[str, Any]:

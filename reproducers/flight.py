@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import dataclasses
 import random
 import warnings
@@ -84,6 +85,44 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return to_local() if to_local is not None and hasattr(t, "device_mesh") else t
 
 
+class _NumpyRng:
+    """numpy's global RNG state, read in full only when it has moved. `np.random.get_state()` builds a
+    624-word array and a tuple (about 100 us right after a step has pushed numpy out of the caches);
+    the MT19937 bit generator's raw state (key[624], pos: 2.5 kB at its ctypes address) is compared
+    with the last full read's instead, and that read is reused when they are equal. Only when that
+    read held no cached Gaussian: a cached one is consumed by a draw that leaves the raw state as it is.
+    The layout is checked against get_state() once; any other bit generator is always read in full."""
+
+    _RAW = 624 * 4 + 4
+
+    def __init__(self) -> None:
+        self._addr: int | None = None
+        self._raw: bytes | None = None
+        self._state: Any = None
+        try:
+            bg = np.random.mtrand._rand._bit_generator
+            addr = int(bg.ctypes.state_address)
+            raw = ctypes.string_at(addr, self._RAW)
+            state: Any = np.random.get_state()
+            if state[0] == "MT19937" and raw == state[1].astype("<u4").tobytes() + int(state[2]).to_bytes(4, "little"):
+                self._addr = addr
+        except (AttributeError, TypeError, ValueError):
+            self._addr = None
+
+    def now(self) -> Any:
+        if self._addr is None:
+            return np.random.get_state()
+        raw = ctypes.string_at(self._addr, self._RAW)
+        if raw == self._raw:
+            return self._state
+        state: Any = np.random.get_state()
+        self._raw, self._state = (raw, state) if state[3] == 0 else (None, None)
+        return state
+
+
+_NUMPY_RNG = _NumpyRng()
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RngState:
     cpu: torch.Tensor
@@ -94,7 +133,7 @@ class RngState:
     @classmethod
     def now(cls) -> RngState:
         cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-        return cls(cpu=torch.get_rng_state(), cuda=cuda, python=random.getstate(), numpy=np.random.get_state())
+        return cls(cpu=torch.get_rng_state(), cuda=cuda, python=random.getstate(), numpy=_NUMPY_RNG.now())
 
     def restore(self) -> None:
         torch.set_rng_state(self.cpu)
