@@ -9,7 +9,9 @@ recorder), on the tiny GPT (468 ops of a few
 microseconds: the worst case), the `bench` preset (3 M parameters, the same ops on GEMMs that take
 time) and a HuggingFace GPT-2; the flight
 recorder's is a step inside `FlightRecorder.step` (a snapshot of the step's starting state) over a
-bare one. Shrink time is `shrink_capture` end to end (differential
+bare one, and its snapshot is also timed on its own right after a step (whole, fused copy, RNG
+states, settings), as a share of the bare step: on this noisy host the ratio of two medians swings by
+several percent from run to run. Shrink time is `shrink_capture` end to end (differential
 replay, single-op isolation, input shrinking) on a step with one injected bit flip in a backward mm.
 Intermittent: the same capture shrunk under a fault that hits an mm with 25% probability
 (reproducers/trials.py): how often the shrunk op failed in 24 trials, the trial plan the repro.py
@@ -91,7 +93,10 @@ def overheads(step: Callable[[], object], recs: tuple[FlightRecorder, FlightReco
     return {"step_bare_ms": 1e3 * b, "step_flight_recorder_ms": 1e3 * f, **with_log,
             "step_bare_capture_loop_ms": 1e3 * b2,
             "step_captured_ms": 1e3 * c, "flight_recorder_overhead_ratio": f / b, "capture_overhead_ratio": c / b2,
-            "dispatch_floor_ratio": p / b2, "snapshot_bytes": rec.last.nbytes(), "snapshot_parts": parts}
+            "dispatch_floor_ratio": p / b2, "snapshot_bytes": rec.last.nbytes(), "snapshot_parts": parts,
+            # the snapshot timed on its own against the bare step: steadier than the ratio of two medians,
+            # whose steps also pay for each other's cache misses in the interleaved loop
+            "snapshot_share_of_bare_step": parts["snapshot_us"] / (1e6 * b)}
 
 
 def snapshot_parts(step: Callable[[], object], rec: FlightRecorder, batch: object, steps: int) -> dict[str, float]:
