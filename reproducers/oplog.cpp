@@ -8,7 +8,10 @@
 // parts, what a dispatch mode or a fault injector runs inside an op) is not logged. A Python dispatch
 // mode does change some top-level ops (autograd accumulates gradients out of place under one), so the
 // flight recorder compares a live step with a re-execution under the same modes: its capture's own
-// mode is not around the check. While the log is kept, a profiler beside it sees no nested ops.
+// mode is not around the check. Nested ops are kept out by switching RecordFunction off on the
+// thread while a top-level op runs (nothing of theirs is boxed); when a profiler is running as the log
+// starts, that would hide them from it too, so the log then counts depth on each thread instead
+// (slower: nested ops' arguments are boxed; the profiler costs far more).
 //
 // Built with -DNDEBUG like torch itself: RecordFunction's layout differs without it.
 
@@ -42,6 +45,8 @@ struct Log {
 std::mutex mu;
 Log current;
 bool running = false;
+std::atomic<bool> by_depth{false};  // a profiler is running: count depth, leave RecordFunction on
+thread_local int depth = 0;
 at::CallbackHandle handle = 0;
 thread_local std::vector<int64_t> scratch;
 std::atomic<uint64_t> next_thread{1};
@@ -76,7 +81,11 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
   // until the op ends (and on threads torch hands work to with its thread-local state, as
   // at::launch does), so nested ops are neither boxed nor seen, and such a worker's ops are not
   // taken for top-level ones of another thread.
-  at::enableRecordFunction(false);
+  if (by_depth.load(std::memory_order_relaxed)) {
+    if (depth++ > 0) return nullptr;
+  } else {
+    at::enableRecordFunction(false);
+  }
   if (thread_key == 0) thread_key = next_thread++;
   std::vector<int64_t>& codes = scratch;
   codes.clear();
@@ -127,7 +136,12 @@ std::unique_ptr<at::ObserverContext> on_start(const at::RecordFunction& fn) {
 }
 
 void on_end(const at::RecordFunction& fn, at::ObserverContext*) {
-  if (is_op(fn.name())) at::enableRecordFunction(true);
+  if (!is_op(fn.name())) return;
+  if (by_depth.load(std::memory_order_relaxed)) {
+    --depth;
+  } else {
+    at::enableRecordFunction(true);
+  }
 }
 
 template <class T>
@@ -137,11 +151,12 @@ py::bytes raw(const std::vector<T>& v) {
 
 }  // namespace
 
-void start() {
+void start(bool profiled) {
   std::lock_guard<std::mutex> g(mu);
   TORCH_CHECK(!running, "an op log is already being kept in this process");
   current = Log();
   running = true;
+  by_depth = profiled;
   handle = at::addGlobalCallback(
       at::RecordFunctionCallback(on_start, on_end).needsInputs(true).scopes({at::RecordScope::FUNCTION}));
 }
@@ -162,6 +177,6 @@ py::tuple stop() {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("start", &start, "Start keeping the op log (global, every thread)");
+  m.def("start", &start, "Start keeping the op log (global, every thread); profiled: a profiler is running");
   m.def("stop", &stop, "Stop; returns (names, dtype names, name index, thread index, offsets, codes)");
 }

@@ -191,7 +191,8 @@ class Recording:
 def recording() -> Iterator[Recording]:
     ext = _extension()
     rec = Recording()
-    ext.start()
+    # a profiler running now must still see the ops nested in the logged ones (oplog.cpp)
+    ext.start(bool(torch._C._autograd._profiler_enabled()))
     try:
         yield rec
     finally:

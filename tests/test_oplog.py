@@ -68,6 +68,19 @@ def test_ops_a_dispatch_mode_runs_inside_an_op_are_not_logged() -> None:
     assert len(bare) > 10 and bare.first_difference(moded) is None
 
 
+def test_a_profiler_running_beside_the_log_still_sees_the_nested_ops_and_the_log_is_the_same() -> None:
+    tr, (b, *_) = _trainer()
+    tr.step(*b)  # the optimizer's state made: the steps below run the same ops
+    bare = _log(lambda: tr.step(*b))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        profiled = _log(lambda: tr.step(*b))
+    seen = {e.name for e in prof.events()}
+    # linear's t and matmul, nll_loss's forward run inside them: the log leaves them out, the profiler
+    # must not lose them
+    assert {"aten::linear", "aten::t", "aten::matmul", "aten::nll_loss_forward"} <= seen
+    assert bare.first_difference(profiled) is None
+
+
 @pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
 def test_lists_of_tensors_nested_tensors_and_other_threads_are_logged() -> None:
     a, b = torch.ones(3), torch.ones(2, 2)
