@@ -402,7 +402,8 @@ def _three_ranks_one_corrupted_call(tmp_path: Path, rank_fn: Any, op: str, recor
 
 FUNCTIONAL = {"all_reduce": "all_reduce", "all_gather_into_tensor": "all_gather",
               "reduce_scatter_tensor": "reduce_scatter", "all_reduce_coalesced": "all_reduce",
-              "all_gather_into_tensor_coalesced": "all_gather", "reduce_scatter_tensor_coalesced": "reduce_scatter"}
+              "all_gather_into_tensor_coalesced": "all_gather", "reduce_scatter_tensor_coalesced": "reduce_scatter",
+              "broadcast": "broadcast", "all_to_all_single": "all_to_all"}
 
 
 def _functional_rank(rank: int, world: int, root: str, op: str) -> None:
@@ -432,7 +433,9 @@ def _functional_rank(rank: int, world: int, root: str, op: str) -> None:
             ca, cb = funcol.all_reduce_coalesced([a * 3, b * 3], "sum", group)
             ga, gb = funcol.all_gather_into_tensor_coalesced([a * 4, b * 4], group)
             ra, rb = funcol.reduce_scatter_tensor_coalesced([ga * 1, gb * 1], "sum", [0, 0], group)
-            (s.sum() + full.sum() + part.sum() + ca.sum() + cb.sum() + ra.sum() + rb.sum()).item()
+            bc = funcol.broadcast(a * 5, 1, group) * 1  # from rank 1: what the fault corrupts is sent
+            aa = funcol.all_to_all_single(a * 6, None, None, group) * 1
+            (s.sum() + full.sum() + part.sum() + ca.sum() + cb.sum() + ra.sum() + rb.sum() + bc.sum() + aa.sum()).item()
     dist.destroy_process_group()
 
 
