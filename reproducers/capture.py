@@ -35,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..probes.faults import fake_mode_active
 from . import format as fmt
-from . import settings as st
+from . import settings as bitset
 
 # Ops that are bookkeeping, not computation: executed, never recorded (replay has nothing to redo).
 _SKIP_NAMESPACES = ("profiler",)
@@ -56,32 +56,6 @@ class _Pending:
     in_fps: list[str]
     info: dict[str, Any]
     stack: list[str] = field(default_factory=list)
-
-
-def settings() -> dict[str, Any]:
-    """The process settings that change bits (recorded with the capture, re-applied by repro.py)."""
-    s: dict[str, Any] = {
-        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-        "num_threads": torch.get_num_threads(),
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
-        "default_dtype": str(torch.get_default_dtype()).removeprefix("torch."),
-        # which SDPA kernels may run (CPU too: its flash kernel and the math path differ in bits)
-        **{"sdp_" + k: f() for k in ("flash", "mem_efficient", "math", "cudnn")
-           if (f := getattr(torch.backends.cuda, k + "_sdp_enabled", None)) is not None},
-        **st.environment(),
-    }
-    if (low := getattr(torch.backends.cuda, "fp16_bf16_reduction_math_sdp_allowed", None)) is not None:
-        s["sdp_math_low_precision_reduction"] = low()
-    if torch.cuda.is_available():
-        s.update({"cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-                  "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
-                  "cudnn_deterministic": torch.backends.cudnn.deterministic,
-                  "cudnn_benchmark": torch.backends.cudnn.benchmark,
-                  "matmul_allow_bf16_reduced_precision_reduction":
-                      torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
-                  "matmul_allow_fp16_reduced_precision_reduction":
-                      torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction})
-    return s
 
 
 def environment() -> dict[str, Any]:
@@ -352,7 +326,7 @@ class Recorder(TorchDispatchMode):
             raise fmt.CaptureError(f"{self.root}: the capture's tensors could not be written ({e})") from None
         ops = [o for o in self.ops if o is not None]
         cap = fmt.Capture(rank=self.rank, world=self.world, device=self.device, ops=ops, tensors=tensors,
-                          env=environment(), settings=settings(), root=self.root, fingerprint=fmt.FINGERPRINT)
+                          env=environment(), settings=bitset.current(), root=self.root, fingerprint=fmt.FINGERPRINT)
         fmt.save(cap)
         return cap
 

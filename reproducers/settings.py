@@ -1,6 +1,6 @@
 """The bit-changing settings of a reproducer: applied as recorded, then shrunk to the ones it needs.
 
-A capture records the process settings that change bits (capture.settings: deterministic
+A capture records the process settings that change bits (`current`: deterministic
 algorithms, threads, float32 matmul precision, TF32 and reduced-precision reductions, cuDNN
 flags, the SDPA backends allowed) and the bit-changing environment variables set (`env:NAME`
 keys: cuBLAS workspace and TF32 overrides, NCCL algorithm/protocol/channels, CPU ISA and oneDNN
@@ -87,14 +87,33 @@ def env_of(s: dict[str, Any]) -> dict[str, str]:
 
 
 def current() -> dict[str, Any]:
-    """The bit-changing settings in force (as a capture records them)."""
-    from .capture import settings as now
-
-    return now()
+    """The bit-changing settings in force (what a capture and the flight recorder record)."""
+    s: dict[str, Any] = {
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "num_threads": torch.get_num_threads(),
+        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "default_dtype": str(torch.get_default_dtype()).removeprefix("torch."),
+        # which SDPA kernels may run (CPU too: its flash kernel and the math path differ in bits)
+        **{"sdp_" + k: f() for k in ("flash", "mem_efficient", "math", "cudnn")
+           if (f := getattr(torch.backends.cuda, k + "_sdp_enabled", None)) is not None},
+        **environment(),
+    }
+    if (low := getattr(torch.backends.cuda, "fp16_bf16_reduction_math_sdp_allowed", None)) is not None:
+        s["sdp_math_low_precision_reduction"] = low()
+    if torch.cuda.is_available():
+        s.update({"cuda_matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+                  "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+                  "cudnn_deterministic": torch.backends.cudnn.deterministic,
+                  "cudnn_benchmark": torch.backends.cudnn.benchmark,
+                  "matmul_allow_bf16_reduced_precision_reduction":
+                      torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction,
+                  "matmul_allow_fp16_reduced_precision_reduction":
+                      torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction})
+    return s
 
 
 def apply(s):
-    """Set these settings (the keys capture.settings records; `env:` keys are set before torch loads,
+    """Set these settings (the keys `current` records; `env:` keys are set before torch loads,
     not here). Embedded by its own source into repro.py (emit.py), which has only torch: no
     annotations, no other names."""
     for k, v in s.items():
