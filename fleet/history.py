@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import statistics
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,20 +21,28 @@ from ..failures import FailureCode
 from ..results import SEVERITY, DeviceInfo, Judgement, ProbeResult, Verdict
 from . import trends
 from .store import DeviceRun, LinkRow, Store
+from .summary import registry_speed_metrics
 
 SPEED_METRICS = ("tflops_best", "busbw_gbps_best", "gbps_best")
-"""Speed metrics (higher is better) a device's history follows, first present per result."""
+"""Speed metrics (higher is better) a device's history follows for a probe the registry does not know
+(first present per result); a registered probe is followed by its registry `speed_metric`, the one the
+speed judge reads (a burn's median TFLOP/s, not its best call: a throttling chip keeps its early best)."""
 _VERDICTS = sorted(SEVERITY, key=lambda v: SEVERITY[v])  # index = severity; -1 = not in that run
 
 
 def device_rows(run_id: str, started: float, devices: dict[int, DeviceInfo], results: list[ProbeResult],
-                judgements: list[Judgement]) -> list[DeviceRun]:
-    """The per-device rows of one judged run (pure)."""
+                judgements: list[Judgement], speed_metrics: Mapping[str, str] | None = None) -> list[DeviceRun]:
+    """The per-device rows of one judged run (pure). `speed_metrics`: probe -> the metric its speed is
+    read by (default: the registry's; "" for a probe not judged on speed per device)."""
+    if speed_metrics is None:
+        speed_metrics = registry_speed_metrics()
     speeds: dict[tuple[str, str, str], dict[int, float]] = defaultdict(dict)
     verdicts: dict[int, list[Verdict]] = defaultdict(list)
     for r in results:
         verdicts[r.rank].append(r.verdict)
-        v = next((r.metrics[m] for m in SPEED_METRICS if m in r.metrics), None)
+        metric = speed_metrics.get(r.probe)
+        v = (r.metrics.get(metric) if metric else None) if metric is not None else \
+            next((r.metrics[m] for m in SPEED_METRICS if m in r.metrics), None)
         if r.error is None and v is not None and v > 0:
             speeds[(r.fingerprint, r.probe, r.case)][r.rank] = v
     for j in judgements:

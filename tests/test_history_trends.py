@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -99,3 +100,28 @@ def test_a_lemon_is_found_from_stored_runs(tmp_path: Path) -> None:
     for f in lemons:
         assert "wrong in 2 of its last 10 runs" in f.detail
     assert all(u.startswith("GPU-") for u in wrong_both)
+
+
+def test_a_device_is_followed_on_the_metric_its_probe_is_judged_by() -> None:
+    # a burn is judged on its median TFLOP/s: a chip that throttles keeps its early best call, so its
+    # history must follow the median (it followed tflops_best, and saw nothing)
+    from chipcheck.results import ProbeResult, Verdict
+
+    devs = {r: d for r, d in synthetic.devices(3).items() if r in (1, 2)}  # one fingerprint
+    assert devs[1].fingerprint == devs[2].fingerprint
+
+    def burn(rank: int, median: float) -> ProbeResult:
+        d = devs[rank]
+        return ProbeResult(run_id="r", host=d.host, rank=rank, device=d.label, fingerprint=d.fingerprint,
+                           probe="burn", case="bfloat16", verdict=Verdict.PASS, seed=0, params={},
+                           metrics={"tflops": median, "tflops_best": 100.0}, mismatches=[], repeats=1,
+                           repeats_bad=0, output_hash="", error=None, started=0.0, ended=1.0, device_uuid=d.uuid)
+
+    rows = {r.rank: r for r in history.device_rows("r", 0.0, devs, [burn(1, 100.0), burn(2, 60.0)], [])}
+    assert rows[2].speed_ratio is not None and abs(rows[2].speed_ratio - 0.75) < 1e-9
+    assert rows[1].speed_ratio is not None and abs(rows[1].speed_ratio - 1.25) < 1e-9
+    # a probe the registry does not know is still followed on the first speed metric it carries
+    alien = [replace(burn(1, 1.0), probe="vendor_diag", metrics={"gbps_best": 10.0}),
+             replace(burn(2, 1.0), probe="vendor_diag", metrics={"gbps_best": 5.0})]
+    rows = {r.rank: r for r in history.device_rows("r", 0.0, devs, alien, [])}
+    assert rows[2].speed_ratio is not None and abs(rows[2].speed_ratio - 2 / 3) < 1e-9
