@@ -43,7 +43,10 @@ def test_settings_are_applied_inside_and_the_process_keeps_its_own() -> None:
             torch.get_float32_matmul_precision()) == before
 
 
-def test_a_cpu_failure_needs_none_of_the_recorded_settings_and_the_file_sets_what_it_is_given(tmp_path: Path) -> None:
+def test_a_cpu_failure_needs_none_of_the_recorded_settings_and_the_file_sets_what_it_is_given(
+        tmp_path: Path, monkeypatch) -> None:
+    for name in st.ENV_VARS:  # the dropped list below is exact: no environment of the shell running the tests
+        monkeypatch.delenv(name, raising=False)
     root = tmp_path / "cap"
     w = torch.arange(64, dtype=torch.float32).reshape(8, 8) / 7
     torch.use_deterministic_algorithms(True)
