@@ -123,7 +123,7 @@ def repro_shrink(capture_dir: str, reference: str, device: str | None, rank: int
         # chip against chip is then worth a p-value
         plan = max(10, r.rate.plan if r.rate else 1)
         settings, env_runs = vf.shrink_env(render, r.settings, suspect=r.divergence.device, hook=hook, repeat=plan)
-        for k, run in zip(sorted(x for x in r.settings if x.startswith(st.ENV)), env_runs, strict=False):
+        for k, run in env_runs:
             click.echo(f"{k.removeprefix(st.ENV)}={r.settings[k]}: "
                        + ("not needed, dropped (the file still fails without it)" if k not in settings
                           else "needed, kept (the file passes without it)")

@@ -41,8 +41,10 @@ def device_rows(run_id: str, started: float, devices: dict[int, DeviceInfo], res
     for r in results:
         verdicts[r.rank].append(r.verdict)
         metric = speed_metrics.get(r.probe)
-        v = (r.metrics.get(metric) if metric else None) if metric is not None else \
-            next((r.metrics[m] for m in SPEED_METRICS if m in r.metrics), None)
+        if metric is None:  # not a registered probe
+            v = next((r.metrics[m] for m in SPEED_METRICS if m in r.metrics), None)
+        else:  # "": not judged on speed per device
+            v = r.metrics.get(metric) if metric else None
         if r.error is None and v is not None and v > 0:
             speeds[(r.fingerprint, r.probe, r.case)][r.rank] = v
     for j in judgements:

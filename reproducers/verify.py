@@ -160,20 +160,22 @@ def verify(text: str, *, suspect: str, reference: str, hook: str | None, repeat:
 
 
 def shrink_env(render: Callable[[dict[str, Any]], str], settings: dict[str, Any], *, suspect: str,
-               hook: str | None, repeat: int = 1, timeout: float = 300.0) -> tuple[dict[str, Any], list[Run]]:
+               hook: str | None, repeat: int = 1,
+               timeout: float = 300.0) -> tuple[dict[str, Any], list[tuple[str, Run]]]:
     """`settings` without the environment variables the failure does not need. An environment variable
     is read when a library loads, so each is tried as the vendor would meet it: the candidate file
     rendered without it (it then clears it before torch loads) runs on the suspect (with the simulated
-    fault, when simulated); it stays dropped when the file still fails (exit 1). One run per variable."""
+    fault, when simulated); it stays dropped when the file still fails (exit 1). One run per variable,
+    returned with its key."""
     keep = dict(settings)
-    runs: list[Run] = []
+    runs: list[tuple[str, Run]] = []
     if hook == "":  # the suspect cannot be simulated by the file: nothing to try it on
         return keep, runs
     argv = ["--device", suspect, "--repeat", str(repeat)] + (["--inject", hook] if hook else [])
     for k in sorted(x for x in settings if x.startswith(st.ENV)):
         trial = {x: v for x, v in keep.items() if x != k}
         run = run_file(render(trial), argv, timeout=timeout)
-        runs.append(run)
+        runs.append((k, run))
         if run.rc == 1:
             keep = trial
     return keep, runs

@@ -106,7 +106,7 @@ def test_an_environment_variable_is_kept_only_when_the_file_passes_without_it(mo
     recorded = {"env:NCCL_ALGO": "Tree", "env:MKL_CBWR": "AVX2", "num_threads": 1}
     kept, runs = vf.shrink_env(render, recorded, suspect="cpu", hook=None)
     assert kept == {"env:NCCL_ALGO": "Tree", "num_threads": 1}
-    assert [r.rc for r in runs] == [1, 0]  # MKL_CBWR dropped (still fails), NCCL_ALGO kept (passes without)
+    assert [(k, r.rc) for k, r in runs] == [("env:MKL_CBWR", 1), ("env:NCCL_ALGO", 0)]  # MKL_CBWR dropped (still fails), NCCL_ALGO kept (passes without)
 
 
 def test_a_capture_under_an_unneeded_environment_variable_gives_a_file_without_it(tmp_path: Path) -> None:
