@@ -56,25 +56,33 @@ def _timed(step: Callable[[], object], around: Callable[[int], Any]) -> float:
     return time.perf_counter() - t0
 
 
-def _recorders(model: Any, opt: Any) -> tuple[FlightRecorder, FlightRecorder | None]:
-    """A flight recorder, and one that keeps the live op log too (None where it cannot be built)."""
-    return FlightRecorder(model, opt), FlightRecorder(model, opt, oplog=True) if oplog.available() is None else None
+EVERY = 8
+"""The checkpoint interval of the flight recorder measured with one (`FlightRecorder(every=EVERY)`)."""
 
 
-def overheads(step: Callable[[], object], recs: tuple[FlightRecorder, FlightRecorder | None], batch: object,
-              steps: int, tmp: str) -> dict[str, Any]:
-    """Medians of a bare step, one under the flight recorder and one under the flight recorder with
-    the live op log (a C++ RecordFunction callback: every top-level op with its tensors' dtypes and
-    shapes; the values come from re-execution), interleaved; then, in a loop of their
+def _recorders(model: Any, opt: Any) -> tuple[FlightRecorder, FlightRecorder, FlightRecorder | None]:
+    """A flight recorder, one that copies the state every EVERY-th step only (the steps in between kept
+    by their inputs), and one that keeps the live op log too (None where it cannot be built)."""
+    logged = FlightRecorder(model, opt, oplog=True) if oplog.available() is None else None
+    return FlightRecorder(model, opt), FlightRecorder(model, opt, every=EVERY), logged
+
+
+def overheads(step: Callable[[], object], recs: tuple[FlightRecorder, FlightRecorder, FlightRecorder | None],
+              batch: object, steps: int, tmp: str) -> dict[str, Any]:
+    """Medians of a bare step, one under the flight recorder, one under the flight recorder with a
+    checkpoint every EVERY steps (per whole interval of EVERY steps: needs `steps` >= EVERY) and one
+    under the flight recorder with the live op log (a C++ RecordFunction callback: every top-level op
+    with its tensors' dtypes and shapes; the values come from re-execution), interleaved; then, in a loop of their
     own (a captured step leaves the allocator and caches in another state than a bare one, and the
     recorder's few percent must not carry that), a bare step, one under full capture and one under a
     dispatch mode that records nothing (the floor of any Python op recorder), interleaved."""
-    rec, logged = recs
-    bare, flown, flown_log = [], [], []
+    rec, sparse, logged = recs
+    bare, flown, flown_sparse, flown_log = [], [], [], []
     step()
     for _ in range(steps):
         bare.append(_timed(step, lambda _i: contextlib.nullcontext()))
         flown.append(_timed(step, lambda _i: rec.step(batch)))
+        flown_sparse.append(_timed(step, lambda _i: sparse.step(batch)))
         if logged is not None:
             flown_log.append(_timed(step, lambda _i: logged.step(batch)))
     bare2, captured, floor = [], [], []
@@ -84,6 +92,10 @@ def overheads(step: Callable[[], object], recs: tuple[FlightRecorder, FlightReco
         floor.append(_timed(step, lambda _i: _Passthrough()))
         shutil.rmtree(Path(tmp) / f"o{i}")
     b, f, b2, c, p = (statistics.median(x) for x in (bare, flown, bare2, captured, floor))
+    # each whole interval (one checkpoint, EVERY-1 steps kept by their inputs) over the bare steps
+    # interleaved with it: the checkpoint's copy counted once per interval, as it is paid
+    per_interval = [sum(flown_sparse[i:i + EVERY]) / sum(bare[i:i + EVERY])
+                    for i in range(0, len(bare) - EVERY + 1, EVERY)]
     parts = snapshot_parts(step, rec, batch, steps)
     with_log: dict[str, Any] = {"flight_recorder_oplog": oplog.available()}  # why not, where it cannot run
     if logged is not None:
@@ -91,6 +103,9 @@ def overheads(step: Callable[[], object], recs: tuple[FlightRecorder, FlightReco
         with_log = {"step_flight_recorder_oplog_ms": 1e3 * fl, "flight_recorder_oplog_overhead_ratio": fl / b,
                     "oplog_ops_per_step": len(logged.last.oplog or ())}
     return {"step_bare_ms": 1e3 * b, "step_flight_recorder_ms": 1e3 * f, **with_log,
+            "flight_recorder_every": EVERY,
+            "flight_recorder_every_overhead_ratio": statistics.median(per_interval) if per_interval else None,
+            "flight_recorder_every_intervals": len(per_interval),
             "step_bare_capture_loop_ms": 1e3 * b2,
             "step_captured_ms": 1e3 * c, "flight_recorder_overhead_ratio": f / b, "capture_overhead_ratio": c / b2,
             "dispatch_floor_ratio": p / b2, "snapshot_bytes": rec.last.nbytes(), "snapshot_parts": parts,

@@ -21,6 +21,14 @@ the deterministic flags; the snapshot records them): the recaptured step compute
 the original did, which tests/test_flight.py checks on the tiny GPT. `save`/`load` keep a snapshot
 on disk, to recapture in another process with a freshly built model and optimizer.
 
+`FlightRecorder(model, optimizer, every=K)` copies the state only every K-th step (a checkpoint) and keeps
+each step in between by its inputs alone (the batch and the optimizer's hyperparameters): a step's
+starting state is then its checkpoint's state moved on by re-running the steps in between
+(`materialize`), which `restore` and `recapture` do given the step function. The cost is a K-th of a
+snapshot per step; the price is that the steps in between must re-run as they ran (deterministic, no
+state moved outside them: an RNG draw, a setting or a parameter changed between steps would make the
+re-execution another step; the op log's path check then says so).
+
 `FlightRecorder(model, optimizer, oplog=True)` also keeps the live op log (oplog.py: every top-level
 ATen op with its tensors' dtypes and shapes, from C++), and `recapture` checks its re-execution against
 it: `path_check` says whether the recaptured step ran the ops the live one did.
@@ -32,9 +40,10 @@ import collections
 import contextlib
 import ctypes
 import dataclasses
+import itertools
 import random
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -145,6 +154,17 @@ class RngState:
             np.random.set_state(self.numpy)
 
 
+@dataclass(slots=True)
+class StepInput:
+    """What a step between checkpoints took besides the state it started from: its batch, and the
+    optimizer's hyperparameters (a scheduler moves lr between steps); with `oplog=True`, the ops it
+    ran live (set once the step is over), which its re-run is checked against."""
+
+    batch: Any
+    groups: tuple[dict[str, Any], ...]
+    oplog: ol.OpLog | None = None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Snapshot:
     """One step's starting state. `tensors` holds, in order, the parameters, the gradients that exist
@@ -169,6 +189,10 @@ class Snapshot:
     sources: tuple[int, ...] = field(default=(), repr=False, compare=False)
     """id() of the live tensors copied (a later snapshot into this slot skips the layout check when
     they are the same objects)."""
+    replay: tuple[StepInput, ...] = ()
+    """The steps to re-run from the state held here before it is this step's starting state (a step
+    between checkpoints, FlightRecorder(every=K)): the checkpoint's step first. Empty: the state held
+    is this step's own."""
 
     @property
     def params(self) -> list[torch.Tensor]:
@@ -182,26 +206,92 @@ class Snapshot:
                 tuple((t.shape, t.dtype, t.device) for t in self.tensors))
 
 
+@dataclass(slots=True)
+class _Between:
+    """A step kept by its inputs alone (`every=K`): a few microseconds a step, where a Snapshot of its
+    own would cost tens. `inputs` is its interval's list, shared by the interval's steps: the
+    checkpoint's step first, this step's at `at`."""
+
+    step: int
+    base: Snapshot
+    inputs: list[StepInput]
+    at: int
+    oplog: ol.OpLog | None = None
+
+    def view(self) -> Snapshot:
+        inp = self.inputs[self.at]
+        return dataclasses.replace(self.base, step=self.step, batch=inp.batch, groups=inp.groups, oplog=self.oplog,
+                                   replay=tuple(self.inputs[:self.at]))
+
+
+def _base(kept: Snapshot | _Between) -> Snapshot:
+    return kept if isinstance(kept, Snapshot) else kept.base
+
+
+def _view(kept: Snapshot | _Between) -> Snapshot:
+    return kept if isinstance(kept, Snapshot) else kept.view()
+
+
+class _StepScope:
+    """`FlightRecorder.step`'s context (a class: a generator-based one costs more than a step kept by
+    its inputs)."""
+
+    __slots__ = ("rec", "batch", "entry", "log", "kept")
+
+    def __init__(self, rec: FlightRecorder, batch: Any):
+        self.rec, self.batch = rec, batch
+        self.log: contextlib.AbstractContextManager[ol.Recording] | None = None
+        self.kept: ol.Recording | None = None
+
+    def __enter__(self) -> None:
+        self.entry = self.rec._keep(self.batch)
+        if self.rec.log_ops:
+            self.log = ol.recording()
+            self.kept = self.log.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            if self.log is not None:
+                self.log.__exit__(*exc)
+        finally:
+            self.rec._ended(self.entry, self.kept.result if self.kept is not None else None)
+
+
 class FlightRecorder:
     """Keeps the starting state of the last `keep` steps of `model` (and `optimizer`).
 
     Cheap by construction: the parameters and buffers are listed once, and a new snapshot of the same
     layout is one fused copy into the memory of the snapshot it pushes out. So a snapshot is valid
-    while it is among the last `keep`: `save` it (or `recapture` from it) before more steps run."""
+    while it is among the last `keep`: `save` it (or `recapture` from it) before more steps run.
+    With `every=K` only every K-th step is copied; the steps in between are kept by their inputs and
+    re-run from their checkpoint when needed (module docstring)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *, keep: int = 1,
-                 oplog: bool = False):
+                 oplog: bool = False, every: int = 1):
         if keep < 1:
             raise ValueError("keep must be >= 1")
+        if every < 1:
+            raise ValueError("every must be >= 1")
+        self.every = every
         if oplog and (why := ol.available()) is not None:
             raise ol.OpLogUnavailable(why)
         self.model, self.optimizer = model, optimizer
         self.log_ops = oplog
         self.path_check: ol.PathCheck | None = None
         """The last recapture's check of its re-execution against the live op log."""
-        self.snapshots: collections.deque[Snapshot] = collections.deque(maxlen=keep)
+        self.replay_checks: list[tuple[int, ol.PathCheck]] = []
+        """The check of each step the last restore that re-ran steps (every=K, with the op log) re-ran,
+        against its live op log: (step, check)."""
+        self._kept: collections.deque[Snapshot | _Between] = collections.deque(maxlen=keep)
+        self._inputs: list[StepInput] = []
+        """The current checkpoint interval's step inputs (every=K)."""
         self.steps = 0
         self.relist()
+
+    @property
+    def snapshots(self) -> list[Snapshot]:
+        """The starting states kept, oldest first (`keep` of them)."""
+        return [_view(k) for k in self._kept]
 
     def relist(self) -> None:
         """List the model's parameters and buffers again (done once, here: walking the module tree
@@ -209,8 +299,26 @@ class FlightRecorder:
         self._params = list(self.model.parameters())
         self._buffers = list(self.model.buffers())
         self._index = {id(p): i for i, p in enumerate(self._params)}
+        self._checkpoint_next = True  # the steps kept by their inputs re-run on the parameters
+        # listed when their checkpoint was taken
 
     def snapshot(self, batch: Any = None) -> Snapshot:
+        """Copy the state now (a checkpoint) as the starting state of the next step."""
+        snap = self._take(batch, self._free_slot())
+        self._checkpoint_next = False
+        self._inputs = [StepInput(snap.batch, snap.groups)]
+        self._kept.append(snap)
+        return snap
+
+    def _free_slot(self) -> Snapshot | None:
+        """The snapshot whose memory the next one may copy into: the one about to be pushed out, unless
+        a step kept after it by its inputs alone still starts from its state."""
+        if len(self._kept) < (self._kept.maxlen or 0):
+            return None
+        old = _base(self._kept[0])
+        return None if any(_base(k).tensors is old.tensors for k in itertools.islice(self._kept, 1, None)) else old
+
+    def _take(self, batch: Any, old: Snapshot | None) -> Snapshot:
         params, buffers = self._params, self._buffers
         grad_of = tuple(i for i, p in enumerate(params) if p.grad is not None)
         live: list[torch.Tensor] = [*params, *(params[i].grad for i in grad_of), *buffers]  # type: ignore[misc, list-item]
@@ -226,9 +334,8 @@ class FlightRecorder:
                         live.append(v)
                     else:
                         opt_values.append((index[id(p)], k, v))
-            groups = tuple({k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups)
+            groups = self._groups()
         with torch.no_grad():
-            old = self.snapshots[0] if len(self.snapshots) == self.snapshots.maxlen else None
             # the same tensor objects the slot was copied from: the usual case, known without a
             # Python loop over every tensor's layout on every step
             ids = tuple(map(id, live))
@@ -241,37 +348,92 @@ class FlightRecorder:
                 tensors = old.tensors
             else:
                 tensors = [t.detach().clone() for t in live]
-        snap = Snapshot(step=self.steps, tensors=tensors, n_params=len(params), grad_of=grad_of,
+        return Snapshot(step=self.steps, tensors=tensors, n_params=len(params), grad_of=grad_of,
                         n_buffers=len(buffers), opt_tensors=tuple(opt_tensors), opt_values=tuple(opt_values),
                         groups=groups, batch=_clone(batch), rng=RngState.now(), settings=st.current(), sources=ids)
-        self.snapshots.append(snap)
-        return snap
 
-    @contextlib.contextmanager
-    def step(self, batch: Any = None) -> Iterator[Snapshot]:
-        """Around one training step: its starting state is kept before the step runs (and, with
-        `oplog=True`, the ops it runs: on `last`, once the step is over)."""
-        snap = self.snapshot(batch)
-        log = ol.recording() if self.log_ops else contextlib.nullcontext()
-        kept: ol.Recording | None = None
-        try:
-            with log as kept:
-                yield snap
-        finally:
-            self.steps += 1
-            if kept is not None and kept.result is not None and self.snapshots and self.snapshots[-1] is snap:
-                self.snapshots[-1] = dataclasses.replace(snap, oplog=kept.result)
+    def _groups(self) -> tuple[dict[str, Any], ...]:
+        if self.optimizer is None:
+            return ()
+        return tuple({k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups)
+
+    def step(self, batch: Any = None) -> _StepScope:
+        """Around one training step (`with rec.step(batch):`): its starting state is kept before the
+        step runs (`last`; with `oplog=True` the ops it runs too, once the step is over). With
+        `every=K`, a step that is not a checkpoint keeps only its batch and the optimizer's
+        hyperparameters."""
+        return _StepScope(self, batch)
+
+    def _keep(self, batch: Any) -> Snapshot | _Between:
+        entry: Snapshot | _Between
+        if self._kept and not self._checkpoint_next and self._kept[-1].step == self.steps - 1 \
+                and len(self._inputs) < self.every:
+            self._inputs.append(StepInput(_clone(batch), self._groups()))
+            entry = _Between(self.steps, _base(self._kept[-1]), self._inputs, len(self._inputs) - 1)
+            self._kept.append(entry)
+            return entry
+        return self.snapshot(batch)
+
+    def _ended(self, entry: Snapshot | _Between, log: ol.OpLog | None) -> None:
+        self.steps += 1
+        if log is not None and self._kept and self._kept[-1] is entry:
+            if isinstance(entry, _Between):
+                entry.oplog = entry.inputs[entry.at].oplog = log
+            else:
+                self._kept[-1] = dataclasses.replace(entry, oplog=log)
+                if self._inputs and self._inputs[0].batch is entry.batch:
+                    self._inputs[0].oplog = log
 
     @property
     def last(self) -> Snapshot:
-        if not self.snapshots:
+        if not self._kept:
             raise LookupError("the flight recorder has no snapshot yet (wrap a step in `with rec.step(batch):`)")
-        return self.snapshots[-1]
+        return _view(self._kept[-1])
 
-    def restore(self, snap: Snapshot | None = None) -> Any:
+    def restore(self, snap: Snapshot | None = None, step_fn: Callable[[Any], Any] | None = None) -> Any:
         """Put the model, optimizer, RNGs and settings back as they were when `snap` (default: the last)
-        was taken; returns a fresh copy of its batch."""
+        was taken; returns a fresh copy of its batch. A step kept by its inputs alone (`every=K`) is
+        reached by re-running the steps since its checkpoint: `step_fn` is the step."""
         snap = snap or self.last
+        if snap.replay and step_fn is None:
+            raise ValueError(f"step {snap.step} was kept by its inputs alone (every={self.every}): its state is "
+                             f"reached by re-running the {len(snap.replay)} step(s) since its checkpoint; "
+                             "pass the step function (restore(snap, step_fn))")
+        self._put(snap)
+        if snap.replay:
+            self.replay_checks = []
+        for n, inp in enumerate(snap.replay, start=snap.step - len(snap.replay)):
+            self._set_groups(inp.groups)
+            batch = _clone(inp.batch)  # outside the log: the live step's batch was copied before it too
+            if inp.oplog is None:
+                step_fn(batch)  # type: ignore[misc]
+                continue
+            with ol.recording() as kept:
+                step_fn(batch)  # type: ignore[misc]
+            assert kept.result is not None
+            self.replay_checks.append((n, ol.PathCheck.of(inp.oplog, kept.result)))
+        self._set_groups(snap.groups)
+        return _clone(snap.batch)
+
+    def materialize(self, snap: Snapshot | None = None, step_fn: Callable[[Any], Any] | None = None) -> Snapshot:
+        """`snap` with its own starting state copied (the steps since its checkpoint re-run once), so
+        that trials restore it without re-running them; a checkpoint as it is. Not one of `snapshots`."""
+        snap = snap or self.last
+        if not snap.replay:
+            return snap
+        self.restore(snap, step_fn)
+        own = self._take(None, None)
+        return dataclasses.replace(own, step=snap.step, batch=snap.batch, groups=snap.groups, oplog=snap.oplog)
+
+    def _set_groups(self, groups: tuple[dict[str, Any], ...]) -> None:
+        if self.optimizer is not None:
+            for g, saved in zip(self.optimizer.param_groups, groups, strict=False):
+                g.update(saved)
+
+    def _put(self, snap: Snapshot) -> None:
+        """The state `snap` holds back into the model, optimizer, RNGs and settings. The live state has
+        moved off the last step's: the next step is a checkpoint."""
+        self._checkpoint_next = True
         params, buffers = self._params, self._buffers
         if len(params) != snap.n_params or len(buffers) != snap.n_buffers:
             raise ValueError(f"the snapshot holds {snap.n_params} parameters and {snap.n_buffers} buffers; "
@@ -291,11 +453,8 @@ class FlightRecorder:
                     self.optimizer.state[params[i]][k] = v.clone()
                 for i, k, value in snap.opt_values:
                     self.optimizer.state[params[i]][k] = value
-                for g, saved in zip(self.optimizer.param_groups, snap.groups, strict=False):
-                    g.update(saved)
         st.apply(snap.settings)
         snap.rng.restore()
-        return _clone(snap.batch)
 
     def recapture(self, step_fn: Callable[[Any], Any], root: str | Path, *, snap: Snapshot | None = None,
                   trials: int = 1, failed: Callable[[Any], bool] | None = None) -> Path | None:
@@ -307,17 +466,28 @@ class FlightRecorder:
         it ran live: a dispatch mode changes some of what autograd runs) and the two logs compared;
         the verdict is `path_check`, written to root/path-check.txt, and a warning when the
         re-execution ran other ops than the live step (state the snapshot does not hold, a branch on
-        something else): the capture then describes another step."""
+        something else): the capture then describes another step. Each step re-run to reach a step
+        kept by its inputs (every=K) is checked the same way, a line each in path-check.txt, and a
+        warning when one parts from its live ops (the state the step then starts from is not the live one)."""
         from .capture import capture
 
-        snap = snap or self.last
+        replayed = bool((snap or self.last).replay)
+        snap = self.materialize(snap, step_fn)
+        checks = self.replay_checks if replayed else []
+        lines = [f"step {n} (re-run from its checkpoint): {c.line()}" for n, c in checks]
+        parted = [f"step {n} is {c.line()}" for n, c in checks if not c.same]
         self.path_check = None
         if snap.oplog is not None:
             self.path_check = self.check_path(step_fn, snap)
-            Path(root).mkdir(parents=True, exist_ok=True)
-            (Path(root) / "path-check.txt").write_text(self.path_check.line() + "\n")
+            lines.append(self.path_check.line())
             if not self.path_check.same:
                 warnings.warn(f"flight recorder: the re-executed step is {self.path_check.line()}", stacklevel=2)
+        if parted:
+            warnings.warn(f"flight recorder: re-run to reach step {snap.step}, {parted[0]}: the state it starts "
+                          "from is not the live one", stacklevel=2)
+        if lines:
+            Path(root).mkdir(parents=True, exist_ok=True)
+            (Path(root) / "path-check.txt").write_text("\n".join(lines) + "\n")
         for i in range(max(1, trials)):
             batch = self.restore(snap)
             where = Path(root) / f"trial-{i}"
@@ -332,7 +502,7 @@ class FlightRecorder:
         snap = snap or self.last
         if snap.oplog is None:
             raise ValueError("this snapshot has no live op log (FlightRecorder(..., oplog=True) keeps one)")
-        batch = self.restore(snap)
+        batch = self.restore(snap, step_fn)
         with ol.recording() as kept:
             step_fn(batch)
         assert kept.result is not None
@@ -350,5 +520,6 @@ class FlightRecorder:
         snap = torch.load(path, weights_only=False)
         if not isinstance(snap, Snapshot):
             raise ValueError(f"{path}: not a flight-recorder snapshot")
-        self.snapshots.append(snap)
+        self._kept.append(snap)
+        self._checkpoint_next = True
         return snap

@@ -139,3 +139,59 @@ def test_a_step_that_only_takes_numpys_cached_gaussian_leaves_the_next_snapshot_
         drawn = np.random.standard_normal()
     rec.restore()
     assert np.random.standard_normal() == drawn
+
+
+def _lr_moving_run(every: int, keep: int, steps: int) -> tuple[Trainer, flight.FlightRecorder, list[list[torch.Tensor]]]:
+    """`steps` noisy tiny-GPT steps under a recorder with a checkpoint every `every` steps, the learning
+    rate moved between steps (as a scheduler does); the state after each step."""
+    mc = GPTConfig.tiny()
+    tr = Trainer(mc, TrainConfig(), seed=1)
+    tr.step(*data.batch(mc, 1, 99, batch_size=4))  # AdamW's state exists: a checkpoint may reuse a slot
+    rec = flight.FlightRecorder(tr.model, tr.opt, keep=keep, every=every)
+    after = []
+    for s in range(steps):
+        for g in tr.opt.param_groups:
+            g["lr"] = 1e-3 * (1 + s)
+        b = data.batch(mc, 1, s, batch_size=4)
+        with rec.step(b):
+            _noisy_step(tr, b)
+        after.append(_state(tr))
+    return tr, rec, after
+
+
+def test_steps_between_checkpoints_are_recaptured_by_re_running_them_from_their_checkpoint(tmp_path: Path) -> None:
+    tr, rec, after = _lr_moving_run(every=3, keep=3, steps=5)  # checkpoints at steps 0 and 3
+    assert [(s.step, len(s.replay)) for s in rec.snapshots] == [(2, 2), (3, 0), (4, 1)]
+    assert rec.snapshots[0].tensors is not rec.snapshots[1].tensors  # step 2 still starts from step 0's copy
+    with pytest.raises(ValueError, match="re-running the 1 step"):
+        rec.restore()
+    torch.rand(5)  # the RNG moved on since
+    step = lambda b: _noisy_step(tr, b)  # noqa: E731
+    for snap, want in ((rec.snapshots[2], after[4]), (rec.snapshots[0], after[2])):
+        rec.recapture(step, tmp_path / f"cap{snap.step}", snap=snap)
+        assert all(torch.equal(a, b) for a, b in zip(want, _state(tr), strict=True)), snap.step
+    # the learning rate each step ran with is part of what it is re-run with
+    assert rec.materialize(rec.snapshots[0], step).groups[0]["lr"] == pytest.approx(3e-3)
+
+
+def test_a_checkpoint_does_not_copy_into_a_slot_a_kept_step_still_starts_from() -> None:
+    tr, rec, after = _lr_moving_run(every=3, keep=2, steps=4)  # step 3's checkpoint: step 2 starts from step 0's
+    assert [(s.step, len(s.replay)) for s in rec.snapshots] == [(2, 2), (3, 0)]
+    rec.restore(rec.snapshots[0], lambda b: _noisy_step(tr, b))
+    _noisy_step(tr, rec.snapshots[0].batch)
+    assert all(torch.equal(a, b) for a, b in zip(after[2], _state(tr), strict=True))
+
+
+def test_a_restore_makes_the_next_step_a_checkpoint() -> None:
+    tr, rec, _ = _lr_moving_run(every=4, keep=1, steps=2)
+    rec.restore(rec.last, lambda b: _noisy_step(tr, b))  # the live state is not step 1's end any more
+    b = data.batch(GPTConfig.tiny(), 1, 9, batch_size=4)
+    with rec.step(b):
+        _noisy_step(tr, b)
+    assert rec.last.replay == () and rec.last.step == 2
+    with pytest.raises(ZeroDivisionError):  # a step that raises: the error is the step's, the count moves on
+        with rec.step(b):
+            1 / 0  # noqa: B018
+    assert rec.steps == 4 and len(rec.last.replay) == 1
+    with pytest.raises(ValueError, match="every must be"):
+        flight.FlightRecorder(tr.model, every=0)

@@ -117,16 +117,21 @@ def test_only_one_log_at_a_time_and_a_failing_step_still_ends_it() -> None:
                 pass
 
 
-def test_a_flight_recorder_with_the_op_log_checks_its_re_execution_against_the_live_step(tmp_path: Path) -> None:
+@pytest.mark.parametrize("every", [1, 3])  # 3: the last step is kept by its inputs, re-run from step 0's copy
+def test_a_flight_recorder_with_the_op_log_checks_its_re_execution_against_the_live_step(
+        tmp_path: Path, every: int) -> None:
     tr, batches = _trainer()
-    rec = flight.FlightRecorder(tr.model, tr.opt, oplog=True)
+    rec = flight.FlightRecorder(tr.model, tr.opt, oplog=True, every=every)
     for b in batches:
         with rec.step(b):
             tr.step(*b)
     assert rec.last.oplog is not None and len(rec.last.oplog) > 300
+    assert len(rec.last.replay) == (0 if every == 1 else len(batches) - 1)
     where = rec.recapture(lambda b: tr.step(*b), tmp_path / "cap")
     assert where is not None and rec.path_check is not None and rec.path_check.same
-    assert (tmp_path / "cap" / "path-check.txt").read_text().startswith("same ops as the live step")
+    checked = (tmp_path / "cap" / "path-check.txt").read_text().splitlines()
+    assert checked[-1].startswith("same ops as the live step")
+    assert len(checked) == len(rec.last.replay) + 1  # each step re-run to reach it, checked too
     # the op log travels with a saved snapshot
     saved = rec.load(rec.save(tmp_path / "snap.pt"))
     assert saved.oplog is not None and saved.oplog.first_difference(rec.snapshots[0].oplog) is None  # type: ignore[arg-type]
@@ -145,6 +150,29 @@ def test_a_flight_recorder_with_the_op_log_checks_its_re_execution_against_the_l
     assert check is not None and not check.same and check.live is not None and check.here is not None
     assert check.live.index == 0 and check.here.inputs[1] == ("Long", (2, 32))
     assert "not the live step" in (tmp_path / "cap2" / "path-check.txt").read_text()
+
+
+def test_a_step_re_run_to_reach_the_recaptured_one_is_checked_against_its_live_ops(tmp_path: Path) -> None:
+    # every=3: step 2 is reached by re-running steps 0 and 1 from step 0's copy; live, step 1 took half
+    # its batch (a loader quirk the snapshot cannot see), so its re-run is another step, and so is the
+    # state step 2 starts from, though step 2 itself runs the ops it ran live
+    tr, batches = _trainer()
+    rec = flight.FlightRecorder(tr.model, tr.opt, oplog=True, every=3)
+    calls = [0]
+
+    def step(b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        calls[0] += 1
+        return tr.step(b[0][:2], b[1][:2]) if calls[0] == 2 else tr.step(*b)
+
+    for b in batches:
+        with rec.step(b):
+            step(b)
+    with pytest.warns(UserWarning, match="re-run to reach step 2, step 1 is not the live step"):
+        rec.recapture(step, tmp_path / "cap")
+    assert rec.path_check is not None and rec.path_check.same
+    text = (tmp_path / "cap" / "path-check.txt").read_text()
+    assert "step 0 (re-run from its checkpoint): same ops" in text
+    assert "step 1 (re-run from its checkpoint): not the live step" in text
 
 
 def test_a_recorder_without_the_log_checks_nothing_and_an_unbuildable_log_is_one_clear_error(
