@@ -111,22 +111,33 @@ def overheads(step: Callable[[], object], recs: tuple[FlightRecorder, FlightReco
             "dispatch_floor_ratio": p / b2, "snapshot_bytes": rec.last.nbytes(), "snapshot_parts": parts,
             # the snapshot timed on its own against the bare step: steadier than the ratio of two medians,
             # whose steps also pay for each other's cache misses in the interleaved loop
-            "snapshot_share_of_bare_step": parts["snapshot_us"] / (1e6 * b)}
+            "snapshot_share_of_bare_step": parts["snapshot_us"] / (1e6 * b),
+            # every=EVERY the same way: a checkpoint and EVERY-1 steps kept by their inputs per EVERY steps
+            "every_share_of_bare_step": (parts["snapshot_us"] + (EVERY - 1) * parts["between_us"]) / EVERY / (1e6 * b)}
 
 
 def snapshot_parts(step: Callable[[], object], rec: FlightRecorder, batch: object, steps: int) -> dict[str, float]:
     """Where a snapshot's time goes, each part timed right after a step (as in use: the step has
     just pushed the state out of the caches): the whole snapshot, its fused copy of the state into the
-    slot's memory, the RNG states (torch, Python, numpy) and the settings; microseconds, medians."""
+    slot's memory, the RNG states (torch, Python, numpy) and the settings; and a step kept by its
+    inputs alone (`every=K` between checkpoints: entering and leaving `step`); microseconds, medians."""
     from chipcheck.reproducers import flight
     from chipcheck.reproducers import settings as st
 
-    parts: dict[str, list[float]] = {"snapshot_us": [], "copy_us": [], "rng_us": [], "settings_us": []}
+    parts: dict[str, list[float]] = {"snapshot_us": [], "copy_us": [], "rng_us": [], "settings_us": [],
+                                     "between_us": []}
     slot = rec.snapshot(batch)
     live = [t.clone() for t in slot.tensors]  # a second copy of the state, as the live tensors are sized
+    sparse = FlightRecorder(rec.model, rec.optimizer, every=1 << 30)  # its first step the only checkpoint
+
+    def between() -> None:
+        with sparse.step(batch):
+            pass
+
+    between()
     timed: dict[str, Callable[[], object]] = {
         "snapshot_us": lambda: rec.snapshot(batch), "copy_us": lambda: flight._copy_all(slot.tensors, live),
-        "rng_us": flight.RngState.now, "settings_us": st.current}
+        "rng_us": flight.RngState.now, "settings_us": st.current, "between_us": between}
     for _ in range(steps):
         for name, part in timed.items():
             step()
