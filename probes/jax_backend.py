@@ -39,7 +39,6 @@ from .faults import Fault
 # The JAX ops a fault lands in when it names no `op` (the compute and communication kernels).
 DEFAULT_OPS = ("dot_general", "attention", "psum", "pmax", "all_gather", "psum_scatter", "all_to_all", "ppermute")
 VALUE_FAULTS = ("bitflip", "stuck", "nan")
-SUPPORTED_FAULTS = (*VALUE_FAULTS, "slow", "hang", "crash")
 
 
 def init() -> dict[str, Any]:

@@ -214,7 +214,6 @@ def pattern_words(kind: str, lo: int, hi: int, s: int, key: int, device: Any) ->
 @dataclass(slots=True)
 class _Word:
     passes: set[int] = field(default_factory=set)
-    reads: int = 0
     rose: int = 0  # bits read 1 where 0 was written
     fell: int = 0  # bits read 0 where 1 was written
     first: tuple[int, int] = (0, 0)  # (expected, actual) of the first failing read
@@ -251,7 +250,6 @@ class ErrorLog:
                     continue
                 w = self.words[addr] = _Word(first=(exp & MASK32, act & MASK32))
             w.passes.add(s)
-            w.reads += 1
             w.rose |= x & act & MASK32
             w.fell |= x & exp & MASK32
             for b in range(32):

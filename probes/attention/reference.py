@@ -22,8 +22,6 @@ class Reference:
 
     groups: list[tuple[int, int]]
     ref: dict[str, Any]
-    rms: dict[str, float]
-    """rms of each reference tensor (a scalar)."""
     mag: dict[str, Any]
     """Componentwise magnitude of each output (the formula with every term made positive), the
     scale of its rounding error: causal rows and the cancellation in dS = P (dP - D) differ a lot."""
@@ -68,7 +66,7 @@ def reference(inp: Inputs, var: Variant, shape: Shape, n_groups: int, seed: int)
     else:
         groups = all_groups
     gs = shape.group
-    sel = Reference(groups=groups, ref={}, rms={}, mag={}, u_eff=0.0)
+    sel = Reference(groups=groups, ref={}, mag={}, u_eff=0.0)
     q = sel.gather("out", inp.q, gs).double()  # (G, g, s, d)
     k = sel.gather("dk", inp.k, gs).double()  # (G, 1, s, d)
     v = sel.gather("dv", inp.v, gs).double()
@@ -96,7 +94,6 @@ def reference(inp: Inputs, var: Variant, shape: Shape, n_groups: int, seed: int)
     sel.mag = {"out": p @ v.abs(), "dq": (ds_mag @ k.abs()) * scale,
                "dk": ((ds_mag.transpose(-1, -2) @ q.abs()) * scale).sum(1, keepdim=True),
                "dv": (p.transpose(-1, -2) @ do.abs()).sum(1, keepdim=True)}
-    sel.rms = {n: float(t.pow(2).mean().sqrt()) for n, t in sel.ref.items()}
     sel.u_eff = u_eff(inp.q.dtype, shape.s, shape.d)
     fi = torch.finfo(inp.q.dtype)
     sel.tiny = float(fi.tiny) * float(fi.eps)
@@ -113,10 +110,6 @@ def u_eff(dtype: Any, s: int, d: int) -> float:
     """
     u = oracles.unit_roundoff(str(dtype).removeprefix("torch."))  # by name, as every backend spells it
     return math.sqrt(u * u * (1.0 + s / 256.0) + (s + d) * 2.0**-48)
-
-
-def _row_rms(t: Any) -> Any:
-    return t.double().pow(2).mean(-1, keepdim=True).sqrt()
 
 
 def tolerance_mismatch(expected: Any, actual: Any, tol: Any, *, tensor: str, oracle: Oracle,
