@@ -123,25 +123,11 @@ def _noise(x: np.ndarray) -> np.ndarray:
         return np.nanmedian(d, axis=1)
 
 
-def turned_flaky(flaky: Sequence[bool], policy: TrendPolicy = TrendPolicy()) -> bool:
-    """Flaky in >= flaky_k of the last flaky_n runs, after a past (>= flaky_n runs) that was mostly clean."""
-    if len(flaky) < 2 * policy.flaky_n:
-        return False
-    recent, past = flaky[-policy.flaky_n:], flaky[:-policy.flaky_n]
-    return sum(recent) >= policy.flaky_k and sum(past) <= policy.flaky_base_rate * len(past)
-
-
-def lemon(wrong: Sequence[bool], policy: TrendPolicy = TrendPolicy()) -> int:
-    """How many of the last lemon_n runs were wrong when that reaches lemon_k (a lemon), else 0."""
-    k = sum(wrong[-policy.lemon_n:])
-    return k if k >= policy.lemon_k else 0
-
-
 def flags_matrix(flags: np.ndarray, policy: TrendPolicy = TrendPolicy()) -> tuple[np.ndarray, np.ndarray]:
-    """Vectorised `turned_flaky` and `lemon` over rows of (flaky, wrong) flags: devices x runs x 2.
-
-    Absent runs must be False. Returns (turned_flaky: bool per row, lemon count per row, 0 = none).
-    """
+    """Per row of (flaky, wrong) flags (devices x runs x 2; absent runs False): whether the device
+    turned flaky (flaky in >= flaky_k of the last flaky_n runs, after a past of >= flaky_n runs that was
+    mostly clean), and its lemon count (how many of the last lemon_n runs were wrong when that
+    reaches lemon_k, else 0)."""
     flaky, wrong = flags[..., 0].astype(np.int32), flags[..., 1].astype(np.int32)
     n = flags.shape[1]
     recent = flaky[:, -policy.flaky_n:].sum(axis=1)

@@ -53,11 +53,17 @@ def test_missing_runs_are_skipped_and_the_matrix_matches_the_series() -> None:
     assert set(trends.drops(m)) == {0, 1, 2}
 
 
+def _one_row(flaky: list[bool], wrong: list[bool]) -> tuple[bool, int]:
+    turned, lemons = trends.flags_matrix(np.array([list(zip(flaky, wrong, strict=True))], dtype=bool))
+    return bool(turned[0]), int(lemons[0])
+
+
 def test_lemon_and_flaky_turn() -> None:
-    assert trends.lemon([False] * 20 + [True, False, True]) == 2
-    assert trends.lemon([True] + [False] * 12) == 0  # long ago, outside the window
-    assert trends.turned_flaky([False] * 20 + [False, True, False, True, False])
-    assert not trends.turned_flaky([True, False] * 10 + [False, True, False, True, False])  # always was flaky
+    assert _one_row([False] * 23, [False] * 20 + [True, False, True])[1] == 2
+    assert _one_row([False] * 13, [True] + [False] * 12)[1] == 0  # long ago, outside the window
+    assert _one_row([False] * 20 + [False, True, False, True, False], [False] * 25)[0]
+    assert not _one_row([True, False] * 10 + [False, True, False, True, False], [False] * 25)[0]  # always was flaky
+    assert not _one_row([False, True, False, True, False], [False] * 5)[0]  # no past to turn from
     flags = np.zeros((2, 25, 2), dtype=bool)
     flags[0, [21, 23], 0] = True
     flags[1, [22, 24], 1] = True
