@@ -78,13 +78,15 @@ def test_an_intermittent_fault_is_recaptured_on_the_trial_that_shows_it_and_shri
     assert r.case.op == "aten.mm.default" and r.rate is not None and r.rate.failed > 0
 
 
-def test_a_snapshot_saved_to_disk_recaptures_in_a_fresh_model(tmp_path: Path) -> None:
+@pytest.mark.parametrize("every", [1, 3])  # 3: the saved step is its checkpoint's state and 2 steps' inputs
+def test_a_snapshot_saved_to_disk_recaptures_in_a_fresh_model(tmp_path: Path, every: int) -> None:
     tr, batches = _trainer()
-    rec = flight.FlightRecorder(tr.model, tr.opt)
+    rec = flight.FlightRecorder(tr.model, tr.opt, every=every)
     for b in batches:
         with rec.step(b):
             tr.step(*b)
     after = _state(tr)
+    assert len(rec.last.replay) == (0 if every == 1 else 2)
     path = rec.save(tmp_path / "snap.pt")
     fresh, _ = _trainer()  # another process would build its model and optimizer again
     fresh.step(*batches[0])  # (its optimizer must hold state of the same shape to load)
