@@ -280,8 +280,8 @@ class FlightRecorder:
         self.path_check: ol.PathCheck | None = None
         """The last recapture's check of its re-execution against the live op log."""
         self.replay_checks: list[tuple[int, ol.PathCheck]] = []
-        """The check of each step the last restore that re-ran steps (every=K, with the op log) re-ran,
-        against its live op log: (step, check)."""
+        """(step, check) for each step that the last restore which re-ran steps (every=K) re-ran under
+        the op log: its ops against the ones it ran live."""
         self._kept: collections.deque[Snapshot | _Between] = collections.deque(maxlen=keep)
         self._inputs: list[StepInput] = []
         """The current checkpoint interval's step inputs (every=K)."""
