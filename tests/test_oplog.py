@@ -241,11 +241,12 @@ def test_a_huggingface_gpt2_on_two_ranks_re_executes_the_ops_it_ran_live(tmp_pat
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_on_a_gpu_the_backward_thread_is_logged_apart_and_a_re_execution_matches(tmp_path: Path) -> None:
+@pytest.mark.parametrize("every", [1, 3])  # 3: two CUDA steps re-run from step 0's device copy first
+def test_on_a_gpu_the_backward_thread_is_logged_apart_and_a_re_execution_matches(tmp_path: Path, every: int) -> None:
     mc = GPTConfig.tiny()
     tr = Trainer(mc, TrainConfig(), seed=1, device="cuda")
     batches = [data.batch(mc, 1, s, batch_size=4, device="cuda") for s in range(3)]
-    rec = flight.FlightRecorder(tr.model, tr.opt, oplog=True)
+    rec = flight.FlightRecorder(tr.model, tr.opt, oplog=True, every=every)
     for b in batches:
         with rec.step(b):
             tr.step(*b)
@@ -256,3 +257,4 @@ def test_on_a_gpu_the_backward_thread_is_logged_apart_and_a_re_execution_matches
     assert any(o.name == "aten::mm" and o.thread == 1 for o in live.ops)
     rec.recapture(lambda b: tr.step(*b), tmp_path / "cap")
     assert rec.path_check is not None and rec.path_check.same, rec.path_check
+    assert all(c.same for _, c in rec.replay_checks) and len(rec.replay_checks) == (0 if every == 1 else 2)
