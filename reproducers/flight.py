@@ -1,13 +1,13 @@
 """Flight recorder: always-on and cheap; the op-level capture afterwards, by re-executing a snapshot.
 
-Full op capture with its values taken live (reproducers/capture.py) costs 2x to 10x a step; nobody leaves
-it on. The flight
-recorder instead keeps, per step, only the step's starting state: the model's parameters, buffers and
-gradients, the optimizer's state, the batch, every RNG state (torch CPU and CUDA, Python, NumPy) and
-the bit-changing settings, as copies on the device they live on. When a step goes wrong (a NaN loss,
-a failed check, a watchdog), `recapture` puts that state back and runs the same step again under full
-capture, on the same device, as many trials as it takes for the failure to show: the capture then
-goes through replay and shrink like any other.
+Full op capture with its values taken live (reproducers/capture.py) costs 2x to 10x a step; nobody
+leaves it on. The flight recorder instead keeps, per step, only the step's starting state: the model's
+parameters, buffers and gradients, the optimizer's state (and an AMP GradScaler's, `scaler=`), the
+batch, every RNG state (torch CPU and CUDA, Python, NumPy) and the bit-changing settings, as copies on
+the device they live on. When a step goes wrong (a NaN loss, a failed check, a watchdog), `recapture`
+puts that state back and runs the same step again under full capture, on the same device, as many
+trials as it takes for the failure to show: the capture then goes through replay and shrink like any
+other.
 
     rec = FlightRecorder(model, optimizer)
     for batch in loader:
@@ -154,6 +154,10 @@ class RngState:
             np.random.set_state(self.numpy)
 
 
+_SCALER_STATE = ("_scale", "_growth_tracker")
+"""The tensors a torch.amp.GradScaler keeps its state in (made on its first `scale`)."""
+
+
 @dataclass(slots=True)
 class StepInput:
     """What a step between checkpoints took besides the state it started from: its batch, and the
@@ -189,6 +193,9 @@ class Snapshot:
     sources: tuple[int, ...] = field(default=(), repr=False, compare=False)
     """id() of the live tensors copied (a later snapshot into this slot skips the layout check when
     they are the same objects)."""
+    scaler_tensors: tuple[str, ...] = ()
+    """The GradScaler's tensors held after the optimizer's (`_scale`, `_growth_tracker`: the ones it has
+    made yet; FlightRecorder(scaler=...))."""
     replay: tuple[StepInput, ...] = ()
     """The steps to re-run from the state held here before it is this step's starting state (a step
     between checkpoints, FlightRecorder(every=K)): the checkpoint's step first. Empty: the state held
@@ -267,7 +274,7 @@ class FlightRecorder:
     re-run from their checkpoint when needed (module docstring)."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None, *, keep: int = 1,
-                 oplog: bool = False, every: int = 1):
+                 oplog: bool = False, every: int = 1, scaler: Any = None):
         if keep < 1:
             raise ValueError("keep must be >= 1")
         if every < 1:
@@ -276,6 +283,9 @@ class FlightRecorder:
         if oplog and (why := ol.available()) is not None:
             raise ol.OpLogUnavailable(why)
         self.model, self.optimizer = model, optimizer
+        self.scaler = scaler
+        """An AMP GradScaler (torch.amp.GradScaler) whose scale is part of the step's state: it halves
+        after a step whose gradients overflowed, so a re-run of that step without it is another step."""
         self.log_ops = oplog
         self.path_check: ol.PathCheck | None = None
         """The last recapture's check of its re-execution against the live op log."""
@@ -335,13 +345,17 @@ class FlightRecorder:
                     else:
                         opt_values.append((index[id(p)], k, v))
             groups = self._groups()
+        scaler_tensors: tuple[str, ...] = ()
+        if self.scaler is not None:
+            scaler_tensors = tuple(n for n in _SCALER_STATE if isinstance(getattr(self.scaler, n, None), torch.Tensor))
+            live.extend(getattr(self.scaler, n) for n in scaler_tensors)
         with torch.no_grad():
             # the same tensor objects the slot was copied from: the usual case, known without a
             # Python loop over every tensor's layout on every step
             ids = tuple(map(id, live))
             same = old is not None and old.n_params == len(params) and old.grad_of == grad_of \
                 and old.n_buffers == len(buffers) and old.opt_tensors == tuple(opt_tensors) \
-                and (old.sources == ids or all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+                and old.scaler_tensors == scaler_tensors and (old.sources == ids or all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
                                                for a, b in zip(old.tensors, live, strict=True)))
             if same and old is not None:  # the slot about to be dropped: one fused copy, no allocation
                 _copy_all(old.tensors, live)
@@ -350,7 +364,8 @@ class FlightRecorder:
                 tensors = [t.detach().clone() for t in live]
         return Snapshot(step=self.steps, tensors=tensors, n_params=len(params), grad_of=grad_of,
                         n_buffers=len(buffers), opt_tensors=tuple(opt_tensors), opt_values=tuple(opt_values),
-                        groups=groups, batch=_clone(batch), rng=RngState.now(), settings=st.current(), sources=ids)
+                        groups=groups, batch=_clone(batch), rng=RngState.now(), settings=st.current(), sources=ids,
+                        scaler_tensors=scaler_tensors)
 
     def _groups(self) -> tuple[dict[str, Any], ...]:
         if self.optimizer is None:
@@ -447,12 +462,17 @@ class FlightRecorder:
                 params[i].grad = next(t).clone()
             for b in buffers:
                 b.copy_(next(t))
+            opt = [next(t) for _ in snap.opt_tensors]
             if self.optimizer is not None:
                 self.optimizer.state.clear()
-                for (i, k), v in zip(snap.opt_tensors, t, strict=True):
+                for (i, k), v in zip(snap.opt_tensors, opt, strict=True):
                     self.optimizer.state[params[i]][k] = v.clone()
                 for i, k, value in snap.opt_values:
                     self.optimizer.state[params[i]][k] = value
+            if self.scaler is not None:  # a tensor it had not made yet: made again on its next `scale`
+                held = dict(zip(snap.scaler_tensors, t, strict=True))
+                for name in _SCALER_STATE:
+                    setattr(self.scaler, name, held[name].clone() if name in held else None)
         st.apply(snap.settings)
         snap.rng.restore()
 

@@ -197,3 +197,40 @@ def test_a_restore_makes_the_next_step_a_checkpoint() -> None:
     assert rec.steps == 4 and len(rec.last.replay) == 1
     with pytest.raises(ValueError, match="every must be"):
         flight.FlightRecorder(tr.model, every=0)
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_an_amp_step_whose_gradients_overflowed_is_recaptured_overflowing_with_its_grad_scaler(
+        tmp_path: Path, every: int) -> None:
+    # fp16 autocast with a GradScaler that doubles its scale after every clean step: it climbs until
+    # the scaled gradients overflow, that step is skipped and the scale halved. Re-run at the halved
+    # scale, that step would not overflow: it would update the parameters the live step left alone
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=1)
+
+    def step(x: torch.Tensor) -> torch.Tensor:
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(x).float().pow(2).mean()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        return loss
+
+    rec = flight.FlightRecorder(model, opt, scaler=scaler, every=every)
+    for s in range(80):
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(s)) * 30
+        before = scaler.get_scale()
+        with rec.step(x):
+            step(x)
+        if scaler.get_scale() < before and s >= every:  # this step overflowed and was skipped
+            break
+    else:
+        pytest.fail("the scale never overflowed")
+    after = [t.detach().clone() for t in model.parameters()]
+    live_scale = scaler.get_scale()
+    rec.recapture(step, tmp_path / "cap")
+    assert scaler.get_scale() == live_scale
+    assert all(torch.equal(a, b.detach()) for a, b in zip(after, model.parameters(), strict=True))
