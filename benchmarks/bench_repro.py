@@ -72,10 +72,10 @@ def overheads(step: Callable[[], object], recs: tuple[FlightRecorder, FlightReco
     """Medians of a bare step, one under the flight recorder, one under the flight recorder with a
     checkpoint every EVERY steps (per whole interval of EVERY steps: needs `steps` >= EVERY) and one
     under the flight recorder with the live op log (a C++ RecordFunction callback: every top-level op
-    with its tensors' dtypes and shapes; the values come from re-execution), interleaved; then, in a loop of their
-    own (a captured step leaves the allocator and caches in another state than a bare one, and the
-    recorder's few percent must not carry that), a bare step, one under full capture and one under a
-    dispatch mode that records nothing (the floor of any Python op recorder), interleaved."""
+    with its tensors' dtypes and shapes; the values come from re-execution), interleaved; then, in a
+    loop of their own (a captured step leaves the allocator and caches in another state than a bare
+    one, and the recorder's few percent must not carry that), a bare step, one under full capture and
+    one under a dispatch mode that records nothing (the floor of any Python op recorder), interleaved."""
     rec, sparse, logged = recs
     bare, flown, flown_sparse, flown_log = [], [], [], []
     step()

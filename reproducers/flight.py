@@ -217,17 +217,16 @@ class Snapshot:
 class _Between:
     """A step kept by its inputs alone (`every=K`): a few microseconds a step, where a Snapshot of its
     own would cost tens. `inputs` is its interval's list, shared by the interval's steps: the
-    checkpoint's step first, this step's at `at`."""
+    checkpoint's step first, this step's at `at` (its op log too, once it is over)."""
 
     step: int
     base: Snapshot
     inputs: list[StepInput]
     at: int
-    oplog: ol.OpLog | None = None
 
     def view(self) -> Snapshot:
         inp = self.inputs[self.at]
-        return dataclasses.replace(self.base, step=self.step, batch=inp.batch, groups=inp.groups, oplog=self.oplog,
+        return dataclasses.replace(self.base, step=self.step, batch=inp.batch, groups=inp.groups, oplog=inp.oplog,
                                    replay=tuple(self.inputs[:self.at]))
 
 
@@ -355,7 +354,8 @@ class FlightRecorder:
             ids = tuple(map(id, live))
             same = old is not None and old.n_params == len(params) and old.grad_of == grad_of \
                 and old.n_buffers == len(buffers) and old.opt_tensors == tuple(opt_tensors) \
-                and old.scaler_tensors == scaler_tensors and (old.sources == ids or all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+                and old.scaler_tensors == scaler_tensors \
+                and (old.sources == ids or all(a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
                                                for a, b in zip(old.tensors, live, strict=True)))
             if same and old is not None:  # the slot about to be dropped: one fused copy, no allocation
                 _copy_all(old.tensors, live)
@@ -393,7 +393,7 @@ class FlightRecorder:
         self.steps += 1
         if log is not None and self._kept and self._kept[-1] is entry:
             if isinstance(entry, _Between):
-                entry.oplog = entry.inputs[entry.at].oplog = log
+                entry.inputs[entry.at].oplog = log
             else:
                 self._kept[-1] = dataclasses.replace(entry, oplog=log)
                 if self._inputs and self._inputs[0].batch is entry.batch:
