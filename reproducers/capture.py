@@ -94,6 +94,10 @@ class Recorder(TorchDispatchMode):
         self.device = "cpu"
         self._next_vid = 0
         self._next_storage = 0
+        self.unwritten: set[int] = set()
+        """Storages an allocation made (`aten.empty`, ...) that no recorded op has written yet: their bytes
+        are whatever memory held, or what code outside the dispatcher wrote there (DDP fills its bucket
+        indices through a raw pointer); replay cannot rebuild either."""
 
     # --- identity ---------------------------------------------------------------------------
     def _new_vid(self, t: torch.Tensor) -> int:
@@ -230,6 +234,7 @@ class Recorder(TorchDispatchMode):
             if not p2p and outs and outs[0] is not None and outs[0].device.type == "cuda":
                 torch.cuda.synchronize(outs[0].device)
             vids, metas, _ = self._outputs(outs)
+            self.unwritten.difference_update(m.storage for m in metas if m is not None)
             fps = [fmt.fingerprint(o) if isinstance(o, torch.Tensor) else "" for o in outs]
             self.recorded.append((p.slot, [self._put(o) if isinstance(o, torch.Tensor) else "" for o in outs]))
             if p.work is not None and p2p:
@@ -268,6 +273,8 @@ class Recorder(TorchDispatchMode):
                 self.vids[out] = vid  # the async wrapper is the same value as the raw collective output
             return out
         args = [_unwrap_async(a) if isinstance(a, torch.Tensor) else a for a in args]
+        if self.unwritten and kind == "compute":
+            self._read_unwritten(func, args, kwargs)
         enc_args = self.encode(list(args))
         enc_kwargs = {k: self.encode(v) for k, v in kwargs.items()}
         if kind == "collective":
@@ -275,8 +282,11 @@ class Recorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         seeded = _seeded(func, args, kwargs)
         vids, metas, tensors = self._outputs(out)
-        # a view computes nothing: its bytes are its base's, fingerprinted where they were made
-        fps = ([""] * len(tensors) if kind == "view" else
+        if kind == "compute":
+            self._wrote(func, args, kwargs, metas)
+        # a view computes nothing: its bytes are its base's, fingerprinted where they were made; an
+        # allocation's bytes are whatever memory held (replay does not compare them)
+        fps = ([""] * len(tensors) if kind == "view" or _allocates(func) else
                [fmt.fingerprint(t) if isinstance(t, torch.Tensor) else "" for t in tensors])
         if seeded:
             self.recorded.append((len(self.ops), [self._put(t) if isinstance(t, torch.Tensor) else "" for t in tensors]))
@@ -284,6 +294,38 @@ class Recorder(TorchDispatchMode):
                                      outputs=vids, out_meta=metas, fingerprints=fps, substituted=seeded,
                                      stack=self._stack()))
         return out
+
+    def _read_unwritten(self, func: Any, args: list[Any], kwargs: dict[str, Any]) -> None:
+        """An op about to read memory no recorded op wrote: its bytes become a saved input (as read), so
+        replay reads what the live op read rather than fresh uninitialised memory."""
+        positions, names = _written_args(func, only=True)
+        read = [a for i, a in enumerate(args) if i not in positions] + [v for k, v in kwargs.items() if k not in names]
+        for t in _flat(read):
+            if not isinstance(t, torch.Tensor):
+                continue
+            known = self.vids.get(t)
+            if known is not None and known not in self.saved and self._known_storage(t) in self.unwritten:
+                vid = self._new_vid(t)
+                sid, _ = self._storage_id(t, vid)
+                self.saved[vid] = (self.meta(t, sid), self._put(t))
+
+    def _wrote(self, func: Any, args: list[Any], kwargs: dict[str, Any], metas: list[fmt.TensorMeta | None]) -> None:
+        """Keep `unwritten` current: an allocation adds its storage; an op's outputs and the arguments
+        its schema writes (`out=`, `Tensor(a!)`) take theirs off."""
+        if _allocates(func):
+            self.unwritten.update(m.storage for m in metas if m is not None)
+            return
+        if not self.unwritten:
+            return
+        self.unwritten.difference_update(m.storage for m in metas if m is not None)
+        positions, names = _written_args(func)
+        written = [a for i, a in enumerate(args) if i in positions] + [v for k, v in kwargs.items() if k in names]
+        self.unwritten.difference_update(self._known_storage(t) for t in _flat(written) if isinstance(t, torch.Tensor))
+
+    def _known_storage(self, t: torch.Tensor) -> int | None:
+        """The storage id already given to `t`'s storage (None when none was)."""
+        known = self.storages.get((t.device, t.untyped_storage()._cdata))
+        return known[0] if known is not None else None
 
     def _collective(self, func: Any, args: list[Any], kwargs: dict[str, Any], enc_args: Any,
                     enc_kwargs: Any) -> Any:
@@ -380,6 +422,31 @@ def _name(x: Any) -> str:
 def _is_subclass(t: type) -> bool:
     """A tensor subclass with its own __torch_dispatch__ (not a plain tensor or a Parameter)."""
     return getattr(t, "__torch_dispatch__", torch.Tensor.__torch_dispatch__) not in _PLAIN_DISPATCH
+
+
+_ALLOCATIONS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"})
+
+
+@functools.cache
+def _allocates(func: Any) -> bool:
+    """An op whose output holds whatever memory held (replay's `_UNDEFINED`, less `resize_`)."""
+    return func.namespace == "aten" and func.overloadpacket.__name__ in _ALLOCATIONS
+
+
+_OVERWRITES = frozenset({"copy_", "fill_", "zero_", "uniform_", "normal_", "random_", "bernoulli_", "exponential_",
+                         "geometric_", "cauchy_", "log_normal_"})
+"""In-place ops that do not read what they overwrite (an in-place `add_` reads its `self`)."""
+
+
+@functools.cache
+def _written_args(func: Any, only: bool = False) -> tuple[frozenset[int], frozenset[str]]:
+    """Positions and names of the arguments the op's schema says it writes (`Tensor(a!)`); `only`: of
+    those whose old bytes it does not read (`out=`, the `self` of a copy or fill)."""
+    overwrites = func.overloadpacket.__name__ in _OVERWRITES
+    written = [(i, a.name) for i, a in enumerate(func._schema.arguments)
+               if a.alias_info is not None and a.alias_info.is_write
+               and (not only or a.kwarg_only or overwrites)]
+    return frozenset(i for i, _ in written), frozenset(n for _, n in written)
 
 
 @functools.cache

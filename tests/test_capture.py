@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import torch
@@ -68,3 +69,23 @@ def test_bad_capture_dir_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(fmt.CaptureError, match="no rank"):
         fmt.load(tmp_path / "empty")
+
+
+def test_memory_written_outside_the_dispatcher_is_saved_as_read(tmp_path: Path) -> None:
+    """DDP fills a freshly allocated tensor through a raw pointer (its bucket indices) and then copies
+    it: replay's own allocation holds other bytes, so the recorder saves what the live op read.
+    Memory an op writes first (`out=`, in place) costs nothing: it is recomputed."""
+    src = torch.arange(8, dtype=torch.float32)
+    with capture(tmp_path / "cap") as c:
+        hidden = torch.empty(8)
+        ctypes.memmove(hidden.data_ptr(), src.data_ptr(), 8 * 4)  # no ATen op: invisible to the recorder
+        seen = hidden.mul_(2)  # in place: it reads what it overwrites
+        out = torch.empty(8)
+        torch.mul(src, 3, out=out)  # written by an op before anything reads it
+        total = (seen + out).sum()
+    assert float(total) == float((src * 5).sum())
+    assert c.result is not None
+    saved = sorted(tuple(r.meta.shape) for r in c.result.tensors.values())
+    assert saved == [(8,), (8,)], saved  # `src`, and `hidden` as the multiply read it; not `out`
+    res = rp.replay(fmt.load(tmp_path / "cap"), device="cpu", reference="cpu64")
+    assert res.divergence is None and res.capture_mismatch is None, res
