@@ -106,12 +106,15 @@ def corrupt(t, fault, rank=0):
     ints[i] ^= bit
 
 
-def metric(actual, expected, rtol):
-    """Bad elements, max abs / rel / ULP error and flipped bits of `actual` against float64 `expected`."""
+def metric(actual, expected, rtol, magnitude=None):
+    """Bad elements, max abs / rel / ULP error and flipped bits of `actual` against float64 `expected`
+    (a sum's tolerance also scales with `magnitude`, the op on its inputs' absolute values)."""
     a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
     err = (a - e).abs()
     finite = e[torch.isfinite(e)]
     scale = e.abs() + (finite.pow(2).mean().sqrt() if finite.numel() else 0.0)
+    if magnitude is not None:
+        scale = torch.maximum(scale, magnitude.detach().cpu().double().abs())
     same = (a == e) | (torch.isnan(a) & torch.isnan(e))
     bad = ~((err <= rtol * scale) | same)
     n = int(bad.sum())
@@ -199,6 +202,12 @@ def main():
         last = ops[-1]
         ref_in = [t.to(up(t.dtype)) for t in inputs[-1]]
         expected = run(last, ref_in, "cpu", up, None)[last["output"]]
+        magnitude = None
+        if last.get("sums"):  # a sum that cancels keeps the rounding of its terms: |inputs| scale it
+            plus = dict(last, kwargs={k: abs(v) if k in ("alpha", "beta") and isinstance(v, (int, float)) else v
+                                      for k, v in last["kwargs"].items()})
+            magnitude = run(plus, [t.abs() if t.is_floating_point() else t for t in ref_in], "cpu", up,
+                            None)[last["output"]]
         failed = 0
         for r in range(a.repeat):
             fault = parse_inject(a.inject)  # a fresh call counter per run: the sequence is the history
@@ -208,12 +217,13 @@ def main():
                 except Exception:  # noqa: BLE001
                     pass
             out = run(last, inputs[-1], a.device, same, fault)[last["output"]]
-            n, text = metric(out, expected, CASE["rtol"])
+            n, text = metric(out, expected, CASE["rtol"], magnitude)
             after = f" after {len(ops) - 1} ops" if len(ops) > 1 else ""
             print(f"run {r + 1}/{a.repeat} {last['op']}{after} on {a.device}: {text}")
             failed += n > 0
     print(f"{'REPRODUCED' if failed else 'not reproduced'}: {failed} of {a.repeat} runs wrong "
-          f"(tolerance rtol={CASE['rtol']} x (|expected| + rms(expected)) vs float64 on the host)")
+          f"(tolerance rtol={CASE['rtol']} x (|expected| + rms(expected)){' or the op on |inputs|' if last.get('sums') else ''}"
+          " vs float64 on the host)")
     sys.exit(1 if failed else 0)
 
 
@@ -382,12 +392,20 @@ def render_op(case: OpCase, *, device: str, metric_line: str, where: list[str] |
     title = f"chipcheck reproducer: {case.op} on {device}"
     # one op is the history case with no history: one template serves both
     data = {"title": title, "ops": [{"op": case.op, "args": case.args, "kwargs": case.kwargs, "inputs": ins,
-                                     "output": case.output}], "device": device, "rtol": rp.RTOL.get(out_dtype, 1e-3),
+                                     "output": case.output, "sums": _sums(case.op)}], "device": device,
+            "rtol": rp.RTOL.get(out_dtype, 1e-3),
             "repeat": rate.plan if rate else 1, "settings": settings or {}}
     head = _header(title, [f"Op: {case.op}({shapes})", f"Observed: {metric_line}",
                            *(f"Seen at: {w}" for w in (where or [])), *_settings_lines(settings, recorded),
                            *_trial_lines(rate, device)])
     return head + _environment(settings) + _COMMON + _MULTI.replace("__CASE__", json.dumps(data))
+
+
+def _sums(op: str) -> bool:
+    """Is the op a sum of products of its inputs (replay's `SUMS`: its tolerance scales with |inputs|)?"""
+    from . import replay as rp
+
+    return op.split(".")[1] in rp.SUMS
 
 
 def _inputs(case: OpCase) -> list[dict[str, Any]]:
@@ -408,8 +426,8 @@ def render_ops(history: list[OpCase], case: OpCase, *, device: str, metric_line:
         return render_op(case, device=device, metric_line=metric_line, where=where, rate=rate, settings=settings,
                          recorded=recorded)
     out_dtype = getattr(torch, case.inputs[0].dtype) if case.inputs else torch.float32
-    ops = [{"op": c.op, "args": c.args, "kwargs": c.kwargs, "inputs": _inputs(c), "output": c.output}
-           for c in [*history, case]]
+    ops = [{"op": c.op, "args": c.args, "kwargs": c.kwargs, "inputs": _inputs(c), "output": c.output,
+            "sums": _sums(c.op)} for c in [*history, case]]
     title = f"chipcheck reproducer: {case.op} on {device} after {len(history)} earlier ops"
     data = {"title": title, "ops": ops, "device": device, "rtol": rp.RTOL.get(out_dtype, 1e-3),
             "repeat": rate.plan if rate else 1, "settings": settings or {}}

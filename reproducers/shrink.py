@@ -240,7 +240,7 @@ class Target:
                 except Exception as e:  # a shape the op rejects is not "the same failure"
                     return Outcome(metric=rp.Metric(cls="crash", message=f"{type(e).__name__}: {e}"), repeats=n,
                                    failed=1)
-                m = rp.compare(out[case.output], ref[case.output], exact=not upcast)
+                m = rp.compare_op(func, out[case.output], ref[case.output], not upcast, rargs, rkw, case.output)
                 if m is not None:
                     failed += 1
                     first = first or m
@@ -459,9 +459,10 @@ def run_sequence(ops: list[OpCase], target: OpCase, *, device: str, reference: s
             except Exception as e:  # noqa: BLE001
                 return rp.Metric(cls="crash", message=f"{type(e).__name__}: {e}")
         rins = [rp.to_reference(t.cpu(), ref_dev, upcast) for t in (i.make("cpu") for i in target.inputs)]
-        ref = rp.out_list(func(*_fill(target.args, rins, ref_dev, upcast),
-                               **{k: _fill(v, rins, ref_dev, upcast) for k, v in target.kwargs.items()}))
-    return rp.compare(out[target.output], ref[target.output], exact=not upcast)
+        rargs = _fill(target.args, rins, ref_dev, upcast)
+        rkw = {k: _fill(v, rins, ref_dev, upcast) for k, v in target.kwargs.items()}
+        ref = rp.out_list(func(*rargs, **rkw))
+        return rp.compare_op(func, out[target.output], ref[target.output], not upcast, rargs, rkw, target.output)
 
 
 def prefix_cases(cap: fmt.Capture, upto: int, *, device: str, inject: str | None) -> list[OpCase]:

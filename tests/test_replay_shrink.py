@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from chipcheck.model import GPTConfig, TrainConfig, Trainer, data
 from chipcheck.probes import faults
@@ -117,3 +118,41 @@ def test_shrinker_caches_and_reaches_the_shortlex_minimum() -> None:
     before = sh.calls
     assert not sh.consider((9, 9, 9))  # not simpler than the current best: never run
     assert sh.calls == before
+
+
+def _centred() -> torch.Tensor:
+    """Activations centred per column (as a LayerNorm's are): each column's sum cancels to ~1e-6
+    while its terms are ~1, so float32 rounding is most of what the sum holds."""
+    x = torch.randn(256, 64, generator=torch.Generator().manual_seed(0))
+    return x - x.double().mean(0).float()
+
+
+def test_a_sum_that_cancels_is_judged_on_its_terms_rounding(tmp_path: Path) -> None:
+    x, w = _centred(), torch.ones(256, 8)
+    with capture(tmp_path / "cap"):
+        x.sum(0)
+        torch.mm(x.t(), w)
+    # a healthy chip: the relative tolerance on |expected| + rms(expected) called both sums wrong
+    res = rp.replay(fmt.load(tmp_path / "cap"), reference="cpu64")
+    assert res.divergence is None, res.divergence
+    # a bad one is still named: an exponent bit of one column's sum
+    spec = "bitflip:rank=0,bit=30,op=sum,index=5,at=call"
+    with faults.make_injector(faults.parse(spec), 0, "repro")():
+        with capture(tmp_path / "bad"):
+            x.sum(0)
+            torch.mm(x.t(), w)
+    d = rp.replay(fmt.load(tmp_path / "bad"), reference="cpu64", inject=spec).divergence
+    assert d is not None and d.op == "aten.sum.dim_IntList" and d.metric.bad == 1 and d.metric.bad_indices == [[5]]
+
+
+def test_repro_py_judges_a_cancelling_sum_as_replay_does(tmp_path: Path) -> None:
+    x = _centred()
+    case = sk.OpCase(op="aten.sum.dim_IntList", args=[{"in": 0}, [0]], kwargs={},
+                     inputs=(sk.Input(kind="data", shape=tuple(x.shape), dtype="float32", data=x),))
+    path = tmp_path / "repro.py"
+    path.write_text(emit.render_op(case, device="cpu", metric_line="(test)"))
+    good = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert good.returncode == 0 and "or the op on |inputs|" in good.stdout, good.stdout + good.stderr
+    bad = subprocess.run([sys.executable, str(path), "--inject", "bitflip:bit=30"], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert bad.returncode == 1, bad.stdout + bad.stderr

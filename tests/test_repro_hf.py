@@ -125,3 +125,26 @@ def test_hf_gpt2_fsdp2_a_corrupted_reduce_scatter_is_a_link_fault_on_its_sender(
     assert div.collective == "reduce_scatter" and case.world == 2, div
     assert div.rank == 0 and div.metric.bad == 1, div  # element 3 of what rank 1 sent lands in rank 0's part
     assert "_reduce_scatter_base_" in div.op
+
+
+def test_hf_bert_healthy_step_replays_clean_against_cpu64(tmp_path: Path) -> None:
+    """A BERT MLM step's backward sums centred gradients (LayerNorm's): column sums that cancel to ~1e-13
+    from terms of ~1e-3. Judged on the sum's value alone, a healthy chip's replay was called wrong."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from chipcheck.reproducers import capture
+    from chipcheck.reproducers import format as fmt
+    from chipcheck.reproducers import replay as rp
+
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                     vocab_size=256, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)
+    model = BertForMaskedLM(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    with capture(tmp_path / "cap"):
+        _step(model, opt, ids)
+    res = rp.replay(fmt.load(tmp_path / "cap"), reference="cpu64")
+    assert res.divergence is None, res.divergence.metric.line() if res.divergence else ""
+    assert res.capture_mismatch is None
