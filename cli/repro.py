@@ -57,6 +57,9 @@ def repro_replay(capture_dir: str, reference: str, device: str | None, rank: int
     if res.not_compared:
         click.echo(f"note: {len(res.not_compared)} op(s) replayed but not compared: "
                    f"{'; '.join(res.not_compared[:3])}{'; ...' if len(res.not_compared) > 3 else ''}")
+    if res.native:
+        click.echo(f"note: {len(res.native)} op(s) with no float64 kernel compared with the same op in their own "
+                   f"dtype on the reference device: {'; '.join(res.native[:3])}{'; ...' if len(res.native) > 3 else ''}")
     d = res.divergence
     if d is None:
         click.echo(f"rank {res.rank}: {res.ops} ops replayed; every op agrees with {reference}")

@@ -22,6 +22,7 @@ import bisect
 import contextlib
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -132,6 +133,9 @@ class ReplayResult:
     """First op whose replayed bits differ from the capture's fingerprint (None: bit-exact replay)."""
     not_compared: list[str] = field(default_factory=list)
     """Ops replayed but not compared, with why (the reference cannot run them: never a finding)."""
+    native: list[str] = field(default_factory=list)
+    """Ops with no float64 kernel (grouped GEMMs), compared with the same op in their own dtype on the
+    reference device (`reference_call`)."""
     collective_inputs: list[tuple[int, list[Any]]] = field(default_factory=list, repr=False)
     collective_outputs: list[tuple[int, list[Any]]] = field(default_factory=list, repr=False)
 
@@ -229,6 +233,23 @@ def to_reference(t: torch.Tensor, device: str, upcast: bool) -> torch.Tensor:
 
 
 # --- comparison -------------------------------------------------------------------------------
+
+def reference_call(func: Any, build: Callable[[bool], tuple[Any, dict[str, Any]]],
+                   upcast: bool) -> tuple[list[Any], Any, dict[str, Any], bool]:
+    """The op on the reference, on the arguments `build(upcast)` puts there: (outputs, those arguments,
+    whether it was lowered). An op with no float64 kernel (`_grouped_mm`: an MoE's expert GEMMs) that
+    writes none of its arguments runs on `build(False)`: the same inputs in their own dtype on the
+    reference device, judged with the same tolerance (an op that writes its arguments cannot be re-run:
+    the caller's copies are already spent, and the error stands)."""
+    args, kwargs = build(upcast)
+    try:
+        return out_list(func(*args, **kwargs)), args, kwargs, False
+    except Exception:
+        if not upcast or func._schema.is_mutable:
+            raise
+    args, kwargs = build(False)
+    return out_list(func(*args, **kwargs)), args, kwargs, True
+
 
 def compare_op(func: Any, actual: torch.Tensor, ref: torch.Tensor, exact: bool, ref_args: Any,
                ref_kwargs: dict[str, Any], output: int) -> Metric | None:
@@ -408,7 +429,10 @@ def replay(cap: fmt.Capture, *, device: str | None = None, reference: str = "cpu
                 outs = out_list(out)
                 if ref_args is not None:
                     try:
-                        ref_outs = out_list(func(*ref_args, **ref_kwargs))
+                        ref_outs, ref_args, ref_kwargs, lowered = reference_call(
+                            func, _made_or_native(ref_args, ref_kwargs, args, kwargs, ref_dev, upcast), upcast)
+                        if lowered:
+                            result.native.append(f"op #{rec.index} {rec.op}")
                     except Exception as e:  # noqa: BLE001 - e.g. AMP's unscale takes float32 only, not cpu64
                         result.not_compared.append(f"op #{rec.index} {rec.op}: the reference cannot run it "
                                                    f"({type(e).__name__}: {str(e).splitlines()[0][:120]})")
@@ -432,6 +456,18 @@ def replay(cap: fmt.Capture, *, device: str | None = None, reference: str = "cpu
             if result.divergence is not None and stop_at_first:
                 break
     return result
+
+
+def _made_or_native(ref_args: Any, ref_kwargs: dict[str, Any], args: Any, kwargs: dict[str, Any],
+                    ref_dev: str, upcast: bool) -> Callable[[bool], tuple[Any, dict[str, Any]]]:
+    """`reference_call`'s builder in replay: the copies made before the suspect ran, or (lowered) new
+    ones of the suspect's arguments, still as they were: only an op that writes none is lowered."""
+    def build(up: bool) -> tuple[Any, dict[str, Any]]:
+        if up == upcast:
+            return ref_args, ref_kwargs
+        return (map_tensors(args, lambda t: to_reference(t, ref_dev, False)),
+                {k: map_tensors(v, lambda t: to_reference(t, ref_dev, False)) for k, v in kwargs.items()})
+    return build
 
 
 def _crashes_on_reference(func: Any, args: Any, kwargs: dict[str, Any], ref_dev: str, upcast: bool) -> bool:

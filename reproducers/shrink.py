@@ -230,13 +230,10 @@ class Target:
                 ins = [i.make(self.device) for i in case.inputs]
                 args = _fill(case.args, ins, self.device)
                 kwargs = {k: _fill(v, ins, self.device) for k, v in case.kwargs.items()}
-                rargs = _fill(case.args, [rp.to_reference(t, ref_dev, upcast) for t in ins], ref_dev, upcast)
-                rkw = {k: _fill(v, [rp.to_reference(t, ref_dev, upcast) for t in ins], ref_dev, upcast)
-                       for k, v in case.kwargs.items()}
                 try:
+                    ref, rargs, rkw, _ = rp.reference_call(func, _on_reference(case, ins, ref_dev), upcast)
                     with rp.injector(self.faults):
                         out = rp.out_list(func(*args, **kwargs))
-                    ref = rp.out_list(func(*rargs, **rkw))
                 except Exception as e:  # a shape the op rejects is not "the same failure"
                     return Outcome(metric=rp.Metric(cls="crash", message=f"{type(e).__name__}: {e}"), repeats=n,
                                    failed=1)
@@ -458,11 +455,18 @@ def run_sequence(ops: list[OpCase], target: OpCase, *, device: str, reference: s
                                        **{k: _fill(v, ins, device) for k, v in target.kwargs.items()}))
             except Exception as e:  # noqa: BLE001
                 return rp.Metric(cls="crash", message=f"{type(e).__name__}: {e}")
-        rins = [rp.to_reference(t.cpu(), ref_dev, upcast) for t in (i.make("cpu") for i in target.inputs)]
-        rargs = _fill(target.args, rins, ref_dev, upcast)
-        rkw = {k: _fill(v, rins, ref_dev, upcast) for k, v in target.kwargs.items()}
-        ref = rp.out_list(func(*rargs, **rkw))
+        ref, rargs, rkw, _ = rp.reference_call(func, _on_reference(target, [i.make("cpu") for i in target.inputs],
+                                                                    ref_dev), upcast)
         return rp.compare_op(func, out[target.output], ref[target.output], not upcast, rargs, rkw, target.output)
+
+
+def _on_reference(case: OpCase, ins: list[torch.Tensor],
+                  ref_dev: str) -> Callable[[bool], tuple[list[Any], dict[str, Any]]]:
+    """`reference_call`'s builder: the case's arguments on copies of `ins` on the reference device."""
+    def build(up: bool) -> tuple[list[Any], dict[str, Any]]:
+        rins = [rp.to_reference(t, ref_dev, up) for t in ins]
+        return _fill(case.args, rins, ref_dev, up), {k: _fill(v, rins, ref_dev, up) for k, v in case.kwargs.items()}
+    return build
 
 
 def prefix_cases(cap: fmt.Capture, upto: int, *, device: str, inject: str | None) -> list[OpCase]:

@@ -3,6 +3,7 @@ generic machinery on known failing cases (exact minima)."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -156,3 +157,34 @@ def test_repro_py_judges_a_cancelling_sum_as_replay_does(tmp_path: Path) -> None
     bad = subprocess.run([sys.executable, str(path), "--inject", "bitflip:bit=30"], capture_output=True, text=True,
                          timeout=120, cwd=tmp_path)
     assert bad.returncode == 1, bad.stdout + bad.stderr
+
+
+def _experts() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An MoE layer's expert GEMMs as transformers runs them: one grouped GEMM over tokens sorted by
+    expert (`aten._grouped_mm`, which has no float64 kernel)."""
+    g = torch.Generator().manual_seed(3)
+    tokens, experts = torch.randn(32, 16, generator=g), torch.randn(4, 16, 8, generator=g)
+    return tokens, experts, torch.tensor([5, 13, 24, 32], dtype=torch.int32)
+
+
+def test_an_op_with_no_float64_kernel_is_judged_in_its_own_dtype_on_the_reference(tmp_path: Path) -> None:
+    tokens, experts, offs = _experts()
+    spec = "bitflip:rank=0,bit=25,op=_grouped_mm,index=40,at=call"
+    for name, inject in (("clean", None), ("bad", spec)):
+        with faults.make_injector(faults.parse(spec), 0, "repro")() if inject else contextlib.nullcontext():
+            with capture(tmp_path / name):
+                torch.relu(torch.ops.aten._grouped_mm(tokens, experts, offs)).sum()
+    clean = rp.replay(fmt.load(tmp_path / "clean"), reference="cpu64")
+    assert clean.divergence is None and clean.not_compared == [] and len(clean.native) == 1, clean
+    d = rp.replay(fmt.load(tmp_path / "bad"), reference="cpu64", inject=spec).divergence
+    assert d is not None and d.op == "aten._grouped_mm.default" and d.metric.bad_indices == [[5, 0]], d
+    # the shrunk file judges it the same way: exit 1 with the fault, 0 without
+    r = sk.shrink_capture(str(tmp_path / "bad"), reference="cpu64", inject=spec)
+    assert r.case.op == "aten._grouped_mm.default"
+    path = tmp_path / "repro.py"
+    path.write_text(emit.render_op(r.case, device="cpu", metric_line=r.metric.line()))
+    bad = subprocess.run([sys.executable, str(path), "--inject", "bitflip:bit=25"], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert bad.returncode == 1 and "its own dtype on the host" in bad.stdout, bad.stdout + bad.stderr
+    good = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert good.returncode == 0, good.stdout + good.stderr
