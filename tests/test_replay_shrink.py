@@ -181,6 +181,10 @@ def test_an_op_with_no_float64_kernel_is_judged_in_its_own_dtype_on_the_referenc
     # the shrunk file judges it the same way: exit 1 with the fault, 0 without
     r = sk.shrink_capture(str(tmp_path / "bad"), reference="cpu64", inject=spec)
     assert r.case.op == "aten._grouped_mm.default"
+    # its offsets kept as recorded, and the rows they point into kept: shrunk to 8 rows under offsets up
+    # to 13, the grouped GEMM read and wrote past its tensors and repro.py failed on a healthy host
+    tok, _, offsets = r.case.inputs
+    assert offsets.kind == "data" and offsets.data.tolist() == [5, 13, 24, 32] and tok.shape[0] >= 32, r.case
     path = tmp_path / "repro.py"
     path.write_text(emit.render_op(r.case, device="cpu", metric_line=r.metric.line()))
     bad = subprocess.run([sys.executable, str(path), "--inject", "bitflip:bit=25"], capture_output=True, text=True,
