@@ -52,6 +52,10 @@ def _rank(rank: int, world: int, root: str, fault: bool) -> None:
     if not fault:  # capture never changes the step
         for a, b in zip(bare.parameters(), m.parameters(), strict=True):
             assert torch.equal(a.full_tensor(), b.full_tensor()), f"rank {rank}: capture changed the step"
+    # both ranks done before either tears gloo down: a rank that destroyed its group while the other's
+    # last all-gather was still sending aborted the other ("terminate called without an active
+    # exception", SIGABRT; once in CI on ae097b1)
+    dist.barrier()
     dist.destroy_process_group()
 
 
