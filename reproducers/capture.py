@@ -424,13 +424,10 @@ def _is_subclass(t: type) -> bool:
     return getattr(t, "__torch_dispatch__", torch.Tensor.__torch_dispatch__) not in _PLAIN_DISPATCH
 
 
-_ALLOCATIONS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"})
-
-
 @functools.cache
 def _allocates(func: Any) -> bool:
-    """An op whose output holds whatever memory held (replay's `_UNDEFINED`, less `resize_`)."""
-    return func.namespace == "aten" and func.overloadpacket.__name__ in _ALLOCATIONS
+    """An op whose output holds whatever memory held (`format.ALLOCATIONS`)."""
+    return func.namespace == "aten" and func.overloadpacket.__name__ in fmt.ALLOCATIONS
 
 
 _OVERWRITES = frozenset({"copy_", "fill_", "zero_", "uniform_", "normal_", "random_", "bernoulli_", "exponential_",

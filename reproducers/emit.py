@@ -387,12 +387,7 @@ def render_op(case: OpCase, *, device: str, metric_line: str, where: list[str] |
     from . import replay as rp
 
     out_dtype = getattr(torch, case.inputs[0].dtype) if case.inputs else torch.float32
-    ins = []
-    for i in case.inputs:
-        if i.kind == "data":
-            ins.append(_embed(i.data))
-        else:
-            ins.append({"kind": i.kind, "shape": list(i.shape), "dtype": i.dtype, "seed": i.seed})
+    ins = _inputs(case)
     shapes = ", ".join(f"{tuple(i.shape)} {i.dtype} ({i.kind})" for i in case.inputs)
     title = f"chipcheck reproducer: {case.op} on {device}"
     # one op is the history case with no history: one template serves both

@@ -259,6 +259,10 @@ def is_p2p(op: str) -> bool:
     return op.split(".")[1:2] in (["send"], ["recv_"], ["recv_any_source_"])
 
 
+ALLOCATIONS = frozenset({"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"})
+"""ATen ops whose output holds whatever memory held: never fingerprinted by capture, never compared by
+replay."""
+
 FINGERPRINT = "xxh3_64"
 """The hash new captures fingerprint outputs with: a change-detector, not a seal (the blob store keeps
 SHA-256), at a tenth of SHA-256's cost per byte on the hundreds of outputs of a step."""

@@ -43,7 +43,7 @@ _MANTISSA = {torch.float32: 24, torch.float64: 53, torch.bfloat16: 8, torch.floa
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 # Outputs with undefined contents: never compared.
 _INV = pow(1_000_003, -1, 2**31)
-_UNDEFINED = ("empty", "new_empty", "empty_like", "empty_strided", "resize_")
+_UNDEFINED = fmt.ALLOCATIONS | {"resize_"}
 # Ops whose every output element is a sum of products of input elements: a sum that cancels to near
 # zero (centred activations, softmax gradients) still carries the rounding of its large terms, so the
 # tolerance also scales with the op run on the inputs' absolute values (the classic bound).
@@ -410,7 +410,7 @@ def replay(cap: fmt.Capture, *, device: str | None = None, reference: str = "cpu
                 snapshot = [t.detach().clone().cpu() for t in flat_tensors(args)] if stop_at_first else []
                 ref_args: Any = None
                 ref_kwargs: dict[str, Any] = {}
-                compared = not func.is_view and not any(rec.op.split(".")[1] == u for u in _UNDEFINED)
+                compared = not func.is_view and rec.op.split(".")[1] not in _UNDEFINED
                 if compared and result.divergence is None:
                     ref_args = map_tensors(args, lambda t: to_reference(t, ref_dev, upcast))
                     ref_kwargs = {k: map_tensors(decode(v, live, ref_dev, upcast), lambda t: to_reference(
