@@ -65,8 +65,8 @@ _DRAWS = {}
 
 
 def parse_inject(spec):
-    """The simulation hook: bitflip:bit=B[,rank=R][,index=I][,op=NAME][,after=N][,count=N][,chance=P[,seed=S]]
-    or nan[:...]."""
+    """The simulation hook: bitflip:bit=B[,rank=R][,index=I][,output=K][,op=NAME][,after=N][,count=N]
+    [,chance=P[,seed=S]] or nan[:...] (`output`: which floating-point output, counting from 0)."""
     if not spec:
         return None
     kind, _, rest = spec.partition(":")
@@ -75,7 +75,7 @@ def parse_inject(spec):
     import random
     rng = _DRAWS.setdefault((seed, chance), random.Random(f"repro-chance:{seed}"))  # runs on across runs
     return {"kind": kind, "bit": int(kv.get("bit", 0)), "rank": int(kv.get("rank", -1)),
-            "index": int(kv.get("index", 0)), "op": kv.get("op"), "after": int(kv.get("after", 0)),
+            "index": int(kv.get("index", 0)), "output": int(kv.get("output", 0)), "op": kv.get("op"), "after": int(kv.get("after", 0)),
             "count": int(kv.get("count", 0)), "calls": 0, "chance": chance, "rng": rng}
 
 
@@ -174,15 +174,15 @@ CASE = json.loads(r"""__CASE__""")
 
 
 def run(op, inputs, device, dtype_map, fault):
-    """One op on its own recorded inputs; the fault hook sees its first floating-point output."""
+    """One op on its own recorded inputs; the fault hook sees its `output`-th floating-point output."""
     func = resolve(op["op"])
     ins = [t.to(device) if device != "cpu" else t.clone() for t in inputs]
     out = func(*fill(op["args"], ins, device, dtype_map), **{k: fill(v, ins, device, dtype_map)
                                                              for k, v in op["kwargs"].items()})
     outs = list(out) if isinstance(out, (list, tuple)) else [out]
     floats = [t for t in outs if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if hit(fault, op["op"].split(".")[1]) and floats:
-        corrupt(floats[0], fault)
+    if hit(fault, op["op"].split(".")[1]) and fault["output"] < len(floats):
+        corrupt(floats[fault["output"]], fault)
     return outs
 
 

@@ -41,14 +41,18 @@ from .reduction import exact_result
 RTOL = {torch.float32: 1e-3, torch.float64: 1e-9, torch.bfloat16: 1e-1, torch.float16: 2e-2}
 _MANTISSA = {torch.float32: 24, torch.float64: 53, torch.bfloat16: 8, torch.float16: 11}
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-# Outputs with undefined contents: never compared.
 _INV = pow(1_000_003, -1, 2**31)
+# Outputs with undefined contents: never compared.
 _UNDEFINED = fmt.ALLOCATIONS | {"resize_"}
 # Ops whose every output element is a sum of products of input elements: a sum that cancels to near
-# zero (centred activations, softmax gradients) still carries the rounding of its large terms, so the
-# tolerance also scales with the op run on the inputs' absolute values (the classic bound).
+# zero (centred activations, softmax gradients, a convolution's bias gradient under BatchNorm, one
+# token's gradient rows) still carries the rounding of its large terms, so the tolerance also scales
+# with the op run on the inputs' absolute values (the classic bound; each output of the backward ops
+# listed here is likewise a sum of products of their inputs).
 SUMS = frozenset({"sum", "mean", "nansum", "cumsum", "mm", "addmm", "bmm", "baddbmm", "addbmm", "matmul", "mv",
-                  "addmv", "dot", "vdot", "linear", "_grouped_mm", "einsum", "convolution", "_convolution"})
+                  "addmv", "dot", "vdot", "linear", "_grouped_mm", "einsum", "convolution", "_convolution",
+                  "convolution_backward", "embedding_dense_backward", "_adaptive_avg_pool2d", "avg_pool2d",
+                  "index_add", "scatter_add"})
 
 
 class ReplayError(RuntimeError):

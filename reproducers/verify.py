@@ -72,6 +72,8 @@ def hook_spec(inject: str | None, rank: int, *, op: str, history: bool, live: bo
     parts = [f"bit={f.bit}"] if f.kind == "bitflip" else []
     if f.index is not None:
         parts.append(f"index={f.index}")
+    if f.output:
+        parts.append(f"output={f.output}")
     if f.chance < 1.0:  # intermittent: the file's generator, seeded alike, runs on across its runs
         parts += [f"chance={f.chance:g}", f"seed={f.seed}"]
     if history:  # the kept ops run before the last one: the hook must count calls as the candidates did

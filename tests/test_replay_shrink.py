@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import torch
 
 from chipcheck.model import GPTConfig, TrainConfig, Trainer, data
 from chipcheck.probes import faults
-from chipcheck.reproducers import capture, emit
+from chipcheck.reproducers import capture, emit, verify
 from chipcheck.reproducers import format as fmt
 from chipcheck.reproducers import replay as rp
 from chipcheck.reproducers import shrink as sk
@@ -144,6 +145,63 @@ def test_a_sum_that_cancels_is_judged_on_its_terms_rounding(tmp_path: Path) -> N
             torch.mm(x.t(), w)
     d = rp.replay(fmt.load(tmp_path / "bad"), reference="cpu64", inject=spec).divergence
     assert d is not None and d.op == "aten.sum.dim_IntList" and d.metric.bad == 1 and d.metric.bad_indices == [[5]]
+
+
+def _conv_under_batchnorm(x: torch.Tensor, w: torch.Tensor, g: torch.Tensor) -> None:
+    """A convolution followed by BatchNorm: the gradient BatchNorm hands back is centred per channel, so
+    the bias gradient (convolution_backward's third output) cancels to ~1e-8 from terms of ~1."""
+    x, w, b = x.clone().requires_grad_(), w.clone().requires_grad_(), torch.zeros(8, requires_grad=True)
+    torch.nn.functional.conv2d(x, w, b, padding=1).backward(g)
+
+
+def test_a_convolution_backward_whose_bias_gradient_cancels_replays_clean(tmp_path: Path) -> None:
+    gen = torch.Generator().manual_seed(4)
+    x, w, g = torch.randn(4, 3, 8, 8, generator=gen), torch.randn(8, 3, 3, 3, generator=gen), torch.randn(4, 8, 8, 8, generator=gen)
+    g = g - g.double().mean((0, 2, 3), keepdim=True).float()
+    with capture(tmp_path / "cap"):
+        _conv_under_batchnorm(x, w, g)
+    # a healthy chip: every channel's bias gradient was called wrong (max_rel ~10)
+    res = rp.replay(fmt.load(tmp_path / "cap"), reference="cpu64")
+    assert res.divergence is None, res.divergence
+    spec = "bitflip:rank=0,bit=30,op=convolution_backward,output=2,index=3,at=call"
+    with faults.make_injector(faults.parse(spec), 0, "repro")():
+        with capture(tmp_path / "bad"):
+            _conv_under_batchnorm(x, w, g)
+    d = rp.replay(fmt.load(tmp_path / "bad"), reference="cpu64", inject=spec).divergence
+    assert d is not None and d.op == "aten.convolution_backward.default" and d.output == 2, d
+    assert d.metric.bad == 1 and d.metric.bad_indices == [[3]], d
+    # repro.py of the op as recorded judges it the same way: 0 on the healthy host, 1 with the fault
+    case = sk.op_case(fmt.load(tmp_path / "bad").ops[d.index], d.inputs, d.output)
+    path = tmp_path / "repro.py"
+    path.write_text(emit.render_op(case, device="cpu", metric_line=d.metric.line()))
+    good = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert good.returncode == 0, good.stdout + good.stderr
+    hook = verify.hook_spec(spec, 0, op=d.op, history=False, live=True)
+    assert hook == "bitflip:bit=30,index=3,output=2"
+    bad = subprocess.run([sys.executable, str(path), "--inject", hook], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+
+
+@pytest.mark.parametrize("op", ["embedding_dense_backward", "_adaptive_avg_pool2d", "avg_pool2d", "index_add",
+                                "scatter_add"])
+def test_other_sums_whose_terms_cancel_replay_clean(op: str, tmp_path: Path) -> None:
+    """Each sums terms that cancel here (centred activations; the gradient rows of one repeated token):
+    the plain tolerance on |expected| + rms(expected) called a healthy chip wrong."""
+    x, idx = _centred(), torch.zeros(256, dtype=torch.int64)
+    windows = x.t().reshape(64, 1, 16, 16).repeat(1, 1, 1, 2)  # each window: one column's 256 terms
+    runs: dict[str, Callable[[], object]] = {
+        "embedding_dense_backward": lambda: torch.ops.aten.embedding_dense_backward(x, idx, 2, -1, False),
+        "_adaptive_avg_pool2d": lambda: torch.nn.functional.adaptive_avg_pool2d(windows, (1, 2)),
+        "avg_pool2d": lambda: torch.nn.functional.avg_pool2d(windows, 16),
+        "index_add": lambda: torch.zeros(2, 64).index_add(0, idx, x),
+        "scatter_add": lambda: torch.zeros(2, 64).scatter_add(0, idx[:, None].expand(256, 64), x),
+    }
+    with capture(tmp_path / "cap"):
+        runs[op]()
+    loaded = fmt.load(tmp_path / "cap")
+    assert any(o.op.split(".")[1] == op for o in loaded.ops), [o.op for o in loaded.ops]
+    assert rp.replay(loaded, reference="cpu64").divergence is None
 
 
 def test_repro_py_judges_a_cancelling_sum_as_replay_does(tmp_path: Path) -> None:
