@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import leave_group
 
 from chipcheck.model import (
     ConfigError,
@@ -106,7 +107,7 @@ def _worker(rank: int, world: int, out: str, tp: int, steps: int) -> None:
         torch.save({"losses": losses, "params": sums, "full": full, "par": (par.dp_rank, par.tp_rank)},
                    f"{out}/rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        leave_group()
 
 
 def _spawn(tmp_path: Path, tp: int, steps: int = 3) -> list[dict]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import cpu_ctx, device, run_json
+from conftest import cpu_ctx, device, leave_group, run_json
 
 from chipcheck.probes import base, faults
 from chipcheck.probes.model_step import ModelDPProbe, ModelStepProbe, UserStep, checksum, register_step
@@ -108,7 +108,7 @@ def _dp_rank(rank: int, world: int, out: str, inject: str, cases: list[str]) -> 
                         "bits": [m.bit_histogram for m in o.mismatches]})
         Path(f"{out}/rank{rank}.json").write_text(json.dumps(res, default=str))
     finally:
-        dist.destroy_process_group()
+        leave_group()
 
 
 def _dp(tmp_path: Path, world: int, inject: str, cases: list[str]) -> list[list[dict]]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import leave_group
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from chipcheck.model import GPTConfig, TrainConfig, Trainer, data
@@ -221,7 +222,7 @@ def _hf_rank(rank: int, world: int, root: str, mode: str, every: int) -> None:
     where = rec.recapture(lambda b: _step(model, opt, b), f"{root}/rank{rank}")
     assert where is not None and rec.path_check is not None and rec.path_check.same, rec.path_check
     assert all(torch.equal(a, b) for a, b in zip(after, _state(model), strict=True)), f"rank {rank}: not the live step"
-    dist.destroy_process_group()
+    leave_group()
 
 
 @pytest.mark.parametrize(("mode", "every"), [("ddp", 1), ("fsdp2", 1), ("fsdp2", 3)])

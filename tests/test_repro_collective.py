@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import run_cli
+from conftest import leave_group, run_cli
 
 from chipcheck.reproducers import emit
 from chipcheck.reproducers import shrink as sk
@@ -56,7 +56,7 @@ def _rank(rank: int, world: int, port: int, root: str, red: str = "sum") -> None
             grad = torch.sigmoid((x @ w).sum(dim=0)) + 0.5  # a rank-local "gradient", in (0.5, 1.5)
             dist.all_reduce(grad, op=getattr(dist.ReduceOp, red.upper()))
             grad.div_(world)
-    dist.destroy_process_group()
+    leave_group()
 
 
 @pytest.mark.parametrize(("world", "red"), [(2, "sum"), (3, "max"), (3, "product")])
@@ -111,7 +111,7 @@ def _moves_rank(rank: int, world: int, root: str, op: str) -> None:
             mixed = torch.empty_like(full)
             dist.all_to_all_single(mixed, full)  # chunk k of every rank to rank k
             mixed.mul_(2)
-    dist.destroy_process_group()
+    leave_group()
 
 
 @pytest.mark.parametrize("op", [*MOVES, "none"])
@@ -170,7 +170,7 @@ def _subgroups_rank(rank: int, world: int, root: str, fault: str) -> None:
             grad = h * 0.5
             dist.all_reduce(grad)
             grad.div_(world)
-    dist.destroy_process_group()
+    leave_group()
 
 
 @pytest.mark.parametrize("fault", ["pair", "world", "none"])
@@ -235,7 +235,7 @@ def _early_irecv_rank(rank: int, world: int, root: str) -> None:
             dist.barrier()
             req.wait()
             early.add_(h)
-    dist.destroy_process_group()
+    leave_group()
 
 
 def test_a_receive_recorded_before_it_landed_is_not_judged(tmp_path: Path) -> None:
@@ -269,7 +269,7 @@ def _gather_rank(rank: int, world: int, root: str) -> None:
                 for t in got:
                     dist.recv(t)  # from any source
                 h = h + got[0] + got[1]
-    dist.destroy_process_group()
+    leave_group()
 
 
 def test_a_receive_from_any_source_is_checked_against_the_rank_it_came_from(tmp_path: Path) -> None:
@@ -318,7 +318,7 @@ def _moe_rank(rank: int, world: int, root: str, fault: bool, form: str) -> None:
                 parts = [torch.empty((n, 4)) for n in receives]
                 dist.all_to_all(parts, list(tokens.split(sends)))
                 torch.cat(parts).mul_(2)
-    dist.destroy_process_group()
+    leave_group()
 
 
 @pytest.mark.parametrize(("fault", "form"), [(True, "single"), (False, "single"), (True, "list"), (False, "list")])
@@ -373,7 +373,7 @@ def _coalesced_rank(rank: int, world: int, root: str, op: str) -> None:
                 dist.reduce_scatter_tensor(part[0], full[0])
                 dist.reduce_scatter_tensor(part[1], full[1])
             (part[0].sum() + part[1].sum()).item()
-    dist.destroy_process_group()
+    leave_group()
 
 
 @pytest.mark.parametrize("op", [*COALESCED, "none"])
@@ -436,7 +436,7 @@ def _functional_rank(rank: int, world: int, root: str, op: str) -> None:
             bc = funcol.broadcast(a * 5, 1, group) * 1  # from rank 1: what the fault corrupts is sent
             aa = funcol.all_to_all_single(a * 6, None, None, group) * 1
             (s.sum() + full.sum() + part.sum() + ca.sum() + cb.sum() + ra.sum() + rb.sum() + bc.sum() + aa.sum()).item()
-    dist.destroy_process_group()
+    leave_group()
 
 
 @pytest.mark.parametrize("op", [*FUNCTIONAL, "none"])

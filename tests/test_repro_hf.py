@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import run_cli
+from conftest import leave_group, run_cli
 
 from chipcheck.reproducers import shrink as sk
 
@@ -74,7 +74,7 @@ def _rank(rank: int, world: int, root: str, mode: str, fault: str = FAULT) -> No
     with capture(root):
         _step(model, opt, ids)
     off()
-    dist.destroy_process_group()
+    leave_group()
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from conftest import leave_group
 from test_repro_collective import _run_file
 
 from chipcheck.reproducers import shrink as sk
@@ -52,11 +53,7 @@ def _rank(rank: int, world: int, root: str, fault: bool) -> None:
     if not fault:  # capture never changes the step
         for a, b in zip(bare.parameters(), m.parameters(), strict=True):
             assert torch.equal(a.full_tensor(), b.full_tensor()), f"rank {rank}: capture changed the step"
-    # both ranks done before either tears gloo down: a rank that destroyed its group while the other's
-    # last all-gather was still sending aborted the other ("terminate called without an active
-    # exception", SIGABRT; once in CI on ae097b1)
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_group()
 
 
 @pytest.mark.parametrize("fault", [False, True])
