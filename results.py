@@ -229,6 +229,8 @@ class ProbeResult:
     repeats_bad: int = 0
     repeats: int = 0
     output_hash: str = ""
+    repeat_hashes: tuple[str, ...] = ()
+    """A case whose repeats disagree (and no oracle failed): each repeat's hash, for fleet consensus."""
     error: ErrorInfo | None = None
     settings: dict[str, Any] = field(default_factory=dict)
     started: float = 0.0
@@ -242,6 +244,9 @@ class ProbeResult:
         d["mismatches"] = [m.to_dict() for m in self.mismatches]
         d["links"] = [link.to_dict() for link in self.links]
         d["error"] = self.error.to_dict() if self.error else None
+        d["repeat_hashes"] = list(self.repeat_hashes)
+        if not self.repeat_hashes:
+            del d["repeat_hashes"]
         return d
 
     @classmethod
@@ -250,6 +255,7 @@ class ProbeResult:
             **{
                 **d,
                 "verdict": Verdict(d["verdict"]),
+                "repeat_hashes": tuple(d.get("repeat_hashes", ())),
                 "mismatches": [Mismatch.from_dict(m) for m in d.get("mismatches", [])],
                 "error": ErrorInfo.from_dict(d["error"]) if d.get("error") else None,
                 "links": [LinkResult.from_dict(x) for x in d.get("links", [])],

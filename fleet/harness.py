@@ -260,7 +260,8 @@ class CaseLoop:
             run_id=self.run_id, host=info.host, rank=rank, device=info.label, fingerprint=info.fingerprint,
             probe=c.probe, case=c.case, verdict=outcome.verdict, seed=self.seed, params=outcome.params,
             metrics=outcome.metrics, mismatches=outcome.mismatches, repeats=outcome.repeats,
-            repeats_bad=outcome.repeats_bad, output_hash=outcome.output_hash, error=outcome.error,
+            repeats_bad=outcome.repeats_bad, output_hash=outcome.output_hash,
+            repeat_hashes=tuple(getattr(outcome, "repeat_hashes", ())), error=outcome.error,
             settings={**self.settings, "inject": [f.spec() for f in self.fault_list if f.applies_to(rank, c.probe)]},
             started=started, ended=time.time(), device_uuid=info.uuid, links=outcome.links,
         )

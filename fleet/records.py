@@ -93,6 +93,11 @@ def parse_result(d: object) -> ProbeResult:
     for key in ("output_hash", "device_uuid"):
         if key in d:
             _name(d, key)
+    if "repeat_hashes" in d:
+        if not isinstance(d["repeat_hashes"], list) or len(d["repeat_hashes"]) > 1000:
+            raise BadRecord(f"repeat_hashes must be a list of hashes, not {_kind(d['repeat_hashes'])}")
+        for h in d["repeat_hashes"]:
+            _name({"repeat_hashes": h}, "repeat_hashes", required=True)
     if not _member(d["verdict"], Verdict):
         raise BadRecord(f"verdict {_show(d['verdict'])} is not one of {', '.join(Verdict)}")
     _int(d, "seed", -INT64, INT64)

@@ -42,6 +42,9 @@ class CaseOutcome:
     repeats_bad: int = 0
     nondeterministic: bool = False
     output_hash: str = ""
+    repeat_hashes: list[str] = field(default_factory=list)
+    """Each repeat's hash, kept when the repeats disagree and no oracle failed (`nondeterministic`): the
+    fleet's consensus then tells a device wrong in every repeat from one wrong in some."""
     error: ErrorInfo | None = None
     links: list[LinkResult] = field(default_factory=list)
     kept: list[Kept] = field(default_factory=list, repr=False, compare=False)

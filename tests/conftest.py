@@ -42,9 +42,10 @@ def run_cli(*args: str, timeout: float = 300, env: dict[str, str] | None = None)
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 
-def run_json(tmp_path: Path, *args: str, timeout: float = 300) -> tuple[int, dict, str]:
+def run_json(tmp_path: Path, *args: str, timeout: float = 300,
+             env: dict[str, str] | None = None) -> tuple[int, dict, str]:
     out = tmp_path / "run.json"
-    p = run_cli("run", "--db", str(tmp_path / "results.db"), "--json", str(out), "-q", *args, timeout=timeout)
+    p = run_cli("run", "--db", str(tmp_path / "results.db"), "--json", str(out), "-q", *args, timeout=timeout, env=env)
     data = json.loads(out.read_text()) if out.exists() else {}
     return p.returncode, data, p.stdout + p.stderr
 

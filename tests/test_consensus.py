@@ -65,3 +65,29 @@ def test_peer_ratios_equal_comparing_each_device_with_all_the_others() -> None:
                 mad = float(np.median(np.abs(others - med)))
                 z = (med - v[i]) / (1.4826 * mad) if mad > 0 else (np.inf if v[i] < med else 0.0)
                 assert bool(flag[i]) == (z >= 3.5)
+
+
+def _flaky(rank: int, *hashes: str) -> ProbeResult:
+    """A device whose repeats disagree with no oracle to say which is right (a user's step)."""
+    return ProbeResult(run_id="r", host="h", rank=rank, device=f"cpu:{rank}", fingerprint="fp1", probe="matmul",
+                       case="bfloat16/random", verdict=Verdict.FLAKY, seed=0, repeats=len(hashes), repeat_hashes=hashes)
+
+
+def test_a_device_whose_every_repeat_differs_from_its_peers_is_wrong_not_flaky() -> None:
+    # a process-wide fault in every 5th kernel: each repeat is hit somewhere else, so the device's repeats
+    # disagree (flaky on its own) and none of them computed what its three peers agree on
+    peers = [_r(r, "good") for r in (0, 2, 3)]
+    js, groups = consensus([*peers, _flaky(1, "bad1", "bad2")])
+    assert [(j.rank, j.verdict) for j in js] == [(1, Verdict.WRONG)]
+    assert "each of its 2 repeats computed other bits than the 3 agreeing devices" in js[0].reason
+    assert groups[0].dissenters == (1,)
+    # one repeat computed the peers' bits: wrong in some repeats, which is what flaky means
+    assert consensus([*peers, _flaky(1, "good", "bad2")])[0] == []
+    # a lone peer is not enough to call it wrong
+    assert consensus([_r(0, "good"), _flaky(1, "bad1", "bad2")])[0] == []
+
+
+def test_repeat_hashes_survive_the_store_format() -> None:
+    r = _flaky(1, "a", "b")
+    assert ProbeResult.from_dict(r.to_dict()) == r
+    assert "repeat_hashes" not in _r(0).to_dict()  # results without them are written as before

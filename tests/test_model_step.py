@@ -4,6 +4,7 @@ a slow rank is flagged slow. In-process (with real spawned gloo ranks for model_
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,40 @@ def test_cli_slow_rank_is_flagged_slow(tmp_path: Path) -> None:
     # the model steps make it a suspect; the interleaved GEMM retest against rank 0 calls it slow
     verdicts = {p["probe"]: p["verdict"] for p in device(data, 1)["probes"]}
     assert verdicts == {"model_step": "pass", "model_dp": "pass", "retest": "slow"}
+
+
+_USER_STEP = '''
+import torch
+from chipcheck.probes.model_step import UserStep, register_step
+
+@register_step("cnn_step", steps=3)
+def build(dev, seed):
+    torch.manual_seed(seed & 0x7FFFFFFF)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 10)).to(dev)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(seed & 0xFFFF)).to(dev)
+    y = torch.arange(8, device=dev) % 10
+
+    def step(i):
+        loss = torch.nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    return UserStep(step=step, state=lambda: [*m.parameters(), *m.buffers()], tokens_per_step=8)
+'''
+
+
+def test_a_user_step_wrong_in_every_repeat_on_one_chip_is_wrong_there_only(tmp_path: Path) -> None:
+    """A chip flipping a low bit in every 5th fp32 kernel it runs: each repeat of the user's step (which has
+    no reference) is hit somewhere else, so on its own the device is only flaky; its three peers agree
+    bit for bit on what neither repeat computed, so it is wrong, and no peer is named."""
+    (tmp_path / "cnn_steps.py").write_text(_USER_STEP)
+    env = {"CHIPCHECK_STEPS": "cnn_steps", "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    code, data, out = run_json(tmp_path, "--devices", "cpu:4", "--probes", "cnn_step",
+                               "--inject", "bitflip:rank=1,bit=15,dtype=float32,every=5,scope=process", env=env)
+    assert code == 1, out
+    assert {d["rank"]: d["verdict"] for d in data["devices"]} == {0: "pass", 1: "wrong", 2: "pass", 3: "pass"}, out
+    assert "each of its 2 repeats computed other bits than the 3 agreeing devices" in out, out

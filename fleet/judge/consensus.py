@@ -8,6 +8,10 @@ the blame rule (fleet.judge.blame), which pins the fault on a member with eviden
 calls the group `suspect`: never silently passed, never `wrong` for everyone. In a collective probe
 (`collective`) ranks exchange data, so a minority of several ranks holds one value alike (e.g. a
 tensor-parallel pair): it is a suspicion for the blame rule too, not several independent witnesses.
+A device whose repeats disagree among themselves with no oracle to say which is right (`flaky`) votes
+with none of them, but is held to the majority: when every one of its repeats differs from what at
+least two agreeing peers computed, it computed wrong bits every time (`wrong`, not merely flaky); when
+one repeat matches, it stays flaky (wrong in some repeats).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ def consensus(results: list[ProbeResult], collective: frozenset[str] = frozenset
               ) -> tuple[list[Judgement], list[ConsensusGroup]]:
     groups: dict[tuple[str, str, str], list[ProbeResult]] = defaultdict(list)
     for r in results:
-        if r.output_hash and r.error is None:
+        if (r.output_hash or r.repeat_hashes) and r.error is None:
             groups[(r.fingerprint, r.probe, r.case)].append(r)
     judgements: list[Judgement] = []
     summary: list[ConsensusGroup] = []
@@ -38,13 +42,18 @@ def consensus(results: list[ProbeResult], collective: frozenset[str] = frozenset
         # One distinct output among the voters is agreement, even with a single voter left.
         has_majority = n_top * 2 > len(voters) or len(counts) <= 1
         if has_majority:
-            dissent = [m for m in members if m.output_hash != top]
+            dissent = [m for m in members if (m.output_hash != top if m.output_hash else
+                                              n_top >= 2 and top not in m.repeat_hashes)]
         else:
             dissent = list(voters)
         shared = not has_majority or (probe in collective and len(dissent) > 1)
         caught = len(members) - len(voters)
         for m in ([] if shared else dissent):
-            if m.verdict is Verdict.PASS:
+            if not m.output_hash:
+                reason = (f"consensus: each of its {len(m.repeat_hashes)} repeats computed other bits than the "
+                          f"{n_top} agreeing devices with fingerprint {fp} (its repeats also differ among "
+                          f"themselves): wrong every time, not merely nondeterministic")
+            elif m.verdict is Verdict.PASS:
                 reason = (f"consensus: output bits differ from the majority ({n_top} of {len(voters)} devices "
                           f"with fingerprint {fp} agree; hash {m.output_hash[:12]} vs {top[:12]})")
             else:  # its own checks caught it already: the vote is among the others, say so

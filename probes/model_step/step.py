@@ -84,8 +84,10 @@ def repeat_runs(ctx: ProbeContext, repeats: int, once: Callable[[], Run], out: C
     """Run `once` `repeats` times; fill the oracles' findings, the hash and the step times into `out`."""
     first: Run | None = None
     step_s: list[float] = []
+    hashes: list[str] = []
     for r in range(repeats):
         run = once()
+        hashes.append(trace_hash(run.losses, run.state))
         step_s.extend(run.step_s)
         found = [m for m in (nonfinite(run.losses, "loss"),
                              reference_mismatch(run.losses, ref, tol, "loss") if ref is not None else None) if m]
@@ -109,4 +111,6 @@ def repeat_runs(ctx: ProbeContext, repeats: int, once: Callable[[], Run], out: C
     if out.verdict is Verdict.PASS:
         # Only a device whose own oracles passed votes in fleet consensus (a caught one must not
         # leave its peers without a majority).
-        out.output_hash = trace_hash(first.losses, first.state)
+        out.output_hash = hashes[0]
+    elif out.nondeterministic and not out.repeats_bad:
+        out.repeat_hashes = hashes  # no oracle can say which repeat is right; the peers can
