@@ -108,7 +108,7 @@ def explain(r: ProbeResult) -> str:
     if r.repeats_bad:
         how = f"{r.verdict.value} in {r.repeats_bad} of {r.repeats} repeats"
     elif r.verdict is Verdict.FLAKY:  # no repeat failed a check, yet they disagree among themselves
-        how = f"flaky: its {r.repeats} repeats differ bit for bit, none failed a check against its reference"
+        how = f"flaky: its {r.repeats} repeats differ bit for bit, none failed a check of its own"
     else:
         how = r.verdict.value
     return f"{where}: {how}; " + said
