@@ -23,7 +23,7 @@ BAD_FIELDS = [
     ("metrics", {"tflops": float("inf")}), ("verdict", "great"), ("verdict", ["pass"]), ("seed", 2**70),
     ("host", "--all"), ("host", "node1\nnode9"), ("host", ""), ("probe", "mat\tmul"), ("error", "boom"),
     ("error", {"kind": "oops", "message": "x"}), ("mismatches", [{"oracle": "exact"}]), ("links", "x"),
-    ("params", []), ("repeats", 1.5),
+    ("params", []), ("repeats", 1.5), ("repeat_hashes", "abc"), ("repeat_hashes", [1, 2]), ("repeat_hashes", [""]),
 ]
 
 
