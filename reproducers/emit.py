@@ -34,6 +34,7 @@ from . import format as fmt
 from . import settings as st
 from .reduction import exact_result, reduction
 from .shrink import CollectiveCase, OpCase
+from .terms import cancelling_terms
 from .trials import Evidence, Rate
 
 _COMMON = r'''
@@ -152,6 +153,9 @@ def fill(x, ins, device, dtype_map):
 
 __APPLY__
 
+
+__TERMS__
+
 def apply_settings(settings):
     """The bit-changing settings this failure needs (the header lists the ones it does not)."""
     apply(settings)
@@ -165,7 +169,9 @@ def resolve(name):
     return getattr(getattr(getattr(torch.ops, ns), packet), overload)
 '''
 
-_COMMON = _COMMON.replace("__APPLY__", inspect.getsource(st.apply))  # one definition, embedded
+# one definition each, embedded
+_COMMON = _COMMON.replace("__APPLY__", inspect.getsource(st.apply)).replace(
+    "__TERMS__", "from typing import Any\n\n\n" + inspect.getsource(cancelling_terms))
 
 
 _MULTI = r'''
@@ -213,6 +219,9 @@ def main():
                                       for k, v in last["kwargs"].items()})
             magnitude = run(plus, [t.abs() if t.is_floating_point() else t for t in ref_in], "cpu", ref_dt,
                             None)[last["output"]]
+        else:  # a norm's or softmax's backward: its centred terms scale it
+            bound = cancelling_terms(last["op"].split(".")[1], fill(last["args"], ref_in, "cpu", ref_dt))
+            magnitude = bound[last["output"]] if bound and last["output"] < len(bound) else None
         failed = 0
         for r in range(a.repeat):
             fault = parse_inject(a.inject)  # a fresh call counter per run: the sequence is the history
@@ -227,7 +236,7 @@ def main():
             print(f"run {r + 1}/{a.repeat} {last['op']}{after} on {a.device}: {text}")
             failed += n > 0
     print(f"{'REPRODUCED' if failed else 'not reproduced'}: {failed} of {a.repeat} runs wrong "
-          f"(tolerance rtol={CASE['rtol']} x (|expected| + rms(expected)){' or the op on |inputs|' if last.get('sums') else ''}"
+          f"(tolerance rtol={CASE['rtol']} x (|expected| + rms(expected)){' or the op on |inputs|' if last.get('sums') else ' or its terms' if magnitude is not None else ''}"
           f" vs {against})")
     sys.exit(1 if failed else 0)
 

@@ -34,6 +34,7 @@ from ..probes.backends.base import INT_BY_WIDTH
 from . import format as fmt
 from . import settings as st
 from .reduction import exact_result
+from .terms import cancelling_terms
 
 # Relative tolerance vs float64 per output dtype, scaled by (|ref| + rms(ref)) (for `SUMS`, by the op on
 # |inputs| where that is larger): loose enough for any correct kernel's rounding (summation order, fused
@@ -257,12 +258,25 @@ def reference_call(func: Any, build: Callable[[bool], tuple[Any, dict[str, Any]]
 
 def compare_op(func: Any, actual: torch.Tensor, ref: torch.Tensor, exact: bool, ref_args: Any,
                ref_kwargs: dict[str, Any], output: int) -> Metric | None:
-    """`compare`, with a sum's tolerance widened to the rounding its terms allow (`SUMS`): computed only
-    for an output the plain tolerance rejects (the wider one accepts whatever the plain one does)."""
+    """`compare`, with a sum's tolerance widened to the rounding its terms allow (`SUMS`; a norm's or
+    softmax's backward: `terms.cancelling_terms`): computed only for an output the plain tolerance
+    rejects (the wider one accepts whatever the plain one does)."""
     m = compare(actual, ref, exact)
-    if m is None or exact or func.overloadpacket.__name__ not in SUMS:
+    name = func.overloadpacket.__name__
+    if m is None or exact:
         return m
-    return compare(actual, ref, exact, magnitude=out_list(func(*absolute(ref_args), **absolute(ref_kwargs)))[output])
+    if name in SUMS:
+        return compare(actual, ref, exact, magnitude=out_list(func(*absolute(ref_args), **absolute(ref_kwargs)))[output])
+    bound = cancelling_terms(name, positional(func, ref_args, ref_kwargs))
+    if bound is None or output >= len(bound) or bound[output] is None:
+        return m
+    return compare(actual, ref, exact, magnitude=bound[output])
+
+
+def positional(func: Any, args: Any, kwargs: dict[str, Any]) -> list[Any]:
+    """`args` followed by the keyword arguments in schema order (defaults where not given)."""
+    rest = func._schema.arguments[len(args):]
+    return [*args, *(kwargs.get(a.name, a.default_value) for a in rest if not a.kwarg_only or a.name in kwargs)]
 
 
 def absolute(x: Any) -> Any:

@@ -250,3 +250,70 @@ def test_an_op_with_no_float64_kernel_is_judged_in_its_own_dtype_on_the_referenc
     assert bad.returncode == 1 and "its own dtype on the host" in bad.stdout, bad.stdout + bad.stderr
     good = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert good.returncode == 0, good.stdout + good.stderr
+
+
+
+def _blind_losses() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """A loss blind to what each op removes (a sum straight after a norm, a softmax summed to one, a
+    distillation term under log-softmax): the true input gradient is zero, so a correct kernel's
+    backward hands back only the rounding of terms that cancel."""
+    f = torch.nn.functional
+
+    def eval_bn(x: torch.Tensor) -> torch.Tensor:
+        w = torch.ones(64, requires_grad=True)  # its gradient: the batch's x-hat summed, centred by the running stats
+        return f.batch_norm(x, x.detach().mean(0), x.detach().var(0, unbiased=False), w, None, training=False).sum()
+
+    return {"native_layer_norm_backward": lambda x: f.layer_norm(x, (64,)).sum(),
+            "native_group_norm_backward": lambda x: f.group_norm(x.reshape(16, 8, 8), 4).sum(),
+            "native_batch_norm_backward": lambda x: f.batch_norm(x, None, None, training=True).sum(),
+            "native_batch_norm_backward/eval": eval_bn,
+            "_softmax_backward_data": lambda x: torch.softmax(x, -1).sum(),
+            "_log_softmax_backward_data": lambda x: (torch.log_softmax(x, -1) * torch.softmax(x, -1).detach()).sum()}
+
+
+def _blind_step(op: str) -> None:
+    x = (torch.randn(16, 64, generator=torch.Generator().manual_seed(6)) * 3 + 1).requires_grad_()
+    _blind_losses()[op](x).backward()
+
+
+@pytest.mark.parametrize("op", list(_blind_losses()))
+def test_a_norm_or_softmax_backward_whose_terms_cancel_replays_clean_and_a_fault_in_it_is_named(
+        op: str, tmp_path: Path) -> None:
+    with capture(tmp_path / "cap"):
+        _blind_step(op)
+    loaded = fmt.load(tmp_path / "cap")
+    name = op.split("/")[0]
+    assert any(o.op.split(".")[1] == name for o in loaded.ops), [o.op for o in loaded.ops]
+    # a healthy chip: the plain tolerance on |expected| + rms(expected) called ~every element wrong
+    assert rp.replay(loaded, reference="cpu64").divergence is None
+    output = 1 if op.endswith("/eval") else 0
+    spec = f"bitflip:rank=0,bit=30,op={name},output={output},index=5,at=call"
+    with faults.make_injector(faults.parse(spec), 0, "repro")():
+        with capture(tmp_path / "bad"):
+            _blind_step(op)
+    d = rp.replay(fmt.load(tmp_path / "bad"), reference="cpu64", inject=spec).divergence
+    assert d is not None and d.op.split(".")[1] == name and d.output == output and d.metric.bad == 1, d
+    if op != "native_layer_norm_backward":
+        return
+    # repro.py of the op judges it as replay does: 0 on the healthy host, 1 with the fault
+    case = sk.op_case(fmt.load(tmp_path / "bad").ops[d.index], d.inputs, d.output)
+    path = tmp_path / "repro.py"
+    path.write_text(emit.render_op(case, device="cpu", metric_line=d.metric.line()))
+    good = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert good.returncode == 0 and "or its terms" in good.stdout, good.stdout + good.stderr
+    bad = subprocess.run([sys.executable, str(path), "--inject", "bitflip:bit=30,index=5"], capture_output=True,
+                         text=True, timeout=120, cwd=tmp_path)
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+
+
+def test_a_flipped_mantissa_bit_in_a_layer_norm_gradient_that_does_not_cancel_is_still_named(tmp_path: Path) -> None:
+    """The terms' bound widens the tolerance only where the terms cancel: a layer norm feeding a
+    linear layer hands back a gradient of its terms' size, and bit 20 (about 12% of the value) shows."""
+    lin = torch.nn.Linear(64, 8)
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(7)).requires_grad_()
+    spec = "bitflip:rank=0,bit=20,op=native_layer_norm_backward,index=5,at=call"
+    with faults.make_injector(faults.parse(spec), 0, "repro")():
+        with capture(tmp_path / "bad"):
+            lin(torch.nn.functional.layer_norm(x, (64,))).pow(2).sum().backward()
+    d = rp.replay(fmt.load(tmp_path / "bad"), reference="cpu64", inject=spec).divergence
+    assert d is not None and d.op == "aten.native_layer_norm_backward.default" and d.metric.bad_indices == [[0, 5]], d
