@@ -244,8 +244,9 @@ class ProbeResult:
         d["mismatches"] = [m.to_dict() for m in self.mismatches]
         d["links"] = [link.to_dict() for link in self.links]
         d["error"] = self.error.to_dict() if self.error else None
-        d["repeat_hashes"] = list(self.repeat_hashes)
-        if not self.repeat_hashes:
+        if self.repeat_hashes:
+            d["repeat_hashes"] = list(self.repeat_hashes)
+        else:  # absent, not empty: every body written before the field existed stays byte-identical
             del d["repeat_hashes"]
         return d
 

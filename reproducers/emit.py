@@ -34,7 +34,7 @@ from . import format as fmt
 from . import settings as st
 from .reduction import exact_result, reduction
 from .shrink import CollectiveCase, OpCase
-from .terms import cancelling_terms
+from .terms import CANCELLING, cancelling_terms
 from .trials import Evidence, Rate
 
 _COMMON = r'''
@@ -153,9 +153,6 @@ def fill(x, ins, device, dtype_map):
 
 __APPLY__
 
-
-__TERMS__
-
 def apply_settings(settings):
     """The bit-changing settings this failure needs (the header lists the ones it does not)."""
     apply(settings)
@@ -169,14 +166,15 @@ def resolve(name):
     return getattr(getattr(getattr(torch.ops, ns), packet), overload)
 '''
 
-# one definition each, embedded
-_COMMON = _COMMON.replace("__APPLY__", inspect.getsource(st.apply)).replace(
-    "__TERMS__", "from typing import Any\n\n\n" + inspect.getsource(cancelling_terms))
+_COMMON = _COMMON.replace("__APPLY__", inspect.getsource(st.apply))  # one definition, embedded
+# embedded where the checked op is one whose terms cancel (a norm's or softmax's backward)
+_TERMS = "from typing import Any\n\n\n" + inspect.getsource(cancelling_terms) + "\n"
 
 
 _MULTI = r'''
 CASE = json.loads(r"""__CASE__""")
 
+__TERMS__
 
 
 def run(op, inputs, device, dtype_map, fault):
@@ -219,7 +217,7 @@ def main():
                                       for k, v in last["kwargs"].items()})
             magnitude = run(plus, [t.abs() if t.is_floating_point() else t for t in ref_in], "cpu", ref_dt,
                             None)[last["output"]]
-        else:  # a norm's or softmax's backward: its centred terms scale it
+        elif last.get("terms"):  # a norm's or softmax's backward: its centred terms scale it
             bound = cancelling_terms(last["op"].split(".")[1], fill(last["args"], ref_in, "cpu", ref_dt))
             magnitude = bound[last["output"]] if bound and last["output"] < len(bound) else None
         failed = 0
@@ -401,20 +399,27 @@ def render_op(case: OpCase, *, device: str, metric_line: str, where: list[str] |
     title = f"chipcheck reproducer: {case.op} on {device}"
     # one op is the history case with no history: one template serves both
     data = {"title": title, "ops": [{"op": case.op, "args": case.args, "kwargs": case.kwargs, "inputs": ins,
-                                     "output": case.output, "sums": _sums(case.op)}], "device": device,
+                                     "output": case.output, **_tolerance(case.op)}], "device": device,
             "rtol": rp.RTOL.get(out_dtype, 1e-3),
             "repeat": rate.plan if rate else 1, "settings": settings or {}}
     head = _header(title, [f"Op: {case.op}({shapes})", f"Observed: {metric_line}",
                            *(f"Seen at: {w}" for w in (where or [])), *_settings_lines(settings, recorded),
                            *_trial_lines(rate, device)])
-    return head + _environment(settings) + _COMMON + _MULTI.replace("__CASE__", json.dumps(data))
+    return head + _environment(settings) + _multi(data)
 
 
-def _sums(op: str) -> bool:
-    """Is the op a sum of products of its inputs (replay's `SUMS`: its tolerance scales with |inputs|)?"""
+def _tolerance(op: str) -> dict[str, bool]:
+    """How the checked op's tolerance widens, as replay's does: `sums` (a sum of products, `SUMS`: the
+    op on |inputs|) or `terms` (a norm's or softmax's backward: `terms.cancelling_terms`)."""
     from . import replay as rp
 
-    return op.split(".")[1] in rp.SUMS
+    name = op.split(".")[1]
+    return {"sums": name in rp.SUMS, "terms": name in CANCELLING}
+
+
+def _multi(data: dict[str, Any]) -> str:
+    return _COMMON + _MULTI.replace("__CASE__", json.dumps(data)).replace(
+        "__TERMS__", _TERMS if data["ops"][-1]["terms"] else "")
 
 
 def _inputs(case: OpCase) -> list[dict[str, Any]]:
@@ -435,8 +440,9 @@ def render_ops(history: list[OpCase], case: OpCase, *, device: str, metric_line:
         return render_op(case, device=device, metric_line=metric_line, where=where, rate=rate, settings=settings,
                          recorded=recorded)
     out_dtype = getattr(torch, case.inputs[0].dtype) if case.inputs else torch.float32
-    ops = [{"op": c.op, "args": c.args, "kwargs": c.kwargs, "inputs": _inputs(c), "output": c.output,
-            "sums": _sums(c.op)} for c in [*history, case]]
+    ops = [{"op": c.op, "args": c.args, "kwargs": c.kwargs, "inputs": _inputs(c), "output": c.output}
+           for c in [*history, case]]
+    ops[-1].update(_tolerance(case.op))  # only the checked op's tolerance is read
     title = f"chipcheck reproducer: {case.op} on {device} after {len(history)} earlier ops"
     data = {"title": title, "ops": ops, "device": device, "rtol": rp.RTOL.get(out_dtype, 1e-3),
             "repeat": rate.plan if rate else 1, "settings": settings or {}}
@@ -446,7 +452,7 @@ def render_ops(history: list[OpCase], case: OpCase, *, device: str, metric_line:
                            "(each op runs on its own recorded inputs; only the last op's output is checked).",
                            *seq, f"Observed: {metric_line}", *(f"Seen at: {w}" for w in (where or [])),
                            *_settings_lines(settings, recorded), *_trial_lines(rate, device)])
-    return head + _environment(settings) + _COMMON + _MULTI.replace("__CASE__", json.dumps(data))
+    return head + _environment(settings) + _multi(data)
 
 
 def render_collective(case: CollectiveCase, *, metric_line: str) -> str:

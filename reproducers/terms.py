@@ -14,6 +14,11 @@ from typing import Any
 
 import torch
 
+CANCELLING = frozenset({"native_layer_norm_backward", "native_group_norm_backward", "native_batch_norm_backward",
+                        "batch_norm_backward", "cudnn_batch_norm_backward", "_softmax_backward_data",
+                        "_log_softmax_backward_data"})
+"""The ops `cancelling_terms` bounds."""
+
 
 def cancelling_terms(name: str, args: list[Any]) -> list[Any] | None:
     """Per output of aten op `name` (its overload packet) called with positional `args` (float64 on

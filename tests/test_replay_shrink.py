@@ -212,6 +212,7 @@ def test_repro_py_judges_a_cancelling_sum_as_replay_does(tmp_path: Path) -> None
     path.write_text(emit.render_op(case, device="cpu", metric_line="(test)"))
     good = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert good.returncode == 0 and "or the op on |inputs|" in good.stdout, good.stdout + good.stderr
+    assert "def cancelling_terms" not in path.read_text()  # embedded only where the checked op needs it
     bad = subprocess.run([sys.executable, str(path), "--inject", "bitflip:bit=30"], capture_output=True, text=True,
                          timeout=120, cwd=tmp_path)
     assert bad.returncode == 1, bad.stdout + bad.stderr
@@ -301,6 +302,7 @@ def test_a_norm_or_softmax_backward_whose_terms_cancel_replays_clean_and_a_fault
     path.write_text(emit.render_op(case, device="cpu", metric_line=d.metric.line()))
     good = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert good.returncode == 0 and "or its terms" in good.stdout, good.stdout + good.stderr
+    assert "def cancelling_terms" in path.read_text()
     bad = subprocess.run([sys.executable, str(path), "--inject", "bitflip:bit=30,index=5"], capture_output=True,
                          text=True, timeout=120, cwd=tmp_path)
     assert bad.returncode == 1, bad.stdout + bad.stderr

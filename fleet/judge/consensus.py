@@ -42,8 +42,7 @@ def consensus(results: list[ProbeResult], collective: frozenset[str] = frozenset
         # One distinct output among the voters is agreement, even with a single voter left.
         has_majority = n_top * 2 > len(voters) or len(counts) <= 1
         if has_majority:
-            dissent = [m for m in members if (m.output_hash != top if m.output_hash else
-                                              n_top >= 2 and top not in m.repeat_hashes)]
+            dissent = [m for m in members if _dissents(m, top, n_top)]
         else:
             dissent = list(voters)
         shared = not has_majority or (probe in collective and len(dissent) > 1)
@@ -66,3 +65,12 @@ def consensus(results: list[ProbeResult], collective: frozenset[str] = frozenset
                                       agree=n_top, no_majority=shared,
                                       dissenters=tuple(sorted(m.rank for m in dissent))))
     return judgements, summary
+
+
+def _dissents(m: ProbeResult, top: str, n_top: int) -> bool:
+    """Does `m` differ from the majority's output `top`? A device whose repeats differed among
+    themselves (no hash of its own, each repeat's kept) dissents when none of its repeats computed
+    `top` and at least two devices agree on it (one peer is not enough to call every repeat wrong)."""
+    if m.output_hash:
+        return m.output_hash != top
+    return n_top >= 2 and top not in m.repeat_hashes
