@@ -145,6 +145,9 @@ def load(root: str | Path, rank: int | None = None) -> Capture:
     if not dirs:
         raise CaptureError(f"{root}: no rank*/capture.json inside; is this a chipcheck capture directory?")
     pick = dirs[0] if rank is None else root / f"rank{rank}"
+    if pick not in dirs:
+        raise CaptureError(f"{root}: no rank {rank} in this capture (ranks captured: "
+                           f"{', '.join(p.name[4:] for p in dirs)})")
     try:
         d = json.loads((pick / "capture.json").read_text())
     except (OSError, json.JSONDecodeError) as e:

@@ -67,3 +67,5 @@ def test_bad_capture_and_non_failing_case_exit_2(cap_dir: Path, tmp_path: Path) 
     assert p.returncode == 2 and "nothing to shrink" in p.stderr
     p = run_cli("repro", "replay", str(cap_dir), "--reference", "tpu:9")
     assert p.returncode == 2 and "--reference" in p.stderr
+    p = run_cli("repro", "replay", str(cap_dir), "--rank", "3")
+    assert p.returncode == 2 and "no rank 3 in this capture (ranks captured: 0)" in p.stderr, p.stderr
