@@ -217,8 +217,12 @@ def main():
                                       for k, v in last["kwargs"].items()})
             magnitude = run(plus, [t.abs() if t.is_floating_point() else t for t in ref_in], "cpu", ref_dt,
                             None)[last["output"]]
-        elif last.get("terms"):  # a norm's or softmax's backward: its centred terms scale it
-            bound = cancelling_terms(last["op"].split(".")[1], fill(last["args"], ref_in, "cpu", ref_dt))
+        elif last.get("terms"):  # a norm's, softmax's or attention's backward: its centred terms scale it
+            try:
+                bound = cancelling_terms(last["op"].split(".")[1], fill(last["args"], ref_in, "cpu", ref_dt),
+                                         {k: fill(v, ref_in, "cpu", ref_dt) for k, v in last["kwargs"].items()})
+            except (RuntimeError, ValueError, IndexError, TypeError):  # a layout it does not know: plain rule
+                bound = None
             magnitude = bound[last["output"]] if bound and last["output"] < len(bound) else None
         failed = 0
         for r in range(a.repeat):

@@ -1,10 +1,11 @@
 """How large the terms are that a normalisation's or softmax's backward subtracts from each other.
 
 Their gradient is centred: `rstd * (w*g - mean(w*g) - xhat * mean(w*g*xhat))` for layer, group and
-batch norm, `y * (g - sum(g*y))` for softmax, `g - exp(y) * sum(g)` for log-softmax. When the loss is
-(nearly) blind to what the op removes (a sum straight after a norm, an RMS norm after a layer norm,
-a softmax summed to one), the terms cancel to rounding noise, and a correct kernel's noise is far
-above a tolerance scaled by the tiny result. The bound a float kernel meets is its terms' magnitude:
+batch norm, `y * (g - sum(g*y))` for softmax, `g - exp(y) * sum(g)` for log-softmax, and inside fused
+attention's backward `dS = P * (dO V^T - rowsum(dO * O))` before `dQ = scale dS K`, `dK = scale dS^T Q`.
+When the loss is (nearly) blind to what the op removes (a sum straight after a norm, an RMS norm after
+a layer norm, a softmax summed to one, attention over identical values), the terms cancel to rounding
+noise, and a correct kernel's noise is far above a tolerance scaled by the tiny result. The bound a float kernel meets is its terms' magnitude:
 the same formula with every term taken absolute (and |x| + |mean| for the centred input, whose
 subtraction the kernel rounds too). Replay, shrink and repro.py scale their tolerance with it (this
 function is embedded in repro.py: it imports only torch).
@@ -16,14 +17,18 @@ import torch
 
 CANCELLING = frozenset({"native_layer_norm_backward", "native_group_norm_backward", "native_batch_norm_backward",
                         "batch_norm_backward", "cudnn_batch_norm_backward", "_softmax_backward_data",
-                        "_log_softmax_backward_data"})
+                        "_log_softmax_backward_data", "_scaled_dot_product_flash_attention_for_cpu_backward",
+                        "_scaled_dot_product_flash_attention_backward",
+                        "_scaled_dot_product_efficient_attention_backward",
+                        "_scaled_dot_product_cudnn_attention_backward"})
 """The ops `cancelling_terms` bounds."""
 
 
-def cancelling_terms(name: str, args: list[Any]) -> list[Any] | None:
-    """Per output of aten op `name` (its overload packet) called with positional `args` (float64 on
-    the reference), the magnitude of the terms it sums, or None when the op is not one of these (a
-    None entry: that output is not bounded here)."""
+def cancelling_terms(name: str, args: list[Any], kwargs: dict[str, Any]) -> list[Any] | None:
+    """Per output of aten op `name` (its overload packet) called with `args` and `kwargs` (float64 on
+    the reference), the magnitude of the terms it sums, or None when the op is not one of these or
+    the terms cannot be rebuilt (attention with dropout, packed variable-length batches); an output
+    past the list's end is not bounded here."""
 
     def norm(g: Any, x: Any, mean: Any, rstd: Any, w: Any, red: tuple[int, ...], keep: tuple[int, ...]) -> list[Any]:
         # g, x, mean, rstd, w broadcast against each other; `red`: the dims one statistic covers,
@@ -34,15 +39,35 @@ def cancelling_terms(name: str, args: list[Any]) -> list[Any] | None:
         gi = r * (wg + wg.mean(red, keepdim=True) + xa * (wg * xa).mean(red, keepdim=True))
         return [gi, (g.abs() * xa).sum(keep), g.abs().sum(keep)]
 
+    def attention(g: Any, q: Any, k: Any, v: Any, o: Any, mask: Any, causal: bool) -> list[Any]:
+        # (batch, heads, length, dim); grouped-query attention: each key/value head serves `rep` heads
+        s = kwargs.get("scale") or q.shape[-1] ** -0.5
+        rep = q.shape[-3] // k.shape[-3]
+        kk, vv = (k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)) if rep > 1 else (k, v)
+        logits = q @ kk.transpose(-1, -2) * s
+        if mask is not None:
+            logits = logits.masked_fill(~mask, -torch.inf) if mask.dtype == torch.bool else logits + mask
+        if causal:  # top-left aligned, as scaled_dot_product_attention's is_causal
+            logits = logits.masked_fill(~torch.ones(logits.shape[-2:], dtype=torch.bool).tril(), -torch.inf)
+        p = torch.softmax(logits, -1).nan_to_num(0.0)  # a fully masked row attends to nothing
+        ga = g.abs()
+        ds = p * (ga @ vv.abs().transpose(-1, -2) + (ga * o.abs()).sum(-1, keepdim=True))
+        gq, gk, gv = s * ds @ kk.abs(), s * ds.transpose(-1, -2) @ q.abs(), p.transpose(-1, -2) @ ga
+        if rep > 1:
+            gk, gv = (x.unflatten(-3, (k.shape[-3], rep)).sum(-3) for x in (gk, gv))
+        return [gq, gk, gv]
+
+    def empty(x: Any) -> bool:
+        return not isinstance(x, torch.Tensor) or x.numel() == 0
+
     def t(x: Any) -> Any:
         return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
     a = [t(x) for x in args]
     if name == "native_layer_norm_backward":  # (grad_out, input, normalized_shape, mean, rstd, weight, ...)
         g, x, shape, mean, rstd, w = a[:6]
-        k = len(shape)
-        red = tuple(range(x.dim() - k, x.dim()))
-        return norm(g, x, mean, rstd, w, red, tuple(range(x.dim() - k)))
+        lead = x.dim() - len(shape)
+        return norm(g, x, mean, rstd, w, tuple(range(lead, x.dim())), tuple(range(lead)))
     if name == "native_group_norm_backward":  # (grad_out, input, mean, rstd, weight, N, C, HxW, group, ...)
         g, x, mean, rstd, w, n, c, hw, groups = a[:9]
         n, c, hw, groups = int(n), int(c), int(hw), int(groups)
@@ -75,4 +100,27 @@ def cancelling_terms(name: str, args: list[Any]) -> list[Any] | None:
     if name == "_log_softmax_backward_data":
         g, y, dim = a[:3]
         return [g.abs() + y.exp() * g.abs().sum(dim, keepdim=True)]
-    return None
+    packed = False  # variable-length batches packed into one sequence: not rebuilt here
+    if name == "_scaled_dot_product_flash_attention_for_cpu_backward":
+        # (grad_out, q, k, v, out, logsumexp, dropout_p, is_causal, *, attn_mask, scale)
+        g, q, k, v, o, _, dropout, causal = a[:8]
+        mask = t(kwargs.get("attn_mask"))
+    elif name == "_scaled_dot_product_flash_attention_backward":
+        # (grad_out, q, k, v, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal, ...)
+        g, q, k, v, o, _, cum_q, _, _, _, dropout, causal = a[:12]
+        mask, packed = None, not empty(cum_q)
+    elif name == "_scaled_dot_product_efficient_attention_backward":
+        # (grad_out, q, k, v, attn_bias, out, logsumexp, philox_seed, philox_offset, dropout_p,
+        #  grad_input_mask, is_causal, *, scale)
+        g, q, k, v, mask, o = a[:6]
+        dropout, causal = a[9], (a[11] if len(a) > 11 else False)
+    elif name == "_scaled_dot_product_cudnn_attention_backward":
+        # (grad_out, q, k, v, out, logsumexp, philox_seed, philox_offset, attn_bias, cum_seq_q, cum_seq_k,
+        #  max_q, max_k, dropout_p, is_causal, *, scale)
+        g, q, k, v, o = a[:5]
+        mask, packed, dropout, causal = a[8], not empty(a[9]), a[13], a[14]
+    else:
+        return None
+    if float(dropout) > 0 or packed:  # dropped attention weights are not in the arguments
+        return None
+    return attention(g, q, k, v, o, None if empty(mask) else mask, bool(causal))

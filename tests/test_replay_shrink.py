@@ -256,8 +256,8 @@ def test_an_op_with_no_float64_kernel_is_judged_in_its_own_dtype_on_the_referenc
 
 def _blind_losses() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
     """A loss blind to what each op removes (a sum straight after a norm, a softmax summed to one, a
-    distillation term under log-softmax): the true input gradient is zero, so a correct kernel's
-    backward hands back only the rounding of terms that cancel."""
+    distillation term under log-softmax, attention over identical values): the true input gradient is
+    zero, so a correct kernel's backward hands back only the rounding of terms that cancel."""
     f = torch.nn.functional
 
     def eval_bn(x: torch.Tensor) -> torch.Tensor:
@@ -269,7 +269,13 @@ def _blind_losses() -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
             "native_batch_norm_backward": lambda x: f.batch_norm(x, None, None, training=True).sum(),
             "native_batch_norm_backward/eval": eval_bn,
             "_softmax_backward_data": lambda x: torch.softmax(x, -1).sum(),
-            "_log_softmax_backward_data": lambda x: (torch.log_softmax(x, -1) * torch.softmax(x, -1).detach()).sum()}
+            "_log_softmax_backward_data": lambda x: (torch.log_softmax(x, -1) * torch.softmax(x, -1).detach()).sum(),
+            # identical value rows (one token repeated, no position in V): which key is attended is moot
+            "_scaled_dot_product_flash_attention_for_cpu_backward": lambda x: f.scaled_dot_product_attention(
+                x.reshape(2, 2, 8, 32), x.reshape(2, 2, 8, 32).flip(-1) + 5, x[:1, :32].expand(2, 2, 8, 32)).sum(),
+            "_scaled_dot_product_flash_attention_for_cpu_backward/causal-gqa": lambda x: f.scaled_dot_product_attention(
+                x.reshape(1, 4, 8, 32), x[:4].reshape(1, 2, 8, 16).repeat(1, 1, 1, 2) + 5,
+                x[:1, :32].expand(1, 2, 8, 32), is_causal=True, enable_gqa=True).sum()}
 
 
 def _blind_step(op: str) -> None:
@@ -288,7 +294,8 @@ def test_a_norm_or_softmax_backward_whose_terms_cancel_replays_clean_and_a_fault
     # a healthy chip: the plain tolerance on |expected| + rms(expected) called ~every element wrong
     assert rp.replay(loaded, reference="cpu64").divergence is None
     output = 1 if op.endswith("/eval") else 0
-    spec = f"bitflip:rank=0,bit=30,op={name},output={output},index=5,at=call"
+    index = 5 if "attention" not in op else 300  # a query that attends to more than one key (causal)
+    spec = f"bitflip:rank=0,bit=30,op={name},output={output},index={index},at=call"
     with faults.make_injector(faults.parse(spec), 0, "repro")():
         with capture(tmp_path / "bad"):
             _blind_step(op)
@@ -308,9 +315,10 @@ def test_a_norm_or_softmax_backward_whose_terms_cancel_replays_clean_and_a_fault
     assert bad.returncode == 1, bad.stdout + bad.stderr
 
 
-def test_a_flipped_mantissa_bit_in_a_layer_norm_gradient_that_does_not_cancel_is_still_named(tmp_path: Path) -> None:
-    """The terms' bound widens the tolerance only where the terms cancel: a layer norm feeding a
-    linear layer hands back a gradient of its terms' size, and bit 20 (about 12% of the value) shows."""
+def test_a_flipped_mantissa_bit_in_a_gradient_that_does_not_cancel_is_still_named(tmp_path: Path) -> None:
+    """The terms' bound widens the tolerance only where the terms cancel: a layer norm (or attention)
+    feeding a linear layer hands back a gradient of its terms' size, and bit 20 (about 12% of the
+    value) shows."""
     lin = torch.nn.Linear(64, 8)
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(7)).requires_grad_()
     spec = "bitflip:rank=0,bit=20,op=native_layer_norm_backward,index=5,at=call"
@@ -319,3 +327,12 @@ def test_a_flipped_mantissa_bit_in_a_layer_norm_gradient_that_does_not_cancel_is
             lin(torch.nn.functional.layer_norm(x, (64,))).pow(2).sum().backward()
     d = rp.replay(fmt.load(tmp_path / "bad"), reference="cpu64", inject=spec).divergence
     assert d is not None and d.op == "aten.native_layer_norm_backward.default" and d.metric.bad_indices == [[0, 5]], d
+    # and in attention's query gradient (random values: the terms do not cancel)
+    q, k, v = (torch.randn(1, 2, 8, 16, generator=torch.Generator().manual_seed(s)).requires_grad_() for s in (1, 2, 3))
+    spec = "bitflip:rank=0,bit=20,op=_scaled_dot_product_flash_attention_for_cpu_backward,index=5,at=call"
+    with faults.make_injector(faults.parse(spec), 0, "repro")():
+        with capture(tmp_path / "attn"):
+            lin(torch.nn.functional.scaled_dot_product_attention(q, k, v).reshape(8, 32).repeat(1, 2)).pow(2).sum().backward()
+    d = rp.replay(fmt.load(tmp_path / "attn"), reference="cpu64", inject=spec).divergence
+    assert d is not None and d.op.split(".")[1] == "_scaled_dot_product_flash_attention_for_cpu_backward", d
+    assert d.output == 0 and d.metric.bad_indices == [[0, 0, 0, 5]], d
