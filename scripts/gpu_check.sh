@@ -15,6 +15,9 @@
 #   jax        `chipcheck run --backend jax --probes matmul` (when jax[cuda] is installed)
 #   repro      capture one model step on the GPU with a flipped bit, shrink with --reference cpu64,
 #              run the emitted repro.py there
+#   terms      backward kernels whose gradient cancels (cuDNN batch norm, layer norm, softmax, the SDPA
+#              flash/efficient/cuDNN kernels over identical values) replayed against cpu64: expect clean
+#              (reproducers/terms.py reads the CUDA kernels' argument layouts)
 # Not covered on one GPU: collectives, model_dp and links need two or more devices, so NCCL is not
 # exercised here (the quick run on one GPU runs neither).
 # Usage: OUT=/some/dir scripts/gpu_check.sh     (exit 0 when every step exited as expected)
@@ -171,6 +174,36 @@ PY
     rc=0; python3 "$0/repro.py" --device cuda --inject bitflip:bit=25 || rc=$?
     echo "repro.py with the fault on cuda: exit $rc (1 expected: it reproduces)"
     python3 "$0/repro.py" --device cuda && echo "repro.py clean on cuda: exit 0"
+' "$OUT"
+
+step terms 90 0 bash -c '
+    python3 - "$0" <<"PY"
+import sys
+import torch
+import torch.nn.functional as f
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from chipcheck.reproducers import capture
+g = torch.Generator(device="cuda").manual_seed(0)
+for dt in (torch.float32, torch.bfloat16):
+    x = (torch.randn(16, 64, device="cuda", generator=g) * 3 + 1).to(dt).requires_grad_()
+    f.layer_norm(x, (64,)).float().sum().backward()
+    bn = torch.nn.BatchNorm2d(8).cuda().to(dt)
+    y = torch.randn(4, 8, 6, 6, device="cuda", generator=g).to(dt).requires_grad_()
+    with capture(f"{sys.argv[1]}/terms-{dt}"):
+        f.layer_norm(x, (64,)).float().sum().backward()
+        torch.softmax(x, -1).float().sum().backward()
+        bn(y).float().sum().backward()
+        q = torch.randn(2, 4, 64, 64, device="cuda", generator=g).to(dt).requires_grad_()
+        v = torch.randn(2, 4, 1, 64, device="cuda", generator=g).to(dt).expand(2, 4, 64, 64)
+        for be in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+            try:
+                with sdpa_kernel([be]):
+                    f.scaled_dot_product_attention(q, q.flip(-1) + 5, v, is_causal=True).float().sum().backward()
+            except RuntimeError as e:
+                print(f"{be} {dt}: not available ({str(e).splitlines()[0][:80]})")
+PY
+    rc=0; for d in "$0"/terms-*; do python3 -m chipcheck.cli repro replay "$d" --reference cpu64 || rc=1; done
+    exit $rc
 ' "$OUT"
 
 echo
