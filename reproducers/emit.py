@@ -167,7 +167,7 @@ def resolve(name):
 '''
 
 _COMMON = _COMMON.replace("__APPLY__", inspect.getsource(st.apply))  # one definition, embedded
-# embedded where the checked op is one whose terms cancel (a norm's or softmax's backward)
+# embedded where the checked op is one whose terms cancel (a norm's, softmax's or attention's backward)
 _TERMS = "from typing import Any\n\n\n" + inspect.getsource(cancelling_terms) + "\n"
 
 
@@ -414,7 +414,7 @@ def render_op(case: OpCase, *, device: str, metric_line: str, where: list[str] |
 
 def _tolerance(op: str) -> dict[str, bool]:
     """How the checked op's tolerance widens, as replay's does: `sums` (a sum of products, `SUMS`: the
-    op on |inputs|) or `terms` (a norm's or softmax's backward: `terms.cancelling_terms`)."""
+    op on |inputs|) or `terms` (a norm's, softmax's or attention's backward: `terms.cancelling_terms`)."""
     from . import replay as rp
 
     name = op.split(".")[1]

@@ -258,9 +258,9 @@ def reference_call(func: Any, build: Callable[[bool], tuple[Any, dict[str, Any]]
 
 def compare_op(func: Any, actual: torch.Tensor, ref: torch.Tensor, exact: bool, ref_args: Any,
                ref_kwargs: dict[str, Any], output: int) -> Metric | None:
-    """`compare`, with a sum's tolerance widened to the rounding its terms allow (`SUMS`; a norm's or
-    softmax's backward: `terms.cancelling_terms`): computed only for an output the plain tolerance
-    rejects (the wider one accepts whatever the plain one does)."""
+    """`compare`, with a sum's tolerance widened to the rounding its terms allow (`SUMS`; a norm's,
+    softmax's or attention's backward: `terms.cancelling_terms`): computed only for an output the plain
+    tolerance rejects (the wider one accepts whatever the plain one does)."""
     m = compare(actual, ref, exact)
     name = func.overloadpacket.__name__
     if m is None or exact:

@@ -1,14 +1,15 @@
-"""How large the terms are that a normalisation's or softmax's backward subtracts from each other.
+"""How large the terms are that a norm's, softmax's or fused attention's backward subtracts from each other.
 
 Their gradient is centred: `rstd * (w*g - mean(w*g) - xhat * mean(w*g*xhat))` for layer, group and
 batch norm, `y * (g - sum(g*y))` for softmax, `g - exp(y) * sum(g)` for log-softmax, and inside fused
 attention's backward `dS = P * (dO V^T - rowsum(dO * O))` before `dQ = scale dS K`, `dK = scale dS^T Q`.
 When the loss is (nearly) blind to what the op removes (a sum straight after a norm, an RMS norm after
 a layer norm, a softmax summed to one, attention over identical values), the terms cancel to rounding
-noise, and a correct kernel's noise is far above a tolerance scaled by the tiny result. The bound a float kernel meets is its terms' magnitude:
-the same formula with every term taken absolute (and |x| + |mean| for the centred input, whose
-subtraction the kernel rounds too). Replay, shrink and repro.py scale their tolerance with it (this
-function is embedded in repro.py: it imports only torch).
+noise, and a correct kernel's noise is far above a tolerance scaled by the tiny result. The bound a
+float kernel meets is its terms' magnitude: the same formula with every term taken absolute (and
+|x| + |mean| for the centred input, whose subtraction the kernel rounds too). Replay, shrink and
+repro.py scale their tolerance with it (`cancelling_terms` is embedded in repro.py where the checked
+op is one of these: it imports only torch).
 """
 
 from typing import Any
