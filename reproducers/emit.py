@@ -34,7 +34,7 @@ from . import format as fmt
 from . import settings as st
 from .reduction import exact_result, reduction
 from .shrink import CollectiveCase, OpCase
-from .terms import CANCELLING, cancelling_terms
+from .terms import CANCELLING, cancelling_terms, terms_of
 from .trials import Evidence, Rate
 
 _COMMON = r'''
@@ -168,7 +168,7 @@ def resolve(name):
 
 _COMMON = _COMMON.replace("__APPLY__", inspect.getsource(st.apply))  # one definition, embedded
 # embedded where the checked op is one whose terms cancel (a norm's, softmax's or attention's backward)
-_TERMS = "from typing import Any\n\n\n" + inspect.getsource(cancelling_terms) + "\n"
+_TERMS = "from typing import Any\n\n\n" + inspect.getsource(cancelling_terms) + "\n\n" + inspect.getsource(terms_of)
 
 
 _MULTI = r'''
@@ -218,12 +218,9 @@ def main():
             magnitude = run(plus, [t.abs() if t.is_floating_point() else t for t in ref_in], "cpu", ref_dt,
                             None)[last["output"]]
         elif last.get("terms"):  # a norm's, softmax's or attention's backward: its centred terms scale it
-            try:
-                bound = cancelling_terms(last["op"].split(".")[1], fill(last["args"], ref_in, "cpu", ref_dt),
-                                         {k: fill(v, ref_in, "cpu", ref_dt) for k, v in last["kwargs"].items()})
-            except (RuntimeError, ValueError, IndexError, TypeError):  # a layout it does not know: plain rule
-                bound = None
-            magnitude = bound[last["output"]] if bound and last["output"] < len(bound) else None
+            magnitude = cancelling_terms(last["op"].split(".")[1], fill(last["args"], ref_in, "cpu", ref_dt),
+                                         {k: fill(v, ref_in, "cpu", ref_dt) for k, v in last["kwargs"].items()},
+                                         last["output"])
         failed = 0
         for r in range(a.repeat):
             fault = parse_inject(a.inject)  # a fresh call counter per run: the sequence is the history

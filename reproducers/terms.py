@@ -25,11 +25,21 @@ CANCELLING = frozenset({"native_layer_norm_backward", "native_group_norm_backwar
 """The ops `cancelling_terms` bounds."""
 
 
-def cancelling_terms(name: str, args: list[Any], kwargs: dict[str, Any]) -> list[Any] | None:
-    """Per output of aten op `name` (its overload packet) called with `args` and `kwargs` (float64 on
-    the reference), the magnitude of the terms it sums, or None when the op is not one of these or
-    the terms cannot be rebuilt (attention with dropout, packed variable-length batches); an output
-    past the list's end is not bounded here."""
+def cancelling_terms(name: str, args: list[Any], kwargs: dict[str, Any], output: int) -> Any:
+    """The magnitude of the terms that output `output` of aten op `name` (its overload packet), called
+    with `args` and `kwargs` (float64 on the reference), sums; None where it is not bounded here (not
+    one of these ops, an output they do not cover, dropout, packed variable-length batches, an argument
+    layout the rebuild does not know), and the caller keeps its plain tolerance."""
+    try:
+        bound = terms_of(name, args, kwargs)
+    except (RuntimeError, ValueError, IndexError, TypeError):
+        return None
+    return bound[output] if bound is not None and output < len(bound) else None
+
+
+def terms_of(name: str, args: list[Any], kwargs: dict[str, Any]) -> list[Any] | None:
+    """Per output of `name`, the magnitude of the terms it sums (`cancelling_terms`); may raise on an
+    argument layout it does not know."""
 
     def norm(g: Any, x: Any, mean: Any, rstd: Any, w: Any, red: tuple[int, ...], keep: tuple[int, ...]) -> list[Any]:
         # g, x, mean, rstd, w broadcast against each other; `red`: the dims one statistic covers,
