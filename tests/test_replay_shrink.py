@@ -18,6 +18,7 @@ from chipcheck.reproducers import capture, emit, verify
 from chipcheck.reproducers import format as fmt
 from chipcheck.reproducers import replay as rp
 from chipcheck.reproducers import shrink as sk
+from chipcheck.reproducers.terms import cancelling_terms
 
 MC = GPTConfig.tiny()
 # one matmul of rank 0's backward (the forward has 9 mm calls): bit 25 is an fp32 exponent bit
@@ -312,6 +313,21 @@ def test_a_backward_whose_terms_cancel_replays_clean_and_a_fault_in_it_is_named(
     bad = subprocess.run([sys.executable, str(path), "--inject", "bitflip:bit=30,index=5"], capture_output=True,
                          text=True, timeout=120, cwd=tmp_path)
     assert bad.returncode == 1, bad.stdout + bad.stderr
+
+
+def test_the_terms_bound_stands_aside_where_it_cannot_rebuild_the_terms() -> None:
+    """Replay and repro.py share this contract: None means the plain tolerance, never an exception."""
+    g, x = torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    mean, rstd = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True).add(1e-5).rsqrt()
+    args = [g, x, [8], mean, rstd, torch.ones(8, dtype=torch.float64), None, [True, True, True]]
+    bound = cancelling_terms("native_layer_norm_backward", args, {}, 0)
+    assert bound is not None and bound.shape == x.shape and bool((bound > 0).all())
+    assert cancelling_terms("native_layer_norm_backward", args, {}, 3) is None  # an output past the list
+    assert cancelling_terms("native_layer_norm_backward", args[:2], {}, 0) is None  # a layout it does not know
+    assert cancelling_terms("mm", [g, x.T], {}, 0) is None  # not a cancelling op
+    q = torch.randn(1, 2, 4, 8, dtype=torch.float64)
+    flash = [q, q, q, q, q, torch.zeros(1, 2, 4), 0.1, False]  # dropout: the weights are not in the args
+    assert cancelling_terms("_scaled_dot_product_flash_attention_for_cpu_backward", flash, {}, 0) is None
 
 
 def test_a_flipped_mantissa_bit_in_a_gradient_that_does_not_cancel_is_still_named(tmp_path: Path) -> None:
