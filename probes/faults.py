@@ -51,7 +51,8 @@ times, as a marginal chip does (`bitflip:bit=25,op=mm,chance=0.25`).
 what it sends: the op is waited for and its output corrupted, as a bad receive path would
 (`bitflip:rank=2,bit=3,op=allreduce_,side=recv,scope=process`).
 A bit index counts from the least significant bit of the output dtype (fp32: 0..31, sign 31;
-bf16/fp16: 0..15); a bit beyond the dtype's width leaves that dtype alone.
+bf16/fp16: 0..15); a bit beyond the dtype's width leaves that dtype alone (with `dtype=`, such a bit is
+refused: the fault could never fire).
 """
 
 from __future__ import annotations
@@ -199,6 +200,10 @@ def _parse_one(spec: str) -> Fault:
             raise InjectSpecError(f"--inject {spec!r}: bad value for {k}: {v!r} ({e})") from None
     if kind in ("bitflip", "stuck") and kw.get("bit") is None:
         raise InjectSpecError(f"--inject {spec!r}: {kind} needs bit=N (0 = least significant)")
+    width = _WIDTH.get(kw.get("dtype") or "", 64)
+    if kind in ("bitflip", "stuck") and kw["bit"] >= width:  # it could never fire: the run would just pass
+        raise InjectSpecError(f"--inject {spec!r}: {kw['dtype']} has bits 0..{width - 1}; bit={kw['bit']} "
+                              "would never corrupt anything")
     if kind == "slow" and kw.get("factor", 1.0) <= 1.0:
         raise InjectSpecError(f"--inject {spec!r}: slow needs factor > 1, e.g. factor=1.3")
     if kind == "stuck" and kw.get("rate") is None:
@@ -209,6 +214,10 @@ def _parse_one(spec: str) -> Fault:
     if kw.get("side") == "recv" and not kw.get("op"):
         raise InjectSpecError(f"--inject {spec!r}: side=recv needs a collective op, e.g. op=allreduce_")
     return Fault(**kw)
+
+
+_WIDTH = {"float32": 32, "bfloat16": 16, "float16": 16, "float64": 64, "float8_e4m3fn": 8}
+"""Bits per element of each dtype `dtype=` accepts."""
 
 
 def _convert(k: str, v: str) -> dict[str, Any]:

@@ -45,6 +45,8 @@ def test_after_s_spares_calls_until_that_second_of_the_run(monkeypatch: pytest.M
     ("slow:factor=2,after_s=-1", "after_s is a number"),
     ("slow:factor=2,after_s=nan", "after_s is a number"),
     ("", "empty"),
+    ("bitflip:rank=1,bit=21,dtype=bfloat16", "bfloat16 has bits 0..15"),  # would never fire
+    ("stuck:bit=8,value=1,dtype=float8_e4m3fn", "bits 0..7"),
 ])
 def test_malformed_specs_say_what_to_fix(spec: str, words: str) -> None:
     with pytest.raises(faults.InjectSpecError, match=words):
