@@ -72,7 +72,8 @@ def test_a_submitted_sweep_stores_every_device(cluster: SlurmCluster, tmp_path: 
     assert "#SBATCH --ntasks-per-node=2" in script and "srun" in script and "RANK=$SLURM_PROCID" in script
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["verdict"] == "pass" and len(data["devices"]) == 2
-    assert {p["probe"] for d in data["devices"] for p in d["probes"]} == {"matmul", "collectives"}
+    # a noisy host may add a speed retest that clears the device (the verdict is still pass)
+    assert {p["probe"] for d in data["devices"] for p in d["probes"]} - {"retest"} == {"matmul", "collectives"}
     assert {d["host"] for d in data["devices"]} == {cluster.node}
     with sqlite3.connect(tmp_path / "r.db") as db:
         runs = db.execute("SELECT run_id, verdict, config FROM runs").fetchall()
