@@ -217,7 +217,7 @@ def _parse_one(spec: str) -> Fault:
 
 
 _WIDTH = {"float32": 32, "bfloat16": 16, "float16": 16, "float64": 64, "float8_e4m3fn": 8}
-"""Bits per element of each dtype `dtype=` accepts."""
+"""The dtypes `dtype=` accepts, with their bits per element."""
 
 
 def _convert(k: str, v: str) -> dict[str, Any]:
@@ -273,8 +273,9 @@ def _convert(k: str, v: str) -> dict[str, Any]:
             raise ValueError("after_s is a number of seconds >= 0")
         return {"after_s": t}
     if k == "dtype":
-        if v not in ("float32", "bfloat16", "float16", "float64", "float8_e4m3fn"):
-            raise ValueError("dtype must be float32, bfloat16, float16, float64 or float8_e4m3fn")
+        if v not in _WIDTH:
+            *rest, last = _WIDTH
+            raise ValueError(f"dtype must be {', '.join(rest)} or {last}")
         return {"dtype": v}
     return {k: v}
 
