@@ -96,11 +96,13 @@ class HostLock:
     """Serialises timed sections of CPU workers sharing a host (a file lock: real processes).
 
     flock: the kernel releases it when its holder dies. The holder writes who it is into the file
-    (pid, since, what) while it holds it, so a launcher whose worker waits can name a holder that
-    stalls (`lock_holder`)."""
+    (pid, since, what, and `until`: when its own watchdog ends its case) while it holds it, so a
+    launcher whose worker waits can name a holder that stalls (`lock_holder`), and does not call a
+    holder stalled, another run's included, while that holder's own watchdog still runs."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, watchdog_s: float = 0.0):
         self.path = path
+        self.watchdog_s = watchdog_s
         self.what = ""
         """What the holder is doing (run, rank, probe, case): written into the lock file."""
 
@@ -112,7 +114,11 @@ class HostLock:
                 with contextlib.suppress(OSError):
                     f.seek(0)
                     f.truncate()
-                    f.write(json.dumps({"pid": os.getpid(), "since": time.time(), "what": self.what}))
+                    now = time.time()
+                    said = {"pid": os.getpid(), "since": now, "what": self.what}
+                    if self.watchdog_s > 0:
+                        said["until"] = now + self.watchdog_s
+                    f.write(json.dumps(said))
                     f.flush()
                 yield
             finally:
@@ -123,7 +129,7 @@ class HostLock:
 
 
 def lock_holder(path: str) -> dict[str, Any] | None:
-    """Who holds the host lock at `path`, as its holder wrote it ({pid, since, what}); None if unsaid."""
+    """Who holds the host lock at `path`, as its holder wrote it ({pid, since, what[, until]}); None if unsaid."""
     try:
         with open(path) as f:
             d = json.loads(f.read() or "null")

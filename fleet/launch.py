@@ -120,7 +120,7 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
             inject=req.inject, duration_s=req.duration_s, options=dict(req.options),
             cpu_cores=devmod.cores_for(w.rank, n_cpu) if w.info.kind is DeviceKind.CPU else [],
             cpu_threads=devmod.threads_per_cpu_worker(n_cpu) if n_cpu else 1,
-            lock_path=lock_path if w.info.kind is DeviceKind.CPU else "",
+            lock_path=lock_path if w.info.kind is DeviceKind.CPU else "", timeout_s=req.timeout_s,
             collectives_ok=w.losses == 0,
             peers_lost={str(r): why for r, why in lost_ranks.items() if r != w.rank},
         )
@@ -247,10 +247,15 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
         if holder is not None and holder["pid"] in ours:
             return ""  # held by a worker of this run: its own watchdog ends a stall
         held = time.time() - float(holder["since"]) if holder else now - w.watch.since
-        if held <= req.timeout_s + LOCK_GRACE_S:
+        until = holder.get("until") if holder else None
+        # another run's case may hold it as long as that run's own watchdog allows (it ends a hang there)
+        theirs = float(until) - float(holder["since"]) if holder and isinstance(until, int | float) else 0.0
+        if held <= max(req.timeout_s, theirs) + LOCK_GRACE_S:
             return ""  # the lock changes hands: another run is progressing
         who = (f"held for {held:.0f}s by pid {holder['pid']} ({holder.get('what') or 'unknown'})" if holder
                else "its holder did not say who it is")
+        if theirs:
+            who += f", past its own {theirs:g}s watchdog"
         probe, case = w.watch.case or ("", "")
         return (f"{probe} {case} on {w.info.host} {w.info.label} (rank {w.rank}, seed {req.seed}) waited "
                 f"{now - w.watch.since:.0f}s, past its {req.timeout_s:g}s watchdog, for the host CPU timing lock "

@@ -53,6 +53,7 @@ class WorkerPlan:
     cpu_cores: list[int] = field(default_factory=list)
     cpu_threads: int = 1
     lock_path: str = ""
+    timeout_s: float = 0.0  # the launcher's watchdog for one case: written into the host lock while held
     duration_s: float = 0.0
     options: dict[str, str] = field(default_factory=dict)
     collectives_ok: bool = True  # False for a worker restarted after it was lost itself
@@ -128,7 +129,7 @@ def run_plan(plan: WorkerPlan, control: IO[str] | None = None) -> int:
     fault_list = [f for spec in plan.inject for f in faults.parse(spec)]
     # CPU workers share cores: a whole case runs alone on the host (the lock is host-wide), so
     # no device is timed while a neighbour computes. Collective probes run on all ranks at once.
-    lock = HostLock(plan.lock_path) if plan.lock_path else None
+    lock = HostLock(plan.lock_path, plan.timeout_s) if plan.lock_path else None
     group_failure = "" if plan.collectives_ok else "this rank's worker was lost earlier in the run"
     per_case_s = plan.duration_s / max(1, sum(len(c) for _, c in plan.probes)) if plan.duration_s > 0 else 0.0
 

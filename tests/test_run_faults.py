@@ -195,12 +195,15 @@ def test_a_run_cut_short_leaves_no_process_and_reads_as_interrupted(tmp_path: Pa
     assert rc2 == 0 and "status" not in later, out
 
 
-def _hold_lock(path: Path, since_ago: float) -> subprocess.Popen[bytes]:
-    """Another process that takes the host lock, says who it is, and never lets go (a hung holder)."""
+def _hold_lock(path: Path, since_ago: float, hold_s: float = 600, watchdog_s: float = 0) -> subprocess.Popen[bytes]:
+    """Another process that takes the host lock, says who it is, and lets go after `hold_s` (600: a hung
+    holder); with `watchdog_s`, it says when its own watchdog would end it, as a worker of another run does."""
+    until = f", 'until': time.time() + {watchdog_s}" if watchdog_s else ""
     code = (f"import fcntl, json, os, time\n"
             f"f = open({str(path)!r}, 'a+')\nfcntl.flock(f, fcntl.LOCK_EX)\nf.seek(0); f.truncate()\n"
             f"f.write(json.dumps({{'pid': os.getpid(), 'since': time.time() - {since_ago}, "
-            f"'what': 'run stuck rank 0 matmul x'}})); f.flush()\nprint('held', flush=True)\ntime.sleep(600)\n")
+            f"'what': 'run stuck rank 0 matmul x'{until}}})); f.flush()\nprint('held', flush=True)\n"
+            f"time.sleep({hold_s})\nf.truncate(0); f.flush()\n")
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
     assert p.stdout is not None and p.stdout.readline().strip() == b"held"
     return p
@@ -232,3 +235,22 @@ def test_a_stalled_lock_holder_is_named_past_the_watchdog(tmp_path: Path) -> Non
     # the lock is free again once its holder is gone (flock): nothing of the run holds it
     with open(lock, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_lock_held_by_another_run_within_its_own_watchdog_is_waited_for(tmp_path: Path) -> None:
+    """Another run's worker hangs in a case under the host lock for longer than this run's watchdog, but
+    within its own (it wrote `until`): that run's watchdog ends it, and this run's devices, which only
+    waited, run their cases afterwards and pass (both runs were once on one CI host: 'error' for all)."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    lock = tmp / f"chipcheck-{os.getuid()}-cpu-timing.lock"
+    holder = _hold_lock(lock, since_ago=0, hold_s=18, watchdog_s=30)  # past 8 s + the 5 s grace, inside 30 s
+    try:
+        out = tmp_path / "run.json"
+        p = run_cli("run", "--db", str(tmp_path / "results.db"), "--json", str(out), "-q", "--probes", "matmul",
+                    "--devices", "cpu:2", *NO_SPEED, "--timeout", "8", env={"TMPDIR": str(tmp)}, timeout=240)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert _verdicts(json.loads(out.read_text())) == {0: "pass", 1: "pass"}
