@@ -79,7 +79,8 @@ def test_slow_worker_is_slow_and_nobody_else(tmp_path: Path) -> None:
 def test_hang_is_an_error_and_the_others_are_kept(tmp_path: Path) -> None:
     rc, data, out = run_json(tmp_path, *MATMUL, *NO_SPEED, "--inject", "hang:rank=3", "--timeout", "8")
     assert rc == 1, out
-    assert _verdicts(data) == {0: "pass", 1: "pass", 2: "pass", 3: "error"}
+    why = [(r, c["error"]) for r in (0, 1, 2) for c in probe_of(data, r, "matmul")["details"]["cases"] if c.get("error")]
+    assert _verdicts(data) == {0: "pass", 1: "pass", 2: "pass", 3: "error"}, why[:3]
     cases = probe_of(data, 3, "matmul")["details"]["cases"]
     assert cases[0]["error"]["kind"] == "timeout" and "watchdog" in cases[0]["error"]["message"]
     assert all(c["verdict"] == "error" for c in cases)
