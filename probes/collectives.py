@@ -460,8 +460,9 @@ class CollectiveStep:
 
     @property
     def payload(self) -> Any:
-        """What this rank contributes (for the all-reduces, the buffer reduced in place)."""
-        return self.buf if self.op in ("all_reduce_sum", "all_reduce_max") else self.inp
+        """What this rank contributes (for the all-reduces and broadcast, the buffer the op works in place on:
+        the root's data, zeros on the others)."""
+        return self.buf if self.op in ("all_reduce_sum", "all_reduce_max", "broadcast") else self.inp
 
     # ---- the exact expected output and its decoding ---------------------------------------------
 

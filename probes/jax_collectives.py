@@ -1,5 +1,5 @@
-"""The collectives probe through JAX/XLA: psum, pmax, all_gather, psum_scatter, all_to_all and a
-ppermute ring via shard_map on a one-axis mesh: over the devices of this host, or over every
+"""The collectives probe through JAX/XLA: psum, pmax, all_gather, psum_scatter, all_to_all, a ppermute
+ring and a psum-based broadcast via shard_map on a one-axis mesh: over the devices of this host, or over every
 device of a multi-host job (jax.distributed; fleet/jax_multihost.py).
 
 The probe is defined once, in probes/collectives.py: the sizes, each rank's inputs, the exact
@@ -14,8 +14,13 @@ only the collective itself, its timing and the exchange of views run here.
 | reduce_scatter_tensor         | lax.psum_scatter(tiled=True)              |
 | all_to_all_single             | lax.all_to_all(tiled=True)                |
 | batch_isend_irecv ring        | lax.ppermute(perm=[(i, i+1 mod n)])       |
+| broadcast from rank 0         | lax.psum of rank 0's bits, zeros elsewhere |
 
-`broadcast` has no JAX collective of its own and is not run here. One SPMD program covers every
+JAX has no broadcast collective; jax's own `multihost_utils.broadcast_one_to_all` sums the source's
+values with everyone else's zeros. Here the sum runs on the values' bits as unsigned integers (8- and
+16-bit ones widened to 32: not every backend reduces narrow integers), so it is exact in every dtype,
+-0.0 and NaN payloads included; it moves an all-reduce's bytes, not a broadcast's, so its bus bandwidth
+is not NCCL's broadcast figure (the speed judge compares a JAX run's ranks with each other). One SPMD program covers every
 device of the job (JAX's one-process-per-host model): each process builds the global input from
 its own ranks' rows only (make_array_from_single_device_arrays), reads only its own ranks'
 outputs, and the processes exchange each rank's small view (saw a mismatch; which ranks its
@@ -44,7 +49,8 @@ from .collectives import EXACT_LIMIT, CollectivesProbe, CollectiveStep, Group, V
 
 # op -> the JAX op name `--inject op=` matches
 JAX_OPS = {"all_reduce_sum": "psum", "all_reduce_max": "pmax", "all_gather": "all_gather",
-           "reduce_scatter": "psum_scatter", "all_to_all": "all_to_all", "sendrecv_ring": "ppermute"}
+           "reduce_scatter": "psum_scatter", "all_to_all": "all_to_all", "sendrecv_ring": "ppermute",
+           "broadcast": "broadcast"}
 AXIS = "x"
 
 
@@ -82,11 +88,25 @@ def program(op: str, mesh: Any) -> Any:
             r = lax.psum_scatter(v, AXIS, scatter_dimension=0, tiled=True)
         elif op == "all_to_all":
             r = lax.all_to_all(v, AXIS, 0, 0, tiled=True)
+        elif op == "broadcast":
+            r = _from_root(v)
         else:  # sendrecv_ring: rank i sends to i + 1, receives from i - 1
             r = lax.ppermute(v, AXIS, perm=[(i, (i + 1) % n) for i in range(n)])
         return r[None]
 
     return jax.jit(_shard_map(body, mesh, P(AXIS)))
+
+
+def _from_root(v: Any) -> Any:
+    """Rank 0's `v` on every rank of the mesh axis, bit for bit (see the module's note on broadcast)."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    u = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[v.dtype.itemsize]
+    bits = lax.bitcast_convert_type(v, u)
+    wide = bits.astype(jnp.uint32) if v.dtype.itemsize < 4 else bits
+    mine = jnp.where(lax.axis_index(AXIS) == 0, wide, jnp.zeros_like(wide))
+    return lax.bitcast_convert_type(lax.psum(mine, AXIS).astype(u), v.dtype)
 
 
 def _to_np(t: Any) -> np.ndarray:

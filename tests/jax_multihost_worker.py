@@ -29,6 +29,9 @@ FAULTY = {  # name: (case, --inject spec)
     "ring": ("sendrecv_ring/int32", "bitflip:rank=1,bit=4,index=3"),
     # rank 2's chunk arrives with bit 20 flipped in every rank's gathered copy
     "gather": ("all_gather/float32", "bitflip:rank=2,bit=20,index=1,op=all_gather"),
+    # the root, rank 0 (process 0), broadcasts bit 20 flipped at element 1: every rank of both processes
+    # receives it and names the root
+    "bcast": ("broadcast/float32", "bitflip:rank=0,bit=20,index=1,op=broadcast"),
     # rank 2 is 100x slow: the collective is slow for every rank, process 0's too
     "slow": ("all_reduce_sum/int32", "slow:rank=2,factor=100"),
 }

@@ -133,6 +133,9 @@ _COLLECTIVES = textwrap.dedent("""
     res["ring"] = faulty("sendrecv_ring/int32", "bitflip:rank=1,bit=4,index=3")
     res["gather_recv"] = faulty("all_gather/float32", "bitflip:rank=2,bit=20,index=1,op=all_gather,side=recv")
     res["ring_recv"] = faulty("sendrecv_ring/int32", "bitflip:rank=2,bit=4,index=3,side=recv,op=ppermute")
+    res["bcast"] = faulty("broadcast/bfloat16", "bitflip:rank=0,bit=12,index=2,op=broadcast")
+    res["bcast_recv"] = faulty("broadcast/float32", "bitflip:rank=3,bit=20,index=1,op=broadcast,side=recv")
+    res["bcast_other"] = faulty("broadcast/float32", "bitflip:rank=2,bit=20,index=1,op=broadcast")
     print(json.dumps(res, default=str))
 """)
 
@@ -142,7 +145,7 @@ def test_collectives_across_four_forced_host_devices() -> None:
                        env={**os.environ, **FORCE4})
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout.strip().splitlines()[-1])
-    assert len(res["clean"]) == 18
+    assert len(res["clean"]) == 21  # 7 ops (broadcast a psum of rank 0's bits) x 3 dtypes
     assert all(v == ["pass"] * 4 for v in res["clean"].values()), res["clean"]
     psum = res["psum"]
     # every rank decodes the same missing contribution (an inference: a flipped bit can mimic it), so the
@@ -164,6 +167,13 @@ def test_collectives_across_four_forced_host_devices() -> None:
     ring_recv = res["ring_recv"]  # rank 2's decoding names its sender, rank 1; the ring pairs name rank 2
     assert [v[0] for v in ring_recv] == ["pass", "pass", "wrong", "pass"]
     assert "pair tests name rank 2: the op failed in pairs [(1, 2), (2, 3)]" in ring_recv[2][1][0]
+    # broadcast: what the root sends reaches everyone wrong, and everyone names the root; what a non-root
+    # sends is nobody's business (a broadcast takes nothing from it); what rank 3 received is its own
+    assert [v[0] for v in res["bcast"]] == ["wrong", "pass", "pass", "pass"] and res["bcast"][0][2][0] == {"12": 1}
+    assert [v[0] for v in res["bcast_other"]] == ["pass"] * 4
+    bcast_recv = res["bcast_recv"]
+    assert [v[0] for v in bcast_recv] == ["pass", "pass", "pass", "wrong"]
+    assert "damaged on this rank's side" in bcast_recv[3][1][0] and bcast_recv[3][2][0] == {"20": 1}
 
 
 def _cli(tmp_path: Path, *args: str) -> tuple[int, dict, str]:

@@ -69,7 +69,7 @@ def test_global_discovery_is_the_same_ordered_list_in_both_processes(job: list[d
 
 def test_clean_collectives_pass_on_every_rank(job: list[dict[str, Any]]) -> None:
     for pid, rep in enumerate(job):
-        assert len(rep["clean"]) == 18
+        assert len(rep["clean"]) == 21  # 7 ops x 3 dtypes
         for case, by_rank in rep["clean"].items():
             assert sorted(by_rank) == [str(r) for r in rep["local"]], case
             for v in by_rank.values():
@@ -93,6 +93,12 @@ def test_psum_fault_on_a_remote_rank_is_decoded_and_blamed_on_it_alone(job: list
     for r in (0, 1, 3):
         assert len(psum[r]["observed"]) == 4  # 2 sizes x 2 checks
         assert all("pair tests name rank(s) [2]" in o for o in psum[r]["observed"])
+
+
+def test_a_broadcast_root_sending_bad_bits_is_blamed_from_the_other_process_too(job: list[dict[str, Any]]) -> None:
+    bcast = _faulty(job, "bcast")
+    assert [bcast[r]["verdict"] for r in range(4)] == ["wrong", "pass", "pass", "pass"], bcast
+    assert "expected rank 0's" in bcast[0]["notes"][0]
 
 
 def test_ring_blames_the_sender_in_the_other_process(job: list[dict[str, Any]]) -> None:
