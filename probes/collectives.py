@@ -20,6 +20,7 @@ Defined once for every backend: the sizes, patterns, checks, timing, metrics and
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from dataclasses import dataclass
@@ -562,12 +563,13 @@ def _c10d(s: CollectiveStep, g: Any) -> None:
         dist.reduce_scatter_tensor(s.buf, s.inp, op=dist.ReduceOp.SUM, group=g)
     elif s.op == "all_gather":
         dist.all_gather_into_tensor(s.buf, s.inp, group=g)
-    elif s.op == "broadcast":
-        dist.broadcast(s.buf, src=s.root, group=g)
+    elif s.op == "broadcast":  # src and peers are global ranks, even in a pair group (k, k+1)
+        dist.broadcast(s.buf, src=dist.get_global_rank(g or dist.group.WORLD, s.root), group=g)
     elif s.op == "all_to_all":
         dist.all_to_all_single(s.buf, s.inp, group=g)
     elif s.op == "sendrecv_ring":
-        ops = [dist.P2POp(dist.isend, s.inp, (s.r + 1) % s.n, g),
-               dist.P2POp(dist.irecv, s.buf, (s.r - 1) % s.n, g)]
+        peer = functools.partial(dist.get_global_rank, g or dist.group.WORLD)
+        ops = [dist.P2POp(dist.isend, s.inp, peer((s.r + 1) % s.n), g),
+               dist.P2POp(dist.irecv, s.buf, peer((s.r - 1) % s.n), g)]
         for w in dist.batch_isend_irecv(ops):
             w.wait()

@@ -113,3 +113,16 @@ def test_a_rank_lost_mid_collective_is_named(tmp_path: Path) -> None:
         assert all(c["error"]["kind"] == "peer_lost" and "peer rank 1 lost" in c["error"]["message"]
                    for c in other)
         assert len(other) == 21  # every case is accounted for
+
+
+def test_a_broadcast_root_that_sends_bad_bits_is_the_only_one_named(tmp_path: Path) -> None:
+    # every rank names the root (an inference: the rank every observer holds), so the op runs again in ring
+    # pairs; a pair group's root is its first member, a global rank only in pair (0, 1): the re-run once
+    # passed the pair-local rank as `src`, raised in pair (1, 2) and left all three devices `error`
+    rc, data, out = run_json(tmp_path, "--probes", "collectives", "--devices", "cpu:3", "--min-gap", "0.9", "--inject",
+                             "bitflip:rank=0,bit=20,op=broadcast_,scope=process")
+    assert rc == 1, out
+    assert {d["rank"]: d["verdict"] for d in data["devices"]} == {0: "wrong", 1: "pass", 2: "pass"}, out[-2000:]
+    bad = [c for c in probe_of(data, 0, "collectives")["details"]["cases"] if c["verdict"] == "wrong"]
+    assert bad and all(c["case"].startswith("broadcast/") for c in bad)
+    assert all("pair tests name rank 0" in c["mismatches"][0]["note"] for c in bad)
