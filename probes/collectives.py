@@ -322,7 +322,9 @@ class TorchGroup(Group):
             if r not in p:
                 mine.append(False)
                 continue
-            sub = CollectiveStep(op=step.op, n=2, r=p.index(r), count=step.count - step.count % 2, dtype=step.dtype,
+            # its position is its rank in the pair's group, which new_group numbers in ascending global
+            # order: pair (n-1, 0) is group [0, n-1]; placed as listed, its healthy re-run failed
+            sub = CollectiveStep(op=step.op, n=2, r=sorted(p).index(r), count=step.count - step.count % 2, dtype=step.dtype,
                                  tdt=step.tdt, device=step.device)
             sub.init()
             with self.ctx.under_test():

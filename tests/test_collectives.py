@@ -90,14 +90,15 @@ def test_clean_collectives_pass_with_bandwidth(tmp_path: Path) -> None:
         assert all(p["metrics"][f"{c['case']}:busbw_gbps"] > 0 for c in p["details"]["cases"])
 
 
-def test_corrupted_payload_blames_the_sender_only(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bad", [2, 1])  # 1: the pairs holding it are (0, 1), (1, 2); (2, 0) must pass
+def test_corrupted_payload_blames_the_sender_only(tmp_path: Path, bad: int) -> None:
     rc, data, out = run_json(tmp_path, "--probes", "collectives", "--devices", "cpu:3", "--min-gap", "0.9", "--inject",
-                             "bitflip:rank=2,bit=3,op=_allgather_base_")
+                             f"bitflip:rank={bad},bit=3,op=_allgather_base_")
     assert rc == 1, out
-    assert {d["rank"]: d["verdict"] for d in data["devices"]} == {0: "pass", 1: "pass", 2: "wrong"}
-    (p0,) = device(data, 0)["probes"]
+    assert {d["rank"]: d["verdict"] for d in data["devices"]} == {r: "wrong" if r == bad else "pass" for r in range(3)}
+    (p0,) = device(data, 0 if bad else 1)["probes"]
     seen = [c for c in p0["details"]["cases"] if c["case"].startswith("all_gather")]
-    assert all("rank(s) [2]" in " ".join(c["params"]["observed"]) for c in seen)
+    assert all(f"rank(s) [{bad}]" in " ".join(c["params"]["observed"]) for c in seen)
 
 
 def test_a_rank_lost_mid_collective_is_named(tmp_path: Path) -> None:
@@ -115,14 +116,22 @@ def test_a_rank_lost_mid_collective_is_named(tmp_path: Path) -> None:
         assert len(other) == 21  # every case is accounted for
 
 
-def test_a_broadcast_root_that_sends_bad_bits_is_the_only_one_named(tmp_path: Path) -> None:
-    # every rank names the root (an inference: the rank every observer holds), so the op runs again in ring
-    # pairs; a pair group's root is its first member, a global rank only in pair (0, 1): the re-run once
-    # passed the pair-local rank as `src`, raised in pair (1, 2) and left all three devices `error`
-    rc, data, out = run_json(tmp_path, "--probes", "collectives", "--devices", "cpu:3", "--min-gap", "0.9", "--inject",
-                             "bitflip:rank=0,bit=20,op=broadcast_,scope=process")
+@pytest.mark.parametrize(("devices", "bad", "spec", "op"), [
+    ("cpu:3", 0, "bitflip:rank=0,bit=20,op=broadcast_,scope=process", "broadcast/"),
+    ("cpu:4", 1, "bitflip:rank=1,bit=4,op=send,scope=process", "sendrecv_ring/"),
+])
+def test_a_rank_named_by_the_pair_re_run_is_the_only_one_named(tmp_path: Path, devices: str, bad: int, spec: str,
+                                                                op: str) -> None:
+    # The ring pairs' re-run once passed group-local ranks where c10d takes global ones (broadcast's src,
+    # the ring's peers: raised in pair (1, 2), every device `error`) and placed pair (n-1, 0) as listed,
+    # not in its group's ascending order (its healthy re-run failed)
+    rc, data, out = run_json(tmp_path, "--probes", "collectives", "--devices", devices, "--min-gap", "0.9", "--inject",
+                             spec)
     assert rc == 1, out
-    assert {d["rank"]: d["verdict"] for d in data["devices"]} == {0: "wrong", 1: "pass", 2: "pass"}, out[-2000:]
-    bad = [c for c in probe_of(data, 0, "collectives")["details"]["cases"] if c["verdict"] == "wrong"]
-    assert bad and all(c["case"].startswith("broadcast/") for c in bad)
-    assert all("pair tests name rank 0" in c["mismatches"][0]["note"] for c in bad)
+    n = int(devices.partition(":")[2])
+    assert {d["rank"]: d["verdict"] for d in data["devices"]} == {r: "wrong" if r == bad else "pass" for r in range(n)}
+    wrong = [c for c in probe_of(data, bad, "collectives")["details"]["cases"] if c["verdict"] == "wrong"]
+    assert wrong and all(c["case"].startswith(op) for c in wrong)
+    held = [p for p in [(k, (k + 1) % n) for k in range(n)] if bad in p]
+    assert all(f"pair tests name rank {bad}: the op failed in pairs {held}" in
+               c["mismatches"][0]["note"] for c in wrong), [c["mismatches"][0]["note"][:200] for c in wrong]
