@@ -557,6 +557,9 @@ def _c10d(s: CollectiveStep, g: Any) -> None:
     """The step's collective through torch.distributed over process group `g`."""
     import torch.distributed as dist
 
+    # src and peers are global ranks, even in a pair group
+    group: Any = g if g is not None else dist.group.WORLD
+    glob = functools.partial(dist.get_global_rank, group)
     if s.op == "all_reduce_sum":
         dist.all_reduce(s.buf, op=dist.ReduceOp.SUM, group=g)
     elif s.op == "all_reduce_max":
@@ -565,13 +568,12 @@ def _c10d(s: CollectiveStep, g: Any) -> None:
         dist.reduce_scatter_tensor(s.buf, s.inp, op=dist.ReduceOp.SUM, group=g)
     elif s.op == "all_gather":
         dist.all_gather_into_tensor(s.buf, s.inp, group=g)
-    elif s.op == "broadcast":  # src and peers are global ranks, even in a pair group (k, k+1)
-        dist.broadcast(s.buf, src=dist.get_global_rank(g or dist.group.WORLD, s.root), group=g)
+    elif s.op == "broadcast":
+        dist.broadcast(s.buf, src=glob(s.root), group=g)
     elif s.op == "all_to_all":
         dist.all_to_all_single(s.buf, s.inp, group=g)
     elif s.op == "sendrecv_ring":
-        peer = functools.partial(dist.get_global_rank, g or dist.group.WORLD)
-        ops = [dist.P2POp(dist.isend, s.inp, peer((s.r + 1) % s.n), g),
-               dist.P2POp(dist.irecv, s.buf, peer((s.r - 1) % s.n), g)]
+        ops = [dist.P2POp(dist.isend, s.inp, glob((s.r + 1) % s.n), g),
+               dist.P2POp(dist.irecv, s.buf, glob((s.r - 1) % s.n), g)]
         for w in dist.batch_isend_irecv(ops):
             w.wait()
