@@ -67,6 +67,35 @@ def make_parallel(tp: int = 1) -> Parallel:
                     tp_group=tp_group, tp_rank=rank % tp, tp_size=tp, dp_ranks=dp_ranks)
 
 
+def determinism(device_type: str) -> str:
+    """How the step is kept deterministic on `device_type`: "strict" where `strict_determinism` turns
+    torch's deterministic mode from warn-only to strict for forward and backward, else "as set"."""
+    if (device_type == "cuda" and torch.are_deterministic_algorithms_enabled()
+            and torch.is_deterministic_algorithms_warn_only_enabled()):
+        return "strict"
+    return "as set"
+
+
+@contextlib.contextmanager
+def strict_determinism(device_type: str) -> Iterator[None]:
+    """Strict deterministic mode for the step's forward and backward on CUDA, where the harness set
+    the warn-only one. Under warn-only, torch lets the fused SDPA kernels (cuDNN, flash, memory-
+    efficient) add into dq/dk/dv with atomics: on a healthy H200 three repeats of a bf16 or fp32 step
+    ended in three different states and model_step called the chip flaky. Strict, flash and
+    memory-efficient take their deterministic backward and cuDNN is not chosen; the same three
+    repeats agreed bit for bit at about the warn-only speed (0.49 s against 0.46 s for four steps;
+    the math backend, also deterministic, took 0.92 s). docs/model.md, 2026-12-04."""
+    if determinism(device_type) != "strict":
+        yield
+        return
+    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
 class Trainer:
     """A model, its AdamW optimizer and the step; one per rank."""
 
@@ -96,10 +125,11 @@ class Trainer:
         """Local gradients of the mean cross-entropy of this shard into `.grad`; the loss, detached."""
         for p in self.params:
             p.grad = None
-        with self.autocast():
-            logits = self.model(inputs)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        loss.backward()
+        with strict_determinism(self.device.type):
+            with self.autocast():
+                logits = self.model(inputs)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            loss.backward()
         return loss.detach()
 
     def pack_grads(self) -> list[torch.Tensor]:

@@ -213,3 +213,45 @@ def test_a_user_step_wrong_in_every_repeat_on_one_chip_is_wrong_there_only(tmp_p
     assert code == 1, out
     assert {d["rank"]: d["verdict"] for d in data["devices"]} == {0: "pass", 1: "wrong", 2: "pass", 3: "pass"}, out
     assert "each of its 2 repeats computed other bits than the 3 agreeing devices" in out, out
+
+
+def test_a_user_step_that_cannot_be_deterministic_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On CUDA the step runs in torch's strict deterministic mode (repeats are compared bit for bit; under
+    warn-only a nondeterministic kernel made healthy H200s `flaky`). An op with no deterministic
+    implementation is then the step's problem, said as such (invalid_config), never a chip's verdict.
+    Strict mode is forced here on the CPU (put_ without accumulate has no deterministic version there)."""
+    from chipcheck.model import train
+
+    monkeypatch.setattr(train, "determinism", lambda device_type: "strict")
+
+    @register_step("put_step", steps=2)
+    def build(dev: torch.device, seed: int) -> UserStep:
+        w = torch.zeros(8, device=dev)
+
+        def step(i: int) -> torch.Tensor:
+            w.put_(torch.tensor([i], device=dev), torch.ones(1, device=dev))
+            return w.sum()
+
+        return UserStep(step=step, state=lambda: [w])
+
+    @register_step("add_step", steps=2)
+    def build_ok(dev: torch.device, seed: int) -> UserStep:
+        w = torch.zeros(8, device=dev)
+
+        def step(i: int) -> torch.Tensor:
+            w.add_(torch.arange(8.0, device=dev))
+            return w.sum()
+
+        return UserStep(step=step, state=lambda: [w])
+
+    probe = base.get("put_step")
+    cfg = probe.config("quick", "cpu", frozenset())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with pytest.raises(base.InvalidConfig, match=r"user step 'put_step': .*deterministic.* bit for bit"):
+            probe.run_case(_ctx(probe="put_step"), cfg, "step")
+        assert torch.is_deterministic_algorithms_warn_only_enabled()  # restored after the step
+        out = base.get("add_step").run_case(_ctx(probe="add_step"), cfg, "step")  # a deterministic step: fine
+        assert out.verdict is Verdict.PASS and out.params["determinism"] == "strict"
+    finally:
+        torch.use_deterministic_algorithms(False)

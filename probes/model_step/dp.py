@@ -56,7 +56,7 @@ def run_dp(ctx: ProbeContext, cfg: StepConfig, case: str, precision: str, par: A
     import torch.distributed as dist
 
     from ...model import data
-    from ...model.train import Trainer
+    from ...model.train import Trainer, determinism
 
     mc, tc = model_configs(cfg, precision, par.tp_size)
     seed = model_seed(ctx)
@@ -64,7 +64,8 @@ def run_dp(ctx: ProbeContext, cfg: StepConfig, case: str, precision: str, par: A
     out = CaseOutcome(case=case, params={"preset": cfg.preset, "steps": cfg.steps, "batch_size": cfg.batch_size,
                                          "precision": precision, "dp": par.dp_size, "tp": par.tp_size,
                                          "verify_every": cfg.verify_every if par.tp_size == 1 else 0,
-                                         "reference": cfg.reference})
+                                         "reference": cfg.reference,
+                                         "determinism": determinism(ctx.device.type)})
     named: list[Named] = []
     stats = {"disputes": 0, "resynced": 0}
     shard = {j: [data.batch(mc, seed, s, batch_size=cfg.batch_size, shard=j, shards=par.dp_size, device=ctx.device)

@@ -48,11 +48,14 @@ class ModelStepProbe(Probe):
     def run_case(self, ctx: ProbeContext, cfg: StepConfig, case: str) -> CaseOutcome:
         if case not in cfg.precisions:
             raise InvalidConfig(f"unknown model_step case {case!r}; known: {', '.join(cfg.precisions)}")
+        from ...model.train import determinism
+
         mc, tc = model_configs(cfg, case)
         seed = model_seed(ctx)
         out = CaseOutcome(case=case, params={"preset": cfg.preset, "steps": cfg.steps, "batch_size": cfg.batch_size,
                                              "precision": case, "seq_len": mc.seq_len, "d_model": mc.d_model,
-                                             "n_layers": mc.n_layers, "reference": cfg.reference})
+                                             "n_layers": mc.n_layers, "reference": cfg.reference,
+                                             "determinism": determinism(ctx.device.type)})
         ref = fp64_reference(cfg, mc, tc, seed, shards=1, ctx=ctx)
         tokens = cfg.batch_size * mc.seq_len
         repeat_runs(ctx, cfg.repeats, lambda: _train_once(ctx, mc, tc, seed, cfg.steps), out,

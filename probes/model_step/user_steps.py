@@ -72,19 +72,31 @@ def register_step(name: str, *, steps: int = 8, repeats: int = 2, order: int = 4
                 seed = ctx.seed ^ g.stream_id(name)
                 built: list[UserStep] = []
 
+                from ...model.train import determinism, strict_determinism
+
                 def once() -> Run:
                     us = build(ctx.device, seed)
                     built[:] = [us]
                     losses, times = [], []
                     for i in range(cfg.steps):
-                        with ctx.timer.exclusive(), ctx.under_test():
-                            loss, dt = ctx.timer.time(lambda i=i: us.step(i))
+                        # strict on CUDA, as for the GPT: repeats are compared bit for bit
+                        with ctx.timer.exclusive(), ctx.under_test(), strict_determinism(ctx.device.type):
+                            try:
+                                loss, dt = ctx.timer.time(lambda i=i: us.step(i))
+                            except RuntimeError as e:
+                                if "deterministic implementation" not in str(e):
+                                    raise
+                                raise InvalidConfig(
+                                    f"user step {name!r}: {str(e).splitlines()[0]} Its repeats cannot be compared "
+                                    "bit for bit here; make the step deterministic (another op or layer) or run "
+                                    "it where it is.") from None
                         losses.append(float(loss))
                         times.append(dt)
                     return Run(losses=losses, state=int(checksum(us.state())), step_s=times)
 
                 out = CaseOutcome(case=case, params={"steps": cfg.steps, "builder": f"{build.__module__}."
-                                                     f"{build.__qualname__}"})
+                                                     f"{build.__qualname__}",
+                                                     "determinism": determinism(ctx.device.type)})
                 repeat_runs(ctx, cfg.repeats, once, out, ref=None, tol=0.0)
                 times = out.params.pop("_step_s")
                 us = built[0]
