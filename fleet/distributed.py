@@ -32,6 +32,7 @@ from .harness import (
     HostLock,
     apply_settings,
     error_result,
+    host_lock_path,
     probe_cases,
     torch_device,
     torchrun_env,
@@ -137,7 +138,7 @@ def _rank(opts: RunOptions, dopts: DistributedOptions, stack: contextlib.ExitSta
     fault_list = [f for spec in opts.inject for f in faults.parse(spec)]
     # Host-wide (a file in /tmp): "nodes" of one machine (two torchrun invocations, netns hosts)
     # must not time their CPU devices at once either; on separate machines it costs nothing.
-    lock = HostLock(os.path.join("/tmp", f"chipcheck-{os.getuid()}-cpu-timing.lock"), timeout) \
+    lock = HostLock(host_lock_path(), timeout) \
         if info.kind is DeviceKind.CPU else None
     caps = devmod.capabilities(info)
     mine: list[ProbeResult] = []

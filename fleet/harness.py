@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -90,6 +91,12 @@ def apply_settings(device_kind: str, threads: int, cores: list[int]) -> dict[str
         "mkldnn": torch.backends.mkldnn.is_available(),
     }
     return s
+
+
+def host_lock_path() -> str:
+    """The one lock file of this user's CPU timing on this host: the local launcher and torchrun
+    workers must find the same file (both read TMPDIR the same way)."""
+    return os.path.join(tempfile.gettempdir(), f"chipcheck-{os.getuid()}-cpu-timing.lock")
 
 
 class HostLock:

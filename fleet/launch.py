@@ -38,7 +38,7 @@ from ..probes.base import is_collective
 from ..results import DeviceInfo, DeviceKind, ErrorInfo, ErrorKind, ProbeResult, Verdict
 from . import devices as devmod
 from . import protocol
-from .harness import error_result, lock_holder
+from .harness import error_result, host_lock_path, lock_holder
 from .supervisor import Phase, Watch, child_env, exit_text, kill_group, lost_in, not_run, spawn, tail_of
 from .worker import WorkerPlan
 
@@ -96,7 +96,7 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
               on_start: Callable[[int, str, str], None] | None = None) -> None:
     """Run every planned case on every device; returns when each case has a result."""
     # Host-wide, not per run: two runs on one host must not time their CPU devices at once either.
-    lock_path = os.path.join(tempfile.gettempdir(), f"chipcheck-{os.getuid()}-cpu-timing.lock")
+    lock_path = host_lock_path()
     n_cpu = sum(1 for d in req.devices if d.kind is DeviceKind.CPU)
     workers = [
         _Worker(rank=r, info=d, todo=[(p, c) for p, cases in req.probes for c in cases], watch=Watch(req.timeout_s))
