@@ -361,6 +361,19 @@ def _with_first_input(args: Any, replacement: Any) -> tuple[Any, Any]:
     return replacement, (first, *args[1:])
 
 
+def _storage(t: Any) -> int:
+    return int(t.untyped_storage().data_ptr())
+
+
+def _flat(x: Any) -> list[Any]:
+    """Every leaf of nested lists, tuples and dicts."""
+    if isinstance(x, dict):
+        return [y for v in x.values() for y in _flat(v)]
+    if isinstance(x, (list, tuple)):
+        return [y for v in x for y in _flat(v)]
+    return [x]
+
+
 _OUTPUTS_FIRST = ("allgather_into_tensor_coalesced_", "reduce_scatter_tensor_coalesced_", "alltoall_")
 """c10d's ops that take (outputs, inputs) tensor lists (the coalesced ones, alltoall's list form): the
 payload sent is an input (alltoall_: the one to rank 0)."""
@@ -438,9 +451,29 @@ def _injector(active: list[Fault], *, call_time: bool) -> Any:
 
         def __enter__(self) -> Any:
             self.pending: list[tuple[Fault, Any, int]] = []
+            # recv faults applied to an output that the backend may still overwrite with its own
+            # copy (gloo's reduce-scatter lands its result with split + copy_ at the caller's wait)
+            self.landing: list[tuple[Fault, Any, int]] = []
+            # recv faults of point-to-point receives, applied once the caller has the data: waiting
+            # inside the op would deadlock a batch (batch_isend_irecv starts its sends after it)
+            self.arriving: list[tuple[Fault, Any, int]] = []
             return super().__enter__()
 
+        def _arrive(self, only: Any = None) -> None:
+            """Corrupt the received buffers (those sharing storage with `only`'s tensors, or all)."""
+            keep = []
+            for f, t, n in self.arriving:
+                # the caller reads it (or leaves the code under test): it has waited for it. The op's
+                # own work is not waited on: inside a batch it never completes (the batch's does)
+                if only is None or _storage(t) in only:
+                    corrupt(f, t, n)
+                else:
+                    keep.append((f, t, n))
+            self.arriving = keep
+
         def __exit__(self, *exc: Any) -> Any:
+            if self.arriving:
+                self._arrive()
             out = super().__exit__(*exc)
             for f, t, n in self.pending:
                 corrupt(f, t, n)
@@ -450,6 +483,21 @@ def _injector(active: list[Fault], *, call_time: bool) -> Any:
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             kwargs = kwargs or {}
             name = func.overloadpacket.__name__
+            if self.arriving and func.namespace != "c10d":
+                import torch
+
+                read = {_storage(t) for t in _flat((args, kwargs)) if isinstance(t, torch.Tensor)}
+                if any(_storage(t) in read for _, t, _ in self.arriving):
+                    self._arrive(read)
+            if self.landing:
+                if name == "copy_" and any(args[0].data_ptr() == t.data_ptr() for _, t, _ in self.landing):
+                    out = func(*args, **kwargs)
+                    for f, t, n in self.landing:
+                        corrupt(f, t, n)  # what arrived is damaged, whichever copy delivered it
+                    self.landing.clear()
+                    return out
+                if name != "split":  # the backend's copy comes right after the op, or never
+                    self.landing.clear()
             mine = [f for f in active if (f.op == name if f.op else name in DEFAULT_OPS)]
             if not mine or fake_mode_active():  # a fake op computes nothing: nothing to corrupt or count
                 return func(*args, **kwargs)
@@ -525,12 +573,16 @@ def _injector(active: list[Fault], *, call_time: bool) -> Any:
                 got = out if isinstance(out, torch.Tensor) else out[0] if out else None
                 if late and got is not None:
                     got = torch.ops._c10d_functional.wait_tensor.default(got)
+            if late and got is not None and name == "recv_":
+                self.arriving.extend((f, got, n) for f, n in late)
+                late = []
             if late and got is not None:
                 for w in (out if isinstance(out, (tuple, list)) else (out,)):
                     if hasattr(w, "wait"):
                         w.wait()
                 for f, n in late:
                     corrupt(f, got, n)
+                self.landing = [(f, got, n) for f, n in late]
             if slow > 1.0:
                 _busy_wait((time.perf_counter() - t0) * (slow - 1.0))
             return out

@@ -119,6 +119,8 @@ def test_a_rank_lost_mid_collective_is_named(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("devices", "bad", "spec", "op"), [
     ("cpu:3", 0, "bitflip:rank=0,bit=20,op=broadcast_,scope=process", "broadcast/"),
     ("cpu:4", 1, "bitflip:rank=1,bit=4,op=send,scope=process", "sendrecv_ring/"),
+    # what rank 2 receives in the ring: the injector once waited inside the batch's recv and deadlocked it
+    ("cpu:4", 2, "bitflip:rank=2,bit=3,op=recv_,side=recv,scope=process", "sendrecv_ring/"),
 ])
 def test_a_rank_named_by_the_pair_re_run_is_the_only_one_named(tmp_path: Path, devices: str, bad: int, spec: str,
                                                                 op: str) -> None:
@@ -135,3 +137,16 @@ def test_a_rank_named_by_the_pair_re_run_is_the_only_one_named(tmp_path: Path, d
     held = [p for p in [(k, (k + 1) % n) for k in range(n)] if bad in p]
     assert all(f"pair tests name rank {bad}: the op failed in pairs {held}" in
                c["mismatches"][0]["note"] for c in wrong), [c["mismatches"][0]["note"][:200] for c in wrong]
+
+
+def test_a_reduce_scatter_receive_fault_lands_and_names_the_receiver(tmp_path: Path) -> None:
+    """Gloo's reduce-scatter delivers its result with its own copy at the caller's wait: a receive fault
+    applied when the op returned was overwritten and the faulty rank passed (a user-level sweep of every
+    op, send and receive side, on cpu:4 found it). The fault now lands on what arrives, whichever copy
+    delivers it, and only the receiver is named."""
+    rc, data, out = run_json(tmp_path, "--probes", "collectives", "--devices", "cpu:3", "--min-gap", "0.9", "--inject",
+                             "bitflip:rank=1,bit=3,op=_reduce_scatter_base_,side=recv,scope=process")
+    assert rc == 1, out
+    assert {d["rank"]: d["verdict"] for d in data["devices"]} == {0: "pass", 1: "wrong", 2: "pass"}
+    wrong = [c["case"] for c in probe_of(data, 1, "collectives")["details"]["cases"] if c["verdict"] == "wrong"]
+    assert wrong and all(c.startswith("reduce_scatter/") for c in wrong)
