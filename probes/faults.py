@@ -492,8 +492,8 @@ def _injector(active: list[Fault], *, call_time: bool) -> Any:
             if self.landing:
                 if name == "copy_" and any(args[0].data_ptr() == t.data_ptr() for _, t, _ in self.landing):
                     out = func(*args, **kwargs)
-                    for f, t, n in self.landing:
-                        corrupt(f, t, n)  # what arrived is damaged, whichever copy delivered it
+                    for lf, lt, ln in self.landing:
+                        corrupt(lf, lt, ln)  # what arrived is damaged, whichever copy delivered it
                     self.landing.clear()
                     return out
                 if name != "split":  # the backend's copy comes right after the op, or never
