@@ -32,6 +32,7 @@ from typing import Any
 
 from . import format as fmt
 from . import settings as st
+from .fused import STANDS_IN, fused_reference
 from .reduction import exact_result, reduction
 from .shrink import CollectiveCase, OpCase
 from .terms import CANCELLING, cancelling_terms, terms_of
@@ -169,6 +170,8 @@ def resolve(name):
 _COMMON = _COMMON.replace("__APPLY__", inspect.getsource(st.apply))  # one definition, embedded
 # embedded where the checked op is one whose terms cancel (a norm's, softmax's or attention's backward)
 _TERMS = "from typing import Any\n\n\n" + inspect.getsource(cancelling_terms) + "\n\n" + inspect.getsource(terms_of)
+# embedded where the checked op is a fused attention kernel the host has not (CUDA's flash, efficient, cuDNN)
+_FUSED = "from typing import Any\n\n\n" + inspect.getsource(fused_reference)
 
 
 _MULTI = r'''
@@ -207,7 +210,13 @@ def main():
         against = "float64 on the host"
         try:
             ref_dt, ref_in = up, [t.to(up(t.dtype)) for t in inputs[-1]]
-            expected = run(last, ref_in, "cpu", up, None)[last["output"]]
+            if last.get("fused"):  # a CUDA attention kernel: its math definition in float64 on the host
+                against = "attention's math definition in float64 on the host"
+                expected = fused_reference(last["op"].split(".")[1], fill(last["args"], ref_in, "cpu", ref_dt),
+                                           {k: fill(v, ref_in, "cpu", ref_dt) for k, v in last["kwargs"].items()}
+                                           )[last["output"]]
+            else:
+                expected = run(last, ref_in, "cpu", up, None)[last["output"]]
         except RuntimeError:  # no float64 kernel (grouped GEMMs): the same op in its own dtype on the host
             ref_dt, ref_in, against = same, [t.clone() for t in inputs[-1]], "the op in its own dtype on the host"
             expected = run(last, ref_in, "cpu", same, None)[last["output"]]
@@ -415,12 +424,13 @@ def _tolerance(op: str) -> dict[str, bool]:
     from . import replay as rp
 
     name = op.split(".")[1]
-    return {"sums": name in rp.SUMS, "terms": name in CANCELLING}
+    return {"sums": name in rp.SUMS, "terms": name in CANCELLING, "fused": name in STANDS_IN}
 
 
 def _multi(data: dict[str, Any]) -> str:
+    last = data["ops"][-1]
     return _COMMON + _MULTI.replace("__CASE__", json.dumps(data)).replace(
-        "__TERMS__", _TERMS if data["ops"][-1]["terms"] else "")
+        "__TERMS__", (_TERMS if last["terms"] else "") + ("\n\n" + _FUSED if last.get("fused") else ""))
 
 
 def _inputs(case: OpCase) -> list[dict[str, Any]]:

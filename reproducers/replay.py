@@ -32,6 +32,7 @@ from ..probes import faults as faultmod
 from ..probes.backends import backend_of, oracles
 from ..probes.backends.base import INT_BY_WIDTH
 from . import format as fmt
+from . import fused
 from . import settings as st
 from .reduction import exact_result
 from .terms import CANCELLING, cancelling_terms
@@ -141,6 +142,9 @@ class ReplayResult:
     native: list[str] = field(default_factory=list)
     """Ops with no float64 kernel (grouped GEMMs), compared with the same op in their own dtype on the
     reference device (`reference_call`)."""
+    stand_in: list[str] = field(default_factory=list)
+    """Fused attention ops the reference cannot run (CUDA's flash, efficient, cuDNN), compared with their
+    math definition in float64 (`fused.fused_reference`)."""
     collective_inputs: list[tuple[int, list[Any]]] = field(default_factory=list, repr=False)
     collective_outputs: list[tuple[int, list[Any]]] = field(default_factory=list, repr=False)
 
@@ -240,20 +244,36 @@ def to_reference(t: torch.Tensor, device: str, upcast: bool) -> torch.Tensor:
 # --- comparison -------------------------------------------------------------------------------
 
 def reference_call(func: Any, build: Callable[[bool], tuple[Any, dict[str, Any]]],
-                   upcast: bool) -> tuple[list[Any], Any, dict[str, Any], bool]:
+                   upcast: bool) -> tuple[list[Any], Any, dict[str, Any], str]:
     """The op on the reference, on the arguments `build(upcast)` puts there: (outputs, those arguments,
-    whether it was lowered). An op with no float64 kernel (`_grouped_mm`: an MoE's expert GEMMs) that
-    writes none of its arguments runs on `build(False)`: the same inputs in their own dtype on the
-    reference device, judged with the same tolerance (an op that writes its arguments cannot be re-run:
-    the caller's copies are already spent, and the error stands)."""
+    how: "" as asked, "native" or "stand_in"). An op with no float64 kernel (`_grouped_mm`: an MoE's
+    expert GEMMs) that writes none of its arguments runs on `build(False)` ("native"): the same inputs
+    in their own dtype on the reference device, judged with the same tolerance (an op that writes its
+    arguments cannot be re-run: the caller's copies are already spent, and the error stands). A fused
+    attention kernel the reference does not have (CUDA's flash, efficient, cuDNN) is replaced by its
+    math definition in float64 ("stand_in": `fused.fused_reference`)."""
     args, kwargs = build(upcast)
     try:
-        return out_list(func(*args, **kwargs)), args, kwargs, False
+        return out_list(func(*args, **kwargs)), args, kwargs, ""
     except Exception:
+        outs = stand_in(func.overloadpacket.__name__, args, kwargs)
+        if outs:
+            return outs, args, kwargs, "stand_in"
         if not upcast or func._schema.is_mutable:
             raise
     args, kwargs = build(False)
-    return out_list(func(*args, **kwargs)), args, kwargs, True
+    return out_list(func(*args, **kwargs)), args, kwargs, "native"
+
+
+def stand_in(name: str, ref_args: Any, ref_kwargs: dict[str, Any]) -> list[Any] | None:
+    """The float64 math outputs of fused attention op `name` (overload packet) that the reference cannot
+    run (None: another op, or one that cannot be rebuilt from its arguments)."""
+    if name not in fused.STANDS_IN:
+        return None
+    try:
+        return fused.fused_reference(name, list(ref_args), ref_kwargs)
+    except (RuntimeError, ValueError, IndexError, TypeError):
+        return None
 
 
 def compare_op(func: Any, actual: torch.Tensor, ref: torch.Tensor, exact: bool, ref_args: Any,
@@ -441,10 +461,10 @@ def replay(cap: fmt.Capture, *, device: str | None = None, reference: str = "cpu
                 outs = out_list(out)
                 if ref_args is not None:
                     try:
-                        ref_outs, ref_args, ref_kwargs, lowered = reference_call(
+                        ref_outs, ref_args, ref_kwargs, how = reference_call(
                             func, _made_or_native(ref_args, ref_kwargs, args, kwargs, ref_dev, upcast), upcast)
-                        if lowered:
-                            result.native.append(f"op #{rec.index} {rec.op}")
+                        if how:
+                            getattr(result, how).append(f"op #{rec.index} {rec.op}")
                     except Exception as e:  # noqa: BLE001 - e.g. AMP's unscale takes float32 only, not cpu64
                         result.not_compared.append(f"op #{rec.index} {rec.op}: the reference cannot run it "
                                                    f"({type(e).__name__}: {str(e).splitlines()[0][:120]})")

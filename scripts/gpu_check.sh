@@ -15,6 +15,8 @@
 #   jax        `chipcheck run --backend jax --probes matmul` (when jax[cuda] is installed)
 #   repro      capture one model step on the GPU with a flipped bit, shrink with --reference cpu64,
 #              run the emitted repro.py there
+#   fused      one flipped bit in flash attention's output and in cuDNN attention's dq, captured and
+#              replayed against cpu64: the op named (reproducers/fused.py stands in for the kernels)
 #   terms      backward kernels whose gradient cancels (cuDNN batch norm, layer norm, softmax, the SDPA
 #              flash/efficient/cuDNN kernels over identical values) replayed against cpu64: expect clean
 #              (reproducers/terms.py reads the CUDA kernels' argument layouts)
@@ -206,6 +208,35 @@ for dt in (torch.float32, torch.bfloat16):
                 print(f"{be} {dt}: not available ({str(e).splitlines()[0][:80]})")
 PY
     rc=0; for d in "$0"/terms-*; do python3 -m chipcheck.cli repro replay "$d" --reference cpu64 || rc=1; done
+    exit $rc
+' "$OUT"
+
+# a flipped bit inside CUDA's flash attention (forward output) and cuDNN's backward (dq): replay against
+# cpu64 must name that op (the reference has no such kernel: reproducers/fused.py stands in), exit 1
+step fused 60 0 bash -c '
+    python3 - "$0" <<"PY"
+import sys
+import torch
+import torch.nn.functional as f
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from chipcheck.probes import faults
+from chipcheck.reproducers import capture
+g = torch.Generator(device="cuda").manual_seed(1)
+q = torch.randn(2, 4, 128, 64, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+for name, be, op in (("flash", SDPBackend.FLASH_ATTENTION, "_scaled_dot_product_flash_attention"),
+                     ("cudnn", SDPBackend.CUDNN_ATTENTION, "_scaled_dot_product_cudnn_attention_backward")):
+    spec = f"bitflip:rank=0,bit=14,op={op},count=1"
+    with faults.make_injector(faults.parse(spec), 0, "x")(), capture(f"{sys.argv[1]}/fused-{name}"):
+        with sdpa_kernel([be]):
+            f.scaled_dot_product_attention(q, q * 0.5, q, is_causal=True).float().sum().backward()
+PY
+    rc=0  # the chip is as faulty at replay as it was at capture: the same fault, simulated again
+    for pair in flash:_scaled_dot_product_flash_attention cudnn:_scaled_dot_product_cudnn_attention_backward; do
+        d="$0/fused-${pair%%:*}"; op="${pair#*:}"
+        python3 -m chipcheck.cli repro replay "$d" --reference cpu64 --inject "bitflip:rank=0,bit=14,op=$op,count=1" \
+            > "$d.log" 2>&1; r=$?; cat "$d.log"
+        grep -q "$op" "$d.log" && [ $r = 1 ] && echo "$d: named, exit 1 (expected)" || { echo "$d: MISSED (exit $r)"; rc=1; }
+    done
     exit $rc
 ' "$OUT"
 
