@@ -88,8 +88,8 @@ def register_step(name: str, *, steps: int = 8, repeats: int = 2, order: int = 4
                                     raise
                                 raise InvalidConfig(
                                     f"user step {name!r}: {str(e).splitlines()[0]} Its repeats cannot be compared "
-                                    "bit for bit here; make the step deterministic (another op or layer) or run "
-                                    "it where it is.") from None
+                                    "bit for bit on this device; replace that op or layer with a deterministic "
+                                    "one, or leave this step out of runs here (--probes).") from None
                         losses.append(float(loss))
                         times.append(dt)
                     return Run(losses=losses, state=int(checksum(us.state())), step_s=times)
