@@ -1,13 +1,15 @@
 """Speed verdicts: false slows on clean runs, and sensitivity to a process-wide slow chip.
 
-    python3 benchmarks/bench_speed.py clean [--runs 50] [--devices cpu:4]
+    python3 benchmarks/bench_speed.py clean [--runs 50] [--devices cpu:4] [--write-mib 800]
     python3 benchmarks/bench_speed.py sensitivity [--runs 20] [--factors 1.10,1.15,1.20,1.30]
     python3 benchmarks/bench_speed.py drift [--runs 15]
     python3 benchmarks/bench_speed.py links [--runs 20] [--devices cpu:8]
 
 clean: N clean `chipcheck run --profile quick`; every device-run that is not `pass` is a false
 flag (target 0). Also how many runs had a speed suspect (and so an interleaved retest), and the
-median wall time of runs with and without one (what the retest adds).
+median wall time of runs with and without one (what the retest adds). `--write-mib N` writes N MiB
+to a file just before each run (as an install does, no fsync): the host's writeback then shares the
+memory system with the run, and a CPU device's copy speed is noted, never judged (fleet.judge.speed).
 sensitivity: per slowdown factor F, N runs with `slow:rank=R,factor=F,scope=process` (R rotating
 over the ranks): the fraction in which the slow device is called `slow`, and the runs in which any
 other device was flagged at all (target 0).
@@ -22,8 +24,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,10 +36,14 @@ from verdicts import machine, run  # noqa: E402
 QUICK = ("--profile", "quick")
 
 
-def clean(runs: int, devices: str) -> None:
-    flags, walls_retest, walls_plain = [], [], []
+def clean(runs: int, devices: str, write_mib: int = 0) -> None:
+    flags, walls_retest, walls_plain, noted = [], [], [], 0
     for i in range(runs):
-        res = run("--devices", devices, *QUICK, "--seed", str(i))
+        with tempfile.NamedTemporaryFile() as f:
+            for _ in range(write_mib):
+                f.write(os.urandom(2**20))
+            res = run("--devices", devices, *QUICK, "--seed", str(i))
+        noted += sum(", not judged: " in n for ns in res.speed_notes.values() for n in ns)
         bad = {k: v for k, v in res.verdicts.items() if v != "pass"}
         flags += [f"run {i}: rank {k} {v} {res.slow_reasons.get(k, [''])[0][:200]}" for k, v in bad.items()]
         (walls_retest if res.retested else walls_plain).append(res.wall_s)
@@ -43,7 +51,7 @@ def clean(runs: int, devices: str) -> None:
               f"{' '.join(f'{k}:{v}' for k, v in sorted(res.verdicts.items()))}", flush=True)
     n = runs * len(res.verdicts)
     print(f"false flags: {len(flags)} of {n} device-runs; runs with a speed suspect (retested): "
-          f"{len(walls_retest)} of {runs}")
+          f"{len(walls_retest)} of {runs}; host-shared kernel notes: {noted}")
     if walls_plain:
         print(f"median wall without a retest {statistics.median(walls_plain):.1f}s", end="")
     if walls_retest:
@@ -122,11 +130,12 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=0)
     ap.add_argument("--devices", default="")
     ap.add_argument("--factors", default="1.10,1.15,1.20,1.30")
+    ap.add_argument("--write-mib", type=int, default=0, help="clean: MiB written to a file just before each run")
     a = ap.parse_args()
     a.devices = a.devices or ("cpu:8" if a.what == "links" else "cpu:4")
     print(f"# bench_speed {a.what} {datetime.date.today()} on {machine()}: {a.devices}")
     if a.what == "clean":
-        clean(a.runs or 50, a.devices)
+        clean(a.runs or 50, a.devices, a.write_mib)
     elif a.what == "links":
         links(a.runs or 20, a.devices)
     elif a.what == "drift":

@@ -44,8 +44,8 @@ def run(*args: str, timeout: float = 900, command: str = "run") -> Run:
     slow = {d["rank"]: [r for pr in d["probes"] for r in pr["details"].get("reasons", []) if r.startswith("slow")]
             for d in data["devices"]}
     notes = {d["rank"]: [r for pr in d["probes"] for r in pr["details"].get("reasons", [])
-                         if r.startswith("speed suspect")] for d in data["devices"]}
-    retested = any(pr["probe"] == "retest" for d in data["devices"] for pr in d["probes"])
+                         if r.startswith("speed suspect") or ", not judged: " in r] for d in data["devices"]}
+    retested = any(pr["probe"] == "retest" and pr["details"].get("cases") for d in data["devices"] for pr in d["probes"])
     return Run(rc=p.returncode, verdicts={d["rank"]: d["verdict"] for d in data["devices"]},
                slow_reasons={k: v for k, v in slow.items() if v},
                speed_notes={k: v for k, v in notes.items() if v}, retested=retested, wall_s=wall,

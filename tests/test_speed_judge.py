@@ -179,3 +179,31 @@ def test_probes_that_cannot_tell_their_noise_suspect_only_far_below() -> None:
     [s] = speed.suspects(results, POLICY, METRIC, KERNEL)
     assert s.rank == 1 and "noise unknown" in s.evidence
     assert not [j for j in speed.judge(results, POLICY, METRIC, KERNEL) if j.verdict is Verdict.SLOW]
+
+
+def _copy_run(kind: str, slow: dict[int, float]) -> list[ProbeResult]:
+    """Four devices' bandwidth cases (GB/s), 1% apart run to run; `slow` scales a rank's figures."""
+    rng = random.Random(7)
+    return [ProbeResult(run_id="r", host="h", rank=k, device=f"{kind}:{k}", fingerprint="fp", probe="bandwidth",
+                        case=c, verdict=Verdict.PASS, seed=0, metrics={"gbps_best": 20 * slow.get(k, 1.0)
+                                                                          * rng.gauss(1.0, 0.01)})
+            for k in range(4) for c in ("copy", "copy/4k", "copy/strided")]
+
+
+def test_a_cpu_devices_copy_speed_is_its_hosts_noted_never_retested_or_slow() -> None:
+    # Two CPU devices share one memory system: right after a large file write a healthy core copied at
+    # 0.85x its peer through a whole retest. A GPU's copy is its own HBM: the same figures retest it.
+    metric, kernel = {"bandwidth": "gbps_best", "retest": ""}, {"bandwidth": "copy", "retest": ""}
+    (gpu,) = speed.suspects(_copy_run("cuda", {2: 0.85}), POLICY, metric, kernel)
+    assert (gpu.rank, gpu.kernel, gpu.shared) == (2, "copy", "")
+    assert speed.retest_options([gpu]) == {"retest_copy": f"2:{gpu.peer}"}
+    results = _copy_run("cpu", {2: 0.85})
+    (cpu,) = speed.suspects(results, POLICY, metric, kernel)
+    assert (cpu.rank, cpu.shared) == (2, "cpu") and speed.retest_options([cpu]) == {}
+    results += [_retest(2, [0.036] * 12, "copy"), _retest(cpu.peer, [0.030] * 12, "copy")]  # even a slow retest
+    (j,) = speed.judge(results, POLICY, metric, kernel)
+    assert j.verdict is Verdict.PASS and j.rank == 2 and "not judged" in j.reason and "copy kernel 0.8" in j.reason
+    # a CPU core slow in its GEMMs is still suspected on them, and its retest still calls it
+    gemm = _run(random.Random(8), {1: 1 / 1.15})
+    (s,) = speed.suspects(gemm, POLICY, METRIC, KERNEL)
+    assert (s.rank, s.kernel, s.shared) == (1, "gemm", "")

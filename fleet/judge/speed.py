@@ -29,7 +29,11 @@ The rule, for every path (live run, reloaded run, ingested sweep):
    is then called; a clean one (1.00x, 0.93-1.07) is cleared at once and costs nothing more.
 5. A suspect that was never retested (a path without a retest) or that the retest clears is not
    `slow`: the judgement says so, as a note.
-6. Links the same way: a directed link the link analysis calls slow is retested against a passing
+6. A kernel that measures what every device of a host shares is not a device's own speed: a CPU
+   device's copy bandwidth is its host's memory system (the other cores', the page cache's writeback,
+   other tenants'), so `HOST_SHARED` kernels make no suspect on that device kind. The judgement notes
+   the shortfall instead; a slow core still shows in its GEMMs.
+7. Links the same way: a directed link the link analysis calls slow is retested against a passing
    link of its kind (intra- or inter-host), interleaved; it stays slow only when confirmed, with
    the link policy's gap (`1 - min_gap / 2` of fleet.judge.links.LinkPolicy).
 """
@@ -50,6 +54,10 @@ from . import throttle
 from .peers import peer_ratios
 
 RETEST = "retest"
+HOST_SHARED: Mapping[str, frozenset[str]] = {"cpu": frozenset({"copy"})}
+"""Per device kind, the retest kernels whose speed belongs to the host, not the device. CPU devices of one
+host share one memory system: right after a 700 MB install a healthy core copied at 0.85x its peer
+through a whole retest (interval 0.81-0.90), and clean runs since put either core at 0.90-1.06x."""
 EXTENDED = retest_probe.EXTENDED
 """The retest stage for inconclusive suspects: its cases are `KERNEL/extended`."""
 
@@ -85,6 +93,8 @@ class Suspect:
     """Its combined ratio to its peers over the suspecting evidence."""
     evidence: str
     """Which probes, at which ratios and noise, made it a suspect."""
+    shared: str = ""
+    """The device kind whose `kernel` is its host's (HOST_SHARED): noted, never retested or called slow."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,6 +110,7 @@ def suspects(results: list[ProbeResult], policy: SpeedPolicy, metric_by_probe: d
     """Every device whose run puts it below its fingerprint peers beyond the measured noise."""
     logs: dict[str, dict[tuple[int, str], list[float]]] = defaultdict(lambda: defaultdict(list))
     fingerprint: dict[int, str] = {}
+    kind: dict[int, str] = {}
     by_case: dict[tuple[str, str, str], dict[int, float]] = defaultdict(dict)
     for r in results:
         metric, kernel = metric_by_probe.get(r.probe, ""), kernel_by_probe.get(r.probe, "")
@@ -107,6 +118,7 @@ def suspects(results: list[ProbeResult], policy: SpeedPolicy, metric_by_probe: d
         if r.error is None and v is not None and math.isfinite(v) and v > 0:
             by_case[(r.fingerprint, r.probe, r.case)][r.rank] = v
             fingerprint[r.rank] = r.fingerprint
+            kind[r.rank] = r.device.partition(":")[0]
     for (fp, probe, _case), vals in by_case.items():
         if len(vals) < 2:
             continue
@@ -140,8 +152,9 @@ def suspects(results: list[ProbeResult], policy: SpeedPolicy, metric_by_probe: d
         if thr is not None:
             said.append(f"{thr.describe()} (no NVML reasons)")
         combined = _combined(evs)[0] if evs else 1.0
-        out.append(Suspect(rank=rank, peer=peer, kernel=kernel,
-                           ratio=min(combined, thr.ratio) if thr else combined, evidence=", ".join(said)))
+        shared = kind.get(rank, "") if kernel in HOST_SHARED.get(kind.get(rank, ""), ()) else ""
+        out.append(Suspect(rank=rank, peer=peer, kernel=kernel, ratio=min(combined, thr.ratio) if thr else combined,
+                           evidence=", ".join(said), shared=shared))
     return out
 
 
@@ -212,7 +225,7 @@ def retest_options(found: list[Suspect]) -> dict[str, str]:
     pairs: dict[str, list[str]] = defaultdict(list)
     seen: set[tuple[str, frozenset[int]]] = set()
     for s in found:
-        if (s.kernel, frozenset((s.rank, s.peer))) not in seen:
+        if not s.shared and (s.kernel, frozenset((s.rank, s.peer))) not in seen:
             seen.add((s.kernel, frozenset((s.rank, s.peer))))
             pairs[f"retest_{s.kernel}"].append(f"{s.rank}:{s.peer}")
     return {k: ",".join(v) for k, v in pairs.items()}
@@ -260,6 +273,12 @@ def judge(results: list[ProbeResult], policy: SpeedPolicy, metric_by_probe: dict
     turns = _turns(results)
     out = []
     for s in suspects(results, policy, metric_by_probe, kernel_by_probe):
+        if s.shared:
+            out.append(Judgement(rank=s.rank, probe=RETEST, case=s.kernel, verdict=Verdict.PASS, reason=(
+                f"{s.kernel} kernel {s.ratio:.2f}x its peers ({s.evidence}), not judged: a {s.shared} device's "
+                f"{s.kernel} speed is its host's, shared with every core and tenant there; a slow core shows "
+                f"in its GEMMs")))
+            continue
         first = _paired(turns, s)
         if not first:
             out.append(Judgement(rank=s.rank, probe=RETEST, case=s.kernel, verdict=Verdict.PASS, reason=(
