@@ -365,15 +365,6 @@ def _storage(t: Any) -> int:
     return int(t.untyped_storage().data_ptr())
 
 
-def _flat(x: Any) -> list[Any]:
-    """Every leaf of nested lists, tuples and dicts."""
-    if isinstance(x, dict):
-        return [y for v in x.values() for y in _flat(v)]
-    if isinstance(x, (list, tuple)):
-        return [y for v in x for y in _flat(v)]
-    return [x]
-
-
 _OUTPUTS_FIRST = ("allgather_into_tensor_coalesced_", "reduce_scatter_tensor_coalesced_", "alltoall_")
 """c10d's ops that take (outputs, inputs) tensor lists (the coalesced ones, alltoall's list form): the
 payload sent is an input (alltoall_: the one to rank 0)."""
@@ -485,8 +476,9 @@ def _injector(active: list[Fault], *, call_time: bool) -> Any:
             name = func.overloadpacket.__name__
             if self.arriving and func.namespace != "c10d":
                 import torch
+                from torch.utils._pytree import tree_leaves
 
-                read = {_storage(t) for t in _flat((args, kwargs)) if isinstance(t, torch.Tensor)}
+                read = {_storage(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
                 if any(_storage(t) in read for _, t, _ in self.arriving):
                     self._arrive(read)
             if self.landing:

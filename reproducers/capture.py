@@ -300,9 +300,7 @@ class Recorder(TorchDispatchMode):
         replay reads what the live op read rather than fresh uninitialised memory."""
         positions, names = _written_args(func, only=True)
         read = [a for i, a in enumerate(args) if i not in positions] + [v for k, v in kwargs.items() if k not in names]
-        for t in _flat(read):
-            if not isinstance(t, torch.Tensor):
-                continue
+        for t in fmt.flat_tensors(read):
             known = self.vids.get(t)
             if known is not None and known not in self.saved and self._known_storage(t) in self.unwritten:
                 vid = self._new_vid(t)
@@ -320,7 +318,7 @@ class Recorder(TorchDispatchMode):
         self.unwritten.difference_update(m.storage for m in metas if m is not None)
         positions, names = _written_args(func)
         written = [a for i, a in enumerate(args) if i in positions] + [v for k, v in kwargs.items() if k in names]
-        self.unwritten.difference_update(self._known_storage(t) for t in _flat(written) if isinstance(t, torch.Tensor))
+        self.unwritten.difference_update(self._known_storage(t) for t in fmt.flat_tensors(written))
 
     def _known_storage(self, t: torch.Tensor) -> int | None:
         """The storage id already given to `t`'s storage (None when none was)."""
@@ -331,14 +329,14 @@ class Recorder(TorchDispatchMode):
                     enc_kwargs: Any) -> Any:
         if func is torch.ops._c10d_functional.wait_tensor.default:
             return func(*args, **kwargs)  # completes a functional collective recorded when it was issued
-        ins = [t for t in _flat(args) if isinstance(t, torch.Tensor)]
+        ins = fmt.flat_tensors(args)
         in_fps = [fmt.fingerprint(t) for t in ins]
         info = _group_info(func, args)
         out = func(*args, **kwargs)
         if func.namespace == "c10d":
             # (tensors, work) or a bare work: the tensors written are the op's tensor arguments
             work = out[-1] if isinstance(out, tuple) else out
-            outs = _out_tensors(func, args)
+            outs = fmt.flat_tensors(args[0])  # what a c10d op writes: its output (list) or in-place tensors
         else:  # functional: out of place, one tensor or (coalesced) a list of them
             work, outs = None, list(out) if isinstance(out, (list, tuple)) else [out]
         slot = len(self.ops)
@@ -471,12 +469,6 @@ def _span(t: torch.Tensor) -> tuple[int, int]:
     return lo, lo + int(sum((n - 1) * st for n, st in zip(t.shape, t.stride(), strict=True) if n > 1))
 
 
-def _flat(x: Any) -> list[Any]:
-    if isinstance(x, (list, tuple)):
-        return [y for v in x for y in _flat(v)]
-    return [x]
-
-
 def _unwrap_async(t: Any) -> Any:
     """An AsyncCollectiveTensor as the raw tensor its collective wrote (waiting for it first)."""
     elem = getattr(t, "elem", None)
@@ -512,16 +504,6 @@ def _source_rank(work: Any) -> int | None:
         return int(w._source_rank())
     except (RuntimeError, AttributeError, TypeError):
         return None
-
-
-def _out_tensors(func: Any, args: list[Any]) -> list[Any]:
-    """The tensors a c10d op writes: the output list for gathers, else the (in-place) tensor list."""
-    name = func.overloadpacket.__name__
-    if name in ("_allgather_base_", "_reduce_scatter_base_", "alltoall_base_"):
-        return [args[0]]
-    if name.startswith("allgather") or name.startswith("reduce_scatter") or name == "alltoall_":
-        return [t for t in _flat(args[0]) if isinstance(t, torch.Tensor)]
-    return [t for t in _flat(args[0]) if isinstance(t, torch.Tensor)]
 
 
 REDUCE_OPS = {0: "sum", 1: "avg", 2: "product", 3: "min", 4: "max", 5: "band", 6: "bor", 7: "bxor", 8: "premul_sum"}

@@ -257,6 +257,19 @@ def tensor_from_bytes(data: bytes, shape: list[int], dtype: str, device: str = "
     return t.reshape(shape).to(device)
 
 
+def flat_tensors(x: Any) -> list[Any]:
+    """The tensors in nested lists and tuples, depth first: the order in which capture and replay alike
+    number an op's tensor arguments."""
+    import torch
+
+    def walk(v: Any) -> list[Any]:
+        if isinstance(v, (list, tuple)):
+            return [t for y in v for t in walk(y)]
+        return [v] if isinstance(v, torch.Tensor) else []
+
+    return walk(x)
+
+
 def is_p2p(op: str) -> bool:
     """A c10d point-to-point op (`c10d.send.default`, `c10d.recv_.default`, ...): two ranks, not a group."""
     return op.split(".")[1:2] in (["send"], ["recv_"], ["recv_any_source_"])

@@ -114,7 +114,7 @@ class Divergence:
     reference: str
     stack: list[str] = field(default_factory=list)
     inputs: list[Any] = field(default_factory=list, repr=False)
-    """The suspect's input tensors to the op (host copies), in `flat_tensors(args)` order."""
+    """The suspect's input tensors to the op (host copies), in `fmt.flat_tensors(args)` order."""
     reduce_op: str = ""
     """A collective divergence: the reduction of an all-reduce or reduce-scatter (sum, avg, product,
     min, max); "" for one that moves data."""
@@ -211,12 +211,6 @@ def decode(x: Any, live: dict[int, Any], device: str, upcast: bool = False) -> A
         # replay reports that as a capture defect, never as the chip's fault
         return None
     raise ReplayError(f"cannot replay an argument of type {x}")
-
-
-def flat_tensors(x: Any) -> list[Any]:
-    if isinstance(x, (list, tuple)):
-        return [t for v in x for t in flat_tensors(v)]
-    return [x] if isinstance(x, torch.Tensor) else []
 
 
 def map_tensors(x: Any, fn: Any) -> Any:
@@ -439,7 +433,7 @@ def replay(cap: fmt.Capture, *, device: str | None = None, reference: str = "cpu
                 outs = substitute(cap, rec, args, dev, result, keep_collectives)
             else:
                 func = resolve_op(rec.op)
-                snapshot = [t.detach().clone().cpu() for t in flat_tensors(args)] if stop_at_first else []
+                snapshot = [t.detach().clone().cpu() for t in fmt.flat_tensors(args)] if stop_at_first else []
                 ref_args: Any = None
                 ref_kwargs: dict[str, Any] = {}
                 compared = not func.is_view and rec.op.split(".")[1] not in _UNDEFINED
@@ -519,7 +513,7 @@ def _crashes_on_reference(func: Any, args: Any, kwargs: dict[str, Any], ref_dev:
 def substitute(cap: fmt.Capture, rec: fmt.OpRecord, args: Any, dev: str, result: ReplayResult,
                 keep: bool) -> list[Any]:
     """Outputs of a random op or a collective: the recorded values (in place for c10d ops)."""
-    ins = flat_tensors(args)
+    ins = fmt.flat_tensors(args)
     if rec.collective is not None and keep:
         result.collective_inputs.append((rec.index, [t.detach().clone().cpu() for t in ins]))
     outs: list[Any] = []

@@ -499,7 +499,7 @@ def prefix_cases(cap: fmt.Capture, upto: int, *, device: str, inject: str | None
             if rec.substituted:
                 outs = rp.substitute(cap, rec, args, device, dummy, False)
             else:
-                snap = [t.detach().clone().cpu() for t in rp.flat_tensors(args) + rp.flat_tensors(
+                snap = [t.detach().clone().cpu() for t in fmt.flat_tensors(args) + fmt.flat_tensors(
                     list(kwargs.values()))]
                 try:
                     cases.append(op_case(rec, snap, 0))
