@@ -32,7 +32,7 @@ from typing import Any
 
 from . import format as fmt
 from . import settings as st
-from .fused import STANDS_IN, fused_reference
+from .fused import STANDS_IN, AttentionArgs, attention_args, fused_reference
 from .reduction import exact_result, reduction
 from .shrink import CollectiveCase, OpCase
 from .terms import CANCELLING, cancelling_terms, terms_of
@@ -168,10 +168,20 @@ def resolve(name):
 '''
 
 _COMMON = _COMMON.replace("__APPLY__", inspect.getsource(st.apply))  # one definition, embedded
-# embedded where the checked op is one whose terms cancel (a norm's, softmax's or attention's backward)
-_TERMS = "from typing import Any\n\n\n" + inspect.getsource(cancelling_terms) + "\n\n" + inspect.getsource(terms_of)
-# embedded where the checked op is a fused attention kernel the host has not (CUDA's flash, efficient, cuDNN)
-_FUSED = "from typing import Any\n\n\n" + inspect.getsource(fused_reference)
+
+
+def _helpers(last: dict[str, Any]) -> str:
+    """The tolerance and reference helpers the checked op needs, each embedded once: a cancelling op's
+    terms bound (a norm's, softmax's or attention's backward), a fused attention kernel's float64
+    stand-in (CUDA's flash, efficient, cuDNN), and the attention argument reader both use."""
+    parts: list[Any] = []
+    if last["terms"] or last.get("fused"):
+        parts += [AttentionArgs, attention_args]
+    if last["terms"]:
+        parts += [cancelling_terms, terms_of]
+    if last.get("fused"):
+        parts.append(fused_reference)
+    return "from typing import Any, NamedTuple\n\n\n" + "\n\n".join(map(inspect.getsource, parts)) if parts else ""
 
 
 _MULTI = r'''
@@ -429,8 +439,7 @@ def _tolerance(op: str) -> dict[str, bool]:
 
 def _multi(data: dict[str, Any]) -> str:
     last = data["ops"][-1]
-    return _COMMON + _MULTI.replace("__CASE__", json.dumps(data)).replace(
-        "__TERMS__", (_TERMS if last["terms"] else "") + ("\n\n" + _FUSED if last.get("fused") else ""))
+    return _COMMON + _MULTI.replace("__CASE__", json.dumps(data)).replace("__TERMS__", _helpers(last))
 
 
 def _inputs(case: OpCase) -> list[dict[str, Any]]:

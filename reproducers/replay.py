@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import enum
 import itertools
 import math
 from collections.abc import Callable
@@ -237,26 +238,36 @@ def to_reference(t: torch.Tensor, device: str, upcast: bool) -> torch.Tensor:
 
 # --- comparison -------------------------------------------------------------------------------
 
+class RefHow(enum.Enum):
+    """How `reference_call` ran an op."""
+
+    AS_ASKED = enum.auto()
+    NATIVE = enum.auto()
+    """In the op's own dtype on the reference device: it has no float64 kernel."""
+    STAND_IN = enum.auto()
+    """As its float64 math definition (`fused.fused_reference`): the reference has no such kernel."""
+
+
 def reference_call(func: Any, build: Callable[[bool], tuple[Any, dict[str, Any]]],
-                   upcast: bool) -> tuple[list[Any], Any, dict[str, Any], str]:
+                   upcast: bool) -> tuple[list[Any], Any, dict[str, Any], RefHow]:
     """The op on the reference, on the arguments `build(upcast)` puts there: (outputs, those arguments,
-    how: "" as asked, "native" or "stand_in"). An op with no float64 kernel (`_grouped_mm`: an MoE's
-    expert GEMMs) that writes none of its arguments runs on `build(False)` ("native"): the same inputs
-    in their own dtype on the reference device, judged with the same tolerance (an op that writes its
-    arguments cannot be re-run: the caller's copies are already spent, and the error stands). A fused
-    attention kernel the reference does not have (CUDA's flash, efficient, cuDNN) is replaced by its
-    math definition in float64 ("stand_in": `fused.fused_reference`)."""
+    how). An op with no float64 kernel (`_grouped_mm`: an MoE's expert GEMMs) that writes none of its
+    arguments runs on `build(False)` (NATIVE): the same inputs in their own dtype on the reference
+    device, judged with the same tolerance (an op that writes its arguments cannot be re-run: the
+    caller's copies are already spent, and the error stands). A fused attention kernel the reference
+    does not have (CUDA's flash, efficient, cuDNN) is replaced by its math definition in float64
+    (STAND_IN)."""
     args, kwargs = build(upcast)
     try:
-        return out_list(func(*args, **kwargs)), args, kwargs, ""
+        return out_list(func(*args, **kwargs)), args, kwargs, RefHow.AS_ASKED
     except Exception:
         outs = stand_in(func.overloadpacket.__name__, args, kwargs)
         if outs:
-            return outs, args, kwargs, "stand_in"
+            return outs, args, kwargs, RefHow.STAND_IN
         if not upcast or func._schema.is_mutable:
             raise
     args, kwargs = build(False)
-    return out_list(func(*args, **kwargs)), args, kwargs, "native"
+    return out_list(func(*args, **kwargs)), args, kwargs, RefHow.NATIVE
 
 
 def stand_in(name: str, ref_args: Any, ref_kwargs: dict[str, Any]) -> list[Any] | None:
@@ -457,8 +468,9 @@ def replay(cap: fmt.Capture, *, device: str | None = None, reference: str = "cpu
                     try:
                         ref_outs, ref_args, ref_kwargs, how = reference_call(
                             func, _made_or_native(ref_args, ref_kwargs, args, kwargs, ref_dev, upcast), upcast)
-                        if how:
-                            getattr(result, how).append(f"op #{rec.index} {rec.op}")
+                        if how is not RefHow.AS_ASKED:
+                            (result.native if how is RefHow.NATIVE else result.stand_in).append(
+                                f"op #{rec.index} {rec.op}")
                     except Exception as e:  # noqa: BLE001 - e.g. AMP's unscale takes float32 only, not cpu64
                         result.not_compared.append(f"op #{rec.index} {rec.op}: the reference cannot run it "
                                                    f"({type(e).__name__}: {str(e).splitlines()[0][:120]})")

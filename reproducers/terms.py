@@ -9,12 +9,14 @@ noise, and a correct kernel's noise is far above a tolerance scaled by the tiny 
 float kernel meets is its terms' magnitude: the same formula with every term taken absolute (and
 |x| + |mean| for the centred input, whose subtraction the kernel rounds too). Replay, shrink and
 repro.py scale their tolerance with it (`cancelling_terms` is embedded in repro.py where the checked
-op is one of these: it imports only torch).
+op is one of these, with fused.attention_args: they import only torch).
 """
 
 from typing import Any
 
 import torch
+
+from .fused import attention_args
 
 CANCELLING = frozenset({"native_layer_norm_backward", "native_group_norm_backward", "native_batch_norm_backward",
                         "batch_norm_backward", "cudnn_batch_norm_backward", "_softmax_backward_data",
@@ -68,9 +70,6 @@ def terms_of(name: str, args: list[Any], kwargs: dict[str, Any]) -> list[Any] | 
             gk, gv = (x.unflatten(-3, (k.shape[-3], rep)).sum(-3) for x in (gk, gv))
         return [gq, gk, gv]
 
-    def empty(x: Any) -> bool:
-        return not isinstance(x, torch.Tensor) or x.numel() == 0
-
     def t(x: Any) -> Any:
         return x.double() if isinstance(x, torch.Tensor) and x.is_floating_point() else x
 
@@ -111,27 +110,7 @@ def terms_of(name: str, args: list[Any], kwargs: dict[str, Any]) -> list[Any] | 
     if name == "_log_softmax_backward_data":
         g, y, dim = a[:3]
         return [g.abs() + y.exp() * g.abs().sum(dim, keepdim=True)]
-    packed = False  # variable-length batches packed into one sequence: not rebuilt here
-    if name == "_scaled_dot_product_flash_attention_for_cpu_backward":
-        # (grad_out, q, k, v, out, logsumexp, dropout_p, is_causal, *, attn_mask, scale)
-        g, q, k, v, o, _, dropout, causal = a[:8]
-        mask = t(kwargs.get("attn_mask"))
-    elif name == "_scaled_dot_product_flash_attention_backward":
-        # (grad_out, q, k, v, out, logsumexp, cum_seq_q, cum_seq_k, max_q, max_k, dropout_p, is_causal, ...)
-        g, q, k, v, o, _, cum_q, _, _, _, dropout, causal = a[:12]
-        mask, packed = None, not empty(cum_q)
-    elif name == "_scaled_dot_product_efficient_attention_backward":
-        # (grad_out, q, k, v, attn_bias, out, logsumexp, philox_seed, philox_offset, dropout_p,
-        #  grad_input_mask, is_causal, *, scale)
-        g, q, k, v, mask, o = a[:6]
-        dropout, causal = a[9], (a[11] if len(a) > 11 else False)
-    elif name == "_scaled_dot_product_cudnn_attention_backward":
-        # (grad_out, q, k, v, out, logsumexp, philox_seed, philox_offset, attn_bias, cum_seq_q, cum_seq_k,
-        #  max_q, max_k, dropout_p, is_causal, *, scale)
-        g, q, k, v, o = a[:5]
-        mask, packed, dropout, causal = a[8], not empty(a[9]), a[13], a[14]
-    else:
+    at = attention_args(name, a, kwargs)
+    if at is None or at.grad is None or at.dropout > 0 or at.packed:  # dropped weights are not in the arguments
         return None
-    if float(dropout) > 0 or packed:  # dropped attention weights are not in the arguments
-        return None
-    return attention(g, q, k, v, o, None if empty(mask) else mask, bool(causal))
+    return attention(at.grad, at.q, at.k, at.v, at.out, t(at.mask), at.causal)

@@ -92,7 +92,7 @@ def test_replay_compares_a_kernel_the_reference_lacks_with_its_stand_in() -> Non
     with pytest.raises(NotImplementedError):
         func(q, k, v, None, True, 0.0, True)
     outs, _, _, how = rp.reference_call(func, lambda upcast: ([q, k, v, None, True, 0.0, True], {}), True)
-    assert how == "stand_in"
+    assert how is rp.RefHow.STAND_IN
     torch.testing.assert_close(outs[0], _cpu_kernel(q, k, v, True, None)[0], rtol=1e-10, atol=1e-12)
     with pytest.raises(NotImplementedError):  # dropout: no stand-in; the reference still cannot run it
         rp.reference_call(func, lambda upcast: ([q, k, v, None, True, 0.5, True], {}), True)
@@ -117,3 +117,45 @@ def test_repro_py_embeds_the_stand_in_for_a_fused_op() -> None:
     (out,) = ns["fused_reference"](last["op"].split(".")[1], ns["fill"](last["args"], ins, "cpu", lambda d: d), {})  # type: ignore[operator]
     torch.testing.assert_close(out, _cpu_kernel(*(t.double() for t in (q, k, v)), True, None)[0], rtol=1e-10, atol=1e-12)
     assert "attention's math definition in float64 on the host" in src
+
+
+def test_the_terms_bound_reads_every_backward_layout_and_repro_py_embeds_each_helper_once() -> None:
+    """terms.terms_of and fused_reference read the attention arguments through one reader
+    (fused.attention_args): every CUDA backward layout gets a terms bound that covers the gradient it
+    bounds, and a repro.py for such an op (a cancelling op and a stand-in at once) carries each helper once."""
+    from chipcheck.reproducers import emit
+    from chipcheck.reproducers import shrink as sk
+    from chipcheck.reproducers.terms import cancelling_terms
+
+    q, k, v = _qkv(hkv=2)
+    mask = torch.randn(2, 4, 24, 24, dtype=torch.float64)
+    out, go, dq, dk, dv = _cpu_kernel(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), False, None, mask)
+    layouts = {
+        "_scaled_dot_product_efficient_attention_backward": [go, q, k, v, mask, out, E, E, E, 0.0,
+                                                             [True, True, True, False], False],
+        "_scaled_dot_product_cudnn_attention_backward": [go, q, k, v, out, E, E, E, mask, E, E, 24, 24, 0.0, False],
+    }
+    for name, args in layouts.items():
+        grads = fused_reference(name, args, {})
+        assert grads is not None, name
+        for i, g_ in enumerate(grads):
+            bound = cancelling_terms(name, args, {}, i)
+            assert bound is not None and bool((g_.abs() <= bound * (1 + 1e-9)).all()), (name, i)
+    name = "_scaled_dot_product_cudnn_attention_backward"
+    tensors = [go, q, k, v, out, mask]
+    slot = {0: 0, 1: 1, 2: 2, 3: 3, 4: 4, 8: 5}  # argument position -> recorded input
+    case = sk.OpCase(op=f"aten.{name}.default", kwargs={}, output=0,
+                     args=[{"in": slot[i]} if i in slot else None if isinstance(a, torch.Tensor) else a
+                           for i, a in enumerate(layouts[name])],
+                     inputs=tuple(sk.Input(kind="data", shape=tuple(t.shape), dtype="float64", data=t) for t in tensors))
+    src = emit.render_op(case, device="cuda", metric_line="test")
+    assert all(src.count(f"def {f}(") == 1 for f in ("attention_args", "cancelling_terms", "fused_reference"))
+    assert src.count("class AttentionArgs(") == 1
+    ns: dict[str, object] = {"__name__": "repro"}
+    exec(compile(src, "repro.py", "exec"), ns)  # noqa: S102 - the emitted file, as a vendor would run it
+    last = ns["CASE"]["ops"][-1]  # type: ignore[index]
+    assert last["fused"] and last["terms"]
+    ins = [ns["load"](s, "cpu") for s in last["inputs"]]  # type: ignore[operator]
+    args = ns["fill"](last["args"], ins, "cpu", lambda d: d)  # type: ignore[operator]
+    torch.testing.assert_close(ns["cancelling_terms"](name, args, {}, 0), cancelling_terms(name, layouts[name], {}, 0))  # type: ignore[operator]
+    torch.testing.assert_close(ns["fused_reference"](name, args, {})[0], dq)  # type: ignore[operator,index]
