@@ -270,3 +270,29 @@ def test_speed_history_reads_absolute_figures_from_the_store(tmp_path: Path) -> 
     assert now == {0: 0.7, 1: 1.0}
     (j,) = history_judgements({0: now[0]}, {0: past})
     assert j.rank == 0 and "30% below its own 30-day median" in j.reason
+
+
+@pytest.mark.parametrize("kind", [DeviceKind.CUDA, DeviceKind.CPU])
+def test_a_copy_far_below_its_own_past_is_slow_on_a_gpu_but_the_hosts_on_a_cpu(tmp_path: Path,
+                                                                               kind: DeviceKind) -> None:
+    # a GPU's copy is its own HBM; a CPU device's is its host's memory system, which a large file
+    # write or another tenant slows for every core (fleet.judge.speed.HOST_SHARED)
+    from chipcheck.fleet.judge.verdicts import own_history
+
+    s = Store(tmp_path / "r.db")
+    day = 86400.0
+
+    def bw(run: str, gbps: float, started: float) -> ProbeResult:
+        return ProbeResult(run_id=run, host="h", rank=0, device=f"{kind.value}:0", fingerprint="fp1",
+                           probe="bandwidth", case="copy", verdict=Verdict.PASS, seed=0,
+                           metrics={"gbps_best": gbps}, device_uuid="u0", started=started)
+
+    for i, gbps in enumerate([20.0, 20.4, 19.8, 20.1, 19.9]):
+        s.begin_run(f"run{i}", host="h", profile="quick", seed=0, argv=[], config={}, started=i * day)
+        s.add_result(bw(f"run{i}", gbps, i * day))
+    s.begin_run("now", host="h", profile="quick", seed=0, argv=[], config={}, started=5 * day)
+    now = [bw("now", 12.0, 5 * day)]
+    s.add_result(now[0])
+    js = own_history(s, {0: _dev(0, kind=kind)}, now, "now", 5 * day)
+    assert [(j.rank, j.probe, j.verdict) for j in js] == ([(0, "bandwidth", Verdict.SLOW)] if kind is DeviceKind.CUDA
+                                                           else [])

@@ -31,8 +31,9 @@ The rule, for every path (live run, reloaded run, ingested sweep):
    `slow`: the judgement says so, as a note.
 6. A kernel that measures what every device of a host shares is not a device's own speed: a CPU
    device's copy bandwidth is its host's memory system (the other cores', the page cache's writeback,
-   other tenants'), so `HOST_SHARED` kernels make no suspect on that device kind. The judgement notes
-   the shortfall instead; a slow core still shows in its GEMMs.
+   other tenants'), so `HOST_SHARED` kernels make no suspect on that device kind (nor a drop against
+   its own history: fleet.judge.verdicts.own_history). The judgement notes the shortfall instead; a
+   slow core still shows in its GEMMs.
 7. Links the same way: a directed link the link analysis calls slow is retested against a passing
    link of its kind (intra- or inter-host), interleaved; it stays slow only when confirmed, with
    the link policy's gap (`1 - min_gap / 2` of fleet.judge.links.LinkPolicy).

@@ -103,13 +103,15 @@ def library_findings(results: list[ProbeResult], library: list[tuple[str, str, F
 
 def own_history(store: Store, devs: dict[int, DeviceInfo], results: list[ProbeResult], run_id: str,
                 now: float) -> list[Judgement]:
-    """`slow` for devices far below their own past speed (fleet.judge.own_history), per speed key."""
+    """`slow` for devices far below their own past speed (fleet.judge.own_history), per speed key; not on
+    a kernel a device's host owns (speed.HOST_SHARED: a CPU device's copy speed swings with its host's)."""
     keys = {k for (_, k) in bl.best_speeds(bl.speed_samples(results))}
+    kernel = speed_tables()[1]
     out: list[Judgement] = []
     for key in sorted(keys, key=lambda k: (k.probe, k.family)):
-        current = oh.run_speeds(results, key)
-        past = {r: oh.speed_history(store, devs[r].uuid, key, now=now, exclude_run=run_id)
-                for r in current if r in devs}
+        current = {r: v for r, v in oh.run_speeds(results, key).items()
+                   if r in devs and kernel.get(key.probe, "") not in speed.HOST_SHARED.get(devs[r].kind.value, ())}
+        past = {r: oh.speed_history(store, devs[r].uuid, key, now=now, exclude_run=run_id) for r in current}
         out += oh.history_judgements(current, past, probe=key.probe, case=key.family, unit=key.unit)
     return out
 
