@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -104,9 +105,20 @@ def repro_shrink(capture_dir: str, reference: str, device: str | None, rank: int
     _check_output(output, "-o")  # before the shrink, not after it
     if collective:
         case = _repro_call(lambda: sk.shrink_collective(capture_dir, device=device))
-        text = emit.render_collective(case, metric_line=case.divergence.metric.line())
         click.echo(f"{case.op}: {case.world} ranks; {case.divergence.metric.line()}")
         hook = _repro_call(lambda: vf.collective_hook(inject, case.divergence.members))
+
+        def render_group(settings: dict[str, Any]) -> str:
+            shrunk = dataclasses.replace(case, env=st.env_of(settings), recorded_env=case.env)
+            return emit.render_collective(shrunk, metric_line=case.divergence.metric.line())
+
+        if hook:  # the simulated bad link shows here: each recorded variable is tried without
+            recorded = {st.ENV + k: v for k, v in case.env.items()}
+            kept, env_runs = vf.shrink_env(render_group, recorded, suspect="cpu", hook=hook)
+            _say_env(env_runs, recorded, kept)
+            text = render_group(kept)
+        else:  # the suspect group is elsewhere: the file keeps the environment as recorded
+            text = emit.render_collective(case, metric_line=case.divergence.metric.line())
         check = vf.verify(text, suspect="cpu", reference="cpu", hook=hook, collective=True)
     else:
         r = _repro_call(lambda: sk.shrink_capture(capture_dir, reference=reference, device=device, rank=rank,
@@ -130,11 +142,7 @@ def repro_shrink(capture_dir: str, reference: str, device: str | None, rank: int
         # chip against chip is then worth a p-value
         plan = max(10, r.rate.plan if r.rate else 1)
         settings, env_runs = vf.shrink_env(render, r.settings, suspect=r.divergence.device, hook=hook, repeat=plan)
-        for k, run in env_runs:
-            click.echo(f"{k.removeprefix(st.ENV)}={r.settings[k]}: "
-                       + ("not needed, dropped (the file still fails without it)" if k not in settings
-                          else "needed, kept (the file passes without it)")
-                       + f": {run.line()}")
+        _say_env(env_runs, r.settings, settings)
         text = render(settings)
         check = vf.verify(text, suspect=r.divergence.device, reference=ref_dev, hook=hook, repeat=plan)
     if not check.ok:  # a repro never lies: run as the vendor would, before it is written
@@ -147,6 +155,17 @@ def repro_shrink(capture_dir: str, reference: str, device: str | None, rank: int
     except OSError as e:
         fail(f"-o {output}: cannot be written ({e.strerror or e})")
     click.echo(f"wrote {output} ({len(text)} bytes)")
+
+
+def _say_env(runs: list[tuple[str, Any]], recorded: dict[str, Any], kept: dict[str, Any]) -> None:
+    """One line per environment variable tried (verify.shrink_env): dropped or kept, and the run that said so."""
+    from ..reproducers import settings as st
+
+    for k, run in runs:
+        click.echo(f"{k.removeprefix(st.ENV)}={recorded[k]}: "
+                   + ("not needed, dropped (the file still fails without it)" if k not in kept
+                      else "needed, kept (the file passes without it)")
+                   + f": {run.line()}")
 
 
 @repro.command("bundle")

@@ -399,6 +399,14 @@ def _settings_lines(settings: dict[str, Any] | None, recorded: dict[str, Any] | 
     return [f"Settings: {said}" + (f" (not needed, dropped: {', '.join(dropped)})" if dropped else "")]
 
 
+def _env_lines(env: dict[str, str], recorded: dict[str, str] | None) -> list[str]:
+    said = ", ".join(f"{k}={v}" for k, v in sorted(env.items()))
+    if recorded is None:
+        return [f"Environment: {said} (as recorded, not shrunk)"] if env else []
+    dropped = sorted(set(recorded) - set(env))
+    return [f"Environment: {said or 'none'}" + (f" (not needed, dropped: {', '.join(dropped)})" if dropped else "")]
+
+
 def _trial_lines(rate: Rate | None, device: str) -> list[str]:
     if rate is None or not rate.intermittent:
         return [f"Run: python repro.py --device {device} --repeat 10"]
@@ -494,8 +502,7 @@ def render_collective(case: CollectiveCase, *, metric_line: str) -> str:
             "what": what, "exact": exact, "splits": div.splits}
     head = _header(title, [f"Op: {case.op} ({what}), {case.world} ranks, input {tuple(t0.shape)} {data['dtype']}",
                            f"Observed on rank {div.rank}: {metric_line}",
-                           *([f"Environment: {', '.join(f'{k}={v}' for k, v in sorted(case.env.items()))} "
-                              "(as recorded, not shrunk)"] if case.env else []),
+                           *_env_lines(case.env, case.recorded_env),
                            "Run: python repro.py --device cpu   (gloo; --device cuda uses NCCL, one GPU per rank)"])
     env = {st.ENV + k: v for k, v in case.env.items()}
     return head + _environment(env) + _COMMON + _COLLECTIVE.replace("__CASE__", json.dumps(data)).replace(

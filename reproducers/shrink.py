@@ -582,8 +582,11 @@ class CollectiveCase:
     inputs: list[torch.Tensor]
     divergence: rp.Divergence
     env: dict[str, str] = field(default_factory=dict)
-    """The bit-changing environment variables the divergent rank ran under (NCCL's algorithm, protocol,
-    channels: they decide a reduction's order on GPUs), set as recorded, unshrunk."""
+    """The bit-changing environment variables the file sets (NCCL's algorithm, protocol, channels: they
+    decide a reduction's order on GPUs): as the divergent rank ran under them, or those the failure
+    needs once shrunk (verify.shrink_env)."""
+    recorded_env: dict[str, str] | None = None
+    """What `env` was shrunk from; None while it is as recorded."""
 
 
 def shrink_collective(root: str, *, device: str | None = None) -> CollectiveCase:

@@ -77,6 +77,12 @@ def test_corrupted_all_reduce_becomes_a_file_of_its_group_size_and_reduction(tmp
     assert 'ENV = {"NCCL_ALGO": "Ring"}' in text and "Environment: NCCL_ALGO=Ring (as recorded" in text
     assert all(f"rank {r}/{world} all_reduce ({red})" in bad for r in range(world))
     assert good.count(f"agrees with the exact {red}") == world
+    if world == 2:  # the CLI tries the file without each recorded variable: gloo's sum never needed NCCL's
+        out = tmp_path / "cli.py"
+        p = _cli_writes_a_verified_file(root, SPEC.format(bit=BIT[red]), out)
+        assert "NCCL_ALGO=Ring: not needed, dropped (the file still fails without it)" in p.stdout, p.stdout
+        text = out.read_text()
+        assert "ENV = {}" in text and "Environment: none (not needed, dropped: NCCL_ALGO)" in text
 
 
 MOVES = {"_allgather_base_": "all_gather", "_reduce_scatter_base_": "reduce_scatter", "broadcast_": "broadcast",
@@ -194,10 +200,11 @@ def test_subgroup_collectives_line_up_per_group_and_a_fault_in_one_becomes_a_fil
         _cli_writes_a_verified_file(root, SUBGROUP_FAULTS[fault], tmp_path / "cli.py")
 
 
-def _cli_writes_a_verified_file(root: Path, spec: str, out: Path) -> None:
+def _cli_writes_a_verified_file(root: Path, spec: str, out: Path) -> Any:
     p = run_cli("repro", "shrink", str(root), "--collective", "--inject", spec, "-o", str(out), timeout=600)
     assert p.returncode == 0 and out.exists(), p.stdout + p.stderr
     assert "verified: `python repro.py" in p.stdout and "exit 1" in p.stdout, p.stdout
+    return p
 
 
 def test_a_corrupted_send_becomes_a_two_rank_file_naming_sender_and_receiver(tmp_path: Path) -> None:
