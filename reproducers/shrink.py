@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from . import format as fmt
+from . import group_check, trials
 from . import replay as rp
 from . import settings as st
-from . import trials
 
 T = TypeVar("T")
 
@@ -592,14 +592,14 @@ class CollectiveCase:
 def shrink_collective(root: str, *, device: str | None = None) -> CollectiveCase:
     """Every rank's replay; the first collective (all-reduce, all-gather, reduce-scatter, broadcast,
     all-to-all, a send and its receive) whose result differs from the exact host-side one
-    (`rp.check_collectives`), over however many ranks captured it."""
+    (`group_check.check_collectives`), over however many ranks captured it."""
     caps = fmt.load_all(root)
     if len(caps) < 2:
         raise NotReproducible(f"{root}: one rank captured; a collective repro needs every rank's capture")
     results = [rp.replay(c, device=device or c.device, reference=c.device, stop_at_first=False,
                          keep_collectives=True) for c in caps]
     unjudged: list[str] = []
-    div = rp.check_collectives(results, caps, unjudged)
+    div = group_check.check_collectives(results, caps, unjudged)
     if div is None:
         left = (f"; {len(unjudged)} not judged ({'; '.join(unjudged[:3])}{'; ...' if len(unjudged) > 3 else ''})"
                 if unjudged else "")
