@@ -334,7 +334,9 @@ def test_a_flipped_mantissa_bit_in_a_gradient_that_does_not_cancel_is_still_name
     """The terms' bound widens the tolerance only where the terms cancel: a layer norm (or attention)
     feeding a linear layer hands back a gradient of its terms' size, and bit 20 (about 12% of the
     value) shows."""
-    lin = torch.nn.Linear(64, 8)
+    with torch.random.fork_rng():  # seeded: under a weight drawn by chance, element 5 can sit far below its
+        torch.manual_seed(0)       # terms (3 of 30 seeds), where a bound of the terms' size cannot see 12%
+        lin = torch.nn.Linear(64, 8)
     x = torch.randn(16, 64, generator=torch.Generator().manual_seed(7)).requires_grad_()
     spec = "bitflip:rank=0,bit=20,op=native_layer_norm_backward,index=5,at=call"
     with faults.make_injector(faults.parse(spec), 0, "repro")():
