@@ -391,20 +391,22 @@ def _environment(settings: dict[str, Any] | None) -> str:
             "    os.environ.pop(name, None)\nos.environ.update(ENV)\n")
 
 
+def _kept_line(label: str, kept: dict[str, Any], recorded: dict[str, Any] | None) -> str:
+    """"Settings: a=1 (not needed, dropped: b)": what a shrink kept of what was recorded."""
+    said = ", ".join(f"{k}={v}" for k, v in sorted(kept.items())) or "none"
+    dropped = sorted(set(recorded or {}) - set(kept))
+    return f"{label}: {said}" + (f" (not needed, dropped: {', '.join(dropped)})" if dropped else "")
+
+
 def _settings_lines(settings: dict[str, Any] | None, recorded: dict[str, Any] | None) -> list[str]:
-    if settings is None:
-        return []
-    said = ", ".join(f"{k}={v}" for k, v in sorted(settings.items())) or "none"
-    dropped = sorted(set(recorded or {}) - set(settings))
-    return [f"Settings: {said}" + (f" (not needed, dropped: {', '.join(dropped)})" if dropped else "")]
+    return [] if settings is None else [_kept_line("Settings", settings, recorded)]
 
 
 def _env_lines(env: dict[str, str], recorded: dict[str, str] | None) -> list[str]:
-    said = ", ".join(f"{k}={v}" for k, v in sorted(env.items()))
-    if recorded is None:
-        return [f"Environment: {said} (as recorded, not shrunk)"] if env else []
-    dropped = sorted(set(recorded) - set(env))
-    return [f"Environment: {said or 'none'}" + (f" (not needed, dropped: {', '.join(dropped)})" if dropped else "")]
+    if recorded is None:  # not shrunk (the suspect group is elsewhere)
+        return [f"Environment: {', '.join(f'{k}={v}' for k, v in sorted(env.items()))} (as recorded, not shrunk)"] \
+            if env else []
+    return [_kept_line("Environment", env, recorded)]
 
 
 def _trial_lines(rate: Rate | None, device: str) -> list[str]:

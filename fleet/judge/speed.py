@@ -55,12 +55,17 @@ from . import throttle
 from .peers import peer_ratios
 
 RETEST = "retest"
+EXTENDED = retest_probe.EXTENDED
+"""The retest stage for inconclusive suspects: its cases are `KERNEL/extended`."""
 HOST_SHARED: Mapping[str, frozenset[str]] = {"cpu": frozenset({"copy"})}
 """Per device kind, the retest kernels whose speed belongs to the host, not the device. CPU devices of one
 host share one memory system: right after a 700 MB install a healthy core copied at 0.85x its peer
 through a whole retest (interval 0.81-0.90), and clean runs since put either core at 0.90-1.06x."""
-EXTENDED = retest_probe.EXTENDED
-"""The retest stage for inconclusive suspects: its cases are `KERNEL/extended`."""
+
+
+def host_owned(device_kind: str, kernel: str) -> bool:
+    """Is `kernel`'s speed on a `device_kind` device its host's (HOST_SHARED), not the device's?"""
+    return kernel in HOST_SHARED.get(device_kind, ())
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -153,7 +158,7 @@ def suspects(results: list[ProbeResult], policy: SpeedPolicy, metric_by_probe: d
         if thr is not None:
             said.append(f"{thr.describe()} (no NVML reasons)")
         combined = _combined(evs)[0] if evs else 1.0
-        shared = kind.get(rank, "") if kernel in HOST_SHARED.get(kind.get(rank, ""), ()) else ""
+        shared = kind.get(rank, "") if host_owned(kind.get(rank, ""), kernel) else ""
         out.append(Suspect(rank=rank, peer=peer, kernel=kernel, ratio=min(combined, thr.ratio) if thr else combined,
                            evidence=", ".join(said), shared=shared))
     return out

@@ -110,7 +110,7 @@ def own_history(store: Store, devs: dict[int, DeviceInfo], results: list[ProbeRe
     out: list[Judgement] = []
     for key in sorted(keys, key=lambda k: (k.probe, k.family)):
         current = {r: v for r, v in oh.run_speeds(results, key).items()
-                   if r in devs and kernel.get(key.probe, "") not in speed.HOST_SHARED.get(devs[r].kind.value, ())}
+                   if r in devs and not speed.host_owned(devs[r].kind.value, kernel.get(key.probe, ""))}
         past = {r: oh.speed_history(store, devs[r].uuid, key, now=now, exclude_run=run_id) for r in current}
         out += oh.history_judgements(current, past, probe=key.probe, case=key.family, unit=key.unit)
     return out
