@@ -76,6 +76,7 @@ class _Worker:
     losses: int = 0  # times this rank was lost (crash, hang)
     ops: int | None = None  # collective ops entered in its case, as it last said (`progress`)
     polled: float = 0.0  # when it was asked for its progress (0: not asked)
+    lock_said: float = 0.0  # when the host lock's holder last said who it is, seen while this one waited
 
     @property
     def where(self) -> str:
@@ -246,7 +247,11 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
         ours = {o.proc.pid for o in workers if o.proc is not None and o.proc.poll() is None}
         if holder is not None and holder["pid"] in ours:
             return ""  # held by a worker of this run: its own watchdog ends a stall
-        held = time.time() - float(holder["since"]) if holder else now - w.watch.since
+        if holder is not None:
+            w.lock_said = now
+        # unsaid: between holders (one truncated its note, the next has not written its own yet), or a
+        # holder that never says; timed from the last holder seen saying, not from the start of the wait
+        held = time.time() - float(holder["since"]) if holder else now - max(w.watch.since, w.lock_said)
         until = holder.get("until") if holder else None
         # another run's case may hold it as long as that run's own watchdog allows (it ends a hang there)
         theirs = float(until) - float(holder["since"]) if holder and isinstance(until, int | float) else 0.0
