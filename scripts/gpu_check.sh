@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The prepared GPU check (issue #16): at most ~8 minutes on one H100/H200, fail-soft.
 #
-# Every step runs under its own timeout; its exit code and seconds go to $OUT/summary.tsv and the
-# script goes on. Outputs land under $OUT (the device tool's output folder; default ./gpu_out).
+# Every step runs under its own timeout; its exit code and seconds go to summary.tsv and the
+# script goes on. Files land under $WORK; $OUT (the device tool's output folder; default ./gpu_out) gets
+# summary.tsv and gpu_check.tgz.
 # Steps:
 #   env        GPU, driver, torch/CUDA/cuBLAS/jax versions
 #   pytest     the gpu-marked tests (fp8 _scaled_mm against the accumulator model, generator identity,
@@ -11,8 +12,9 @@
 #   inject     the matmul probe with one flipped bit per output dtype: expect wrong in every case,
 #              the flipped bit reported
 #   check      reads both JSON runs: verdicts per case, the finding per dtype, bandwidth vs spec
-#   overhead   matmul probe (every oracle) vs bare torch.matmul at 8192^3 bf16 (target <= 1.03)
-#   jax        `chipcheck run --backend jax --probes matmul` (when jax[cuda] is installed)
+#   burn       the burn probe (bf16 GEMMs, NVML samples), then with one flipped bit: expect pass, wrong
+#   burn_check both burn runs read back: NVML's temperature, power and clocks are in the metrics
+#   list       `chipcheck list`: discovery with NVML (UUID, serial, VBIOS, driver)
 #   repro      capture one model step on the GPU with a flipped bit, shrink with --reference cpu64,
 #              run the emitted repro.py there
 #   fused      one flipped bit in flash attention's output and in cuDNN attention's dq, captured and
@@ -20,21 +22,29 @@
 #   terms      backward kernels whose gradient cancels (cuDNN batch norm, layer norm, softmax, the SDPA
 #              flash/efficient/cuDNN kernels over identical values) replayed against cpu64: expect clean
 #              (reproducers/terms.py reads the CUDA kernels' argument layouts)
+#   overhead   matmul probe (every oracle) vs bare torch.matmul at 8192^3 bf16 (target <= 1.03)
+#   jax        `chipcheck run --backend jax --probes matmul` (when jax[cuda] is installed)
 # Not covered on one GPU: collectives, model_dp and links need two or more devices, so NCCL is not
 # exercised here (the quick run on one GPU runs neither).
+# The order puts what no lease has verified yet first; overhead and jax (measured 2026-12-04) last.
 # Usage: OUT=/some/dir scripts/gpu_check.sh     (exit 0 when every step exited as expected)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
+# every step's files (logs, JSON, captures, the results store) go to $WORK; $OUT gets the summary and
+# one archive of the logs, JSON, HTML and repro files (the device tool brings back at most 8 files)
+WORK="${WORK:-$OUT/work}"
+mkdir -p "$WORK"
+WORK="$(cd "$WORK" && pwd)"
 BUDGET_S="${BUDGET_S:-470}"   # no step starts after this many seconds
 START=$(date +%s)
-SUMMARY="$OUT/summary.tsv"
+SUMMARY="$WORK/summary.tsv"
 printf 'step\texpected\trc\tseconds\tnote\n' > "$SUMMARY"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 
-# step NAME TIMEOUT_S EXPECTED_RC CMD...: run CMD under a timeout, stdout+stderr to $OUT/NAME.log
+# step NAME TIMEOUT_S EXPECTED_RC CMD...: run CMD under a timeout, stdout+stderr to $WORK/NAME.log
 step() {
     local name=$1 limit=$2 want=$3; shift 3
     local now elapsed left t0 rc
@@ -46,11 +56,11 @@ step() {
     (( limit > left )) && limit=$left
     echo "== $name (limit ${limit}s)"
     t0=$(date +%s)
-    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    timeout --kill-after=10 "$limit" "$@" > "$WORK/$name.log" 2>&1
     rc=$?
     printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$want" "$rc" "$(( $(date +%s) - t0 ))" \
         "$( (( rc == 124 || rc == 137 )) && echo timeout)" >> "$SUMMARY"
-    tail -n 5 "$OUT/$name.log"
+    tail -n 5 "$WORK/$name.log"
     return 0
 }
 
@@ -71,17 +81,17 @@ except Exception as e: print(\"cupy: not usable:\", e)
 
 # only the files holding gpu tests: collecting every file needs the test extra (jsonschema, ...),
 # which a GPU image may lack (the H200's did)
-step pytest 150 0 python3 -m pytest -q -m gpu -rs -p no:cacheprovider --junitxml="$OUT/pytest_gpu.xml" \
+step pytest 150 0 python3 -m pytest -q -m gpu -rs -p no:cacheprovider --junitxml="$WORK/pytest_gpu.xml" \
     $(grep -l "mark.gpu" tests/test_*.py)
 
-step quick 120 0 python3 -m chipcheck.cli run --profile quick --devices cuda:0 --db "$OUT/results.db" \
-    --json "$OUT/quick.json" --report "html=$OUT/quick.html"
+step quick 120 0 python3 -m chipcheck.cli run --profile quick --devices cuda:0 --db "$WORK/results.db" \
+    --json "$WORK/quick.json" --report "html=$WORK/quick.html"
 
 step inject 75 1 python3 -m chipcheck.cli run --profile quick --devices cuda:0 --probes matmul \
     --inject bitflip:rank=0,bit=20,dtype=float32 --inject bitflip:rank=0,bit=13,dtype=bfloat16 \
-    --inject bitflip:rank=0,bit=13,dtype=float16 --db "$OUT/results.db" --json "$OUT/inject.json"
+    --inject bitflip:rank=0,bit=13,dtype=float16 --db "$WORK/results.db" --json "$WORK/inject.json"
 
-step check 30 0 python3 - "$OUT/quick.json" "$OUT/inject.json" <<'PY'
+step check 30 0 python3 - "$WORK/quick.json" "$WORK/inject.json" <<'PY'
 import json, sys
 def cases(path):
     try:
@@ -118,6 +128,117 @@ for probe, c, _ in injected:
 sys.exit(0 if ok else 1)
 PY
 
+# the burn probe on the GPU: sustained bf16 GEMMs, each iteration checked, NVML sampled (clocks,
+# temperature, power, clock-event reasons); then the same with one flipped bit: expect wrong
+step burn 60 0 python3 -m chipcheck.cli run --profile quick --devices cuda:0 --probes burn \
+    --db "$WORK/results.db" --json "$WORK/burn.json"
+step burn_inject 45 1 python3 -m chipcheck.cli run --profile quick --devices cuda:0 --probes burn \
+    --inject bitflip:rank=0,bit=13,dtype=bfloat16 --db "$WORK/results.db" --json "$WORK/burn_inject.json"
+step burn_check 20 0 python3 - "$WORK/burn.json" "$WORK/burn_inject.json" <<'PY'
+import json, sys
+def probe(path):
+    try:
+        return next(p for d in json.load(open(path))["devices"] for p in d["probes"] if p["probe"] == "burn")
+    except Exception as e:
+        print(f"{path}: no burn result ({e})"); return None
+clean, bad = probe(sys.argv[1]), probe(sys.argv[2])
+ok = clean is not None and bad is not None
+if clean:
+    m = clean.get("metrics", {})
+    print("clean burn:", clean["verdict"], {k: round(v, 1) for k, v in sorted(m.items())})
+    nvml = [k for k in m if k.endswith(("temp_c_max", "power_w_mean", "sm_mhz_min"))]
+    print("NVML samples:", "yes" if len(nvml) == 3 else "MISSING")
+    ok &= clean["verdict"] == "pass" and len(nvml) == 3
+if bad:
+    print("burn with bf16 bit 13 flipped:", bad["verdict"], "(wrong expected)")
+    ok &= bad["verdict"] == "wrong"
+sys.exit(0 if ok else 1)
+PY
+
+step list 20 0 python3 -m chipcheck.cli list
+
+step repro 100 0 bash -c '
+    set -e
+    python3 - "$0" <<"PY"
+import sys
+from chipcheck.model import GPTConfig, TrainConfig, Trainer, data
+from chipcheck.probes import faults
+from chipcheck.reproducers import capture
+spec = "bitflip:rank=0,bit=25,op=mm,after=12,count=1,at=call"
+mc = GPTConfig.tiny()
+tr = Trainer(mc, TrainConfig(), seed=6, device="cuda")
+x, y = data.batch(mc, 6, 0, batch_size=4, device="cuda")
+with faults.make_injector(faults.parse(spec), 0, "model_step")():
+    with capture(sys.argv[1] + "/cap"):
+        tr.step(x, y)
+print("captured on cuda")
+PY
+    python3 -m chipcheck.cli repro shrink "$0/cap" --reference cpu64 \
+        --inject "bitflip:rank=0,bit=25,op=mm,after=12,count=1,at=call" -o "$0/repro.py"
+    rc=0; python3 "$0/repro.py" --device cuda --inject bitflip:bit=25 || rc=$?
+    echo "repro.py with the fault on cuda: exit $rc (1 expected: it reproduces)"
+    python3 "$0/repro.py" --device cuda && echo "repro.py clean on cuda: exit 0"
+' "$WORK"
+
+# a flipped bit inside CUDA's flash attention (forward output) and cuDNN's backward (dq): replay against
+# cpu64 must name that op (the reference has no such kernel: reproducers/fused.py stands in), exit 1
+step fused 60 0 bash -c '
+    python3 - "$0" <<"PY"
+import sys
+import torch
+import torch.nn.functional as f
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from chipcheck.probes import faults
+from chipcheck.reproducers import capture
+g = torch.Generator(device="cuda").manual_seed(1)
+q = torch.randn(2, 4, 128, 64, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
+for name, be, op in (("flash", SDPBackend.FLASH_ATTENTION, "_scaled_dot_product_flash_attention"),
+                     ("cudnn", SDPBackend.CUDNN_ATTENTION, "_scaled_dot_product_cudnn_attention_backward")):
+    spec = f"bitflip:rank=0,bit=14,op={op},count=1"
+    with faults.make_injector(faults.parse(spec), 0, "x")(), capture(f"{sys.argv[1]}/fused-{name}"):
+        with sdpa_kernel([be]):
+            f.scaled_dot_product_attention(q, q * 0.5, q, is_causal=True).float().sum().backward()
+PY
+    rc=0  # the chip is as faulty at replay as it was at capture: the same fault, simulated again
+    for pair in flash:_scaled_dot_product_flash_attention cudnn:_scaled_dot_product_cudnn_attention_backward; do
+        d="$0/fused-${pair%%:*}"; op="${pair#*:}"
+        python3 -m chipcheck.cli repro replay "$d" --reference cpu64 --inject "bitflip:rank=0,bit=14,op=$op,count=1" \
+            > "$d.log" 2>&1; r=$?; cat "$d.log"
+        grep -q "$op" "$d.log" && [ $r = 1 ] && echo "$d: named, exit 1 (expected)" || { echo "$d: MISSED (exit $r)"; rc=1; }
+    done
+    exit $rc
+' "$WORK"
+
+step terms 90 0 bash -c '
+    python3 - "$0" <<"PY"
+import sys
+import torch
+import torch.nn.functional as f
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from chipcheck.reproducers import capture
+g = torch.Generator(device="cuda").manual_seed(0)
+for dt in (torch.float32, torch.bfloat16):
+    x = (torch.randn(16, 64, device="cuda", generator=g) * 3 + 1).to(dt).requires_grad_()
+    f.layer_norm(x, (64,)).float().sum().backward()
+    bn = torch.nn.BatchNorm2d(8).cuda().to(dt)
+    y = torch.randn(4, 8, 6, 6, device="cuda", generator=g).to(dt).requires_grad_()
+    with capture(f"{sys.argv[1]}/terms-{dt}"):
+        f.layer_norm(x, (64,)).float().sum().backward()
+        torch.softmax(x, -1).float().sum().backward()
+        bn(y).float().sum().backward()
+        q = torch.randn(2, 4, 64, 64, device="cuda", generator=g).to(dt).requires_grad_()
+        v = torch.randn(2, 4, 1, 64, device="cuda", generator=g).to(dt).expand(2, 4, 64, 64)
+        for be in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
+            try:
+                with sdpa_kernel([be]):
+                    f.scaled_dot_product_attention(q, q.flip(-1) + 5, v, is_causal=True).float().sum().backward()
+            except RuntimeError as e:
+                print(f"{be} {dt}: not available ({str(e).splitlines()[0][:80]})")
+PY
+    rc=0; for d in "$0"/terms-*; do python3 -m chipcheck.cli repro replay "$d" --reference cpu64 || rc=1; done
+    exit $rc
+' "$WORK"
+
 step overhead 75 0 python3 - <<'PY'
 import contextlib, time
 import torch
@@ -153,94 +274,15 @@ PY
 
 if python3 -c "import jax; assert any(d.platform == 'gpu' for d in jax.devices())" 2>/dev/null; then
     step jax 90 0 python3 -m chipcheck.cli run --backend jax --profile quick --probes matmul \
-        --db "$OUT/results.db" --json "$OUT/jax.json"
+        --db "$WORK/results.db" --json "$WORK/jax.json"
 else
     printf 'jax\t0\tskipped\t0\tjax[cuda] not installed or sees no GPU\n' >> "$SUMMARY"
 fi
 
-step repro 100 0 bash -c '
-    set -e
-    python3 - "$0" <<"PY"
-import sys
-from chipcheck.model import GPTConfig, TrainConfig, Trainer, data
-from chipcheck.probes import faults
-from chipcheck.reproducers import capture
-spec = "bitflip:rank=0,bit=25,op=mm,after=12,count=1,at=call"
-mc = GPTConfig.tiny()
-tr = Trainer(mc, TrainConfig(), seed=6, device="cuda")
-x, y = data.batch(mc, 6, 0, batch_size=4, device="cuda")
-with faults.make_injector(faults.parse(spec), 0, "model_step")():
-    with capture(sys.argv[1] + "/cap"):
-        tr.step(x, y)
-print("captured on cuda")
-PY
-    python3 -m chipcheck.cli repro shrink "$0/cap" --reference cpu64 \
-        --inject "bitflip:rank=0,bit=25,op=mm,after=12,count=1,at=call" -o "$0/repro.py"
-    rc=0; python3 "$0/repro.py" --device cuda --inject bitflip:bit=25 || rc=$?
-    echo "repro.py with the fault on cuda: exit $rc (1 expected: it reproduces)"
-    python3 "$0/repro.py" --device cuda && echo "repro.py clean on cuda: exit 0"
-' "$OUT"
-
-step terms 90 0 bash -c '
-    python3 - "$0" <<"PY"
-import sys
-import torch
-import torch.nn.functional as f
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from chipcheck.reproducers import capture
-g = torch.Generator(device="cuda").manual_seed(0)
-for dt in (torch.float32, torch.bfloat16):
-    x = (torch.randn(16, 64, device="cuda", generator=g) * 3 + 1).to(dt).requires_grad_()
-    f.layer_norm(x, (64,)).float().sum().backward()
-    bn = torch.nn.BatchNorm2d(8).cuda().to(dt)
-    y = torch.randn(4, 8, 6, 6, device="cuda", generator=g).to(dt).requires_grad_()
-    with capture(f"{sys.argv[1]}/terms-{dt}"):
-        f.layer_norm(x, (64,)).float().sum().backward()
-        torch.softmax(x, -1).float().sum().backward()
-        bn(y).float().sum().backward()
-        q = torch.randn(2, 4, 64, 64, device="cuda", generator=g).to(dt).requires_grad_()
-        v = torch.randn(2, 4, 1, 64, device="cuda", generator=g).to(dt).expand(2, 4, 64, 64)
-        for be in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
-            try:
-                with sdpa_kernel([be]):
-                    f.scaled_dot_product_attention(q, q.flip(-1) + 5, v, is_causal=True).float().sum().backward()
-            except RuntimeError as e:
-                print(f"{be} {dt}: not available ({str(e).splitlines()[0][:80]})")
-PY
-    rc=0; for d in "$0"/terms-*; do python3 -m chipcheck.cli repro replay "$d" --reference cpu64 || rc=1; done
-    exit $rc
-' "$OUT"
-
-# a flipped bit inside CUDA's flash attention (forward output) and cuDNN's backward (dq): replay against
-# cpu64 must name that op (the reference has no such kernel: reproducers/fused.py stands in), exit 1
-step fused 60 0 bash -c '
-    python3 - "$0" <<"PY"
-import sys
-import torch
-import torch.nn.functional as f
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from chipcheck.probes import faults
-from chipcheck.reproducers import capture
-g = torch.Generator(device="cuda").manual_seed(1)
-q = torch.randn(2, 4, 128, 64, device="cuda", generator=g, dtype=torch.bfloat16).requires_grad_()
-for name, be, op in (("flash", SDPBackend.FLASH_ATTENTION, "_scaled_dot_product_flash_attention"),
-                     ("cudnn", SDPBackend.CUDNN_ATTENTION, "_scaled_dot_product_cudnn_attention_backward")):
-    spec = f"bitflip:rank=0,bit=14,op={op},count=1"
-    with faults.make_injector(faults.parse(spec), 0, "x")(), capture(f"{sys.argv[1]}/fused-{name}"):
-        with sdpa_kernel([be]):
-            f.scaled_dot_product_attention(q, q * 0.5, q, is_causal=True).float().sum().backward()
-PY
-    rc=0  # the chip is as faulty at replay as it was at capture: the same fault, simulated again
-    for pair in flash:_scaled_dot_product_flash_attention cudnn:_scaled_dot_product_cudnn_attention_backward; do
-        d="$0/fused-${pair%%:*}"; op="${pair#*:}"
-        python3 -m chipcheck.cli repro replay "$d" --reference cpu64 --inject "bitflip:rank=0,bit=14,op=$op,count=1" \
-            > "$d.log" 2>&1; r=$?; cat "$d.log"
-        grep -q "$op" "$d.log" && [ $r = 1 ] && echo "$d: named, exit 1 (expected)" || { echo "$d: MISSED (exit $r)"; rc=1; }
-    done
-    exit $rc
-' "$OUT"
-
 echo
-echo "== summary ($(( $(date +%s) - START ))s; logs and JSON in $OUT)"
+echo "== summary ($(( $(date +%s) - START ))s; logs and JSON in $WORK, archived in $OUT/gpu_check.tgz)"
 column -t -s $'\t' "$SUMMARY" 2>/dev/null || cat "$SUMMARY"
+cp "$SUMMARY" "$OUT/summary.tsv"
+(cd "$WORK" && find . -maxdepth 2 -type f \( -name '*.log' -o -name '*.json' -o -name '*.html' -o -name '*.tsv' \
+    -o -name '*.xml' -o -name '*.py' -o -name '*.txt' \) -size -4M -print0 | tar czf "$OUT/gpu_check.tgz" --null -T -)
 awk -F'\t' 'NR > 1 && $3 != "skipped" && $3 != $2 { bad = 1 } END { exit bad }' "$SUMMARY"

@@ -234,3 +234,26 @@ def test_an_amp_step_whose_gradients_overflowed_is_recaptured_overflowing_with_i
     rec.recapture(step, tmp_path / "cap")
     assert scaler.get_scale() == live_scale
     assert all(torch.equal(a, b.detach()) for a, b in zip(after, model.parameters(), strict=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_on_a_gpu_a_recaptured_step_draws_the_same_cuda_randoms_and_ends_bit_identical(tmp_path: Path) -> None:
+    mc = GPTConfig.tiny()
+    tr = Trainer(mc, TrainConfig(), seed=1, device="cuda")
+    batches = [data.batch(mc, 1, s, batch_size=4, device="cuda") for s in range(3)]
+    draws: list[torch.Tensor] = []
+
+    def step(b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        draws.append(torch.rand(64, device="cuda"))  # dropout's kind of draw: the CUDA generator's state
+        return tr.step(*b)
+
+    rec = flight.FlightRecorder(tr.model, tr.opt, keep=2)
+    for b in batches:
+        with rec.step(b):
+            step(b)
+    after, live_draw = _state(tr), draws[-1]
+    torch.rand(64, device="cuda")  # the CUDA generator moved on since
+    rec.recapture(step, tmp_path / "cap")
+    assert torch.equal(draws[-1], live_draw)
+    assert all(torch.equal(a, b) for a, b in zip(after, _state(tr), strict=True))
