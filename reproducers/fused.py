@@ -1,10 +1,12 @@
-"""Float64 stand-ins for the fused attention kernels a reference device cannot run.
+"""Float64 stand-ins for the fused GPU kernels a reference device cannot run.
 
 A step captured on a GPU calls CUDA's flash, memory-efficient or cuDNN attention (forward and
-backward); the cpu64 reference has none of them, so replay once left them uncompared and a fault
-inside them surfaced nowhere. `fused_reference` computes what each of them must return from its own
-arguments with the math definition in float64: the attention output for a forward (logsumexp,
-seeds and the rest are layouts of one kernel, not compared), dq, dk and dv for a backward.
+backward) and cuDNN's batch norm; the cpu64 reference has none of them, so replay once left them
+uncompared and a fault inside them surfaced nowhere. `fused_reference` computes what each of them
+must return from its own arguments with the math definition in float64: the attention output for a
+forward (logsumexp, seeds and the rest are layouts of one kernel, not compared), dq, dk and dv for a
+backward; batch norm's output (its saved statistics are a layout too), and its input, weight and
+bias gradients.
 `attention_args` reads every fused attention op's argument layout, for this and for the terms bound
 (terms.terms_of). Both are embedded (`inspect.getsource`) into repro.py where the checked op is one
 of them: they import only torch.
@@ -17,7 +19,8 @@ import torch
 STANDS_IN = frozenset({"_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
                        "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_backward",
                        "_scaled_dot_product_efficient_attention_backward",
-                       "_scaled_dot_product_cudnn_attention_backward"})
+                       "_scaled_dot_product_cudnn_attention_backward", "cudnn_batch_norm",
+                       "cudnn_batch_norm_backward"})
 """The ops (overload packets) `fused_reference` stands in for."""
 
 
@@ -84,12 +87,21 @@ def attention_args(name: str, args: list[Any], kwargs: dict[str, Any]) -> Attent
 
 
 def fused_reference(name: str, args: list[Any], kwargs: dict[str, Any]) -> list[Any] | None:
-    """What fused attention op `name` must return, from its arguments (moved to the reference device and
-    dtype by the caller): [out] for a forward, [dq, dk, dv] for a backward; None where it cannot be
-    rebuilt (dropout: the dropped weights are not in the arguments; packed variable-length batches;
-    another op)."""
+    """What fused op `name` must return, from its arguments (moved to the reference device and dtype by
+    the caller): [out] for a forward, [dq, dk, dv] for an attention backward, [dx, dw, db] for batch
+    norm's; None where it cannot be rebuilt (dropout: the dropped weights are not in the arguments;
+    packed variable-length batches; another op)."""
     import torch.nn.functional as F
 
+    if name == "cudnn_batch_norm":  # (input, weight, bias, running_mean, running_var, training, momentum, eps)
+        x, w, b, rm, rv, training, momentum, eps = args[:8]
+        stats = [t.clone() if isinstance(t, torch.Tensor) else t for t in (rm, rv)]  # the kernel updates them
+        return [torch.native_batch_norm(x, w, b, *stats, bool(training), float(momentum), float(eps))[0]]
+    if name == "cudnn_batch_norm_backward":
+        # (input, grad_out, weight, running_mean, running_var, save_mean, save_var: the inverse std, eps, reserve)
+        x, g, w, rm, rv, mean, invstd, eps = args[:8]
+        return list(torch.ops.aten.native_batch_norm_backward(g, x, w, rm, rv, mean, invstd, True, float(eps),
+                                                              [True, True, True]))
     at = attention_args(name, args, kwargs)
     if at is None or at.dropout > 0 or at.packed:
         return None

@@ -17,8 +17,9 @@
 #   list       `chipcheck list`: discovery with NVML (UUID, serial, VBIOS, driver)
 #   repro      capture one model step on the GPU with a flipped bit, shrink with --reference cpu64,
 #              run the emitted repro.py there
-#   fused      one flipped bit in flash attention's output and in cuDNN attention's dq, captured and
-#              replayed against cpu64: the op named (reproducers/fused.py stands in for the kernels)
+#   fused      one flipped bit in flash attention's output, in cuDNN attention's dq and in cuDNN batch
+#              norm's dx, captured and replayed against cpu64: the op named (reproducers/fused.py
+#              stands in for the kernels)
 #   terms      backward kernels whose gradient cancels (cuDNN batch norm, layer norm, softmax, the SDPA
 #              flash/efficient/cuDNN kernels over identical values) replayed against cpu64: expect clean
 #              (reproducers/terms.py reads the CUDA kernels' argument layouts)
@@ -28,6 +29,7 @@
 # exercised here (the quick run on one GPU runs neither).
 # The order puts what no lease has verified yet first; overhead and jax (measured 2026-12-04) last.
 # Usage: OUT=/some/dir scripts/gpu_check.sh     (exit 0 when every step exited as expected)
+#        STEPS="fused terms" ... runs only the steps named
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-./gpu_out}"
@@ -48,6 +50,7 @@ export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 step() {
     local name=$1 limit=$2 want=$3; shift 3
     local now elapsed left t0 rc
+    if [[ -n "${STEPS:-}" && " $STEPS " != *" $name "* ]]; then return 0; fi
     now=$(date +%s); elapsed=$((now - START)); left=$((BUDGET_S - elapsed))
     if (( left < 15 )); then
         printf '%s\t%s\tskipped\t0\tout of time budget\n' "$name" "$want" >> "$SUMMARY"
@@ -180,7 +183,8 @@ PY
     python3 "$0/repro.py" --device cuda && echo "repro.py clean on cuda: exit 0"
 ' "$WORK"
 
-# a flipped bit inside CUDA's flash attention (forward output) and cuDNN's backward (dq): replay against
+# a flipped bit inside CUDA's flash attention (forward output), cuDNN's backward (dq) and cuDNN batch norm's
+# backward (dx): replay against
 # cpu64 must name that op (the reference has no such kernel: reproducers/fused.py stands in), exit 1
 step fused 60 0 bash -c '
     python3 - "$0" <<"PY"
@@ -198,11 +202,19 @@ for name, be, op in (("flash", SDPBackend.FLASH_ATTENTION, "_scaled_dot_product_
     with faults.make_injector(faults.parse(spec), 0, "x")(), capture(f"{sys.argv[1]}/fused-{name}"):
         with sdpa_kernel([be]):
             f.scaled_dot_product_attention(q, q * 0.5, q, is_causal=True).float().sum().backward()
+bn = torch.nn.BatchNorm2d(8).cuda()
+y = torch.randn(4, 8, 6, 6, device="cuda", generator=g).requires_grad_()
+wt = torch.randn(4, 8, 6, 6, device="cuda", generator=g)  # a loss whose dx does not cancel to zero
+spec = "bitflip:rank=0,bit=27,op=cudnn_batch_norm_backward,count=1"
+with faults.make_injector(faults.parse(spec), 0, "x")(), capture(f"{sys.argv[1]}/fused-bn"):
+    (bn(y) * wt).sum().backward()
 PY
     rc=0  # the chip is as faulty at replay as it was at capture: the same fault, simulated again
-    for pair in flash:_scaled_dot_product_flash_attention cudnn:_scaled_dot_product_cudnn_attention_backward; do
+    for pair in flash:_scaled_dot_product_flash_attention cudnn:_scaled_dot_product_cudnn_attention_backward \
+            bn:cudnn_batch_norm_backward; do
         d="$0/fused-${pair%%:*}"; op="${pair#*:}"
-        python3 -m chipcheck.cli repro replay "$d" --reference cpu64 --inject "bitflip:rank=0,bit=14,op=$op,count=1" \
+        bit=14; [ "${pair%%:*}" = bn ] && bit=27
+        python3 -m chipcheck.cli repro replay "$d" --reference cpu64 --inject "bitflip:rank=0,bit=$bit,op=$op,count=1" \
             > "$d.log" 2>&1; r=$?; cat "$d.log"
         grep -q "$op" "$d.log" && [ $r = 1 ] && echo "$d: named, exit 1 (expected)" || { echo "$d: MISSED (exit $r)"; rc=1; }
     done

@@ -11,6 +11,7 @@ from chipcheck.reproducers.fused import STANDS_IN, fused_reference
 
 aten = torch.ops.aten
 E = torch.empty(0)
+BATCH_NORM = {"cudnn_batch_norm", "cudnn_batch_norm_backward"}
 
 
 def _qkv(hkv: int = 2) -> tuple[torch.Tensor, ...]:
@@ -32,7 +33,7 @@ def _cpu_kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_every_layout_matches_the_cpu_kernel(causal: bool) -> None:
+def test_every_attention_layout_matches_the_cpu_kernel(causal: bool) -> None:
     q, k, v = _qkv(hkv=4)
     scale = 0.3
     out, go, dq, dk, dv = _cpu_kernel(q, k, v, causal, scale)
@@ -46,7 +47,7 @@ def test_every_layout_matches_the_cpu_kernel(causal: bool) -> None:
                                                              [True, True, True, False], causal],
         "_scaled_dot_product_cudnn_attention_backward": [go, q, k, v, out, E, E, E, E, E, E, 24, 24, 0.0, causal],
     }
-    assert set(calls) == STANDS_IN
+    assert set(calls) | BATCH_NORM == STANDS_IN
     for name, args in calls.items():
         # each argument list has exactly the arity of the CUDA op's schema (before its keyword `scale`)
         positional = [a for a in getattr(aten, name).default._schema.arguments if not a.kwarg_only]
@@ -56,6 +57,36 @@ def test_every_layout_matches_the_cpu_kernel(causal: bool) -> None:
         assert got is not None and len(got) == len(want), name
         for g_, w in zip(got, want, strict=True):
             torch.testing.assert_close(g_, w, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_cudnn_batch_norm_stands_in_as_batch_norm_in_float64(training: bool) -> None:
+    # what an H200 replay against cpu64 left "replayed but not compared" (2026-12-04): cuDNN's batch norm
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(4, 3, 5, 5, generator=g, dtype=torch.float64) * 2 + 1).requires_grad_()
+    w = torch.rand(3, generator=g, dtype=torch.float64).add(0.5).requires_grad_()
+    b = torch.randn(3, generator=g, dtype=torch.float64).requires_grad_()
+    rm, rv = torch.randn(3, generator=g, dtype=torch.float64), torch.rand(3, generator=g, dtype=torch.float64) + 0.5
+    kept = (rm.clone(), rv.clone())
+    out = torch.nn.functional.batch_norm(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5)
+    args = [x.detach(), w.detach(), b.detach(), rm, rv, training, 0.1, 1e-5]
+    assert len(args) == len(aten.cudnn_batch_norm.default._schema.arguments)
+    (got,) = fused_reference("cudnn_batch_norm", args, {})  # type: ignore[misc]
+    torch.testing.assert_close(got, out.detach(), rtol=1e-12, atol=1e-12)
+    assert torch.equal(rm, kept[0]) and torch.equal(rv, kept[1])  # the caller's running statistics untouched
+    if not training:
+        return
+    go = torch.linspace(-1, 1, out.numel(), dtype=torch.float64).reshape(out.shape)
+    want = torch.autograd.grad(out, (x, w, b), go)
+    mean = x.detach().mean((0, 2, 3))
+    invstd = (x.detach().var((0, 2, 3), unbiased=False) + 1e-5).rsqrt()
+    args = [x.detach(), go, w.detach(), rm, rv, mean, invstd, 1e-5, E]
+    assert len(args) == len(aten.cudnn_batch_norm_backward.default._schema.arguments)
+    got_grads = fused_reference("cudnn_batch_norm_backward", args, {})
+    assert got_grads is not None
+    for g_, w_ in zip(got_grads, want, strict=True):
+        torch.testing.assert_close(g_, w_, rtol=1e-10, atol=1e-12)
+
 
 
 def test_grouped_query_heads_and_a_bias_are_rebuilt() -> None:

@@ -47,6 +47,20 @@ def test_the_drivers_reasons_make_a_drop_slow_at_once() -> None:
     assert speed.suspects(results, POLICY, METRIC, KERNEL) == []  # the driver said it: nothing to retest
 
 
+def test_the_power_cap_alone_is_no_slowdown_a_drop_under_it_is_retested() -> None:
+    # An H200's clean 10 s bf16 burn reported sw_power_cap at 9 s (2026-12-04): a healthy chip at its
+    # set power limit. A drop under it is a suspect the retest decides, like a drop with no reasons.
+    results = [_burn(0, 1.0, None, ("sw_power_cap",)), _burn(1, 0.80, 6.0, ("sw_power_cap",))]
+    assert _slow(results) == []
+    [s] = speed.suspects(results, POLICY, METRIC, KERNEL)
+    assert (s.rank, s.peer) == (1, 0) and "NVML: sw_power_cap, not a slowdown by itself" in s.evidence
+    cleared = results + [_retest(1, [1.0, 1.01, 0.99, 1.0, 1.0]), _retest(0, [1.0, 1.0, 1.01, 0.99, 1.0])]
+    assert _slow(cleared) == []
+    confirmed = results + [_retest(1, [1.3, 1.32, 1.29, 1.31, 1.3]), _retest(0, [1.0, 1.01, 0.99, 1.0, 1.0])]
+    [(rank, why)] = _slow(confirmed)
+    assert rank == 1 and "confirmed by retest" in why and "sw_power_cap" in why
+
+
 def test_a_drop_without_reasons_is_a_suspect_the_retest_confirms_or_clears() -> None:
     results = [_burn(0, 1.01, None), _burn(1, 0.75, 3.0), _burn(2, 0.98, None)]
     [s] = speed.suspects(results, POLICY, METRIC, KERNEL)

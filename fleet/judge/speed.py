@@ -156,7 +156,7 @@ def suspects(results: list[ProbeResult], policy: SpeedPolicy, metric_by_probe: d
         said = [f"{e.probe} {e.ratio:.2f}x (noise {_pct(e.noise)})" for e in sorted(evs, key=lambda e: e.ratio)]
         thr = throttled.get(rank) if kernel == gemm else None
         if thr is not None:
-            said.append(f"{thr.describe()} (no NVML reasons)")
+            said.append(f"{thr.describe()} ({thr.drivers_word()})")
         combined = _combined(evs)[0] if evs else 1.0
         shared = kind.get(rank, "") if host_owned(kind.get(rank, ""), kernel) else ""
         out.append(Suspect(rank=rank, peer=peer, kernel=kernel, ratio=min(combined, thr.ratio) if thr else combined,
