@@ -14,6 +14,7 @@
 #   check      reads both JSON runs: verdicts per case, the finding per dtype, bandwidth vs spec
 #   burn       the burn probe (bf16 GEMMs, NVML samples), then with one flipped bit: expect pass, wrong
 #   burn_check both burn runs read back: NVML's temperature, power and clocks are in the metrics
+#   burnin     a minute of `--profile burnin --probes burn` (8192^3 bf16, fp32): pass, power-limit reasons read
 #   list       `chipcheck list`: discovery with NVML (UUID, serial, VBIOS, driver)
 #   repro      capture one model step on the GPU with a flipped bit, shrink with --reference cpu64,
 #              run the emitted repro.py there
@@ -157,6 +158,24 @@ if bad:
     ok &= bad["verdict"] == "wrong"
 sys.exit(0 if ok else 1)
 PY
+
+# a minute of the burn-in profile (8192^3 bf16 and fp32 GEMMs, 30 s each): a healthy chip reaches its
+# power limit here; expect pass, and read the throughput ratio and the NVML reasons of each case
+step burnin 120 0 bash -c '
+    python3 -m chipcheck.cli run --profile burnin --duration 1m --devices cuda:0 --probes burn \
+        --db "$0/results.db" --json "$0/burnin.json" || exit $?
+    python3 - "$0/burnin.json" <<"PY"
+import json, sys
+for d in json.load(open(sys.argv[1]))["devices"]:
+    for p in d["probes"]:
+        m = p.get("metrics", {})
+        for c in p.get("details", {}).get("cases", []):
+            k = c["case"]
+            print(k, c["verdict"], {x: round(m[f"{k}:{x}"], 3) for x in ("tflops", "tflops_best", "throughput_ratio",
+                  "throttle_onset_s", "throttle_reason_onset_s", "sm_mhz_min", "power_w_mean", "temp_c_max")
+                  if f"{k}:{x}" in m}, c.get("params", {}).get("throttle_reasons"))
+PY
+' "$WORK"
 
 step list 20 0 python3 -m chipcheck.cli list
 
