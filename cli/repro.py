@@ -59,8 +59,8 @@ def repro_replay(capture_dir: str, reference: str, device: str | None, rank: int
         click.echo(f"note: {len(res.not_compared)} op(s) replayed but not compared: "
                    f"{'; '.join(res.not_compared[:3])}{'; ...' if len(res.not_compared) > 3 else ''}")
     if res.stand_in:
-        click.echo(f"note: {len(res.stand_in)} fused attention op(s) the reference cannot run compared with "
-                   f"attention's math definition in float64: {'; '.join(res.stand_in[:3])}"
+        click.echo(f"note: {len(res.stand_in)} fused GPU op(s) the reference cannot run compared with "
+                   f"their math definition in float64: {'; '.join(res.stand_in[:3])}"
                    f"{'; ...' if len(res.stand_in) > 3 else ''}")
     if res.native:
         click.echo(f"note: {len(res.native)} op(s) with no float64 kernel compared with the same op in their own "

@@ -95,8 +95,8 @@ def fused_reference(name: str, args: list[Any], kwargs: dict[str, Any]) -> list[
 
     if name == "cudnn_batch_norm":  # (input, weight, bias, running_mean, running_var, training, momentum, eps)
         x, w, b, rm, rv, training, momentum, eps = args[:8]
-        stats = [t.clone() if isinstance(t, torch.Tensor) else t for t in (rm, rv)]  # the kernel updates them
-        return [torch.native_batch_norm(x, w, b, *stats, bool(training), float(momentum), float(eps))[0]]
+        rm, rv = (t.clone() if isinstance(t, torch.Tensor) else None for t in (rm, rv))  # the kernel updates them
+        return [torch.native_batch_norm(x, w, b, rm, rv, bool(training), float(momentum), float(eps))[0]]
     if name == "cudnn_batch_norm_backward":
         # (input, grad_out, weight, running_mean, running_var, save_mean, save_var: the inverse std, eps, reserve)
         x, g, w, rm, rv, mean, invstd, eps = args[:8]

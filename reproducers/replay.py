@@ -267,8 +267,8 @@ def reference_call(func: Any, build: Callable[[bool], tuple[Any, dict[str, Any]]
 
 
 def stand_in(name: str, ref_args: Any, ref_kwargs: dict[str, Any]) -> list[Any] | None:
-    """The float64 math outputs of fused attention op `name` (overload packet) that the reference cannot
-    run (None: another op, or one that cannot be rebuilt from its arguments)."""
+    """The float64 math outputs of fused GPU op `name` (overload packet: attention, cuDNN batch norm) that
+    the reference cannot run (None: another op, or one that cannot be rebuilt from its arguments)."""
     if name not in fused.STANDS_IN:
         return None
     try:
