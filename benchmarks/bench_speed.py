@@ -1,7 +1,7 @@
 """Speed verdicts: false slows on clean runs, and sensitivity to a process-wide slow chip.
 
     python3 benchmarks/bench_speed.py clean [--runs 50] [--devices cpu:4] [--write-mib 800]
-    python3 benchmarks/bench_speed.py sensitivity [--runs 20] [--factors 1.10,1.15,1.20,1.30]
+    python3 benchmarks/bench_speed.py sensitivity [--runs 20] [--factors 1.10,1.15,1.20,1.30] [--dtype bfloat16]
     python3 benchmarks/bench_speed.py drift [--runs 15]
     python3 benchmarks/bench_speed.py links [--runs 20] [--devices cpu:8]
 
@@ -12,7 +12,8 @@ to a file just before each run (as an install does, no fsync): the host's writeb
 memory system with the run, and a CPU device's copy speed is noted, never judged (fleet.judge.speed).
 sensitivity: per slowdown factor F, N runs with `slow:rank=R,factor=F,scope=process` (R rotating
 over the ranks): the fraction in which the slow device is called `slow`, and the runs in which any
-other device was flagged at all (target 0).
+other device was flagged at all (target 0). `--dtype D` slows only the device's GEMMs in D (a chip
+whose bf16 tensor-core path is slow, its other dtypes at full speed: retested in D).
 links: N clean `chipcheck links` sweeps; every directed link (or device) not `pass` is a false flag
 (target 0), and how many sweeps retested a suspect link.
 drift: N clean 0.8 s float32 burns in this process on one thread (as a CPU worker runs them): the
@@ -77,7 +78,7 @@ def links(runs: int, devices: str) -> None:
         print("  " + f)
 
 
-def sensitivity(runs: int, devices: str, factors: list[float]) -> None:
+def sensitivity(runs: int, devices: str, factors: list[float], dtype: str = "") -> None:
     world = int(devices.split(":")[1])
     print(f"{'slowdown':>8}  {'called slow':>11}  {'others flagged':>14}")
     for f in factors:
@@ -85,7 +86,7 @@ def sensitivity(runs: int, devices: str, factors: list[float]) -> None:
         for i in range(runs):
             r = i % world
             res = run("--devices", devices, *QUICK, "--seed", str(i), "--inject",
-                      f"slow:rank={r},factor={f},scope=process")
+                      f"slow:rank={r},factor={f},scope=process" + (f",dtype={dtype}" if dtype else ""))
             hit += res.verdicts[r] == "slow"
             said = (res.slow_reasons.get(r) or res.speed_notes.get(r) or ["not a suspect"])[0]
             print(f"  factor {f} run {i} rank {r}: {res.verdicts[r]:<5} {res.wall_s:4.0f}s  {said[:160]}", flush=True)
@@ -131,9 +132,11 @@ def main() -> int:
     ap.add_argument("--devices", default="")
     ap.add_argument("--factors", default="1.10,1.15,1.20,1.30")
     ap.add_argument("--write-mib", type=int, default=0, help="clean: MiB written to a file just before each run")
+    ap.add_argument("--dtype", default="", help="sensitivity: slow only the GEMMs in this dtype")
     a = ap.parse_args()
     a.devices = a.devices or ("cpu:8" if a.what == "links" else "cpu:4")
-    print(f"# bench_speed {a.what} {datetime.date.today()} on {machine()}: {a.devices}")
+    print(f"# bench_speed {a.what} {datetime.date.today()} on {machine()}: {a.devices}"
+          + (f", slow in {a.dtype} only" if a.what == "sensitivity" and a.dtype else ""))
     if a.what == "clean":
         clean(a.runs or 50, a.devices, a.write_mib)
     elif a.what == "links":
@@ -141,7 +144,7 @@ def main() -> int:
     elif a.what == "drift":
         drift(a.runs or 15)
     else:
-        sensitivity(a.runs or 20, a.devices, [float(x) for x in a.factors.split(",")])
+        sensitivity(a.runs or 20, a.devices, [float(x) for x in a.factors.split(",")], a.dtype)
     return 0
 
 

@@ -10,6 +10,11 @@ turns, `extended_rounds` of them.
 Use case: a probe's ratio against its peers is noisy on a shared host (a model step spreads ±12%
 run to run); an interleaved measurement on the lowest-noise kernel is not.
 
+A GEMM retest runs in the dtype the suspect is slow in: case `gemm.DTYPE` (option `retest_gemm.DTYPE`),
+DTYPE one of `GEMM_DTYPES`; plain `gemm` runs the profile's `gemm_dtype`. A chip slow in one dtype
+only (its bf16 tensor-core path) keeps its other GEMMs at full speed, and a retest in those would
+clear it.
+
 Round i: the involved ranks time `calls` calls of the kernel one after another (ABBA order:
 reversed every other round, so slow drift of the host cancels), each alone between barriers;
 a turn keeps its best call. The judge compares suspect and peer round by round and calls the
@@ -20,13 +25,21 @@ Cost: rounds x involved ranks x calls kernel calls (about 2 s on CPU for one pai
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, profile_table, register
 
 KERNELS = ("gemm", "copy", "link")
 EXTENDED = "extended"
+GEMM_DTYPES = ("float32", "bfloat16", "float16")
+"""The dtypes a GEMM retest can run in (`gemm.DTYPE`): torch.mm's, on every device kind."""
+
+
+def split_kernel(kernel: str) -> tuple[str, str]:
+    """ "gemm.bfloat16" -> ("gemm", "bfloat16"); "gemm" -> ("gemm", "")."""
+    base, _, dtype = kernel.partition(".")
+    return base, dtype
 
 
 def parse_pairs(text: str) -> list[tuple[int, int]]:
@@ -126,6 +139,9 @@ class RetestProbe(Probe):
         gemm_n: int = 1024
         """GEMM size (n x n x n)."""
         gemm_dtype: str = "float32"
+        """The dtype of a plain `gemm` case."""
+        gemm_n_by_dtype: dict[str, int] = field(default_factory=dict)
+        """GEMM size for a `gemm.DTYPE` case where `gemm_n` would take too long (a CPU's float16)."""
         copy_mib: int = 64
         """Device-to-device copy size, far above the last-level cache."""
         link_mib: int = 16
@@ -146,9 +162,11 @@ class RetestProbe(Probe):
         import torch.distributed as dist
 
         kernel_name, _, stage = case.partition("/")
-        if kernel_name not in KERNELS or stage not in ("", EXTENDED) or (stage and kernel_name == "link"):
-            raise InvalidConfig(f"unknown retest case {case!r}; known: {', '.join(KERNELS)}, gemm/{EXTENDED}, "
-                                f"copy/{EXTENDED}")
+        base, dtype = split_kernel(kernel_name)
+        if (base not in KERNELS or stage not in ("", EXTENDED) or (stage and base == "link")
+                or (dtype and (base != "gemm" or dtype not in GEMM_DTYPES))):
+            raise InvalidConfig(f"unknown retest case {case!r}; known: {', '.join(KERNELS)}, gemm.DTYPE (DTYPE from "
+                                f"{', '.join(GEMM_DTYPES)}), KERNEL/{EXTENDED} for gemm and copy")
         if ctx.group is None:
             raise InvalidConfig("retest is collective: it needs ctx.group (run it through the fleet worker)")
         if case == "link":
@@ -159,7 +177,7 @@ class RetestProbe(Probe):
         ctx.group()
         out = CaseOutcome(case=case, params={"pairs": [list(p) for p in pairs], "rounds": rounds,
                                              "calls": cfg.calls})
-        kernel = _kernel(ctx, cfg, kernel_name) if ctx.rank in involved else None
+        kernel = _kernel(ctx, cfg, base, dtype) if ctx.rank in involved else None
         out.params.update(kernel[1] if kernel else {})
         times: list[float] = []
         if kernel is not None:
@@ -179,16 +197,18 @@ class RetestProbe(Probe):
         return out
 
 
-def _kernel(ctx: ProbeContext, cfg: RetestProbe.Config, case: str) -> tuple[Any, dict[str, Any]]:
+def _kernel(ctx: ProbeContext, cfg: RetestProbe.Config, base: str, dtype: str) -> tuple[Any, dict[str, Any]]:
     """The timed callable and what it is (recorded with the result)."""
     import torch
 
     g = torch.Generator(device="cpu").manual_seed(ctx.seed)
-    if case == "gemm":
-        dt = getattr(torch, cfg.gemm_dtype)
-        a = torch.rand(cfg.gemm_n, cfg.gemm_n, generator=g).to(ctx.device, dt)
-        b = torch.rand(cfg.gemm_n, cfg.gemm_n, generator=g).to(ctx.device, dt)
-        return (lambda: torch.mm(a, b)), {"kernel": f"{cfg.gemm_dtype} GEMM n={cfg.gemm_n}"}
+    if base == "gemm":
+        dtype = dtype or cfg.gemm_dtype
+        n = cfg.gemm_n_by_dtype.get(dtype, cfg.gemm_n)
+        dt = getattr(torch, dtype)
+        a = torch.rand(n, n, generator=g).to(ctx.device, dt)
+        b = torch.rand(n, n, generator=g).to(ctx.device, dt)
+        return (lambda: torch.mm(a, b)), {"kernel": f"{dtype} GEMM n={n}"}
     n = cfg.copy_mib * 2**20 // 4
     src = torch.rand(n, generator=g).to(ctx.device)
     dst = torch.empty_like(src)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import pytest
+
 from chipcheck.fleet.judge import speed
 from chipcheck.results import ProbeResult, Verdict
 
@@ -207,3 +209,51 @@ def test_a_cpu_devices_copy_speed_is_its_hosts_noted_never_retested_or_slow() ->
     gemm = _run(random.Random(8), {1: 1 / 1.15})
     (s,) = speed.suspects(gemm, POLICY, METRIC, KERNEL)
     assert (s.rank, s.kernel, s.shared) == (1, "gemm", "")
+
+
+def _typed_run(rng: random.Random, slow_bf16: dict[int, float], noise: float, *, others: float = 1.0,
+               n: int = 4) -> list[ProbeResult]:
+    """matmul's cases in three dtypes; `slow_bf16` ranks run their bf16 cases that much slower, and
+    their other dtypes at `others`."""
+    out = []
+    for rank in range(n):
+        for d in ("float32", "bfloat16", "float16"):
+            f = slow_bf16.get(rank, 1.0) if d == "bfloat16" else (others if rank in slow_bf16 else 1.0)
+            out += [_r(rank, "matmul", f"{d}/{c}", f * rng.gauss(1.0, noise)) for c in ("exact", "random")]
+    return out
+
+
+def test_a_chip_slow_in_one_dtype_is_retested_in_that_dtype() -> None:
+    # a chip whose bf16 GEMMs run 0.7x while its fp32 and fp16 ones run at full speed: matmul's median
+    # over its cases hides it, and a float32 retest would clear it
+    rng = random.Random(3)
+    results = _typed_run(rng, {1: 0.7}, noise=0.01)
+    (s,) = speed.suspects(results, POLICY, METRIC, KERNEL)
+    assert (s.rank, s.kernel) == (1, "gemm.bfloat16") and "bfloat16 GEMMs 0.70x" in s.evidence, s
+    assert speed.retest_options([s]) == {"retest_gemm.bfloat16": f"1:{s.peer}"}
+    assert speed.retest_cases(speed.retest_options([s])) == ["gemm.bfloat16"]
+    confirmed = results + _noisy_pair(rng, 1, s.peer, 1 / 0.7, 12, 0.02, case="gemm.bfloat16")
+    (j,) = speed.judge(confirmed, POLICY, METRIC, KERNEL)
+    assert j.verdict is Verdict.SLOW and j.case == "gemm.bfloat16" and "gemm.bfloat16 kernel" in j.reason
+    # a plain gemm retest of the same chip (what ran before) is no retest of its suspicion
+    (j,) = speed.judge(results + _noisy_pair(rng, 1, s.peer, 1.0, 12, 0.02), POLICY, METRIC, KERNEL)
+    assert j.verdict is Verdict.PASS and "not retested" in j.reason
+    # with 5% noise between cases and its other dtypes at 0.9x by the noise, a 0.6x bf16 still is
+    noisy = _typed_run(random.Random(4), {2: 0.6}, noise=0.05, others=0.9)
+    assert [(x.rank, x.kernel) for x in speed.suspects(noisy, POLICY, METRIC, KERNEL)] == [(2, "gemm.bfloat16")]
+
+
+def test_a_chip_slow_in_every_dtype_keeps_the_plain_gemm_retest() -> None:
+    rng = random.Random(6)
+    results = _typed_run(rng, {1: 0.6}, noise=0.01, others=0.6)
+    (s,) = speed.suspects(results, POLICY, METRIC, KERNEL)
+    assert (s.rank, s.kernel) == (1, "gemm")
+
+
+@pytest.mark.parametrize("noise", [0.02, 0.05, 0.15])
+def test_clean_runs_in_three_dtypes_make_few_dtype_suspects_and_no_slow(noise: float) -> None:
+    rng = random.Random(7)
+    runs = [_typed_run(rng, {}, noise=noise) for _ in range(200)]
+    found = [s for r in runs for s in speed.suspects(r, POLICY, METRIC, KERNEL) if s.kernel != "gemm"]
+    assert len(found) <= 10, found  # 1 in 20 runs at most: each costs a retest (measured: 1, 6 and 8)
+    assert not [j for r in runs for j in speed.judge(r, POLICY, METRIC, KERNEL) if j.verdict is Verdict.SLOW]

@@ -16,6 +16,9 @@ The rule, for every path (live run, reloaded run, ingested sweep):
    below `1 - 3 min_gap` (0.70x): far beyond any noise seen, and a suspect costs a retest, not a verdict.
    A burn that slowed down and stayed down with no NVML reason for it is a GEMM suspect as well
    (fleet.judge.throttle): a device's own timeline cannot tell a throttling chip from a busy host.
+   Per dtype too: a GEMM probe's cases grouped by dtype, a device whose GEMMs in one dtype sit below the
+   bar and below its other dtypes beyond the noise (`_slow_dtype`) is a GEMM suspect retested in that
+   dtype (kernel `gemm.DTYPE`): a chip slow in bf16 alone hides in the median over its cases.
 4. Confirmation. Each suspect and one peer of its fingerprint (the median unsuspected one; the
    fastest other one where all are suspects) are retested on the kernel of their class, alone on
    the host, interleaved (probes/retest.py). Round by round the suspect's speed over the peer's is
@@ -50,6 +53,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from ...probes import retest as retest_probe
+from ...probes.matmul import ALL_DTYPES
 from ...results import Judgement, LinkJudgement, LinksSummary, ProbeResult, Verdict
 from . import throttle
 from .peers import peer_ratios
@@ -125,23 +129,34 @@ def suspects(results: list[ProbeResult], policy: SpeedPolicy, metric_by_probe: d
             by_case[(r.fingerprint, r.probe, r.case)][r.rank] = v
             fingerprint[r.rank] = r.fingerprint
             kind[r.rank] = r.device.partition(":")[0]
-    for (fp, probe, _case), vals in by_case.items():
+    gemm = kernel_by_probe.get(throttle.BURN) or "gemm"
+    # a GEMM probe's cases per dtype as well: a chip slow in one dtype only hides in the probe's median
+    typed: dict[str, dict[tuple[int, str], list[float]]] = defaultdict(lambda: defaultdict(list))
+    for (fp, probe, case), vals in by_case.items():
         if len(vals) < 2:
             continue
         ratio, _ = peer_ratios(np.fromiter(vals.values(), dtype=np.float64, count=len(vals)), np.inf)
+        dtype = case_dtype(case) if kernel_by_probe[probe] == gemm else ""
         for rank, q in zip(vals, ratio.tolist(), strict=True):
             logs[probe][(rank, fp)].append(math.log(q))
+            if dtype:
+                typed[probe][(rank, dtype)].append(math.log(q))
     evidence: dict[tuple[int, str], list[_Evidence]] = defaultdict(list)  # (rank, kernel) -> per probe
+    by_dtype: dict[int, dict[str, list[_Evidence]]] = defaultdict(lambda: defaultdict(list))
     for probe, per_dev in logs.items():
         noise = _noise(list(per_dev.values()))
         for (rank, _fp), xs in per_dev.items():
             evidence[(rank, kernel_by_probe[probe])].append(
                 _Evidence(probe=probe, ratio=math.exp(statistics.median(xs)), noise=noise, cases=len(xs)))
+        for (rank, dtype), xs in typed.get(probe, {}).items():
+            by_dtype[rank][dtype].append(
+                _Evidence(probe=probe, ratio=math.exp(statistics.median(xs)), noise=noise, cases=len(xs)))
     out = []
     cut = math.log(policy.bar)
     suspected = {key for key, evs in evidence.items() if _suspect(evs, policy, cut)}
+    gemm_dtype = {rank: d for rank, per in by_dtype.items() if (d := _slow_dtype(per, policy, cut))}
+    suspected |= {(rank, gemm) for rank in gemm_dtype}
     # a burn that slowed down with no word from the driver is a suspect too (fleet.judge.throttle)
-    gemm = kernel_by_probe.get(throttle.BURN) or "gemm"
     throttled: dict[int, throttle.Candidate] = {}
     for c in throttle.unexplained(results, policy.min_gap):
         throttled.setdefault(c.rank, c)
@@ -158,10 +173,50 @@ def suspects(results: list[ProbeResult], policy: SpeedPolicy, metric_by_probe: d
         if thr is not None:
             said.append(f"{thr.describe()} ({thr.drivers_word()})")
         combined = _combined(evs)[0] if evs else 1.0
+        if kernel == gemm and (typed_slow := gemm_dtype.get(rank)):
+            dtype, dtype_ratio = typed_slow
+            combined = min(combined, dtype_ratio)
+            said.append(f"{dtype} GEMMs {dtype_ratio:.2f}x, its other dtypes not")
+            kernel = f"{gemm}.{dtype}"
         shared = kind.get(rank, "") if host_owned(kind.get(rank, ""), kernel) else ""
         out.append(Suspect(rank=rank, peer=peer, kernel=kernel, ratio=min(combined, thr.ratio) if thr else combined,
                            evidence=", ".join(said), shared=shared))
     return out
+
+
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+"""Short dtype names some probes' cases use (model_step's `bf16`)."""
+
+
+def case_dtype(case: str) -> str:
+    """The dtype a GEMM probe's case runs in, from its name ("bfloat16/exact", burn's "float32", model_step's
+    "bf16"); "" when the name does not start with one."""
+    head = case.partition("/")[0]
+    return DTYPE_NAMES.get(head, head) if head in DTYPE_NAMES or head in ALL_DTYPES else ""
+
+
+def _slow_dtype(per_dtype: Mapping[str, list[_Evidence]], policy: SpeedPolicy,
+                cut: float) -> tuple[str, float] | None:
+    """The dtype a device's GEMMs are slow in when they are slow in it and not in its other dtypes (a
+    chip slow everywhere is the plain GEMM retest's), and a GEMM retest can run it
+    (retest_probe.GEMM_DTYPES): the slowest such and its ratio, else None.
+
+    Slow in a dtype: its cases (two at least), weighted by their probes' measured noise, put it below
+    the bar and below the device's other dtypes by `z + 2` noise widths. Two more widths than a whole
+    probe needs: each device's three or four dtypes are that many more comparisons, and the noise
+    measured from a few cases per device runs low. On simulated clean runs of 4 devices in 3 dtypes
+    with 2-15% noise between cases, `z` made a dtype suspect in one run of four and `z + 2` in 1 to 8
+    of 200 (each costs a retest, which clears it); a 0.8x bf16 chip is still found at 2% noise every
+    time, at 5% in half the runs, a 0.6x one at 10% in two of three (tests/test_speed_judge.py)."""
+    found: dict[str, float] = {}
+    for d, evs in per_dtype.items():
+        others = [e for o, xs in per_dtype.items() if o != d for e in xs]
+        if d not in retest_probe.GEMM_DTYPES or not others or sum(e.cases for e in evs) < 2:
+            continue
+        (mine, w_mine), (rest, w_rest) = _combined(evs), _combined(others)
+        if math.log(mine) <= cut and math.log(mine) - math.log(rest) <= -(policy.z + 2) * math.hypot(w_mine, w_rest):
+            found[d] = mine
+    return min(found.items(), key=lambda x: (x[1], x[0])) if found else None
 
 
 def _pct(noise: float) -> str:
