@@ -105,3 +105,23 @@ def test_a_slow_chip_is_retested_when_its_only_peer_is_a_suspect_too() -> None:
     js = {j.rank: j for j in speed.judge(confirmed, POLICY, METRIC, KERNEL)}
     assert js[1].verdict is Verdict.SLOW and "confirmed by retest" in js[1].reason
     assert js[0].verdict is Verdict.PASS and "cleared by retest" in js[0].reason
+
+
+def _timeline(reasons_at: dict[float, int], end_s: float = 20.0) -> list[dict[str, float]]:
+    return [{"t_s": t, "w_s": 1.0, "tflops": 1.0, "reasons": float(reasons_at.get(t, 0))}
+            for t in (float(x) for x in range(int(end_s)))]
+
+
+def test_only_a_reason_sampled_from_the_drop_on_makes_it_slow_at_once() -> None:
+    # NVML can say hw_slowdown for a moment at a clock change: seen at t=0 only, it explains nothing
+    # of a drop from t=12 s (a suspect for the retest); seen from t=12 s on, it is the driver's word
+    early = _burn(1, 0.70, 12.0, ("hw_slowdown",))
+    early.params["timeline"] = _timeline({0.0: 0x8})
+    results = [_burn(0, 1.0, None), early]
+    assert _slow(results) == []
+    [s] = speed.suspects(results, POLICY, METRIC, KERNEL)
+    assert s.rank == 1 and "no NVML reasons" in s.evidence
+    during = _burn(1, 0.70, 12.0, ("hw_slowdown",))
+    during.params["timeline"] = _timeline({0.0: 0x8, 13.0: 0x8 | 0x4, 17.0: 0x8})
+    [(rank, why)] = _slow([_burn(0, 1.0, None), during])
+    assert rank == 1 and "hw_slowdown" in why

@@ -8,8 +8,9 @@ So the timeline makes a candidate, and something else confirms it:
 1. Candidate: a burn case whose last quarter ran at or below `1 - min_gap` of its first quarter,
    with a sustained drop that has an onset (probes/burn.py measures both, per iteration).
 2. The driver's word: where NVML sampled a clock-event reason that slows a chip beyond its set
-   limits (thermal slowdown, hardware slowdown, power brake) during the burn, the candidate is
-   `slow`, those reasons named.
+   limits (thermal slowdown, hardware slowdown, power brake) from the drop's onset on, the
+   candidate is `slow`, those reasons named. A reason seen only before the drop explains nothing
+   of it (NVML may report a hardware slowdown for a moment at a clock or P-state change).
 3. Otherwise it is a speed suspect like any other (fleet.judge.speed): retested on the GEMM,
    interleaved against a peer of its fingerprint, alone on the host, and `slow` only when the
    retest confirms it. A host-wide slowdown slows the peer as much and is cleared; a candidate
@@ -43,7 +44,7 @@ class Candidate:
     """Throughput at the end of the burn over its start."""
     onset_s: float
     reasons: tuple[str, ...]
-    """NVML clock-event reasons sampled during the burn, the idle and settings ones left out."""
+    """NVML clock-event reasons sampled from the drop's onset on, the idle and settings ones left out."""
 
     @property
     def slowing(self) -> tuple[str, ...]:
@@ -67,8 +68,21 @@ def candidates(results: list[ProbeResult], min_gap: float) -> list[Candidate]:
         if onset is None or ratio > 1.0 - min_gap:
             continue
         out.append(Candidate(rank=r.rank, case=r.case, fingerprint=r.fingerprint, ratio=ratio, onset_s=onset,
-                             reasons=tuple(r.params.get("throttle_reasons") or ())))
+                             reasons=_reasons_from(r, onset)))
     return out
+
+
+def _reasons_from(r: ProbeResult, onset_s: float) -> tuple[str, ...]:
+    """The burn's NVML reasons sampled in its timeline's windows from `onset_s` on (each window keeps its
+    last sample); without NVML samples in the timeline, the whole burn's (`throttle_reasons`)."""
+    from ...probes.burn import BENIGN, reason_names
+
+    reasons = tuple(r.params.get("throttle_reasons") or ())
+    windows = [w for w in r.params.get("timeline") or [] if "reasons" in w]
+    if not windows:
+        return reasons
+    during = {n for w in windows if w["t_s"] + w["w_s"] > onset_s for n in reason_names(int(w["reasons"]) & ~BENIGN)}
+    return tuple(x for x in reasons if x in during)
 
 
 def unexplained(results: list[ProbeResult], min_gap: float) -> list[Candidate]:
