@@ -11,9 +11,9 @@ Use case: a probe's ratio against its peers is noisy on a shared host (a model s
 run to run); an interleaved measurement on the lowest-noise kernel is not.
 
 A GEMM retest runs in the dtype the suspect is slow in: case `gemm.DTYPE` (option `retest_gemm.DTYPE`),
-DTYPE one of `GEMM_DTYPES`; plain `gemm` runs the profile's `gemm_dtype`. A chip slow in one dtype
-only (its bf16 tensor-core path) keeps its other GEMMs at full speed, and a retest in those would
-clear it.
+DTYPE one of matmul's (tf32 and fp8 on CUDA: the matmul probe's own kernel, `backends.torch.Kernel`);
+plain `gemm` runs the profile's `gemm_dtype`. A chip slow in one dtype only (its bf16 tensor-core
+path) keeps its other GEMMs at full speed, and a retest in those would clear it.
 
 Round i: the involved ranks time `calls` calls of the kernel one after another (ABBA order:
 reversed every other round, so slow drift of the host cancels), each alone between barriers;
@@ -28,12 +28,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from .backends.torch import Kernel
 from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, profile_table, register
+from .matmul import ALL_DTYPES
 
 KERNELS = ("gemm", "copy", "link")
 EXTENDED = "extended"
-GEMM_DTYPES = ("float32", "bfloat16", "float16")
-"""The dtypes a GEMM retest can run in (`gemm.DTYPE`): torch.mm's, on every device kind."""
+GEMM_DTYPES = ALL_DTYPES
+"""The dtypes a GEMM retest can run in (`gemm.DTYPE`): matmul's (tf32 and fp8 where the device has them)."""
 
 
 def split_kernel(kernel: str) -> tuple[str, str]:
@@ -205,10 +207,14 @@ def _kernel(ctx: ProbeContext, cfg: RetestProbe.Config, base: str, dtype: str) -
     if base == "gemm":
         dtype = dtype or cfg.gemm_dtype
         n = cfg.gemm_n_by_dtype.get(dtype, cfg.gemm_n)
-        dt = getattr(torch, dtype)
-        a = torch.rand(n, n, generator=g).to(ctx.device, dt)
-        b = torch.rand(n, n, generator=g).to(ctx.device, dt)
-        return (lambda: torch.mm(a, b)), {"kernel": f"{dtype} GEMM n={n}"}
+        k = Kernel.for_dtype(dtype, ctx.device)  # matmul's: tf32's setting, fp8's scaled GEMM and layout
+        a, b = k.prepare(torch.rand(n, n, generator=g).to(ctx.device), torch.rand(n, n, generator=g).to(ctx.device))
+
+        def gemm() -> Any:
+            with k.settings():
+                return k(a, b)
+
+        return gemm, {"kernel": f"{dtype} GEMM n={n}"}
     n = cfg.copy_mib * 2**20 // 4
     src = torch.rand(n, generator=g).to(ctx.device)
     dst = torch.empty_like(src)

@@ -7,7 +7,7 @@ import pytest
 from conftest import cpu_ctx
 
 from chipcheck.probes import retest
-from chipcheck.probes.base import InvalidConfig
+from chipcheck.probes.base import InvalidConfig, Unsupported
 
 
 def test_a_gemm_retest_runs_in_the_dtype_its_case_names_sized_for_the_device() -> None:
@@ -20,9 +20,12 @@ def test_a_gemm_retest_runs_in_the_dtype_its_case_names_sized_for_the_device() -
     assert what == {"kernel": f"bfloat16 GEMM n={cfg.gemm_n}"} and str(fn().dtype) == "torch.bfloat16"
     _, what = retest._kernel(ctx, cfg, "gemm", "float16")  # a CPU's fp16 GEMM is ~50x slower: smaller
     assert what == {"kernel": "float16 GEMM n=256"}
+    for dtype in ("tf32", "float8_e4m3fn"):  # matmul's kernels: CUDA's tensor cores only
+        with pytest.raises(Unsupported):
+            retest._kernel(ctx, cfg, "gemm", dtype)
 
 
-@pytest.mark.parametrize("case", ["gemm.int8", "copy.bfloat16", "link/extended", "gemm.float8_e4m3fn", "gemm/again"])
+@pytest.mark.parametrize("case", ["gemm.int8", "gemm.float64", "copy.bfloat16", "link/extended", "gemm/again"])
 def test_an_unknown_retest_case_is_a_configuration_error(case: str) -> None:
     probe = retest.RetestProbe()
     with pytest.raises(InvalidConfig, match="unknown retest case"):
