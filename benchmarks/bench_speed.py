@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import re
 import statistics
 import sys
 import tempfile
@@ -48,8 +49,11 @@ def clean(runs: int, devices: str, write_mib: int = 0) -> None:
         bad = {k: v for k, v in res.verdicts.items() if v != "pass"}
         flags += [f"run {i}: rank {k} {v} {res.slow_reasons.get(k, [''])[0][:200]}" for k, v in bad.items()]
         (walls_retest if res.retested else walls_plain).append(res.wall_s)
+        kernels = sorted({m.group(1) for ns in res.speed_notes.values() for n in ns
+                          if (m := re.search(r"rounds of the (\S+) kernel", n))})
         print(f"run {i:>3}: {'retest ' if res.retested else '       '}{res.wall_s:5.0f}s  "
-              f"{' '.join(f'{k}:{v}' for k, v in sorted(res.verdicts.items()))}", flush=True)
+              f"{' '.join(f'{k}:{v}' for k, v in sorted(res.verdicts.items()))}"
+              f"{'  retested on ' + ', '.join(kernels) if kernels else ''}", flush=True)
     n = runs * len(res.verdicts)
     print(f"false flags: {len(flags)} of {n} device-runs; runs with a speed suspect (retested): "
           f"{len(walls_retest)} of {runs}; host-shared kernel notes: {noted}")
