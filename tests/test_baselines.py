@@ -267,9 +267,33 @@ def test_speed_history_reads_absolute_figures_from_the_store(tmp_path: Path) -> 
     past = speed_history(s, "u0", key, now=5 * day, exclude_run="now")
     assert past == [1.0, 1.1, 0.9, 1.0, 1.05]
     now = run_speeds(current, key)
-    assert now == {0: 0.7, 1: 1.0}
-    (j,) = history_judgements({0: now[0]}, {0: past})
+    assert {r: x.value for r, x in now.items()} == {0: 0.7, 1: 1.0}
+    (j,) = history_judgements({0: now[0].value}, {0: past})
     assert j.rank == 0 and "30% below its own 30-day median" in j.reason
+
+
+@pytest.mark.parametrize("change", ["profile", "software"])
+def test_its_own_past_is_measured_the_same_way_or_not_compared(tmp_path: Path, change: str) -> None:
+    # a week of nightly runs at the profile's large GEMMs, then a quick run at smaller ones: an H200's bf16
+    # ran 733 TFLOP/s at 8192 and 519-566 at 4096 (2026-12-04), 25% "below its own median" while
+    # healthy. A driver or torch upgrade (a new fingerprint) may move every device's speed at once.
+    from chipcheck.fleet.judge.verdicts import own_history
+
+    s = Store(tmp_path / "r.db")
+    day = 86400.0
+    for i, tf in enumerate([733.0, 730.0, 735.0, 731.0, 734.0]):
+        s.begin_run(f"n{i}", host="h", profile="nightly", seed=0, argv=[], config={}, started=i * day)
+        s.add_result(_mm(0, tf, case="bfloat16/random", n=8192, run=f"n{i}", started=i * day))
+    n, fp = (4096, "fp1") if change == "profile" else (8192, "fp2")
+    s.begin_run("now", host="h", profile="quick", seed=0, argv=[], config={}, started=5 * day)
+    now = [_mm(0, 540.0, case="bfloat16/random", n=n, fp=fp, run="now", started=5 * day)]
+    s.add_result(now[0])
+    dev = {0: _dev(0, kind=DeviceKind.CUDA, fp=fp)}
+    assert own_history(s, dev, now, "now", 5 * day) == []
+    # measured the same way, the same figure is far below its past: slow
+    like = [_mm(0, 540.0, case="bfloat16/random", n=8192, run="now", started=5 * day)]
+    [j] = own_history(s, {0: _dev(0, kind=DeviceKind.CUDA)}, like, "now", 5 * day)
+    assert j.verdict is Verdict.SLOW and "26% below its own 30-day median" in j.reason
 
 
 @pytest.mark.parametrize("kind", [DeviceKind.CUDA, DeviceKind.CPU])

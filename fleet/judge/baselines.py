@@ -72,6 +72,12 @@ class Sample:
     size: int
     """What the entry's minimum applies to: the smallest GEMM dimension, the largest collective
     message in bytes, 0 where nothing is gated."""
+    fingerprint: str = ""
+    """The device's fingerprint in that run: its SKU and software (driver, CUDA, cuDNN, NCCL, torch)."""
+    shape: tuple[int, ...] = ()
+    """What the figure was measured on besides the device: the GEMM's (m, n, k), the copy's bytes per
+    call, the collective's group size and message sizes. A profile's shapes are its own (an H200's bf16
+    GEMM: 519-566 TFLOP/s at the quick profile's 4096, 733 at the burn-in's 8192)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -332,17 +338,21 @@ def speed_samples(results: Iterable[ProbeResult]) -> Iterator[Sample]:
             key = SpeedKey(probe="matmul", family=r.case.partition("/")[0], metric=_MATMUL_METRIC, unit="TFLOP/s")
             dims = [d for d in (r.params.get(x) for x in ("m", "n", "k")) if isinstance(d, int)]
             size = min(dims) if len(dims) == 3 else 0
+            shape = tuple(dims)
         elif r.probe == "bandwidth" and r.case == "copy":
             key, size = SpeedKey(probe="bandwidth", family="copy", metric=_COPY_METRIC, unit="GB/s"), 0
+            shape = (int(r.params.get("bytes_per_call") or 0),)
         elif r.probe == "collectives" and r.case.partition("/")[0] in BUSBW_OPS:
             key = SpeedKey(probe="collectives", family="busbw", metric=_BUSBW_METRIC, unit="GB/s")
             sizes = r.params.get("sizes") or [0]
             size = int(max(sizes))
+            shape = (int(r.params.get("world_size") or 0), *(int(x) for x in sizes))
         else:
             continue
         v = r.metrics.get(key.metric)
         if v is not None and math.isfinite(v) and v > 0:
-            yield Sample(rank=r.rank, key=key, value=float(v), case=r.case, size=size)
+            yield Sample(rank=r.rank, key=key, value=float(v), case=r.case, size=size, fingerprint=r.fingerprint,
+                         shape=shape)
 
 
 def best_speeds(samples: Iterable[Sample]) -> dict[tuple[int, SpeedKey], Sample]:

@@ -9,6 +9,13 @@ Rule (per device and speed key): with at least `min_runs` past figures, the devi
 figure now is more than `drop` below their median AND the gap exceeds `noise_k` robust standard
 deviations of its own past (1.4826 x MAD): a device whose own figures swing by 25% run to run is not
 called slow for a 22% dip. Figures are per run the best over that run's cases (noise only lowers speed).
+
+Like with like: the past figures are those measured the way the figure now was, on the same shape
+(GEMM dimensions, copy bytes, collective group and message sizes: a profile's own) under the same
+fingerprint (SKU and software: a driver, CUDA, cuDNN or torch upgrade may move a kernel's speed on
+every device at once). A healthy H200's bf16 GEMM runs 519-566 TFLOP/s at the quick profile's 4096
+and 733 at the burn-in's 8192: against a week of nightly runs, a quick run was 25% "below its own
+median". A device whose history holds no such figure yet is not judged.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from ...results import Judgement, ProbeResult, Verdict
-from .baselines import SpeedKey, best_speeds, speed_samples
+from .baselines import Sample, SpeedKey, best_speeds, speed_samples
 
 if TYPE_CHECKING:
     from ..store import Store
@@ -61,15 +68,17 @@ def history_judgements(current: dict[int, float], history: dict[int, list[float]
     return out
 
 
-def run_speeds(results: Iterable[ProbeResult], key: SpeedKey) -> dict[int, float]:
-    """Each rank's best figure for `key` in one run's results (the `current` of history_judgements)."""
-    return {rank: s.value for (rank, k), s in best_speeds(speed_samples(results)).items() if k == key}
+def run_speeds(results: Iterable[ProbeResult], key: SpeedKey) -> dict[int, Sample]:
+    """Each rank's best sample for `key` in one run's results (the `current` of history_judgements, by
+    its value; its shape and fingerprint select the past it is judged against)."""
+    return {rank: s for (rank, k), s in best_speeds(speed_samples(results)).items() if k == key}
 
 
 def speed_history(store: Store, uuid: str, key: SpeedKey, *, now: float, days: float = 30.0,
-                  exclude_run: str | None = None) -> list[float]:
+                  exclude_run: str | None = None, like: Sample | None = None) -> list[float]:
     """One device's (by UUID) best figure for `key` in each of its stored runs that started in the
-    `days` before `now`, oldest run first; `exclude_run` (the run being judged) is left out.
+    `days` before `now`, oldest run first; `exclude_run` (the run being judged) is left out; with
+    `like`, only figures of its shape and fingerprint.
 
     Reads the results table through its device_uuid index (no schema change); bodies are parsed with
     the same rules as a live run's (speed_samples)."""
@@ -78,6 +87,8 @@ def speed_history(store: Store, uuid: str, key: SpeedKey, *, now: float, days: f
         if r.run_id == exclude_run:
             continue
         for s in speed_samples([r]):
+            if like is not None and (s.shape, s.fingerprint) != (like.shape, like.fingerprint):
+                continue
             if s.key == key and s.value > per_run.get(r.run_id, 0.0):
                 per_run[r.run_id] = s.value
     return list(per_run.values())

@@ -109,10 +109,12 @@ def own_history(store: Store, devs: dict[int, DeviceInfo], results: list[ProbeRe
     kernel = speed_tables()[1]
     out: list[Judgement] = []
     for key in sorted(keys, key=lambda k: (k.probe, k.family)):
-        current = {r: v for r, v in oh.run_speeds(results, key).items()
+        current = {r: s for r, s in oh.run_speeds(results, key).items()
                    if r in devs and not speed.host_owned(devs[r].kind.value, kernel.get(key.probe, ""))}
-        past = {r: oh.speed_history(store, devs[r].uuid, key, now=now, exclude_run=run_id) for r in current}
-        out += oh.history_judgements(current, past, probe=key.probe, case=key.family, unit=key.unit)
+        past = {r: oh.speed_history(store, devs[r].uuid, key, now=now, exclude_run=run_id, like=s)
+                for r, s in current.items()}
+        out += oh.history_judgements({r: s.value for r, s in current.items()}, past, probe=key.probe,
+                                     case=key.family, unit=key.unit)
     return out
 
 
