@@ -172,8 +172,9 @@ _COMMON = _COMMON.replace("__APPLY__", inspect.getsource(st.apply))  # one defin
 
 def _helpers(last: dict[str, Any]) -> str:
     """The tolerance and reference helpers the checked op needs, each embedded once: a cancelling op's
-    terms bound (a norm's, softmax's or attention's backward), a fused attention kernel's float64
-    stand-in (CUDA's flash, efficient, cuDNN), and the attention argument reader both use."""
+    terms bound (a norm's, softmax's or attention's backward), a fused GPU kernel's float64 stand-in
+    (CUDA's flash, efficient and cuDNN attention, cuDNN batch norm), and the attention argument reader
+    both use."""
     parts: list[Any] = []
     if last["terms"] or last.get("fused"):
         parts += [AttentionArgs, attention_args]
@@ -220,8 +221,8 @@ def main():
         against = "float64 on the host"
         try:
             ref_dt, ref_in = up, [t.to(up(t.dtype)) for t in inputs[-1]]
-            if last.get("fused"):  # a CUDA attention kernel: its math definition in float64 on the host
-                against = "attention's math definition in float64 on the host"
+            if last.get("fused"):  # a fused GPU kernel (attention, cuDNN batch norm): its float64 math
+                against = "its math definition in float64 on the host"
                 expected = fused_reference(last["op"].split(".")[1], fill(last["args"], ref_in, "cpu", ref_dt),
                                            {k: fill(v, ref_in, "cpu", ref_dt) for k, v in last["kwargs"].items()}
                                            )[last["output"]]

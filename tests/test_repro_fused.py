@@ -147,7 +147,7 @@ def test_repro_py_embeds_the_stand_in_for_a_fused_op() -> None:
     ins = [ns["load"](s, "cpu").double() for s in last["inputs"]]  # type: ignore[operator]
     (out,) = ns["fused_reference"](last["op"].split(".")[1], ns["fill"](last["args"], ins, "cpu", lambda d: d), {})  # type: ignore[operator]
     torch.testing.assert_close(out, _cpu_kernel(*(t.double() for t in (q, k, v)), True, None)[0], rtol=1e-10, atol=1e-12)
-    assert "attention's math definition in float64 on the host" in src
+    assert "its math definition in float64 on the host" in src
 
 
 def test_the_terms_bound_reads_every_backward_layout_and_repro_py_embeds_each_helper_once() -> None:
