@@ -90,8 +90,14 @@ def new_run_id(prefix: str = "") -> str:
 
 def plan_probes(opts: RunOptions, devs: list[DeviceInfo]) -> list[tuple[str, list[str]]]:
     """Cases per probe; all devices of a run share one kind, so one plan serves all."""
-    from ..probes import base
+    from ..probes import base, faults
 
+    for spec in opts.inject:  # a fault on a rank the run does not have would run clean and say nothing
+        for f in faults.parse(spec):
+            outside = [r for r in (*(f.ranks or ()), *(() if f.peer is None else (f.peer,))) if r >= len(devs)]
+            if outside:
+                ranks = "its only rank is 0" if len(devs) == 1 else f"its ranks are 0-{len(devs) - 1}"
+                raise UsageError(f"--inject {spec!r}: rank {outside[0]} is not in this run ({ranks})")
     kind = devs[0].kind.value
     caps = devices.capabilities(devs[0])
     names = opts.probes or tuple(

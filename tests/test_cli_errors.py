@@ -26,6 +26,8 @@ from chipcheck.cli import main
     (["--probes", "matmul,teleport"], "unknown probe 'teleport'"),
     (["--inject", "bitflip:rank=1"], "needs bit"),
     (["--inject", "melt:rank=1"], "unknown fault kind"),
+    (["--inject", "slow:rank=3,factor=1.5"], "rank 3 is not in this run (its only rank is 0)"),  # ran clean, silently
+    (["--devices", "cpu:2", "--inject", "bitflip:rank=0,bit=3,peer=2"], "rank 2 is not in this run"),
     (["--profile", "forever"], "unknown profile"),
     (["--profile", "burnin"], "needs --duration"),
     (["--timeout", "-1"], "--timeout must be > 0"),
