@@ -92,12 +92,6 @@ def plan_probes(opts: RunOptions, devs: list[DeviceInfo]) -> list[tuple[str, lis
     """Cases per probe; all devices of a run share one kind, so one plan serves all."""
     from ..probes import base, faults
 
-    for spec in opts.inject:  # a fault on a rank the run does not have would run clean and say nothing
-        for f in faults.parse(spec):
-            outside = [r for r in (*(f.ranks or ()), *(() if f.peer is None else (f.peer,))) if r >= len(devs)]
-            if outside:
-                ranks = "its only rank is 0" if len(devs) == 1 else f"its ranks are 0-{len(devs) - 1}"
-                raise UsageError(f"--inject {spec!r}: rank {outside[0]} is not in this run ({ranks})")
     kind = devs[0].kind.value
     caps = devices.capabilities(devs[0])
     names = opts.probes or tuple(
@@ -114,6 +108,11 @@ def plan_probes(opts: RunOptions, devs: list[DeviceInfo]) -> list[tuple[str, lis
         except base.InvalidConfig as e:
             raise UsageError(str(e)) from None
         out.append((name, probe.cases(cfg)))
+    probes = [n for n, _ in out] + ["retest"]  # the retest runs when the judge asks for it
+    for spec in opts.inject:
+        for f in faults.parse(spec):
+            if why := faults.unreachable(f, len(devs), probes):
+                raise UsageError(f"--inject {spec!r}: {why}")
     return out
 
 

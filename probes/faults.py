@@ -61,6 +61,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,6 +168,28 @@ class Fault:
         if self.scope != "probe":
             parts.append(f"scope={self.scope}")
         return self.kind + (":" + ",".join(parts) if parts else "")
+
+
+def unreachable(f: Fault, world: int, probes: Collection[str]) -> str:
+    """Why fault `f` can never fire in a run of `world` ranks running `probes`; "" when it can. A typo in
+    a rank, a probe or an op name would otherwise give a clean run that says nothing of it."""
+    outside = [r for r in (*(f.ranks or ()), *(() if f.peer is None else (f.peer,))) if r >= world]
+    if outside:
+        ranks = "its only rank is 0" if world == 1 else f"its ranks are 0-{world - 1}"
+        return f"rank {outside[0]} is not in this run ({ranks})"
+    if f.probe is not None and f.probe not in probes:
+        return f"probe {f.probe!r} is not in this run (it runs {', '.join(probes)})"
+    if f.op is not None and not _known_op(f.op):
+        return f"op {f.op!r} is no ATen or c10d operator (e.g. mm, addmm, _scaled_mm, allreduce_, send)"
+    return ""
+
+
+def _known_op(name: str) -> bool:
+    """Is `name` an operator (overload packet) the injector can match: ATen's, c10d's or functional c10d's."""
+    import torch
+    import torch.distributed  # noqa: F401  (registers the c10d operators)
+
+    return any(hasattr(getattr(torch.ops, ns), name) for ns in ("aten", "c10d", "_c10d_functional"))
 
 
 def parse(spec: str) -> list[Fault]:

@@ -28,6 +28,8 @@ from chipcheck.cli import main
     (["--inject", "melt:rank=1"], "unknown fault kind"),
     (["--inject", "slow:rank=3,factor=1.5"], "rank 3 is not in this run (its only rank is 0)"),  # ran clean, silently
     (["--devices", "cpu:2", "--inject", "bitflip:rank=0,bit=3,peer=2"], "rank 2 is not in this run"),
+    (["--probes", "matmul", "--inject", "bitflip:rank=0,bit=3,probe=matmulx"], "probe 'matmulx' is not in this run"),
+    (["--inject", "bitflip:rank=0,bit=3,op=mmx"], "op 'mmx' is no ATen or c10d operator"),
     (["--profile", "forever"], "unknown profile"),
     (["--profile", "burnin"], "needs --duration"),
     (["--timeout", "-1"], "--timeout must be > 0"),
