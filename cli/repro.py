@@ -37,7 +37,7 @@ def _repro_call(fn: Any) -> Any:
 _REFERENCE = click.option("--reference", default="cpu64", show_default=True,
                           help="cpu64 (float64 on the CPU), a device (cpu, cuda:1) or rank:N.")
 _INJECT = click.option("--inject", default=None,
-                       help="Simulation hook: a probes/faults.py spec applied to the suspect's kernels.")
+                       help="Simulation hook: a probes/faults/ spec applied to the suspect's kernels.")
 
 
 @repro.command("replay")

@@ -11,7 +11,7 @@ its own embedded recorded inputs, then the failing op, and checks only that last
 `--inject SPEC` is the simulation hook for testing reproducers on a healthy chip (a CPU): SPEC is
 `bitflip:bit=B[,rank=R][,index=I][,op=NAME][,after=N][,count=N][,chance=P[,seed=S]]` or `nan[:...]`;
 it corrupts an op's first output (`op=NAME`: only calls of that aten op count, `after=N` spares the
-first N of them, `count=N` corrupts at most N, as in probes/faults.py; the counter restarts every
+first N of them, `count=N` corrupts at most N, as in probes/faults/; the counter restarts every
 run; `chance=P`: an intermittent fault, hit with probability P from a generator seeded by S that runs
 on across the file's runs) or the rank's outgoing payload (collective), self-contained: repro.py
 imports nothing from chipcheck.

@@ -11,7 +11,7 @@ on one rank: their recorded post-wait outputs are substituted; when every rank's
 group_check.py checks each call against the exact result of every rank's inputs.
 
 Simulation hook (testing reproducers on a CPU, which has no real bug): `inject=SPEC` applies a
-probes/faults.py spec to the suspect's kernels. A fault's `after`/`count` number the matching calls
+probes/faults/ spec to the suspect's kernels. A fault's `after`/`count` number the matching calls
 of the captured step, and are kept per original op: a shrunk case that keeps op #i sees the fault
 exactly when op #i saw it during the step.
 """
@@ -355,7 +355,7 @@ def bad_positions(bad: torch.Tensor) -> list[list[int]]:
 
 @dataclass(slots=True)
 class Simulation:
-    """Which original ops a probes/faults.py spec hits (see the module docstring)."""
+    """Which original ops a probes/faults/ spec hits (see the module docstring)."""
 
     faults: list[faultmod.Fault]
     rank: int

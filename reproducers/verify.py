@@ -5,7 +5,7 @@ simulated fault on, when the chip is simulated) it must exit 1. Anything else (a
 healthy chip, one that does not fail on the suspect, one that crashes) is not a reproducer:
 `chipcheck repro shrink` then writes nothing, says why in one line and exits 2.
 
-The simulated chip (`--inject SPEC`, a probes/faults.py spec) is carried into repro.py's own tiny
+The simulated chip (`--inject SPEC`, a probes/faults/ spec) is carried into repro.py's own tiny
 hook (`hook_spec`): the kind and bit, and for a failure that needs history the op name and the
 after/count window of the calls, as the shrinker's candidates saw it.
 """

@@ -45,7 +45,7 @@ def test_an_intermittent_fault_hits_about_its_chance_and_the_same_way_for_the_sa
     a, b = torch.ones(4, 4), torch.ones(4, 4)
 
     def pattern(seed: int) -> list[bool]:
-        faults._DRAWS.clear()  # a fresh process
+        faults.CHANCE_DRAWS.clear()  # a fresh process
         (f,) = faults.parse(f"bitflip:bit=30,op=mm,chance=0.25,seed={seed},at=call")
         hits = []
         for _ in range(400):  # one injector per trial, as replay and shrink use them

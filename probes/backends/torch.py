@@ -2,7 +2,7 @@
 
 Timing is the context's `Timer` (CUDA events on GPUs, thread CPU time on one-thread CPU
 devices) inside its `exclusive()` host lock; faults are the TorchDispatchMode of
-`ctx.under_test()` (probes/faults.py), which corrupts the kernel's output tensor itself; the
+`ctx.under_test()` (probes/faults/), which corrupts the kernel's output tensor itself; the
 deadline is the context's. Without a context (`TorchBackend(device)`) it is a plain torch array
 backend: `backends.backend_of(tensor)` runs the shared oracles on any tensor's device that way.
 
