@@ -154,7 +154,10 @@ def suspects(results: list[ProbeResult], policy: SpeedPolicy, metric_by_probe: d
     out = []
     cut = math.log(policy.bar)
     suspected = {key for key, evs in evidence.items() if _suspect(evs, policy, cut)}
-    gemm_dtype = {rank: d for rank, per in by_dtype.items() if (d := _slow_dtype(per, policy, cut))}
+    # slow in one dtype needs one below the bar: that cheap test first, over a fleet's devices
+    gemm_dtype = {rank: d for rank, per in by_dtype.items()
+                  if min(e.ratio for evs in per.values() for e in evs) <= policy.bar
+                  and (d := _slow_dtype(per, policy, cut))}
     suspected |= {(rank, gemm) for rank in gemm_dtype}
     # a burn that slowed down with no word from the driver is a suspect too (fleet.judge.throttle)
     throttled: dict[int, throttle.Candidate] = {}
