@@ -43,7 +43,11 @@ def test_a_run_judged_again_later_reads_its_own_baselines_file(tmp_path: Path) -
     import sqlite3
 
     table = _unreachable_table(tmp_path)
-    rc, data, out = run_json(tmp_path, "--devices", "cpu:2", "--probes", "matmul", "--baselines", str(table))
+    # --min-gap 0.9: the baseline file is this test's matter, not the peers. Under the parallel suite's
+    # load a peer retest once confirmed core 1 at 0.81x (0.75-0.88) of core 0 while another test's work
+    # shared core 1 (CI, 2026-12-04): CPU-time accounting cannot see such a tenant (see the note)
+    rc, data, out = run_json(tmp_path, "--devices", "cpu:2", "--probes", "matmul", "--baselines", str(table),
+                             "--min-gap", "0.9")
     assert rc == 1 and _verdicts(data) == {0: "slow", 1: "slow"}, out
     db = tmp_path / "results.db"
     with sqlite3.connect(db) as conn:  # as if the run had been killed before it was judged
