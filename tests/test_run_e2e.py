@@ -72,7 +72,10 @@ def test_slow_worker_is_slow_and_nobody_else(tmp_path: Path) -> None:
     probes = {p["probe"]: p for p in device(data, 1)["probes"]}
     assert probes["matmul"]["verdict"] == "pass" and probes["retest"]["verdict"] == "slow"
     m = probes["retest"]["metrics"]
-    assert 0.6 < m["gemm:ratio"] < 0.9 and m["gemm:ratio_hi"] < 0.95
+    # retested on the GEMM, in the dtype its evidence is strongest in where one stands out (on a CPU the
+    # busy-wait of `slow` stretches bf16's multi-threaded wall time more than its CPU time: 0.38x in CI)
+    (kernel,) = {k.partition(":")[0] for k in m if k.endswith(":ratio")}
+    assert kernel.partition(".")[0] == "gemm" and 0.6 < m[f"{kernel}:ratio"] < 0.9 and m[f"{kernel}:ratio_hi"] < 0.95
     assert "confirmed by retest" in " ".join(probes["retest"]["details"]["reasons"])
 
 

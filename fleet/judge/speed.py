@@ -179,7 +179,7 @@ def suspects(results: list[ProbeResult], policy: SpeedPolicy, metric_by_probe: d
         if kernel == gemm and (typed_slow := gemm_dtype.get(rank)):
             dtype, dtype_ratio = typed_slow
             combined = min(combined, dtype_ratio)
-            said.append(f"{dtype} GEMMs {dtype_ratio:.2f}x, its other dtypes not")
+            said.append(f"{dtype} GEMMs {dtype_ratio:.2f}x, below its other dtypes")
             kernel = f"{gemm}.{dtype}"
         shared = kind.get(rank, "") if host_owned(kind.get(rank, ""), kernel) else ""
         out.append(Suspect(rank=rank, peer=peer, kernel=kernel, ratio=min(combined, thr.ratio) if thr else combined,
