@@ -1,6 +1,6 @@
 """Speed verdicts: false slows on clean runs, and sensitivity to a process-wide slow chip.
 
-    python3 benchmarks/bench_speed.py clean [--runs 50] [--devices cpu:4] [--write-mib 800]
+    python3 benchmarks/bench_speed.py clean [--runs 50] [--devices cpu:4] [--write-mib 800] [--tenant-core 1]
     python3 benchmarks/bench_speed.py sensitivity [--runs 20] [--factors 1.10,1.15,1.20,1.30] [--dtype bfloat16]
     python3 benchmarks/bench_speed.py drift [--runs 15]
     python3 benchmarks/bench_speed.py links [--runs 20] [--devices cpu:8]
@@ -10,6 +10,8 @@ flag (target 0). Also how many runs had a speed suspect (and so an interleaved r
 median wall time of runs with and without one (what the retest adds). `--write-mib N` writes N MiB
 to a file just before each run (as an install does, no fsync): the host's writeback then shares the
 memory system with the run, and a CPU device's copy speed is noted, never judged (fleet.judge.speed).
+`--tenant-core C` runs a memory-bound process pinned to core C through each run (another tenant of
+the host): a retest whose turns found the host busier for the suspect than for its peer is not judged.
 sensitivity: per slowdown factor F, N runs with `slow:rank=R,factor=F,scope=process` (R rotating
 over the ranks): the fraction in which the slow device is called `slow`, and the runs in which any
 other device was flagged at all (target 0). `--dtype D` slows only the device's GEMMs in D (a chip
@@ -28,6 +30,7 @@ import datetime
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -38,14 +41,30 @@ from verdicts import machine, run  # noqa: E402
 QUICK = ("--profile", "quick")
 
 
-def clean(runs: int, devices: str, write_mib: int = 0) -> None:
+TENANT = """import os, sys, time
+os.sched_setaffinity(0, {int(sys.argv[1])})
+x, i = [0.0] * 4_000_000, 0  # a working set larger than the caches
+while True:
+    x[i % len(x)] += 1.0
+    i += 7919
+"""
+
+
+def clean(runs: int, devices: str, write_mib: int = 0, tenant_core: int | None = None) -> None:
     flags, walls_retest, walls_plain, noted = [], [], [], 0
     for i in range(runs):
-        with tempfile.NamedTemporaryFile() as f:
-            for _ in range(write_mib):
-                f.write(os.urandom(2**20))
-            res = run("--devices", devices, *QUICK, "--seed", str(i))
-        noted += sum(", not judged: " in n for ns in res.speed_notes.values() for n in ns)
+        tenant = (subprocess.Popen([sys.executable, "-c", TENANT, str(tenant_core)])
+                  if tenant_core is not None else None)
+        try:
+            with tempfile.NamedTemporaryFile() as f:
+                for _ in range(write_mib):
+                    f.write(os.urandom(2**20))
+                res = run("--devices", devices, *QUICK, "--seed", str(i))
+        finally:
+            if tenant is not None:
+                tenant.kill()
+                tenant.wait()
+        noted += sum("not judged" in n for ns in res.speed_notes.values() for n in ns)
         bad = {k: v for k, v in res.verdicts.items() if v != "pass"}
         flags += [f"run {i}: rank {k} {v} {res.slow_reasons.get(k, [''])[0][:200]}" for k, v in bad.items()]
         (walls_retest if res.retested else walls_plain).append(res.wall_s)
@@ -56,7 +75,7 @@ def clean(runs: int, devices: str, write_mib: int = 0) -> None:
               f"{'  retested on ' + ', '.join(kernels) if kernels else ''}", flush=True)
     n = runs * len(res.verdicts)
     print(f"false flags: {len(flags)} of {n} device-runs; runs with a speed suspect (retested): "
-          f"{len(walls_retest)} of {runs}; host-shared kernel notes: {noted}")
+          f"{len(walls_retest)} of {runs}; notes 'not judged' (host-shared kernel, busy host): {noted}")
     if walls_plain:
         print(f"median wall without a retest {statistics.median(walls_plain):.1f}s", end="")
     if walls_retest:
@@ -137,12 +156,14 @@ def main() -> int:
     ap.add_argument("--factors", default="1.10,1.15,1.20,1.30")
     ap.add_argument("--write-mib", type=int, default=0, help="clean: MiB written to a file just before each run")
     ap.add_argument("--dtype", default="", help="sensitivity: slow only the GEMMs in this dtype")
+    ap.add_argument("--tenant-core", type=int, default=None,
+                    help="clean: a memory-bound process pinned to this core through each run")
     a = ap.parse_args()
     a.devices = a.devices or ("cpu:8" if a.what == "links" else "cpu:4")
     print(f"# bench_speed {a.what} {datetime.date.today()} on {machine()}: {a.devices}"
           + (f", slow in {a.dtype} only" if a.what == "sensitivity" and a.dtype else ""))
     if a.what == "clean":
-        clean(a.runs or 50, a.devices, a.write_mib)
+        clean(a.runs or 50, a.devices, a.write_mib, a.tenant_core)
     elif a.what == "links":
         links(a.runs or 20, a.devices)
     elif a.what == "drift":

@@ -24,12 +24,14 @@ Cost: rounds x involved ranks x calls kernel calls (about 2 s on CPU for one pai
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from .backends.torch import Kernel
 from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, profile_table, register
+from .cpu_load import HostBusy
 from .matmul import ALL_DTYPES
 
 KERNELS = ("gemm", "copy", "link")
@@ -186,16 +188,20 @@ class RetestProbe(Probe):
             with ctx.under_test():
                 for _ in range(2):  # allocations, library start-up, clocks ramping: never a turn's time
                     kernel[0]()
+        # a CPU device shares its host with other work: how busy the host was in its turns
+        host = HostBusy() if ctx.device_kind == "cpu" else contextlib.nullcontext()
         for i in range(rounds):
             order = involved if i % 2 == 0 else involved[::-1]
             for r in order:
                 if r == ctx.rank and kernel is not None:
-                    with ctx.under_test():
+                    with ctx.under_test(), host:
                         times.append(min(ctx.timer.time(kernel[0])[1] for _ in range(cfg.calls)))
                 dist.barrier()
         if times:
             out.params["turn_s"] = times
             out.metrics["turn_s_best"] = min(times)
+            if isinstance(host, HostBusy) and host.share is not None:
+                out.params["host_busy_share"] = host.share
         return out
 
 

@@ -302,6 +302,18 @@ def retest_cases(options: dict[str, str]) -> list[str]:
             for k in options if k.startswith("retest_") and k != "retest_stage"]
 
 
+HOST_BUSY_GAP = 0.10
+"""A CPU suspect whose retest turns found the host this much busier (a share of all its CPU time) than its
+peer's turns did is not called slow: other work took more of the host while it computed, and slows a
+core in ways its CPU time cannot see (probes/cpu_load.py)."""
+
+
+def _host_busy(results: list[ProbeResult]) -> dict[tuple[int, str], float]:
+    """(rank, case) -> how busy the host was in that rank's retest turns (CPU devices)."""
+    return {(r.rank, r.case): float(r.params["host_busy_share"]) for r in results
+            if r.probe == RETEST and r.error is None and "host_busy_share" in r.params}
+
+
 def _turns(results: list[ProbeResult]) -> dict[tuple[int, str], list[float]]:
     """(rank, case) -> that retest case's turn times, for every retest case that ran."""
     return {(r.rank, r.case): r.params.get("turn_s") or [] for r in results if r.probe == RETEST and r.error is None}
@@ -334,7 +346,7 @@ def extension_options(results: list[ProbeResult], found: list[Suspect], policy: 
 def judge(results: list[ProbeResult], policy: SpeedPolicy, metric_by_probe: dict[str, str],
           kernel_by_probe: dict[str, str]) -> list[Judgement]:
     """`slow` for every suspect its retest confirms; a note for every suspect cleared or never retested."""
-    turns = _turns(results)
+    turns, busy = _turns(results), _host_busy(results)
     out = []
     for s in suspects(results, policy, metric_by_probe, kernel_by_probe):
         if s.shared:
@@ -355,7 +367,15 @@ def judge(results: list[ProbeResult], policy: SpeedPolicy, metric_by_probe: dict
         where = (f"{rounds} interleaved rounds of the {s.kernel} kernel against rank {s.peer}; "
                  f"suspected from {s.evidence}")
         metrics = {"ratio": ratio, "ratio_lo": lo, "ratio_hi": hi, "rounds": float(len(first) + len(more))}
-        if hi < policy.bar:
+        cases = (s.kernel, f"{s.kernel}/{EXTENDED}")
+        mine, theirs = (max((busy.get((r, c), 0.0) for c in cases), default=0.0) for r in (s.rank, s.peer))
+        if hi < policy.bar and mine - theirs >= HOST_BUSY_GAP:
+            out.append(Judgement(rank=s.rank, probe=RETEST, case=s.kernel, verdict=Verdict.PASS, metrics=metrics,
+                                 reason=(f"speed suspect not judged: {ratio:.2f}x its peer, {policy.confidence:.0%} "
+                                         f"interval {lo:.2f}-{hi:.2f}, but the host was {mine:.0%} busy in its retest "
+                                         f"turns and {theirs:.0%} in its peer's: other work slows a CPU core in ways "
+                                         f"its CPU time cannot see ({where})")))
+        elif hi < policy.bar:
             out.append(Judgement(rank=s.rank, probe=RETEST, case=s.kernel, verdict=Verdict.SLOW, metrics=metrics,
                                  reason=(f"slow: {ratio:.2f}x its peer, {policy.confidence:.0%} interval "
                                          f"{lo:.2f}-{hi:.2f}, confirmed by retest ({where})")))

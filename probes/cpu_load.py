@@ -1,0 +1,71 @@
+"""How busy the host was while a CPU device took its retest turns: what its speed shares with other work.
+
+A CPU device is a core of a host that runs other work too, and that work slows it in ways its own
+thread's CPU time cannot see: a tenant on another core competes for the memory system and, on a
+virtual machine, for the host's shared physical cores. In an interleaved retest the tenant takes more
+of the host while one device computes than while the other does (the other device's core is then its
+to share): with a memory-bound process pinned to core 1, core 0 was confirmed `slow` at 0.88x of
+core 1 (2026-12-04), and under the parallel test suite's load core 1 at 0.81x of core 0 (CI).
+`HostBusy` measures it from /proc/stat (Linux): the share of all the host's CPU time the kernel counted
+busy (steal included: another VM) over the spans it is entered for. Both devices of a pair leave the
+same busy work of their own in each other's turns (one computes, one waits), so the difference between
+their turns' shares is the other work's.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+_TICK_S = 1.0 / (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
+_BUSY = (0, 1, 2, 5, 6, 7)  # user nice system irq softirq steal (idle 3 and iowait 4 left out)
+
+
+def busy_s(stat: Path = Path("/proc/stat")) -> tuple[float, int] | None:
+    """(seconds the kernel counted busy on all the host's CPUs since boot, how many CPUs); None where
+    /proc/stat cannot tell."""
+    try:
+        lines = stat.read_text().splitlines()
+    except OSError:
+        return None
+    total, cpus = 0, 0
+    for line in lines:
+        name, *fields = line.split() or [""]
+        if name.startswith("cpu") and name[3:].isdigit():
+            total += sum(int(fields[i]) for i in _BUSY if i < len(fields))
+            cpus += 1
+    return (total * _TICK_S, cpus) if cpus else None
+
+
+class HostBusy:
+    """Accumulates, over the spans it is entered for, the host's busy CPU time and the CPU time it
+    offered; `share` is the first over the second (None where /proc/stat cannot tell)."""
+
+    def __init__(self, stat: Path = Path("/proc/stat")) -> None:
+        self.stat = stat
+        self.busy_s = 0.0
+        self.offered_s = 0.0
+        self.ok = busy_s(stat) is not None
+        self._start: tuple[float, float] | None = None
+
+    def __enter__(self) -> HostBusy:
+        now = busy_s(self.stat) if self.ok else None
+        self._start = (now[0], time.perf_counter()) if now else None
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._start is None:
+            return
+        now, wall = busy_s(self.stat), time.perf_counter()
+        (b0, w0), self._start = self._start, None
+        if now is None:
+            self.ok = False
+            return
+        self.busy_s += now[0] - b0
+        self.offered_s += (wall - w0) * now[1]
+
+    @property
+    def share(self) -> float | None:
+        return self.busy_s / self.offered_s if self.ok and self.offered_s > 0 else None
