@@ -36,7 +36,9 @@ The rule, for every path (live run, reloaded run, ingested sweep):
    device's copy bandwidth is its host's memory system (the other cores', the page cache's writeback,
    other tenants'), so `HOST_SHARED` kernels make no suspect on that device kind (nor a drop against
    its own history: fleet.judge.verdicts.own_history). The judgement notes the shortfall instead; a
-   slow core still shows in its GEMMs.
+   slow core still shows in its GEMMs. Nor does a CPU device's retest call it slow when the host was
+   busier in its turns than in its peer's by `HOST_BUSY_GAP` of all its CPU time (probes/cpu_load.py):
+   the other work slowed it, not its core.
 7. Links the same way: a directed link the link analysis calls slow is retested against a passing
    link of its kind (intra- or inter-host), interleaved; it stays slow only when confirmed, with
    the link policy's gap (`1 - min_gap / 2` of fleet.judge.links.LinkPolicy).
