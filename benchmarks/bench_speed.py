@@ -51,7 +51,7 @@ while True:
 
 
 def clean(runs: int, devices: str, write_mib: int = 0, tenant_core: int | None = None) -> None:
-    flags, walls_retest, walls_plain, noted = [], [], [], 0
+    flags, walls_retest, walls_plain, noted, busy = [], [], [], 0, 0
     for i in range(runs):
         tenant = (subprocess.Popen([sys.executable, "-c", TENANT, str(tenant_core)])
                   if tenant_core is not None else None)
@@ -64,7 +64,8 @@ def clean(runs: int, devices: str, write_mib: int = 0, tenant_core: int | None =
             if tenant is not None:
                 tenant.kill()
                 tenant.wait()
-        noted += sum("not judged" in n for ns in res.speed_notes.values() for n in ns)
+        noted += sum(", not judged: " in n for ns in res.speed_notes.values() for n in ns)
+        busy += sum("busy in its retest turns" in n for ns in res.speed_notes.values() for n in ns)
         bad = {k: v for k, v in res.verdicts.items() if v != "pass"}
         flags += [f"run {i}: rank {k} {v} {res.slow_reasons.get(k, [''])[0][:200]}" for k, v in bad.items()]
         (walls_retest if res.retested else walls_plain).append(res.wall_s)
@@ -75,7 +76,8 @@ def clean(runs: int, devices: str, write_mib: int = 0, tenant_core: int | None =
               f"{'  retested on ' + ', '.join(kernels) if kernels else ''}", flush=True)
     n = runs * len(res.verdicts)
     print(f"false flags: {len(flags)} of {n} device-runs; runs with a speed suspect (retested): "
-          f"{len(walls_retest)} of {runs}; notes 'not judged' (host-shared kernel, busy host): {noted}")
+          f"{len(walls_retest)} of {runs}; host-shared kernel notes: {noted}; retests not judged (a busier host in "
+          f"the suspect's turns): {busy}")
     if walls_plain:
         print(f"median wall without a retest {statistics.median(walls_plain):.1f}s", end="")
     if walls_retest:
