@@ -23,9 +23,9 @@ _TICK_S = 1.0 / (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
 _BUSY = (0, 1, 2, 5, 6, 7)  # user nice system irq softirq steal (idle 3 and iowait 4 left out)
 
 
-def busy_s(stat: Path = Path("/proc/stat")) -> tuple[float, int] | None:
-    """(seconds the kernel counted busy on all the host's CPUs since boot, how many CPUs); None where
-    /proc/stat cannot tell."""
+def busy_s(stat: Path = Path("/proc/stat"), cores: frozenset[int] | None = None) -> tuple[float, int] | None:
+    """(seconds the kernel counted busy since boot on `cores`, or all the host's CPUs, how many CPUs);
+    None where /proc/stat cannot tell."""
     try:
         lines = stat.read_text().splitlines()
     except OSError:
@@ -33,39 +33,54 @@ def busy_s(stat: Path = Path("/proc/stat")) -> tuple[float, int] | None:
     total, cpus = 0, 0
     for line in lines:
         name, *fields = line.split() or [""]
-        if name.startswith("cpu") and name[3:].isdigit():
+        if name.startswith("cpu") and name[3:].isdigit() and (cores is None or int(name[3:]) in cores):
             total += sum(int(fields[i]) for i in _BUSY if i < len(fields))
             cpus += 1
-    return (total * _TICK_S, cpus) if cpus else None
+    return (total * _TICK_S, cpus) if cpus and (cores is None or cpus == len(cores)) else None
 
 
 class HostBusy:
-    """Accumulates, over the spans it is entered for, the host's busy CPU time and the CPU time it
-    offered; `share` is the first over the second (None where /proc/stat cannot tell)."""
+    """Accumulates, over the spans it is entered for, how busy the host was (`share`: busy CPU time over the
+    CPU time it offered) and how much of this process's own cores other processes took (`foreign_share`:
+    their busy time less this process's CPU time, over the time those cores offered); None where
+    /proc/stat cannot tell."""
 
     def __init__(self, stat: Path = Path("/proc/stat")) -> None:
         self.stat = stat
-        self.busy_s = 0.0
-        self.offered_s = 0.0
-        self.ok = busy_s(stat) is not None
-        self._start: tuple[float, float] | None = None
+        self.cores = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else frozenset()
+        self.busy_s = self.offered_s = self.foreign_s = self.own_offered_s = 0.0
+        first = busy_s(stat)
+        self.ok, self.cpus = first is not None, first[1] if first else 0
+        self._start: tuple[float, float | None, float, float] | None = None
+
+    def _read(self) -> tuple[float, float | None] | None:
+        host = busy_s(self.stat)
+        own = busy_s(self.stat, self.cores) if self.cores else None
+        return (host[0], own[0] if own else None) if host else None
 
     def __enter__(self) -> HostBusy:
-        now = busy_s(self.stat) if self.ok else None
-        self._start = (now[0], time.perf_counter()) if now else None
+        now = self._read() if self.ok else None
+        self._start = (*now, time.process_time(), time.perf_counter()) if now else None
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self._start is None:
             return
-        now, wall = busy_s(self.stat), time.perf_counter()
-        (b0, w0), self._start = self._start, None
+        now, cpu, wall = self._read(), time.process_time(), time.perf_counter()
+        (h0, c0, p0, w0), self._start = self._start, None
         if now is None:
             self.ok = False
             return
-        self.busy_s += now[0] - b0
-        self.offered_s += (wall - w0) * now[1]
+        self.busy_s += now[0] - h0
+        self.offered_s += (wall - w0) * self.cpus
+        if now[1] is not None and c0 is not None:
+            self.foreign_s += max(0.0, (now[1] - c0) - (cpu - p0))
+            self.own_offered_s += (wall - w0) * len(self.cores)
 
     @property
     def share(self) -> float | None:
         return self.busy_s / self.offered_s if self.ok and self.offered_s > 0 else None
+
+    @property
+    def foreign_share(self) -> float | None:
+        return self.foreign_s / self.own_offered_s if self.ok and self.own_offered_s > 0 else None

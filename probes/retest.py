@@ -188,7 +188,7 @@ class RetestProbe(Probe):
             with ctx.under_test():
                 for _ in range(2):  # allocations, library start-up, clocks ramping: never a turn's time
                     kernel[0]()
-        # a CPU device shares its host with other work: how busy the host was in its turns
+        # a CPU device shares its host with other work: how busy the host, and its own cores, were in its turns
         host = HostBusy() if ctx.device_kind == "cpu" else contextlib.nullcontext()
         for i in range(rounds):
             order = involved if i % 2 == 0 else involved[::-1]
@@ -202,6 +202,8 @@ class RetestProbe(Probe):
             out.metrics["turn_s_best"] = min(times)
             if isinstance(host, HostBusy) and host.share is not None:
                 out.params["host_busy_share"] = host.share
+            if isinstance(host, HostBusy) and host.foreign_share is not None:
+                out.params["foreign_share"] = host.foreign_share
         return out
 
 

@@ -42,3 +42,26 @@ def test_a_process_spinning_on_one_core_shows_in_the_hosts_share() -> None:
     finally:
         tenant.kill()
         tenant.wait()
+
+
+@pytest.mark.skipif(not Path("/proc/stat").exists() or not hasattr(os, "sched_setaffinity"), reason="Linux only")
+def test_a_tenant_on_this_process_core_shows_as_its_foreign_share() -> None:
+    core = max(os.sched_getaffinity(0))
+    before = os.sched_getaffinity(0)
+    tenant = subprocess.Popen([sys.executable, "-c", f"import os, time\nos.sched_setaffinity(0, {{{core}}})\n"
+                               "t = time.time()\nwhile time.time() - t < 4: pass"])
+    try:
+        os.sched_setaffinity(0, {core})
+        time.sleep(0.3)  # it is running
+        host = HostBusy()
+        for _ in range(10):
+            with host:
+                t = time.perf_counter()
+                while time.perf_counter() - t < 0.05:
+                    pass
+        assert host.cores == frozenset({core})
+        assert host.foreign_share is not None and host.foreign_share > 0.25, host.foreign_share  # about half
+    finally:
+        os.sched_setaffinity(0, before)
+        tenant.kill()
+        tenant.wait()

@@ -305,15 +305,21 @@ def retest_cases(options: dict[str, str]) -> list[str]:
 
 
 HOST_BUSY_GAP = 0.10
-"""A CPU suspect whose retest turns found the host this much busier (a share of all its CPU time) than its
-peer's turns did is not called slow: other work took more of the host while it computed, and slows a
-core in ways its CPU time cannot see (probes/cpu_load.py)."""
+"""A CPU suspect is not called slow when, in its retest turns, the host was this much busier (a share of all
+its CPU time) than in its peer's, or other processes took this much more of its own cores than of its
+peer's: that work slowed it, in ways its CPU time cannot see (probes/cpu_load.py)."""
 
 
-def _host_busy(results: list[ProbeResult]) -> dict[tuple[int, str], float]:
-    """(rank, case) -> how busy the host was in that rank's retest turns (CPU devices)."""
-    return {(r.rank, r.case): float(r.params["host_busy_share"]) for r in results
-            if r.probe == RETEST and r.error is None and "host_busy_share" in r.params}
+def _retest_param(results: list[ProbeResult], key: str) -> dict[tuple[int, str], float]:
+    """(rank, case) -> a figure of that rank's retest turns (CPU devices: `host_busy_share`, how busy the
+    host was; `foreign_share`, how much of its own cores other processes took)."""
+    return {(r.rank, r.case): float(r.params[key]) for r in results
+            if r.probe == RETEST and r.error is None and key in r.params}
+
+
+def _in_turns(figure: dict[tuple[int, str], float], rank: int, kernel: str) -> float:
+    """A rank's figure over its retest turns on `kernel`, first stage or extended (the larger)."""
+    return max(figure.get((rank, kernel), 0.0), figure.get((rank, f"{kernel}/{EXTENDED}"), 0.0))
 
 
 def _turns(results: list[ProbeResult]) -> dict[tuple[int, str], list[float]]:
@@ -348,7 +354,8 @@ def extension_options(results: list[ProbeResult], found: list[Suspect], policy: 
 def judge(results: list[ProbeResult], policy: SpeedPolicy, metric_by_probe: dict[str, str],
           kernel_by_probe: dict[str, str]) -> list[Judgement]:
     """`slow` for every suspect its retest confirms; a note for every suspect cleared or never retested."""
-    turns, busy = _turns(results), _host_busy(results)
+    turns = _turns(results)
+    busy, foreign = _retest_param(results, "host_busy_share"), _retest_param(results, "foreign_share")
     out = []
     for s in suspects(results, policy, metric_by_probe, kernel_by_probe):
         if s.shared:
@@ -369,13 +376,16 @@ def judge(results: list[ProbeResult], policy: SpeedPolicy, metric_by_probe: dict
         where = (f"{rounds} interleaved rounds of the {s.kernel} kernel against rank {s.peer}; "
                  f"suspected from {s.evidence}")
         metrics = {"ratio": ratio, "ratio_lo": lo, "ratio_hi": hi, "rounds": float(len(first) + len(more))}
-        cases = (s.kernel, f"{s.kernel}/{EXTENDED}")
-        mine, theirs = (max((busy.get((r, c), 0.0) for c in cases), default=0.0) for r in (s.rank, s.peer))
-        if hi < policy.bar and mine - theirs >= HOST_BUSY_GAP:
+        b_mine, b_peer, f_mine, f_peer = (_in_turns(fig, rank, s.kernel) for fig, rank in
+                                          ((busy, s.rank), (busy, s.peer), (foreign, s.rank), (foreign, s.peer)))
+        why = (f"the host was {b_mine:.0%} busy in its retest turns and {b_peer:.0%} in its peer's"
+               if b_mine - b_peer >= HOST_BUSY_GAP else
+               f"other processes took {f_mine:.0%} of its cores in its retest turns and {f_peer:.0%} of its peer's"
+               if f_mine - f_peer >= HOST_BUSY_GAP else "")
+        if hi < policy.bar and why:
             out.append(Judgement(rank=s.rank, probe=RETEST, case=s.kernel, verdict=Verdict.PASS, metrics=metrics,
                                  reason=(f"speed suspect not judged: {ratio:.2f}x its peer, {policy.confidence:.0%} "
-                                         f"interval {lo:.2f}-{hi:.2f}, but the host was {mine:.0%} busy in its retest "
-                                         f"turns and {theirs:.0%} in its peer's: other work slows a CPU core in ways "
+                                         f"interval {lo:.2f}-{hi:.2f}, but {why}: other work slows a CPU core in ways "
                                          f"its CPU time cannot see ({where})")))
         elif hi < policy.bar:
             out.append(Judgement(rank=s.rank, probe=RETEST, case=s.kernel, verdict=Verdict.SLOW, metrics=metrics,
