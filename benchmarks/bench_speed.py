@@ -65,7 +65,7 @@ def clean(runs: int, devices: str, write_mib: int = 0, tenant_core: int | None =
                 tenant.kill()
                 tenant.wait()
         noted += sum(", not judged: " in n for ns in res.speed_notes.values() for n in ns)
-        busy += sum("busy in its retest turns" in n for ns in res.speed_notes.values() for n in ns)
+        busy += sum(n.startswith("speed suspect not judged") for ns in res.speed_notes.values() for n in ns)
         bad = {k: v for k, v in res.verdicts.items() if v != "pass"}
         flags += [f"run {i}: rank {k} {v} {res.slow_reasons.get(k, [''])[0][:200]}" for k, v in bad.items()]
         (walls_retest if res.retested else walls_plain).append(res.wall_s)
@@ -76,7 +76,7 @@ def clean(runs: int, devices: str, write_mib: int = 0, tenant_core: int | None =
               f"{'  retested on ' + ', '.join(kernels) if kernels else ''}", flush=True)
     n = runs * len(res.verdicts)
     print(f"false flags: {len(flags)} of {n} device-runs; runs with a speed suspect (retested): "
-          f"{len(walls_retest)} of {runs}; host-shared kernel notes: {noted}; retests not judged (a busier host in "
+          f"{len(walls_retest)} of {runs}; host-shared kernel notes: {noted}; retests not judged (other work in "
           f"the suspect's turns): {busy}")
     if walls_plain:
         print(f"median wall without a retest {statistics.median(walls_plain):.1f}s", end="")
