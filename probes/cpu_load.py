@@ -23,20 +23,28 @@ _TICK_S = 1.0 / (os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100)
 _BUSY = (0, 1, 2, 5, 6, 7)  # user nice system irq softirq steal (idle 3 and iowait 4 left out)
 
 
-def busy_s(stat: Path = Path("/proc/stat"), cores: frozenset[int] | None = None) -> tuple[float, int] | None:
-    """(seconds the kernel counted busy since boot on `cores`, or all the host's CPUs, how many CPUs);
-    None where /proc/stat cannot tell."""
+def busy_per_cpu(stat: Path = Path("/proc/stat")) -> dict[int, float] | None:
+    """Seconds the kernel counted busy since boot on each of the host's CPUs; None where /proc/stat
+    cannot tell."""
     try:
         lines = stat.read_text().splitlines()
     except OSError:
         return None
-    total, cpus = 0, 0
-    for line in lines:
-        name, *fields = line.split() or [""]
-        if name.startswith("cpu") and name[3:].isdigit() and (cores is None or int(name[3:]) in cores):
-            total += sum(int(fields[i]) for i in _BUSY if i < len(fields))
-            cpus += 1
-    return (total * _TICK_S, cpus) if cpus and (cores is None or cpus == len(cores)) else None
+    per = {int(name[3:]): sum(int(fields[i]) for i in _BUSY if i < len(fields)) * _TICK_S
+           for name, *fields in (line.split() or [""] for line in lines) if name.startswith("cpu") and name[3:].isdigit()}
+    return per or None
+
+
+def busy_s(stat: Path = Path("/proc/stat"), cores: frozenset[int] | None = None) -> tuple[float, int] | None:
+    """(seconds the kernel counted busy since boot on `cores`, or all the host's CPUs, how many CPUs);
+    None where /proc/stat cannot tell."""
+    per = busy_per_cpu(stat)
+    return _sum(per, cores) if per else None
+
+
+def _sum(per: dict[int, float], cores: frozenset[int] | None) -> tuple[float, int] | None:
+    picked = [v for c, v in per.items() if cores is None or c in cores]
+    return (sum(picked), len(picked)) if picked and (cores is None or len(picked) == len(cores)) else None
 
 
 class HostBusy:
@@ -54,8 +62,10 @@ class HostBusy:
         self._start: tuple[float, float | None, float, float] | None = None
 
     def _read(self) -> tuple[float, float | None] | None:
-        host = busy_s(self.stat)
-        own = busy_s(self.stat, self.cores) if self.cores else None
+        """(the host's busy seconds, its own cores'), from one read of /proc/stat."""
+        per = busy_per_cpu(self.stat)
+        host = _sum(per, None) if per else None
+        own = _sum(per, self.cores) if per and self.cores else None
         return (host[0], own[0] if own else None) if host else None
 
     def __enter__(self) -> HostBusy:

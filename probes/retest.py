@@ -36,8 +36,6 @@ from .matmul import ALL_DTYPES
 
 KERNELS = ("gemm", "copy", "link")
 EXTENDED = "extended"
-GEMM_DTYPES = ALL_DTYPES
-"""The dtypes a GEMM retest can run in (`gemm.DTYPE`): matmul's (tf32 and fp8 where the device has them)."""
 
 
 def split_kernel(kernel: str) -> tuple[str, str]:
@@ -168,9 +166,9 @@ class RetestProbe(Probe):
         kernel_name, _, stage = case.partition("/")
         base, dtype = split_kernel(kernel_name)
         if (base not in KERNELS or stage not in ("", EXTENDED) or (stage and base == "link")
-                or (dtype and (base != "gemm" or dtype not in GEMM_DTYPES))):
+                or (dtype and (base != "gemm" or dtype not in ALL_DTYPES))):
             raise InvalidConfig(f"unknown retest case {case!r}; known: {', '.join(KERNELS)}, gemm.DTYPE (DTYPE from "
-                                f"{', '.join(GEMM_DTYPES)}), KERNEL/{EXTENDED} for gemm and copy")
+                                f"{', '.join(ALL_DTYPES)}), KERNEL/{EXTENDED} for gemm and copy")
         if ctx.group is None:
             raise InvalidConfig("retest is collective: it needs ctx.group (run it through the fleet worker)")
         if case == "link":
@@ -200,10 +198,9 @@ class RetestProbe(Probe):
         if times:
             out.params["turn_s"] = times
             out.metrics["turn_s_best"] = min(times)
-            if isinstance(host, HostBusy) and host.share is not None:
-                out.params["host_busy_share"] = host.share
-            if isinstance(host, HostBusy) and host.foreign_share is not None:
-                out.params["foreign_share"] = host.foreign_share
+            if isinstance(host, HostBusy):
+                out.params.update({k: v for k, v in (("host_busy_share", host.share),
+                                                     ("foreign_share", host.foreign_share)) if v is not None})
         return out
 
 

@@ -203,8 +203,8 @@ def case_dtype(case: str) -> str:
 def _slow_dtype(per_dtype: Mapping[str, list[_Evidence]], policy: SpeedPolicy,
                 cut: float) -> tuple[str, float] | None:
     """The dtype a device's GEMMs are slow in when they are slow in it and not in its other dtypes (a
-    chip slow everywhere is the plain GEMM retest's), and a GEMM retest can run it
-    (retest_probe.GEMM_DTYPES): the slowest such and its ratio, else None.
+    chip slow everywhere is the plain GEMM retest's): the slowest such and its ratio, else None. Any of
+    matmul's dtypes (`case_dtype`'s) can be retested (probes/retest.py runs matmul's kernel for it).
 
     Slow in a dtype: its cases (two at least), weighted by their probes' measured noise, put it below
     the bar and below the device's other dtypes by `z + 2` noise widths. Two more widths than a whole
@@ -216,7 +216,7 @@ def _slow_dtype(per_dtype: Mapping[str, list[_Evidence]], policy: SpeedPolicy,
     found: dict[str, float] = {}
     for d, evs in per_dtype.items():
         others = [e for o, xs in per_dtype.items() if o != d for e in xs]
-        if d not in retest_probe.GEMM_DTYPES or not others or sum(e.cases for e in evs) < 2:
+        if not others or sum(e.cases for e in evs) < 2:
             continue
         (mine, w_mine), (rest, w_rest) = _combined(evs), _combined(others)
         if math.log(mine) <= cut and math.log(mine) - math.log(rest) <= -(policy.z + 2) * math.hypot(w_mine, w_rest):
