@@ -38,6 +38,8 @@ from .faults import Fault
 
 # The JAX ops a fault lands in when it names no `op` (the compute and communication kernels).
 DEFAULT_OPS = ("dot_general", "attention", "psum", "pmax", "all_gather", "psum_scatter", "all_to_all", "ppermute")
+# Every op name an `op=` may give on this path: the defaults and broadcast (a fault lands in it only when named).
+OPS = (*DEFAULT_OPS, "broadcast")
 VALUE_FAULTS = ("bitflip", "stuck", "nan")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -201,3 +202,18 @@ def test_cli_backend_jax_injected_fault_on_one_device(tmp_path: Path) -> None:
 def test_cli_backend_jax_refuses_what_it_cannot_do(tmp_path: Path) -> None:
     rc, _, out = _cli(tmp_path, "--probes", "memory")
     assert rc == 2 and "not on the JAX path" in out
+
+
+@pytest.mark.parametrize(("spec", "words"), [
+    ("bitflip:rank=0,bit=20,op=mm", "op 'mm' is not one the JAX path injects into (dot_general, attention"),
+    ("slow:rank=4,factor=2", "rank 4 is not in this run (its ranks are 0-1)"),
+    ("bitflip:rank=0,bit=20,probe=attention", "probe 'attention' is not in this run (it runs matmul)"),
+])
+def test_cli_backend_jax_refuses_a_fault_that_can_never_fire(tmp_path: Path, spec: str, words: str) -> None:
+    # each ran clean before and said nothing: `op=mm` is torch's name, JAX's GEMM is dot_general
+    rc, _, out = run_jax(tmp_path, 2, "--probes", "matmul", "--inject", spec)
+    assert rc == 2 and words in out, out[-2000:]
+    assert "Traceback" not in out and len(out.strip().splitlines()) == 1, out
+    runs = sqlite3.connect(tmp_path / "r.db").execute("SELECT verdict FROM runs").fetchall() \
+        if (tmp_path / "r.db").exists() else []
+    assert all(v != "pass" for (v,) in runs), runs  # never stored as a run that passed

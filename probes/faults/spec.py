@@ -111,16 +111,19 @@ class Fault:
         return self.kind + (":" + ",".join(parts) if parts else "")
 
 
-def unreachable(f: Fault, world: int, probes: Collection[str]) -> str:
+def unreachable(f: Fault, world: int, probes: Collection[str], ops: Collection[str] | None = None) -> str:
     """Why fault `f` can never fire in a run of `world` ranks running `probes`; "" when it can. A typo in
-    a rank, a probe or an op name would otherwise give a clean run that says nothing of it."""
+    a rank, a probe or an op name would otherwise give a clean run that says nothing of it. `ops`: the op
+    names a backend without a dispatcher hook injects into (JAX's); None: any ATen or c10d operator."""
     outside = [r for r in (*(f.ranks or ()), *(() if f.peer is None else (f.peer,))) if r >= world]
     if outside:
         ranks = "its only rank is 0" if world == 1 else f"its ranks are 0-{world - 1}"
         return f"rank {outside[0]} is not in this run ({ranks})"
     if f.probe is not None and f.probe not in probes:
         return f"probe {f.probe!r} is not in this run (it runs {', '.join(probes)})"
-    if f.op is not None and not _known_op(f.op):
+    if f.op is not None and ops is not None and f.op not in ops:
+        return f"op {f.op!r} is not one the JAX path injects into ({', '.join(ops)})"
+    if f.op is not None and ops is None and not _known_op(f.op):
         return f"op {f.op!r} is no ATen or c10d operator (e.g. mm, addmm, _scaled_mm, allreduce_, send)"
     return ""
 
