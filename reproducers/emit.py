@@ -32,14 +32,16 @@ from typing import Any
 
 from . import format as fmt
 from . import settings as st
+from . import tolerance as tol
 from .fused import STANDS_IN, AttentionArgs, attention_args, fused_reference
 from .reduction import exact_result, reduction
 from .shrink import CollectiveCase, OpCase
-from .terms import CANCELLING, cancelling_terms, terms_of
+from .terms import cancelling_terms, terms_of
 from .trials import Evidence, Rate
 
 _COMMON = r'''
 import argparse, base64, hashlib, json, sys, zlib
+from typing import Any
 import numpy as np
 import torch
 
@@ -113,12 +115,7 @@ def metric(actual, expected, rtol, magnitude=None):
     (a sum's tolerance also scales with `magnitude`, the op on its inputs' absolute values)."""
     a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
     err = (a - e).abs()
-    finite = e[torch.isfinite(e)]
-    scale = e.abs() + (finite.pow(2).mean().sqrt() if finite.numel() else 0.0)
-    if magnitude is not None:
-        scale = torch.maximum(scale, magnitude.detach().cpu().double().abs())
-    same = (a == e) | (torch.isnan(a) & torch.isnan(e))
-    bad = ~((err <= rtol * scale) | same)
+    bad = outside_tolerance(actual, expected, rtol, magnitude)
     n = int(bad.sum())
     if n == 0:
         return 0, "agrees with the expected value"
@@ -154,6 +151,8 @@ def fill(x, ins, device, dtype_map):
 
 __APPLY__
 
+__TOLERANCE__
+
 def apply_settings(settings):
     """The bit-changing settings this failure needs (the header lists the ones it does not)."""
     apply(settings)
@@ -167,7 +166,9 @@ def resolve(name):
     return getattr(getattr(getattr(torch.ops, ns), packet), overload)
 '''
 
-_COMMON = _COMMON.replace("__APPLY__", inspect.getsource(st.apply))  # one definition, embedded
+_COMMON = _COMMON.replace("__APPLY__", inspect.getsource(st.apply)).replace(  # one definition each, embedded
+    "__TOLERANCE__", "\n\n".join(inspect.getsource(f) for f in (tol.outside_tolerance, tol.absolute,
+                                                                  tol.widened_scale)))
 
 
 def _helpers(last: dict[str, Any]) -> str:
@@ -176,9 +177,9 @@ def _helpers(last: dict[str, Any]) -> str:
     (CUDA's flash, efficient and cuDNN attention, cuDNN batch norm), and the attention argument reader
     both use."""
     parts: list[Any] = []
-    if last["terms"] or last.get("fused"):
+    if last["widening"] == "terms" or last.get("fused"):
         parts += [AttentionArgs, attention_args]
-    if last["terms"]:
+    if last["widening"] == "terms":
         parts += [cancelling_terms, terms_of]
     if last.get("fused"):
         parts.append(fused_reference)
@@ -231,16 +232,12 @@ def main():
         except RuntimeError:  # no float64 kernel (grouped GEMMs): the same op in its own dtype on the host
             ref_dt, ref_in, against = same, [t.clone() for t in inputs[-1]], "the op in its own dtype on the host"
             expected = run(last, ref_in, "cpu", same, None)[last["output"]]
-        magnitude = None
-        if last.get("sums"):  # a sum that cancels keeps the rounding of its terms: |inputs| scale it
-            plus = dict(last, kwargs={k: abs(v) if k in ("alpha", "beta") and isinstance(v, (int, float)) else v
-                                      for k, v in last["kwargs"].items()})
-            magnitude = run(plus, [t.abs() if t.is_floating_point() else t for t in ref_in], "cpu", ref_dt,
-                            None)[last["output"]]
-        elif last.get("terms"):  # a norm's, softmax's or attention's backward: its centred terms scale it
-            magnitude = cancelling_terms(last["op"].split(".")[1], fill(last["args"], ref_in, "cpu", ref_dt),
-                                         {k: fill(v, ref_in, "cpu", ref_dt) for k, v in last["kwargs"].items()},
-                                         last["output"])
+        # a sum that cancels keeps the rounding of its terms (the op on |inputs| scales it), as does a
+        # norm's, softmax's or attention's backward (its centred terms)
+        magnitude = widened_scale(last["widening"], last["op"].split(".")[1], resolve(last["op"]),
+                                  fill(last["args"], ref_in, "cpu", ref_dt),
+                                  {k: fill(v, ref_in, "cpu", ref_dt) for k, v in last["kwargs"].items()},
+                                  last["output"])
         failed = 0
         for r in range(a.repeat):
             fault = parse_inject(a.inject)  # a fresh call counter per run: the sequence is the history
@@ -255,7 +252,7 @@ def main():
             print(f"run {r + 1}/{a.repeat} {last['op']}{after} on {a.device}: {text}")
             failed += n > 0
     print(f"{'REPRODUCED' if failed else 'not reproduced'}: {failed} of {a.repeat} runs wrong "
-          f"(tolerance rtol={CASE['rtol']} x (|expected| + rms(expected)){' or the op on |inputs|' if last.get('sums') else ' or its terms' if magnitude is not None else ''}"
+          f"(tolerance rtol={CASE['rtol']} x (|expected| + rms(expected)){' or the op on |inputs|' if last['widening'] == 'sums' else ' or its terms' if magnitude is not None else ''}"
           f" vs {against})")
     sys.exit(1 if failed else 0)
 
@@ -439,13 +436,13 @@ def render_op(case: OpCase, *, device: str, metric_line: str, where: list[str] |
     return head + _environment(settings) + _multi(data)
 
 
-def _tolerance(op: str) -> dict[str, bool]:
-    """How the checked op's tolerance widens, as replay's does: `sums` (a sum of products, `SUMS`: the
-    op on |inputs|) or `terms` (a norm's, softmax's or attention's backward: `terms.cancelling_terms`)."""
+def _tolerance(op: str) -> dict[str, Any]:
+    """How the checked op's tolerance widens, as replay's does (`replay.widening`: "sums", "terms" or
+    None), and whether it is a fused GPU kernel judged against its float64 stand-in."""
     from . import replay as rp
 
     name = op.split(".")[1]
-    return {"sums": name in rp.SUMS, "terms": name in CANCELLING, "fused": name in STANDS_IN}
+    return {"widening": rp.widening(name), "fused": name in STANDS_IN}
 
 
 def _multi(data: dict[str, Any]) -> str:

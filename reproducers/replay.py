@@ -32,7 +32,8 @@ from ..probes.backends import backend_of, oracles
 from . import format as fmt
 from . import fused
 from . import settings as st
-from .terms import CANCELLING, cancelling_terms
+from . import tolerance as tol
+from .terms import CANCELLING
 
 # Relative tolerance vs float64 per output dtype, scaled by (|ref| + rms(ref)) (for `SUMS`, by the op on
 # |inputs| where that is larger): loose enough for any correct kernel's rounding (summation order, fused
@@ -284,22 +285,15 @@ def compare_op(func: Any, actual: torch.Tensor, ref: torch.Tensor, exact: bool, 
     tolerance rejects (the wider one accepts whatever the plain one does)."""
     m = compare(actual, ref, exact)
     name = func.overloadpacket.__name__
-    if m is None or exact:
+    if m is None or exact or not (how := widening(name)):
         return m
-    if name in SUMS:
-        return compare(actual, ref, exact, magnitude=out_list(func(*absolute(ref_args), **absolute(ref_kwargs)))[output])
-    if name not in CANCELLING:
-        return m
-    bound = cancelling_terms(name, list(ref_args), ref_kwargs, output)
+    bound = tol.widened_scale(how, name, func, ref_args, ref_kwargs, output)
     return m if bound is None else compare(actual, ref, exact, magnitude=bound)
 
 
-def absolute(x: Any) -> Any:
-    """Arguments with every floating-point tensor and the `alpha`/`beta` scalars made non-negative."""
-    if isinstance(x, dict):
-        return {k: abs(v) if k in ("alpha", "beta") and isinstance(v, (int, float)) else absolute(v)
-                for k, v in x.items()}
-    return map_tensors(x, lambda t: t.abs() if t.is_floating_point() else t)
+def widening(name: str) -> str | None:
+    """How op `name`'s tolerance widens (`tolerance.widened_scale`): "sums", "terms" or None."""
+    return "sums" if name in SUMS else "terms" if name in CANCELLING else None
 
 
 def compare(actual: torch.Tensor, ref: torch.Tensor, exact: bool,
@@ -317,15 +311,11 @@ def compare(actual: torch.Tensor, ref: torch.Tensor, exact: bool,
                                           bad_indices=bad_positions(bad), message="integer/bool output differs")
     a64, r64 = a.double(), r.double()
     err = (a64 - r64).abs()
-    same_special = (a64 == r64) | (torch.isnan(a64) & torch.isnan(r64))
     if exact:
         bk = backend_of(a)
         bad = bk.bits(a) != bk.bits(r.to(a.dtype))
     else:
-        scale = r64.abs() + (r64[torch.isfinite(r64)].pow(2).mean().sqrt() if r64.numel() else 0.0)
-        if magnitude is not None and magnitude.shape == r64.shape:
-            scale = torch.maximum(scale, magnitude.detach().cpu().double().abs())
-        bad = ~((err <= RTOL[a.dtype] * scale) | same_special)
+        bad = tol.outside_tolerance(a64, r64, RTOL[a.dtype], magnitude)
     n = int(bad.sum())
     if n == 0:
         return None

@@ -4,6 +4,7 @@ generic machinery on known failing cases (exact minima)."""
 from __future__ import annotations
 
 import contextlib
+import inspect
 import subprocess
 import sys
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from chipcheck.reproducers import capture, emit, verify
 from chipcheck.reproducers import format as fmt
 from chipcheck.reproducers import replay as rp
 from chipcheck.reproducers import shrink as sk
+from chipcheck.reproducers import tolerance as tol
 from chipcheck.reproducers.terms import cancelling_terms
 
 MC = GPTConfig.tiny()
@@ -214,6 +216,8 @@ def test_repro_py_judges_a_cancelling_sum_as_replay_does(tmp_path: Path) -> None
     good = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert good.returncode == 0 and "or the op on |inputs|" in good.stdout, good.stdout + good.stderr
     assert "def cancelling_terms" not in path.read_text()  # embedded only where the checked op needs it
+    for f in (tol.outside_tolerance, tol.widened_scale):  # replay's rule itself, not a copy of it
+        assert inspect.getsource(f) in path.read_text()
     bad = subprocess.run([sys.executable, str(path), "--inject", "bitflip:bit=30"], capture_output=True, text=True,
                          timeout=120, cwd=tmp_path)
     assert bad.returncode == 1, bad.stdout + bad.stderr
