@@ -70,10 +70,11 @@ def index(store: Store) -> int:
     """Add the device_runs rows of every judged run not indexed yet; returns how many runs were added."""
     done = store.indexed_runs()
     added = 0
-    for run_id, started, verdict in store.runs():
-        if run_id in done or verdict is None:  # an unjudged (interrupted) run has no fleet verdicts yet
+    for run in store.runs():
+        if run.run_id in done or run.verdict is None:  # an unjudged (interrupted) run has no fleet verdicts yet
             continue
-        rows = device_rows(run_id, started, store.devices(run_id), store.results(run_id), store.judgements(run_id))
+        rows = device_rows(run.run_id, run.started, store.devices(run.run_id), store.results(run.run_id),
+                           store.judgements(run.run_id))
         store.add_device_runs(rows)
         added += 1
     return added

@@ -139,7 +139,7 @@ def ingest(store: Store, paths: list[str]) -> IngestReport:
         for r in results:
             by_run[r.run_id].append(r)
     store.spool_unsaved = False  # the shards are the copy: a failed write stops here, ingest again later
-    known = {run_id for run_id, _, _ in store.runs()}
+    known = {run.run_id for run in store.runs()}
     for run_id, results in sorted(by_run.items()):
         run = RunSession(store, run_id)
         if run_id not in known:

@@ -66,7 +66,7 @@ def resolve(store: Store, run_id: str) -> str:
         if latest is None:
             raise RunNotFound(f"the store {store.path} holds no runs yet")
         return latest
-    ids = [r for r, _, _ in store.runs()]
+    ids = [run.run_id for run in store.runs()]
     if run_id in ids:
         return run_id
     hits = [r for r in ids if r.startswith(run_id)] if run_id else []

@@ -14,7 +14,7 @@ typed=$(mktemp -d)
 ln -s "$PWD" "$typed/chipcheck"
 (cd "$typed" && python3 -m mypy --config-file chipcheck/setup.cfg -m chipcheck.results -m chipcheck.failures \
     -m chipcheck.generator -p chipcheck.fleet.judge -m chipcheck.fleet.protocol -m chipcheck.fleet.harness -m chipcheck.fleet.supervisor \
-    -m chipcheck.fleet.session -m chipcheck.fleet.store -m chipcheck.fleet.history -m chipcheck.fleet.trends -m chipcheck.fleet.summary -p chipcheck.reports \
+    -m chipcheck.fleet.session -m chipcheck.fleet.store -m chipcheck.fleet.store_file -m chipcheck.fleet.history -m chipcheck.fleet.trends -m chipcheck.fleet.summary -p chipcheck.reports \
     -p chipcheck.reproducers \
     -m chipcheck.probes.keeping -p chipcheck.probes.backends -m chipcheck.probes.matmul -m chipcheck.probes.collectives \
     -m chipcheck.probes.jax_collectives)

@@ -151,9 +151,9 @@ def test_fuzz_ingest_never_crashes_and_keeps_every_valid_line(tmp_path: Path, li
         got = set(store.conn.execute("SELECT run_id, rank, probe, case_name, started FROM results"))
         assert got == want
         assert rep.bad_lines == sum(1 for text, valid in lines if not valid and text.strip())
-        for run_id, _, _ in store.runs():  # whatever went in reads back
-            store.results(run_id)
-            store.judgements(run_id)
+        for run in store.runs():  # whatever went in reads back
+            store.results(run.run_id)
+            store.judgements(run.run_id)
         assert store.skipped_rows == 0
     finally:
         store.close()
