@@ -125,11 +125,29 @@ def parse_reports(specs: tuple[str, ...]) -> list[tuple[str, str]]:
 
 
 def check_writable(p: Path, flag: str = "--json") -> None:
-    """A UsageError naming `flag` unless `p` can be written (its directory exists and is writable)."""
+    """A UsageError naming `flag` unless `p` can be written: tried, not asked (access(2) answers yes to root
+    for /proc and the like, and an output that fails only once the run has measured everything is too
+    late to refuse)."""
+    import tempfile
+
     from .fleet.runner import UsageError
 
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.is_dir():
         raise UsageError(f"{flag} {p}: directory {parent} does not exist")
-    if (p.exists() and not os.access(p, os.W_OK)) or not os.access(parent, os.W_OK):
-        raise UsageError(f"{flag} {p} is not writable")
+    if p.is_dir():
+        raise UsageError(f"{flag} {p} is a directory")
+    if p.exists() and not p.is_file():  # a device or a pipe (/dev/stdout): written in place, not opened here
+        if not os.access(p, os.W_OK):
+            raise UsageError(f"{flag} {p} is not writable")
+        return
+    try:
+        if p.exists():
+            with open(p, "ab"):  # opened for writing, nothing written
+                pass
+        # outputs are written through a temporary file beside them and a rename (write_atomic)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".check", dir=parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UsageError(f"{flag} {p} is not writable ({e.strerror or e})") from None

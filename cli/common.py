@@ -8,10 +8,15 @@ from typing import Any
 
 import click
 
+from ..options import fail
+
 
 def write_atomic(path: Path, text: str) -> None:
     """Write through a temporary file and a rename: a reader (node_exporter's textfile collector, a log
-    shipper) never sees half a file."""
+    shipper) never sees half a file. A device or a pipe (/dev/stdout) is written in place."""
+    if path.exists() and not path.is_file():
+        path.write_text(text)
+        return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(text)
@@ -19,6 +24,14 @@ def write_atomic(path: Path, text: str) -> None:
     finally:
         tmp.unlink(missing_ok=True)
 
+
+def write_output(path: Path, text: str, flag: str, kept: str = "") -> None:
+    """`write_atomic`, a failure one line and exit 2 (`kept`: where what was measured still is): the
+    check before the run (`check_writable`) cannot see a disk that fills up meanwhile."""
+    try:
+        write_atomic(path, text)
+    except OSError as e:
+        fail(f"{flag} {path}: cannot be written ({e.strerror or e}){kept}")
 
 
 def print_news(db_path: Any) -> None:

@@ -38,6 +38,9 @@ def ingest(paths: tuple[str, ...], db_path: str | None) -> None:
                f"{f', {rep.bad_lines} unreadable lines' if rep.bad_lines else ''}"
                f"{f', {rep.bad_files} unreadable files skipped' if rep.bad_files else ''}); runs judged: "
                f"{', '.join(rep.runs) or 'none'}")
+    if rep.added == rep.duplicates == 0 and (rep.bad_lines or rep.bad_files):  # a wrong path, not a torn shard
+        fail(f"nothing in {', '.join(paths)} is a chipcheck result (the JSONL shards a torchrun or Slurm sweep "
+             f"writes, or a run's unsaved file)")
 
 
 @click.command()

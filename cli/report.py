@@ -13,7 +13,7 @@ from ..options import (
     parse_reports,
 )
 from ..reports.formats import FORMATS
-from .common import write_atomic
+from .common import write_output
 
 
 @click.command()
@@ -56,13 +56,13 @@ def report(run_ids: tuple[str, ...], db_path: str | None, fmt: str, output: str,
     if output == "-":
         click.echo(text, nl=False)
     else:
-        write_atomic(Path(output), text)
+        write_output(Path(output), text, "-o")
     for f, dest in outputs:
         extra_text = formats.render(summary, f, extras)
         if dest == "-":
             click.echo(extra_text, nl=False)
         else:
-            write_atomic(Path(dest), extra_text)
+            write_output(Path(dest), extra_text, "--report")
     sys.exit(0 if summary.verdict.value == "pass" and summary.status.value == "complete" else 1)
 
 
@@ -102,7 +102,7 @@ def export_prometheus(run_id: str, db_path: str | None, output: str) -> None:
     if output == "-":
         click.echo(text, nl=False)
     else:
-        write_atomic(Path(output), text)
+        write_output(Path(output), text, "-o")
         click.echo(f"wrote {output} (run {summary.run_id}, {len(summary.devices)} devices)", err=True)
 
 

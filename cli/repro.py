@@ -32,6 +32,8 @@ def _repro_call(fn: Any) -> Any:
         fail(str(e))
     except ValueError as e:  # a malformed --inject spec
         fail(str(e))
+    except OSError as e:  # a file it reads or writes (a bundle on a full disk)
+        fail(f"{e.filename}: {e.strerror or e}" if e.filename else str(e))
 
 
 _REFERENCE = click.option("--reference", default="cpu64", show_default=True,

@@ -20,7 +20,7 @@ from ..options import (
     run_options,
 )
 from ..reports.progress import case_line
-from .common import write_atomic
+from .common import write_output
 
 
 @click.command("list")
@@ -145,14 +145,16 @@ def execute(make_opts: Any, kw: dict[str, Any], preface: Any = None, executor: A
         preface(store.path)
     compact = not kw.get("verbose") and _is_tty(err=False)
     click.echo(terminal.render_compact(summary) if compact else terminal.render(summary))
+    kept = (f"; the run's results are in {store.path}: `chipcheck report {summary.run_id} --db {store.path} "
+            f"--format FORMAT -o FILE` writes them again")
     if kw["json_path"]:
         text = json_report.render(summary)
         if kw["json_path"] == "-":
             click.echo(text)
         else:
-            Path(kw["json_path"]).write_text(text + "\n")
+            write_output(Path(kw["json_path"]), text + "\n", "--json", kept)
     extras = stored_extras(store.path, summary) if any(f in ("ocp", "prom") for f, _ in outputs) else None
-    write_reports(summary, outputs, extras)
+    write_reports(summary, outputs, extras, kept)
     if not kw["quiet"]:
         again = f"chipcheck report {summary.run_id}" + ("" if kw["db_path"] is None else f" --db {store.path}")
         click.echo(f"results: run {summary.run_id} in {store.path}; see them again with `{again}`", err=True)
@@ -248,7 +250,7 @@ def _planned(opts: Any) -> list[tuple[str, int | None]]:
     return [(f"{d.host} {d.label}", n) for d in devs]
 
 
-def write_reports(summary: Any, outputs: list[tuple[str, str]], extras: Any = None) -> None:
+def write_reports(summary: Any, outputs: list[tuple[str, str]], extras: Any = None, kept: str = "") -> None:
     from ..reports import formats
 
     for fmt, dest in outputs:
@@ -256,6 +258,6 @@ def write_reports(summary: Any, outputs: list[tuple[str, str]], extras: Any = No
         if dest == "-":
             click.echo(text, nl=False)
         else:
-            write_atomic(Path(dest), text)
+            write_output(Path(dest), text, "--report", kept)
 
 

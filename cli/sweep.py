@@ -15,7 +15,7 @@ from ..options import (
     fail,
     run_options,
 )
-from .common import print_news
+from .common import print_news, write_output
 from .run import execute
 
 
@@ -120,7 +120,7 @@ def sweep(launcher: str, probes: str, backend: str, nodes: int, per_node: int, g
                 raise sweepmod.SweepError("the manifest does not validate: " + "; ".join(errors))
             text, path = k8s.to_yaml(docs), Path(output or f"{job_name}.yaml")
         check_writable(path, "-o")
-        path.write_text(text)
+        write_output(path, text, "-o")
         click.echo(f"wrote {path}", err=True)
         if submit and launcher == "k8s":
             raise sweepmod.SweepError(f"--submit is for slurm; apply the manifest with `kubectl apply -f {path}`")

@@ -65,6 +65,35 @@ def test_unwritable_json_path(tmp_path: Path) -> None:
     assert p.returncode == 2 and "does not exist" in p.stderr
 
 
+@pytest.mark.parametrize("flag", [["--json"], ["--report", "html="]])
+def test_an_output_only_root_is_told_it_may_write_is_refused_before_the_run(tmp_path: Path, flag: list[str]) -> None:
+    # /proc: access(2) tells root it may write there; the file cannot be created. The run measured
+    # everything and then ended in a traceback at the JSON write (exit 1, as if a device had failed)
+    where = "/proc/chipcheck-out.json"
+    args = [flag[0], where] if len(flag) == 1 else [flag[0], flag[1] + where]
+    p = run_cli("run", "--db", str(tmp_path / "r.db"), "--devices", "cpu:1", "--probes", "matmul", *args)
+    assert p.returncode == 2 and f"{where} is not writable" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r.db").exists()  # refused before the store: nothing ran
+
+
+def test_an_output_that_fails_after_the_run_is_one_line_naming_where_the_results_are(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from chipcheck.cli.common import write_output
+
+    gone = tmp_path / "gone" / "run.json"  # its directory removed while the run measured
+    with pytest.raises(SystemExit) as e:
+        write_output(gone, "{}", "--json", "; the run's results are in r.db")
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == f"chipcheck: error: --json {gone}: cannot be written (No such file or directory); " \
+                  "the run's results are in r.db\n"
+    with pytest.raises(SystemExit):
+        write_output(tmp_path, "{}", "-o")  # a directory
+    assert "cannot be written (Is a directory)" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+
+
 def test_unknown_flag_is_a_click_usage_error() -> None:
     r = CliRunner().invoke(main, ["run", "--frobnicate"])
     assert r.exit_code == 2 and "No such option" in r.output

@@ -61,6 +61,15 @@ def test_a_torn_last_line_is_counted_not_fatal(tmp_path: Path) -> None:
     assert p.returncode == 0 and "1 unreadable lines" in p.stdout
 
 
+def test_a_file_with_no_result_in_it_is_exit_2_after_naming_its_lines(tmp_path: Path) -> None:
+    p = run_cli("ingest", "--db", str(tmp_path / "r.db"), "/etc/passwd")  # a wrong path: it said exit 0
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.splitlines()[0].startswith("chipcheck: warning: /etc/passwd:1: not JSON")
+    assert p.stderr.splitlines()[-1] == ("chipcheck: error: nothing in /etc/passwd is a chipcheck result (the JSONL "
+                                         "shards a torchrun or Slurm sweep writes, or a run's unsaved file)")
+    assert "ingested 0 results" in p.stdout
+
+
 def test_a_missing_path_is_exit_2(tmp_path: Path) -> None:
     p = run_cli("ingest", "--db", str(tmp_path / "r.db"), str(tmp_path / "nope"))
     assert p.returncode == 2 and "no such shard or folder" in p.stderr
