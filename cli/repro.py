@@ -53,8 +53,10 @@ def repro_replay(capture_dir: str, reference: str, device: str | None, rank: int
     from ..reproducers import format as rfmt
     from ..reproducers import replay as rp
 
-    res = _repro_call(lambda: rp.replay(rfmt.load(capture_dir, rank), device=device, reference=reference,
-                                        inject=inject))
+    cap = _repro_call(lambda: rfmt.load(capture_dir, rank))
+    res = _repro_call(lambda: rp.replay(cap, device=device, reference=reference, inject=inject))
+    if unchecked := rp.unchecked_note(cap):
+        click.echo(f"note: {unchecked}")
     if res.capture_mismatch is not None:
         click.echo(f"note: replay differs from the captured bits first at op #{res.capture_mismatch}")
     if res.not_compared:

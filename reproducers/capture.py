@@ -352,7 +352,7 @@ class Recorder(TorchDispatchMode):
         data = fmt.tensor_bytes(t)
         return self.blobs.submit(fmt.put_blob, self.root, data)
 
-    def finish(self) -> fmt.Capture:
+    def finish(self, compiled_calls: int = 0) -> fmt.Capture:
         self.flush()
         self.blobs.shutdown(wait=True)
         try:
@@ -366,7 +366,8 @@ class Recorder(TorchDispatchMode):
             raise fmt.CaptureError(f"{self.root}: the capture's tensors could not be written ({e})") from None
         ops = [o for o in self.ops if o is not None]
         cap = fmt.Capture(rank=self.rank, world=self.world, device=self.device, ops=ops, tensors=tensors,
-                          env=environment(), settings=bitset.current(), root=self.root, fingerprint=fmt.FINGERPRINT)
+                          env=environment(), settings=bitset.current(), root=self.root, fingerprint=fmt.FINGERPRINT,
+                          compiled_calls=compiled_calls)
         fmt.save(cap)
         return cap
 
@@ -554,10 +555,12 @@ class capture:  # noqa: N801 - used as `with capture(dir):`, like a function
         self.stacks = stacks
         self.result: fmt.Capture | None = None
         self._mode: Recorder | None = None
+        self._compiled: CompiledCalls | None = None
 
     def __enter__(self) -> capture:
         self.root.mkdir(parents=True, exist_ok=True)
         self._mode = Recorder(self.root, self.rank, self.world, self.stacks)
+        self._compiled = CompiledCalls()
         self._mode.__enter__()
         return self
 
@@ -566,4 +569,40 @@ class capture:  # noqa: N801 - used as `with capture(dir):`, like a function
         mode = self._mode
         mode.__exit__(et, ev, tb)
         # A step that crashed is still worth keeping: the ops up to the crash are the reproducer.
-        self.result = mode.finish()
+        self.result = mode.finish(self._compiled.stop() if self._compiled else 0)
+
+
+class CompiledCalls:
+    """Counts the torch.compile'd (inductor) graphs run from now until `stop`, by inductor's own record of
+    graph executions (`torch._inductor.debug`): their fused kernels run outside the dispatcher, so a
+    capture must say that it saw their outputs only. Nothing is imported unless torch.compile is in use
+    (torch._dynamo loaded); a record the user keeps is counted, never replaced."""
+
+    def __init__(self) -> None:
+        self._debug: Any = None
+        self._saved: tuple[Any, bool] | None = None
+        self._start = 0
+        if "torch._dynamo" not in sys.modules:
+            return
+        try:
+            import torch._inductor.debug as debug
+        except ImportError:
+            return
+        if not hasattr(debug, "RECORD_GRAPH_EXECUTION") or not hasattr(debug, "GRAPH_EXECUTION_ORDER"):
+            return  # another torch: nothing counted
+        self._debug = debug
+        if debug.RECORD_GRAPH_EXECUTION and debug.GRAPH_EXECUTION_ORDER is not None:
+            self._start = len(debug.GRAPH_EXECUTION_ORDER)
+        else:
+            self._saved = debug.GRAPH_EXECUTION_ORDER, debug.RECORD_GRAPH_EXECUTION
+            debug.GRAPH_EXECUTION_ORDER, debug.RECORD_GRAPH_EXECUTION = [], True
+
+    def stop(self) -> int:
+        """How many compiled graphs ran; the recording is put back as it was."""
+        debug, self._debug = self._debug, None
+        if debug is None:
+            return 0
+        n = len(debug.GRAPH_EXECUTION_ORDER or ()) - self._start
+        if self._saved is not None:
+            debug.GRAPH_EXECUTION_ORDER, debug.RECORD_GRAPH_EXECUTION = self._saved
+        return n

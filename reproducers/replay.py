@@ -411,6 +411,15 @@ def parse_reference(spec: str, root: Any = None) -> tuple[str, bool]:
     raise ReplayError(f"--reference {spec!r}: use cpu64, a device (cpu, cuda:1) or rank:N")
 
 
+def unchecked_note(cap: fmt.Capture) -> str:
+    """What a replay of `cap` cannot check, in words ("" when it checks every kernel the step ran)."""
+    if not cap.compiled_calls:
+        return ""
+    return (f"{cap.compiled_calls} torch.compile'd graph call(s) ran fused kernels outside the dispatcher: "
+            "their outputs are taken as recorded (inputs of the ops that read them), not checked; to check "
+            "them, capture the step eagerly (torch.compiler.disable, or the module before torch.compile)")
+
+
 def replay(cap: fmt.Capture, *, device: str | None = None, reference: str = "cpu64", inject: str | None = None,
            stop_at_first: bool = True, keep_collectives: bool = False) -> ReplayResult:
     """Replay `cap` on `device` (default: where it was captured), comparing each op with `reference`."""

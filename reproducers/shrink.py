@@ -397,7 +397,8 @@ def shrink_capture(root: str, *, reference: str = "cpu64", device: str | None = 
     if div is None:
         raise NotReproducible(f"{root} rank {cap.rank}: replay on {dev} agrees with {reference} at every op "
                               f"({res.ops} ops) in {max(1, passes)} replays; nothing to shrink (pass --inject to "
-                              "simulate a fault, or --passes N for a rarer intermittent one)")
+                              "simulate a fault, or --passes N for a rarer intermittent one)"
+                              + (f"; note: {why}" if (why := rp.unchecked_note(cap)) else ""))
     rec = next(o for o in cap.ops if o.index == div.index)
     sim = rp.Simulation.parse(inject, cap.rank)
     faults = sim.schedule(cap.ops).get(div.index) if sim else None

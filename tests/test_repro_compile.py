@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli
 
 from chipcheck.probes import faults
 from chipcheck.reproducers import capture
@@ -45,3 +46,29 @@ def test_a_compiled_step_runs_as_compiled_under_capture_and_its_gemms_replay(tmp
     gemms = [o.index for o in fmt.load(tmp_path / "bad").ops if o.op == "aten.addmm.out"]
     assert res.divergence is not None and res.divergence.index == gemms[1]  # the second GEMM, as injected
     assert res.divergence.metric.cls == "wrong" and res.divergence.metric.bad == 1
+
+
+def test_a_capture_says_how_many_compiled_graphs_ran_kernels_it_did_not_check(tmp_path: Path) -> None:
+    """A fault inside a fused kernel (the GELU between the GEMMs) is in no recorded op: replay could only
+    say "every op agrees". The capture counts the compiled graphs that ran, and replay and shrink say so."""
+    pytest.importorskip("torch._inductor")
+    import torch._inductor.debug as debug
+
+    m, x, cm = _step()
+    cm(x)  # type: ignore[operator]  # compiled before the capture, as in a training loop
+    with capture(tmp_path / "cap") as c:
+        y = cm(x)  # type: ignore[operator]
+        y.sum().backward()  # the compiled backward is a second graph
+    assert c.result is not None and c.result.compiled_calls == 2
+    assert fmt.load(tmp_path / "cap").compiled_calls == 2  # kept in capture.json
+    assert debug.RECORD_GRAPH_EXECUTION is False and debug.GRAPH_EXECUTION_ORDER is None  # put back
+    p = run_cli("repro", "replay", str(tmp_path / "cap"), "--reference", "cpu64")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "note: 2 torch.compile'd graph call(s) ran fused kernels outside the dispatcher" in p.stdout
+    p = run_cli("repro", "shrink", str(tmp_path / "cap"), "--reference", "cpu64", "-o", str(tmp_path / "r.py"))
+    assert p.returncode == 2 and "not checked" in p.stderr, p.stderr  # nothing to shrink, and why it may miss
+    with capture(tmp_path / "eager") as c:  # the same module run eagerly: every kernel is an ATen op
+        m(x).sum().backward()
+    assert c.result is not None and c.result.compiled_calls == 0
+    p = run_cli("repro", "replay", str(tmp_path / "eager"), "--reference", "cpu64")
+    assert p.returncode == 0 and "note:" not in p.stdout, p.stdout
