@@ -136,7 +136,7 @@ def check_writable(p: Path, flag: str = "--json") -> None:
     if not parent.is_dir():
         raise UsageError(f"{flag} {p}: directory {parent} does not exist")
     if p.is_dir():
-        raise UsageError(f"{flag} {p} is a directory")
+        raise UsageError(f"{flag} {p} is a directory; name a file")
     if p.exists() and not p.is_file():  # a device or a pipe (/dev/stdout): written in place, not opened here
         if not os.access(p, os.W_OK):
             raise UsageError(f"{flag} {p} is not writable")

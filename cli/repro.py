@@ -199,8 +199,6 @@ def _check_output(path: str, flag: str) -> None:
     """An output file that cannot be written is one line and exit 2, before any work."""
     from ..fleet.runner import UsageError
 
-    if Path(path).is_dir():
-        fail(f"{flag} {path} is a directory; name a file")
     try:
         check_writable(Path(path), flag)
     except UsageError as e:

@@ -420,12 +420,11 @@ def host_run(plan: HostPlan, send: Callable[[protocol.Message], None]) -> int:
     except base.InvalidConfig as e:
         send(protocol.Usage(message=str(e)))
         return 2
+    # the world is known only here: every process of a job refuses alike
+    if why := faults.never_fires(plan.inject, len(jdevs), names, jb.OPS):
+        send(protocol.Usage(message=why))
+        return 2
     fault_list = [f for spec in plan.inject for f in faults.parse(spec)]
-    for spec in plan.inject:  # the world is known only here: every process of a job refuses alike
-        for f in faults.parse(spec):
-            if why := faults.unreachable(f, len(jdevs), names, jb.OPS):
-                send(protocol.Usage(message=f"--inject {spec!r}: {why}"))
-                return 2
     if plan.multihost:
         settings["process_index"], settings["process_count"] = job.process_index, job.process_count
     send(protocol.Hello(pid=os.getpid(), ranks=local, devices=infos, settings=settings))

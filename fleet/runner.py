@@ -109,10 +109,8 @@ def plan_probes(opts: RunOptions, devs: list[DeviceInfo]) -> list[tuple[str, lis
             raise UsageError(str(e)) from None
         out.append((name, probe.cases(cfg)))
     probes = [n for n, _ in out] + ["retest"]  # the retest runs when the judge asks for it
-    for spec in opts.inject:
-        for f in faults.parse(spec):
-            if why := faults.unreachable(f, len(devs), probes):
-                raise UsageError(f"--inject {spec!r}: {why}")
+    if why := faults.never_fires(opts.inject, len(devs), probes):
+        raise UsageError(why)
     return out
 
 

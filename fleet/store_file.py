@@ -20,6 +20,13 @@ from pathlib import Path
 
 SCHEMA_VERSION = 1
 
+DEVICE_RUNS_COLUMNS = ("run_id TEXT NOT NULL, rank INTEGER NOT NULL, uuid TEXT NOT NULL, host TEXT NOT NULL, "
+                       "device TEXT NOT NULL, fingerprint TEXT NOT NULL, started REAL NOT NULL, "
+                       "verdict TEXT NOT NULL, speed_ratio REAL, wrong INTEGER NOT NULL, flaky INTEGER NOT NULL, "
+                       "PRIMARY KEY (run_id, rank)")
+"""The device_runs table's columns: its schema below and a read-only store's TEMP copy of it (Store), one
+definition so that `INSERT INTO temp.device_runs SELECT * FROM main.device_runs` lines up."""
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY,
@@ -90,22 +97,12 @@ CREATE INDEX IF NOT EXISTS results_key ON results(run_id, rank, probe, case_name
 -- One row per device per judged run, derived from results + judgements (fleet.history):
 -- history and trends read this compact table instead of re-parsing every result body.
 CREATE TABLE IF NOT EXISTS device_runs (
-    run_id TEXT NOT NULL REFERENCES runs(run_id),
-    rank INTEGER NOT NULL,
-    uuid TEXT NOT NULL,
-    host TEXT NOT NULL,
-    device TEXT NOT NULL,
-    fingerprint TEXT NOT NULL,
-    started REAL NOT NULL,
-    verdict TEXT NOT NULL,
-    speed_ratio REAL,
-    wrong INTEGER NOT NULL,
-    flaky INTEGER NOT NULL,
-    PRIMARY KEY (run_id, rank)
+    __DEVICE_RUNS_COLUMNS__,
+    FOREIGN KEY (run_id) REFERENCES runs(run_id)
 );
 CREATE INDEX IF NOT EXISTS device_runs_uuid ON device_runs(uuid);
 CREATE INDEX IF NOT EXISTS device_runs_host ON device_runs(host);
-"""
+""".replace("__DEVICE_RUNS_COLUMNS__", DEVICE_RUNS_COLUMNS)
 
 
 class StoreError(Exception):
@@ -117,10 +114,6 @@ APPLICATION_ID = 0x63686970
 """`PRAGMA application_id` of every chipcheck store ("chip"): chipcheck writes only to files that carry it."""
 OUR_TABLES = frozenset({"runs", "devices", "results", "judgements", "links", "link_sweeps", "device_runs",
                          "sqlite_sequence"})
-DEVICE_RUNS_COLUMNS = ("run_id TEXT NOT NULL, rank INTEGER NOT NULL, uuid TEXT NOT NULL, host TEXT NOT NULL, "
-                        "device TEXT NOT NULL, fingerprint TEXT NOT NULL, started REAL NOT NULL, "
-                        "verdict TEXT NOT NULL, speed_ratio REAL, wrong INTEGER NOT NULL, flaky INTEGER NOT NULL, "
-                        "PRIMARY KEY (run_id, rank)")
 
 
 def default_path() -> Path:

@@ -74,10 +74,11 @@ from .spec import (
     SCOPES,
     Fault,
     InjectSpecError,
+    never_fires,
     parse,
     unreachable,
 )
 
 __all__ = ["CALL_TIME_PROBES", "CHIP_FAULTS", "DEFAULT_OPS", "EPOCH_ENV", "KINDS", "SCOPES", "CHANCE_DRAWS", "Fault",
            "FaultState", "InjectSpecError", "chance_draw", "corrupt", "fake_mode_active", "make_injector", "parse",
-           "process_injector", "start_process_faults", "unreachable"]
+           "process_injector", "never_fires", "start_process_faults", "unreachable"]

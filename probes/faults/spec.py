@@ -128,6 +128,16 @@ def unreachable(f: Fault, world: int, probes: Collection[str], ops: Collection[s
     return ""
 
 
+def never_fires(specs: Collection[str], world: int, probes: Collection[str], ops: Collection[str] | None = None) -> str:
+    """The first `--inject` spec with a fault that can never fire (`unreachable`), said in one line; ""
+    when every fault can. Both runners call it where they know the run's world and probes."""
+    for spec in specs:
+        for f in parse(spec):
+            if why := unreachable(f, world, probes, ops):
+                return f"--inject {spec!r}: {why}"
+    return ""
+
+
 def _known_op(name: str) -> bool:
     """Is `name` an operator (overload packet) the injector can match: ATen's, c10d's or functional c10d's."""
     import torch
