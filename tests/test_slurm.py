@@ -122,7 +122,12 @@ def test_a_submitted_jax_sweep_runs_one_process_per_node(cluster: SlurmCluster, 
     assert '--process-id "$i"' in script and '--num-processes "$SLURM_JOB_NUM_NODES"' in script
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["verdict"] == "pass" and [d["host"] for d in data["devices"]] == [cluster.node] * 2
-    assert {p["probe"] for d in data["devices"] for p in d["probes"]} == {"matmul"}
+    probes = [p for d in data["devices"] for p in d["probes"]]
+    assert {p["probe"] for p in probes if p["details"]["cases"]} == {"matmul"}  # what ran: matmul alone
+    # the JAX path runs no retest: on a loaded host (CI: one dtype's GEMMs below 0.55x) a speed suspect is
+    # only noted, as a judgement with no case of its own, and never called slow
+    for p in (p for p in probes if not p["details"]["cases"]):
+        assert p["probe"] == "retest" and p["verdict"] == "pass" and "not retested" in str(p["details"]), p
     assert "New since the last sweep" in log, log
 
 
