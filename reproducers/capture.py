@@ -352,7 +352,7 @@ class Recorder(TorchDispatchMode):
         data = fmt.tensor_bytes(t)
         return self.blobs.submit(fmt.put_blob, self.root, data)
 
-    def finish(self, compiled_calls: int = 0) -> fmt.Capture:
+    def finish(self, compiled_calls: int = 0, eager: bool = False) -> fmt.Capture:
         self.flush()
         self.blobs.shutdown(wait=True)
         try:
@@ -367,7 +367,7 @@ class Recorder(TorchDispatchMode):
         ops = [o for o in self.ops if o is not None]
         cap = fmt.Capture(rank=self.rank, world=self.world, device=self.device, ops=ops, tensors=tensors,
                           env=environment(), settings=bitset.current(), root=self.root, fingerprint=fmt.FINGERPRINT,
-                          compiled_calls=compiled_calls)
+                          compiled_calls=compiled_calls, eager=eager)
         fmt.save(cap)
         return cap
 
@@ -543,9 +543,14 @@ class capture:  # noqa: N801 - used as `with capture(dir):`, like a function
     The rank and world size come from torch.distributed when it is initialised. On exit the op log
     is written to `root/rank<R>/capture.json` and inputs to `root/blobs/`; `.result` holds the
     `format.Capture`.
+
+    `eager=True` sets torch.compile aside for the step (`torch.compiler.set_stance("force_eager")`):
+    a compiled model's fused kernels then run as the ATen ops they fuse, each recorded and checked by
+    replay, where a compiled capture sees only their outputs. The kernels are the eager ones (other bits
+    than the compiled step's); a chip's fault in the math they share shows in both.
     """
 
-    def __init__(self, root: str | Path, *, rank: int | None = None, stacks: bool = True):
+    def __init__(self, root: str | Path, *, rank: int | None = None, stacks: bool = True, eager: bool = False):
         import torch.distributed as dist
 
         self.root = Path(root)
@@ -553,12 +558,16 @@ class capture:  # noqa: N801 - used as `with capture(dir):`, like a function
         self.rank = rank if rank is not None else (dist.get_rank() if live else 0)
         self.world = dist.get_world_size() if live else 1
         self.stacks = stacks
+        self.eager = eager
         self.result: fmt.Capture | None = None
         self._mode: Recorder | None = None
         self._compiled: CompiledCalls | None = None
+        self._stance: Any = None
 
     def __enter__(self) -> capture:
         self.root.mkdir(parents=True, exist_ok=True)
+        if self.eager:
+            self._stance = torch.compiler.set_stance("force_eager")  # in force from this call; __exit__ puts it back
         self._mode = Recorder(self.root, self.rank, self.world, self.stacks)
         self._compiled = CompiledCalls()
         self._mode.__enter__()
@@ -568,8 +577,11 @@ class capture:  # noqa: N801 - used as `with capture(dir):`, like a function
         assert self._mode is not None
         mode = self._mode
         mode.__exit__(et, ev, tb)
+        if self._stance is not None:
+            self._stance.__exit__(None, None, None)
+            self._stance = None
         # A step that crashed is still worth keeping: the ops up to the crash are the reproducer.
-        self.result = mode.finish(self._compiled.stop() if self._compiled else 0)
+        self.result = mode.finish(self._compiled.stop() if self._compiled else 0, self.eager)
 
 
 class CompiledCalls:

@@ -477,7 +477,7 @@ class FlightRecorder:
         snap.rng.restore()
 
     def recapture(self, step_fn: Callable[[Any], Any], root: str | Path, *, snap: Snapshot | None = None,
-                  trials: int = 1, failed: Callable[[Any], bool] | None = None) -> Path | None:
+                  trials: int = 1, failed: Callable[[Any], bool] | None = None, eager: bool = False) -> Path | None:
         """Re-run the step from `snap` (default: the last) under full op capture, up to `trials` times,
         until `failed(step's return value)` says the failure showed (without `failed`: the first trial).
         Returns the capture directory of that trial (root/trial-N), or None when no trial failed.
@@ -488,7 +488,11 @@ class FlightRecorder:
         re-execution ran other ops than the live step (state the snapshot does not hold, a branch on
         something else): the capture then describes another step. Each step re-run to reach a step
         kept by its inputs (every=K) is checked the same way, a line each in path-check.txt, and a
-        warning when one parts from its live ops (the state the step then starts from is not the live one)."""
+        warning when one parts from its live ops (the state the step then starts from is not the live one).
+
+        `eager=True` captures the trials with torch.compile set aside (`capture(..., eager=True)`): a
+        compiled step's fused kernels are then recorded op by op and checked, where a compiled capture
+        sees only their outputs. The path check still re-runs the step as it ran live (compiled)."""
         from .capture import capture
 
         replayed = bool((snap or self.last).replay)
@@ -511,7 +515,7 @@ class FlightRecorder:
         for i in range(max(1, trials)):
             batch = self.restore(snap)
             where = Path(root) / f"trial-{i}"
-            with capture(where):
+            with capture(where, eager=eager):
                 out = step_fn(batch)
             if failed is None or failed(out):
                 return where

@@ -417,7 +417,8 @@ def unchecked_note(cap: fmt.Capture) -> str:
         return ""
     return (f"{cap.compiled_calls} torch.compile'd graph call(s) ran fused kernels outside the dispatcher: "
             "their outputs are taken as recorded (inputs of the ops that read them), not checked; to check "
-            "them, capture the step eagerly (torch.compiler.disable, or the module before torch.compile)")
+            "them, capture the step again eagerly: capture(dir, eager=True), or the flight recorder's "
+            "recapture(..., eager=True)")
 
 
 def replay(cap: fmt.Capture, *, device: str | None = None, reference: str = "cpu64", inject: str | None = None,

@@ -72,3 +72,68 @@ def test_a_capture_says_how_many_compiled_graphs_ran_kernels_it_did_not_check(tm
     assert c.result is not None and c.result.compiled_calls == 0
     p = run_cli("repro", "replay", str(tmp_path / "eager"), "--reference", "cpu64")
     assert p.returncode == 0 and "note:" not in p.stdout, p.stdout
+
+
+GELU_FAULT = "bitflip:rank=0,bit=25,op=gelu,at=call"  # the chip's GELU math is wrong, wherever it runs
+
+
+def test_a_fault_in_a_fused_kernel_is_missed_compiled_and_found_when_the_step_is_captured_eagerly(tmp_path: Path) -> None:
+    """The GELU between the GEMMs is fused in the compiled step: a chip that gets GELU wrong passes a
+    compiled capture's replay (with the note). `capture(..., eager=True)` runs the same compiled module
+    op by op: the GELU is recorded and its bad output named; afterwards the module runs compiled again."""
+    pytest.importorskip("torch._inductor")
+    m, x, cm = _step()
+    cm(x)  # type: ignore[operator]
+    with faults.make_injector(faults.parse(GELU_FAULT), 0, "repro")():
+        with capture(tmp_path / "compiled") as c:
+            cm(x)  # type: ignore[operator]
+        assert c.result is not None and c.result.compiled_calls == 1 and not c.result.eager
+        with capture(tmp_path / "eager", eager=True) as c:
+            bad = cm(x)  # type: ignore[operator]
+        assert c.result is not None and c.result.compiled_calls == 0 and c.result.eager
+    missed = rp.replay(fmt.load(tmp_path / "compiled"), reference="cpu64", inject=GELU_FAULT)
+    assert missed.divergence is None  # the false clean bill the note warns of
+    cap = fmt.load(tmp_path / "eager")
+    assert cap.eager and "aten.gelu.default" in [o.op for o in cap.ops]
+    found = rp.replay(cap, reference="cpu64", inject=GELU_FAULT)
+    assert found.divergence is not None and cap.ops[found.divergence.index].op == "aten.gelu.default"
+    assert found.divergence.metric.cls == "wrong"
+    assert not torch.equal(bad, m(x))  # the eager capture ran on the bad chip
+    healthy = rp.replay(cap, reference="cpu64")  # a healthy chip agrees; the bad chip's recorded bits do not
+    assert healthy.divergence is None and healthy.capture_mismatch > 0
+    with capture(tmp_path / "after") as c:  # the stance is put back: compiled again
+        cm(x)  # type: ignore[operator]
+    assert c.result is not None and c.result.compiled_calls == 1 and not c.result.eager
+    p = run_cli("repro", "shrink", str(tmp_path / "eager"), "--reference", "cpu64", "--inject", GELU_FAULT,
+                "-o", str(tmp_path / "r.py"))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "aten.gelu" in (tmp_path / "r.py").read_text()
+
+
+def test_the_flight_recorder_recaptures_a_compiled_step_eagerly(tmp_path: Path) -> None:
+    """A compiled training step goes wrong in a fused kernel: `recapture(..., eager=True)` re-runs its
+    snapshot op by op, and the capture names the GELU."""
+    pytest.importorskip("torch._inductor")
+    from chipcheck.reproducers.flight import FlightRecorder
+
+    m, x, cm = _step()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+
+    def train_step(batch: torch.Tensor) -> torch.Tensor:
+        opt.zero_grad()
+        loss = cm(batch).square().mean()  # type: ignore[operator]
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    rec = FlightRecorder(m, opt)
+    for _ in range(2):
+        with rec.step(x):
+            train_step(x)
+    with faults.make_injector(faults.parse(GELU_FAULT), 0, "repro")():
+        where = rec.recapture(train_step, tmp_path / "out", eager=True)
+    assert where is not None
+    cap = fmt.load(where)
+    assert cap.eager and cap.compiled_calls == 0
+    res = rp.replay(cap, reference="cpu64", inject=GELU_FAULT)
+    assert res.divergence is not None and cap.ops[res.divergence.index].op == "aten.gelu.default"
