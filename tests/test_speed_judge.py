@@ -123,6 +123,7 @@ def test_a_suspect_its_retest_clears_or_that_was_never_retested_is_not_slow() ->
     (s,) = speed.suspects(results, POLICY, METRIC, KERNEL)
     (untested,) = speed.judge(results, POLICY, METRIC, KERNEL)
     assert untested.verdict is Verdict.PASS and "not retested" in untested.reason
+    assert untested.probe == speed.NOTED  # a note, not under `retest`: no retest measured it
     same = [0.030 * rng.gauss(1.0, 0.02) for _ in range(12)]
     results += [_retest(1, [t * rng.gauss(1.0, 0.02) for t in same]), _retest(s.peer, same)]
     (j,) = speed.judge(results, POLICY, METRIC, KERNEL)
@@ -205,6 +206,7 @@ def test_a_cpu_devices_copy_speed_is_its_hosts_noted_never_retested_or_slow() ->
     results += [_retest(2, [0.036] * 12, "copy"), _retest(cpu.peer, [0.030] * 12, "copy")]  # even a slow retest
     (j,) = speed.judge(results, POLICY, metric, kernel)
     assert j.verdict is Verdict.PASS and j.rank == 2 and "not judged" in j.reason and "copy kernel 0.8" in j.reason
+    assert j.probe == speed.NOTED
     # a CPU core slow in its GEMMs is still suspected on them, and its retest still calls it
     gemm = _run(random.Random(8), {1: 1 / 1.15})
     (s,) = speed.suspects(gemm, POLICY, METRIC, KERNEL)

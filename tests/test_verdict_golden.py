@@ -179,15 +179,15 @@ def summarize(rc: int, data: dict) -> dict[str, Any]:
 
 
 def _cleared(p: dict) -> bool:
-    """A retest that cleared its suspect (or the peer it ran beside): the speed judge at work on a loaded
-    host, not a verdict (module docstring)."""
-    return p["probe"] == "retest" and p["verdict"] == "pass"
+    """A retest that cleared its suspect (or the peer it ran beside), or the speed judge's note on one it
+    did not retest: the speed judge at work on a loaded host, not a verdict (module docstring)."""
+    return p["probe"] in ("retest", "speed") and p["verdict"] == "pass"
 
 
 def _speed_judged(data: dict) -> list[str]:
     """What the speed judgement said beyond clearing a suspect: never part of the golden."""
     said = [f"rank {d['rank']} {p['probe']} {p['verdict']}" for d in data["devices"] for p in d["probes"]
-            if (p["probe"] == "retest" and not _cleared(p)) or p["verdict"] == "slow"]
+            if (p["probe"] in ("retest", "speed") and not _cleared(p)) or p["verdict"] == "slow"]
     return said + [f"rank {d['rank']} {d['verdict']}" for d in data["devices"] if d["verdict"] == "slow"]
 
 
@@ -263,7 +263,7 @@ def test_a_cleared_retest_is_left_out_and_a_slow_one_is_not() -> None:
     plain = {"verdict": "pass", "summary": {"by_verdict": {"pass": 2}},
              "devices": [_device(0, ("matmul", "pass")), _device(1, ("matmul", "pass"))]}
     cleared = {**plain, "devices": [_device(0, ("matmul", "pass"), ("retest", "pass")),
-                                    _device(1, ("matmul", "pass"), ("retest", "pass"))]}
+                                    _device(1, ("matmul", "pass"), ("retest", "pass"), ("speed", "pass"))]}
     assert summarize(0, cleared) == summarize(0, plain) and not _speed_judged(cleared)
     slow = {**plain, "devices": [_device(0, ("matmul", "pass")), _device(1, ("matmul", "pass"), ("retest", "slow"))]}
     assert _speed_judged(slow) == ["rank 1 retest slow"]

@@ -61,6 +61,9 @@ from . import throttle
 from .peers import peer_ratios
 
 RETEST = "retest"
+NOTED = "speed"
+"""The entry of the speed judge's notes on suspects no retest measured (a kernel whose speed is its host's,
+a path that runs no retest): under `retest` they read as what a retest said."""
 EXTENDED = retest_probe.EXTENDED
 """The retest stage for inconclusive suspects: its cases are `KERNEL/extended`."""
 HOST_SHARED: Mapping[str, frozenset[str]] = {"cpu": frozenset({"copy"})}
@@ -359,14 +362,14 @@ def judge(results: list[ProbeResult], policy: SpeedPolicy, metric_by_probe: dict
     out = []
     for s in suspects(results, policy, metric_by_probe, kernel_by_probe):
         if s.shared:
-            out.append(Judgement(rank=s.rank, probe=RETEST, case=s.kernel, verdict=Verdict.PASS, reason=(
+            out.append(Judgement(rank=s.rank, probe=NOTED, case=s.kernel, verdict=Verdict.PASS, reason=(
                 f"{s.kernel} kernel {s.ratio:.2f}x its peers ({s.evidence}), not judged: a {s.shared} device's "
                 f"{s.kernel} speed is its host's, shared with every core and tenant there; a slow core shows "
                 f"in its GEMMs")))
             continue
         first = _paired(turns, s)
         if not first:
-            out.append(Judgement(rank=s.rank, probe=RETEST, case=s.kernel, verdict=Verdict.PASS, reason=(
+            out.append(Judgement(rank=s.rank, probe=NOTED, case=s.kernel, verdict=Verdict.PASS, reason=(
                 f"speed suspect, not retested: {s.ratio:.2f}x its peers ({s.evidence}); not called slow "
                 f"without an interleaved retest")))
             continue
