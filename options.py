@@ -43,7 +43,9 @@ def common_options(fn: Any) -> Any:
         click.option("--profile", default="quick", show_default=True,
                      help="Time budget per device: quick (seconds), standard (~2 min), nightly (~15 min), "
                           "burnin (--duration)."),
-        click.option("--duration", default=None, help="Total time for --profile burnin, e.g. 10m or 2h."),
+        click.option("--duration", default=None, help=("Total time for --profile burnin, e.g. 10m or 2h. Under other profiles each case gets its "
+                                "share as a time budget: burn runs for it, matmul and attention repeat in it "
+                                "up to the profile's max_repeats.")),
         click.option("--seed", default=0, show_default=True, type=int, help="Base seed of every generated input."),
         click.option("--inject", multiple=True, metavar="SPEC",
                      help="Inject a fault, e.g. bitflip:rank=2,bit=20,rate=0.01 | slow:rank=1,factor=1.3 | "
