@@ -7,7 +7,8 @@
 # Steps:
 #   env        GPU, driver, torch/CUDA/cuBLAS/jax versions
 #   pytest     the gpu-marked tests (fp8 _scaled_mm against the accumulator model, generator identity,
-#              the flight recorder's C++ op log with CUDA's backward thread: compiled there, ~20 s, ...)
+#              the flight recorder's C++ op log with CUDA's backward thread: compiled there, ~20 s,
+#              torch.compile'd graphs counted and an eager capture naming a fused GELU: Triton, ~30 s, ...)
 #   quick      `chipcheck run --profile quick` on the GPU: every default probe, expect pass
 #   inject     the matmul probe with one flipped bit per output dtype: expect wrong in every case,
 #              the flipped bit reported
@@ -85,7 +86,7 @@ except Exception as e: print(\"cupy: not usable:\", e)
 
 # only the files holding gpu tests: collecting every file needs the test extra (jsonschema, ...),
 # which a GPU image may lack (the H200's did)
-step pytest 150 0 python3 -m pytest -q -m gpu -rs -p no:cacheprovider --junitxml="$WORK/pytest_gpu.xml" \
+step pytest 180 0 python3 -m pytest -q -m gpu -rs -p no:cacheprovider --junitxml="$WORK/pytest_gpu.xml" \
     $(grep -l "mark.gpu" tests/test_*.py)
 
 step quick 120 0 python3 -m chipcheck.cli run --profile quick --devices cuda:0 --db "$WORK/results.db" \

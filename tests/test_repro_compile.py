@@ -19,10 +19,10 @@ from chipcheck.reproducers import replay as rp
 FAULT = "bitflip:rank=0,bit=25,op=addmm,after=1,count=1,at=call"
 
 
-def _step() -> tuple[torch.nn.Module, torch.Tensor, object]:
+def _step(device: str = "cpu") -> tuple[torch.nn.Module, torch.Tensor, object]:
     torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
-    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4)).to(device)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1)).to(device)
     return m, x, torch.compile(m)
 
 
@@ -134,6 +134,26 @@ def test_the_flight_recorder_recaptures_a_compiled_step_eagerly(tmp_path: Path) 
         where = rec.recapture(train_step, tmp_path / "out", eager=True)
     assert where is not None
     cap = fmt.load(where)
+    assert cap.eager and cap.compiled_calls == 0
+    res = rp.replay(cap, reference="cpu64", inject=GELU_FAULT)
+    assert res.divergence is not None and cap.ops[res.divergence.index].op == "aten.gelu.default"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_on_a_gpu_compiled_graphs_are_counted_and_an_eager_capture_checks_their_kernels(tmp_path: Path) -> None:
+    """The same on CUDA, where inductor's fused kernels are Triton's and its GEMMs cuBLAS calls."""
+    pytest.importorskip("triton")
+    _, x, cm = _step("cuda")
+    cm(x)  # type: ignore[operator]
+    with capture(tmp_path / "compiled") as c:
+        cm(x).sum().backward()  # type: ignore[operator]
+    assert c.result is not None and c.result.compiled_calls == 2 and c.result.device.startswith("cuda")
+    assert rp.replay(fmt.load(tmp_path / "compiled"), reference="cpu64").divergence is None
+    with faults.make_injector(faults.parse(GELU_FAULT), 0, "repro")():
+        with capture(tmp_path / "eager", eager=True):
+            cm(x)  # type: ignore[operator]
+    cap = fmt.load(tmp_path / "eager")
     assert cap.eager and cap.compiled_calls == 0
     res = rp.replay(cap, reference="cpu64", inject=GELU_FAULT)
     assert res.divergence is not None and cap.ops[res.divergence.index].op == "aten.gelu.default"
