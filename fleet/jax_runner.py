@@ -14,9 +14,10 @@ host CPU devices), so there are no per-device workers. Two processes instead:
   ranks it occupied, and a fresh host process carries on with what was not reported yet. A host
   process that dies (a crash, a device lost) is recorded the same way, with its signal. As on the
   torch path, the rest of that probe on those ranks is recorded as not run and later probes get
-  the fresh process. Then the same fleet analysis (runner.judge) and RunSummary as the torch path.
-
-Not here yet: multi-host runs through jax.distributed.
+  the fresh process. On a single host the speed suspects are then retested as on the torch path
+  (`retest`: another host process runs probes/jax_retest.py's interleaved GEMM turns); a multi-host
+  job (jax.distributed, fleet/jax_multihost.py) is not, and its suspects stay notes. Then the same
+  fleet analysis (runner.judge) and RunSummary as the torch path.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,8 @@ class HostPlan:
     inject: list[str] = field(default_factory=list)
     done: list[Task] = field(default_factory=list)  # already reported: skipped by a restarted host process
     multihost: dict[str, Any] | None = None  # jax_multihost.MultiHost's fields: join that job first
+    cases: dict[str, list[str]] = field(default_factory=dict)  # a probe's cases where the run, not its config, names them
+    options: dict[str, str] = field(default_factory=dict)  # the probes' options (the retest's pairs)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -137,8 +140,29 @@ def execute(opts: RunOptions, store: Store, *, on_result: Callable[[ProbeResult]
         if job:
             for r in job.exchange(run.results, sup, timeout):
                 run.keep(r)
+        else:
+            retest(plan, devs, run.results, opts.min_gap, timeout, run.keep)
         summary = run.finish(lambda results: judge(run_id, dict(enumerate(devs)), results, opts, started))
     return summary
+
+
+def retest(plan: HostPlan, devs: list[DeviceInfo], results: list[ProbeResult], min_gap: float, timeout_s: float,
+           keep: Callable[[ProbeResult], None]) -> None:
+    """The torch path's retest stages (runner.retest) on a single host's JAX devices: every GEMM speed
+    suspect against a peer, interleaved (probes/jax_retest.py), then with more rounds where that was
+    inconclusive. A multi-host job is not retested: its suspects stay notes."""
+    from .judge import speed
+    from .judge.verdicts import retest_options
+
+    while options := retest_options(results, dict(enumerate(devs)), min_gap):
+        cases = [c for c in speed.retest_cases(options) if c.startswith("gemm")]
+        if not cases:
+            return
+        before = len(results)
+        stage = replace(plan, probes=[speed.RETEST], cases={speed.RETEST: cases}, options=options, done=[])
+        _Supervisor(stage, timeout_s, keep, lambda _devs: None).run()
+        if len(results) == before:
+            return  # nothing came back: the next stage would ask the same again
 
 
 class _Supervisor:
@@ -237,7 +261,7 @@ class _Supervisor:
             self.devs, self.local = devs, local
             n, kind = len(devs), _profile_kind(devs[0])
             self.planned = [(probe, c, r) for probe in _names(self.plan.probes, n)
-                            for c in _cases(self.plan.profile, probe, n, kind) for r in range(n)]
+                            for c in _cases(self.plan.profile, probe, n, kind, self.plan.cases) for r in range(n)]
             self.on_devices(devs)
         elif [d.uuid for d in devs] != [d.uuid for d in self.devs]:
             raise UsageError("the JAX devices changed between host processes "
@@ -369,18 +393,22 @@ def _profile_kind(info: DeviceInfo) -> str:
 
 
 def _names(probes: list[str], n_devices: int) -> list[str]:
-    """The probes of a run: those asked for, else every JAX probe the job's devices allow."""
-    return list(probes) or [p for p in jax_probes() if base.registry()[p].min_devices <= n_devices]
+    """The probes of a run: those asked for, else every default JAX probe the job's devices allow."""
+    reg = base.registry()
+    return list(probes) or [p for p in jax_probes() if reg[p].default and reg[p].min_devices <= n_devices]
 
 
 def _config(profile: str, probe: str, device_kind: str) -> Any:
     return base.get(probe).config(profile, device_kind, frozenset())
 
 
-def _cases(profile: str, probe: str, n_devices: int, device_kind: str) -> list[str]:
-    """The cases of one JAX probe (the same names as the torch path's)."""
+def _cases(profile: str, probe: str, n_devices: int, device_kind: str,
+           named: dict[str, list[str]] | None = None) -> list[str]:
+    """The cases of one JAX probe (the same names as the torch path's); `named` overrides a probe's."""
     if base.registry()[probe].min_devices > n_devices:
         return []
+    if named and probe in named:
+        return list(named[probe])
     cases: list[str] = _entry(probe).cases(_config(profile, probe, device_kind))
     return cases
 
@@ -420,8 +448,9 @@ def host_run(plan: HostPlan, send: Callable[[protocol.Message], None]) -> int:
     except base.InvalidConfig as e:
         send(protocol.Usage(message=str(e)))
         return 2
-    # the world is known only here: every process of a job refuses alike
-    if why := faults.never_fires(plan.inject, len(jdevs), names, jb.OPS):
+    # the world is known only here: every process of a job refuses alike (a single host's run may
+    # go on to a retest, whose turns a fault can slow)
+    if why := faults.never_fires(plan.inject, len(jdevs), names + ([] if plan.multihost else ["retest"]), jb.OPS):
         send(protocol.Usage(message=why))
         return 2
     fault_list = [f for spec in plan.inject for f in faults.parse(spec)]
@@ -437,7 +466,8 @@ def host_run(plan: HostPlan, send: Callable[[protocol.Message], None]) -> int:
             return
         from jax.experimental import multihost_utils
 
-        per_device = sum(len(_cases(plan.profile, n, len(jdevs), kind)) for n in names if not base.is_collective(n))
+        per_device = sum(len(_cases(plan.profile, n, len(jdevs), kind, plan.cases)) for n in names
+                         if not base.is_collective(n))
         send(protocol.Barrier(name=tag, cases=per_device * len(local)))
         multihost_utils.sync_global_devices(f"chipcheck/{plan.run_id}/{tag}")
         send(protocol.Synced())
@@ -451,11 +481,11 @@ def host_run(plan: HostPlan, send: Callable[[protocol.Message], None]) -> int:
             entry, collective = _entry(name), base.is_collective(name)
             if collective:
                 barrier(name)  # so no host's first collective waits, on its watchdog, for the others
-            for case in _cases(plan.profile, name, len(jdevs), kind):
+            for case in _cases(plan.profile, name, len(jdevs), kind, plan.cases):
                 if collective:
                     yield Case(probe=name, case=case, ranks=local, runs=_Call(
                         lambda entry=entry, case=case, cfg=cfg, inj=injectors: [
-                            outs[r] for outs in [entry.run_ranks(jdevs, cfg, case, inj)] for r in local]))
+                            outs[r] for outs in [entry.run_ranks(jdevs, cfg, case, inj, plan.options)] for r in local]))
                     continue
                 for rank in local:
                     yield Case(probe=name, case=case, ranks=[rank], runs=_Call(

@@ -142,7 +142,8 @@ def run_case(devices: list[Any], cfg: CollectivesProbe.Config, case: str,
 
 
 def run_ranks(devices: list[Any], cfg: CollectivesProbe.Config, case: str,
-              injectors: Sequence[jb.Injector] | Mapping[int, jb.Injector]) -> dict[int, CaseOutcome]:
+              injectors: Sequence[jb.Injector] | Mapping[int, jb.Injector],
+              options: Mapping[str, str] | None = None) -> dict[int, CaseOutcome]:
     """One collectives case over `devices` (global rank = position), possibly spanning processes.
 
     Every process of the job calls it with the same devices (in the same order: see
@@ -150,7 +151,9 @@ def run_ranks(devices: list[Any], cfg: CollectivesProbe.Config, case: str,
     only their outputs, then every process exchanges the per-rank views (saw a mismatch, which
     ranks its decoding names) so that collectives.blame judges each rank with all of them.
     `injectors[r]` is global rank r's; only this process's ranks' are used. Returns the outcomes
-    of this process's ranks, keyed by global rank; the timings are this process's.
+    of this process's ranks, keyed by global rank; the timings are this process's. `options` are the
+    run's probe options, which every JAX collective entry takes (jax_retest reads its pairs there);
+    none changes a collectives case.
     """
     op = case.partition("/")[0]
     if op not in JAX_OPS or case.partition("/")[2] not in EXACT_LIMIT:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -42,6 +43,27 @@ def split_kernel(kernel: str) -> tuple[str, str]:
     """ "gemm.bfloat16" -> ("gemm", "bfloat16"); "gemm" -> ("gemm", "")."""
     base, _, dtype = kernel.partition(".")
     return base, dtype
+
+
+def parse_case(case: str) -> tuple[str, str, str, str]:
+    """ "gemm.bfloat16/extended" -> ("gemm.bfloat16", "gemm", "bfloat16", "extended"); InvalidConfig for a
+    case that is not one."""
+    kernel_name, _, stage = case.partition("/")
+    base, dtype = split_kernel(kernel_name)
+    if (base not in KERNELS or stage not in ("", EXTENDED) or (stage and base == "link")
+            or (dtype and (base != "gemm" or dtype not in ALL_DTYPES))):
+        raise InvalidConfig(f"unknown retest case {case!r}; known: {', '.join(KERNELS)}, gemm.DTYPE (DTYPE from "
+                            f"{', '.join(ALL_DTYPES)}), KERNEL/{EXTENDED} for gemm and copy")
+    return kernel_name, base, dtype, stage
+
+
+def interleaved(rounds: int, involved: list[int], turn: Callable[[int], None], after: Callable[[], None]) -> None:
+    """The rounds of turns: in round i each involved rank takes `turn(rank)`, in ABBA order (reversed every
+    other round, so a slow drift of the host cancels in the paired ratios); `after` follows each turn."""
+    for i in range(rounds):
+        for r in (involved if i % 2 == 0 else involved[::-1]):
+            turn(r)
+            after()
 
 
 def parse_pairs(text: str) -> list[tuple[int, int]]:
@@ -128,6 +150,7 @@ class RetestProbe(Probe):
     default = False
     collective = True
     min_devices = 2
+    jax = "jax_retest"  # gemm turns on a single host's JAX devices
     speed_metric: ClassVar[str] = ""  # its times are read pairwise by the judge, not against the fleet
 
     @dataclass(frozen=True, slots=True, kw_only=True)
@@ -163,12 +186,7 @@ class RetestProbe(Probe):
     def run_case(self, ctx: ProbeContext, cfg: Config, case: str) -> CaseOutcome:
         import torch.distributed as dist
 
-        kernel_name, _, stage = case.partition("/")
-        base, dtype = split_kernel(kernel_name)
-        if (base not in KERNELS or stage not in ("", EXTENDED) or (stage and base == "link")
-                or (dtype and (base != "gemm" or dtype not in ALL_DTYPES))):
-            raise InvalidConfig(f"unknown retest case {case!r}; known: {', '.join(KERNELS)}, gemm.DTYPE (DTYPE from "
-                                f"{', '.join(ALL_DTYPES)}), KERNEL/{EXTENDED} for gemm and copy")
+        kernel_name, base, dtype, stage = parse_case(case)
         if ctx.group is None:
             raise InvalidConfig("retest is collective: it needs ctx.group (run it through the fleet worker)")
         if case == "link":
@@ -188,20 +206,25 @@ class RetestProbe(Probe):
                     kernel[0]()
         # a CPU device shares its host with other work: how busy the host, and its own cores, were in its turns
         host = HostBusy() if ctx.device_kind == "cpu" else contextlib.nullcontext()
-        for i in range(rounds):
-            order = involved if i % 2 == 0 else involved[::-1]
-            for r in order:
-                if r == ctx.rank and kernel is not None:
-                    with ctx.under_test(), host:
-                        times.append(min(ctx.timer.time(kernel[0])[1] for _ in range(cfg.calls)))
-                dist.barrier()
-        if times:
-            out.params["turn_s"] = times
-            out.metrics["turn_s_best"] = min(times)
-            if isinstance(host, HostBusy):
-                out.params.update({k: v for k, v in (("host_busy_share", host.share),
-                                                     ("foreign_share", host.foreign_share)) if v is not None})
+
+        def turn(r: int) -> None:
+            if r == ctx.rank and kernel is not None:
+                with ctx.under_test(), host:
+                    times.append(min(ctx.timer.time(kernel[0])[1] for _ in range(cfg.calls)))
+
+        interleaved(rounds, involved, turn, dist.barrier)
+        keep_turns(out, times, host)
         return out
+
+
+def keep_turns(out: CaseOutcome, times: list[float], host: Any) -> None:
+    """A rank's turn times (and, on a CPU device, how busy its host was in them) into its outcome."""
+    if times:
+        out.params["turn_s"] = times
+        out.metrics["turn_s_best"] = min(times)
+        if isinstance(host, HostBusy):
+            out.params.update({k: v for k, v in (("host_busy_share", host.share),
+                                                 ("foreign_share", host.foreign_share)) if v is not None})
 
 
 def _kernel(ctx: ProbeContext, cfg: RetestProbe.Config, base: str, dtype: str) -> tuple[Any, dict[str, Any]]:

@@ -17,7 +17,7 @@ ln -s "$PWD" "$typed/chipcheck"
     -m chipcheck.fleet.session -m chipcheck.fleet.store -m chipcheck.fleet.store_file -m chipcheck.fleet.history -m chipcheck.fleet.trends -m chipcheck.fleet.summary -p chipcheck.reports \
     -p chipcheck.reproducers \
     -m chipcheck.probes.keeping -p chipcheck.probes.backends -m chipcheck.probes.matmul -m chipcheck.probes.collectives \
-    -m chipcheck.probes.jax_collectives)
+    -m chipcheck.probes.jax_collectives -m chipcheck.probes.jax_retest -m chipcheck.probes.retest)
 types=$?
 rm -rf "$typed"
 python3 -m pytest -n 2 -q -m "not timing" "$@"

@@ -188,7 +188,8 @@ def test_cli_backend_jax_clean(tmp_path: Path) -> None:
     assert len(data["devices"]) == 4
     for d in data["devices"]:
         assert d["verdict"] == "pass"
-        assert {p["probe"] for p in d["probes"]} == {"matmul", "attention", "collectives"}
+        # a retest (and the speed judge's note) only where the judge suspected a device on this loaded host
+        assert {p["probe"] for p in d["probes"]} - {"retest", "speed"} == {"matmul", "attention", "collectives"}
 
 
 def test_cli_backend_jax_injected_fault_on_one_device(tmp_path: Path) -> None:
@@ -207,7 +208,7 @@ def test_cli_backend_jax_refuses_what_it_cannot_do(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("spec", "words"), [
     ("bitflip:rank=0,bit=20,op=mm", "op 'mm' is not one the JAX path injects into (dot_general, attention"),
     ("slow:rank=4,factor=2", "rank 4 is not in this run (its ranks are 0-1)"),
-    ("bitflip:rank=0,bit=20,probe=attention", "probe 'attention' is not in this run (it runs matmul)"),
+    ("bitflip:rank=0,bit=20,probe=attention", "probe 'attention' is not in this run (it runs matmul, retest)"),
 ])
 def test_cli_backend_jax_refuses_a_fault_that_can_never_fire(tmp_path: Path, spec: str, words: str) -> None:
     # each ran clean before and said nothing: `op=mm` is torch's name, JAX's GEMM is dot_general
