@@ -2,6 +2,7 @@
 
     python3 benchmarks/bench_speed.py clean [--runs 50] [--devices cpu:4] [--write-mib 800] [--tenant-core 1]
     python3 benchmarks/bench_speed.py sensitivity [--runs 20] [--factors 1.10,1.15,1.20,1.30] [--dtype bfloat16]
+    (clean and sensitivity take --backend jax: `chipcheck run --backend jax` on N forced host CPU devices)
     python3 benchmarks/bench_speed.py drift [--runs 15]
     python3 benchmarks/bench_speed.py links [--runs 20] [--devices cpu:8]
 
@@ -41,6 +42,16 @@ from verdicts import machine, run  # noqa: E402
 QUICK = ("--profile", "quick")
 
 
+def target(devices: str, backend: str) -> tuple[str, ...]:
+    """The run's device arguments: `--devices cpu:N`, or for `--backend jax` N forced host devices (JAX takes
+    every device it sees: XLA_FLAGS, set here for the child runs)."""
+    if backend == "torch":
+        return ("--devices", devices)
+    os.environ.update({"JAX_PLATFORMS": "cpu",
+                       "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices.split(':')[1]}"})
+    return ("--backend", "jax")
+
+
 TENANT = """import os, sys, time
 os.sched_setaffinity(0, {int(sys.argv[1])})
 x, i = [0.0] * 4_000_000, 0  # a working set larger than the caches
@@ -50,7 +61,7 @@ while True:
 """
 
 
-def clean(runs: int, devices: str, write_mib: int = 0, tenant_core: int | None = None) -> None:
+def clean(runs: int, devices: str, write_mib: int = 0, tenant_core: int | None = None, backend: str = "torch") -> None:
     flags, walls_retest, walls_plain, noted, busy = [], [], [], 0, 0
     for i in range(runs):
         tenant = (subprocess.Popen([sys.executable, "-c", TENANT, str(tenant_core)])
@@ -59,7 +70,7 @@ def clean(runs: int, devices: str, write_mib: int = 0, tenant_core: int | None =
             with tempfile.NamedTemporaryFile() as f:
                 for _ in range(write_mib):
                     f.write(os.urandom(2**20))
-                res = run("--devices", devices, *QUICK, "--seed", str(i))
+                res = run(*target(devices, backend), *QUICK, "--seed", str(i))
         finally:
             if tenant is not None:
                 tenant.kill()
@@ -103,14 +114,14 @@ def links(runs: int, devices: str) -> None:
         print("  " + f)
 
 
-def sensitivity(runs: int, devices: str, factors: list[float], dtype: str = "") -> None:
+def sensitivity(runs: int, devices: str, factors: list[float], dtype: str = "", backend: str = "torch") -> None:
     world = int(devices.split(":")[1])
     print(f"{'slowdown':>8}  {'called slow':>11}  {'others flagged':>14}")
     for f in factors:
         hit, others, notes = 0, 0, []
         for i in range(runs):
             r = i % world
-            res = run("--devices", devices, *QUICK, "--seed", str(i), "--inject",
+            res = run(*target(devices, backend), *QUICK, "--seed", str(i), "--inject",
                       f"slow:rank={r},factor={f},scope=process" + (f",dtype={dtype}" if dtype else ""))
             hit += res.verdicts[r] == "slow"
             said = (res.slow_reasons.get(r) or res.speed_notes.get(r) or ["not a suspect"])[0]
@@ -158,20 +169,22 @@ def main() -> int:
     ap.add_argument("--factors", default="1.10,1.15,1.20,1.30")
     ap.add_argument("--write-mib", type=int, default=0, help="clean: MiB written to a file just before each run")
     ap.add_argument("--dtype", default="", help="sensitivity: slow only the GEMMs in this dtype")
+    ap.add_argument("--backend", choices=("torch", "jax"), default="torch", help="clean, sensitivity: the run's backend")
     ap.add_argument("--tenant-core", type=int, default=None,
                     help="clean: a memory-bound process pinned to this core through each run")
     a = ap.parse_args()
     a.devices = a.devices or ("cpu:8" if a.what == "links" else "cpu:4")
     print(f"# bench_speed {a.what} {datetime.date.today()} on {machine()}: {a.devices}"
+          + (" (--backend jax)" if a.backend == "jax" else "")
           + (f", slow in {a.dtype} only" if a.what == "sensitivity" and a.dtype else ""))
     if a.what == "clean":
-        clean(a.runs or 50, a.devices, a.write_mib, a.tenant_core)
+        clean(a.runs or 50, a.devices, a.write_mib, a.tenant_core, a.backend)
     elif a.what == "links":
         links(a.runs or 20, a.devices)
     elif a.what == "drift":
         drift(a.runs or 15)
     else:
-        sensitivity(a.runs or 20, a.devices, [float(x) for x in a.factors.split(",")], a.dtype)
+        sensitivity(a.runs or 20, a.devices, [float(x) for x in a.factors.split(",")], a.dtype, a.backend)
     return 0
 
 
