@@ -7,8 +7,13 @@ dot_general at HIGHEST precision), in ABBA rounds (`retest.interleaved`), each t
 `calls` calls, timed as the matmul probe times them (`jax_backend.timed`: wall time on accelerators,
 CPU time on forced host devices) and slowed by a `slow` fault as that probe's are (the rank's
 `Injector`, op `dot_general`). The config, case names, pairs (option `retest_gemm.DTYPE`) and the
-outcome's params (`turn_s`, and on CPU devices how busy the host was) are the torch probe's, so the
-judge reads both alike.
+outcome's params (`turn_s`) are the torch probe's, so the judge reads both alike.
+
+Unlike a torch CPU worker, which holds its own core, forced host CPU devices share every core of the
+one process, so other work on the host falls on suspect and peer turns alike and the ABBA pairing
+cancels it; nor can /proc/stat tell one turn's load from the next at this length (a suspect's turns
+read "151% busy", its peer's 25%, where the same turns run alone read 98-100% for both). So no
+host-load figure is kept, and the judge's busy-host rule does not apply here.
 
 One process drives every device of a single host, so a turn is alone by construction. A multi-host
 job is not retested (its suspects stay notes): turns across processes would need a barrier per turn.
@@ -17,14 +22,12 @@ Copy and link retests are not on the JAX path (no JAX probe suspects them).
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import jax_backend as jb
 from .backends.jax import OP, JaxBackend
 from .base import CaseOutcome, InvalidConfig
-from .cpu_load import HostBusy
 from .retest import EXTENDED, RetestProbe, interleaved, keep_turns, parse_case, parse_pairs
 
 SEED = 0
@@ -57,21 +60,18 @@ def run_ranks(devices: list[Any], cfg: RetestProbe.Config, case: str,
     params = {"pairs": [list(p) for p in pairs], "rounds": rounds, "calls": cfg.calls,
               "kernel": f"{dtype} GEMM n={n}", "backend": "jax"}
     outs = {r: CaseOutcome(case=case, params=dict(params)) for r in range(len(devices))}
-    cpu = devices[0].platform == "cpu"
     calls = {r: _gemm(devices[r], dtype, n, injectors[r]) for r in involved}
     for r in involved:
         for _ in range(2):  # compilation, allocations, clocks ramping: never a turn's time
             calls[r]()
     times: dict[int, list[float]] = {r: [] for r in involved}
-    hosts = {r: HostBusy() if cpu else contextlib.nullcontext() for r in involved}
 
     def turn(r: int) -> None:
-        with hosts[r]:
-            times[r].append(min(calls[r]() for _ in range(cfg.calls)))
+        times[r].append(min(calls[r]() for _ in range(cfg.calls)))
 
     interleaved(rounds, involved, turn, lambda: None)
     for r in involved:
-        keep_turns(outs[r], times[r], hosts[r])
+        keep_turns(outs[r], times[r], None)
     return outs
 
 
