@@ -39,6 +39,7 @@ def test_the_turns_of_a_suspect_and_its_peer_carry_a_process_wide_slowdown_and_n
     assert sorted(outs) == [0, 1, 2]
     t0, t1 = outs[0].params["turn_s"], outs[1].params["turn_s"]
     assert len(t0) == len(t1) == CFG.rounds and "turn_s" not in outs[2].params
+    assert "host_busy_share" not in outs[1].params  # one process's devices share its cores: no host-load rule
     assert outs[1].params["kernel"] == "float32 GEMM n=128" and outs[1].params["pairs"] == [[1, 0]]
     ratios = sorted(b / a for a, b in zip(t0, t1, strict=True))
     assert ratios[len(ratios) // 2] > 2.0, ratios  # the stall is 2x the GEMM's own time on every turn
