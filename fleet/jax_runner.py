@@ -41,7 +41,7 @@ from ..probes import base
 from ..results import DeviceInfo, ErrorKind, ProbeResult, RunSummary
 from . import protocol, supervisor
 from .harness import Case, CaseLoop, error_result
-from .runner import DEFAULT_TIMEOUT_S, RunOptions, UsageError, judge, new_run_id, validate
+from .runner import DEFAULT_TIMEOUT_S, RunOptions, UsageError, judge, new_run_id, retest_stages, validate
 from .session import RunSession
 from .store import Store
 from .supervisor import Phase, Watch, child_env, exit_text, kill_group, log_tail, lost_in, not_run, spawn
@@ -152,17 +152,14 @@ def retest(plan: HostPlan, devs: list[DeviceInfo], results: list[ProbeResult], m
     suspect against a peer, interleaved (probes/jax_retest.py), then with more rounds where that was
     inconclusive. A multi-host job is not retested: its suspects stay notes."""
     from .judge import speed
-    from .judge.verdicts import retest_options
 
-    while options := retest_options(results, dict(enumerate(devs)), min_gap):
+    def stage(options: dict[str, str]) -> None:
         cases = [c for c in speed.retest_cases(options) if c.startswith("gemm")]
-        if not cases:
-            return
-        before = len(results)
-        stage = replace(plan, probes=[speed.RETEST], cases={speed.RETEST: cases}, options=options, done=[])
-        _Supervisor(stage, timeout_s, keep, lambda _devs: None).run()
-        if len(results) == before:
-            return  # nothing came back: the next stage would ask the same again
+        if cases:  # none: nothing comes back, and the stages end
+            _Supervisor(replace(plan, probes=[speed.RETEST], cases={speed.RETEST: cases}, options=options, done=[]),
+                        timeout_s, keep, lambda _devs: None).run()
+
+    retest_stages(results, dict(enumerate(devs)), min_gap, stage)
 
 
 class _Supervisor:

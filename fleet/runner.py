@@ -156,14 +156,27 @@ def retest(req: LaunchRequest, results: list[ProbeResult], opts: RunOptions, kee
     and once more with more rounds where that was inconclusive (nothing to do, and no time spent,
     when the run has no suspect). Its results join the run's."""
     from .judge import speed
-    from .judge.verdicts import retest_options
 
-    while options := retest_options(results, dict(enumerate(req.devices)), opts.min_gap):
-        before = len(results)
+    def stage(options: dict[str, str]) -> None:
         run_local(replace(req, probes=[(speed.RETEST, speed.retest_cases(options))],
                           options={**req.options, **options}, duration_s=0.0), keep, on_start)
+
+    retest_stages(results, dict(enumerate(req.devices)), opts.min_gap, stage)
+
+
+def retest_stages(results: list[ProbeResult], devs: dict[int, DeviceInfo], min_gap: float,
+                  run_stage: Callable[[dict[str, str]], None]) -> None:
+    """The judge's retest stages (fleet.judge.verdicts.retest_options: the suspects, then the inconclusive
+    ones with more rounds): `run_stage(options)` runs one, its results joining `results`; until the judge
+    asks for nothing more, or a stage brings nothing back (the next would ask the same again). The local
+    launcher and the JAX path share it."""
+    from .judge.verdicts import retest_options
+
+    while options := retest_options(results, devs, min_gap):
+        before = len(results)
+        run_stage(options)
         if len(results) == before:
-            return  # nothing came back: the next stage would ask the same again
+            return
 
 
 def baseline_table(opts: RunOptions) -> Any:
