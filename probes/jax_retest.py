@@ -26,7 +26,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from . import jax_backend as jb
-from .backends.jax import OP, JaxBackend
 from .base import CaseOutcome, InvalidConfig
 from .retest import EXTENDED, RetestProbe, interleaved, keep_turns, parse_case, parse_pairs
 
@@ -77,6 +76,8 @@ def run_ranks(devices: list[Any], cfg: RetestProbe.Config, case: str,
 
 def _gemm(device: Any, dtype: str, n: int, inj: jb.Injector) -> Any:
     """A callable that runs one GEMM on `device` and returns its seconds (a `slow` fault's stall included)."""
+    from .backends.jax import OP, JaxBackend  # imports jax: the registry imports this module without it
+
     be = JaxBackend(device, inj)
     k = be.kernel(dtype)
     a, b = k.prepare(be.uniform((n, n), SEED, "retest.a"), be.uniform((n, n), SEED, "retest.b"))

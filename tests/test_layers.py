@@ -18,6 +18,8 @@ in ALLOWED_EXCEPTIONS with why; fix it, then drop it from the list.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -297,3 +299,16 @@ def test_checker_flags_upward_edges_and_honours_exceptions(tmp_path: Path) -> No
     assert upward(edges, {("chipcheck.model.gpt", "chipcheck.probes.generator"): "why"}) == \
         [b for b in bad if not b.startswith("chipcheck.model.gpt")]
     assert cycles(edges) == [["chipcheck.cli", "chipcheck.fleet.runner"]]
+
+
+def test_the_probe_registry_loads_without_jax() -> None:
+    """jax is an optional extra: the registry imports every module of probes/, the JAX entry points
+    included, so none of them may import jax at import time (a fresh venv's `chipcheck run` crashed
+    on probes/jax_retest.py's top-level import of backends.jax)."""
+    code = ("import sys; sys.modules['jax'] = None\n"  # `import jax` raises ImportError, as where it is absent
+            "from chipcheck.probes import base\n"
+            "names = base.registry()\n"
+            "assert 'retest' in names and names['retest'].jax == 'jax_retest', names\n"
+            "assert 'jax' not in sys.modules or sys.modules['jax'] is None\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
