@@ -568,20 +568,32 @@ class capture:  # noqa: N801 - used as `with capture(dir):`, like a function
         self.root.mkdir(parents=True, exist_ok=True)
         if self.eager:
             self._stance = torch.compiler.set_stance("force_eager")  # in force from this call; __exit__ puts it back
-        self._mode = Recorder(self.root, self.rank, self.world, self.stacks)
-        self._compiled = CompiledCalls()
-        self._mode.__enter__()
+        try:
+            self._mode = Recorder(self.root, self.rank, self.world, self.stacks)
+            self._compiled = CompiledCalls()
+            self._mode.__enter__()
+        except BaseException:
+            # __exit__ never runs for a with-statement whose __enter__ raised: undo here what it would
+            self._restore()
+            raise
         return self
+
+    def _restore(self) -> None:
+        if self._stance is not None:
+            self._stance.__exit__(None, None, None)
+            self._stance = None
+        if self._compiled is not None:
+            self._compiled.stop()
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         assert self._mode is not None
         mode = self._mode
         mode.__exit__(et, ev, tb)
-        if self._stance is not None:
-            self._stance.__exit__(None, None, None)
-            self._stance = None
+        calls = self._compiled.stop() if self._compiled else 0
+        self._compiled = None
+        self._restore()
         # A step that crashed is still worth keeping: the ops up to the crash are the reproducer.
-        self.result = mode.finish(self._compiled.stop() if self._compiled else 0, self.eager)
+        self.result = mode.finish(calls, self.eager)
 
 
 class CompiledCalls:

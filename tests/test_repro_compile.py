@@ -110,6 +110,27 @@ def test_a_fault_in_a_fused_kernel_is_missed_compiled_and_found_when_the_step_is
     assert "aten.gelu" in (tmp_path / "r.py").read_text()
 
 
+def test_an_eager_capture_that_cannot_start_leaves_torch_compile_as_it_was(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A with-statement whose __enter__ raises never calls __exit__: the capture must undo its
+    force_eager stance itself, or every compiled step after it would silently run eagerly."""
+    import importlib
+
+    import torch._dynamo.eval_frame as ef
+
+    cap_mod = importlib.import_module("chipcheck.reproducers.capture")  # the package exports the class
+
+    def fail(self: object) -> None:
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(cap_mod.Recorder, "__enter__", fail)
+    before = ef._stance
+    with pytest.raises(OSError, match="no space"):
+        with capture(tmp_path / "c", eager=True):
+            pass
+    assert ef._stance == before and ef._stance.stance == "default"
+
+
 def test_the_flight_recorder_recaptures_a_compiled_step_eagerly(tmp_path: Path) -> None:
     """A compiled training step goes wrong in a fused kernel: `recapture(..., eager=True)` re-runs its
     snapshot op by op, and the capture names the GELU."""
