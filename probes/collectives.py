@@ -164,10 +164,11 @@ class Group:
         """Every rank's view of every check, from this process's ranks' views (collective)."""
         raise NotImplementedError
 
-    def localize(self, step: CollectiveStep) -> tuple[list[int], str]:
-        """The ranks a re-run in smaller groups names (collective), with why; none where the backend
-        cannot re-run in pairs (then the decoding stands)."""
-        return [], ""
+    def run_pairs(self, step: CollectiveStep, pairs: list[tuple[int, int]]) -> list[bool] | None:
+        """The step's op once more in each pair of ranks, faults on (collective: every rank calls it with
+        the same pairs): whether each pair's result was wrong on either of its ranks. None where the
+        backend cannot re-run in pairs (then the decoding stands)."""
+        return None
 
 
 def measure(g: Group, cfg: CollectivesProbe.Config, case: str) -> dict[int, CaseOutcome]:
@@ -214,11 +215,17 @@ def measure(g: Group, cfg: CollectivesProbe.Config, case: str) -> dict[int, Case
         size *= cfg.factor
     views = g.exchange(case, [{r: (m is not None, s.suspects(m) if m is not None else []) for r, (s, m) in c.items()}
                               for c in checked])
+    # Decoding names a rank only by inference (a flipped bit can mimic a missing contribution) or names
+    # nobody: the op runs again in pairs, once per check that needs it, so the fault follows the chip.
+    # One verdict from all of the case's pair runs: a fault that shows only in some data (what a rank
+    # sends into a max shows only where it wins) fails its pairs in some runs, never in all.
+    needing = [k for k, v in enumerate(views) if n >= 3 and _needs_pairs(v, op)]
+    pv = localize(g, [next(iter(checked[k].values()))[0] for k in needing]) if needing else None
     sizes = len(checked) // max(1, cfg.checks)
     for i in range(sizes):
         bad = dict.fromkeys(g.local, False)
         for k in range(i * cfg.checks, (i + 1) * cfg.checks):
-            for r, b in _judge(g, outs, checked[k], views[k]).items():
+            for r, b in _judge(outs, checked[k], views[k], pv if k in needing else None).items():
                 bad[r] |= b
         for r, out in outs.items():
             out.repeats += 1
@@ -226,28 +233,23 @@ def measure(g: Group, cfg: CollectivesProbe.Config, case: str) -> dict[int, Case
     return outs
 
 
-def _judge(g: Group, outs: dict[int, CaseOutcome], checked: dict[int, tuple[CollectiveStep, Mismatch | None]],
-           views: list[View]) -> dict[int, bool]:
-    """Every rank's view of one check -> whether each of this process's ranks is to blame.
+def _judge(outs: dict[int, CaseOutcome], checked: dict[int, tuple[CollectiveStep, Mismatch | None]],
+           views: list[View], pv: PairVerdict | None) -> dict[int, bool]:
+    """Every rank's view of one check, and what the case's pair re-runs said (`pv`, where this check
+    needed them) -> whether each of this process's ranks is to blame.
 
     All ranks of a collective see a corrupted result; blaming all of them would drain innocent
     nodes. Decoding names the source of bad data where the pattern allows (copies: the source
     rank of the bad chunk; sums: ranks whose contribution is missing). A named rank is wrong;
-    a rank that only observed it records the observation and is not blamed. When nobody can
-    be named, the observers share the evidence (fleet.judge.blame resolves it; `chipcheck links`
-    localises further).
+    a rank that only observed it records the observation and is not blamed. The pairs' verdict
+    comes first; where the pairs name no one (an intermittent fault) the decoding stands, less the
+    ranks a passing pair cleared. When nobody can be named, the observers share the evidence
+    (fleet.judge.blame resolves it; `chipcheck links` localises further).
     """
-    first = next(iter(checked.values()))[0]
-    culprits: list[int] = []
-    why = ""
-    if _needs_pairs(views, first.op) and first.n >= 3:
-        # Decoding names a rank only by inference (a flipped bit can mimic a missing contribution) or
-        # names nobody: run the op again in pairs, so the fault follows the chip. When the pairs name
-        # no one (an intermittent fault), the decoding stands.
-        culprits, why = g.localize(first)
+    culprits, why, cleared = (pv.named, pv.why, pv.cleared) if pv else ([], "", frozenset[int]())
     result = {}
     for r, (s, m) in checked.items():
-        kept, observed = blame(r, m, views, tensor=s.op, count=s.count)
+        kept, observed = blame(r, m, views, tensor=s.op, count=s.count, cleared=cleared)
         if culprits:
             # the pairs' verdict first, then what the decoding said (this rank's view, or who named it)
             said = kept.note if kept is not None else m.note if m is not None else ""
@@ -308,49 +310,112 @@ class TorchGroup(Group):
         dist.all_gather_object(got, [v[r] for v in views], group=self.pg)
         return [[got[i][k] for i in range(self.n)] for k in range(len(views))]
 
-    def localize(self, step: CollectiveStep) -> tuple[list[int], str]:
-        """Every rank runs the op once more in each ring pair (k, k+1) it belongs to; a rank is named
-        when every pair that holds it fails and every pair without it passes."""
+    def run_pairs(self, step: CollectiveStep, pairs: list[tuple[int, int]]) -> list[bool] | None:
         import torch.distributed as dist
 
         n, r = step.n, step.r
-        pairs = ring_pairs(n)
-        if n not in _PAIR_GROUPS:  # new_group is collective: every rank creates every pair's, in order
-            _PAIR_GROUPS[n] = [dist.new_group(list(p)) for p in pairs]
         mine = []
-        for p, pg in zip(pairs, _PAIR_GROUPS[n], strict=True):
+        for p in pairs:
+            if (n, p) not in _PAIR_GROUPS:  # new_group is collective: every rank creates every pair's, in order
+                _PAIR_GROUPS[n, p] = dist.new_group(sorted(p))
             if r not in p:
                 mine.append(False)
                 continue
             # its position is its rank in the pair's group, which new_group numbers in ascending global
             # order: pair (n-1, 0) is group [0, n-1]; placed as listed, its healthy re-run failed
             sub = CollectiveStep(op=step.op, n=2, r=sorted(p).index(r), count=step.count - step.count % 2, dtype=step.dtype,
-                                 tdt=step.tdt, device=step.device)
+                                 tdt=step.tdt, device=step.device, root=step.root)
             sub.init()
             with self.ctx.under_test():
-                _c10d(sub, pg)
+                _c10d(sub, _PAIR_GROUPS[n, p])
             self.ctx.timer.sync()
             mine.append(sub.check() is not None)
         views: list[Any] = [None] * n
         dist.all_gather_object(views, mine, group=self.pg)
-        return pair_verdict(n, {i for i in range(n) if any(v[i] for v in views)})
+        return [any(v[i] for v in views) for i in range(len(pairs))]
 
 
-_PAIR_GROUPS: dict[int, list[Any]] = {}
+_PAIR_GROUPS: dict[tuple[int, tuple[int, int]], Any] = {}
+MAX_PAIR_OFFSET = 4
+"""Pair rounds at the most: ring neighbours (k, k+1), then (k, k+2), ... while ranks stay undecided."""
 
 
-def ring_pairs(n: int) -> list[tuple[int, int]]:
-    """The pairs a localising re-run uses: (k, k+1 mod n) for every rank k."""
-    return [(k, (k + 1) % n) for k in range(n)]
+@dataclass(frozen=True, slots=True)
+class PairVerdict:
+    """What the pair re-runs say: the ranks they name, the ranks a passing pair cleared, and why."""
+
+    named: list[int]
+    cleared: frozenset[int]
+    undecided: frozenset[int]
+    why: str
 
 
-def pair_verdict(n: int, failed: set[int]) -> tuple[list[int], str]:
-    """The ranks named by which ring pairs failed (indices into ring_pairs(n)): a rank is named when
-    every pair that holds it failed and every pair without it passed; with why."""
-    pairs = ring_pairs(n)
-    named = [k for k in range(n) if all((i in failed) == (k in p) for i, p in enumerate(pairs))]
-    return named, (f"the op failed in pairs {[pairs[i] for i in sorted(failed)]} and passed in the others "
-                   f"(ring pairs of {n} ranks)")
+def offset_pairs(n: int, d: int) -> list[tuple[int, int]]:
+    """The pairs (k, k+d mod n) for every rank k, each pair once."""
+    seen: set[frozenset[int]] = set()
+    out = []
+    for k in range(n):
+        p = (k, (k + d) % n)
+        if frozenset(p) not in seen:
+            seen.add(frozenset(p))
+            out.append(p)
+    return out
+
+
+def pair_verdict(n: int, pairs: list[tuple[int, int]], failed: set[int]) -> PairVerdict:
+    """The ranks named by which of `pairs` failed (indices into it), for a fault that stays with its chip.
+
+    A rank in a pair that passed is cleared. A failed pair holding a cleared rank names the other one.
+    A failed pair of two cleared ranks contradicts the premise (an intermittent fault, or the link
+    between them): nobody is named and nobody cleared. A rank whose every pair failed with partners that
+    are not cleared either stays undecided: one bad partner explains it as well as its own fault."""
+    bad = [p for i, p in enumerate(pairs) if i in failed]
+    which = f"ring pairs of {n} ranks" if pairs == offset_pairs(n, 1) else f"{len(pairs)} pairs of {n} ranks, ring and wider"
+    said = f"the op failed in pairs {bad} and passed in the others ({which})"
+    ok = {r for i, p in enumerate(pairs) if i not in failed for r in p}
+    if not bad or any(set(p) <= ok for p in bad):
+        return PairVerdict([], frozenset(), frozenset(), said + ("; not one chip's fault" if bad else ""))
+    named = sorted({b for a, b in bad if a in ok} | {a for a, b in bad if b in ok})
+    undecided = frozenset(range(n)) - ok - set(named)
+    if undecided:
+        said += f"; ranks {sorted(undecided)} undecided"
+    return PairVerdict(named, frozenset(ok), undecided, said)
+
+
+def localize(g: Group, steps: list[CollectiveStep]) -> PairVerdict:
+    """Re-run the op in ring pairs (k, k+1), once per step (`_pair_steps`); while ranks stay undecided
+    (two bad chips, one rank apart, fail every ring pair between them), in the pairs (k, k+2),
+    (k, k+3), ... A pair failed when it failed in any of the runs (collective)."""
+    n = steps[0].n
+    pairs: list[tuple[int, int]] = []
+    failed: set[int] = set()
+    verdict = PairVerdict([], frozenset(), frozenset(), "")
+    for d in range(1, min(n // 2, MAX_PAIR_OFFSET) + 1):
+        new = [p for p in offset_pairs(n, d) if p not in pairs]
+        for step in (v for s in steps for v in _pair_steps(s)):
+            ran = g.run_pairs(step, new)
+            if ran is None:
+                return verdict
+            failed |= {len(pairs) + i for i, f in enumerate(ran) if f}
+        pairs += new
+        verdict = pair_verdict(n, pairs, failed)
+        if not verdict.undecided:
+            break
+    return verdict
+
+
+def _pair_steps(step: CollectiveStep) -> list[CollectiveStep]:
+    """What a pair re-run of `step` runs, so that a pair passes only when both ranks did everything the
+    op asks of them. A max hides a corrupted contribution that does not win (half of a pair's elements),
+    so a bad sender would pass some of its pairs: the same call also sums, which shows every
+    contribution. A broadcast runs from each end of the pair."""
+    import dataclasses
+
+    if step.op == "all_reduce_max":
+        return [step, dataclasses.replace(step, op="all_reduce_sum")]
+    if step.op == "broadcast":  # a pair's non-root sends nothing: each rank of the pair is the root once
+        return [step, dataclasses.replace(step, root=1)]
+    return [step]
 
 
 def _needs_pairs(views: list[tuple[bool, list[int]]], op: str) -> bool:
@@ -360,7 +425,7 @@ def _needs_pairs(views: list[tuple[bool, list[int]]], op: str) -> bool:
 
 
 def blame(me: int, m: Mismatch | None, views: list[tuple[bool, list[int]]], *, tensor: str,
-          count: int) -> tuple[Mismatch | None, str]:
+          count: int, cleared: frozenset[int] = frozenset()) -> tuple[Mismatch | None, str]:
     """What rank `me` reports, given every rank's (saw something wrong, ranks its decoding names).
 
     Returns (the mismatch that makes this rank wrong, or None; a note of what it only observed).
@@ -369,7 +434,8 @@ def blame(me: int, m: Mismatch | None, views: list[tuple[bool, list[int]]], *, t
     "named by ..." when its own output was fine);
     a rank that only observed what others are blamed for is not; when nobody can be named, every
     observer holds shared evidence (fleet.judge.blame pins it on a member with evidence of its own,
-    or calls the observers suspect) and the ranks that saw nothing are clean.
+    or calls the observers suspect) and the ranks that saw nothing are clean. A rank in `cleared`
+    (it passed a pair re-run of the op) is neither named by decoding nor a holder of shared evidence.
     """
     import dataclasses
 
@@ -384,7 +450,9 @@ def blame(me: int, m: Mismatch | None, views: list[tuple[bool, list[int]]], *, t
         agree = len(views) - len(observers)
         return dataclasses.replace(m, note=f"{m.note}; its result differs from the one {agree} of {len(views)} "
                                            f"ranks received (a strict majority): damaged on this rank's side"), ""
-    blamed = sorted({s for bad, ss in views if bad for s in ss})
+    blamed = sorted({s for bad, ss in views if bad for s in ss} - cleared)
+    if me in cleared:
+        return None, f"saw {m.bad_elements} bad elements; a pair re-run of the op cleared this rank; {m.note}" if m else ""
     if blamed and me not in blamed:
         note = f"saw {m.bad_elements} bad elements; decoding names rank(s) {blamed}; {m.note}" if m else ""
         return None, note
@@ -395,7 +463,7 @@ def blame(me: int, m: Mismatch | None, views: list[tuple[bool, list[int]]], *, t
                         note=f"named by rank(s) {observers} as the source of corrupted data"), ""
     if not blamed:  # every observer holds bad data and nobody is named: some member is bad, not which
         return dataclasses.replace(m, note=f"{m.note}; no source decodable among observers {observers}",
-                                   blame=Blame.SHARED, group=observers), ""
+                                   blame=Blame.SHARED, group=[o for o in observers if o not in cleared]), ""
     return dataclasses.replace(m, note=f"{m.note}; blamed {blamed}"), ""
 
 
@@ -410,6 +478,7 @@ class CollectiveStep:
     dtype: str
     tdt: Any
     device: Any
+    root: int = 0  # broadcast's source rank
 
     def __post_init__(self) -> None:
         import torch
@@ -450,7 +519,6 @@ class CollectiveStep:
             self.inp = self._t((r % c.slot_mod) * c.g_mod + self.idx[: self.chunk] % c.g_mod)
             self.buf = torch.empty(self.count, dtype=self.tdt, device=self.device)
         elif self.op == "broadcast":
-            self.root = 0
             self.buf = self._t((self.root % c.slot_mod) * c.g_mod + self.idx % c.g_mod) if r == self.root else \
                 torch.zeros(self.count, dtype=self.tdt, device=self.device)
         elif self.op == "all_to_all":

@@ -68,8 +68,8 @@ def _shard_map(f: Any, mesh: Any, spec: Any) -> Any:
     return shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec)
 
 
-def program(op: str, mesh: Any) -> Any:
-    """The jitted SPMD collective: (n, L) sharded by rows -> (n, L') sharded by rows."""
+def program(op: str, mesh: Any, root: int = 0) -> Any:
+    """The jitted SPMD collective: (n, L) sharded by rows -> (n, L') sharded by rows (broadcast: from `root`)."""
     import jax
     from jax import lax
     from jax.sharding import PartitionSpec as P
@@ -89,7 +89,7 @@ def program(op: str, mesh: Any) -> Any:
         elif op == "all_to_all":
             r = lax.all_to_all(v, AXIS, 0, 0, tiled=True)
         elif op == "broadcast":
-            r = _from_root(v)
+            r = _from_root(v, root)
         else:  # sendrecv_ring: rank i sends to i + 1, receives from i - 1
             r = lax.ppermute(v, AXIS, perm=[(i, (i + 1) % n) for i in range(n)])
         return r[None]
@@ -97,15 +97,15 @@ def program(op: str, mesh: Any) -> Any:
     return jax.jit(_shard_map(body, mesh, P(AXIS)))
 
 
-def _from_root(v: Any) -> Any:
-    """Rank 0's `v` on every rank of the mesh axis, bit for bit (see the module's note on broadcast)."""
+def _from_root(v: Any, root: int) -> Any:
+    """Rank `root`'s `v` on every rank of the mesh axis, bit for bit (see the module's note on broadcast)."""
     import jax.numpy as jnp
     from jax import lax
 
     u = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[v.dtype.itemsize]
     bits = lax.bitcast_convert_type(v, u)
     wide = bits.astype(jnp.uint32) if v.dtype.itemsize < 4 else bits
-    mine = jnp.where(lax.axis_index(AXIS) == 0, wide, jnp.zeros_like(wide))
+    mine = jnp.where(lax.axis_index(AXIS) == root, wide, jnp.zeros_like(wide))
     return lax.bitcast_convert_type(lax.psum(mine, AXIS).astype(u), v.dtype)
 
 
@@ -205,28 +205,27 @@ class JaxGroup(Group):
     def exchange(self, case: str, views: list[dict[int, View]]) -> list[list[View]]:
         return _exchange(self.devices, case, views)
 
-    def localize(self, step: CollectiveStep) -> tuple[list[int], str]:
-        """TorchGroup.localize on the mesh: the op once more on a 2-device mesh for each ring pair
-        (k, k+1), faults on; a process runs only the pairs that hold one of its devices (JAX runs a
-        program on the processes that own its devices), then every process learns which pairs failed."""
+    def run_pairs(self, step: CollectiveStep, pairs: list[tuple[int, int]]) -> list[bool] | None:
+        """TorchGroup.run_pairs on the mesh: the op once more on a 2-device mesh for each pair, faults
+        on; a process runs only the pairs that hold one of its devices (JAX runs a program on the
+        processes that own its devices), then every process learns which pairs failed."""
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
 
-        pairs = co.ring_pairs(self.n)
         failed = [0.0] * len(pairs)
         for i, p in enumerate(pairs):
             mine = [r for r in p if r in self.local]
             if not mine:
                 continue
             devs = [self.devices[r] for r in p]
-            mesh, fn = _pair_program(self.op, devs[0], devs[1])
+            mesh, fn = _pair_program(step.op, devs[0], devs[1], step.root)
             subs = {r: CollectiveStep(op=step.op, n=2, r=p.index(r), count=step.count - step.count % 2,
-                                      dtype=step.dtype, tdt=step.tdt, device=step.device) for r in mine}
+                                      dtype=step.dtype, tdt=step.tdt, device=step.device, root=step.root) for r in mine}
             for s in subs.values():
                 s.init()
-            _once(fn, NamedSharding(mesh, P(AXIS)), devs, list(p), subs, self.injectors, self.op)
+            _once(fn, NamedSharding(mesh, P(AXIS)), devs, list(p), subs, self.injectors, step.op)
             failed[i] = float(any(s.check() is not None for s in subs.values()))
-        return co.pair_verdict(self.n, {i for i, f in enumerate(_allmax(failed)) if f})
+        return [bool(f) for f in _allmax(failed)]
 
 
 def _once(fn: Any, sharding: Any, devices: list[Any], ranks: list[int], steps: dict[int, CollectiveStep],
@@ -250,13 +249,13 @@ def _once(fn: Any, sharding: Any, devices: list[Any], ranks: list[int], steps: d
 
 
 @functools.cache
-def _pair_program(op: str, a: Any, b: Any) -> tuple[Any, Any]:
+def _pair_program(op: str, a: Any, b: Any, root: int) -> tuple[Any, Any]:
     """The mesh of devices (a, b) and the op's program on it, built once per process (a faulty case
-    re-runs every ring pair after each check that needs it)."""
+    re-runs its pairs after each check that needs them)."""
     from jax.sharding import Mesh
 
     mesh = Mesh(np.array([a, b]), (AXIS,))
-    return mesh, program(op, mesh)
+    return mesh, program(op, mesh, root)
 
 
 def _global(inputs: dict[int, np.ndarray], sharding: Any, pos: dict[Any, int], n: int) -> Any:

@@ -12,10 +12,14 @@ from chipcheck.probes.collectives import (
     EXACT_LIMIT,
     Code,
     CollectiveStep,
+    Group,
+    blame,
     bus_factor,
+    localize,
+    offset_pairs,
     pair_verdict,
-    ring_pairs,
 )
+from chipcheck.results import Blame
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int32"])
@@ -32,19 +36,135 @@ def test_bus_factors_are_nccl_tests() -> None:
     assert bus_factor("broadcast", 4) == bus_factor("sendrecv_ring", 4) == 1.0
 
 
+def _ring(n: int) -> list[tuple[int, int]]:
+    return offset_pairs(n, 1)
+
+
 @pytest.mark.parametrize(("n", "failed", "named"), [
     (4, {1, 2}, [2]),  # (1, 2) and (2, 3) failed: every pair holding rank 2, and no other
     (3, {2, 0}, [0]),  # (2, 0) and (0, 1)
     (4, set(), []),  # nothing failed: nobody
     (4, {1}, []),  # one pair alone (an intermittent fault, or the link between them): nobody
-    (3, {0, 1, 2}, []),  # every pair: not one chip's fault
+    (3, {0, 1, 2}, []),  # every pair: not one chip's fault, nor can the pairs say whose
+    (5, {0, 1, 2}, [1, 2]),  # (0, 1), (1, 2), (2, 3): two bad chips side by side, each beside a cleared one
 ])
 def test_ring_pairs_name_a_rank_only_when_every_pair_holding_it_fails_and_no_other(n: int, failed: set[int],
                                                                                 named: list[int]) -> None:
-    assert ring_pairs(n)[-1] == (n - 1, 0)
-    got, why = pair_verdict(n, failed)
-    assert got == named
-    assert f"ring pairs of {n} ranks" in why
+    assert _ring(n)[-1] == (n - 1, 0)
+    v = pair_verdict(n, _ring(n), failed)
+    assert v.named == named
+    assert f"(ring pairs of {n} ranks)" in v.why
+
+
+def test_pairs_clear_only_ranks_that_passed_and_nobody_when_they_contradict_themselves() -> None:
+    v = pair_verdict(4, _ring(4), {1, 2})
+    assert v.cleared == {0, 1, 3} and not v.undecided
+    v = pair_verdict(4, _ring(4), {1})  # (1, 2) failed, though both passed elsewhere: clears nobody
+    assert v.named == [] and v.cleared == frozenset() and "not one chip's fault" in v.why
+    v = pair_verdict(4, _ring(4), {0, 1, 2, 3})  # two bad chips a rank apart (0 and 2, or 1 and 3)
+    assert v.named == [] and v.undecided == {0, 1, 2, 3} and v.cleared == frozenset()
+    pairs = _ring(4) + offset_pairs(4, 2)  # (0, 2) and (1, 3) as well: only (1, 3) passes
+    assert pairs[4:] == [(0, 2), (1, 3)]
+    v = pair_verdict(4, pairs, {0, 1, 2, 3, 4})
+    assert v.named == [0, 2] and v.cleared == {1, 3} and not v.undecided
+
+
+class _Pairs(Group):
+    """A group whose pair re-runs fail exactly where a pair holds one of `bad` (a fault that stays with its chip)."""
+
+    def __init__(self, n: int, bad: set[int]):
+        self.n, self.bad, self.asked = n, bad, []
+
+    def run_pairs(self, step: CollectiveStep, pairs: list[tuple[int, int]]) -> list[bool] | None:
+        self.asked.append(pairs)
+        return [bool(self.bad & set(p)) for p in pairs]
+
+
+@pytest.mark.parametrize(("n", "bad", "rounds"), [
+    (4, {2}, 1), (8, {5}, 1), (5, {1, 2}, 1),  # the ring pairs say it
+    (4, {0, 2}, 2), (6, {1, 3}, 2), (8, {0, 2, 4}, 2),  # every ring pair between them fails: (k, k+2) too
+    (8, {0, 3}, 1),  # apart by more than one: each has a cleared neighbour
+])
+def test_localize_names_every_bad_chip_and_runs_wider_pairs_only_while_ranks_are_undecided(
+        n: int, bad: set[int], rounds: int) -> None:
+    g = _Pairs(n, bad)
+    v = localize(g, [_step("all_reduce_sum", n=n)])
+    assert v.named == sorted(bad) and v.cleared == set(range(n)) - bad
+    assert len(g.asked) == rounds
+
+
+class _SometimesPairs(_Pairs):
+    """Rank 2's fault shows in pair (1, 2) only some of the time: its first run there passes (or every
+    max run, where rank 2's corrupted element does not win)."""
+
+    def __init__(self, n: int, bad: set[int], hide_max: bool = False):
+        super().__init__(n, bad)
+        self.hide_max, self.ops = hide_max, []
+
+    def run_pairs(self, step: CollectiveStep, pairs: list[tuple[int, int]]) -> list[bool] | None:
+        self.asked.append(pairs)
+        self.ops.append(step.op)
+        hidden = len(self.asked) == 1 or (self.hide_max and step.op == "all_reduce_max")
+        return [bool(self.bad & set(p)) and not (hidden and p == (1, 2)) for p in pairs]
+
+
+def test_a_pair_failed_when_it_failed_in_any_of_the_case_s_runs() -> None:
+    """One run alone: (1, 2) passed, so rank 2 was cleared and its partner 3 named by (2, 3). The case's
+    runs together: every ring pair failed, and (0, 2) / (1, 3) name 0 and 2."""
+    alone = localize(_SometimesPairs(4, {0, 2}), [_step("all_reduce_sum", n=4)])
+    assert alone.named == [0, 3]  # the false name one data-dependent pass gives
+    v = localize(_SometimesPairs(4, {0, 2}), [_step("all_reduce_sum", n=4), _step("all_reduce_sum", n=4)])
+    assert v.named == [0, 2] and v.cleared == {1, 3}
+
+
+def test_a_max_is_re_run_in_pairs_as_a_sum_too() -> None:
+    """A rank that corrupts what it sends into a max shows only where its value wins: its max pairs can
+    all pass. The pairs also sum, which shows every contribution (found from outside: two bad ranks of
+    four, the healthy rank 3 named flaky in every max case)."""
+    g = _SometimesPairs(4, {0, 2}, hide_max=True)
+    g.asked.append([])  # no first-run pass: only the max hides rank 2
+    v = localize(g, [_step("all_reduce_max", n=4)])
+    assert v.named == [0, 2] and v.cleared == {1, 3}
+    assert g.ops == ["all_reduce_max", "all_reduce_sum"] * 2
+
+
+class _RootPairs(_Pairs):
+    """A broadcast pair fails only where its root (the pair's `step.root`-th rank) is bad: a bad rank that
+    is not the root sends nothing."""
+
+    def run_pairs(self, step: CollectiveStep, pairs: list[tuple[int, int]]) -> list[bool] | None:
+        self.asked.append(pairs)
+        return [p[step.root] in self.bad for p in pairs]
+
+
+@pytest.mark.parametrize(("n", "bad"), [(4, {0, 2}), (3, {0}), (5, {3})])
+def test_a_broadcast_is_re_run_in_pairs_from_each_end(n: int, bad: set[int]) -> None:
+    """From one end only, a bad rank that is not its pair's root passes that pair and is cleared, and
+    the root of a failed pair beside it is named instead (or the pairs contradict themselves)."""
+    v = localize(_RootPairs(n, bad), [_step("broadcast", n=n)])
+    assert v.named == sorted(bad) and v.cleared == set(range(n)) - bad
+
+
+def test_a_backend_without_pair_re_runs_names_nobody() -> None:
+    v = localize(Group(), [_step("all_reduce_sum", n=4)])
+    assert v.named == [] and v.cleared == frozenset()
+
+
+def test_decoding_never_names_a_rank_a_pair_cleared() -> None:
+    """A bit flipped in a sum mimics a missing contribution: decoding would name a healthy rank. Once a
+    pair re-run cleared it, its name is dropped; the observers it leaves share the evidence."""
+    s = _step("all_reduce_sum", n=4, r=3)
+    s.buf = s.expected().clone()
+    s.buf[5] -= 2**1  # reads as rank 1's contribution missing
+    m = s.check()
+    assert m is not None and s.suspects(m) == [1]
+    views = [(True, [1])] * 4
+    kept, _ = blame(1, m, views, tensor="all_reduce_sum", count=64)
+    assert kept is not None  # without pairs, decoding names rank 1
+    kept, observed = blame(1, m, views, tensor="all_reduce_sum", count=64, cleared=frozenset({1, 3}))
+    assert kept is None and "a pair re-run of the op cleared this rank" in observed
+    kept, _ = blame(0, m, views, tensor="all_reduce_sum", count=64, cleared=frozenset({1, 3}))
+    assert kept is not None and kept.blame == Blame.SHARED and kept.group == [0, 2]
 
 
 def _step(op: str, n: int = 4, r: int = 1, dtype: str = "float32") -> CollectiveStep:
@@ -137,6 +257,21 @@ def test_a_rank_named_by_the_pair_re_run_is_the_only_one_named(tmp_path: Path, d
     held = [p for p in [(k, (k + 1) % n) for k in range(n)] if bad in p]
     assert all(f"pair tests name rank {bad}: the op failed in pairs {held}" in
                c["mismatches"][0]["note"] for c in wrong), [c["mismatches"][0]["note"][:200] for c in wrong]
+
+
+def test_two_bad_ranks_a_rank_apart_are_both_named_and_no_other(tmp_path: Path) -> None:
+    """Rank 0 corrupts what it receives in all-reduces, rank 2 what it sends. Every ring pair holds one of
+    them, so the ring pairs named nobody and the sums' decoding (a flipped bit reads as a missing
+    contribution) named the healthy rank 1 `flaky` and missed rank 2; one max pair run that hid rank 2's
+    corruption named rank 3. Found from outside, with every default probe."""
+    rc, data, out = run_json(tmp_path, "--probes", "collectives", "--devices", "cpu:4", "--min-gap", "0.9", "--inject",
+                             "bitflip:rank=0,bit=3,op=allreduce_,side=recv,scope=process;"
+                             "bitflip:rank=2,bit=3,op=allreduce_,scope=process")
+    assert rc == 1, out
+    assert {d["rank"]: d["verdict"] for d in data["devices"]} == {0: "wrong", 1: "pass", 2: "wrong", 3: "pass"}
+    wrong = [c for c in probe_of(data, 2, "collectives")["details"]["cases"] if c["verdict"] == "wrong"]
+    assert wrong and all(c["case"].startswith("all_reduce_sum/") for c in wrong)
+    assert "pair tests name rank 2" in wrong[0]["mismatches"][0]["note"]
 
 
 def test_a_reduce_scatter_receive_fault_lands_and_names_the_receiver(tmp_path: Path) -> None:
