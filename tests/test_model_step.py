@@ -166,6 +166,23 @@ def test_cli_backward_bitflip_on_one_rank_is_caught_and_named(tmp_path: Path) ->
     assert [c["verdict"] for c in bad["details"]["cases"] if c["case"] != "dp/fp32"] == ["pass", "pass"]
 
 
+def test_replicas_split_two_against_two_blame_no_healthy_rank_by_a_rounding(tmp_path: Path) -> None:
+    """Ranks 0 and 2 damage what their all-reduces deliver, so the replicas split with no majority and
+    are not re-synchronised. The next gradient cross-checks then compare owners and checkers holding
+    different parameters: both repeat their own result and the one a rounding farther from float64
+    was named, every healthy rank with it (all four `wrong`). Such a dispute is now left to the
+    replica check: no member has evidence of its own here, so all four are `suspect`, none `wrong`.
+    Found from outside (benchmarks/bench_blame.py --together, recv-corrupt on ranks 0 and 2)."""
+    code, data, out = run_json(tmp_path, "--devices", "cpu:4", "--probes", "model_dp", "--min-gap", "0.9", "--inject",
+                               "bitflip:rank=0|2,bit=3,op=allreduce_,side=recv,scope=process")
+    assert code == 1, out
+    assert [d["verdict"] for d in data["devices"]] == ["suspect"] * 4
+    probe = _probe(data, 1, "model_dp")
+    assert probe["metrics"]["dp/fp32:diverged_disputes"] > 0
+    dp = next(c for c in probe["details"]["cases"] if c["case"] == "dp/fp32")
+    assert not any("cross-check" in m["note"] for m in dp["mismatches"])
+
+
 @pytest.mark.timing
 def test_cli_slow_rank_is_flagged_slow(tmp_path: Path) -> None:
     code, data, out = run_json(tmp_path, "--devices", "cpu:2", "--probes", "model_step,model_dp",

@@ -67,7 +67,7 @@ def run_dp(ctx: ProbeContext, cfg: StepConfig, case: str, precision: str, par: A
                                          "reference": cfg.reference,
                                          "determinism": determinism(ctx.device.type)})
     named: list[Named] = []
-    stats = {"disputes": 0, "resynced": 0}
+    stats = {"disputes": 0, "resynced": 0, "diverged_disputes": 0}
     shard = {j: [data.batch(mc, seed, s, batch_size=cfg.batch_size, shard=j, shards=par.dp_size, device=ctx.device)
                  for s in range(cfg.steps)] for j in {par.dp_rank, (par.dp_rank + 1) % par.dp_size}}
     losses, step_s, compute_s, check_s = [], [], [], 0.0
@@ -131,7 +131,8 @@ def run_dp(ctx: ProbeContext, cfg: StepConfig, case: str, precision: str, par: A
     out.repeats = 1
     out.repeats_bad = 1 if out.mismatches else 0
     out.metrics.update({"loss_first": trace_l[0], "loss_last": trace_l[-1], "disputes": float(stats["disputes"]),
-                        "resynced": float(stats["resynced"]), "check_ms": 1e3 * check_s / cfg.steps})
+                        "resynced": float(stats["resynced"]), "diverged_disputes": float(stats["diverged_disputes"]),
+                        "check_ms": 1e3 * check_s / cfg.steps})
     tokens = cfg.batch_size * mc.seq_len
     # Each TP rank does 1/tp of the block FLOPs (the replicated embeddings and head are small at tp=2).
     speed_metrics(out, mc.flops_per_token() / par.tp_size, tokens, step_s, compute_s, ctx, precision,

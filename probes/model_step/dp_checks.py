@@ -38,12 +38,18 @@ def cross_check(ctx: ProbeContext, tr: Any, par: Any, step: int, own: list[Any],
     it); resolve disagreements. Returns this rank's contribution to the all-reduce."""
     import torch
 
-    mine = torch.stack([checksum(own), checksum(chk)])
+    mine = torch.stack([checksum(own), checksum(chk), checksum(tr.params)])
     table = torch.stack(all_gather(mine, par.dp_group, par.dp_size)).cpu().tolist()
     n = par.dp_size
     disputes = [(j, (j - 1) % n) for j in range(n) if table[j][0] != table[(j - 1) % n][1]]
     for owner, checker in disputes:
         stats["disputes"] += 1
+        if table[owner][2] != table[checker][2]:
+            # Their replicas already differ (a split the replica check could not resolve by majority):
+            # the gradients differ for that alone, and whichever lies farther from float64 by a rounding
+            # proves nothing. The replica check speaks to the divergence.
+            stats["diverged_disputes"] += 1
+            continue
         own = _resolve(ctx, tr, par, step, owner, checker, own, chk, shard_data(owner), named)
     return own
 
