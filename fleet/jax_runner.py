@@ -410,6 +410,19 @@ def _cases(profile: str, probe: str, n_devices: int, device_kind: str,
     return cases
 
 
+def never_fires(plan: HostPlan, names: list[str], world: int) -> str:
+    """Why one of the run's `--inject` faults can never fire (a usage error), checked where the world is
+    known: every process of a job refuses alike. Only the main stage asks: a retest stage (the judge
+    names its cases) runs the retest alone, and the faults are the whole run's."""
+    from ..probes import faults
+    from ..probes import jax_backend as jb
+
+    if plan.cases:
+        return ""
+    # a single host's run may go on to a retest, whose turns a fault can slow
+    return faults.never_fires(plan.inject, world, names + ([] if plan.multihost else ["retest"]), jb.OPS)
+
+
 def host_run(plan: HostPlan, send: Callable[[protocol.Message], None]) -> int:
     """Run the plan on this host's JAX devices, streaming the worker protocol through `send`."""
     from ..probes import faults
@@ -445,9 +458,7 @@ def host_run(plan: HostPlan, send: Callable[[protocol.Message], None]) -> int:
     except base.InvalidConfig as e:
         send(protocol.Usage(message=str(e)))
         return 2
-    # the world is known only here: every process of a job refuses alike (a single host's run may
-    # go on to a retest, whose turns a fault can slow)
-    if why := faults.never_fires(plan.inject, len(jdevs), names + ([] if plan.multihost else ["retest"]), jb.OPS):
+    if why := never_fires(plan, names, len(jdevs)):
         send(protocol.Usage(message=why))
         return 2
     fault_list = [f for spec in plan.inject for f in faults.parse(spec)]

@@ -68,6 +68,20 @@ def test_a_jax_run_without_probes_named_runs_no_retest_of_its_own() -> None:
     assert jax_runner._cases("quick", "retest", 4, "cpu", plan.cases) == ["gemm.float16"]
 
 
+def test_a_retest_stage_runs_under_the_whole_run_s_faults_without_refusing_them() -> None:
+    """The main stage refuses a fault that can never fire; the retest stage, which runs the retest alone,
+    once refused the run's own `--inject 'hang:rank=1,probe=matmul'` ("probe 'matmul' is not in this
+    run (it runs retest, retest)"): a run with a speed suspect ended in a usage error (CI, the JAX
+    watchdog test, under load)."""
+    spec = ["hang:rank=1,probe=matmul"]
+    main = jax_runner.HostPlan(run_id="r", profile="quick", seed=0, probes=["matmul"], inject=spec)
+    assert jax_runner.never_fires(main, ["matmul"], 4) == ""
+    assert "probe 'matmul' is not in this run" in jax_runner.never_fires(main, ["collectives"], 4)
+    stage = jax_runner.HostPlan(run_id="r", profile="quick", seed=0, probes=["retest"], inject=spec,
+                                cases={"retest": ["gemm.float32"]}, options={"retest_gemm.float32": "1:0"})
+    assert jax_runner.never_fires(stage, ["retest"], 4) == ""
+
+
 @pytest.mark.timing
 def test_a_slow_jax_device_is_confirmed_by_a_retest_and_named_alone(tmp_path: Path) -> None:
     rc, data, out = run_jax(tmp_path, 4, "--probes", "matmul", "--min-gap", "0.25",
