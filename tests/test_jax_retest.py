@@ -92,4 +92,7 @@ def test_a_slow_jax_device_is_confirmed_by_a_retest_and_named_alone(tmp_path: Pa
     assert any("confirmed by retest" in r for r in retest["details"]["reasons"]), retest
     timed = {d["rank"] for d in data["devices"] for p in d["probes"] if p["probe"] == "retest"
              for c in p["details"]["cases"] if c["params"].get("turn_s")}
-    assert 2 in timed and len(timed) == 2, timed  # the suspect and one peer took turns
+    # the suspect and a peer took turns; under load the judge may suspect (and clear) others as well
+    pairs = {tuple(pr) for c in retest["details"]["cases"] for pr in c["params"]["pairs"]}
+    assert any(s == 2 and q != 2 for s, q in pairs), pairs
+    assert timed == {r for pr in pairs for r in pr}, (timed, pairs)

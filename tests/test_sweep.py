@@ -202,4 +202,6 @@ def test_local_jax_sweep_is_chipcheck_run_backend_jax(tmp_path: Path) -> None:
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.startswith("New since the last sweep")
     data = json.loads((tmp_path / "r.json").read_text())
-    assert len(data["devices"]) == 2 and {pr["probe"] for d in data["devices"] for pr in d["probes"]} == {"matmul"}
+    assert len(data["devices"]) == 2 and all(d["verdict"] == "pass" for d in data["devices"])
+    # a busy host can make the judge retest a device (and clear it); nothing else runs
+    assert all({pr["probe"] for pr in d["probes"]} in ({"matmul"}, {"matmul", "retest"}) for d in data["devices"])
