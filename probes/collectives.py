@@ -20,6 +20,7 @@ Defined once for every backend: the sizes, patterns, checks, timing, metrics and
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import statistics
 import time
@@ -323,8 +324,7 @@ class TorchGroup(Group):
                 continue
             # its position is its rank in the pair's group, which new_group numbers in ascending global
             # order: pair (n-1, 0) is group [0, n-1]; placed as listed, its healthy re-run failed
-            sub = CollectiveStep(op=step.op, n=2, r=sorted(p).index(r), count=step.count - step.count % 2, dtype=step.dtype,
-                                 tdt=step.tdt, device=step.device, root=step.root)
+            sub = step.in_pair(sorted(p).index(r))
             sub.init()
             with self.ctx.under_test():
                 _c10d(sub, _PAIR_GROUPS[n, p])
@@ -409,8 +409,6 @@ def _pair_steps(step: CollectiveStep) -> list[CollectiveStep]:
     op asks of them. A max hides a corrupted contribution that does not win (half of a pair's elements),
     so a bad sender would pass some of its pairs: the same call also sums, which shows every
     contribution. A broadcast runs from each end of the pair."""
-    import dataclasses
-
     if step.op == "all_reduce_max":
         return [step, dataclasses.replace(step, op="all_reduce_sum")]
     if step.op == "broadcast":  # a pair's non-root sends nothing: each rank of the pair is the root once
@@ -437,8 +435,6 @@ def blame(me: int, m: Mismatch | None, views: list[tuple[bool, list[int]]], *, t
     or calls the observers suspect) and the ranks that saw nothing are clean. A rank in `cleared`
     (it passed a pair re-run of the op) is neither named by decoding nor a holder of shared evidence.
     """
-    import dataclasses
-
     observers = [i for i, (bad, _) in enumerate(views) if bad]
     if not observers:
         return None, ""
@@ -494,6 +490,10 @@ class CollectiveStep:
         if self.op == "all_reduce_max" and self.n > self.code.limit:
             raise Unsupported(f"all_reduce_max in {self.dtype} cannot encode {self.n} ranks exactly")
         self.chunk = chunk
+
+    def in_pair(self, position: int) -> CollectiveStep:
+        """The same op re-run between two ranks, as the one at `position` (0 or 1) of the pair."""
+        return dataclasses.replace(self, n=2, r=position, count=self.count - self.count % 2)
 
     # ---- inputs ------------------------------------------------------------------------------
 
@@ -556,8 +556,6 @@ class CollectiveStep:
         return self._t((((self.r - 1) % n) % c.slot_mod) * c.g_mod + self.idx % c.g_mod)  # sendrecv_ring
 
     def check(self) -> Mismatch | None:
-        import dataclasses
-
         exp = self.expected()
         m = oracles.compare_bits(backend_of(self.buf), exp, self.buf, tensor=self.op, oracle=Oracle.EXACT, tile=max(1, self.chunk))
         if m is None:

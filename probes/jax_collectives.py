@@ -219,8 +219,7 @@ class JaxGroup(Group):
                 continue
             devs = [self.devices[r] for r in p]
             mesh, fn = _pair_program(step.op, devs[0], devs[1], step.root)
-            subs = {r: CollectiveStep(op=step.op, n=2, r=p.index(r), count=step.count - step.count % 2,
-                                      dtype=step.dtype, tdt=step.tdt, device=step.device, root=step.root) for r in mine}
+            subs = {r: step.in_pair(p.index(r)) for r in mine}
             for s in subs.values():
                 s.init()
             _once(fn, NamedSharding(mesh, P(AXIS)), devs, list(p), subs, self.injectors, step.op)
