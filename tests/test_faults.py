@@ -108,3 +108,46 @@ def test_process_scope_and_recv_side_say_what_to_fix() -> None:
         faults.parse("bitflip:rank=0,bit=3,every=0")
     (f,) = faults.parse("bitflip:rank=2,bit=3,op=allreduce_,side=recv,scope=process,every=3")
     assert faults.parse(f.spec()) == [f]  # the spec a result records parses back to the same fault
+
+
+def _slow_sender(rank: int, port: int, out: str) -> None:
+    import json
+    import time
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
+    try:
+        buf, ack = torch.ones(1024), torch.zeros(1)
+        if rank == 0:
+            # the first send spared: a c10d op's first call under a dispatch mode sets itself up slowly
+            stop = faults.start_process_faults(faults.parse("slow:rank=0,op=send,factor=3,after=1,scope=process"), 0)
+            dist.send(buf, 1)
+            dist.recv(ack, 1)
+            t0 = time.perf_counter()
+            dist.send(buf, 1)  # gloo's send ends when the peer has taken it: 0.3 s here
+            dist.recv(ack, 1)
+            took = time.perf_counter() - t0
+            stop()
+            with open(out, "w") as f:
+                json.dump(took, f)
+        else:
+            for wait in (0.0, 0.3):
+                time.sleep(wait)
+                dist.recv(buf, 0)
+                dist.send(ack, 0)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_slow_send_takes_factor_times_its_transfer_not_its_issue(tmp_path) -> None:
+    # a throttled NIC: the send's work ends after the op returns (gloo and NCCL are asynchronous);
+    # the lag is charged at the rank's next op, so a ping-pong timed by the sender sees it
+    import json
+    import random
+
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "took.json"
+    mp.spawn(_slow_sender, args=(random.randint(20000, 40000), str(out)), nprocs=2, join=True)
+    assert json.loads(out.read_text()) >= 0.3 * 3 * 0.95

@@ -30,8 +30,9 @@ reads the forward's outputs, which are dead by the time the step is left) and at
 Collectives: with `op=` naming a c10d op (`send`, `allreduce_`, `broadcast_`, `_allgather_base_`,
 `_reduce_scatter_base_`, `alltoall_base_`; the coalesced `allreduce_coalesced_`,
 `allgather_into_tensor_coalesced_`, `reduce_scatter_tensor_coalesced_`: their first tensor; `alltoall_`:
-the tensor to rank 0), a value fault corrupts the *outgoing* payload before it leaves (a bad NIC or link), `slow` stretches the op, and `peer=N` limits a fault to sends to
-rank N: `bitflip:rank=1,bit=12,op=send,peer=2,probe=links` corrupts only the link 1 -> 2.
+the tensor to rank 0), a value fault corrupts the *outgoing* payload before it leaves (a bad NIC or link), `slow` stretches the op
+(by `factor - 1` times the time from its start to the rank's next op, at most 1 s of it: the op's work
+ends after it returns, when the caller waits), and `peer=N` limits a fault to sends to rank N: `bitflip:rank=1,bit=12,op=send,peer=2,probe=links` corrupts only the link 1 -> 2.
 
 `scope` says where a fault lives. `scope=probe` (the default): the injector is a TorchDispatchMode
 entered only around each probe's code under test (the probe's own checks run outside it).

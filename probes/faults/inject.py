@@ -84,6 +84,11 @@ _NOT_SENT = ("wait_tensor", "_wrap_tensor_autograd")
 """Functional-collective ops that move nothing: the wait for a result, its autograd wrapper."""
 
 
+# A slow c10d op is stretched by the time it took up to the rank's next op (the caller has waited
+# for it by then), at most this much of it: a worker idle between two probes is not stretched.
+LAG_CAP_S = 1.0
+
+
 def _with_first_input(args: Any, replacement: Any) -> tuple[Any, Any]:
     """A functional collective's arguments with its first input tensor replaced: (replacement, args)."""
     first = args[0]
@@ -181,7 +186,15 @@ def _injector(active: list[Fault], *, call_time: bool) -> Any:
             # recv faults of point-to-point receives, applied once the caller has the data: waiting
             # inside the op would deadlock a batch (batch_isend_irecv starts its sends after it)
             self.arriving: list[tuple[Fault, Any, int]] = []
+            # slow c10d ops: (issued at, extra factor). Their work finishes after the op returns
+            # (gloo and NCCL are asynchronous), so the delay is charged at the rank's next op
+            self.lagging: list[tuple[float, float]] = []
             return super().__enter__()
+
+        def _lag(self) -> None:
+            now = time.perf_counter()
+            _busy_wait(max(min(now - t0, LAG_CAP_S) * extra for t0, extra in self.lagging))
+            self.lagging.clear()
 
         def _arrive(self, only: Any = None) -> None:
             """Corrupt the received buffers (those sharing storage with `only`'s tensors, or all)."""
@@ -196,6 +209,8 @@ def _injector(active: list[Fault], *, call_time: bool) -> Any:
             self.arriving = keep
 
         def __exit__(self, *exc: Any) -> Any:
+            if self.lagging:
+                self._lag()
             if self.arriving:
                 self._arrive()
             out = super().__exit__(*exc)
@@ -207,6 +222,8 @@ def _injector(active: list[Fault], *, call_time: bool) -> Any:
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
             kwargs = kwargs or {}
             name = func.overloadpacket.__name__
+            if self.lagging:
+                self._lag()
             if self.arriving and func.namespace != "c10d":
                 import torch
                 from torch.utils._pytree import tree_leaves
@@ -309,7 +326,7 @@ def _injector(active: list[Fault], *, call_time: bool) -> Any:
                     corrupt(f, got, n)
                 self.landing = [(f, got, n) for f, n in late]
             if slow > 1.0:
-                _busy_wait((time.perf_counter() - t0) * (slow - 1.0))
+                self.lagging.append((t0, slow - 1.0))
             return out
 
     return _Injector
