@@ -167,7 +167,7 @@ def load(store: Store, run_id: str = LATEST) -> RunSummary:
     own = [] if judged is not None else own_history(store, devices, results, rec.run_id, rec.started)
     try:
         v = fleet_verdicts(devices, results, min_gap=rec.min_gap, judged=judged, baselines=table, declared=declared,
-                           extra=own)
+                           own=own)
     except ArithmeticError as e:
         if judged is not None:
             raise

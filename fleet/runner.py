@@ -198,7 +198,7 @@ def judge(run_id: str, devs: dict[int, DeviceInfo], results: list[ProbeResult], 
     declared = load_declared(opts.options["declared"]) if opts.options.get("declared") else None
     own = own_history(store, devs, results, run_id, started) if store is not None else []
     v = fleet_verdicts(devs, results, min_gap=opts.min_gap, declared=declared, baselines=baseline_table(opts),
-                       extra=own)
+                       own=own)
     summary = summarize(run_id, devs, results, v.judgements, v.groups, profile=opts.profile, seed=opts.seed,
                         started=started, ended=time.time(), links=v.links, findings=v.library.findings,
                         exonerate=v.library.exonerate, fleet_verdict=v.library.fleet_verdict)

@@ -57,7 +57,7 @@ def run_ranks(devices: list[Any], cfg: RetestProbe.Config, case: str,
     dtype = dtype or cfg.gemm_dtype
     n = cfg.gemm_n_by_dtype.get(dtype, cfg.gemm_n)
     params = {"pairs": [list(p) for p in pairs], "rounds": rounds, "calls": cfg.calls,
-              "kernel": f"{dtype} GEMM n={n}", "backend": "jax"}
+              "kernel": f"{dtype} GEMM n={n}", "dtype": dtype, "backend": "jax"}
     outs = {r: CaseOutcome(case=case, params=dict(params)) for r in range(len(devices))}
     calls = {r: _gemm(devices[r], dtype, n, injectors[r]) for r in involved}
     for r in involved:

@@ -242,7 +242,7 @@ def _kernel(ctx: ProbeContext, cfg: RetestProbe.Config, base: str, dtype: str) -
             with k.settings():
                 return k(a, b)
 
-        return gemm, {"kernel": f"{dtype} GEMM n={n}"}
+        return gemm, {"kernel": f"{dtype} GEMM n={n}", "dtype": dtype}
     n = cfg.copy_mib * 2**20 // 4
     src = torch.rand(n, generator=g).to(ctx.device)
     dst = torch.empty_like(src)

@@ -248,6 +248,37 @@ def test_too_short_a_history_is_not_judged() -> None:
     assert history_judgements({0: 10.0}, {}) == []
 
 
+def _retested(peer_turn: float, mine: float, dtype: str = "float32") -> list[ProbeResult]:
+    """A run whose rank 1 GEMMs ran 0.75x its peers', and a retest of it against a peer (case `gemm`,
+    in `dtype`) whose turns took `mine` against the peer's `peer_turn` (the judge picks the peer)."""
+    out = [_mm(r, 0.75 if r == 1 else 1.0, case) for r in range(4) for case in ("float32/exact", "float32/random")]
+    for rank, t in ((0, peer_turn), (1, mine), (2, peer_turn), (3, peer_turn)):
+        out.append(ProbeResult(run_id="r", host="h", rank=rank, device=f"cpu:{rank}", fingerprint="fp1",
+                               probe="retest", case="gemm", verdict=Verdict.PASS, seed=0,
+                               params={"turn_s": [t * (1 + 0.01 * (i % 3)) for i in range(12)], "dtype": dtype}))
+    return out
+
+
+@pytest.mark.parametrize(("mine", "dtype", "drop", "called"), [
+    (0.030, "float32", "float32", Verdict.PASS),  # the retest cleared it in that dtype: a dip, noted
+    (0.040, "float32", "float32", Verdict.SLOW),  # confirmed by the retest: slow either way
+    (0.030, "float32", "bfloat16", Verdict.SLOW),  # cleared in another dtype: the bf16 drop stands
+])
+def test_a_drop_against_its_own_past_that_the_retest_cleared_is_only_noted(mine: float, dtype: str, drop: str,
+                                                                           called: Verdict) -> None:
+    from chipcheck.fleet.judge.verdicts import fleet_verdicts
+
+    own = history_judgements({1: 0.75}, {1: [1.0, 1.01, 0.99, 1.0, 1.0, 1.02]}, probe="matmul", case=drop,
+                             unit="TFLOP/s")
+    v = fleet_verdicts({r: _dev(r, name="no baseline") for r in range(4)}, _retested(0.030, mine, dtype), min_gap=0.1,
+                       own=own)
+    (j,) = [j for j in v.judgements if j.rank == 1 and j.probe == "matmul"]
+    assert j.verdict is called and j.reason.count("25% below its own 30-day median") == 1, j.reason
+    if called is Verdict.PASS:
+        assert j.reason.startswith("not called slow") and "cleared by retest: 1.00x its peer" in j.reason
+    assert {x.rank for x in v.judgements if x.verdict is not Verdict.PASS} <= {1}
+
+
 def test_speed_history_reads_absolute_figures_from_the_store(tmp_path: Path) -> None:
     s = Store(tmp_path / "r.db")
     day = 86400.0

@@ -16,12 +16,19 @@ fingerprint (SKU and software: a driver, CUDA, cuDNN or torch upgrade may move a
 every device at once). A healthy H200's bf16 GEMM runs 519-566 TFLOP/s at the quick profile's 4096
 and 733 at the burn-in's 8192: against a week of nightly runs, a quick run was 25% "below its own
 median". A device whose history holds no such figure yet is not judged.
+
+The closer look wins: a GEMM drop on a device that this run's interleaved retest (fleet.judge.speed)
+measured at its peer's speed in that dtype is noted, not called slow. The retest times the device
+turn by turn against a peer, alone on the host; the probe's figure was this run's dip (a clean CPU
+run: 29% below its own median over 10 runs, cleared by retest at 1.00x its peer). A group that
+drifts together makes no peer suspect and no retest, so its drop still stands.
 """
 
 from __future__ import annotations
 
 import statistics
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from ...results import Judgement, ProbeResult, Verdict
@@ -30,7 +37,7 @@ from .baselines import Sample, SpeedKey, best_speeds, speed_samples
 if TYPE_CHECKING:
     from ..store import Store
 
-__all__ = ["MAD_SIGMA", "history_judgements", "run_speeds", "speed_history"]
+__all__ = ["MAD_SIGMA", "history_judgements", "run_speeds", "speed_history", "withdraw_retested"]
 
 MAD_SIGMA = 1.4826
 """MAD x this = the standard deviation of normally distributed figures."""
@@ -92,3 +99,24 @@ def speed_history(store: Store, uuid: str, key: SpeedKey, *, now: float, days: f
             if s.key == key and s.value > per_run.get(r.run_id, 0.0):
                 per_run[r.run_id] = s.value
     return list(per_run.values())
+
+
+def withdraw_retested(own: list[Judgement], results: list[ProbeResult], retests: list[Judgement]) -> list[Judgement]:
+    """`own` (history_judgements' matmul drops) with each drop that a retest judgement in `retests`
+    cleared for that rank and dtype turned into a note (`pass`, saying both)."""
+    from ...probes.retest import split_kernel
+    from .speed import RETEST
+
+    dtypes = {(r.rank, r.case.partition("/")[0]): str(r.params.get("dtype", ""))
+              for r in results if r.probe == RETEST}
+    cleared: dict[tuple[int, str], Judgement] = {}
+    for j in retests:
+        base, dtype = split_kernel(j.case)
+        if j.probe == RETEST and j.verdict is Verdict.PASS and base == "gemm":
+            cleared.setdefault((j.rank, dtype or dtypes.get((j.rank, j.case), "")), j)
+    out = []
+    for j in own:
+        c = cleared.get((j.rank, j.case)) if j.probe == "matmul" and j.verdict is Verdict.SLOW else None
+        out.append(j if c is None else replace(
+            j, verdict=Verdict.PASS, reason=f"not called slow: {j.reason}; but {c.reason}"))
+    return out

@@ -59,12 +59,13 @@ def collective_probes() -> frozenset[str]:
 
 def fleet_verdicts(devs: dict[int, DeviceInfo], results: list[ProbeResult], *, min_gap: float,
                    declared: dict[int, tuple[str, ...]] | None = None, baselines: bl.BaselineTable | None = None,
-                   extra: list[Judgement] | None = None, judged: list[Judgement] | None = None) -> FleetVerdicts:
+                   own: list[Judgement] | None = None, judged: list[Judgement] | None = None) -> FleetVerdicts:
     """Consensus, speed (peers, retest, throttle, baselines), links, second opinion, then blame.
 
     `judged`: the judgements stored for a run that was judged when it ended; they are the record, and
-    only the consensus groups and library findings are recounted from the results. `extra`: more
-    judgements to blame with the rest (a device against its own history, which needs the store)."""
+    only the consensus groups and library findings are recounted from the results. `own`: each device
+    against its own history (it needs the store: `own_history`); a drop this run's retest cleared is
+    only noted."""
     from .. import links_run
 
     cons, groups = consensus(results, collective_probes())
@@ -81,7 +82,7 @@ def fleet_verdicts(devs: dict[int, DeviceInfo], results: list[ProbeResult], *, m
                                                     speed.SpeedPolicy(min_gap=links_run.policy_for(devs).min_gap))
     table = baselines if baselines is not None else bl.load()
     judgements = (cons + slow + link_js + chips + throttle.judgements(results, min_gap)
-                  + bl.baseline_judgements(results, devs, table) + list(extra or []))
+                  + bl.baseline_judgements(results, devs, table) + oh.withdraw_retested(own or [], results, slow))
     judgements += blame.resolve(results, judgements, groups, lib.exonerate)
     return FleetVerdicts(judgements=judgements, groups=groups, links=link_summary, library=lib)
 
