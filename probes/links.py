@@ -21,7 +21,7 @@ import contextlib
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from .. import generator as g
 from ..results import LinkResult, Oracle
@@ -32,7 +32,10 @@ from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, profile_table
 @register("links")
 class LinksProbe(Probe):
     order = 70
-    default = False  # `chipcheck links` runs it
+    default = False  # a quick run leaves it to `chipcheck links` (or --probes ...,links)
+    default_profiles: ClassVar[frozenset[str]] = frozenset({"standard", "nightly", "burnin"})
+    """Burn-in and nightly sweeps check every link too: a slow NIC slows each collective for every rank
+    alike, so only the pairwise sweep names it."""
     min_devices = 2
     collective = True
     speed_metric = ""  # judged per link over the whole matrix (fleet.judge.links), not per device

@@ -426,3 +426,14 @@ def test_the_reports_link_and_topology_sections() -> None:
     assert (slow.src, slow.dst) == ("node0 cuda:2", "node2 cuda:1") and slow.busbw_gbps == report.bandwidth[2][9]
     assert isinstance(topo, Topology) and topo.levels == ("rack", "host")
     assert topo.placement["node1 cuda:1"] == ("rack 0", "host 1")
+
+
+@pytest.mark.parametrize(("profile", "n", "with_links"), [
+    ("quick", 4, False), ("standard", 4, True), ("nightly", 2, True), ("burnin", 4, True), ("standard", 1, False)])
+def test_burn_in_and_nightly_runs_sweep_the_links_a_quick_run_leaves_them(profile: str, n: int,
+                                                                          with_links: bool) -> None:
+    from chipcheck.fleet import devices
+    from chipcheck.fleet.runner import RunOptions, plan_probes
+
+    names = [p for p, _ in plan_probes(RunOptions(profile=profile, duration_s=60.0), devices.cpu_devices(n))]
+    assert ("links" in names) is with_links and names[-1 if with_links else 0] == ("links" if with_links else "matmul")
