@@ -15,11 +15,11 @@ def test_a_gemm_retest_runs_in_the_dtype_its_case_names_sized_for_the_device() -
     cfg = probe.config("quick", "cpu", frozenset())
     ctx = cpu_ctx("retest")
     fn, what = retest._kernel(ctx, cfg, "gemm", "")
-    assert what == {"kernel": f"{cfg.gemm_dtype} GEMM n={cfg.gemm_n}"}
+    assert what == {"kernel": f"{cfg.gemm_dtype} GEMM n={cfg.gemm_n}", "dtype": cfg.gemm_dtype}
     fn, what = retest._kernel(ctx, cfg, "gemm", "bfloat16")
-    assert what == {"kernel": f"bfloat16 GEMM n={cfg.gemm_n}"} and str(fn().dtype) == "torch.bfloat16"
+    assert what == {"kernel": f"bfloat16 GEMM n={cfg.gemm_n}", "dtype": "bfloat16"} and str(fn().dtype) == "torch.bfloat16"
     _, what = retest._kernel(ctx, cfg, "gemm", "float16")  # a CPU's fp16 GEMM is ~50x slower: smaller
-    assert what == {"kernel": "float16 GEMM n=256"}
+    assert what == {"kernel": "float16 GEMM n=256", "dtype": "float16"}
     for dtype in ("tf32", "float8_e4m3fn"):  # matmul's kernels: CUDA's tensor cores only
         with pytest.raises(Unsupported):
             retest._kernel(ctx, cfg, "gemm", dtype)
