@@ -5,6 +5,7 @@
     (clean and sensitivity take --backend jax: `chipcheck run --backend jax` on N forced host CPU devices)
     python3 benchmarks/bench_speed.py drift [--runs 15]
     python3 benchmarks/bench_speed.py links [--runs 20] [--devices cpu:8]
+    python3 benchmarks/bench_speed.py links --fault endpoint|link [--runs 8] [--factors 5] [--devices cpu:4]
 
 clean: N clean `chipcheck run --profile quick`; every device-run that is not `pass` is a false
 flag (target 0). Also how many runs had a speed suspect (and so an interleaved retest), and the
@@ -18,7 +19,11 @@ over the ranks): the fraction in which the slow device is called `slow`, and the
 other device was flagged at all (target 0). `--dtype D` slows only the device's GEMMs in D (a chip
 whose bf16 tensor-core path is slow, its other dtypes at full speed: retested in D).
 links: N clean `chipcheck links` sweeps; every directed link (or device) not `pass` is a false flag
-(target 0), and how many sweeps retested a suspect link.
+(target 0), and how many sweeps retested a suspect link. With `--fault`, per factor F, N sweeps
+with a slow NIC (`endpoint`: `slow:rank=R,op=send,factor=F,scope=process`, every send of rank R) or
+a slow cable (`link`: the same with `peer=R+1`, only R's sends to R+1), R rotating: how often the
+fault is named (the device `slow`; the link R->R+1 `slow` and no device), and the sweeps in which
+any other device or a link without R was flagged (target 0).
 drift: N clean 0.8 s float32 burns in this process on one thread (as a CPU worker runs them): the
 range of their end/start throughput ratio and how many the burn's own timeline would make a
 throttle candidate: why a timeline alone never calls a chip slow (fleet/judge/throttle.py).
@@ -114,6 +119,31 @@ def links(runs: int, devices: str) -> None:
         print("  " + f)
 
 
+def link_sensitivity(runs: int, devices: str, factors: list[float], fault: str) -> None:
+    world = int(devices.split(":")[1])
+    print(f"{'factor':>6}  {'named':>7}  {'others flagged':>14}")
+    for f in factors:
+        hit, others, notes = 0, 0, []
+        for i in range(runs):
+            r, peer = i % world, (i + 1) % world
+            spec = f"slow:rank={r},op=send,factor={f},scope=process" + (f",peer={peer}" if fault == "link" else "")
+            res = run("--devices", devices, "--seed", str(i), "--inject", spec, command="links")
+            flagged = {int(x.split("->")[0]): x for x in res.links_flagged}  # src -> a flagged link of it
+            links = [x.split(" ")[0] for x in res.links_flagged]
+            devs = {k: v for k, v in res.verdicts.items() if v != "pass"}
+            named = devs == {r: "slow"} if fault == "endpoint" else (f"{r}->{peer}" in links and not devs)
+            hit += named
+            wrong = [f"rank {k} {v}" for k, v in devs.items() if k != r] + [
+                x for x in links if str(r) not in x.split("->")]
+            others += bool(wrong)
+            notes += [f"factor {f} sweep {i}: {w}" for w in wrong]
+            print(f"  factor {f} sweep {i} rank {r}: {'named' if named else 'MISSED':<6} {res.wall_s:4.0f}s  "
+                  f"devices {devs or '{}'} links {links}  {flagged.get(r, '')[:160]}", flush=True)
+        print(f"{f:>6}  {hit:>3}/{runs:<3}  {others:>8}/{runs}", flush=True)
+        for n in notes:
+            print("  " + n)
+
+
 def sensitivity(runs: int, devices: str, factors: list[float], dtype: str = "", backend: str = "torch") -> None:
     world = int(devices.split(":")[1])
     print(f"{'slowdown':>8}  {'called slow':>11}  {'others flagged':>14}")
@@ -166,25 +196,31 @@ def main() -> int:
     ap.add_argument("what", choices=("clean", "sensitivity", "drift", "links"))
     ap.add_argument("--runs", type=int, default=0)
     ap.add_argument("--devices", default="")
-    ap.add_argument("--factors", default="1.10,1.15,1.20,1.30")
+    ap.add_argument("--factors", default="")
+    ap.add_argument("--fault", choices=("endpoint", "link"), default="",
+                    help="links: a slow NIC (every send of a rank) or a slow cable (its sends to one peer)")
     ap.add_argument("--write-mib", type=int, default=0, help="clean: MiB written to a file just before each run")
     ap.add_argument("--dtype", default="", help="sensitivity: slow only the GEMMs in this dtype")
     ap.add_argument("--backend", choices=("torch", "jax"), default="torch", help="clean, sensitivity: the run's backend")
     ap.add_argument("--tenant-core", type=int, default=None,
                     help="clean: a memory-bound process pinned to this core through each run")
     a = ap.parse_args()
-    a.devices = a.devices or ("cpu:8" if a.what == "links" else "cpu:4")
+    a.devices = a.devices or ("cpu:8" if a.what == "links" and not a.fault else "cpu:4")
+    factors = [float(x) for x in (a.factors or ("5" if a.fault else "1.10,1.15,1.20,1.30")).split(",")]
     print(f"# bench_speed {a.what} {datetime.date.today()} on {machine()}: {a.devices}"
           + (" (--backend jax)" if a.backend == "jax" else "")
-          + (f", slow in {a.dtype} only" if a.what == "sensitivity" and a.dtype else ""))
+          + (f", slow in {a.dtype} only" if a.what == "sensitivity" and a.dtype else "")
+          + (f", a slow {a.fault}" if a.what == "links" and a.fault else ""))
     if a.what == "clean":
         clean(a.runs or 50, a.devices, a.write_mib, a.tenant_core, a.backend)
+    elif a.what == "links" and a.fault:
+        link_sensitivity(a.runs or 8, a.devices, factors, a.fault)
     elif a.what == "links":
         links(a.runs or 20, a.devices)
     elif a.what == "drift":
         drift(a.runs or 15)
     else:
-        sensitivity(a.runs or 20, a.devices, [float(x) for x in a.factors.split(",")], a.dtype, a.backend)
+        sensitivity(a.runs or 20, a.devices, factors, a.dtype, a.backend)
     return 0
 
 
