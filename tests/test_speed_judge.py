@@ -173,6 +173,29 @@ def test_a_slow_link_stays_slow_only_when_its_retest_confirms_it() -> None:
     assert "not retested" in next(x.reason for x in untested.links if (x.src, x.dst) == (1, 2))
 
 
+def test_an_endpoint_whose_retests_put_the_slowness_on_one_cable_is_cleared_and_the_cable_stays_slow() -> None:
+    # a slow cable 0->1 and a noisy 2->1 make two of rank 1's three incoming links slow: the links
+    # judge calls rank 1 slow to receive. Its retests confirm 0->1 and clear 2->1: the cable.
+    from chipcheck.results import Judgement
+
+    hosts = dict.fromkeys(range(4), "h")
+    links = _links({(0, 1), (2, 1)})
+    pairs = dict(speed.link_suspects(links, hosts))
+    assert set(pairs) == {(0, 1), (2, 1)}
+    base = [0.02 * (1 + 0.01 * (i % 3)) for i in range(12)]
+    ep = [Judgement(rank=1, probe="links", case="pairs", verdict=Verdict.SLOW, reason="slow to receive")]
+
+    def turns(slow: set[tuple[int, int]]) -> ProbeResult:
+        t = {f"{a}>{b}": [x * (3 if (a, b) in slow else 1) for x in base] for a, b in pairs}
+        return _link_retest(t | {f"{c}>{d}": base for c, d in pairs.values()})
+
+    cable, (j,) = speed.confirm_links(links, ep, [turns({(0, 1)})], hosts, POLICY)
+    assert [(x.src, x.dst) for x in cable.links if x.verdict is Verdict.SLOW] == [(0, 1)]
+    assert j.verdict is Verdict.PASS and "confirmed only 0->1 and cleared 2->1" in j.reason, j.reason
+    _, (j,) = speed.confirm_links(links, ep, [turns({(0, 1), (2, 1)})], hosts, POLICY)
+    assert j.verdict is Verdict.SLOW  # both confirmed: the endpoint
+
+
 def test_probes_that_cannot_tell_their_noise_suspect_only_far_below() -> None:
     # one case per device and probe (a burn; an interrupted run's partial results): no noise measured,
     # so only a device far below its peers (<= 0.70x) is a suspect, for the retest to confirm

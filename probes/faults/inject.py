@@ -192,8 +192,10 @@ def _injector(active: list[Fault], *, call_time: bool) -> Any:
             return super().__enter__()
 
         def _lag(self) -> None:
+            # a slow NIC or cable keeps the rank waiting, not computing: a sleep, where a busy wait
+            # would take the core from the virtual CPU devices that share it
             now = time.perf_counter()
-            _busy_wait(max(min(now - t0, LAG_CAP_S) * extra for t0, extra in self.lagging))
+            time.sleep(max(min(now - t0, LAG_CAP_S) * extra for t0, extra in self.lagging))
             self.lagging.clear()
 
         def _arrive(self, only: Any = None) -> None:
