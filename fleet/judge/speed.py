@@ -473,6 +473,7 @@ def confirm_links(links: LinksSummary, endpoint_js: list[Judgement], results: li
     peers = dict(link_suspects(links, hosts))
     retested = _retested(peers, turns)
     kept: list[LinkJudgement] = []
+    ratios: dict[LinkKey, float] = {}
     for x in links.links:
         if x.verdict is not Verdict.SLOW:
             kept.append(x)
@@ -483,6 +484,7 @@ def confirm_links(links: LinksSummary, endpoint_js: list[Judgement], results: li
         peer = peers[(x.src, x.dst)]
         mine, theirs = turns[f"{x.src}>{x.dst}"], turns[f"{peer[0]}>{peer[1]}"]
         ratio, lo, hi = paired_interval([p / m for m, p in zip(mine, theirs, strict=True)], policy.confidence)
+        ratios[(x.src, x.dst)] = ratio
         what = (f"{ratio:.2f}x link {peer[0]}->{peer[1]}, {policy.confidence:.0%} interval {lo:.2f}-{hi:.2f} "
                 f"over {len(mine)} interleaved rounds")
         if hi < policy.bar:
@@ -497,24 +499,25 @@ def confirm_links(links: LinksSummary, endpoint_js: list[Judgement], results: li
             else replace(x, verdict=Verdict.PASS, reason=f"link speed suspect, not retested ({x.reason})")
             for x in kept]
     still = {e for x in kept if x.verdict is Verdict.SLOW for e in (x.src, x.dst)}
+    flagged = [(x, k) for x, k in zip(links.links, kept, strict=True) if x.verdict is Verdict.SLOW]
     js = [j if j.verdict is not Verdict.SLOW else
           replace(j, verdict=Verdict.PASS, reason=f"cleared: none of its slow links was confirmed by retest "
                                                   f"({j.reason})") if j.rank not in still else
-          _one_cable(j, [x for x in kept if (x.src, x.dst) in retested and j.rank in (x.src, x.dst)])
+          _one_cable(j, [k for x, k in flagged if j.rank in (x.src, x.dst)
+                         and (k.verdict is Verdict.SLOW or ratios.get((k.src, k.dst), 1.0) < policy.bar)])
           for j in endpoint_js]
     return replace(links, links=kept), js
 
 
-def _one_cable(j: Judgement, retested: list[LinkJudgement]) -> Judgement:
-    """An endpoint blamed for its slow links stays slow unless its retests put the slowness on one
-    cable: one of its links confirmed, another cleared. On a 4-device host one noisy link beside a slow
-    cable makes two of three slow; the cable's other end was called slow to receive (a CI-like VM,
-    `slow:rank=0,op=send,peer=1`: 2 of 8 sweeps)."""
-    confirmed = [x for x in retested if x.verdict is Verdict.SLOW]
-    cleared = [x for x in retested if x.verdict is Verdict.PASS]
-    if len(confirmed) != 1 or not cleared:
+def _one_cable(j: Judgement, slow: list[LinkJudgement]) -> Judgement:
+    """An endpoint is blamed for slow links to two or more partners; it stays slow only while two
+    partners' links stay slow after the retests (`slow`: its links still slow, or retested and not
+    clearly at full speed). Otherwise the slowness is one cable's. On a 4-device host one noisy link
+    beside a slow cable makes two of three slow; the cable's other end was called slow to receive
+    (this VM, `slow:rank=0,op=send,peer=1`: 2 of 8 sweeps)."""
+    partners = {x.dst if x.src == j.rank else x.src for x in slow}
+    if len(partners) >= 2:
         return j
-    c, o = confirmed[0], cleared[0]
+    left = ", ".join(f"{x.src}->{x.dst}" for x in slow if x.verdict is Verdict.SLOW)
     return replace(j, verdict=Verdict.PASS, reason=(
-        f"cleared: of its slow links the retest confirmed only {c.src}->{c.dst} and cleared {o.src}->{o.dst}: "
-        f"that link is slow, not the endpoint ({j.reason})"))
+        f"cleared: after the retests only {left} of its links is slow: that link, not the endpoint ({j.reason})"))
