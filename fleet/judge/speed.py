@@ -465,7 +465,7 @@ def confirm_links(links: LinksSummary, endpoint_js: list[Judgement], results: li
                   hosts: Mapping[int, str], policy: SpeedPolicy) -> tuple[LinksSummary, list[Judgement]]:
     """A slow link stays slow only when its retest against a peer link confirms it (the paired
     ratio's interval below `1 - min_gap / 2`); otherwise it passes with a note. An endpoint called
-    slow from its links stays slow only while one of its links does."""
+    slow from its links stays slow only while its links to two partners do (`_one_cable`)."""
     turns: dict[str, list[float]] = {}
     for r in results:
         if r.probe == RETEST and r.case == "link" and r.error is None:
