@@ -192,6 +192,8 @@ def test_an_endpoint_whose_retests_put_the_slowness_on_one_cable_is_cleared_and_
     cable, (j,) = speed.confirm_links(links, ep, [turns({(0, 1)})], hosts, POLICY)
     assert [(x.src, x.dst) for x in cable.links if x.verdict is Verdict.SLOW] == [(0, 1)]
     assert j.verdict is Verdict.PASS and "only 0->1 of its links is slow" in j.reason, j.reason
+    assert next(x for x in cable.links if (x.src, x.dst) == (0, 1)).reason.endswith(
+        "the retests cleared endpoint 1: suspect this link")
     _, (j,) = speed.confirm_links(links, ep, [turns({(0, 1), (2, 1)})], hosts, POLICY)
     assert j.verdict is Verdict.SLOW  # both confirmed: the endpoint
     # 2->1's retest inconclusive (0.87x, swinging 30% round to round): not cleared, the endpoint stays

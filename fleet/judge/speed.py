@@ -506,6 +506,12 @@ def confirm_links(links: LinksSummary, endpoint_js: list[Judgement], results: li
           _one_cable(j, [k for x, k in flagged if j.rank in (x.src, x.dst)
                          and (k.verdict is Verdict.SLOW or ratios.get((k.src, k.dst), 1.0) < policy.bar)])
           for j in endpoint_js]
+    # a link whose reason blames an endpoint the retests cleared says so
+    uncalled = sorted(j.rank for j, was in zip(js, endpoint_js, strict=True)
+                      if was.verdict is Verdict.SLOW and j.verdict is Verdict.PASS and j.rank in still)
+    kept = [replace(x, reason=f"{x.reason}; the retests cleared endpoint "
+                              f"{' and '.join(str(e) for e in uncalled if e in (x.src, x.dst))}: suspect this link")
+            if x.verdict is Verdict.SLOW and {x.src, x.dst} & set(uncalled) else x for x in kept]
     return replace(links, links=kept), js
 
 
