@@ -2,6 +2,7 @@
 
     python3 benchmarks/bench_speed.py clean [--runs 50] [--devices cpu:4] [--write-mib 800] [--tenant-core 1]
     python3 benchmarks/bench_speed.py sensitivity [--runs 20] [--factors 1.10,1.15,1.20,1.30] [--dtype bfloat16]
+        [--after-s 5]
     (clean and sensitivity take --backend jax: `chipcheck run --backend jax` on N forced host CPU devices)
     python3 benchmarks/bench_speed.py drift [--runs 15]
     python3 benchmarks/bench_speed.py links [--runs 20] [--devices cpu:8]
@@ -17,7 +18,8 @@ the host): a retest whose turns found the host busier for the suspect than for i
 sensitivity: per slowdown factor F, N runs with `slow:rank=R,factor=F,scope=process` (R rotating
 over the ranks): the fraction in which the slow device is called `slow`, and the runs in which any
 other device was flagged at all (target 0). `--dtype D` slows only the device's GEMMs in D (a chip
-whose bf16 tensor-core path is slow, its other dtypes at full speed: retested in D).
+whose bf16 tensor-core path is slow, its other dtypes at full speed: retested in D). `--after-s S`
+spares the run's first S seconds (a chip slow only once warm: the early matmul probe sees it at full speed).
 links: N clean `chipcheck links` sweeps; every directed link (or device) not `pass` is a false flag
 (target 0), and how many sweeps retested a suspect link. With `--fault`, per factor F, N sweeps
 with a slow NIC (`endpoint`: `slow:rank=R,op=send,factor=F,scope=process`, every send of rank R) or
@@ -144,7 +146,8 @@ def link_sensitivity(runs: int, devices: str, factors: list[float], fault: str) 
             print("  " + n)
 
 
-def sensitivity(runs: int, devices: str, factors: list[float], dtype: str = "", backend: str = "torch") -> None:
+def sensitivity(runs: int, devices: str, factors: list[float], dtype: str = "", backend: str = "torch",
+                after_s: float = 0.0) -> None:
     world = int(devices.split(":")[1])
     print(f"{'slowdown':>8}  {'called slow':>11}  {'others flagged':>14}")
     for f in factors:
@@ -152,7 +155,8 @@ def sensitivity(runs: int, devices: str, factors: list[float], dtype: str = "", 
         for i in range(runs):
             r = i % world
             res = run(*target(devices, backend), *QUICK, "--seed", str(i), "--inject",
-                      f"slow:rank={r},factor={f},scope=process" + (f",dtype={dtype}" if dtype else ""))
+                      f"slow:rank={r},factor={f},scope=process" + (f",dtype={dtype}" if dtype else "")
+                      + (f",after_s={after_s:g}" if after_s else ""))
             hit += res.verdicts[r] == "slow"
             said = (res.slow_reasons.get(r) or res.speed_notes.get(r) or ["not a suspect"])[0]
             print(f"  factor {f} run {i} rank {r}: {res.verdicts[r]:<5} {res.wall_s:4.0f}s  {said[:160]}", flush=True)
@@ -201,6 +205,7 @@ def main() -> int:
                     help="links: a slow NIC (every send of a rank) or a slow cable (its sends to one peer)")
     ap.add_argument("--write-mib", type=int, default=0, help="clean: MiB written to a file just before each run")
     ap.add_argument("--dtype", default="", help="sensitivity: slow only the GEMMs in this dtype")
+    ap.add_argument("--after-s", type=float, default=0.0, help="sensitivity: the fault spares the run's first S s")
     ap.add_argument("--backend", choices=("torch", "jax"), default="torch", help="clean, sensitivity: the run's backend")
     ap.add_argument("--tenant-core", type=int, default=None,
                     help="clean: a memory-bound process pinned to this core through each run")
@@ -210,6 +215,7 @@ def main() -> int:
     print(f"# bench_speed {a.what} {datetime.date.today()} on {machine()}: {a.devices}"
           + (" (--backend jax)" if a.backend == "jax" else "")
           + (f", slow in {a.dtype} only" if a.what == "sensitivity" and a.dtype else "")
+          + (f", once {a.after_s:g} s into the run" if a.what == "sensitivity" and a.after_s else "")
           + (f", a slow {a.fault}" if a.what == "links" and a.fault else ""))
     if a.what == "clean":
         clean(a.runs or 50, a.devices, a.write_mib, a.tenant_core, a.backend)
@@ -220,7 +226,7 @@ def main() -> int:
     elif a.what == "drift":
         drift(a.runs or 15)
     else:
-        sensitivity(a.runs or 20, a.devices, factors, a.dtype, a.backend)
+        sensitivity(a.runs or 20, a.devices, factors, a.dtype, a.backend, a.after_s)
     return 0
 
 
