@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..probes import base
+from ..probes.faults.spec import EPOCH_ENV
 from ..results import DeviceInfo, ErrorKind, ProbeResult, RunSummary
 from . import protocol, supervisor
 from .harness import Case, CaseLoop, error_result
@@ -75,6 +76,7 @@ class HostPlan:
     multihost: dict[str, Any] | None = None  # jax_multihost.MultiHost's fields: join that job first
     cases: dict[str, list[str]] = field(default_factory=dict)  # a probe's cases where the run, not its config, names them
     options: dict[str, str] = field(default_factory=dict)  # the probes' options (the retest's pairs)
+    epoch: float = 0.0  # when the run began (time.time()): a fault's `after_s` counts from it
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -127,7 +129,7 @@ def execute(opts: RunOptions, store: Store, *, on_result: Callable[[ProbeResult]
     run_id = job.run_id if job else new_run_id()
     started = time.time()
     plan = HostPlan(run_id=run_id, profile=opts.profile, seed=opts.seed, probes=list(opts.probes),
-                    inject=list(opts.inject), multihost=asdict(multihost) if job else None)
+                    inject=list(opts.inject), multihost=asdict(multihost) if job else None, epoch=started)
     # SIGINT/SIGTERM/SIGHUP: the host process is killed (_one_process), what was measured is stored,
     # and the session marks the run `interrupted` before the exception goes on.
     with RunSession(store, run_id, on_result=on_result) as run:
@@ -201,8 +203,9 @@ class _Supervisor:
         log_path = Path(self.workdir) / f"host-{self.starts}.log"
         q: queue.Queue[protocol.Message | None] = queue.Queue()
         with open(log_path, "ab") as log:
+            epoch = {EPOCH_ENV: repr(plan.epoch)} if plan.epoch else None  # a fault's after_s counts from it
             proc = spawn([sys.executable, "-m", "chipcheck.fleet.jax_runner", "--plan", str(plan_path)],
-                         env=child_env(), log=log, stdin=subprocess.DEVNULL, on_message=lambda _p, m: q.put(m))
+                         env=child_env(epoch), log=log, stdin=subprocess.DEVNULL, on_message=lambda _p, m: q.put(m))
         watch, killed, usage = Watch(self.timeout_s), False, ""
         try:
             while True:

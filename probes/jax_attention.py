@@ -135,7 +135,7 @@ def _call(program: Callable[..., Any], args: tuple[Any, ...],
     def call() -> tuple[dict[str, Any], float, None]:
         import torch
 
-        res, seconds = inj.call(OP, lambda: program(*args))
+        res, seconds = inj.call(OP, args[0].dtype.name, lambda: program(*args))
         hosts = [jb.to_host(x) for x in res]
         for i, h in enumerate(hosts):  # out, dq, dk, dv: a fault's `output=` picks one (default out)
             inj.corrupt(h, output=i)

@@ -24,8 +24,6 @@ jax is imported lazily: this module is imported by the probe registry on torch-o
 
 from __future__ import annotations
 
-import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from .. import generator as g
-from .faults import Fault
+from .faults import Fault, Firing
 
 # The JAX ops a fault lands in when it names no `op` (the compute and communication kernels).
 DEFAULT_OPS = ("dot_general", "attention", "psum", "pmax", "all_gather", "psum_scatter", "all_to_all", "ppermute")
@@ -140,39 +138,35 @@ class Injector:
     """
 
     faults: list[Fault]
-    calls: dict[int, int] = field(default_factory=dict)
+    firing: Firing = field(default_factory=Firing)
     _due: list[tuple[Fault, int]] = field(default_factory=list)
 
     @staticmethod
     def for_rank(faults: list[Fault], rank: int, probe: str) -> Injector:
         return Injector([f for f in faults if f.applies_to(rank, probe)])
 
-    def _matching(self, op: str) -> list[tuple[int, Fault]]:
-        return [(i, f) for i, f in enumerate(self.faults) if (f.op == op if f.op else op in DEFAULT_OPS)]
-
-    def begin(self, op: str) -> float:
-        """Count one call of `op`; remember the value faults due for it; return the slowdown factor."""
+    def begin(self, op: str, dtype: str) -> float:
+        """Count one call of `op` whose output is in `dtype`; remember the value faults due for it; return
+        the slowdown factor. A fault of another dtype neither counts the call nor slows it (as on the
+        torch path: a chip slow in bf16 runs its fp32 at full speed)."""
         self._due = []
         factor = 1.0
-        for i, f in self._matching(op):
-            n = self.calls.get(i, 0)
-            self.calls[i] = n + 1
-            if n < f.after or (f.count and n >= f.after + f.count):
+        for i, f in enumerate(self.faults):
+            if (f.op != op if f.op else op not in DEFAULT_OPS) or (f.dtype and f.dtype != dtype):
                 continue
-            if f.kind == "hang":
-                while True:
-                    time.sleep(3600)
-            if f.kind == "crash":
-                os.kill(os.getpid(), signal.SIGKILL)
+            n = self.firing.fire(f, i)
+            if n is None:
+                continue
             if f.kind == "slow":
                 factor = max(factor, f.factor)
             elif f.kind in VALUE_FAULTS:
                 self._due.append((f, n))
         return factor
 
-    def call(self, op: str, fn: Callable[[], Any]) -> tuple[Any, float]:
-        """Run the kernel under test once; (output, seconds) with any slowdown included."""
-        factor = self.begin(op)
+    def call(self, op: str, dtype: str, fn: Callable[[], Any]) -> tuple[Any, float]:
+        """Run the kernel under test once (its output in `dtype`); (output, seconds) with any slowdown
+        included."""
+        factor = self.begin(op, dtype)
         out, dt = timed(fn)
         return out, dt + stall(dt * (factor - 1.0))
 

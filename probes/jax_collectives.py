@@ -119,6 +119,11 @@ def _to_np(t: Any) -> np.ndarray:
     return t.numpy()
 
 
+def _dtype(step: CollectiveStep) -> str:
+    """The dtype of what the step's collective carries (a fault's `dtype=` matches it)."""
+    return str(step.payload.dtype).removeprefix("torch.")
+
+
 def _to_torch(a: np.ndarray) -> Any:
     import torch
 
@@ -195,7 +200,9 @@ class JaxGroup(Group):
         x = _global({r: _to_np(s.payload) for r, s in steps.items()}, self.sharding, self.pos, self.n)
         jax.block_until_ready(self.fn(x))  # compiled and warm before timing
         # a slow rank slows the collective for every rank: the slowest factor of the job applies
-        factors = _allmax([max(self.injectors[r].begin(JAX_OPS[self.op]) for r in self.local) for _ in range(loops)])
+        dtype = _dtype(next(iter(steps.values())))
+        factors = _allmax([max(self.injectors[r].begin(JAX_OPS[self.op], dtype) for r in self.local)
+                           for _ in range(loops)])
         out = []
         for factor in factors:
             _, dt = jb.timed(lambda: [self.fn(x) for _ in range(iters)])
@@ -238,7 +245,7 @@ def _once(fn: Any, sharding: Any, devices: list[Any], ranks: list[int], steps: d
     rank_of = {d: ranks[j] for j, d in enumerate(devices)}
     inputs = {}
     for r, s in steps.items():
-        injectors[r].begin(JAX_OPS[op])
+        injectors[r].begin(JAX_OPS[op], _dtype(s))
         inputs[where[r]] = injectors[r].corrupt(_to_np(s.payload).copy(), side="send")
     y = fn(_global(inputs, sharding, {d: j for j, d in enumerate(devices)}, len(devices)))
     jax.block_until_ready(y)

@@ -81,4 +81,4 @@ def _gemm(device: Any, dtype: str, n: int, inj: jb.Injector) -> Any:
     be = JaxBackend(device, inj)
     k = be.kernel(dtype)
     a, b = k.prepare(be.uniform((n, n), SEED, "retest.a"), be.uniform((n, n), SEED, "retest.b"))
-    return lambda: be.run(OP, lambda: k(a, b))[1]
+    return lambda: be.run(OP, k.out_name, lambda: k(a, b))[1]

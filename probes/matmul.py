@@ -254,7 +254,7 @@ def _repeat(bk: Backend, cfg: MatmulProbe.Config, kernel: KernelLike, a: Any, b:
         start = time.monotonic()
         r = 0
         while True:
-            c, dt = bk.run(kernel.op, lambda: kernel(a, b))
+            c, dt = bk.run(kernel.op, kernel.out_name, lambda: kernel(a, b))
             if r > 0:
                 times.append(dt)
             t0 = time.perf_counter()

@@ -34,6 +34,36 @@ def test_after_s_spares_calls_until_that_second_of_the_run(monkeypatch: pytest.M
     assert not torch.equal(bad, a)
 
 
+def test_the_jax_paths_injector_fires_as_the_torch_paths_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One firing rule (probes/faults/firing.py) for both injectors. The JAX path's used to slow every dtype
+    for a `dtype=bfloat16` slow fault (`chipcheck run --backend jax` with it retested and confirmed the chip
+    on float16 GEMMs) and ignored `every`, `after_s` and `chance`."""
+    import time
+
+    from chipcheck.probes import jax_backend as jb
+
+    def fired(spec: str, dtypes: list[str]) -> list[int]:
+        inj = jb.Injector.for_rank(faults.parse(spec), 0, "matmul")
+        return [i for i, d in enumerate(dtypes) if inj.begin("dot_general", d) > 1.0 or inj.due]
+
+    mixed = ["float32", "bfloat16"] * 4
+    assert fired("slow:factor=3,dtype=bfloat16", mixed) == [1, 3, 5, 7]  # its fp32 GEMMs at full speed
+    # every 2nd matching call: counted over the bf16 calls only, as the torch path counts them
+    assert fired("bitflip:bit=3,dtype=bfloat16,every=2", mixed) == [1, 5]
+    a = torch.eye(8)
+    calls = []
+    with faults.make_injector(faults.parse("bitflip:bit=3,dtype=float32,every=2,at=call"), 0, "matmul")():
+        for _ in range(4):
+            calls.append(not torch.equal(a @ a, a))
+            torch.eye(8, dtype=torch.bfloat16) @ torch.eye(8, dtype=torch.bfloat16)
+    assert calls == [True, False, True, False]
+    monkeypatch.setenv(faults.EPOCH_ENV, repr(time.time() - 10.0))  # the run began 10 s ago
+    assert fired("slow:factor=3,after_s=60", ["float32"] * 3) == []
+    assert fired("slow:factor=3,after_s=5", ["float32"] * 3) == [0, 1, 2]
+    hits = fired("bitflip:bit=3,chance=0.25,seed=9", ["float32"] * 400)
+    assert 60 < len(hits) < 140, len(hits)
+
+
 @pytest.mark.parametrize("spec, words", [
     ("explode:rank=1", "unknown fault kind"),
     ("bitflip:rank=1", "needs bit"),

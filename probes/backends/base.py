@@ -162,8 +162,9 @@ class Backend(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def run(self, op: str, fn: Callable[[], Any]) -> tuple[Any, float]:
-        """Run the code under test once with this backend's faults on; (output, seconds)."""
+    def run(self, op: str, dtype: str, fn: Callable[[], Any]) -> tuple[Any, float]:
+        """Run the code under test once with this backend's faults on; (output, seconds). `op` and `dtype`
+        (its output's) say which faults match the call where the backend cannot see it run."""
 
     # ---- arrays on the device ----------------------------------------------------------------
 

@@ -113,10 +113,10 @@ class JaxBackend(Backend):
     def params(self) -> dict[str, Any]:
         return {"precision": "HIGHEST", "backend": "jax", "jax_device": str(self.device)}
 
-    def run(self, op: str, fn: Callable[[], Any]) -> tuple[Any, float]:
+    def run(self, op: str, dtype: str, fn: Callable[[], Any]) -> tuple[Any, float]:
         if self.inj is None:
             return jb.timed(fn)
-        c, dt = self.inj.call(op, fn)
+        c, dt = self.inj.call(op, dtype, fn)
         if self.inj.due:  # a value fault is due for this call: only then does C visit the host
             c = jax.device_put(self.inj.corrupt(jb.to_host(c)), self.device)
         return c, dt

@@ -83,8 +83,8 @@ class NumpyBackend(Backend):
     def params(self) -> dict[str, Any]:
         return {"backend": "numpy"}
 
-    def run(self, op: str, fn: Callable[[], Any]) -> tuple[Any, float]:
-        factor = self.inj.begin(op) if self.inj is not None else 1.0
+    def run(self, op: str, dtype: str, fn: Callable[[], Any]) -> tuple[Any, float]:
+        factor = self.inj.begin(op, dtype) if self.inj is not None else 1.0
         t0 = time.perf_counter()
         out = fn()
         dt = max(time.perf_counter() - t0, 1e-9)

@@ -119,8 +119,9 @@ class TorchBackend(Backend):
     def deadline(self) -> float | None:
         return self.ctx.deadline if self.ctx is not None else None
 
-    def run(self, op: str, fn: Callable[[], Any]) -> tuple[Any, float]:
-        # `op` is for backends without a dispatch hook: the TorchDispatchMode sees the aten op itself.
+    def run(self, op: str, dtype: str, fn: Callable[[], Any]) -> tuple[Any, float]:
+        # `op` and `dtype` are for backends without a dispatch hook: the TorchDispatchMode sees the aten op
+        # and its output itself.
         ctx = self._need_ctx()
         with ctx.timer.exclusive(), ctx.under_test():
             return ctx.timer.time(fn)

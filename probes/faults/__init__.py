@@ -56,10 +56,8 @@ bf16/fp16: 0..15); a bit beyond the dtype's width leaves that dtype alone (with 
 refused: the fault could never fire).
 """
 
+from .firing import CHANCE_DRAWS, Firing, chance_draw
 from .inject import (
-    CHANCE_DRAWS,
-    FaultState,
-    chance_draw,
     corrupt,
     fake_mode_active,
     make_injector,
@@ -81,5 +79,5 @@ from .spec import (
 )
 
 __all__ = ["CALL_TIME_PROBES", "CHIP_FAULTS", "DEFAULT_OPS", "EPOCH_ENV", "KINDS", "SCOPES", "CHANCE_DRAWS", "Fault",
-           "FaultState", "InjectSpecError", "chance_draw", "corrupt", "fake_mode_active", "make_injector", "parse",
+           "Firing", "InjectSpecError", "chance_draw", "corrupt", "fake_mode_active", "make_injector", "parse",
            "process_injector", "never_fires", "start_process_faults", "unreachable"]

@@ -3,33 +3,12 @@
 
 from __future__ import annotations
 
-import os
-import random
-import signal
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..backends.base import INT_BY_WIDTH
-from .spec import CALL_TIME_PROBES, DEFAULT_OPS, EPOCH_ENV, Fault
-
-CHANCE_DRAWS: dict[tuple[int, float], random.Random] = {}
-
-
-def chance_draw(f: Fault) -> float:
-    """The next draw of the fault's intermittency generator: one per (seed, chance), for the whole
-    process, so trials of the same op do not all draw alike."""
-    rng = CHANCE_DRAWS.get((f.seed, f.chance))
-    if rng is None:
-        rng = CHANCE_DRAWS[(f.seed, f.chance)] = random.Random(f"repro-chance:{f.seed}")
-    return rng.random()
-
-
-@dataclass(slots=True)
-class FaultState:
-    """Per-worker counters, so faults are deterministic per call."""
-
-    calls: dict[int, int] = field(default_factory=dict)
+from .firing import Firing
+from .spec import CALL_TIME_PROBES, DEFAULT_OPS, Fault
 
 
 def corrupt(fault: Fault, out: Any, call: int) -> None:
@@ -147,26 +126,8 @@ def _injector(active: list[Fault], *, call_time: bool) -> Any:
         return None
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    state = FaultState()
-    epoch = float(os.environ.get(EPOCH_ENV) or time.time())
+    firing = Firing()
     now = {i for i, f in enumerate(active) if f.at == "call" or (f.at is None and call_time)}
-
-    def _fire(f: Fault, i: int) -> int | None:
-        """Count a matching call; None when this call is spared (after/count). Hang and crash act here."""
-        if f.after_s and time.time() - epoch < f.after_s:
-            return None
-        n = state.calls.get(i, 0)
-        state.calls[i] = n + 1
-        if n < f.after or (n - f.after) % f.every or (f.count and n >= f.after + f.count * f.every):
-            return None
-        if f.chance < 1.0 and chance_draw(f) >= f.chance:
-            return None
-        if f.kind == "hang":
-            while True:
-                time.sleep(3600)
-        if f.kind == "crash":
-            os.kill(os.getpid(), signal.SIGKILL)
-        return n
 
     class _Injector(TorchDispatchMode):
         """Value faults are applied when the code under test is left: the output tensors are the
@@ -259,7 +220,7 @@ def _injector(active: list[Fault], *, call_time: bool) -> Any:
                     continue  # the op has no such output: leave it alone
                 if first is not None and f.dtype and str(first.dtype).removeprefix("torch.") != f.dtype:
                     continue
-                n = _fire(f, i)
+                n = firing.fire(f, i)
                 if n is None:
                     continue
                 if f.kind == "slow":
@@ -299,7 +260,7 @@ def _injector(active: list[Fault], *, call_time: bool) -> Any:
             for f in mine:
                 if f.peer is not None and (name != "send" or len(args) < 3 or args[2] != f.peer):
                     continue
-                n = _fire(f, active.index(f))
+                n = firing.fire(f, active.index(f))
                 if n is None:
                     continue
                 if f.kind == "slow":
