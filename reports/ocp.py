@@ -28,7 +28,16 @@ from typing import Any
 
 from .. import failures
 from ..failures import FailureCode
-from ..results import CaseSummary, DeviceInfo, DeviceSummary, Judgement, ProbeSummary, RunSummary, Verdict
+from ..results import (
+    CaseSummary,
+    DeviceInfo,
+    DeviceSummary,
+    Judgement,
+    ProbeSummary,
+    RunStatus,
+    RunSummary,
+    Verdict,
+)
 from .extras import ReportExtras
 
 TOOL = "chipcheck"
@@ -87,8 +96,11 @@ def render(s: RunSummary, extras: ReportExtras | None = None, *, version: str = 
         _device_step(tv, run, d, hw.get(d.rank))
     _link_steps(tv, run, s, hw)
     out.clock = s.ended
-    ok = s.verdict is Verdict.PASS
-    run.end(status=tv.TestStatus.COMPLETE, result=tv.TestResult.PASS if ok else tv.TestResult.FAIL)
+    # a run cut short ends in ERROR: its result is FAIL for what it found, else not applicable, never PASS
+    done = s.status is RunStatus.COMPLETE
+    result = (tv.TestResult.FAIL if s.verdict is not Verdict.PASS
+              else tv.TestResult.PASS if done else tv.TestResult.NOT_APPLICABLE)
+    run.end(status=tv.TestStatus.COMPLETE if done else tv.TestStatus.ERROR, result=result)
     return "\n".join(out.lines) + "\n"
 
 

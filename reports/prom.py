@@ -11,7 +11,7 @@ uuid, fingerprint, device):
   (collectives: the link bus bandwidth each rank saw), each with labels probe and case;
 - `chipcheck_device_days_since_pass`: 0 when it passed in this run, else the days since the last
   stored run it passed (absent when it never passed in the history the report was given).
-Per run: `chipcheck_run_info{run_id,profile,verdict}`, device counts, `chipcheck_run_failing_fraction`
+Per run: `chipcheck_run_info{run_id,profile,verdict,status}`, device counts, `chipcheck_run_failing_fraction`
 and the end time; per judged link direction, `chipcheck_link_gbps` and `chipcheck_link_ok`.
 No sample carries a timestamp (the textfile collector refuses them); the run's end time is a metric.
 """
@@ -62,8 +62,9 @@ def render(s: RunSummary, extras: ReportExtras | None = None) -> str:
     def gauge(name: str, doc: str, labels: tuple[str, ...]) -> Gauge:
         return Gauge(name, doc, labels, registry=reg)
 
-    info = gauge("chipcheck_run_info", "The run this file describes (value 1).", ("run_id", "profile", "verdict"))
-    info.labels(s.run_id, s.profile, s.verdict.value).set(1)
+    info = gauge("chipcheck_run_info", "The run this file describes (value 1); status: complete, or interrupted "
+                 "(its verdict covers only what it measured).", ("run_id", "profile", "verdict", "status"))
+    info.labels(s.run_id, s.profile, s.verdict.value, s.status.value).set(1)
     gauge("chipcheck_run_devices", "Devices in the run.", ()).set(len(s.devices))
     gauge("chipcheck_run_failing_devices", "Devices blamed for a failure of their own (wrong, slow, flaky, "
           "error).", ()).set(len(s.failed))

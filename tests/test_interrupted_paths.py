@@ -61,6 +61,7 @@ def _assert_interrupted(db: Path, log: Path, *, lists_missing: bool) -> dict:
     rep = run_cli("report", "latest", "--db", str(db))
     assert rep.returncode == 1, rep.stdout + rep.stderr + log.read_text()[-2000:]
     assert "run INTERRUPTED" in rep.stdout, rep.stdout
+    assert "verdict: PASS" not in rep.stdout and "INTERRUPTED  (so far: " in rep.stdout, rep.stdout
     js = run_cli("report", "latest", "--db", str(db), "--format", "json")
     assert js.returncode == 1
     data = json.loads(js.stdout)

@@ -18,7 +18,7 @@ from chipcheck import failures
 from chipcheck.fleet import synthetic
 from chipcheck.reports import formats, ocp, prom
 from chipcheck.reports.extras import HistoryPoint, ReportExtras
-from chipcheck.results import Judgement, Verdict
+from chipcheck.results import Judgement, RunStatus, Verdict
 
 SPEC = Path(__file__).parent / "data" / "ocp-diag-core"
 
@@ -121,6 +121,26 @@ def test_ocp_measurements_carry_validators_and_findings_are_diagnoses(mixed) -> 
                for h, d in _diagnoses(lines) if h == hw[error.rank])
     # rendering is pure: the same run gives the same bytes (timestamps are the run's own)
     assert ocp.render(s, extras) == ocp.render(s, extras)
+
+
+def test_a_run_cut_short_never_reads_as_a_pass() -> None:
+    """Before, an interrupted run whose measured devices all passed printed `verdict: PASS`, and its OCP
+    run ended COMPLETE / PASS: a burn-in stopped halfway read as a clean one."""
+    f = synthetic.fleet(4, fail_fraction=0.0, seed=0)
+    s, _ = synthetic.judge(f)
+    assert s.verdict is Verdict.PASS
+    cut = replace(s, status=RunStatus.INTERRUPTED)
+    assert formats.render(cut, "text").splitlines()[-1].startswith("verdict: INTERRUPTED  (so far: pass=4;")
+    assert formats.render(s, "text").splitlines()[-1].startswith("verdict: PASS  (pass=4;")
+    end = _valid_lines(formats.render(cut, "ocp"))[-1]["testRunArtifact"]["testRunEnd"]
+    assert end == {"status": "ERROR", "result": "NOT_APPLICABLE"}
+    (info,) = _samples(prom.render(cut))["chipcheck_run_info"]
+    assert (info.labels["verdict"], info.labels["status"]) == ("pass", "interrupted")
+    wrong = next(d for d in synthetic.judge(synthetic.fleet(4, fail_fraction=0.5, seed=0))[0].devices
+                 if d.verdict is Verdict.WRONG)
+    bad = replace(cut, devices=[wrong, *cut.devices[1:]], verdict=Verdict.WRONG)
+    assert formats.render(bad, "text").splitlines()[-1].startswith("verdict: WRONG, run INTERRUPTED  (so far:")
+    assert _valid_lines(formats.render(bad, "ocp"))[-1]["testRunArtifact"]["testRunEnd"]["result"] == "FAIL"
 
 
 def _samples(text: str) -> dict[str, list]:
