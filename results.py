@@ -464,6 +464,16 @@ class RunSummary:
         """Devices of a group that holds a fault no check could pin to one member (retest them)."""
         return [d for d in self.devices if d.verdict is Verdict.SUSPECT]
 
+    @property
+    def headline(self) -> str:
+        """The verdict as reports head it: "PASS", "WRONG", ...; a run that did not reach its end never
+        reads as a pass: "INTERRUPTED", or "WRONG, run INTERRUPTED" for what it found before."""
+        mark = self.verdict.value.upper()
+        if self.status is RunStatus.COMPLETE:
+            return mark
+        state = self.status.value.upper()
+        return state if self.verdict is Verdict.PASS else f"{mark}, run {state}"
+
 
 # ---- report inputs that live outside RunSummary (built by fleet/, rendered by reports/) ---------------
 

@@ -87,11 +87,9 @@ def _footer(s: RunSummary) -> list[str]:
         nl = len(s.links.links)
         link_part = f"; {len(s.links.failed)}/{nl} links = {len(s.links.failed) / nl:.1%} failing"
     suspect = f"; {len(s.suspect)} suspect (retest)" if s.suspect else ""
-    mark = _MARK[s.verdict]
-    if s.status is not RunStatus.COMPLETE:  # cut short (or still running): never a clean `PASS`
-        state = s.status.value.upper()
-        mark, counts = (state if s.verdict is Verdict.PASS else f"{mark}, run {state}"), f"so far: {counts}"
-    lines.append(f"verdict: {mark}  ({counts}; {len(failed)}/{len(s.devices)} devices = "
+    if s.status is not RunStatus.COMPLETE:
+        counts = f"so far: {counts}"
+    lines.append(f"verdict: {s.headline}  ({counts}; {len(failed)}/{len(s.devices)} devices = "
                  f"{frac:.1%} failing{suspect}{link_part})")
     return lines
 

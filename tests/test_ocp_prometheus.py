@@ -132,6 +132,7 @@ def test_a_run_cut_short_never_reads_as_a_pass() -> None:
     cut = replace(s, status=RunStatus.INTERRUPTED)
     assert formats.render(cut, "text").splitlines()[-1].startswith("verdict: INTERRUPTED  (so far: pass=4;")
     assert formats.render(s, "text").splitlines()[-1].startswith("verdict: PASS  (pass=4;")
+    assert '<h1 id="verdict">INTERRUPTED — 0 of 4 devices failing' in formats.render(cut, "html")
     end = _valid_lines(formats.render(cut, "ocp"))[-1]["testRunArtifact"]["testRunEnd"]
     assert end == {"status": "ERROR", "result": "NOT_APPLICABLE"}
     (info,) = _samples(prom.render(cut))["chipcheck_run_info"]
