@@ -12,7 +12,8 @@ Shape (what Jenkins' junit/xunit plugins and GitLab's test reports read):
         </testcase>
 
 `wrong`, `slow` and `flaky` are failures (the chip is bad); `error` is an error (the probe could not
-run), so CI keeps the two apart exactly as chipcheck does. Times use the surefire pattern (seconds,
+run), so CI keeps the two apart exactly as chipcheck does. A run cut short adds an error testcase
+`chipcheck.run` "run reached its end" listing the cases it never ran. Times use the surefire pattern (seconds,
 three decimals) that Jenkins' schema requires.
 """
 
@@ -24,7 +25,7 @@ import xml.etree.ElementTree as ET
 from collections import defaultdict
 from dataclasses import dataclass
 
-from ..results import RunSummary, Verdict
+from ..results import RunStatus, RunSummary, Verdict
 from . import view
 from .extras import LinkSummary, ReportExtras
 
@@ -56,6 +57,12 @@ def render(s: RunSummary, extras: ReportExtras | None = None) -> str:
         suites[c.classname].append(c)
     for c in (_link_case(lk) for lk in extras.links):
         suites[c.classname].append(c)
+    if s.status is not RunStatus.COMPLETE:  # a run cut short is an error of its own: CI never shows it green
+        missing = f"{len(s.missing)} planned case(s) have no result" if s.missing else "what it had left is unknown"
+        suites["chipcheck.run"].append(_Case(
+            classname="chipcheck.run", name="run reached its end", verdict=Verdict.ERROR, kind=s.status.value,
+            message=f"run {s.status.value}: {missing}; the verdict covers only what was measured",
+            body="\n".join(s.missing), out=""))
     root = ET.Element("testsuites", name="chipcheck")
     stamp = _dt.datetime.fromtimestamp(s.started or 0, _dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
     hosts = sorted({d.host for d in s.devices})
@@ -68,7 +75,7 @@ def render(s: RunSummary, extras: ReportExtras | None = None) -> str:
                               timestamp=stamp, hostname=hosts[0] if len(hosts) == 1 else "fleet")
         props = ET.SubElement(suite, "properties")
         for k, v in (("run_id", s.run_id), ("profile", s.profile), ("seed", str(s.seed)),
-                     ("verdict", s.verdict.value)):
+                     ("verdict", s.verdict.value), ("status", s.status.value)):
             ET.SubElement(props, "property", name=k, value=v)
         for c in cases:
             _testcase(suite, c)

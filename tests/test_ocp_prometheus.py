@@ -133,6 +133,9 @@ def test_a_run_cut_short_never_reads_as_a_pass() -> None:
     assert formats.render(cut, "text").splitlines()[-1].startswith("verdict: INTERRUPTED  (so far: pass=4;")
     assert formats.render(s, "text").splitlines()[-1].startswith("verdict: PASS  (pass=4;")
     assert '<h1 id="verdict">INTERRUPTED — 0 of 4 devices failing' in formats.render(cut, "html")
+    junit = formats.render(replace(cut, missing=["rank 2 matmul float32/exact"]), "junit")
+    assert 'classname="chipcheck.run" name="run reached its end"' in junit and "rank 2 matmul float32/exact" in junit
+    assert '<testsuites name="chipcheck" tests="' in junit and 'errors="0"' not in junit.split("\n")[1]
     end = _valid_lines(formats.render(cut, "ocp"))[-1]["testRunArtifact"]["testRunEnd"]
     assert end == {"status": "ERROR", "result": "NOT_APPLICABLE"}
     (info,) = _samples(prom.render(cut))["chipcheck_run_info"]
