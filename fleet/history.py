@@ -2,7 +2,7 @@
 
 The store's `device_runs` table is a derived index: one row per device per judged run (verdict,
 speed relative to its fingerprint peers in that run, whether it was wrong or flaky), built here
-from the results and judgements the first time a run is looked at, so history and trends never
+from the run's report (fleet.reload: the same device verdicts) the first time a run is looked at, so history and trends never
 re-parse every result body. The trend logic itself is pure (fleet.trends); this module turns
 store rows into arrays and findings.
 """
@@ -18,7 +18,7 @@ import numpy as np
 
 from .. import failures
 from ..failures import FailureCode
-from ..results import SEVERITY, DeviceInfo, Judgement, ProbeResult, Verdict
+from ..results import SEVERITY, DeviceInfo, DeviceSummary, ProbeResult, Verdict
 from . import trends
 from .store import DeviceRun, LinkRow, Store
 from .summary import registry_speed_metrics
@@ -31,15 +31,15 @@ _VERDICTS = sorted(SEVERITY, key=lambda v: SEVERITY[v])  # index = severity; -1 
 
 
 def device_rows(run_id: str, started: float, devices: dict[int, DeviceInfo], results: list[ProbeResult],
-                judgements: list[Judgement], speed_metrics: Mapping[str, str] | None = None) -> list[DeviceRun]:
-    """The per-device rows of one judged run (pure). `speed_metrics`: probe -> the metric its speed is
-    read by (default: the registry's; "" for a probe not judged on speed per device)."""
+                judged: Mapping[int, DeviceSummary], speed_metrics: Mapping[str, str] | None = None) -> list[DeviceRun]:
+    """The per-device rows of one judged run (pure). `judged`: rank -> the device as the run's report
+    judged it (blame and fleet findings applied: a corrupted gradient every rank received is the
+    sender's, not theirs); a device missing there never reported. `speed_metrics`: probe -> the metric
+    its speed is read by (default: the registry's; "" for a probe not judged on speed per device)."""
     if speed_metrics is None:
         speed_metrics = registry_speed_metrics()
     speeds: dict[tuple[str, str, str], dict[int, float]] = defaultdict(dict)
-    verdicts: dict[int, list[Verdict]] = defaultdict(list)
     for r in results:
-        verdicts[r.rank].append(r.verdict)
         metric = speed_metrics.get(r.probe)
         if metric is None:  # not a registered probe
             v = next((r.metrics[m] for m in SPEED_METRICS if m in r.metrics), None)
@@ -47,8 +47,6 @@ def device_rows(run_id: str, started: float, devices: dict[int, DeviceInfo], res
             v = r.metrics.get(metric) if metric else None
         if r.error is None and v is not None and v > 0:
             speeds[(r.fingerprint, r.probe, r.case)][r.rank] = v
-    for j in judgements:
-        verdicts[j.rank].append(j.verdict)
     ratios: dict[int, list[float]] = defaultdict(list)
     for vals in speeds.values():
         if len(vals) >= 2:
@@ -57,24 +55,36 @@ def device_rows(run_id: str, started: float, devices: dict[int, DeviceInfo], res
                 ratios[rank].append(v / med)
     out = []
     for rank, d in sorted(devices.items()):
-        vs = verdicts.get(rank, [])
+        j = judged.get(rank)
+        vs = [p.verdict for p in j.probes] if j is not None else []
         out.append(DeviceRun(run_id=run_id, rank=rank, uuid=d.uuid, host=d.host, device=d.label,
                              fingerprint=d.fingerprint, started=started,
-                             verdict=Verdict.worst(vs) if vs else Verdict.ERROR,
+                             verdict=j.verdict if j is not None else Verdict.ERROR,
                              speed_ratio=statistics.median(ratios[rank]) if ratios.get(rank) else None,
                              wrong=Verdict.WRONG in vs, flaky=Verdict.FLAKY in vs))
     return out
 
 
+DEVICE_RUNS_RULE = 2
+"""How device_runs rows are derived. 1: a device's worst case verdict, blame ignored (every rank that
+received a bad chip's gradient read `wrong`); 2: its verdict in the run's report. Rows of an older rule
+are built again."""
+
+
 def index(store: Store) -> int:
     """Add the device_runs rows of every judged run not indexed yet; returns how many runs were added."""
+    from . import reload  # reload -> judge -> history: imported when the index is built
+
+    if store.derived_rule("device_runs") < DEVICE_RUNS_RULE:
+        store.rebuild_device_runs(DEVICE_RUNS_RULE)
     done = store.indexed_runs()
     added = 0
     for run in store.runs():
         if run.run_id in done or run.verdict is None:  # an unjudged (interrupted) run has no fleet verdicts yet
             continue
+        judged = reload.load(store, run.run_id)  # the device verdicts its report gives, nothing else
         rows = device_rows(run.run_id, run.started, store.devices(run.run_id), store.results(run.run_id),
-                           store.judgements(run.run_id))
+                           {d.rank: d for d in judged.devices})
         store.add_device_runs(rows)
         added += 1
     return added

@@ -58,6 +58,7 @@ class Store:
         self.skipped_rows = 0
         """Stored rows that could not be decoded and were left out of what the reads return."""
         self._scratch = False
+        self._scratch_rules: dict[str, int] = {}  # a read-only store's derived rules, on this connection
         self.conn = sf.open_readonly(self.path) if readonly else sf.open_writable(self.path)
 
     def close(self) -> None:
@@ -229,14 +230,42 @@ class Store:
         self._write("the history index", lambda: self._many(
             "INSERT OR REPLACE INTO device_runs VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows))
 
-    def _scratch_device_runs(self) -> None:
-        """A TEMP device_runs (it hides main.device_runs on this connection) holding what main has."""
+    def _scratch_device_runs(self, *, copy: bool = True) -> None:
+        """A TEMP device_runs (it hides main.device_runs on this connection) holding what main has
+        (`copy`), or nothing (main's rows follow an older rule)."""
         if self._scratch:
+            if not copy:
+                self.conn.execute("DELETE FROM temp.device_runs")
             return
         self.conn.execute(f"CREATE TEMP TABLE device_runs ({sf.DEVICE_RUNS_COLUMNS})")
-        if self.conn.execute("SELECT 1 FROM main.sqlite_master WHERE name='device_runs'").fetchone():
+        if copy and self.conn.execute("SELECT 1 FROM main.sqlite_master WHERE name='device_runs'").fetchone():
             self.conn.execute("INSERT INTO temp.device_runs SELECT * FROM main.device_runs")
         self._scratch = True
+
+    def derived_rule(self, name: str) -> int:
+        """The rule the derived table `name`'s rows were built by (0: before rules were recorded)."""
+        if name in self._scratch_rules:
+            return self._scratch_rules[name]
+        try:
+            row = self.conn.execute("SELECT rule FROM derived WHERE name=?", (name,)).fetchone()
+        except sqlite3.OperationalError:  # a read-only store from before the table
+            return 0
+        return int(row[0]) if row else 0
+
+    def rebuild_device_runs(self, rule: int) -> None:
+        """Drop every device_runs row (built by an older rule); the next ones follow `rule`. A read-only
+        store does so in its TEMP table only."""
+        if self.readonly:
+            self._scratch_device_runs(copy=False)
+            self._scratch_rules["device_runs"] = rule
+            return
+
+        def write() -> None:
+            with self.conn:
+                self.conn.execute("BEGIN")
+                self.conn.execute("DELETE FROM device_runs")
+                self.conn.execute("INSERT OR REPLACE INTO derived VALUES ('device_runs', ?)", (rule,))
+        self._write("the history index", write)
 
     def device_runs(self, *, uuid: str | None = None, host: str | None = None) -> list[DeviceRun]:
         """device_runs rows (all, or one device's, or one host's), oldest run first."""

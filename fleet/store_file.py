@@ -102,6 +102,8 @@ CREATE TABLE IF NOT EXISTS device_runs (
 );
 CREATE INDEX IF NOT EXISTS device_runs_uuid ON device_runs(uuid);
 CREATE INDEX IF NOT EXISTS device_runs_host ON device_runs(host);
+-- Which rule each derived table's rows were built by: rows of an older rule are built again.
+CREATE TABLE IF NOT EXISTS derived (name TEXT PRIMARY KEY, rule INTEGER NOT NULL);
 """.replace("__DEVICE_RUNS_COLUMNS__", DEVICE_RUNS_COLUMNS)
 
 
@@ -113,7 +115,7 @@ class StoreError(Exception):
 APPLICATION_ID = 0x63686970
 """`PRAGMA application_id` of every chipcheck store ("chip"): chipcheck writes only to files that carry it."""
 OUR_TABLES = frozenset({"runs", "devices", "results", "judgements", "links", "link_sweeps", "device_runs",
-                         "sqlite_sequence"})
+                         "derived", "sqlite_sequence"})
 
 
 def default_path() -> Path:

@@ -123,11 +123,60 @@ def test_a_device_is_followed_on_the_metric_its_probe_is_judged_by() -> None:
                            metrics={"tflops": median, "tflops_best": 100.0}, mismatches=[], repeats=1,
                            repeats_bad=0, output_hash="", error=None, started=0.0, ended=1.0, device_uuid=d.uuid)
 
-    rows = {r.rank: r for r in history.device_rows("r", 0.0, devs, [burn(1, 100.0), burn(2, 60.0)], [])}
+    rows = {r.rank: r for r in history.device_rows("r", 0.0, devs, [burn(1, 100.0), burn(2, 60.0)], {})}
     assert rows[2].speed_ratio is not None and abs(rows[2].speed_ratio - 0.75) < 1e-9
     assert rows[1].speed_ratio is not None and abs(rows[1].speed_ratio - 1.25) < 1e-9
     # a probe the registry does not know is still followed on the first speed metric it carries
     alien = [replace(burn(1, 1.0), probe="vendor_diag", metrics={"gbps_best": 10.0}),
              replace(burn(2, 1.0), probe="vendor_diag", metrics={"gbps_best": 5.0})]
-    rows = {r.rank: r for r in history.device_rows("r", 0.0, devs, alien, [])}
+    rows = {r.rank: r for r in history.device_rows("r", 0.0, devs, alien, {})}
     assert rows[2].speed_ratio is not None and abs(rows[2].speed_ratio - 2 / 3) < 1e-9
+
+
+def test_the_history_holds_a_device_to_its_reports_verdict_not_to_what_it_received(tmp_path: Path) -> None:
+    """A bad chip's gradient reaches every rank: each rank's model_dp case is locally `wrong`, and the
+    blame rule pins it on the one rank with evidence of its own (its matmul). The history index took each
+    device's worst case verdict: `chipcheck history` after a cpu:8 run with one bad chip listed all eight
+    devices as newly `wrong`. It also builds again an index a chipcheck before the rule left behind."""
+    import sqlite3
+
+    from chipcheck.fleet.judge.verdicts import fleet_verdicts
+    from chipcheck.results import Blame, DeviceInfo, DeviceKind, Mismatch, Oracle, ProbeResult, Verdict
+
+    devs = {r: DeviceInfo(index=r, kind=DeviceKind.CPU, name="cpu", memory_bytes=0, uuid=f"u{r}", host="h",
+                          fingerprint="fp") for r in range(4)}
+    shared = Mismatch(oracle=Oracle.REFERENCE, tensor="loss", bad_elements=1, total_elements=8, blame=Blame.SHARED,
+                      group=[0, 1, 2, 3], note="global loss (all ranks see it)")
+    own = Mismatch(oracle=Oracle.EXACT, tensor="C", bad_elements=1, total_elements=64, first_indices=[[0, 1]],
+                   bit_histogram={20: 1})
+
+    def res(rank: int, probe: str, case: str, bad: bool, m: Mismatch) -> ProbeResult:
+        return ProbeResult(run_id="r1", host="h", rank=rank, device=f"cpu:{rank}", fingerprint="fp", probe=probe,
+                           case=case, verdict=Verdict.WRONG if bad else Verdict.PASS, seed=0,
+                           mismatches=[m] if bad else [], repeats=1, repeats_bad=int(bad), device_uuid=f"u{rank}")
+
+    results = [res(r, "model_dp", "tp2/fp32", True, shared) for r in range(4)]
+    results += [res(r, "matmul", "float32/exact", r == 3, own) for r in range(4)]
+    db = tmp_path / "h.db"
+    store = Store(db)
+    store.begin_run("r1", host="h", profile="quick", seed=0, argv=[], config={}, started=1.79e9)
+    store.add_devices("r1", devs.items())
+    for r in results:
+        store.add_result(r)
+    store.add_judgements("r1", fleet_verdicts(devs, results, min_gap=0.1).judgements)
+    store.end_run("r1", Verdict.WRONG)
+    assert history.index(store) == 1
+    assert {d.rank: d.verdict for d in store.device_runs()} == {0: Verdict.PASS, 1: Verdict.PASS, 2: Verdict.PASS,
+                                                                 3: Verdict.WRONG}
+    news = history.report(store).new_failures
+    assert [(f.uuid, f.verdict) for f in news] == [("u3", Verdict.WRONG)], news
+    store.close()
+    # an index the old rule built: every rank wrong, no rule recorded
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE device_runs SET verdict='wrong', wrong=1")
+        conn.execute("DELETE FROM derived")
+    for readonly in (True, False):
+        store = Store(db, readonly=readonly)
+        history.index(store)
+        assert [d.rank for d in store.device_runs() if d.verdict is Verdict.WRONG] == [3], readonly
+        store.close()
