@@ -36,6 +36,8 @@ class Verdict(enum.StrEnum):
 SEVERITY = {Verdict.PASS: 0, Verdict.SLOW: 1, Verdict.FLAKY: 2, Verdict.SUSPECT: 3, Verdict.ERROR: 4,
             Verdict.WRONG: 5}
 BLAMED = frozenset({Verdict.SLOW, Verdict.FLAKY, Verdict.WRONG, Verdict.ERROR})
+CORRUPT = frozenset({Verdict.WRONG, Verdict.FLAKY})
+"""The verdicts of bad bits (a case's local ones are held against a device only on its own evidence)."""
 """Verdicts that name the device itself (what the failing fraction counts); `suspect` names a group."""
 
 
@@ -237,6 +239,18 @@ class ProbeResult:
     ended: float = 0.0
     device_uuid: str = ""
     links: list[LinkResult] = field(default_factory=list)
+
+    @property
+    def own_evidence(self) -> bool:
+        """Whether its wrong/flaky verdict rests on the device's own computation: a mismatch of
+        `Blame.OWN`, or no mismatch behind it. A value a whole group holds alike (`Blame.SHARED`: a
+        global loss, a vote with no majority) says some member is bad, not which (fleet.judge.blame)."""
+        return self.verdict in CORRUPT and (not self.mismatches or any(m.blame is Blame.OWN for m in self.mismatches))
+
+    @property
+    def held(self) -> Verdict:
+        """The part of its local verdict that is the device's own: `pass` for shared evidence only."""
+        return Verdict.PASS if self.verdict in CORRUPT and not self.own_evidence else self.verdict
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}

@@ -17,7 +17,6 @@ from ..results import (
     RunSummary,
     Verdict,
 )
-from .judge.blame import held_against
 
 
 def summarize(run_id: str, devices: dict[int, DeviceInfo], results: list[ProbeResult], judgements: list[Judgement],
@@ -44,7 +43,7 @@ def summarize(run_id: str, devices: dict[int, DeviceInfo], results: list[ProbeRe
         names = list(dict.fromkeys(list(by_dev[rank]) + list(judged[rank])))
         for name in names:
             rs, js = by_dev[rank][name], judged[rank][name]
-            verdict = Verdict.worst([held_against(r) for r in rs if (rank, r.probe, r.case) not in exonerate]
+            verdict = Verdict.worst([r.held for r in rs if (rank, r.probe, r.case) not in exonerate]
                                     + [j.verdict for j in js])
             metrics: dict[str, float] = {}
             for r in rs:
@@ -73,10 +72,10 @@ def registry_speed_metrics() -> dict[str, str]:
 
 
 def _cases(rs: list[ProbeResult]) -> list[CaseSummary]:
-    return [CaseSummary(case=r.case, verdict=held_against(r), repeats=r.repeats, repeats_bad=r.repeats_bad,
+    return [CaseSummary(case=r.case, verdict=r.held, repeats=r.repeats, repeats_bad=r.repeats_bad,
                         params=r.params,
                         # shared evidence only: the fleet judgement says whose
-                        local_verdict=r.verdict if held_against(r) is not r.verdict else None,
+                        local_verdict=r.verdict if r.held is not r.verdict else None,
                         mismatches=list(r.mismatches), error=r.error, output_hash=r.output_hash)
             for r in rs]
 
@@ -91,7 +90,7 @@ def explain(r: ProbeResult) -> str:
     where = f"{r.host} {r.device} {r.probe} {r.case}"
     if r.error is not None:
         return f"{where}: error ({r.error.kind.value}): {r.error.message}"
-    if held_against(r) is Verdict.PASS:
+    if r.held is Verdict.PASS:
         return ""
     parts: dict[str, int] = {}
     for m in r.mismatches:

@@ -48,7 +48,7 @@ class Progress:
         if d.label.startswith("rank "):
             d.label = f"{r.host} {r.device}"
         d.done += 1
-        d.failures += r.verdict is not Verdict.PASS
+        d.failures += r.held is not Verdict.PASS  # a value its whole group shares is not yet its own
         d.current = ""
         if d.total is not None and d.done >= d.total:
             d.finished = True
@@ -82,7 +82,10 @@ def _clock(seconds: float) -> str:
 
 
 def case_line(n: int, r: ProbeResult) -> str:
-    """The streamed line for the `n`th result (`-v`, and every non-terminal run): greppable, one per case."""
+    """The streamed line for the `n`th result (`-v`, and every non-terminal run): greppable, one per case.
+    A local verdict that rests only on a value its whole group shares (a global loss every rank of a
+    data-parallel step holds) reads `wrong (group)`: the judgement at the end says whose it is."""
     tf = r.metrics.get("tflops")
     speed = f"{tf:.3f} TFLOP/s" if tf is not None else ""
-    return f"[{n:>4}] rank {r.rank} {r.device} {r.probe} {r.case:<22} {r.verdict.value:<6} {speed}"
+    verdict = r.verdict.value if r.held is r.verdict else f"{r.verdict.value} (group)"
+    return f"[{n:>4}] rank {r.rank} {r.device} {r.probe} {r.case:<22} {verdict:<6} {speed}"

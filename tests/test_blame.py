@@ -78,7 +78,7 @@ def test_own_evidence_is_held_and_explained_once() -> None:
                  note="data-parallel replica check: differs from the majority (3 of 4 ranks)")
     steps = [dataclasses.replace(m, note=m.note + f" step={i}") for i in range(4)]
     r = _res(2, "model_dp", "dp/fp32", Verdict.WRONG, mismatches=steps)
-    assert blame.held_against(r) is Verdict.WRONG
+    assert r.held is Verdict.WRONG
     line = summary.explain(r)
     assert line.count("replica check") == 1 and "(x4)" in line and "first at ?" not in line
 

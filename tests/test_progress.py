@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from chipcheck.fleet import synthetic
 from chipcheck.reports import terminal
 from chipcheck.reports.progress import Progress, case_line
-from chipcheck.results import ProbeResult, Verdict
+from chipcheck.results import Blame, Mismatch, Oracle, ProbeResult, Verdict
 
 
 def _result(rank: int, case: str, verdict: Verdict) -> ProbeResult:
@@ -41,6 +43,18 @@ def test_unknown_plan_fills_in_from_results() -> None:
 def test_case_lines_stay_greppable() -> None:
     assert case_line(7, _result(3, "float32/exact", Verdict.WRONG)) == \
         "[   7] rank 3 cuda:3 matmul float32/exact          wrong  512.250 TFLOP/s"
+
+
+def test_a_value_the_whole_group_holds_is_not_counted_against_each_rank_live() -> None:
+    # a bad chip's gradient reaches every rank of a data-parallel step: every rank's case is locally
+    # wrong on the shared loss. Live, each rank read "1 failing" and its case line a plain `wrong`.
+    shared = Mismatch(oracle=Oracle.REFERENCE, tensor="loss", bad_elements=1, total_elements=8,
+                      blame=Blame.SHARED, group=[0, 1], note="global loss (all ranks see it)")
+    r = replace(_result(0, "dp/fp32", Verdict.WRONG), probe="model_dp", mismatches=[shared])
+    p = Progress(started=0.0)
+    p.result(r)
+    assert "0 failing" in p.lines(now=1.0)[0]
+    assert " wrong (group) " in case_line(1, r)
 
 
 def test_compact_summary_shows_every_device_once_and_only_failing_findings() -> None:

@@ -24,21 +24,7 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from ...results import Blame, ConsensusGroup, Judgement, Oracle, ProbeResult, Verdict
-
-_CORRUPT = (Verdict.WRONG, Verdict.FLAKY)
-
-
-def own_evidence(r: ProbeResult) -> bool:
-    """Whether this case's wrong/flaky verdict rests on the device's own computation."""
-    return r.verdict in _CORRUPT and (not r.mismatches or any(m.blame is Blame.OWN for m in r.mismatches))
-
-
-def held_against(r: ProbeResult) -> Verdict:
-    """The part of a case's local verdict that is the device's own: shared-only evidence is not."""
-    if r.verdict in _CORRUPT and not own_evidence(r):
-        return Verdict.PASS
-    return r.verdict
+from ...results import CORRUPT, Blame, ConsensusGroup, Judgement, Oracle, ProbeResult, Verdict
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -55,7 +41,7 @@ def suspicions(results: list[ProbeResult], groups: list[ConsensusGroup]) -> list
     """Every group that shared evidence or a vote without a majority leaves under suspicion."""
     found: dict[tuple[str, str, tuple[int, ...]], str] = {}
     for r in results:
-        if r.verdict not in _CORRUPT or own_evidence(r):
+        if r.verdict not in CORRUPT or r.own_evidence:
             continue
         for m in r.mismatches:
             group = tuple(sorted(set(m.group) | {r.rank}))
@@ -73,11 +59,11 @@ def culprits(results: list[ProbeResult], judgements: list[Judgement],
     """Ranks with evidence against their own computation, each with where it was found."""
     where: dict[int, list[str]] = defaultdict(list)
     for r in results:
-        if own_evidence(r) and (r.rank, r.probe, r.case) not in exonerate:
+        if r.own_evidence and (r.rank, r.probe, r.case) not in exonerate:
             oracles = ",".join(dict.fromkeys(m.oracle.value for m in r.mismatches if m.blame is Blame.OWN))
             where[r.rank].append(f"{r.probe} {r.case}" + (f" ({oracles})" if oracles else ""))
     for j in judgements:
-        if j.verdict in _CORRUPT:
+        if j.verdict in CORRUPT:
             where[j.rank].append(f"{j.probe} {j.case} (fleet: {j.reason.split(':', 1)[0]})")
     return dict(where)
 
@@ -133,7 +119,7 @@ def systematic(results: list[ProbeResult]) -> Systematic:
     for (fp, probe, case), rs in sorted(groups.items()):
         first = rs[0]
         fired = {(m.oracle, m.tensor, m.bad_elements) for m in first.mismatches}
-        if (len(rs) < 2 or first.verdict not in _CORRUPT or not first.output_hash or not fired
+        if (len(rs) < 2 or first.verdict not in CORRUPT or not first.output_hash or not fired
                 or any(o not in _TOLERANCE for o, _, _ in fired)):
             continue
         if all(r.output_hash == first.output_hash and r.verdict is first.verdict
