@@ -133,8 +133,13 @@ def run_local(req: LaunchRequest, on_result: Callable[[ProbeResult], None],
         if w.log is None:
             w.log = tempfile.TemporaryFile(prefix=f"chipcheck-{req.run_id}-rank{w.rank}-")
         w.watch, w.killed_for, w.kill_note, w.ops, w.polled = Watch(req.timeout_s), None, "", None, 0.0
+        rank = w.rank
+
+        def on_message(proc: Any, msg: protocol.Message | None) -> None:
+            q.put((rank, proc, msg))
+
         w.proc = spawn([sys.executable, "-m", "chipcheck.worker", "--plan", "-"], env=env, log=w.log,
-                       on_message=lambda proc, msg, rank=w.rank: q.put((rank, proc, msg)))
+                       on_message=on_message)
         _tell(w, plan)
 
     def kill(w: _Worker, why: ErrorKind, note: str = "") -> None:

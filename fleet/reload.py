@@ -15,7 +15,15 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..results import HistoryPoint, ReportExtras, RunStatus, RunSummary, Verdict
+from ..results import (
+    ConsensusGroup,
+    DeviceSummary,
+    HistoryPoint,
+    ReportExtras,
+    RunStatus,
+    RunSummary,
+    Verdict,
+)
 from .judge.speed import SpeedPolicy
 from .store import Store, StoreError
 from .summary import summarize
@@ -225,7 +233,9 @@ def load_many(store: Store, run_ids: list[str]) -> RunSummary:
     if len(ids) == 1:
         return load(store, ids[0])
     parts = [(record(store, r), load(store, r)) for r in ids]
-    devices, groups, findings = [], [], []
+    devices: list[DeviceSummary] = []
+    groups: list[ConsensusGroup] = []
+    findings: list[str] = []
     links = [s.links for _, s in parts if s.links is not None]
     for rec, s in parts:
         off = len(devices)
