@@ -225,7 +225,7 @@ class ProbeItem(pytest.Item):
         self.user_properties.append(("device", f"{self.device.host} {self.device.label} uuid={self.device.uuid}"))
         if worker:
             self.user_properties.append(("xdist_worker", worker))
-        bad = [r for r in results if r.verdict is not Verdict.PASS]
+        bad = [r for r in results if r.held is not Verdict.PASS]  # a shared value is the fleet judgement's
         if bad and all(r.error is not None and r.error.kind is ErrorKind.UNSUPPORTED for r in bad):
             pytest.skip("; ".join(r.error.message for r in bad if r.error))
         if bad:
