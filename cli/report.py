@@ -34,7 +34,7 @@ def report(run_ids: tuple[str, ...], db_path: str | None, fmt: str, output: str,
     the JAX run of the TPU hosts), each judged as it was. Exits like `chipcheck run`: 0 when every
     device passed, 1 when any failed, 2 for a bad run id or store.
     """
-    from ..fleet import reload
+    from ..fleet import history, reload
     from ..fleet.runner import UsageError
     from ..fleet.store import StoreError, default_path
     from ..reports import formats
@@ -47,7 +47,7 @@ def report(run_ids: tuple[str, ...], db_path: str | None, fmt: str, output: str,
         try:
             summary = reload.load_many(store, list(run_ids) or [reload.LATEST])
             wanted = {fmt} | {f for f, _ in outputs}
-            extras = reload.extras(store, summary) if wanted & formats.NEEDS_EXTRAS else None
+            extras = history.report_extras(store, summary) if wanted & formats.NEEDS_EXTRAS else None
         finally:
             store.close()
     except (UsageError, StoreError, reload.RunNotFound) as e:
@@ -82,7 +82,7 @@ def export_prometheus(run_id: str, db_path: str | None, output: str) -> None:
     """Per-device verdicts, failure codes, throughput and days since the last pass as node_exporter
     textfile metrics. Exits 0 once written, whatever the run's verdict (alerting is Prometheus's job);
     2 for a bad run id, store or output path."""
-    from ..fleet import reload
+    from ..fleet import history, reload
     from ..fleet.runner import UsageError
     from ..fleet.store import StoreError, default_path
     from ..reports import formats
@@ -93,7 +93,7 @@ def export_prometheus(run_id: str, db_path: str | None, output: str) -> None:
         store = reload.open_existing(db_path or default_path())
         try:
             summary = reload.load(store, run_id)
-            extras = reload.extras(store, summary)
+            extras = history.report_extras(store, summary)
         finally:
             store.close()
     except (UsageError, StoreError, reload.RunNotFound) as e:

@@ -168,13 +168,13 @@ def _is_tty(*, err: bool) -> bool:
 
 def stored_extras(db_path: Any, summary: Any) -> Any:
     """What the OCP and Prometheus reports show beyond the summary (DUT info, history), from the store."""
-    from ..fleet import reload
+    from ..fleet import history, reload
     from ..fleet.store import StoreError
 
     try:
         store = reload.open_existing(db_path)
         try:
-            return reload.extras(store, summary)
+            return history.report_extras(store, summary)
         finally:
             store.close()
     except StoreError:

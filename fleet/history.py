@@ -9,6 +9,7 @@ store rows into arrays and findings.
 
 from __future__ import annotations
 
+import sqlite3
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
@@ -18,9 +19,18 @@ import numpy as np
 
 from .. import failures
 from ..failures import FailureCode
-from ..results import SEVERITY, DeviceInfo, DeviceSummary, ProbeResult, Verdict
-from . import trends
-from .store import DeviceRun, LinkRow, Store
+from ..results import (
+    SEVERITY,
+    DeviceInfo,
+    DeviceSummary,
+    HistoryPoint,
+    ProbeResult,
+    ReportExtras,
+    RunSummary,
+    Verdict,
+)
+from . import reload, trends
+from .store import DeviceRun, LinkRow, Store, StoreError
 from .summary import registry_speed_metrics
 
 SPEED_METRICS = ("tflops_best", "busbw_gbps_best", "gbps_best")
@@ -73,8 +83,6 @@ are built again."""
 
 def index(store: Store) -> int:
     """Add the device_runs rows of every judged run not indexed yet; returns how many runs were added."""
-    from . import reload  # reload -> judge -> history: imported when the index is built
-
     if store.derived_rule("device_runs") < DEVICE_RUNS_RULE:
         store.rebuild_device_runs(DEVICE_RUNS_RULE)
     done = store.indexed_runs()
@@ -262,3 +270,28 @@ def report(store: Store, policy: trends.TrendPolicy = trends.TrendPolicy(), upto
             rows = [r for r in rows if r.started <= cutoff]
             links = [x for x in links if x.started <= cutoff]
     return analyze(arrays(rows), links, policy)
+
+
+MAX_HISTORY_DEVICES = 500
+"""Devices whose history a report carries: every failing one first, then others up to this many."""
+
+
+def report_extras(store: Store, summary: RunSummary) -> ReportExtras:
+    """The report's optional sections for a stored run: links/topology and each device's history."""
+    base = ReportExtras.from_links(summary) if summary.links is not None else ReportExtras()
+    ordered = [d for d in summary.devices if d.verdict is not Verdict.PASS] + [d for d in summary.devices if d.verdict is Verdict.PASS]
+    hist: dict[str, list[HistoryPoint]] = {}
+    for d in ordered[:MAX_HISTORY_DEVICES]:
+        runs = [r for r in device_history(store, d.uuid) if r.started <= summary.started]
+        if len(runs) >= 2:
+            hist[d.uuid] = [HistoryPoint(run_id=r.run_id, started=r.started, verdict=r.verdict,
+                                         throughput_ratio=r.speed_ratio) for r in runs]
+    devices = {}
+    min_gap = None
+    for rid in summary.run_id.split("+"):  # load_many joins the ids of the runs it shows side by side
+        try:
+            devices.update({d.uuid: d for d in store.devices(rid).values()})
+            min_gap = reload.record(store, rid).min_gap if min_gap is None else min_gap
+        except (reload.RunNotFound, StoreError, sqlite3.DatabaseError, ValueError, KeyError):
+            continue  # the report still renders, without serials and libraries
+    return ReportExtras(links=base.links, topology=base.topology, history=hist, devices=devices, min_gap=min_gap)

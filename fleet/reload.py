@@ -18,8 +18,6 @@ from typing import Any
 from ..results import (
     ConsensusGroup,
     DeviceSummary,
-    HistoryPoint,
-    ReportExtras,
     RunStatus,
     RunSummary,
     Verdict,
@@ -257,30 +255,3 @@ def load_many(store: Store, run_ids: list[str]) -> RunSummary:
                       profile=profiles.pop() if len(profiles) == 1 else "mixed",
                       seed=seeds.pop() if len(seeds) == 1 else summaries[0].seed, devices=devices, groups=groups,
                       links=links[0] if len(links) == 1 else None, findings=findings)
-
-
-MAX_HISTORY_DEVICES = 500
-"""Devices whose history a report carries: every failing one first, then others up to this many."""
-
-
-def extras(store: Store, summary: RunSummary) -> ReportExtras:
-    """The report's optional sections for a stored run: links/topology and each device's history."""
-    from . import history
-
-    base = ReportExtras.from_links(summary) if summary.links is not None else ReportExtras()
-    ordered = [d for d in summary.devices if d.verdict is not Verdict.PASS] + [d for d in summary.devices if d.verdict is Verdict.PASS]
-    hist: dict[str, list[HistoryPoint]] = {}
-    for d in ordered[:MAX_HISTORY_DEVICES]:
-        runs = [r for r in history.device_history(store, d.uuid) if r.started <= summary.started]
-        if len(runs) >= 2:
-            hist[d.uuid] = [HistoryPoint(run_id=r.run_id, started=r.started, verdict=r.verdict,
-                                         throughput_ratio=r.speed_ratio) for r in runs]
-    devices = {}
-    min_gap = None
-    for rid in summary.run_id.split("+"):  # load_many joins the ids of the runs it shows side by side
-        try:
-            devices.update({d.uuid: d for d in store.devices(rid).values()})
-            min_gap = record(store, rid).min_gap if min_gap is None else min_gap
-        except (RunNotFound, StoreError, sqlite3.DatabaseError, ValueError, KeyError):
-            continue  # the report still renders, without serials and libraries
-    return ReportExtras(links=base.links, topology=base.topology, history=hist, devices=devices, min_gap=min_gap)
