@@ -37,6 +37,9 @@ OPS = ("all_reduce_sum", "all_reduce_max", "all_gather", "reduce_scatter", "broa
 DTYPES = ("float32", "bfloat16", "int32")
 REPLICATED = frozenset({"all_reduce_sum", "all_reduce_max", "all_gather", "broadcast"})
 """Ops after which every rank holds the same result: a strict majority holding it right outvotes the rest."""
+REDUCTIONS = frozenset({"all_reduce_sum", "all_reduce_max", "reduce_scatter"})
+"""Ops whose every output element comes from every rank's input: a bad element nobody can decode may be any
+rank's doing, not only its observers' (one corrupted reduce_scatter shard is seen by its one holder)."""
 # Largest integer every value (and every partial sum) must stay below to be exact in the dtype.
 EXACT_LIMIT = {"float32": 2**24, "bfloat16": 2**8, "float16": 2**11, "int32": 2**31}
 KEEP = KeepPolicy(by_tensor=True)
@@ -458,8 +461,9 @@ def blame(me: int, m: Mismatch | None, views: list[tuple[bool, list[int]]], *, t
         return Mismatch(oracle=Oracle.EXACT, tensor=tensor, bad_elements=0, total_elements=count,
                         note=f"named by rank(s) {observers} as the source of corrupted data"), ""
     if not blamed:  # every observer holds bad data and nobody is named: some member is bad, not which
+        held = range(len(views)) if tensor in REDUCTIONS else observers  # who may have put it there
         return dataclasses.replace(m, note=f"{m.note}; no source decodable among observers {observers}",
-                                   blame=Blame.SHARED, group=[o for o in observers if o not in cleared]), ""
+                                   blame=Blame.SHARED, group=[o for o in held if o not in cleared]), ""
     return dataclasses.replace(m, note=f"{m.note}; blamed {blamed}"), ""
 
 

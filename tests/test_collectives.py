@@ -167,6 +167,25 @@ def test_decoding_never_names_a_rank_a_pair_cleared() -> None:
     assert kept is not None and kept.blame == Blame.SHARED and kept.group == [0, 2]
 
 
+def test_an_undecodable_bad_shard_of_a_reduction_is_every_contributors_not_its_holders_alone() -> None:
+    """`--backend jax` with `bitflip:rank=2,bit=20,dtype=float32,every=2,scope=process`: rank 2's
+    contribution to one reduce_scatter shard was corrupted, the pair re-runs (every 2nd call) saw nothing,
+    and the shard's holder, rank 1, was the whole group of the shared evidence: healthy rank 1 `suspect`."""
+    s = _step("reduce_scatter", n=4, r=1)
+    s.buf = s.expected().clone()
+    s.buf[0] += 0.5  # a corrupted contribution, not a missing one: no source decodable
+    m = s.check()
+    assert m is not None and s.suspects(m) == []
+    views = [(False, []), (True, []), (False, []), (False, [])]
+    kept, _ = blame(1, m, views, tensor="reduce_scatter", count=s.count)
+    assert kept is not None and kept.blame == Blame.SHARED and kept.group == [0, 1, 2, 3]
+    kept, _ = blame(1, m, views, tensor="reduce_scatter", count=s.count, cleared=frozenset({0}))
+    assert kept is not None and kept.group == [1, 2, 3]
+    # a copy's bad chunk has one source: its observers alone, as before
+    kept, _ = blame(1, m, views, tensor="all_to_all", count=s.count)
+    assert kept is not None and kept.group == [1]
+
+
 def _step(op: str, n: int = 4, r: int = 1, dtype: str = "float32") -> CollectiveStep:
     s = CollectiveStep(op=op, n=n, r=r, count=64, dtype=dtype, tdt=getattr(torch, dtype), device=torch.device("cpu"))
     s.init()
