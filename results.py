@@ -36,9 +36,9 @@ class Verdict(enum.StrEnum):
 SEVERITY = {Verdict.PASS: 0, Verdict.SLOW: 1, Verdict.FLAKY: 2, Verdict.SUSPECT: 3, Verdict.ERROR: 4,
             Verdict.WRONG: 5}
 BLAMED = frozenset({Verdict.SLOW, Verdict.FLAKY, Verdict.WRONG, Verdict.ERROR})
+"""Verdicts that name the device itself (what the failing fraction counts); `suspect` names a group."""
 CORRUPT = frozenset({Verdict.WRONG, Verdict.FLAKY})
 """The verdicts of bad bits (a case's local ones are held against a device only on its own evidence)."""
-"""Verdicts that name the device itself (what the failing fraction counts); `suspect` names a group."""
 
 
 class ErrorKind(enum.StrEnum):
