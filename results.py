@@ -482,7 +482,7 @@ class RunSummary:
     def headline(self) -> str:
         """The verdict as reports head it: "PASS", "WRONG", ...; a run that did not reach its end never
         reads as a pass: "INTERRUPTED", or "WRONG, run INTERRUPTED" for what it found before."""
-        mark = self.verdict.value.upper()
+        mark = self.verdict.upper()
         if self.status is RunStatus.COMPLETE:
             return mark
         state = self.status.value.upper()

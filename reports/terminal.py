@@ -4,10 +4,6 @@ from __future__ import annotations
 
 from ..results import RunStatus, RunSummary, Verdict
 
-_MARK = {Verdict.PASS: "PASS", Verdict.SLOW: "SLOW", Verdict.FLAKY: "FLAKY", Verdict.WRONG: "WRONG",
-         Verdict.ERROR: "ERROR", Verdict.SUSPECT: "SUSPECT"}
-
-
 MAX_REASONS = 4
 # The headline speed of each kind of probe, with its unit.
 _HEADLINE = (("tflops", "TFLOP/s"), ("busbw_gbps", "GB/s bus"), ("gbps", "GB/s"), ("tokens_per_s", "tok/s"))
@@ -25,7 +21,7 @@ def render(s: RunSummary) -> str:
     lines = [f"chipcheck run {s.run_id}  profile={s.profile} seed={s.seed}  {len(s.devices)} device(s)", ""]
     for d in s.devices:
         lines.append(f"rank {d.rank}  {d.host} {d.device}  uuid={d.uuid}  fingerprint={d.fingerprint}  "
-                     f"=> {_MARK[d.verdict]}")
+                     f"=> {d.verdict.upper()}")
         for p in d.probes:
             for c in p.cases:
                 lines.append(f"    {p.probe:<11} {c.case:<24} {c.verdict.value:<6} {_speed(p.metrics, c.case)}  "
@@ -48,7 +44,7 @@ def render_compact(s: RunSummary) -> str:
     for d in s.devices:
         ok = sum(1 for p in d.probes if p.verdict is Verdict.PASS)
         code = failures.worst([c for c in (failures.for_probe(p) for p in d.probes) if c is not None])
-        lines.append(f"{d.rank:>4}  {d.host:<14} {d.device:<8} {_MARK[d.verdict]:<8} {f'{ok}/{len(d.probes)}':<8} "
+        lines.append(f"{d.rank:>4}  {d.host:<14} {d.device:<8} {d.verdict.upper():<8} {f'{ok}/{len(d.probes)}':<8} "
                      f"{code.code if code else '-':<11} {d.uuid}")
     lines.append("")
     for d in s.devices:
@@ -56,7 +52,7 @@ def render_compact(s: RunSummary) -> str:
         if not bad:
             continue
         lines.append(f"rank {d.rank}  {d.host} {d.device}  uuid={d.uuid}  fingerprint={d.fingerprint}  "
-                     f"=> {_MARK[d.verdict]}")
+                     f"=> {d.verdict.upper()}")
         for p in bad:
             code = failures.for_probe(p)
             head = f" {code.code} ({code.severity.label}, {code.action.value})" if code else ""
