@@ -53,16 +53,19 @@ def load(spec, device):
     dt = getattr(torch, spec["dtype"])
     shape = spec["shape"]
     if spec["kind"] == "zeros":
-        return torch.zeros(shape, dtype=dt, device=device)
-    if spec["kind"] == "ones":
-        return torch.ones(shape, dtype=dt, device=device)
-    if spec["kind"] == "ints":
+        t = torch.zeros(shape, dtype=dt, device=device)
+    elif spec["kind"] == "ones":
+        t = torch.ones(shape, dtype=dt, device=device)
+    elif spec["kind"] == "ints":
         vals = np.random.default_rng(spec["seed"]).integers(-4, 5, size=shape).astype(np.float64)
-        return torch.from_numpy(vals).to(device=device, dtype=dt)
-    raw = zlib.decompress(base64.b64decode(spec["data"]))
-    if hashlib.sha256(raw).hexdigest() != spec["sha256"]:
-        sys.exit("repro.py: embedded input corrupted (SHA-256 mismatch)")
-    return torch.frombuffer(bytearray(raw), dtype=dt).reshape(shape).to(device)
+        t = torch.from_numpy(vals).to(device=device, dtype=dt)
+    else:
+        raw = zlib.decompress(base64.b64decode(spec["data"]))
+        if hashlib.sha256(raw).hexdigest() != spec["sha256"]:
+            sys.exit("repro.py: embedded input corrupted (SHA-256 mismatch)")
+        t = torch.frombuffer(bytearray(raw), dtype=dt).reshape(shape).to(device)
+    order = spec.get("order")  # the dims' order in memory as the op was given them: kernels choose by it
+    return t if order is None else t.permute(order).contiguous().permute(sorted(range(t.dim()), key=order.index))
 
 
 _DRAWS = {}
@@ -98,6 +101,7 @@ def hit(fault, name):
 def corrupt(t, fault, rank=0):
     if fault is None or fault["rank"] not in (-1, rank):
         return
+    t = t.permute(sorted(range(t.dim()), key=lambda d: -t.stride(d)))  # `index` counts in memory order
     flat = t.view(-1)
     i = fault["index"] % flat.numel()
     if fault["kind"] == "nan":
@@ -423,7 +427,7 @@ def render_op(case: OpCase, *, device: str, metric_line: str, where: list[str] |
 
     out_dtype = getattr(torch, case.inputs[0].dtype) if case.inputs else torch.float32
     ins = _inputs(case)
-    shapes = ", ".join(f"{tuple(i.shape)} {i.dtype} ({i.kind})" for i in case.inputs)
+    shapes = ", ".join(_described(i) for i in case.inputs)
     title = f"chipcheck reproducer: {case.op} on {device}"
     # one op is the history case with no history: one template serves both
     data = {"title": title, "ops": [{"op": case.op, "args": case.args, "kwargs": case.kwargs, "inputs": ins,
@@ -451,8 +455,14 @@ def _multi(data: dict[str, Any]) -> str:
 
 
 def _inputs(case: OpCase) -> list[dict[str, Any]]:
-    return [_embed(i.data) if i.kind == "data" else
-            {"kind": i.kind, "shape": list(i.shape), "dtype": i.dtype, "seed": i.seed} for i in case.inputs]
+    return [{**(_embed(i.data) if i.kind == "data" else
+                {"kind": i.kind, "shape": list(i.shape), "dtype": i.dtype, "seed": i.seed}),
+             **({"order": list(i.order)} if i.order else {})} for i in case.inputs]
+
+
+def _described(i: Any) -> str:
+    """An input as the header names it: shape, dtype, what it holds, and a layout that is not row-major."""
+    return f"{tuple(i.shape)} {i.dtype} ({i.kind}" + (f", dims in memory {i.order}" if i.order else "") + ")"
 
 
 def render_ops(history: list[OpCase], case: OpCase, *, device: str, metric_line: str,

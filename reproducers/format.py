@@ -226,6 +226,24 @@ def host_contiguous(t: Any) -> Any:
     return t.detach().resolve_conj().resolve_neg().contiguous().cpu()
 
 
+def dims_in_memory(t: Any) -> tuple[int, ...] | None:
+    """The order `t`'s dims are laid out in memory, outermost first, when `t` is a permuted dense
+    tensor (attention's (b, h, s, d) view of (b, s, h, d) memory, a GEMM's transposed weight); None
+    when it is row-major or not dense (a slice with gaps, an expanded view). Kernels choose their
+    path, and a bad chip's fault its address, by this layout."""
+    order = tuple(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
+    if order == tuple(range(t.dim())) or t.is_contiguous() or not t.permute(order).is_contiguous():
+        return None
+    return order
+
+
+def laid_out(t: Any, order: tuple[int, ...] | None) -> Any:
+    """`t`'s values with its dims laid out in memory in `order` (see `dims_in_memory`)."""
+    if order is None:
+        return t
+    return t.permute(order).contiguous().permute(sorted(range(t.dim()), key=order.index))
+
+
 def materialised(t: Any) -> bool:
     """Does `t`'s storage hold every element it addresses? (FSDP frees parameter storages with
     `resize_(0)` between uses: such a tensor has a shape but no bytes.)"""

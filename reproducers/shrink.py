@@ -157,19 +157,23 @@ class Input:
     data: Any = field(default=None, compare=False, repr=False)
     """Host tensor (kind == data): the suspect's recorded input, sliced to `shape`."""
     seed: int = 0
+    order: tuple[int, ...] | None = None
+    """The dims' order in memory as the op was given them (`fmt.dims_in_memory`); None: row-major."""
 
     def make(self, device: str) -> torch.Tensor:
         dt = getattr(torch, self.dtype)
         if self.kind == "zeros":
-            return torch.zeros(self.shape, dtype=dt, device=device)
-        if self.kind == "ones":
-            return torch.ones(self.shape, dtype=dt, device=device)
-        if self.kind == "ints":
-            return torch.from_numpy(small_ints(self.shape, self.seed)).to(device=device, dtype=dt)
-        return self.data.to(device)
+            t = torch.zeros(self.shape, dtype=dt, device=device)
+        elif self.kind == "ones":
+            t = torch.ones(self.shape, dtype=dt, device=device)
+        elif self.kind == "ints":
+            t = torch.from_numpy(small_ints(self.shape, self.seed)).to(device=device, dtype=dt)
+        else:
+            t = self.data.to(device)
+        return fmt.laid_out(t, self.order)
 
     def ident(self) -> tuple[Any, ...]:
-        return (self.kind, self.shape, self.dtype, self.seed)
+        return (self.kind, self.shape, self.dtype, self.seed, self.order)
 
 
 def small_ints(shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -188,9 +192,10 @@ class OpCase:
     inputs: tuple[Input, ...]
     output: int = 0
 
-    def key(self) -> tuple[int, int, int]:
+    def key(self) -> tuple[int, int, int, int]:
         return (sum(int(np.prod(i.shape)) for i in self.inputs),
-                sum(VALUE_KINDS.index(i.kind) for i in self.inputs), sum(i.seed for i in self.inputs))
+                sum(VALUE_KINDS.index(i.kind) for i in self.inputs), sum(i.seed for i in self.inputs),
+                sum(i.order is not None for i in self.inputs))
 
     def ident(self) -> tuple[Any, ...]:
         return tuple(i.ident() for i in self.inputs)
@@ -281,7 +286,7 @@ def op_case(rec: fmt.OpRecord, inputs: list[torch.Tensor], output: int) -> OpCas
     args = sub(rec.args)
     kwargs = {k: sub(v) for k, v in rec.kwargs.items()}
     ins = tuple(Input(kind="data", shape=tuple(t.shape), dtype=str(t.dtype).removeprefix("torch."),
-                      data=t.contiguous()) for t in inputs)
+                      data=t.contiguous(), order=fmt.dims_in_memory(t)) for t in inputs)
     return OpCase(op=rec.op, args=args, kwargs=kwargs, inputs=ins, output=output)
 
 
@@ -343,11 +348,22 @@ def pass_values(sh: Shrinker[OpCase]) -> None:
                 break
             if not getattr(torch, cur.dtype).is_floating_point and kind == "ints":
                 continue
-            cand_in = Input(kind=kind, shape=cur.shape, dtype=cur.dtype, seed=k + 1 if kind == "ints" else 0)
+            cand_in = Input(kind=kind, shape=cur.shape, dtype=cur.dtype, seed=k + 1 if kind == "ints" else 0,
+                            order=cur.order)
             ins = list(sh.current.inputs)
             ins[k] = cand_in
             if sh.consider(replace(sh.current, inputs=tuple(ins))):
                 break
+
+
+def pass_layout(sh: Shrinker[OpCase]) -> None:
+    """Row-major inputs where the failure holds without the recorded layout: the file then says which
+    layouts it needs."""
+    for k in range(len(sh.current.inputs)):
+        if sh.current.inputs[k].order is not None:
+            ins = list(sh.current.inputs)
+            ins[k] = replace(ins[k], order=None)
+            sh.consider(replace(sh.current, inputs=tuple(ins)))
 
 
 @dataclass(slots=True, kw_only=True)
@@ -429,7 +445,7 @@ def shrink_capture(root: str, *, reference: str = "cpu64", device: str | None = 
         return out.metric is not None and out.metric.signature() == sig
 
     sh: Shrinker[OpCase] = Shrinker(current=case, fails=fails, key=OpCase.key, ident=OpCase.ident)
-    best = sh.run([pass_dims, pass_values])
+    best = sh.run([pass_dims, pass_values, pass_layout])
 
     def fails_under(s: dict[str, Any]) -> bool:
         target.settings = s
