@@ -37,7 +37,7 @@ def fleet(seed: int = 0, noise: float = 0.02, *, slow_endpoint: int | None = Non
           slow_link: tuple[int, int] | None = None, corrupt_sender: int | None = None,
           corrupt_link: tuple[int, int] | None = None, dead: int | None = None,
           skip: set[tuple[int, int]] | None = None) -> list[LinkMeasurement]:
-    """Every direction of every pair: intra-host ~5 us / 300 Gbps, in-rack ~20 us, cross-rack ~80 us / 50 Gbps."""
+    """Every direction of every pair: intra-host ~5 us / 300 GB/s, in-rack ~20 us, cross-rack ~80 us / 50 GB/s."""
     rng = random.Random(seed)
     out = []
     for s in range(N):
@@ -105,13 +105,13 @@ def test_single_slow_link_is_the_link_not_its_endpoints() -> None:
     eps, links = failing(r)
     assert eps == {} and links == {(2, 9): Verdict.SLOW}
     reason = next(lv.reason for lv in r.links if (lv.src, lv.dst) == (2, 9))
-    assert re.search(r"is 0\.[34]\dx the median", reason)
+    assert re.search(r"bandwidth [\d.]+ GB/s is 0\.[34]\dx the median [\d.]+ GB/s", reason)  # bytes, not bits
     assert "inter-host" in reason and "endpoint 2 (node0)" in reason and "endpoint 9 (node2)" in reason
     assert "suspect the link" in reason
 
 
 def test_slow_intra_host_link_is_judged_against_intra_host_links() -> None:
-    # 120 Gbps over NVLink is slow even though it beats every network link
+    # 120 GB/s over NVLink is slow even though it beats every network link
     r = judge_links(fleet(slow_link=(0, 1)), N, HOSTS)
     assert failing(r) == ({}, {(0, 1): Verdict.SLOW})
     assert "intra-host" in next(lv.reason for lv in r.links if (lv.src, lv.dst) == (0, 1))

@@ -76,7 +76,7 @@ class LinkReport:
     latency: Matrix
     """Microseconds; None where unmeasured (and on the diagonal)."""
     bandwidth: Matrix
-    """Gbps; None where unmeasured."""
+    """GB/s (10^9 bytes per second); None where unmeasured."""
     errors: list[list[int]]
     """Corrupted payload bytes per direction (0 where clean or unmeasured)."""
 
@@ -390,7 +390,7 @@ def _link_reasons(rec: _Link, blamed: dict[int, list[_Blame]], hosts: Mapping[in
         st = stats[rec.cls]
         if rec.slow_bw and rec.bw_ratio is not None and rec.gbps is not None:
             med, cnt = st["gbps"]
-            parts.append(f"bandwidth {rec.gbps:.3g} Gbps is {rec.bw_ratio:.2f}x the median {med:.3g} Gbps "
+            parts.append(f"bandwidth {rec.gbps:.3g} GB/s is {rec.bw_ratio:.2f}x the median {med:.3g} GB/s "
                          f"of {cnt} {rec.cls} links")
         if rec.slow_lat and rec.lat_ratio is not None and rec.latency_us is not None:
             med, cnt = st["latency"]
