@@ -241,7 +241,7 @@ def laid_out(t: Any, order: tuple[int, ...] | None) -> Any:
     """`t`'s values with its dims laid out in memory in `order` (see `dims_in_memory`)."""
     if order is None:
         return t
-    return t.permute(order).contiguous().permute(sorted(range(t.dim()), key=order.index))
+    return t.permute(order).contiguous().permute([order.index(d) for d in range(t.dim())])
 
 
 def materialised(t: Any) -> bool:

@@ -25,11 +25,13 @@ SDPA = "_scaled_dot_product_flash_attention_for_cpu"
 def test_a_case_input_is_rebuilt_with_the_layout_it_was_given() -> None:
     x = torch.arange(2 * 8 * 4 * 16, dtype=torch.float32).reshape(2, 8, 4, 16)
     q = x.transpose(1, 2)  # (b, h, s, d) over (b, s, h, d) memory, as attention layers build it
-    rec = fmt.OpRecord(index=0, op="aten.mm.default", args=[{"t": 0}, {"t": 1}, {"t": 2}], kwargs={},
+    rec = fmt.OpRecord(index=0, op="aten.mm.default", args=[{"t": 0}, {"t": 1}, {"t": 2}, {"t": 3}], kwargs={},
                        outputs=[], out_meta=[], fingerprints=[])
-    case = sk.op_case(rec, [q, x, x[:, ::2]], 0)
+    cl = x.contiguous(memory_format=torch.channels_last)  # dims in memory (0, 2, 3, 1): not its own inverse
+    case = sk.op_case(rec, [q, x, x[:, ::2], cl], 0)
     made = [i.make("cpu") for i in case.inputs]
     assert made[0].stride() == q.stride() and torch.equal(made[0], q)
+    assert case.inputs[3].order == (0, 2, 3, 1) and made[3].stride() == cl.stride() and torch.equal(made[3], x)
     assert case.inputs[1].order is None and made[1].is_contiguous()  # row-major stays row-major
     assert case.inputs[2].order is None and torch.equal(made[2], x[:, ::2])  # a strided slice: values only
 
@@ -89,3 +91,19 @@ def test_repro_py_corrupts_a_permuted_output_in_memory_order(order: tuple[int, .
     bad = subprocess.run([sys.executable, str(out), "--inject", "bitflip:bit=20,index=2"], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == (1 if order else 0), bad.stdout + bad.stderr
+
+
+def test_repro_py_rebuilds_a_channels_last_input(tmp_path: Path) -> None:
+    from chipcheck.reproducers import emit
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(1, 3, 4, 4, generator=g), torch.randn(2, 3, 3, 3, generator=g)
+    ins = (sk.Input(kind="data", shape=(1, 3, 4, 4), dtype="float32", data=x, order=(0, 2, 3, 1)),
+           sk.Input(kind="data", shape=(2, 3, 3, 3), dtype="float32", data=w))
+    case = sk.OpCase(op="aten.convolution.default", args=[{"in": 0}, {"in": 1}, None, [1, 1], [1, 1], [1, 1], False,
+                                                          [0, 0], 1], kwargs={}, inputs=ins)
+    assert sk.Target(device="cpu", reference="cpu64").run(case).metric is None
+    out = tmp_path / "repro.py"
+    out.write_text(emit.render_op(case, device="cpu", metric_line="(test)"))
+    good = subprocess.run([sys.executable, str(out)], capture_output=True, text=True, timeout=120)
+    assert good.returncode == 0 and "agrees" in good.stdout, good.stdout + good.stderr
