@@ -421,18 +421,13 @@ def render_op(case: OpCase, *, device: str, metric_line: str, where: list[str] |
               rate: Rate | None = None, settings: dict[str, Any] | None = None,
               recorded: dict[str, Any] | None = None) -> str:
     """repro.py for one op."""
-    import torch
-
-    from . import replay as rp
-
-    out_dtype = getattr(torch, case.inputs[0].dtype) if case.inputs else torch.float32
     ins = _inputs(case)
     shapes = ", ".join(_described(i) for i in case.inputs)
     title = f"chipcheck reproducer: {case.op} on {device}"
     # one op is the history case with no history: one template serves both
     data = {"title": title, "ops": [{"op": case.op, "args": case.args, "kwargs": case.kwargs, "inputs": ins,
                                      "output": case.output, **_tolerance(case.op)}], "device": device,
-            "rtol": rp.RTOL.get(out_dtype, 1e-3),
+            "rtol": _rtol(case),
             "repeat": rate.plan if rate else 1, "settings": settings or {}}
     head = _header(title, [f"Op: {case.op}({shapes})", f"Observed: {metric_line}",
                            *(f"Seen at: {w}" for w in (where or [])), *_settings_lines(settings, recorded),
@@ -460,6 +455,16 @@ def _inputs(case: OpCase) -> list[dict[str, Any]]:
              **({"order": list(i.order)} if i.order else {})} for i in case.inputs]
 
 
+def _rtol(case: OpCase) -> float:
+    """The checked op's tolerance: its least precise floating input's (`replay.rtol_for`, whose output
+    dtype part repro.py does not know before it runs; verification runs it on a healthy device)."""
+    import torch
+
+    from . import replay as rp
+
+    return max((rp.RTOL[d] for i in case.inputs if (d := getattr(torch, i.dtype)) in rp.RTOL), default=1e-3)
+
+
 def _described(i: Any) -> str:
     """An input as the header names it: shape, dtype, what it holds, and a layout that is not row-major."""
     return f"{tuple(i.shape)} {i.dtype} ({i.kind}" + (f", dims in memory {i.order}" if i.order else "") + ")"
@@ -470,19 +475,14 @@ def render_ops(history: list[OpCase], case: OpCase, *, device: str, metric_line:
                recorded: dict[str, Any] | None = None) -> str:
     """repro.py for a failure that needs history: the earlier ops, each on its embedded recorded inputs,
     replayed in order, then `case`, whose output is compared with float64 on the host."""
-    import torch
-
-    from . import replay as rp
-
     if not history:
         return render_op(case, device=device, metric_line=metric_line, where=where, rate=rate, settings=settings,
                          recorded=recorded)
-    out_dtype = getattr(torch, case.inputs[0].dtype) if case.inputs else torch.float32
     ops = [{"op": c.op, "args": c.args, "kwargs": c.kwargs, "inputs": _inputs(c), "output": c.output}
            for c in [*history, case]]
     ops[-1].update(_tolerance(case.op))  # only the checked op's tolerance is read
     title = f"chipcheck reproducer: {case.op} on {device} after {len(history)} earlier ops"
-    data = {"title": title, "ops": ops, "device": device, "rtol": rp.RTOL.get(out_dtype, 1e-3),
+    data = {"title": title, "ops": ops, "device": device, "rtol": _rtol(case),
             "repeat": rate.plan if rate else 1, "settings": settings or {}}
     seq = [f"  {k + 1}. {c.op}(" + ", ".join(f"{tuple(i.shape)} {i.dtype}" for i in c.inputs) + ")"
            for k, c in enumerate([*history, case])]

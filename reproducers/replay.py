@@ -39,6 +39,19 @@ from .terms import CANCELLING
 # |inputs| where that is larger): loose enough for any correct kernel's rounding (summation order, fused
 # ops, TF32), far below a flipped exponent or high bit.
 RTOL = {torch.float32: 1e-3, torch.float64: 1e-9, torch.bfloat16: 1e-1, torch.float16: 2e-2}
+
+
+def rtol_for(out_dtype: torch.dtype, args: Any) -> float | None:
+    """The relative tolerance of an output: its dtype's, or a less precise floating input's (a
+    mixed-precision kernel may compute in its inputs' precision: CPU layer norm's backward on bfloat16
+    activations and float32 weights rounds its float32 weight gradient's terms to bfloat16). None for
+    an output that is not a float RTOL knows (compared bit for bit)."""
+    if out_dtype not in RTOL:
+        return None
+    ins = [RTOL[t.dtype] for t in fmt.flat_tensors(args) if isinstance(t, torch.Tensor) and t.dtype in RTOL]
+    return max([RTOL[out_dtype], *ins])
+
+
 MANTISSA = {torch.float32: 24, torch.float64: 53, torch.bfloat16: 8, torch.float16: 11}
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _INV = pow(1_000_003, -1, 2**31)
@@ -279,16 +292,19 @@ def stand_in(name: str, ref_args: Any, ref_kwargs: dict[str, Any]) -> list[Any] 
 
 
 def compare_op(func: Any, actual: torch.Tensor, ref: torch.Tensor, exact: bool, ref_args: Any,
-               ref_kwargs: dict[str, Any], output: int) -> Metric | None:
+               ref_kwargs: dict[str, Any], output: int, args: Any = ()) -> Metric | None:
     """`compare`, with a sum's tolerance widened to the rounding its terms allow (`SUMS`; a norm's,
     softmax's or attention's backward: `terms.cancelling_terms`): computed only for an output the plain
-    tolerance rejects (the wider one accepts whatever the plain one does)."""
-    m = compare(actual, ref, exact)
+    tolerance rejects (the wider one accepts whatever the plain one does). `args`: the op's arguments
+    on the suspect, whose least precise floating input sets the tolerance where it is looser
+    (`rtol_for`)."""
+    rtol = rtol_for(actual.dtype, args)
+    m = compare(actual, ref, exact, rtol=rtol)
     name = func.overloadpacket.__name__
     if m is None or exact or not (how := widening(name)):
         return m
     bound = tol.widened_scale(how, name, func, ref_args, ref_kwargs, output)
-    return m if bound is None else compare(actual, ref, exact, magnitude=bound)
+    return m if bound is None else compare(actual, ref, exact, magnitude=bound, rtol=rtol)
 
 
 def widening(name: str) -> str | None:
@@ -297,7 +313,7 @@ def widening(name: str) -> str | None:
 
 
 def compare(actual: torch.Tensor, ref: torch.Tensor, exact: bool,
-            magnitude: torch.Tensor | None = None) -> Metric | None:
+            magnitude: torch.Tensor | None = None, rtol: float | None = None) -> Metric | None:
     """None when `actual` agrees with `ref` (bitwise when exact, else within RTOL of float64, scaled
     by `magnitude` where that is larger: the op on the inputs' absolute values)."""
     if actual.shape != ref.shape:
@@ -315,7 +331,7 @@ def compare(actual: torch.Tensor, ref: torch.Tensor, exact: bool,
         bk = backend_of(a)
         bad = bk.bits(a) != bk.bits(r.to(a.dtype))
     else:
-        bad = tol.outside_tolerance(a64, r64, RTOL[a.dtype], magnitude)
+        bad = tol.outside_tolerance(a64, r64, rtol or RTOL[a.dtype], magnitude)
     n = int(bad.sum())
     if n == 0:
         return None
@@ -473,7 +489,8 @@ def replay(cap: fmt.Capture, *, device: str | None = None, reference: str = "cpu
                         ref_outs = []
                     for j, (a, r) in enumerate(zip(outs, ref_outs, strict=False)):
                         if isinstance(a, torch.Tensor) and isinstance(r, torch.Tensor):
-                            m = compare_op(func, a, r, not upcast, ref_args, ref_kwargs, j)
+                            m = compare_op(func, a, r, not upcast, ref_args, ref_kwargs, j,
+                                           (args, list(kwargs.values())))
                             if m is not None:
                                 result.divergence = Divergence(rank=cap.rank, index=rec.index, op=rec.op, output=j,
                                                                metric=m, device=dev, reference=reference,

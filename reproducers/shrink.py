@@ -242,7 +242,7 @@ class Target:
                 except Exception as e:  # a shape the op rejects is not "the same failure"
                     return Outcome(metric=rp.Metric(cls="crash", message=f"{type(e).__name__}: {e}"), repeats=n,
                                    failed=1)
-                m = rp.compare_op(func, out[case.output], ref[case.output], not upcast, rargs, rkw, case.output)
+                m = rp.compare_op(func, out[case.output], ref[case.output], not upcast, rargs, rkw, case.output, ins)
                 if m is not None:
                     failed += 1
                     first = first or m
@@ -486,7 +486,8 @@ def run_sequence(ops: list[OpCase], target: OpCase, *, device: str, reference: s
                 return rp.Metric(cls="crash", message=f"{type(e).__name__}: {e}")
         ref, rargs, rkw, _ = rp.reference_call(func, _on_reference(target, [i.make("cpu") for i in target.inputs],
                                                                     ref_dev), upcast)
-        return rp.compare_op(func, out[target.output], ref[target.output], not upcast, rargs, rkw, target.output)
+        return rp.compare_op(func, out[target.output], ref[target.output], not upcast, rargs, rkw, target.output,
+                             ins)
 
 
 def _on_reference(case: OpCase, ins: list[torch.Tensor],

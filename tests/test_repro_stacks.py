@@ -4,6 +4,7 @@ clean step replays clean against float64, and a bit flipped in one GEMM is still
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -89,3 +90,31 @@ def test_a_flipped_bit_in_a_mixed_precision_step_is_found_past_the_ops_the_refer
     amp = [o.index for o in fmt.load(tmp_path / "cap").ops if o.op.startswith("aten._amp_")]
     assert res.divergence is not None and res.divergence.op == "aten.addmm.default", res.divergence
     assert len(amp) == 2 and res.divergence.index > max(amp) and len(res.not_compared) == 2
+
+
+def _norm_on_bf16(tmp_path: Path, spec: str | None = None) -> rp.ReplayResult:
+    # under CPU autocast a LayerNorm takes the bfloat16 activations as they are, with its float32 weight:
+    # the mixed kernel's float32 weight and bias gradients are summed at bfloat16 precision (3e-3 of
+    # their terms), past float32's tolerance
+    torch.manual_seed(0)
+    lin, ln, head = torch.nn.Linear(64, 64), torch.nn.LayerNorm(64), torch.nn.Linear(64, 8)
+    x = torch.randn(4, 32, 64, generator=torch.Generator().manual_seed(1))
+    with faults.make_injector(faults.parse(spec), 0, "repro")() if spec else contextlib.nullcontext():
+        with capture(tmp_path / "cap"), torch.autocast("cpu", dtype=torch.bfloat16):
+            head(ln(lin(x))).float().pow(2).mean().backward()
+    return rp.replay(fmt.load(tmp_path / "cap"), reference="cpu64", inject=spec)
+
+
+def test_a_norm_on_bfloat16_activations_with_float32_weights_replays_clean(tmp_path: Path) -> None:
+    res = _norm_on_bf16(tmp_path)
+    assert "aten.native_layer_norm_backward.default" in [o.op for o in fmt.load(tmp_path / "cap").ops]
+    assert res.divergence is None, res.divergence  # the kernel's precision is its bfloat16 inputs'
+
+
+def test_a_flipped_exponent_bit_in_that_mixed_norm_is_still_found(tmp_path: Path) -> None:
+    # judged at bfloat16's tolerance now, as a bfloat16 output is: a flip that scales an element up
+    # (bit 30: x 2**128) is found; one that shrinks a small element toward zero may pass, as it would there
+    spec = "bitflip:rank=0,bit=30,op=native_layer_norm_backward,output=1,at=call"
+    res = _norm_on_bf16(tmp_path, spec)
+    assert res.divergence is not None and res.divergence.op == "aten.native_layer_norm_backward.default"
+    assert res.divergence.output == 1 and 30 in res.divergence.metric.flipped_bits, res.divergence
