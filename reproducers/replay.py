@@ -331,7 +331,7 @@ def compare(actual: torch.Tensor, ref: torch.Tensor, exact: bool,
         bk = backend_of(a)
         bad = bk.bits(a) != bk.bits(r.to(a.dtype))
     else:
-        bad = tol.outside_tolerance(a64, r64, rtol or RTOL[a.dtype], magnitude)
+        bad = tol.outside_tolerance(a, r64, rtol or RTOL[a.dtype], magnitude)
     n = int(bad.sum())
     if n == 0:
         return None

@@ -20,13 +20,16 @@ def outside_tolerance(actual: torch.Tensor, expected: torch.Tensor, rtol: float,
                       magnitude: torch.Tensor | None = None) -> torch.Tensor:
     """The elements of `actual` further than rtol x (|expected| + rms(expected)) from float64 `expected`,
     the scale widened to |magnitude| where that is larger (a sum's or a cancelling op's terms); equal
-    values and NaN against NaN always agree."""
+    values, NaN against NaN and `expected` correctly rounded to `actual`'s dtype (a cast's result, a
+    value below that dtype's smallest step) always agree."""
     a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
     finite = e[torch.isfinite(e)]
     scale = e.abs() + (finite.pow(2).mean().sqrt() if finite.numel() else 0.0)
     if magnitude is not None and magnitude.shape == e.shape:
         scale = torch.maximum(scale, magnitude.detach().cpu().double().abs())
     same = (a == e) | (torch.isnan(a) & torch.isnan(e))
+    if actual.is_floating_point() and actual.dtype != torch.float64:
+        same |= a == e.to(actual.dtype).double()
     return ~(((a - e).abs() <= rtol * scale) | same)
 
 

@@ -357,3 +357,22 @@ def test_a_flipped_mantissa_bit_in_a_gradient_that_does_not_cancel_is_still_name
     d = rp.replay(fmt.load(tmp_path / "attn"), reference="cpu64", inject=spec).divergence
     assert d is not None and d.op.split(".")[1] == "_scaled_dot_product_flash_attention_for_cpu_backward", d
     assert d.output == 0 and d.metric.bad_indices == [[0, 0, 0, 5]], d
+
+
+def test_the_correctly_rounded_value_always_agrees_and_a_flip_of_it_does_not() -> None:
+    # values below float16's smallest normal: a cast rounds them to its few steps (or to zero), which is
+    # no error; against the unrounded float64 value, with the tensor's own tiny scale, it read as one
+    e = torch.randn(256, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 1e-8
+    a = e.to(torch.float16)
+    assert not tol.outside_tolerance(a, e, rp.RTOL[torch.float16]).any()
+    flipped = a.clone()
+    flipped.view(torch.int16)[7] ^= 1 << 14  # an exponent bit
+    assert tol.outside_tolerance(flipped, e, rp.RTOL[torch.float16]).nonzero().flatten().tolist() == [7]
+
+
+def test_a_cast_into_float16_underflow_replays_clean(tmp_path: Path) -> None:
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 1e-8
+    with capture(tmp_path / "cap"):
+        (x.float().half().float() * 3).sum()
+    res = rp.replay(fmt.load(tmp_path / "cap"), reference="cpu64")
+    assert res.divergence is None, res.divergence
