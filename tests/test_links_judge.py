@@ -98,6 +98,12 @@ def test_rate_limited_endpoint_is_slow_and_its_peers_are_not() -> None:
     for lv in r.links:
         if 5 in (lv.src, lv.dst):
             assert "because endpoint 5 (node1) is slow" in lv.reason and "\n" not in lv.reason
+            # the median quoted is the one the ratio is against: the class less the slow endpoint's links
+            # (the class's own median, slow links and all, made "0.24 GB/s is 0.17x the median 0.67")
+            m = re.search(r"bandwidth ([\d.]+) GB/s is ([\d.]+)x the median ([\d.]+) GB/s of (\d+) (\S+) links \(the "
+                          r"class's (\d+) less those of its slow endpoints\)", lv.reason)
+            assert m, lv.reason
+            assert abs(float(m[1]) / float(m[3]) - float(m[2])) < 0.01 and int(m[4]) < int(m[6])
 
 
 def test_single_slow_link_is_the_link_not_its_endpoints() -> None:

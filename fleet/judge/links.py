@@ -99,6 +99,10 @@ class _Link:
     attempts: int = 0
     bw_ratio: float | None = None
     lat_ratio: float | None = None
+    bw_peers: tuple[float, int, int] = (0.0, 0, 0)
+    lat_peers: tuple[float, int, int] = (0.0, 0, 0)
+    """(median, count) of the links its ratio is against (`_peers`), and how many its class holds:
+    what its reason quotes."""
     slow_bw: bool = False
     slow_lat: bool = False
     cls: str = ""
@@ -174,34 +178,27 @@ def _classify(links: dict[tuple[int, int], _Link], hosts: Mapping[int, str],
             rec.cls = f"{rec.path} (sharing {depth} placement level{'s' if depth != 1 else ''})"
 
 
-def _judge_speed(links: dict[tuple[int, int], _Link], policy: LinkPolicy) -> dict[str, dict[str, tuple[float, int]]]:
-    """Flag slow links; returns per class the (median, count) of bandwidth and latency for the reasons."""
+def _judge_speed(links: dict[tuple[int, int], _Link], policy: LinkPolicy) -> None:
+    """Flag slow links, each against the median of its class less the links of slow endpoints."""
     by_cls: dict[str, list[_Link]] = defaultdict(list)
     for rec in links.values():
         by_cls[rec.cls].append(rec)
-    stats: dict[str, dict[str, tuple[float, int]]] = {}
-    for cls, recs in by_cls.items():
-        stats[cls] = {}
-        bws = [r.gbps for r in recs if r.gbps is not None]
-        if bws:
-            stats[cls]["gbps"] = (_robust(bws)[0], len(bws))
+    for recs in by_cls.values():
+        if n := sum(r.gbps is not None for r in recs):
             suspects = _slow_ends(recs, "gbps", lambda mine, rest: mine <= (1 - policy.min_gap) * rest)
             for r in recs:
                 med, mad, count = _peers(recs, r, "gbps", suspects)
                 if r.gbps is not None and med > 0:
-                    r.bw_ratio = r.gbps / med
+                    r.bw_ratio, r.bw_peers = r.gbps / med, (med, count, n)
                     r.slow_bw = r.bw_ratio <= 1 - policy.min_gap and _outlier(med - r.gbps, mad, count, policy.z)
-        lats = [r.latency_us for r in recs if r.latency_us is not None]
-        if lats:
-            stats[cls]["latency"] = (_robust(lats)[0], len(lats))
+        if n := sum(r.latency_us is not None for r in recs):
             suspects = _slow_ends(recs, "latency_us", lambda mine, rest: mine >= (1 + policy.latency_gap) * rest)
             for r in recs:
                 med, mad, count = _peers(recs, r, "latency_us", suspects)
                 if r.latency_us is not None and med > 0:
-                    r.lat_ratio = r.latency_us / med
+                    r.lat_ratio, r.lat_peers = r.latency_us / med, (med, count, n)
                     r.slow_lat = (r.lat_ratio >= 1 + policy.latency_gap
                                   and _outlier(r.latency_us - med, mad, count, policy.z))
-    return stats
 
 
 SMALL_CLASS = 2000
@@ -359,8 +356,14 @@ def _endpoint_reason(e: int, verdict: Verdict, blames: list[_Blame], hosts: Mapp
                    Verdict.SLOW: "; its peers are fine"}[verdict]
 
 
-def _link_reasons(rec: _Link, blamed: dict[int, list[_Blame]], hosts: Mapping[int, str],
-                  stats: dict[str, dict[str, tuple[float, int]]]) -> list[tuple[Verdict, str]]:
+def _yardstick(peers: tuple[float, int, int], unit: str, cls: str) -> str:
+    """The links a ratio is against, as a reason quotes them."""
+    med, count, of = peers
+    less = f" (the class's {of} less those of its slow endpoints)" if count < of else ""
+    return f"the median {med:.3g} {unit} of {count} {cls} links{less}"
+
+
+def _link_reasons(rec: _Link, blamed: dict[int, list[_Blame]], hosts: Mapping[int, str]) -> list[tuple[Verdict, str]]:
     """(verdict, one line) per problem on the link, blaming an endpoint where it owns the problem."""
     s, d = rec.src, rec.dst
     name = f"{s}->{d}"
@@ -387,15 +390,12 @@ def _link_reasons(rec: _Link, blamed: dict[int, list[_Blame]], hosts: Mapping[in
                     + tail(Verdict.ERROR, "its endpoints measured fine on their other links")))
     if rec.slow:
         parts = []
-        st = stats[rec.cls]
         if rec.slow_bw and rec.bw_ratio is not None and rec.gbps is not None:
-            med, cnt = st["gbps"]
-            parts.append(f"bandwidth {rec.gbps:.3g} GB/s is {rec.bw_ratio:.2f}x the median {med:.3g} GB/s "
-                         f"of {cnt} {rec.cls} links")
+            parts.append(f"bandwidth {rec.gbps:.3g} GB/s is {rec.bw_ratio:.2f}x " + _yardstick(rec.bw_peers, "GB/s",
+                                                                                             rec.cls))
         if rec.slow_lat and rec.lat_ratio is not None and rec.latency_us is not None:
-            med, cnt = st["latency"]
-            parts.append(f"latency {rec.latency_us:.3g} us is {rec.lat_ratio:.2f}x the median {med:.3g} us "
-                         f"of {cnt} {rec.cls} links")
+            parts.append(f"latency {rec.latency_us:.3g} us is {rec.lat_ratio:.2f}x "
+                         + _yardstick(rec.lat_peers, "us", rec.cls))
         out.append((Verdict.SLOW, f"slow: {name} " + " and ".join(parts) + ", " + tail(
             Verdict.SLOW, f"while {_who(s, hosts)} and {_who(d, hosts)} are fine on their other links: "
                           f"suspect the link between them")))
@@ -416,13 +416,13 @@ def judge_links(measurements: Iterable[LinkMeasurement], n: int, hosts: Mapping[
     """
     links = _merge(measurements, n)
     _classify(links, hosts, placement)
-    stats = _judge_speed(links, policy)
+    _judge_speed(links, policy)
     blamed = _blame(links, n, policy)
 
     verdicts = []
     for key in sorted(links):
         rec = links[key]
-        problems = _link_reasons(rec, blamed, hosts, stats)
+        problems = _link_reasons(rec, blamed, hosts)
         verdict = Verdict.worst([v for v, _ in problems])
         problems.sort(key=lambda p: -SEVERITY[p[0]])
         verdicts.append(LinkJudgement(src=rec.src, dst=rec.dst, verdict=verdict,
