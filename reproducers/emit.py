@@ -64,8 +64,10 @@ def load(spec, device):
         if hashlib.sha256(raw).hexdigest() != spec["sha256"]:
             sys.exit("repro.py: embedded input corrupted (SHA-256 mismatch)")
         t = torch.frombuffer(bytearray(raw), dtype=dt).reshape(shape).to(device)
-    order = spec.get("order")  # the dims' order in memory as the op was given them: kernels choose by it
-    return t if order is None else t.permute(order).contiguous().permute([order.index(d) for d in range(t.dim())])
+    return laid_out(t, spec.get("order"))  # the dims' order in memory as the op was given them
+
+
+__LAYOUT__
 
 
 _DRAWS = {}
@@ -171,6 +173,7 @@ def resolve(name):
 '''
 
 _COMMON = _COMMON.replace("__APPLY__", inspect.getsource(st.apply)).replace(  # one definition each, embedded
+    "__LAYOUT__", inspect.getsource(fmt.laid_out)).replace(
     "__TOLERANCE__", "\n\n".join(inspect.getsource(f) for f in (tol.outside_tolerance, tol.absolute,
                                                                   tol.widened_scale)))
 
@@ -456,13 +459,13 @@ def _inputs(case: OpCase) -> list[dict[str, Any]]:
 
 
 def _rtol(case: OpCase) -> float:
-    """The checked op's tolerance: its least precise floating input's (`replay.rtol_for`, whose output
-    dtype part repro.py does not know before it runs; verification runs it on a healthy device)."""
+    """The checked op's tolerance: `replay.rtol_for` of its inputs' dtypes (its output's is not known
+    before repro.py runs it; verification runs the file on a healthy device)."""
     import torch
 
     from . import replay as rp
 
-    return max((rp.RTOL[d] for i in case.inputs if (d := getattr(torch, i.dtype)) in rp.RTOL), default=1e-3)
+    return rp.rtol_for(getattr(torch, i.dtype) for i in case.inputs) or 1e-3
 
 
 def _described(i: Any) -> str:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -41,15 +41,11 @@ from .terms import CANCELLING
 RTOL = {torch.float32: 1e-3, torch.float64: 1e-9, torch.bfloat16: 1e-1, torch.float16: 2e-2}
 
 
-def rtol_for(out_dtype: torch.dtype, args: Any) -> float | None:
-    """The relative tolerance of an output: its dtype's, or a less precise floating input's (a
-    mixed-precision kernel may compute in its inputs' precision: CPU layer norm's backward on bfloat16
-    activations and float32 weights rounds its float32 weight gradient's terms to bfloat16). None for
-    an output that is not a float RTOL knows (compared bit for bit)."""
-    if out_dtype not in RTOL:
-        return None
-    ins = [RTOL[t.dtype] for t in fmt.flat_tensors(args) if isinstance(t, torch.Tensor) and t.dtype in RTOL]
-    return max([RTOL[out_dtype], *ins])
+def rtol_for(dtypes: Iterable[torch.dtype]) -> float | None:
+    """The loosest RTOL of `dtypes`: an output's and its op's floating inputs' (a mixed-precision kernel
+    may compute in its inputs' precision: CPU layer norm's backward on bfloat16 activations and float32
+    weights rounds its float32 weight gradient's terms to bfloat16). None when none is a float RTOL knows."""
+    return max((RTOL[d] for d in dtypes if d in RTOL), default=None)
 
 
 MANTISSA = {torch.float32: 24, torch.float64: 53, torch.bfloat16: 8, torch.float16: 11}
@@ -292,13 +288,13 @@ def stand_in(name: str, ref_args: Any, ref_kwargs: dict[str, Any]) -> list[Any] 
 
 
 def compare_op(func: Any, actual: torch.Tensor, ref: torch.Tensor, exact: bool, ref_args: Any,
-               ref_kwargs: dict[str, Any], output: int, args: Any = ()) -> Metric | None:
+               ref_kwargs: dict[str, Any], output: int, args: Any) -> Metric | None:
     """`compare`, with a sum's tolerance widened to the rounding its terms allow (`SUMS`; a norm's,
     softmax's or attention's backward: `terms.cancelling_terms`): computed only for an output the plain
     tolerance rejects (the wider one accepts whatever the plain one does). `args`: the op's arguments
     on the suspect, whose least precise floating input sets the tolerance where it is looser
     (`rtol_for`)."""
-    rtol = rtol_for(actual.dtype, args)
+    rtol = rtol_for([actual.dtype, *(t.dtype for t in fmt.flat_tensors(args))])
     m = compare(actual, ref, exact, rtol=rtol)
     name = func.overloadpacket.__name__
     if m is None or exact or not (how := widening(name)):

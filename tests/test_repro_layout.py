@@ -6,6 +6,7 @@ op that diverged in the step (SDPA) then passed alone, and shrink gave up."""
 
 from __future__ import annotations
 
+import inspect
 import subprocess
 import sys
 from pathlib import Path
@@ -107,3 +108,4 @@ def test_repro_py_rebuilds_a_channels_last_input(tmp_path: Path) -> None:
     out.write_text(emit.render_op(case, device="cpu", metric_line="(test)"))
     good = subprocess.run([sys.executable, str(out)], capture_output=True, text=True, timeout=120)
     assert good.returncode == 0 and "agrees" in good.stdout, good.stdout + good.stderr
+    assert inspect.getsource(fmt.laid_out) in out.read_text()  # the shrinker's own rule, not a copy of it
