@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from ..results import (
     CaseSummary,
@@ -80,6 +80,17 @@ def _cases(rs: list[ProbeResult]) -> list[CaseSummary]:
             for r in rs]
 
 
+def bit_spans(bits: Iterable[int]) -> str:
+    """Bit indices as runs, "0-26,31": a flip that scrambles a whole word would otherwise list 32 numbers."""
+    out: list[str] = []
+    for b in sorted(set(bits)):
+        if out and out[-1].rpartition("-")[2] == str(b - 1):
+            out[-1] = f"{out[-1].partition('-')[0]}-{b}"
+        else:
+            out.append(str(b))
+    return ",".join(out)
+
+
 def explain(r: ProbeResult) -> str:
     """One line a person can act on: what went wrong in this case, on which device.
 
@@ -95,7 +106,7 @@ def explain(r: ProbeResult) -> str:
     parts: dict[str, int] = {}
     for m in r.mismatches:
         if m.first_indices or m.bit_histogram:
-            bits = ",".join(str(b) for b in sorted(m.bit_histogram)) or "-"
+            bits = bit_spans(m.bit_histogram) or "-"
             first = m.first_indices[0] if m.first_indices else "?"
             val = f" expected {m.expected[0]:.6g} got {m.actual[0]:.6g}" if m.expected and m.actual else ""
             line = (f"{m.oracle.value}: {m.bad_elements}/{m.total_elements} elements of {m.tensor} bad, "

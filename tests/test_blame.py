@@ -104,3 +104,12 @@ def test_a_flaky_case_whose_repeats_only_disagree_says_so_not_flaky_in_0_of_n() 
     assert "repeats differ bit for bit" in line and "0 of 2" not in line, line
     bad = dataclasses.replace(r, verdict=Verdict.WRONG, repeats_bad=2)
     assert "wrong in 2 of 2 repeats" in summary.explain(bad)
+
+
+def test_a_scrambled_word_s_flipped_bits_read_as_runs() -> None:
+    m = Mismatch(oracle=Oracle.EXACT, tensor="out", bad_elements=3, total_elements=64, first_indices=[[0, 5]],
+                 bit_histogram={b: 1 for b in [*range(27), 31]})
+    line = summary.explain(_res(2, "matmul", "float32/exact", Verdict.WRONG, mismatches=[m]))
+    assert "flipped bits [0-26,31]" in line, line
+    one = dataclasses.replace(m, bit_histogram={20: 3, 22: 1})
+    assert "flipped bits [20,22]" in summary.explain(_res(2, "matmul", "float32/exact", Verdict.WRONG, mismatches=[one]))
