@@ -248,6 +248,8 @@ class CaseLoop:
     timed_from_queue: bool = False
 
     def run(self, cases: Iterable[Case]) -> None:
+        from ..probes import faults
+
         for c in cases:
             if self.skip(c):
                 continue
@@ -260,21 +262,27 @@ class CaseLoop:
                     started = started if self.timed_from_queue else time.time()
                     if c.ctx is not None:
                         c.ctx.deadline = time.monotonic() + c.budget_s if c.budget_s else None
+                    before = dict(faults.HITS)
                     with self.running(c):
                         outs = run_one(c.runs, c.ctx, c.cfg, c.case)
+                    hits = {f: n - before.get(f, 0) for f, n in faults.HITS.items()}
             # one device's outcome, or an error every rank of a collective reports
             for rank, outcome in zip(c.ranks, outs if isinstance(outs, list) else [outs] * len(c.ranks), strict=True):
-                self.keep(c, self.stamp(c, rank, outcome, started))
+                self.keep(c, self.stamp(c, rank, outcome, started, hits))
 
-    def stamp(self, c: Case, rank: int, outcome: Any, started: float) -> ProbeResult:
-        """The outcome as a ProbeResult, with where, when and under which settings it was measured."""
+    def stamp(self, c: Case, rank: int, outcome: Any, started: float,
+              hits: Mapping[Fault, int] | None = None) -> ProbeResult:
+        """The outcome as a ProbeResult, with where, when and under which settings it was measured (the
+        faults injected on its rank, and, where the case ran here, how many kernel calls each hit)."""
         info = self.infos[rank]
+        mine = [f for f in self.fault_list if f.applies_to(rank, c.probe)]
         return ProbeResult(
             run_id=self.run_id, host=info.host, rank=rank, device=info.label, fingerprint=info.fingerprint,
             probe=c.probe, case=c.case, verdict=outcome.verdict, seed=self.seed, params=outcome.params,
             metrics=outcome.metrics, mismatches=outcome.mismatches, repeats=outcome.repeats,
             repeats_bad=outcome.repeats_bad, output_hash=outcome.output_hash,
             repeat_hashes=tuple(getattr(outcome, "repeat_hashes", ())), error=outcome.error,
-            settings={**self.settings, "inject": [f.spec() for f in self.fault_list if f.applies_to(rank, c.probe)]},
+            settings={**self.settings, "inject": [f.spec() for f in mine],
+                      **({"inject_hits": {f.spec(): hits.get(f, 0) for f in mine}} if mine and hits is not None else {})},
             started=started, ended=time.time(), device_uuid=info.uuid, links=outcome.links,
         )

@@ -195,7 +195,7 @@ def load(store: Store, run_id: str = LATEST) -> RunSummary:
                   + (f" ({shown})" if missing else "") + "; the verdict covers only what was measured"]
     summary = summarize(rec.run_id, devices, results, v.judgements, v.groups, profile=rec.profile, seed=rec.seed,
                         started=rec.started, ended=ended, links=links,
-                        findings=notice + not_judged + v.library.findings + unreadable,
+                        findings=notice + not_judged + v.findings + unreadable,
                         exonerate=v.library.exonerate, fleet_verdict=v.library.fleet_verdict)
     return replace(summary, status=status, missing=missing)
 

@@ -200,7 +200,7 @@ def judge(run_id: str, devs: dict[int, DeviceInfo], results: list[ProbeResult], 
     v = fleet_verdicts(devs, results, min_gap=opts.min_gap, declared=declared, baselines=baseline_table(opts),
                        own=own)
     summary = summarize(run_id, devs, results, v.judgements, v.groups, profile=opts.profile, seed=opts.seed,
-                        started=started, ended=time.time(), links=v.links, findings=v.library.findings,
+                        started=started, ended=time.time(), links=v.links, findings=v.findings,
                         exonerate=v.library.exonerate, fleet_verdict=v.library.fleet_verdict)
     return summary, v.judgements
 

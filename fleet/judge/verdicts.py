@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from ...results import ConsensusGroup, DeviceInfo, Judgement, LinksSummary, ProbeResult, Verdict
 from . import baselines as bl
-from . import blame, speed, throttle
+from . import blame, injected, speed, throttle
 from . import own_history as oh
 from .consensus import consensus
 from .second_opinion import Culprit, Finding, second_opinion_findings
@@ -41,6 +41,13 @@ class FleetVerdicts:
     groups: list[ConsensusGroup]
     links: LinksSummary | None
     library: LibraryFindings
+    unfired: list[str]
+    """Injected faults that hit no kernel call of the run (fleet.judge.injected)."""
+
+    @property
+    def findings(self) -> list[str]:
+        """The run's findings about no one device: software's, then injected faults that hit nothing."""
+        return self.library.findings + self.unfired
 
 
 def speed_tables() -> tuple[dict[str, str], dict[str, str]]:
@@ -71,8 +78,9 @@ def fleet_verdicts(devs: dict[int, DeviceInfo], results: list[ProbeResult], *, m
     cons, groups = consensus(results, collective_probes())
     chips, library = second_opinion_findings(results)
     lib = library_findings(results, library)
+    unfired = injected.unfired(results)
     if judged is not None:
-        return FleetVerdicts(judgements=judged, groups=groups, links=None, library=lib)
+        return FleetVerdicts(judgements=judged, groups=groups, links=None, library=lib, unfired=unfired)
     slow = speed.judge(results, speed.SpeedPolicy(min_gap=min_gap), *speed_tables())
     linked = links_run.analyze(results, devs, declared)
     link_summary, link_js = linked if linked else (None, [])
@@ -84,7 +92,7 @@ def fleet_verdicts(devs: dict[int, DeviceInfo], results: list[ProbeResult], *, m
     judgements = (cons + slow + link_js + chips + throttle.judgements(results, min_gap)
                   + bl.baseline_judgements(results, devs, table) + oh.withdraw_retested(own or [], results, slow))
     judgements += blame.resolve(results, judgements, groups, lib.exonerate)
-    return FleetVerdicts(judgements=judgements, groups=groups, links=link_summary, library=lib)
+    return FleetVerdicts(judgements=judgements, groups=groups, links=link_summary, library=lib, unfired=unfired)
 
 
 def library_findings(results: list[ProbeResult], library: list[tuple[str, str, Finding]]) -> LibraryFindings:

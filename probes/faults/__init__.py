@@ -56,7 +56,7 @@ bf16/fp16: 0..15); a bit beyond the dtype's width leaves that dtype alone (with 
 refused: the fault could never fire).
 """
 
-from .firing import CHANCE_DRAWS, Firing, chance_draw
+from .firing import CHANCE_DRAWS, HITS, Firing, chance_draw
 from .inject import (
     corrupt,
     fake_mode_active,
@@ -78,6 +78,6 @@ from .spec import (
     unreachable,
 )
 
-__all__ = ["CALL_TIME_PROBES", "CHIP_FAULTS", "DEFAULT_OPS", "EPOCH_ENV", "KINDS", "SCOPES", "CHANCE_DRAWS", "Fault",
+__all__ = ["CALL_TIME_PROBES", "CHIP_FAULTS", "DEFAULT_OPS", "EPOCH_ENV", "KINDS", "SCOPES", "CHANCE_DRAWS", "Fault", "HITS",
            "Firing", "InjectSpecError", "chance_draw", "corrupt", "fake_mode_active", "make_injector", "parse",
            "process_injector", "never_fires", "start_process_faults", "unreachable"]

@@ -8,10 +8,14 @@ import os
 import random
 import signal
 import time
+from collections import Counter
 
 from .spec import EPOCH_ENV, Fault
 
 CHANCE_DRAWS: dict[tuple[int, float], random.Random] = {}
+HITS: Counter[Fault] = Counter()
+"""The calls each fault has hit in this process, every injector together: a run's results say how often
+their case was hit (`inject_hits`), so a fault no kernel ever matched is told from one that was caught."""
 
 
 def chance_draw(f: Fault) -> float:
@@ -42,6 +46,7 @@ class Firing:
             return None
         if f.chance < 1.0 and chance_draw(f) >= f.chance:
             return None
+        HITS[f] += 1
         if f.kind == "hang":
             while True:
                 time.sleep(3600)
