@@ -94,6 +94,10 @@ class Recorder(TorchDispatchMode):
         self.device = "cpu"
         self._next_vid = 0
         self._next_storage = 0
+        self.unrecorded = 0
+        """Ops that ran on tensors capture cannot record (no strides: nested, sparse); `unrecorded_why`
+        names the first."""
+        self.unrecorded_why = ""
         self.unwritten: set[int] = set()
         """Storages an allocation made (`aten.empty`, ...) that no recorded op has written yet: their bytes
         are whatever memory held, or what code outside the dispatcher wrote there (DDP fills its bucket
@@ -266,6 +270,8 @@ class Recorder(TorchDispatchMode):
             return NotImplemented
         if self.pending:
             self.flush()
+        if kind != "collective" and (why := _opaque(args, kwargs)):  # (c10d's process group is its own)
+            return self._unrecorded(func, args, kwargs, func(*args, **kwargs), why)
         if kind == "wrap":
             out = func(*args, **kwargs)
             vid = self.vids.get(args[0])
@@ -280,6 +286,8 @@ class Recorder(TorchDispatchMode):
         if kind == "collective":
             return self._collective(func, args, kwargs, enc_args, enc_kwargs)
         out = func(*args, **kwargs)
+        if why := _opaque(out):
+            return self._unrecorded(func, args, kwargs, out, why)
         seeded = _seeded(func, args, kwargs)
         vids, metas, tensors = self._outputs(out)
         if kind == "compute":
@@ -293,6 +301,21 @@ class Recorder(TorchDispatchMode):
         self.ops.append(fmt.OpRecord(index=len(self.ops), op=_name(func), args=enc_args, kwargs=enc_kwargs,
                                      outputs=vids, out_meta=metas, fingerprints=fps, substituted=seeded,
                                      stack=self._stack()))
+        return out
+
+    def _unrecorded(self, func: Any, args: Any, kwargs: dict[str, Any], out: Any, why: str) -> Any:
+        """An op on what capture cannot record (tensors without strides, a packed weight): it ran, and is
+        not recorded. Its strided
+        outputs become saved inputs of the ops that read them (as a compiled kernel's do), and what it
+        wrote in place is read back as bytes by the next op that reads it: replay checks every op around
+        it, and says this one was not checked."""
+        self.unrecorded += 1
+        if not self.unrecorded_why:
+            self.unrecorded_why = f"op #{len(self.ops)} {_name(func)} (the first) works on {why}"
+        positions, names = _written_args(func)
+        written = [a for i, a in enumerate(args) if i in positions] + [v for k, v in kwargs.items() if k in names]
+        self.unwritten.update(sid for t in fmt.flat_tensors(written)
+                              if not _opaque(t) and (sid := self._known_storage(t)) is not None)
         return out
 
     def _read_unwritten(self, func: Any, args: list[Any], kwargs: dict[str, Any]) -> None:
@@ -367,7 +390,8 @@ class Recorder(TorchDispatchMode):
         ops = [o for o in self.ops if o is not None]
         cap = fmt.Capture(rank=self.rank, world=self.world, device=self.device, ops=ops, tensors=tensors,
                           env=environment(), settings=bitset.current(), root=self.root, fingerprint=fmt.FINGERPRINT,
-                          compiled_calls=compiled_calls, eager=eager)
+                          compiled_calls=compiled_calls, eager=eager, unrecorded=self.unrecorded,
+                          unrecorded_why=self.unrecorded_why)
         fmt.save(cap)
         return cap
 
@@ -390,6 +414,26 @@ class _Identities:
 _PLAIN_DISPATCH = (torch.Tensor.__torch_dispatch__, torch._C._disabled_torch_dispatch_impl)
 # Per-op facts below never change and are cached (functools.cache): str(func), str(dtype), a code
 # object's origin, a schema's dropout argument. Each costs a few microseconds, times every op of a step.
+
+
+def _opaque(*xs: Any) -> str:
+    """What among `xs` capture can neither describe nor save, "" when nothing is: a tensor without
+    strides (nested, sparse, ...) or a TorchScript object (a quantized or prepacked weight)."""
+    for x in xs:
+        if isinstance(x, torch.Tensor):
+            if x.is_nested:
+                return "a nested tensor"
+            if x.layout is not torch.strided:
+                return f"a {str(x.layout).removeprefix('torch.')} tensor"
+        elif isinstance(x, torch.ScriptObject):
+            return f"a packed {str(x._type().qualified_name()).rsplit('.', 1)[-1]}"
+        elif isinstance(x, (list, tuple)):
+            if why := _opaque(*x):
+                return why
+        elif isinstance(x, dict):
+            if why := _opaque(*x.values()):
+                return why
+    return ""
 
 
 @functools.cache

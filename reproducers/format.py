@@ -102,6 +102,11 @@ class Capture:
     """torch.compile'd graphs that ran inside the step: their fused kernels are not ATen ops, so their
     outputs are recorded only as inputs of the ops that read them, and never checked (0: none, or a
     capture from before this was counted)."""
+    unrecorded: int = 0
+    """Ops that ran on what capture cannot record (nested or sparse tensors, a quantized or prepacked
+    weight): not replayed nor checked; their strided outputs are saved as inputs of the ops that read
+    them. `unrecorded_why` names the first."""
+    unrecorded_why: str = ""
     eager: bool = False
     """torch.compile was set aside for the step (`capture(..., eager=True)`): every kernel ran as an ATen
     op and is checked; its bits are the eager kernels', not the compiled step's."""
@@ -111,7 +116,7 @@ class Capture:
         # the step itself on a small model (the capture is written when the step ends)
         d = {"schema": self.schema, "fingerprint": self.fingerprint, "rank": self.rank, "world": self.world, "device": self.device,
              "env": self.env, "settings": self.settings, "compiled_calls": self.compiled_calls,
-             "eager": self.eager,
+             "eager": self.eager, "unrecorded": self.unrecorded, "unrecorded_why": self.unrecorded_why,
              "tensors": [{"vid": t.vid, "meta": _meta(t.meta), "sha256": t.sha256} for t in self.tensors.values()],
              "ops": [{**{f: getattr(o, f) for f in _OP_FIELDS}, "out_meta": [_meta(m) for m in o.out_meta]}
                      for o in self.ops]}
@@ -128,7 +133,8 @@ class Capture:
         return cls(rank=d["rank"], world=d["world"], device=d["device"], ops=ops, tensors=tensors,
                    env=d["env"], settings=d["settings"], root=root, schema=d["schema"],
                    fingerprint=d.get("fingerprint", "sha256"), compiled_calls=int(d.get("compiled_calls", 0)),
-                   eager=bool(d.get("eager", False)))
+                   eager=bool(d.get("eager", False)), unrecorded=int(d.get("unrecorded", 0)),
+                   unrecorded_why=str(d.get("unrecorded_why", "")))
 
 
 _OP_FIELDS = tuple(f.name for f in fields(OpRecord))

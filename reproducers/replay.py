@@ -425,12 +425,16 @@ def parse_reference(spec: str, root: Any = None) -> tuple[str, bool]:
 
 def unchecked_note(cap: fmt.Capture) -> str:
     """What a replay of `cap` cannot check, in words ("" when it checks every kernel the step ran)."""
-    if not cap.compiled_calls:
-        return ""
-    return (f"{cap.compiled_calls} torch.compile'd graph call(s) ran fused kernels outside the dispatcher: "
-            "their outputs are taken as recorded (inputs of the ops that read them), not checked; to check "
-            "them, capture the step again eagerly: capture(dir, eager=True), or the flight recorder's "
-            "recapture(..., eager=True)")
+    notes = []
+    if cap.compiled_calls:
+        notes.append(f"{cap.compiled_calls} torch.compile'd graph call(s) ran fused kernels outside the dispatcher: "
+                     "their outputs are taken as recorded (inputs of the ops that read them), not checked; to check "
+                     "them, capture the step again eagerly: capture(dir, eager=True), or the flight recorder's "
+                     "recapture(..., eager=True)")
+    if cap.unrecorded:
+        notes.append(f"{cap.unrecorded} op(s) ran unrecorded, {cap.unrecorded_why}: "
+                     "not checked; their outputs are taken as recorded (inputs of the ops that read them)")
+    return "; ".join(notes)
 
 
 def replay(cap: fmt.Capture, *, device: str | None = None, reference: str = "cpu64", inject: str | None = None,

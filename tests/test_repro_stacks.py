@@ -118,3 +118,67 @@ def test_a_flipped_exponent_bit_in_that_mixed_norm_is_still_found(tmp_path: Path
     res = _norm_on_bf16(tmp_path, spec)
     assert res.divergence is not None and res.divergence.op == "aten.native_layer_norm_backward.default"
     assert res.divergence.output == 1 and 30 in res.divergence.metric.flipped_bits, res.divergence
+
+
+def _nested_step(pad: torch.Tensor) -> torch.Tensor:
+    # an encoder in eval with a padding mask takes torch's fast path: nested tensors, a fused layer
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    enc = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).eval()
+    w = torch.randn(16, 4, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        h = enc(x, src_key_padding_mask=pad)
+        h.add_(1.0)  # in place, on the strided tensor the unrecorded ops made
+        return (h @ w).sum(0)
+
+
+def test_a_step_on_nested_tensors_runs_as_it_would_and_says_what_it_could_not_record(tmp_path: Path) -> None:
+    pad = torch.zeros(2, 8, dtype=torch.bool)
+    pad[1, 5:] = True
+    bare = _nested_step(pad)
+    with capture(tmp_path / "cap"):  # before: "NestedTensorImpl doesn't support sizes" broke the step
+        out = _nested_step(pad)
+    assert torch.equal(bare, out)
+    cap = fmt.load(tmp_path / "cap")
+    assert cap.unrecorded >= 2 and "nested tensor" in cap.unrecorded_why
+    assert "ran unrecorded" in rp.unchecked_note(cap)
+    res = rp.replay(cap, reference="cpu64")
+    assert res.divergence is None and res.capture_mismatch is None
+    assert "aten.mm.default" in [o.op for o in cap.ops]
+    # the recorded ops around the unrecorded ones are still checked: a fault in the GEMM after is found
+    spec = "bitflip:rank=0,bit=25,op=mm,at=call"
+    with faults.make_injector(faults.parse(spec), 0, "repro")():
+        with capture(tmp_path / "bad"):
+            _nested_step(pad)
+    bad = rp.replay(fmt.load(tmp_path / "bad"), reference="cpu64", inject=spec)
+    assert bad.divergence is not None and "mm" in bad.divergence.op, bad.divergence
+
+
+def test_what_an_unrecorded_op_writes_in_place_is_read_back_not_recomputed(tmp_path: Path) -> None:
+    a = torch.randn(4, 4, generator=torch.Generator().manual_seed(4))
+    sparse = (torch.eye(4) * 3).to_sparse()
+    with capture(tmp_path / "cap"):
+        b = a * 2
+        b.addmm_(sparse, a)  # a sparse GEMM into b: not recordable, and it changes b
+        b.sum()
+    cap = fmt.load(tmp_path / "cap")
+    assert cap.unrecorded == 1 and "sparse_coo tensor" in cap.unrecorded_why
+    # the sum reads b as the sparse GEMM left it (saved bytes), not as `mul` made it
+    res = rp.replay(cap, reference="cpu64")
+    assert res.capture_mismatch is None and res.divergence is None
+
+
+def test_an_op_on_a_packed_quantized_weight_is_not_recorded_and_the_ops_around_it_are(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    head = torch.nn.Linear(4, 4)
+    body = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(16, 4)).eval(),
+                                                  {torch.nn.Linear}, dtype=torch.qint8)
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), capture(tmp_path / "cap"):
+        head(body(x)).relu()
+    cap = fmt.load(tmp_path / "cap")  # before: replay called the capture defective and made nothing
+    assert cap.unrecorded == 1 and "packed LinearPackedParamsBase" in cap.unrecorded_why
+    assert "aten.addmm.default" in [o.op for o in cap.ops]
+    res = rp.replay(cap, reference="cpu64")
+    assert res.divergence is None and res.capture_mismatch is None
