@@ -53,7 +53,7 @@ def summarize(run_id: str, devices: dict[int, DeviceInfo], results: list[ProbeRe
                 for k, v in j.metrics.items():
                     metrics[f"{j.case}:{k}"] = v
             probes.append(ProbeSummary(probe=name, verdict=verdict, metrics=metrics, cases=_cases(rs), fleet=list(js),
-                                       reasons=[why for why in (explain(r) for r in rs) if why] + [j.reason for j in js],
+                                       reasons=_reasons(rs) + [j.reason for j in js],
                                        speed_metric=speed_metrics.get(name, "")))
         verdict = Verdict.worst([p.verdict for p in probes]) if probes else Verdict.ERROR
         out.append(DeviceSummary(rank=rank, device=info.label, host=info.host, uuid=info.uuid,
@@ -78,6 +78,36 @@ def _cases(rs: list[ProbeResult]) -> list[CaseSummary]:
                         local_verdict=r.verdict if r.held is not r.verdict else None,
                         mismatches=list(r.mismatches), error=r.error, output_hash=r.output_hash)
             for r in rs]
+
+
+def _reasons(rs: list[ProbeResult], named: int = 3) -> list[str]:
+    """Each case's explanation, in order; an error several cases share ("not run: peer rank 2 lost") is
+    said once, naming the cases, where one line each buried the device's own findings."""
+    shared: dict[tuple[str, str], list[ProbeResult]] = {}
+    order: list[str | tuple[str, str]] = []
+    for r in rs:
+        if r.error is None:
+            if why := explain(r):
+                order.append(why)
+            continue
+        key = (r.error.kind.value, r.error.message)
+        if key not in shared:
+            order.append(key)
+        shared.setdefault(key, []).append(r)
+    out = []
+    for item in order:
+        if isinstance(item, str):
+            out.append(item)
+            continue
+        group = shared[item]
+        if len(group) == 1:
+            out.append(explain(group[0]))
+            continue
+        r = group[0]
+        cases = ", ".join(g.case for g in group[:named])
+        more = f" and {len(group) - named} more ({len(group)} cases)" if len(group) > named else ""
+        out.append(f"{r.host} {r.device} {r.probe} {cases}{more}: error ({item[0]}): {item[1]}")
+    return out
 
 
 def bit_spans(bits: Iterable[int]) -> str:

@@ -7,7 +7,17 @@ import dataclasses
 from chipcheck.fleet import summary
 from chipcheck.fleet.judge import blame
 from chipcheck.fleet.judge.consensus import consensus
-from chipcheck.results import Blame, DeviceInfo, DeviceKind, Mismatch, Oracle, ProbeResult, Verdict
+from chipcheck.results import (
+    Blame,
+    DeviceInfo,
+    DeviceKind,
+    ErrorInfo,
+    ErrorKind,
+    Mismatch,
+    Oracle,
+    ProbeResult,
+    Verdict,
+)
 
 
 def _res(rank: int, probe: str, case: str, verdict: Verdict = Verdict.PASS, *, mismatches: list[Mismatch] | None = None,
@@ -113,3 +123,18 @@ def test_a_scrambled_word_s_flipped_bits_read_as_runs() -> None:
     assert "flipped bits [0-26,31]" in line, line
     one = dataclasses.replace(m, bit_histogram={20: 3, 22: 1})
     assert "flipped bits [20,22]" in summary.explain(_res(2, "matmul", "float32/exact", Verdict.WRONG, mismatches=[one]))
+
+
+def test_an_error_several_cases_share_is_said_once_naming_them() -> None:
+    lost = ErrorInfo(kind=ErrorKind.PEER_LOST, message="not run: peer rank 2 lost (cpu:2 on h: hung in matmul)")
+    rs = [dataclasses.replace(_res(0, "collectives", f"c{i}", Verdict.ERROR), error=lost) for i in range(5)]
+    own = ErrorInfo(kind=ErrorKind.TIMEOUT, message="c5 exceeded its 20s watchdog")
+    rs.insert(1, dataclasses.replace(_res(0, "collectives", "c5", Verdict.ERROR), error=own))
+    rs.append(_res(0, "collectives", "c6", Verdict.WRONG, mismatches=[_own()]))
+    s = summary.summarize("r", {0: DeviceInfo(index=0, kind=DeviceKind.CPU, name="cpu", memory_bytes=0, uuid="u", host="h", fingerprint="fp")}, rs, [], [],
+                          profile="quick", seed=0, started=0.0, ended=1.0, speed_metrics={})
+    reasons = s.devices[0].probes[0].reasons
+    assert len(reasons) == 3, reasons  # the shared error once, at its first case's place
+    assert reasons[0] == ("h cpu:0 collectives c0, c1, c2 and 2 more (5 cases): error (peer_lost): "
+                          "not run: peer rank 2 lost (cpu:2 on h: hung in matmul)")
+    assert "c5: error (timeout)" in reasons[1] and "c6: wrong" in reasons[2]

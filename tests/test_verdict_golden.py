@@ -154,8 +154,31 @@ def _probe(p: dict, data: dict) -> dict[str, Any]:
     if fleet:
         out["fleet"] = sorted(fleet, key=lambda j: (j["case"], j["reason"]))
     if p["details"].get("reasons"):
-        out["reasons"] = [_clean(r, data) for r in p["details"]["reasons"]]
+        out["reasons"] = _errors_counted([_clean(r, data) for r in p["details"]["reasons"]])
     return out
+
+
+_SHARED_ERROR = re.compile(r"^(<host> \S+ \S+) (.+?)(?: and \d+ more \((\d+) cases\))?: (error \(.*)$")
+
+
+def _errors_counted(reasons: list[str]) -> list[str]:
+    """An error several cases share is one reason naming them (fleet.summary); which cases share one
+    message word for word depends on when the worker learnt of its peer's loss (the "; here: ..." detail
+    the cleaning drops). So an error is compared as what it says and on how many cases."""
+    out: list[str] = []
+    counted: dict[str, int] = {}
+    first: dict[str, str] = {}
+    for r in reasons:
+        m = _SHARED_ERROR.match(r)
+        if m is None:
+            out.append(r)
+            continue
+        key = f"{m.group(1)}: {m.group(4)}"
+        if key not in counted:
+            out.append(key)
+            first[key] = r
+        counted[key] = counted.get(key, 0) + int(m.group(3) or len(m.group(2).split(", ")))
+    return [r if r not in counted else first[r] if counted[r] == 1 else f"{r} (x{counted[r]} cases)" for r in out]
 
 
 def summarize(rc: int, data: dict) -> dict[str, Any]:
