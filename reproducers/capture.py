@@ -95,8 +95,7 @@ class Recorder(TorchDispatchMode):
         self._next_vid = 0
         self._next_storage = 0
         self.unrecorded = 0
-        """Ops that ran on tensors capture cannot record (no strides: nested, sparse); `unrecorded_why`
-        names the first."""
+        """Ops that ran on what capture cannot record (`_opaque`); `unrecorded_why` names the first."""
         self.unrecorded_why = ""
         self.unwritten: set[int] = set()
         """Storages an allocation made (`aten.empty`, ...) that no recorded op has written yet: their bytes
@@ -305,10 +304,9 @@ class Recorder(TorchDispatchMode):
 
     def _unrecorded(self, func: Any, args: Any, kwargs: dict[str, Any], out: Any, why: str) -> Any:
         """An op on what capture cannot record (tensors without strides, a packed weight): it ran, and is
-        not recorded. Its strided
-        outputs become saved inputs of the ops that read them (as a compiled kernel's do), and what it
-        wrote in place is read back as bytes by the next op that reads it: replay checks every op around
-        it, and says this one was not checked."""
+        not recorded. Its strided outputs become saved inputs of the ops that read them (as a compiled
+        kernel's do), and what it wrote in place is read back as bytes by the next op that reads it:
+        replay checks every op around it, and says this one was not checked."""
         self.unrecorded += 1
         if not self.unrecorded_why:
             self.unrecorded_why = f"op #{len(self.ops)} {_name(func)} (the first) works on {why}"
