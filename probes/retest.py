@@ -4,9 +4,11 @@ Purpose: confirm (or clear) a device the fleet suspects of being slow before it 
 Requirement: the suspects and their peers, named by the judge (fleet.judge.speed) through the
 options `retest_gemm` / `retest_copy` ("SUSPECT:PEER,...") and `retest_link` ("S>D:PS>PD,...": a
 suspect directed link and a comparable peer link); every rank of the run joins the process group,
-the others only keep the barriers. Cases `gemm`, `copy`, `link`; `gemm/extended` and
-`copy/extended` are the judge's second stage for a first retest that was inconclusive: the same
-turns, `extended_rounds` of them.
+the others only keep the barriers. Cases `gemm`, `copy`, `link`, `attention`; `KERNEL/extended`
+(gemm, copy, attention) is the judge's second stage for a first retest that was inconclusive: the same
+turns, `extended_rounds` of them. `attention` (a causal attention forward and backward, in the
+profile's `gemm_dtype`) confirms a device whose attention kernels alone are slow: a GEMM retest
+cleared it.
 Use case: a probe's ratio against its peers is noisy on a shared host (a model step spreads ±12%
 run to run); an interleaved measurement on the lowest-noise kernel is not.
 
@@ -36,7 +38,7 @@ from .base import CaseOutcome, InvalidConfig, Probe, ProbeContext, profile_table
 from .cpu_load import HostBusy
 from .matmul import ALL_DTYPES
 
-KERNELS = ("gemm", "copy", "link")
+KERNELS = ("gemm", "copy", "link", "attention")
 EXTENDED = "extended"
 
 
@@ -178,6 +180,8 @@ class RetestProbe(Probe):
         """Device-to-device copy size, far above the last-level cache."""
         link_mib: int = 16
         """Payload of one link turn (a send and a one-element acknowledgement)."""
+        attention_bhsd: list[int] = field(default_factory=lambda: [1, 8, 512, 64])
+        """Attention turn's (batch, heads, sequence, head dim)."""
 
     def config(self, profile: str, device_kind: str, capabilities: frozenset[str]) -> Config:
         p = profile_table("retest", profile, device_kind)
@@ -250,6 +254,22 @@ def _kernel(ctx: ProbeContext, cfg: RetestProbe.Config, base: str, dtype: str) -
                 return k(a, b)
 
         return gemm, {"kernel": f"{dtype} GEMM n={n}", "dtype": dtype}
+    if base == "attention":
+        import torch.nn.functional as F  # noqa: N812
+
+        dt = getattr(torch, cfg.gemm_dtype)
+        shape = tuple(cfg.attention_bhsd)
+        q, k, v = (torch.rand(shape, generator=g).to(ctx.device, dt).requires_grad_() for _ in range(3))
+        grad = torch.rand(shape, generator=g).to(ctx.device, dt)
+
+        def attention() -> Any:
+            q.grad = k.grad = v.grad = None
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out.backward(grad)
+            return out
+
+        return attention, {"kernel": f"{cfg.gemm_dtype} causal attention forward+backward bhsd={list(shape)}",
+                           "dtype": cfg.gemm_dtype}
     n = cfg.copy_mib * 2**20 // 4
     src = torch.rand(n, generator=g).to(ctx.device)
     dst = torch.empty_like(src)

@@ -25,7 +25,17 @@ def test_a_gemm_retest_runs_in_the_dtype_its_case_names_sized_for_the_device() -
             retest._kernel(ctx, cfg, "gemm", dtype)
 
 
-@pytest.mark.parametrize("case", ["gemm.int8", "gemm.float64", "copy.bfloat16", "link/extended", "gemm/again"])
+def test_an_attention_retest_runs_forward_and_backward_at_the_profile_s_shape() -> None:
+    probe = retest.RetestProbe()
+    cfg = probe.config("quick", "cpu", frozenset())
+    fn, what = retest._kernel(cpu_ctx("retest"), cfg, "attention", "")
+    assert what == {"kernel": f"{cfg.gemm_dtype} causal attention forward+backward bhsd={cfg.attention_bhsd}",
+                    "dtype": cfg.gemm_dtype}
+    out = fn()
+    assert list(out.shape) == cfg.attention_bhsd and not out.isnan().any()
+
+
+@pytest.mark.parametrize("case", ["attention.bfloat16", "gemm.int8", "gemm.float64", "copy.bfloat16", "link/extended", "gemm/again"])
 def test_an_unknown_retest_case_is_a_configuration_error(case: str) -> None:
     probe = retest.RetestProbe()
     with pytest.raises(InvalidConfig, match="unknown retest case"):

@@ -137,3 +137,16 @@ def test_a_slow_cable_is_that_link_confirmed_by_its_retest_and_no_device(tmp_pat
     assert flagged[(1, 2)]["verdict"] == "slow" and "confirmed by retest" in flagged[(1, 2)]["reason"], flagged
     assert all(1 in link for link in flagged), flagged  # an ack from 1 to 2 is one of its sends too
     assert {r for r, v in _verdicts(data).items() if v != "pass"} <= {1}, _verdicts(data)
+
+
+@pytest.mark.timing
+def test_a_chip_slow_in_attention_alone_is_confirmed_on_attention_and_nobody_else(tmp_path: Path) -> None:
+    # its GEMMs run at full speed: before attention had a retest kernel of its own, the GEMM retest
+    # cleared it (2026-12-05: "speed suspect cleared by retest: 1.02x its peer ... attention 0.75x")
+    rc, data, out = run_json(tmp_path, "--devices", "cpu:4", "--probes", "matmul,attention",
+                             "--inject", "slow:rank=2,op=_scaled_dot_product_flash_attention_for_cpu,factor=2,"
+                                         "scope=process")
+    assert rc == 1, out
+    assert _verdicts(data) == {0: "pass", 1: "pass", 2: "slow", 3: "pass"}
+    retest = next(p for p in device(data, 2)["probes"] if p["probe"] == "retest")
+    assert retest["verdict"] == "slow" and retest["metrics"]["attention:ratio_hi"] < 0.95, retest

@@ -83,6 +83,7 @@ VARIANTS = {
 class AttentionProbe(Probe):
     order = 20
     jax = "jax_attention"
+    speed_kernel = "attention"  # a chip slow in attention alone keeps full-speed GEMMs: retest on attention
 
     @dataclass(frozen=True, slots=True, kw_only=True)
     class Config:
