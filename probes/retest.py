@@ -259,12 +259,12 @@ def _kernel(ctx: ProbeContext, cfg: RetestProbe.Config, base: str, dtype: str) -
 
         dt = getattr(torch, cfg.gemm_dtype)
         shape = tuple(cfg.attention_bhsd)
-        q, k, v = (torch.rand(shape, generator=g).to(ctx.device, dt).requires_grad_() for _ in range(3))
+        q, key, val = (torch.rand(shape, generator=g).to(ctx.device, dt).requires_grad_() for _ in range(3))
         grad = torch.rand(shape, generator=g).to(ctx.device, dt)
 
         def attention() -> Any:
-            q.grad = k.grad = v.grad = None
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            q.grad = key.grad = val.grad = None
+            out = F.scaled_dot_product_attention(q, key, val, is_causal=True)
             out.backward(grad)
             return out
 
