@@ -2,7 +2,7 @@
 
 Purpose: confirm (or clear) a device the fleet suspects of being slow before it is called `slow`.
 Requirement: the suspects and their peers, named by the judge (fleet.judge.speed) through the
-options `retest_gemm` / `retest_copy` ("SUSPECT:PEER,...") and `retest_link` ("S>D:PS>PD,...": a
+options `retest_gemm` / `retest_copy` / `retest_attention` ("SUSPECT:PEER,...") and `retest_link` ("S>D:PS>PD,...": a
 suspect directed link and a comparable peer link); every rank of the run joins the process group,
 the others only keep the barriers. Cases `gemm`, `copy`, `link`, `attention`; `KERNEL/extended`
 (gemm, copy, attention) is the judge's second stage for a first retest that was inconclusive: the same

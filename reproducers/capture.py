@@ -310,9 +310,7 @@ class Recorder(TorchDispatchMode):
         self.unrecorded += 1
         if not self.unrecorded_why:
             self.unrecorded_why = f"op #{len(self.ops)} {_name(func)} (the first) works on {why}"
-        positions, names = _written_args(func)
-        written = [a for i, a in enumerate(args) if i in positions] + [v for k, v in kwargs.items() if k in names]
-        self.unwritten.update(sid for t in fmt.flat_tensors(written)
+        self.unwritten.update(sid for t in _written(func, args, kwargs)
                               if not _opaque(t) and (sid := self._known_storage(t)) is not None)
         return out
 
@@ -337,9 +335,7 @@ class Recorder(TorchDispatchMode):
         if not self.unwritten:
             return
         self.unwritten.difference_update(m.storage for m in metas if m is not None)
-        positions, names = _written_args(func)
-        written = [a for i, a in enumerate(args) if i in positions] + [v for k, v in kwargs.items() if k in names]
-        self.unwritten.difference_update(self._known_storage(t) for t in fmt.flat_tensors(written))
+        self.unwritten.difference_update(self._known_storage(t) for t in _written(func, args, kwargs))
 
     def _known_storage(self, t: torch.Tensor) -> int | None:
         """The storage id already given to `t`'s storage (None when none was)."""
@@ -485,6 +481,13 @@ def _written_args(func: Any, only: bool = False) -> tuple[frozenset[int], frozen
                if a.alias_info is not None and a.alias_info.is_write
                and (not only or a.kwarg_only or overwrites)]
     return frozenset(i for i, _ in written), frozenset(n for _, n in written)
+
+
+def _written(func: Any, args: Any, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+    """The tensors of this call that its schema says it writes (`_written_args`)."""
+    positions, names = _written_args(func)
+    return fmt.flat_tensors([a for i, a in enumerate(args) if i in positions]
+                            + [v for k, v in kwargs.items() if k in names])
 
 
 @functools.cache
